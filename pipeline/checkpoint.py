@@ -1,0 +1,345 @@
+"""Crash-safe checkpoints beside OUTPUT: what is done, and resuming from it.
+
+Layout of ``OUTPUT.checkpoint/``::
+
+    manifest.json        fingerprint (and its parts), config, input, row count, output signature
+    lock                 flock()ed by the live run; holds its pid and host
+    parts/part-NNNNNN.parquet   results as they complete: key + result columns
+
+Every file is written to a temporary name, fsynced, renamed into place, and the directory
+fsynced, so a crash at any instant leaves either the old or the new file, never half of one.
+A row's result is the one in the highest-numbered part holding its key (``--retry-failed``
+appends newer results). This module does not know how results are produced or assembled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import FingerprintMismatch, LockHeld, OutputError
+from .records import STATUS_CODES, RowResult
+
+FORMAT_VERSION = 1
+
+RESULT_SCHEMA = pa.schema(
+    [
+        ("completion", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("total_tokens", pa.int64()),
+        ("cached_tokens", pa.int64()),
+        ("reasoning_tokens", pa.int64()),
+        ("response_model", pa.string()),
+        ("response_id", pa.string()),
+        ("status", pa.string()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("http_status", pa.int64()),
+        ("attempts", pa.int64()),
+        ("latency_ms", pa.float64()),
+    ]
+)
+PART_SCHEMA = pa.schema([("key", pa.uint64()), *RESULT_SCHEMA])
+
+
+def results_to_table(results: Sequence[RowResult]) -> pa.Table:
+    """Row results -> a part table (key + result columns)."""
+    cols: dict[str, list[Any]] = {name: [] for name in PART_SCHEMA.names}
+    for r in results:
+        u = r.usage
+        values = (
+            r.key,
+            r.completion,
+            r.finish_reason,
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.total_tokens,
+            u.cached_tokens,
+            u.reasoning_tokens,
+            r.response_model,
+            r.response_id,
+            r.status,
+            r.error_type,
+            r.error_message,
+            r.http_status,
+            r.attempts,
+            r.latency_ms,
+        )
+        for name, value in zip(PART_SCHEMA.names, values, strict=True):
+            cols[name].append(value)
+    return pa.table(cols, schema=PART_SCHEMA)
+
+
+def checkpoint_dir(output: Path) -> Path:
+    return output.with_name(output.name + ".checkpoint")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    with tmp.open("rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def file_signature(path: Path) -> dict[str, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+@dataclass
+class ResultIndex:
+    """The latest result of every key in the checkpoint, sorted by key.
+
+    ``part`` and ``row`` locate the result; ``status`` holds ``STATUS_CODES``.
+    """
+
+    keys: np.ndarray
+    part: np.ndarray
+    row: np.ndarray
+    status: np.ndarray
+    prompt_tokens: np.ndarray
+    completion_tokens: np.ndarray
+
+    @classmethod
+    def empty(cls) -> ResultIndex:
+        z = np.zeros(0, dtype=np.int64)
+        return cls(np.zeros(0, dtype=np.uint64), z, z, np.zeros(0, dtype=np.int8), z, z)
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Position in this index of each key, or -1 when it has no result."""
+        if len(self.keys) == 0:
+            return np.full(len(keys), -1, dtype=np.int64)
+        pos = np.searchsorted(self.keys, keys)
+        pos = np.minimum(pos, len(self.keys) - 1)
+        found = self.keys[pos] == keys
+        return np.where(found, pos, -1).astype(np.int64)
+
+    def counts(self, among: np.ndarray | None = None) -> dict[str, int]:
+        """ok / error / skipped counts, of all keys or of the index positions ``among``."""
+        status = self.status if among is None else self.status[among]
+        return {name: int((status == code).sum()) for name, code in STATUS_CODES.items()}
+
+
+class Checkpoint:
+    """The checkpoint directory of one OUTPUT."""
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.dir = checkpoint_dir(output)
+        self.parts_dir = self.dir / "parts"
+        self.manifest_path = self.dir / "manifest.json"
+        self._lock_file: IO[str] | None = None
+        self._next_part = 1
+
+    # -- manifest -------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return self.manifest_path.exists()
+
+    def read_manifest(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, json.JSONDecodeError) as exc:
+            raise OutputError(
+                f"Checkpoint manifest {self.manifest_path} is unreadable ({exc}). "
+                "Move the checkpoint directory aside, or run with --restart."
+            ) from None
+        return data
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        manifest = {**manifest, "format_version": FORMAT_VERSION, "updated_at": time.time()}
+        data = json.dumps(manifest, indent=2, sort_keys=True, default=str)
+        atomic_write_bytes(self.manifest_path, data.encode())
+
+    def output_is_ours(self) -> bool:
+        """True when OUTPUT is the file the last run of this checkpoint wrote."""
+        recorded = self.read_manifest().get("output_signature")
+        return recorded is not None and recorded == file_signature(self.output)
+
+    # -- lock -----------------------------------------------------------------------------
+
+    def acquire_lock(self) -> str | None:
+        """Take the run lock. Returns a note when a dead run's lock was taken over."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fh = (self.dir / "lock").open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown process"
+            fh.close()
+            raise LockHeld(
+                f"Another run is writing {self.output} ({holder}). Wait for it to finish, "
+                "or stop it; two runs on one OUTPUT would send rows twice."
+            ) from None
+        fh.seek(0)
+        previous = fh.read().strip()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on host {socket.gethostname()} since {time.ctime()}\n")
+        fh.flush()
+        self._lock_file = fh
+        if previous:
+            return f"took over the lock left by a run that is gone ({previous})"
+        return None
+
+    def release_lock(self) -> None:
+        if self._lock_file is not None:
+            with contextlib.suppress(OSError):
+                self._lock_file.seek(0)
+                self._lock_file.truncate()
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    @staticmethod
+    def lock_holder(output: Path) -> str | None:
+        """Who holds the lock of OUTPUT's checkpoint now, or None."""
+        path = checkpoint_dir(output) / "lock"
+        if not path.exists():
+            return None
+        with path.open("a+", encoding="utf-8") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                return fh.read().strip() or "unknown process"
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return None
+
+    # -- starting -------------------------------------------------------------------------
+
+    def check_fingerprint(self, parts: dict[str, Any]) -> None:
+        """Refuse to resume results made under settings that change responses."""
+        manifest = self.read_manifest()
+        old = manifest.get("fingerprint_parts")
+        if old is None or old == parts:
+            return
+        changed = [name for name in parts if old.get(name) != parts.get(name)]
+        lines = [f"  {name}: {old.get(name)!r} -> {parts.get(name)!r}" for name in changed]
+        raise FingerprintMismatch(
+            f"{self.output}: the checkpoint was made with other settings that change "
+            f"responses, so its results cannot be mixed with this run's:\n"
+            + "\n".join(lines)
+            + "\nRun with the old settings to resume, or add --restart to start over "
+            "(the old checkpoint is kept as a backup), or choose another -o OUTPUT."
+        )
+
+    def set_aside(self) -> Path | None:
+        """--restart: move the old checkpoint to a backup name; returns it."""
+        if not self.dir.exists():
+            return None
+        backup = self.dir.with_name(f"{self.dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while backup.exists():
+            n += 1
+            backup = backup.with_name(f"{backup.name}-{n}")
+        os.replace(self.dir, backup)
+        return backup
+
+    def prepare(self) -> None:
+        """Create the directories, drop temp files of a crashed run, find the next part."""
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in self.parts_dir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        seqs = [int(p.stem.split("-")[1]) for p in self._part_paths()]
+        self._next_part = max(seqs, default=0) + 1
+
+    # -- parts ----------------------------------------------------------------------------
+
+    def _part_paths(self) -> list[Path]:
+        if not self.parts_dir.exists():
+            return []
+        return sorted(self.parts_dir.glob("part-*.parquet"))
+
+    def write_part(self, results: Sequence[RowResult]) -> Path:
+        """Persist results crash-safely as the next part."""
+        path = self.parts_dir / f"part-{self._next_part:06d}.parquet"
+        atomic_write_table(path, results_to_table(results))
+        self._next_part += 1
+        return path
+
+    def part_paths(self) -> list[Path]:
+        return self._part_paths()
+
+    def read_part(self, number: int) -> pa.Table:
+        return pq.read_table(self.parts_dir / f"part-{number:06d}.parquet", schema=PART_SCHEMA)
+
+    def load_index(self) -> ResultIndex:
+        """The latest result per key over all parts."""
+        keys, parts, rows, status, ptok, ctok = [], [], [], [], [], []
+        codes = pa.array(list(STATUS_CODES))
+        for path in self._part_paths():
+            number = int(path.stem.split("-")[1])
+            table = pq.read_table(
+                path, columns=["key", "status", "prompt_tokens", "completion_tokens"]
+            )
+            n = table.num_rows
+            keys.append(table.column("key").to_numpy())
+            parts.append(np.full(n, number, dtype=np.int64))
+            rows.append(np.arange(n, dtype=np.int64))
+            idx = pa.compute.index_in(table.column("status"), value_set=codes)
+            status.append(idx.to_numpy(zero_copy_only=False).astype(np.int8))
+            ptok.append(table.column("prompt_tokens").fill_null(0).to_numpy())
+            ctok.append(table.column("completion_tokens").fill_null(0).to_numpy())
+        if not keys:
+            return ResultIndex.empty()
+        all_keys = np.concatenate(keys)
+        all_parts = np.concatenate(parts)
+        # latest result wins: sort by (key, part, row) and keep the last of each key
+        all_rows = np.concatenate(rows)
+        order = np.lexsort((all_rows, all_parts, all_keys))
+        sorted_keys = all_keys[order]
+        last = np.ones(len(order), dtype=bool)
+        last[:-1] = sorted_keys[1:] != sorted_keys[:-1]
+        pick = order[last]
+        return ResultIndex(
+            keys=all_keys[pick],
+            part=all_parts[pick],
+            row=all_rows[pick],
+            status=np.concatenate(status)[pick],
+            prompt_tokens=np.concatenate(ptok)[pick],
+            completion_tokens=np.concatenate(ctok)[pick],
+        )

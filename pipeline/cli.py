@@ -1,0 +1,389 @@
+"""The ``pipeline`` command: a thin shell over the library.
+
+Parses options, builds the config (defaults < ``--config`` TOML < options), calls
+``run_batch``, and maps the error tree to messages and exit codes. No logic of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .checkpoint import Checkpoint, checkpoint_dir
+from .config import build_config, load_config_file, parse_param
+from .errors import ConfigError, LockHeld, PipelineError, RunAborted, UsageError
+from .progress import Reporter
+from .records import RunSummary
+from .runner import EXIT_ABORTED, EXIT_USAGE, Seams, run_batch
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  every row ok or skipped
+  1  finished, but some rows failed (status = error)
+  2  usage, config or input error, or OUTPUT locked by another run: nothing was sent
+  3  aborted (401 bad key, 403 no credits, insufficient_quota, or a signal);
+     completed rows are kept and the same command resumes
+"""
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"pipeline: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="batch-prompt-pipeline")
+def main() -> None:
+    """Push a table of prompts through an OpenAI-compatible chat API.
+
+    Start with `pipeline run --help`; `pipeline demo` runs the whole thing against the
+    built-in simulator (no key, no network).
+    """
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Parquet file to write; its checkpoint is OUTPUT.checkpoint/ beside it.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="TOML file; any option below can be set there. Options beat the file.",
+)
+@click.option("--base-url", help="API base URL. [default: https://api.aimlapi.com/v1]")
+@click.option("--model", help="Model name. [default: gpt-3.5-turbo]")
+@click.option(
+    "--api-key-env",
+    metavar="NAME",
+    help="Variable holding the API key. [default: AIMLAPI_API_KEY, then "
+    "OPENAI_API_KEY; none needed for localhost]",
+)
+@click.option("--api-key-file", metavar="FILE", help="Read the API key from this file instead.")
+@click.option(
+    "--prompt-column",
+    metavar="COL",
+    help="Column holding the prompt text. [default: prompt, when no other prompt source is given]",
+)
+@click.option(
+    "--template",
+    metavar="TEXT|@FILE",
+    help="Prompt template with {column} placeholders ({{ }} for literal braces).",
+)
+@click.option(
+    "--messages-column",
+    metavar="COL",
+    help="Column holding a JSON list of {role, content} messages.",
+)
+@click.option("--system", metavar="TEXT|@FILE", help="System prompt sent before each prompt.")
+@click.option("--temperature", type=float)
+@click.option("--max-tokens", type=int)
+@click.option("--top-p", type=float)
+@click.option("--seed", type=int)
+@click.option("--stop", multiple=True, help="Stop sequence (repeatable).")
+@click.option(
+    "--response-format",
+    metavar="json_object|@schema.json",
+    help="json_object, or a JSON Schema file sent as json_schema.",
+)
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=JSON",
+    help="Any other body field, e.g. --param presence_penalty=0.5 (repeatable).",
+)
+@click.option(
+    "--id-column",
+    metavar="COL",
+    help="Column with a unique row id (else keys derive from row content).",
+)
+@click.option(
+    "--input-format",
+    type=click.Choice(["csv", "parquet", "jsonl"]),
+    help="Override the format given by the extension.",
+)
+@click.option("--concurrency", type=int, help="Max requests in flight. [default: 32]")
+@click.option("--timeout", type=float, help="Seconds per attempt. [default: 60]")
+@click.option("--max-retries", type=int, help="Retries per row after the first try. [default: 5]")
+@click.option(
+    "--grace",
+    type=float,
+    help="Seconds requests in flight get to finish after SIGINT/SIGTERM. [default: 10]",
+)
+@click.option("--limit", type=int, help="Only the first N rows (a smoke test).")
+@click.option(
+    "--no-progress",
+    is_flag=True,
+    default=None,
+    help="No progress bar; a log line every 10 s instead.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    default=None,
+    help="Replace an OUTPUT that this tool's checkpoint did not write.",
+)
+@click.option(
+    "--restart",
+    is_flag=True,
+    default=None,
+    help="Start over: move the old checkpoint aside and send every row.",
+)
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    default=None,
+    help="Send again the rows whose status is error; keep the rest.",
+)
+@click.option(
+    "--summary-json",
+    type=click.Path(dir_okay=False),
+    help="Also write the end-of-run summary to this JSON file.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per log line on stderr.",
+)
+@click.option("--quiet", is_flag=True, help="Print only errors and the summary.")
+def run(
+    input_path: Path,
+    output: Path,
+    config_path: str | None,
+    params: tuple[str, ...],
+    stop: tuple[str, ...],
+    no_progress: bool | None,
+    log_format: str,
+    quiet: bool,
+    **options: Any,
+) -> None:
+    """Send each row of INPUT (CSV, Parquet or JSONL) as a chat completion; write OUTPUT.
+
+    Rerunning the same command resumes: only rows without a result are sent.
+    """
+    try:
+        file_values = load_config_file(config_path) if config_path else None
+        options["stop"] = stop
+        options["progress"] = False if no_progress else None
+        if params:
+            options["params"] = dict(parse_param(p) for p in params)
+        config = build_config(file_values, options, config_path=config_path)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+        return
+    reporter = Reporter(
+        progress=config.progress,
+        log_format=log_format,
+        quiet=quiet,
+        log_interval=config.log_interval,
+    )
+    summary: RunSummary | None = None
+    try:
+        summary = run_batch(input_path, output, config, Seams(reporter=reporter))
+    except (UsageError, LockHeld) as exc:
+        reporter.error(str(exc))
+        sys.exit(EXIT_USAGE)
+    except RunAborted as exc:
+        summary = getattr(exc, "summary", None)
+        _write_summary(config.summary_json, summary)
+        reporter.error(str(exc))
+        sys.exit(EXIT_ABORTED)
+    except PipelineError as exc:  # pragma: no cover - every subclass is handled above
+        reporter.error(str(exc))
+        sys.exit(EXIT_USAGE)
+    _write_summary(config.summary_json, summary)
+    sys.exit(summary.exit_code)
+
+
+def _write_summary(path: str | None, summary: RunSummary | None) -> None:
+    if path and summary is not None:
+        Path(path).write_text(json.dumps(summary.as_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+@main.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+def status(output: Path, as_json: bool) -> None:
+    """Rows total / ok / error / skipped / pending, tokens and fingerprint of OUTPUT's run.
+
+    Works while a run is going (it reads the checkpoint) and after it.
+    Exit code 2 when OUTPUT has no checkpoint.
+    """
+    checkpoint = Checkpoint(output)
+    if not checkpoint.exists():
+        _fail(f"no checkpoint for {output} (looked for {checkpoint_dir(output)}).", EXIT_USAGE)
+    manifest = checkpoint.read_manifest()
+    index = checkpoint.load_index()
+    counts = index.counts()
+    total = int(manifest.get("rows_total", len(index.keys)))
+    done = sum(counts.values())
+    holder = Checkpoint.lock_holder(output)
+    info = {
+        "output": str(output),
+        "rows_total": total,
+        **counts,
+        "pending": max(total - done, 0),
+        "prompt_tokens": int(index.prompt_tokens.sum()),
+        "completion_tokens": int(index.completion_tokens.sum()),
+        "fingerprint": manifest.get("fingerprint"),
+        "model": manifest.get("fingerprint_parts", {}).get("model"),
+        "running": holder is not None,
+        "running_by": holder,
+        "output_written": checkpoint.output_is_ours(),
+    }
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    click.echo(
+        f"{output}: {total} rows | {counts['ok']} ok | {counts['error']} error | "
+        f"{counts['skipped']} skipped | {info['pending']} pending\n"
+        f"tokens: {info['prompt_tokens']} in, {info['completion_tokens']} out\n"
+        f"fingerprint: {info['fingerprint']} (model {info['model']})\n"
+        + (f"running: {holder}" if holder else "running: no")
+    )
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--latency-ms", default=0.0, show_default=True, type=float)
+@click.option("--jitter-ms", default=0.0, show_default=True, type=float)
+@click.option("--rate-429", default=0.0, type=float, help="Share of requests answered 429.")
+@click.option("--rate-500", default=0.0, type=float)
+@click.option("--rate-503", default=0.0, type=float)
+@click.option("--rate-timeout", default=0.0, type=float, help="Share never answered.")
+@click.option("--rate-drop", default=0.0, type=float, help="Share whose connection is dropped.")
+@click.option("--rate-malformed", default=0.0, type=float, help="Share answered with bad JSON.")
+@click.option(
+    "--rate-length", default=0.0, type=float, help="Share cut short with finish_reason length."
+)
+@click.option(
+    "--retry-after",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="Retry-After seconds sent with 429s.",
+)
+@click.option("--rps-limit", type=float, help="Requests/s enforced with 429s.")
+@click.option("--tpm-limit", type=int, help="Tokens/minute enforced with 429s.")
+@click.option("--rate-limit-headers", is_flag=True, help="Send x-ratelimit-* headers.")
+@click.option("--seed", type=int, help="Seed for the fault draws.")
+@click.option(
+    "--request-log",
+    type=click.Path(dir_okay=False),
+    help="Append each received request as a JSON line.",
+)
+def simulate(
+    host: str,
+    port: int,
+    latency_ms: float,
+    jitter_ms: float,
+    rate_429: float,
+    rate_500: float,
+    rate_503: float,
+    rate_timeout: float,
+    rate_drop: float,
+    rate_malformed: float,
+    rate_length: float,
+    retry_after: float,
+    rps_limit: float | None,
+    tpm_limit: int | None,
+    rate_limit_headers: bool,
+    seed: int | None,
+    request_log: str | None,
+) -> None:
+    """Serve a local OpenAI-compatible chat API for demos, tests and benchmarks.
+
+    Answers are derived from the prompt, usage counts are honest, and faults can be injected.
+    Prompts may also carry directives such as [[sim:status=503]] (see pipeline/simulator.py).
+    """
+    from .simulator import SimulatorConfig, run_simulator
+
+    config = SimulatorConfig(
+        latency_ms=latency_ms,
+        latency_jitter_ms=jitter_ms,
+        rate_429=rate_429,
+        rate_500=rate_500,
+        rate_503=rate_503,
+        rate_timeout=rate_timeout,
+        rate_drop=rate_drop,
+        rate_malformed=rate_malformed,
+        rate_length=rate_length,
+        retry_after_s=retry_after,
+        rps_limit=rps_limit,
+        tpm_limit=tpm_limit,
+        rate_limit_headers=rate_limit_headers,
+        seed=seed,
+        record=False,
+        request_log=request_log,
+    )
+    run_simulator(config, host=host, port=port)
+
+
+@main.command()
+@click.option(
+    "--output", "-o", default="out/demo.parquet", show_default=True, type=click.Path(path_type=Path)
+)
+@click.option(
+    "--input",
+    "input_path",
+    default="data/sample.csv",
+    show_default=True,
+    type=click.Path(path_type=Path),
+)
+@click.option("--config", "config_path", default="configs/demo.toml", show_default=True)
+def demo(output: Path, input_path: Path, config_path: str) -> None:
+    """Start the simulator, run configs/demo.toml over data/sample.csv, print the summary.
+
+    The simulator adds latency and a few faults (429s, 500s) so that retries show.
+    Run it twice: the second run resumes and sends nothing.
+    """
+    from urllib.parse import urlsplit
+
+    from .simulator import SimulatorConfig, SimulatorThread
+
+    try:
+        file_values = load_config_file(config_path)
+        config = build_config(file_values, {}, config_path=config_path)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+        return
+    port = urlsplit(config.base_url).port or 8000
+    sim_config = SimulatorConfig(
+        latency_ms=40.0,
+        latency_jitter_ms=40.0,
+        rate_429=0.03,
+        rate_500=0.02,
+        retry_after_s=0.2,
+        seed=7,
+        record=False,
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with SimulatorThread(sim_config, port=port) as sim:
+        click.echo(f"simulator listening on {sim.base_url}", err=True)
+        reporter = Reporter(progress=config.progress, log_interval=config.log_interval)
+        try:
+            summary = run_batch(input_path, output, config, Seams(reporter=reporter))
+        except (UsageError, LockHeld) as exc:
+            _fail(str(exc), EXIT_USAGE)
+            return
+        except RunAborted as exc:
+            _fail(str(exc), EXIT_ABORTED)
+            return
+    click.echo(
+        f"\nDone. Output: {output} (read it with pandas.read_parquet)."
+        f"\nStatus any time: pipeline status {output}"
+    )
+    sys.exit(summary.exit_code)

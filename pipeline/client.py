@@ -1,0 +1,292 @@
+"""One chat-completion attempt: build the body, POST it through httpx, parse, map status -> error.
+
+Owns the wire: URL, headers, the transport and its connection pool, response and error-body
+parsing (OpenAI's ``{"error": {...}}`` and the AI/ML API's flat ``{message, statusCode, ...}``),
+and Retry-After. It does not retry or pace: it raises a typed ``RequestError`` and lets
+``retry.py`` and ``limits.py`` decide.
+
+Speed: ``httpx.AsyncClient.send`` costs more CPU per request than the whole rest of the
+pipeline. We build ``httpx.Request`` objects ourselves and hand them straight to one shared
+transport. The default transport is ``httpx_aiohttp.AiohttpTransport`` over one aiohttp
+connection pool sized to ``--concurrency`` with keep-alive; ``http_backend = "httpx"`` uses
+httpx's own ``AsyncHTTPTransport`` with a pool of the same size. Tests inject any
+``httpx.AsyncBaseTransport`` (for example ``httpx.MockTransport``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+from typing import Any
+
+import httpx
+
+from .errors import (
+    AuthenticationError,
+    BadRequest,
+    MalformedResponse,
+    PermissionDenied,
+    QuotaExceeded,
+    RateLimited,
+    RequestError,
+    ServerError,
+    TransportError,
+)
+from .records import Completion, Usage
+
+USER_AGENT = "batch-prompt-pipeline/0.1"
+# Response headers worth keeping: rate-limit state and the AI/ML API's cost accounting.
+KEPT_HEADER_PREFIXES = ("x-ratelimit-", "x-aimlapi-")
+QUOTA_WORDS = ("insufficient_quota", "quota", "billing", "credit")
+
+
+def make_transport(backend: str, concurrency: int) -> httpx.AsyncBaseTransport:
+    """A pooled keep-alive transport whose pool fits ``concurrency`` requests in flight."""
+    if backend == "httpx":
+        limits = httpx.Limits(
+            max_connections=concurrency,
+            max_keepalive_connections=concurrency,
+            keepalive_expiry=30.0,
+        )
+        return httpx.AsyncHTTPTransport(limits=limits, retries=0)
+    import aiohttp
+    from httpx_aiohttp import AiohttpTransport
+
+    def session() -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=concurrency,
+            limit_per_host=concurrency,
+            keepalive_timeout=30.0,
+            ttl_dns_cache=300,
+        )
+        return aiohttp.ClientSession(connector=connector, auto_decompress=True)
+
+    return AiohttpTransport(client=session)
+
+
+class ChatClient:
+    """Sends one chat-completion request per call to ``send``; safe to share across tasks."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        timeout: float,
+        transport: httpx.AsyncBaseTransport,
+    ) -> None:
+        self.url = httpx.URL(base_url.rstrip("/") + "/chat/completions")
+        self.timeout = timeout
+        self.transport = transport
+        self._api_key = api_key
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json"),
+            ("User-Agent", USER_AGENT),
+        ]
+        if api_key:
+            headers.append(("Authorization", f"Bearer {api_key}"))
+        self._headers = headers
+        self._timeouts = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+    def redact(self, text: str) -> str:
+        """Remove the API key from text that came from the server or a library."""
+        if self._api_key and self._api_key in text:
+            text = text.replace(self._api_key, "***")
+        return text
+
+    async def send(self, body: bytes, request_id: str) -> Completion:
+        """One attempt. Returns the parsed completion or raises a ``RequestError``."""
+        request = httpx.Request(
+            "POST",
+            self.url,
+            headers=[*self._headers, ("X-Client-Request-Id", request_id)],
+            content=body,
+            extensions={"timeout": self._timeouts},
+        )
+        try:
+            async with asyncio.timeout(self.timeout):
+                response = await self.transport.handle_async_request(request)
+                try:
+                    content = await response.aread()
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            raise TransportError(f"no complete answer within {self.timeout:g}s") from None
+        except (httpx.TransportError, OSError) as exc:
+            raise TransportError(self.redact(_describe(exc))) from None
+        except Exception as exc:
+            # aiohttp errors the transport does not map (for example a dropped connection
+            # mid-body) are network failures too.
+            if type(exc).__module__.startswith("aiohttp"):
+                raise TransportError(self.redact(_describe(exc))) from None
+            raise
+        if response.status_code == 200:
+            return parse_completion(content, response.headers)
+        raise self.redacted(error_from_response(response.status_code, content, response.headers))
+
+    def redacted(self, error: RequestError) -> RequestError:
+        error.message = self.redact(error.message)
+        error.args = (error.message,)
+        return error
+
+
+def _describe(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__
+    inner = cause if cause is not None and str(cause) else exc
+    text = str(inner) or type(inner).__name__
+    return f"{type(inner).__name__}: {text}"
+
+
+def kept_headers(headers: httpx.Headers) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.startswith(KEPT_HEADER_PREFIXES)}
+
+
+def parse_completion(content: bytes, headers: httpx.Headers | None = None) -> Completion:
+    """A 200 body -> Completion; anything that is not a chat completion is MalformedResponse."""
+    try:
+        data = json.loads(content)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MalformedResponse(
+            f"200 with a body that is not JSON ({exc}): {_snippet(content)}", status=200
+        ) from None
+    if not isinstance(data, dict):
+        raise MalformedResponse(f"200 with a JSON {type(data).__name__}, not an object", status=200)
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise MalformedResponse("200 without choices[0]", status=200)
+    message = choices[0].get("message")
+    if not isinstance(message, dict):
+        raise MalformedResponse("200 without choices[0].message", status=200)
+    text = message.get("content")
+    if text is not None and not isinstance(text, str):
+        # content as a list of parts: join the text parts
+        if isinstance(text, list):
+            text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+        else:
+            raise MalformedResponse("200 with a non-text message.content", status=200)
+    if text is None and message.get("tool_calls"):
+        text = json.dumps(message["tool_calls"], ensure_ascii=False)
+    return Completion(
+        text=text,
+        finish_reason=_str_or_none(choices[0].get("finish_reason")),
+        usage=parse_usage(data.get("usage")),
+        model=_str_or_none(data.get("model")),
+        response_id=_str_or_none(data.get("id")),
+        headers=kept_headers(headers) if headers is not None else {},
+    )
+
+
+def parse_usage(raw: Any) -> Usage:
+    if not isinstance(raw, dict):
+        return Usage()
+    prompt_details = raw.get("prompt_tokens_details")
+    completion_details = raw.get("completion_tokens_details")
+    return Usage(
+        prompt_tokens=_int_or_none(raw.get("prompt_tokens")),
+        completion_tokens=_int_or_none(raw.get("completion_tokens")),
+        total_tokens=_int_or_none(raw.get("total_tokens")),
+        cached_tokens=_int_or_none(
+            prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None
+        ),
+        reasoning_tokens=_int_or_none(
+            completion_details.get("reasoning_tokens")
+            if isinstance(completion_details, dict)
+            else None
+        ),
+    )
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _snippet(content: bytes, limit: int = 200) -> str:
+    text = content[:limit].decode("utf-8", errors="replace")
+    return text + ("..." if len(content) > limit else "")
+
+
+def parse_error_body(content: bytes) -> tuple[str, str | None, str | None]:
+    """(message, type, code) from either error shape, or the raw text."""
+    try:
+        data = json.loads(content)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return (_snippet(content, 500) or "(empty body)", None, None)
+    if isinstance(data, dict):
+        inner = data.get("error")
+        if isinstance(inner, dict):  # OpenAI: {"error": {message, type, code, param}}
+            return (
+                str(inner.get("message") or "(no message)"),
+                _str_or_none(inner.get("type")),
+                None if inner.get("code") is None else str(inner.get("code")),
+            )
+        if isinstance(inner, str):
+            return (inner, None, None)
+        if "message" in data:  # AI/ML API: {message, path, requestId, statusCode, timestamp}
+            message = data["message"]
+            if isinstance(message, list):
+                message = "; ".join(str(m) for m in message)
+            return (str(message), _str_or_none(data.get("error")), None)
+    return (_snippet(content, 500), None, None)
+
+
+def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms``, else ``Retry-After`` (seconds or HTTP date)."""
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms:
+        try:
+            value = float(raw_ms) / 1000.0
+            if value >= 0:
+                return value
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def error_from_response(status: int, content: bytes, headers: httpx.Headers) -> RequestError:
+    """Map a non-200 answer to the error type that decides retry / row error / stop."""
+    message, err_type, code = parse_error_body(content)
+    label = code or err_type
+    text = f"HTTP {status}" + (f" {label}" if label else "") + f": {message}"
+    kwargs: dict[str, Any] = {"status": status, "code": code, "type": err_type}
+    if status == 401:
+        return AuthenticationError(text, **kwargs)
+    if status == 403:
+        return PermissionDenied(text, **kwargs)
+    if status == 429:
+        marker = " ".join(x for x in (code, err_type) if x)
+        if "insufficient_quota" in marker or (
+            not marker and any(w in message.lower() for w in QUOTA_WORDS)
+        ):
+            return QuotaExceeded(text, **kwargs)
+        return RateLimited(text, retry_after=parse_retry_after(headers), **kwargs)
+    should_retry = headers.get("x-should-retry")
+    if should_retry == "true" or status in (408, 409) or status >= 500:
+        return ServerError(text, retry_after=parse_retry_after(headers), **kwargs)
+    return BadRequest(text, **kwargs)

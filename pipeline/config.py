@@ -1,0 +1,419 @@
+"""The frozen run configuration: defaults < TOML file < CLI/keyword options, and its fingerprint.
+
+Owns option names, types, ranges, ``@FILE`` expansion and the fingerprint of everything that
+determines a response. It reads no input data and sends nothing; the API key is looked up
+here (``resolve_api_key``) but never stored in the config, its fingerprint or any output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+DEFAULT_BASE_URL = "https://api.aimlapi.com/v1"
+DEFAULT_MODEL = "gpt-3.5-turbo"
+DEFAULT_KEY_ENVS = ("AIMLAPI_API_KEY", "OPENAI_API_KEY")
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+# Body fields that have their own option; --param may not set them.
+RESERVED_PARAMS = {
+    "model": "--model",
+    "messages": "--prompt-column / --template / --messages-column",
+    "temperature": "--temperature",
+    "max_tokens": "--max-tokens",
+    "top_p": "--top-p",
+    "seed": "--seed",
+    "stop": "--stop",
+    "response_format": "--response-format",
+    "stream": "(streaming is not supported: batch work uses non-streaming responses)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    """Everything a run needs besides INPUT and OUTPUT. Field names are the TOML keys."""
+
+    base_url: str = DEFAULT_BASE_URL
+    model: str = DEFAULT_MODEL
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    # prompt source: exactly one of the three (default: prompt_column="prompt")
+    prompt_column: str | None = None
+    template: str | None = None
+    messages_column: str | None = None
+    system: str | None = None
+    # request body parameters; None means "leave out of the body"
+    temperature: float | None = None
+    max_tokens: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    response_format: dict[str, Any] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    # rows and I/O
+    id_column: str | None = None
+    input_format: str | None = None
+    limit: int | None = None
+    overwrite: bool = False
+    restart: bool = False
+    retry_failed: bool = False
+    summary_json: str | None = None
+    # sending
+    concurrency: int = 32
+    timeout: float = 60.0
+    max_retries: int = 5
+    max_retry_wait: float = 120.0
+    http_backend: str = "aiohttp"
+    grace: float = 10.0
+    # checkpoints and progress
+    checkpoint_seconds: float = 2.0
+    checkpoint_rows: int = 2000
+    progress: bool = True
+    log_interval: float = 10.0
+
+    @property
+    def prompt_source(self) -> tuple[str, str]:
+        """(kind, value): ("column", name) | ("template", text) | ("messages", name)."""
+        if self.template is not None:
+            return ("template", self.template)
+        if self.messages_column is not None:
+            return ("messages", self.messages_column)
+        return ("column", self.prompt_column or "prompt")
+
+    def body_params(self) -> dict[str, Any]:
+        """The request body fields besides model and messages; unset ones are left out."""
+        body: dict[str, Any] = {}
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        if self.top_p is not None:
+            body["top_p"] = self.top_p
+        if self.seed is not None:
+            body["seed"] = self.seed
+        if self.stop:
+            body["stop"] = self.stop[0] if len(self.stop) == 1 else list(self.stop)
+        if self.response_format is not None:
+            body["response_format"] = self.response_format
+        body.update(self.params)
+        return body
+
+    def fingerprint_parts(self) -> dict[str, Any]:
+        """What determines a response, by name (so that a mismatch can say what changed)."""
+        kind, value = self.prompt_source
+        return {
+            "base_url": self.base_url.rstrip("/"),
+            "model": self.model,
+            "body_parameters": self.body_params(),
+            "prompt_source": {"kind": kind, "value": value},
+            "system_prompt": self.system,
+        }
+
+    def fingerprint(self) -> str:
+        """A short stable hash of ``fingerprint_parts``."""
+        return fingerprint_of(self.fingerprint_parts())
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as plain data for logs and manifests (holds no secret by construction)."""
+        out = dataclasses.asdict(self)
+        out["stop"] = list(self.stop)
+        return out
+
+    @property
+    def is_local(self) -> bool:
+        """True when the base URL points at this machine (no API key needed)."""
+        host = urlsplit(self.base_url).hostname or ""
+        return host in LOCAL_HOSTS
+
+
+def fingerprint_of(parts: dict[str, Any]) -> str:
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+_FIELDS = {f.name: f for f in fields(RunConfig)}
+_INT_FIELDS = {"max_tokens", "seed", "limit", "concurrency", "max_retries", "checkpoint_rows"}
+_FLOAT_FIELDS = {
+    "temperature",
+    "top_p",
+    "timeout",
+    "max_retry_wait",
+    "grace",
+    "checkpoint_seconds",
+    "log_interval",
+}
+_BOOL_FIELDS = {"overwrite", "restart", "retry_failed", "progress"}
+_STR_FIELDS = {
+    "base_url",
+    "model",
+    "api_key_env",
+    "api_key_file",
+    "prompt_column",
+    "template",
+    "messages_column",
+    "system",
+    "id_column",
+    "input_format",
+    "summary_json",
+    "http_backend",
+}
+# TOML keys that are not RunConfig fields but are accepted by load_config_file and
+# passed through untouched (the CLI reads them itself).
+EXTRA_KEYS: set[str] = set()
+
+
+def read_text_arg(value: str, *, option: str, base_dir: Path | None = None) -> str:
+    """Expand ``@FILE`` to the file's text; other values are returned as given."""
+    if not value.startswith("@"):
+        return value
+    path = Path(value[1:])
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{option}: file {path} does not exist.") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{option}: file {path} is not UTF-8 text ({exc.reason}).") from None
+    except OSError as exc:
+        raise ConfigError(f"{option}: cannot read {path}: {exc.strerror}.") from None
+
+
+def parse_response_format(value: Any, *, base_dir: Path | None = None) -> dict[str, Any] | None:
+    """``json_object`` | ``text`` | ``@schema.json`` | a table from TOML -> the body's value."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError("response_format must be 'json_object', 'text' or '@schema.json'.")
+    if value in ("json_object", "text"):
+        return {"type": value}
+    if not value.startswith("@"):
+        raise ConfigError(
+            f"--response-format {value!r} is not understood. "
+            "Use json_object, text, or @schema.json (a JSON Schema file)."
+        )
+    text = read_text_arg(value, option="--response-format", base_dir=base_dir)
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"--response-format {value}: not valid JSON (line {exc.lineno}, column {exc.colno}: "
+            f"{exc.msg})."
+        ) from None
+    if not isinstance(schema, dict):
+        raise ConfigError(f"--response-format {value}: the file must hold a JSON object.")
+    if "schema" in schema and "name" in schema:  # already a json_schema block
+        return {"type": "json_schema", "json_schema": schema}
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", Path(value[1:]).stem)[:64] or "answer"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+
+
+def parse_param(item: str) -> tuple[str, Any]:
+    """``KEY=JSON`` -> (key, value). A value that is not JSON is taken as a string."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--param {item!r}: expected KEY=VALUE, for example --param n=2.")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key, value
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config; unknown keys and wrong types are errors that name them."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {path} does not exist.") from None
+    except OSError as exc:
+        raise ConfigError(f"Cannot read config file {path}: {exc.strerror}.") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"Config file {path} is not UTF-8 text.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Config file {path} is not valid TOML: {exc}.") from None
+    values: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = raw_key.replace("-", "_")
+        if key not in _FIELDS and key not in EXTRA_KEYS:
+            close = [k for k in _FIELDS if k.startswith(key[:4])][:3]
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"Config file {path}: unknown key '{raw_key}'.{hint} "
+                "See configs/example.toml for every key."
+            )
+        values[key] = value
+    values["_base_dir"] = path.parent
+    return values
+
+
+def _check_type(key: str, value: Any, where: str) -> Any:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: '{key}' must be {expected} (got {value!r}).")
+
+    if key in _INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+    elif key in _FLOAT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad("a number")
+        value = float(value)
+    elif key in _BOOL_FIELDS:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif key in _STR_FIELDS:
+        if not isinstance(value, str):
+            raise bad("a string")
+    elif key == "stop":
+        if isinstance(value, str):
+            value = (value,)
+        elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            value = tuple(value)
+        else:
+            raise bad("a string or a list of strings")
+    elif key == "params" and not isinstance(value, dict):
+        raise bad("a table of body fields")
+    return value
+
+
+def build_config(
+    file_values: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+    *,
+    config_path: str | None = None,
+) -> RunConfig:
+    """Merge defaults < file < options (None in options means "not given"), then validate."""
+    file_values = dict(file_values or {})
+    base_dir = file_values.pop("_base_dir", None)
+    merged: dict[str, Any] = {}
+    where_file = f"Config file {config_path}" if config_path else "config"
+    for key, value in file_values.items():
+        if key in EXTRA_KEYS:
+            continue
+        merged[key] = _check_type(key, value, where_file)
+    # @FILE in a config file is relative to that file
+    for key in ("template", "system"):
+        if isinstance(merged.get(key), str):
+            merged[key] = read_text_arg(merged[key], option=key, base_dir=base_dir)
+    if "response_format" in merged:
+        merged["response_format"] = parse_response_format(
+            merged["response_format"], base_dir=base_dir
+        )
+    params = dict(merged.pop("params", {}) or {})
+
+    for key, value in (options or {}).items():
+        if value is None or (key == "stop" and not value):
+            continue
+        if key == "params":
+            params.update(value)
+            continue
+        if key not in _FIELDS:
+            raise ConfigError(f"Unknown option '{key}'.")
+        value = _check_type(key, value, "option")
+        if key in ("template", "system"):
+            value = read_text_arg(value, option=f"--{key}")
+        if key == "response_format":
+            value = parse_response_format(value)
+        merged[key] = value
+
+    for key in params:
+        if key in RESERVED_PARAMS:
+            raise ConfigError(f"--param {key}=...: '{key}' is set with {RESERVED_PARAMS[key]}.")
+    merged["params"] = params
+    config = RunConfig(**merged)
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Range and consistency checks that do not need the input file."""
+    sources = [
+        name
+        for name, value in (
+            ("--prompt-column", config.prompt_column),
+            ("--template", config.template),
+            ("--messages-column", config.messages_column),
+        )
+        if value is not None
+    ]
+    if len(sources) > 1:
+        raise ConfigError(
+            f"Give exactly one prompt source; got {' and '.join(sources)}. "
+            "Use --prompt-column COL, --template TEXT|@FILE or --messages-column COL."
+        )
+    if config.template is not None and not config.template.strip():
+        raise ConfigError("--template is empty.")
+    split = urlsplit(config.base_url)
+    if split.scheme not in ("http", "https") or not split.netloc:
+        raise ConfigError(
+            f"--base-url {config.base_url!r} is not an http(s) URL, "
+            "for example https://api.aimlapi.com/v1."
+        )
+    checks: list[tuple[bool, str]] = [
+        (config.temperature is None or 0 <= config.temperature <= 2, "--temperature: 0 to 2"),
+        (config.top_p is None or 0 < config.top_p <= 1, "--top-p: above 0, at most 1"),
+        (config.max_tokens is None or config.max_tokens >= 1, "--max-tokens: at least 1"),
+        (1 <= config.concurrency <= 10_000, "--concurrency: 1 to 10000"),
+        (config.timeout > 0, "--timeout: above 0 seconds"),
+        (config.max_retries >= 0, "--max-retries: 0 or more"),
+        (config.max_retry_wait >= 0, "max_retry_wait: 0 or more seconds"),
+        (config.limit is None or config.limit >= 1, "--limit: at least 1"),
+        (config.grace >= 0, "--grace: 0 or more seconds"),
+        (config.checkpoint_seconds > 0, "checkpoint_seconds: above 0"),
+        (config.checkpoint_rows >= 1, "checkpoint_rows: at least 1"),
+        (config.http_backend in ("aiohttp", "httpx"), "http_backend: 'aiohttp' or 'httpx'"),
+        (
+            config.input_format in (None, "csv", "parquet", "jsonl"),
+            "--input-format: csv, parquet or jsonl",
+        ),
+    ]
+    for ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"Out of range: {rule}.")
+
+
+def resolve_api_key(config: RunConfig, environ: dict[str, str] | None = None) -> str | None:
+    """The API key from the environment (or ``api_key_file``); None is fine for localhost.
+
+    Raises ConfigError naming the variable to set when a remote base URL has no key.
+    """
+    env = os.environ if environ is None else environ
+    if config.api_key_file:
+        try:
+            key = Path(config.api_key_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"--api-key-file {config.api_key_file}: cannot read it ({exc.strerror})."
+            ) from None
+        if key:
+            return key
+        raise ConfigError(f"--api-key-file {config.api_key_file} is empty.")
+    names = (config.api_key_env,) if config.api_key_env else DEFAULT_KEY_ENVS
+    for name in names:
+        key = env.get(name, "").strip()
+        if key:
+            return key
+    if config.is_local:
+        return None
+    wanted = " or ".join(names)
+    raise ConfigError(
+        f"No API key: set {wanted} in the environment (or name another variable with "
+        f"--api-key-env, or a file with --api-key-file). {config.base_url} is not local, "
+        "so a key is required."
+    )

@@ -1,0 +1,210 @@
+"""Progress bar, log lines and the summary. Observes the run; never gates it.
+
+``Reporter`` receives events from the runner (start, each result, retries, notes, the end).
+On a TTY it draws a tqdm bar on stderr; otherwise (or with ``--no-progress``) it writes a
+progress line every ``log_interval`` seconds. With ``log_format="json"`` every line is one JSON
+object (``event`` names it) for log collectors. ``quiet`` keeps only errors and the summary.
+It never sees the API key: the config it logs is ``RunConfig.public_dict()``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from .records import RowResult, RunSummary
+
+
+class Reporter:
+    """Turns run events into a bar or log lines on ``stream`` (stderr by default)."""
+
+    def __init__(
+        self,
+        *,
+        progress: bool = True,
+        log_format: str = "text",
+        quiet: bool = False,
+        log_interval: float = 10.0,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.json = log_format == "json"
+        self.quiet = quiet
+        self.log_interval = log_interval
+        self.clock = clock
+        isatty = getattr(self.stream, "isatty", lambda: False)()
+        self.use_bar = progress and not quiet and not self.json and isatty
+        self.bar: tqdm[Any] | None = None
+        self.total = 0
+        self.done = 0
+        self.ok = 0
+        self.errors = 0
+        self.skipped = 0
+        self.retries = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.finish_reasons: Counter[str] = Counter()
+        self.error_types: Counter[str] = Counter()
+        self.started = clock()
+        self._last_log = self.started
+
+    # -- output helpers -------------------------------------------------------------------
+
+    def _emit(self, event: str, text: str, **fields: Any) -> None:
+        if self.json:
+            line = json.dumps(
+                {"ts": round(time.time(), 3), "event": event, **fields},
+                default=str,
+                ensure_ascii=False,
+            )
+        else:
+            line = f"pipeline: {text}"
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def run_started(
+        self,
+        *,
+        output: str,
+        fingerprint: str,
+        config: dict[str, Any],
+        total: int,
+        todo: int,
+        resumed: int,
+    ) -> None:
+        self.total = total
+        self.started = self._last_log = self.clock()
+        if not self.quiet:
+            self._emit(
+                "run_start",
+                f"{total} rows; {resumed} already done, {todo} to send "
+                f"(fingerprint {fingerprint}) -> {output}",
+                output=output,
+                fingerprint=fingerprint,
+                config=config,
+                rows_total=total,
+                rows_todo=todo,
+                rows_resumed=resumed,
+            )
+        if self.use_bar and todo:
+            self.bar = tqdm(
+                total=todo,
+                file=self.stream,
+                unit="row",
+                dynamic_ncols=True,
+                smoothing=0.1,
+                desc="rows",
+            )
+
+    def row_done(self, result: RowResult) -> None:
+        self.done += 1
+        if result.status == "ok":
+            self.ok += 1
+            if result.finish_reason:
+                self.finish_reasons[result.finish_reason] += 1
+        elif result.status == "error":
+            self.errors += 1
+            self.error_types[result.error_type or "error"] += 1
+        else:
+            self.skipped += 1
+        self.prompt_tokens += result.usage.prompt_tokens or 0
+        self.completion_tokens += result.usage.completion_tokens or 0
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def retry(
+        self, *, row_index: int, error: str, status: int | None, attempt: int, wait: float
+    ) -> None:
+        self.retries += 1
+        if self.json and not self.quiet:
+            self._emit(
+                "retry",
+                "",
+                row=row_index,
+                reason=error,
+                http_status=status,
+                attempt=attempt,
+                wait_s=round(wait, 3),
+            )
+
+    def tick(self) -> None:
+        """Called about twice a second: refresh the bar, or log a line every log_interval."""
+        now = self.clock()
+        if self.bar is not None:
+            self.bar.set_postfix(
+                errors=self.errors,
+                tok_in=self.prompt_tokens,
+                tok_out=self.completion_tokens,
+                refresh=False,
+            )
+            self.bar.refresh()
+            return
+        if now - self._last_log >= self.log_interval and not self.quiet:
+            self._last_log = now
+            elapsed = max(now - self.started, 1e-9)
+            self._emit(
+                "progress",
+                f"{self.done} rows done this run ({self.ok} ok, {self.errors} error, "
+                f"{self.skipped} skipped), {self.done / elapsed:.1f} rows/s, {self.retries} "
+                f"retries, tokens in {self.prompt_tokens} out {self.completion_tokens}",
+                done=self.done,
+                ok=self.ok,
+                error=self.errors,
+                skipped=self.skipped,
+                rows_per_s=round(self.done / elapsed, 2),
+                retries=self.retries,
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.completion_tokens,
+            )
+
+    def note(self, text: str, **fields: Any) -> None:
+        if not self.quiet:
+            self._emit("note", text, message=text, **fields)
+
+    def error(self, text: str, **fields: Any) -> None:
+        self._emit("error", text, message=text, **fields)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def summary(self, summary: RunSummary) -> None:
+        self.close()
+        if self.json:
+            self._emit("summary", "", **summary.as_dict())
+            return
+        print(format_summary(summary), file=self.stream, flush=True)
+
+
+def format_summary(s: RunSummary) -> str:
+    """The human summary printed at the end of a run."""
+    lines = [
+        f"rows: {s.rows_total} total | {s.ok} ok | {s.error} error | {s.skipped} skipped"
+        + (f" | {s.pending} pending" if s.pending else ""),
+        f"this run: {s.sent} sent, {s.resumed} resumed from the checkpoint"
+        + (f", {s.removed} left the input" if s.removed else ""),
+        f"tokens this run: {s.prompt_tokens} in, {s.completion_tokens} out",
+        f"wall time: {s.wall_seconds:.1f}s",
+    ]
+    if s.finish_reasons:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(s.finish_reasons.items()))
+        lines.append(f"finish_reason: {reasons}")
+    if s.error_types:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(s.error_types.items()))
+        lines.append(f"errors: {kinds}")
+    if s.aborted:
+        lines.append(f"aborted: {s.aborted}")
+    lines.append(f"output: {s.output}")
+    return "\n".join(lines)

@@ -1,0 +1,312 @@
+"""CSV / Parquet / JSONL (or an in-memory table) -> a stream of Arrow record batches.
+
+Owns file formats, their errors and memory use: nothing here holds the whole file. CSV
+columns are read as text (lossless: ``007`` stays ``007``); Parquet keeps its own types and is
+read without pre-buffering whole column chunks; JSONL is parsed line by line against one
+schema inferred in a first pass, so a column whose type changes half-way does not break the
+read. It knows nothing of prompts or requests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .errors import InputError
+
+BATCH_ROWS = 8192
+CSV_BLOCK_BYTES = 1 << 20
+FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl"}
+FORMATS[".ndjson"] = "jsonl"
+
+
+def detect_format(path: Path, input_format: str | None) -> str:
+    """The input format from ``--input-format`` or the file extension."""
+    if input_format:
+        return input_format
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(
+            f"{path}: cannot tell the format from the extension '{path.suffix}'. "
+            "Use .csv, .parquet or .jsonl, or pass --input-format csv|parquet|jsonl."
+        )
+    return fmt
+
+
+@dataclass
+class InputSource:
+    """A table to read in batches: a file, or an Arrow table built from a DataFrame."""
+
+    name: str
+    format: str
+    path: Path | None = None
+    table: pa.Table | None = None
+    limit: int | None = None
+    _schema: pa.Schema | None = field(default=None, repr=False)
+
+    # -- public -------------------------------------------------------------------------
+
+    def schema(self) -> pa.Schema:
+        """Column names and types, in input order."""
+        if self._schema is None:
+            self._schema = self._read_schema()
+        return self._schema
+
+    def iter_batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """Yield record batches (only ``columns`` if given), at most ``limit`` rows in all."""
+        remaining = self.limit
+        for batch in self._batches(columns):
+            if remaining is not None:
+                if remaining <= 0:
+                    return
+                if batch.num_rows > remaining:
+                    batch = batch.slice(0, remaining)
+                remaining -= batch.num_rows
+            if batch.num_rows:
+                yield batch
+
+    # -- per format -----------------------------------------------------------------------
+
+    def _read_schema(self) -> pa.Schema:
+        if self.table is not None:
+            return self.table.schema
+        assert self.path is not None
+        if self.format == "parquet":
+            return self._parquet_file().schema_arrow
+        if self.format == "csv":
+            names = self._csv_column_names()
+            return pa.schema([(n, pa.string()) for n in names])
+        return self._jsonl_schema()
+
+    def _batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+        if self.table is not None:
+            table = self.table.select(columns) if columns is not None else self.table
+            yield from table.to_batches(max_chunksize=BATCH_ROWS)
+            return
+        if self.format == "parquet":
+            yield from self._parquet_batches(columns)
+        elif self.format == "csv":
+            yield from self._csv_batches(columns)
+        else:
+            yield from self._jsonl_batches(columns)
+
+    # Parquet: pre_buffer=False + a bounded read buffer, so that a file written as one
+    # huge row group is streamed rather than held whole.
+    def _parquet_file(self) -> pq.ParquetFile:
+        try:
+            return pq.ParquetFile(self.path, pre_buffer=False, buffer_size=1 << 20)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(
+                f"{self.name}: not a readable Parquet file ({exc}). "
+                "Check the file, or pass --input-format if the extension is wrong."
+            ) from None
+
+    def _parquet_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+        pf = self._parquet_file()
+        try:
+            yield from pf.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{self.name}: cannot read Parquet data: {exc}.") from None
+
+    # CSV: every column as text.
+    def _csv_column_names(self) -> list[str]:
+        assert self.path is not None
+        try:
+            reader = pacsv.open_csv(
+                self.path,
+                read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={}, strings_can_be_null=True, auto_dict_encode=False
+                ),
+                parse_options=self._csv_parse_options(),
+            )
+        except pa.ArrowInvalid as exc:
+            raise self._csv_error(exc) from None
+        names = list(reader.schema.names)
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise InputError(f"{self.name}: duplicate column names in the header: {dupes}.")
+        return names
+
+    def _csv_parse_options(self) -> pacsv.ParseOptions:
+        delimiter = "\t" if self.path is not None and self.path.suffix.lower() == ".tsv" else ","
+        return pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+
+    def _csv_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+        assert self.path is not None
+        names = self.schema().names
+        convert = pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in names},
+            include_columns=columns,
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+            null_values=[],
+        )
+        try:
+            reader = pacsv.open_csv(
+                self.path,
+                read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                convert_options=convert,
+                parse_options=self._csv_parse_options(),
+            )
+            yield from reader
+        except pa.ArrowInvalid as exc:
+            raise self._csv_error(exc) from None
+
+    def _csv_error(self, exc: Exception) -> InputError:
+        text = str(exc)
+        if "Empty CSV file" in text:
+            return InputError(f"{self.name} is empty: a CSV input needs a header row.")
+        if "UTF8" in text or "UTF-8" in text:
+            where = _first_non_utf8_line(self.path) if self.path else None
+            at = f" at line {where}" if where else ""
+            return InputError(
+                f"{self.name}: bytes that are not UTF-8{at}. Re-encode the file as UTF-8 "
+                "(for example: iconv -f latin1 -t utf-8 in.csv > out.csv)."
+            )
+        return InputError(
+            f"{self.name}: malformed CSV: {text}. Check quoting and the number of fields "
+            "on that row."
+        )
+
+    # JSONL: parsed in Python against a schema inferred over the whole file.
+    def _jsonl_rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        assert self.path is not None
+        with self.path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InputError(
+                        f"{self.name}: line {lineno} has bytes that are not UTF-8. "
+                        "Re-encode the file as UTF-8."
+                    ) from None
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise InputError(
+                        f"{self.name}: line {lineno} is not valid JSON ({exc.msg} at column "
+                        f"{exc.colno}). Each line must be one JSON object."
+                    ) from None
+                if not isinstance(row, dict):
+                    raise InputError(
+                        f"{self.name}: line {lineno} is a JSON {type(row).__name__}, "
+                        "not an object. Each line must be one JSON object."
+                    )
+                yield lineno, row
+
+    def _jsonl_schema(self) -> pa.Schema:
+        kinds: dict[str, set[str]] = {}
+        rows = 0
+        for _, row in self._jsonl_rows():
+            rows += 1
+            for key, value in row.items():
+                kinds.setdefault(key, set()).add(_json_kind(value))
+        if rows == 0:
+            raise InputError(f"{self.name} is empty: no JSON lines.")
+        return pa.schema([(name, _unify_kinds(k)) for name, k in kinds.items()])
+
+    def _jsonl_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+        schema = self.schema()
+        if columns is not None:
+            schema = pa.schema([schema.field(c) for c in columns])
+        buffer: list[dict[str, Any]] = []
+        for _, row in self._jsonl_rows():
+            buffer.append(row)
+            if len(buffer) >= BATCH_ROWS:
+                yield _jsonl_batch(buffer, schema)
+                buffer = []
+        if buffer:
+            yield _jsonl_batch(buffer, schema)
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return "nested"
+
+
+def _unify_kinds(kinds: set[str]) -> pa.DataType:
+    kinds = kinds - {"null"}
+    if kinds == {"bool"}:
+        return pa.bool_()
+    if kinds == {"int"}:
+        return pa.int64()
+    if kinds and kinds <= {"int", "float"}:
+        return pa.float64()
+    return pa.string()  # text, nested values as JSON text, or a mix
+
+
+def _to_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _jsonl_batch(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatch:
+    arrays = []
+    for fld in schema:
+        values = [row.get(fld.name) for row in rows]
+        if pa.types.is_string(fld.type):
+            values = [_to_text(v) for v in values]
+        arrays.append(pa.array(values, type=fld.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _first_non_utf8_line(path: Path) -> int | None:
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return None
+
+
+def open_input(
+    source: str | Path | Any, *, input_format: str | None = None, limit: int | None = None
+) -> InputSource:
+    """A path (str/Path), a pandas DataFrame or a pyarrow Table -> InputSource."""
+    if isinstance(source, pa.Table):
+        return InputSource(name="<table>", format="table", table=source, limit=limit)
+    if not isinstance(source, str | Path):
+        import pandas as pd
+
+        if isinstance(source, pd.DataFrame):
+            bad = [c for c in source.columns if not isinstance(c, str)]
+            if bad:
+                raise InputError(f"DataFrame column names must be strings; got {bad[:5]}.")
+            table = pa.Table.from_pandas(source, preserve_index=False)
+            return InputSource(name="<DataFrame>", format="table", table=table, limit=limit)
+        raise InputError(
+            f"Cannot read input of type {type(source).__name__}: "
+            "give a path, a pandas DataFrame or a pyarrow Table."
+        )
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"Input file {path} does not exist.")
+    if path.is_dir():
+        raise InputError(f"Input {path} is a directory; give a .csv, .parquet or .jsonl file.")
+    fmt = detect_format(path, input_format)
+    if path.stat().st_size == 0:
+        raise InputError(f"Input file {path} is empty (0 bytes).")
+    src = InputSource(name=str(path), format=fmt, path=path, limit=limit)
+    src.schema()  # fail early on a malformed header / file
+    return src

@@ -1,0 +1,139 @@
+"""Plain typed records that flow between modules. No I/O here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Status = Literal["ok", "error", "skipped"]
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class PromptRow:
+    """One input row ready to send, or a row that will not be sent.
+
+    ``key`` is the row's stable 64-bit key (from ``--id-column`` or derived), ``index`` its
+    position in the input. Exactly one of ``messages`` and ``skip_reason``/``invalid_reason``
+    is set.
+    """
+
+    key: int
+    index: int
+    messages: list[Message] | None = None
+    skip_reason: str | None = None
+    invalid_reason: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        """The ``X-Client-Request-Id`` header value: 1-128 chars of [A-Za-z0-9._:-]."""
+        return f"bpp-{self.key:016x}"
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one response; detail fields are None when the server omits them."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A parsed successful chat completion (first choice)."""
+
+    text: str | None
+    finish_reason: str | None
+    usage: Usage
+    model: str | None
+    response_id: str | None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RowResult:
+    """The outcome of one row: what goes into the output's result columns."""
+
+    key: int
+    status: Status
+    completion: str | None = None
+    finish_reason: str | None = None
+    usage: Usage = Usage()
+    response_model: str | None = None
+    response_id: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    http_status: int | None = None
+    attempts: int = 0
+    latency_ms: float | None = None
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """What a run did; printed at the end and written by ``--summary-json``."""
+
+    output: str
+    rows_total: int = 0
+    ok: int = 0
+    error: int = 0
+    skipped: int = 0
+    pending: int = 0
+    resumed: int = 0
+    sent: int = 0
+    removed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    wall_seconds: float = 0.0
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+    error_types: dict[str, int] = field(default_factory=dict)
+    aborted: str | None = None
+    fingerprint: str = ""
+    exit_code: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready view."""
+        return {
+            "output": self.output,
+            "rows_total": self.rows_total,
+            "ok": self.ok,
+            "error": self.error,
+            "skipped": self.skipped,
+            "pending": self.pending,
+            "resumed": self.resumed,
+            "sent": self.sent,
+            "removed": self.removed,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "finish_reasons": dict(self.finish_reasons),
+            "error_types": dict(self.error_types),
+            "aborted": self.aborted,
+            "fingerprint": self.fingerprint,
+            "exit_code": self.exit_code,
+        }
+
+
+# The result columns appended to every output row, in this order.
+RESULT_COLUMNS: tuple[str, ...] = (
+    "completion",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "response_model",
+    "response_id",
+    "status",
+    "error_type",
+    "error_message",
+    "http_status",
+    "attempts",
+    "latency_ms",
+)
+STATUS_CODES: dict[str, int] = {"ok": 0, "error": 1, "skipped": 2}

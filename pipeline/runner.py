@@ -1,0 +1,530 @@
+"""Orchestration only: wires reader -> prompts -> limits -> retry(client) -> checkpoint -> writer.
+
+``run_batch`` (sync) and ``run_async`` are the library's entry points; the CLI and
+``pipeline.run`` call them. Order of a run:
+
+1. open the input, validate the prompt source and the API key: every usage error is raised
+   here, before any request (exit code 2);
+2. lock OUTPUT's checkpoint, check its fingerprint, compute every row's key, and find which
+   rows still need a result;
+3. send those rows with ``concurrency`` workers, persisting results into checkpoint parts
+   every ``checkpoint_seconds`` / ``checkpoint_rows``;
+4. on the end, a fatal error (401/403/quota), a signal or the deadline: stop sending, keep
+   what is done, and write OUTPUT with every input row in input order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from .checkpoint import Checkpoint, ResultIndex, file_signature
+from .client import ChatClient, make_transport
+from .config import RunConfig, resolve_api_key
+from .errors import (
+    FatalError,
+    InputError,
+    OutputError,
+    RequestError,
+    RunAborted,
+)
+from .keys import compute_keys
+from .progress import Reporter
+from .prompts import PromptBuilder
+from .reader import InputSource, open_input
+from .records import RESULT_COLUMNS, STATUS_CODES, PromptRow, RowResult, RunSummary
+from .retry import RetryPolicy
+from .writer import write_output
+
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 3
+
+
+@dataclass
+class Seams:
+    """Injectable pieces: tests swap the transport, the sleep, the clock and the reporter."""
+
+    transport: httpx.AsyncBaseTransport | None = None
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    clock: Callable[[], float] = time.monotonic
+    reporter: Reporter | None = None
+    environ: dict[str, str] | None = None
+    handle_signals: bool = True
+
+
+@dataclass
+class _Plan:
+    """What a run works on, decided before any request."""
+
+    source: InputSource
+    builder: PromptBuilder
+    checkpoint: Checkpoint
+    keys: np.ndarray
+    todo: np.ndarray  # bool per input row: needs sending
+    index: ResultIndex
+    resumed: int
+    removed: int
+    api_key: str | None
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_output_path(output: Path, config: RunConfig, checkpoint: Checkpoint) -> None:
+    if output.is_dir():
+        raise OutputError(f"-o {output} is a directory; give a file name like results.parquet.")
+    if not output.parent.exists():
+        raise OutputError(
+            f"-o {output}: the directory {output.parent} does not exist. Create it first."
+        )
+    if output.exists() and not config.overwrite and not checkpoint.output_is_ours():
+        raise OutputError(
+            f"{output} already exists and was not written by an earlier run of this "
+            "checkpoint. Refusing to replace it: pass --overwrite, or choose another -o."
+        )
+
+
+def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
+    """Everything that can fail before a request is sent (raises UsageError / LockHeld)."""
+    source = open_input(data, input_format=config.input_format, limit=config.limit)
+    schema = source.schema()
+    columns = list(schema.names)
+    clash = [c for c in columns if c in RESULT_COLUMNS]
+    if clash:
+        raise InputError(
+            f"{source.name} already has column(s) {', '.join(clash)}, which the output adds. "
+            "Rename or drop them in the input (is this an earlier output?)."
+        )
+    kind, value = config.prompt_source
+    builder = PromptBuilder(
+        kind, value, system=config.system, columns=columns, source_name=source.name
+    )
+    if config.id_column is not None and config.id_column not in columns:
+        raise InputError(
+            f"{source.name} has no column '{config.id_column}' for --id-column "
+            f"(columns: {', '.join(columns)})."
+        )
+    api_key = resolve_api_key(config, seams.environ)
+
+    checkpoint = Checkpoint(output)
+    _check_output_path(output, config, checkpoint)
+    notes: list[str] = []
+    note = checkpoint.acquire_lock()
+    if note:
+        notes.append(note)
+    try:
+        if config.restart and checkpoint.exists():
+            backup = checkpoint.set_aside()
+            checkpoint.release_lock()
+            checkpoint.acquire_lock()
+            notes.append(f"--restart: the old checkpoint was moved to {backup}")
+        else:
+            checkpoint.check_fingerprint(config.fingerprint_parts())
+        keys = compute_keys(source, id_column=config.id_column, content_columns=builder.columns)
+        checkpoint.prepare()
+        index = checkpoint.load_index()
+    except BaseException:
+        checkpoint.release_lock()
+        raise
+    pos = index.lookup(keys)
+    done = pos >= 0
+    if config.retry_failed:
+        done &= index.status[np.maximum(pos, 0)] != STATUS_CODES["error"]
+    present = np.zeros(len(index.keys), dtype=bool)
+    present[pos[pos >= 0]] = True
+    return _Plan(
+        source=source,
+        builder=builder,
+        checkpoint=checkpoint,
+        keys=keys,
+        todo=~done,
+        index=index,
+        resumed=int(done.sum()),
+        removed=int((~present).sum()),
+        api_key=api_key,
+        notes=notes,
+    )
+
+
+class _Run:
+    """The sending phase of one run: workers, the part flusher, stop handling."""
+
+    def __init__(self, plan: _Plan, config: RunConfig, seams: Seams, reporter: Reporter) -> None:
+        self.plan = plan
+        self.config = config
+        self.seams = seams
+        self.reporter = reporter
+        self.buffer: list[RowResult] = []
+        self.flush_lock = asyncio.Lock()
+        self.stopping = asyncio.Event()
+        self.abort_reason: str | None = None
+        self.hard_stop = False
+        self.sent = 0
+        self.results_this_run: list[RowResult] = []
+        self.params = config.body_params()
+        self._last_flush = time.monotonic()
+        self.policy = RetryPolicy(
+            max_retries=config.max_retries,
+            max_retry_wait=config.max_retry_wait,
+            sleep=seams.sleep,
+        )
+
+    # -- results --------------------------------------------------------------------------
+
+    def record(self, result: RowResult) -> None:
+        self.buffer.append(result)
+        self.reporter.row_done(result)
+        if len(self.buffer) >= self.config.checkpoint_rows:
+            asyncio.get_running_loop().create_task(self.flush())
+
+    async def flush(self) -> None:
+        async with self.flush_lock:
+            if not self.buffer:
+                return
+            batch, self.buffer = self.buffer, []
+            await asyncio.to_thread(self.plan.checkpoint.write_part, batch)
+
+    async def flusher(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.config.checkpoint_seconds, 0.5))
+            self.reporter.tick()
+            if self.buffer and (
+                time.monotonic() - self._last_flush >= self.config.checkpoint_seconds
+            ):
+                self._last_flush = time.monotonic()
+                await self.flush()
+
+    # -- sending --------------------------------------------------------------------------
+
+    def stop(self, reason: str, *, hard: bool = False) -> None:
+        if self.abort_reason is None:
+            self.abort_reason = reason
+        self.hard_stop = self.hard_stop or hard
+        self.stopping.set()
+
+    async def produce(self, queue: asyncio.Queue[PromptRow | None], workers: int) -> None:
+        plan = self.plan
+        batches = iter(plan.source.iter_batches(columns=plan.builder.columns))
+        offset = 0
+        try:
+            while not self.stopping.is_set():
+                batch = await asyncio.to_thread(next, batches, None)
+                if batch is None:
+                    break
+                n = batch.num_rows
+                need = plan.todo[offset : offset + n]
+                if need.any():
+                    where = np.nonzero(need)[0]
+                    rows = plan.builder.build(
+                        batch.take(where), plan.keys[offset + where], offset + where
+                    )
+                    for row in rows:
+                        if row.messages is None:
+                            self.record(self._unsent_result(row))
+                            continue
+                        await queue.put(row)
+                        if self.stopping.is_set():
+                            break
+                offset += n
+        finally:
+            for _ in range(workers):
+                await queue.put(None)
+
+    def _unsent_result(self, row: PromptRow) -> RowResult:
+        if row.skip_reason is not None:
+            return RowResult(key=row.key, status="skipped", error_message=row.skip_reason)
+        return RowResult(
+            key=row.key,
+            status="error",
+            error_type="InvalidRow",
+            error_message=row.invalid_reason,
+        )
+
+    async def work(self, queue: asyncio.Queue[PromptRow | None], client: ChatClient) -> None:
+        while True:
+            row = await queue.get()
+            if row is None or self.stopping.is_set():
+                return
+            result = await self.send_row(row, client)
+            if result is not None:
+                self.record(result)
+
+    async def send_row(self, row: PromptRow, client: ChatClient) -> RowResult | None:
+        body = json.dumps(
+            {"model": self.config.model, "messages": row.messages, **self.params},
+            ensure_ascii=False,
+        ).encode()
+        started = time.monotonic()
+        self.sent += 1
+
+        def on_retry(error: RequestError, attempt: int, wait: float) -> None:
+            self.reporter.retry(
+                row_index=row.index,
+                error=error.message,
+                status=error.status,
+                attempt=attempt,
+                wait=wait,
+            )
+
+        policy = RetryPolicy(
+            max_retries=self.policy.max_retries,
+            max_retry_wait=self.policy.max_retry_wait,
+            sleep=self.policy.sleep,
+            on_retry=on_retry,
+        )
+        try:
+            completion, attempts = await policy.call(lambda: client.send(body, row.request_id))
+        except FatalError as exc:
+            self.reporter.error(f"stopping the run: {exc.message}", http_status=exc.status)
+            self.stop(f"{exc.kind}: {exc.message}", hard=True)
+            return None  # the row stays pending; a rerun sends it
+        except RequestError as exc:
+            return RowResult(
+                key=row.key,
+                status="error",
+                error_type=exc.kind,
+                error_message=exc.message,
+                http_status=exc.status,
+                attempts=getattr(exc, "attempts", 1),
+                latency_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+        return RowResult(
+            key=row.key,
+            status="ok",
+            completion=completion.text,
+            finish_reason=completion.finish_reason,
+            usage=completion.usage,
+            response_model=completion.model,
+            response_id=completion.response_id,
+            http_status=200,
+            attempts=attempts,
+            latency_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+
+    async def execute(self) -> None:
+        config = self.config
+        transport = self.seams.transport or make_transport(config.http_backend, config.concurrency)
+        client = ChatClient(
+            config.base_url,
+            api_key=self.plan.api_key,
+            timeout=config.timeout,
+            transport=transport,
+        )
+        queue: asyncio.Queue[PromptRow | None] = asyncio.Queue(maxsize=config.concurrency * 2)
+        self._last_flush = time.monotonic()
+        flusher = asyncio.create_task(self.flusher())
+        workers = [asyncio.create_task(self.work(queue, client)) for _ in range(config.concurrency)]
+        producer = asyncio.create_task(self.produce(queue, len(workers)))
+        remover = self._install_signals()
+        try:
+            gather = asyncio.gather(*workers)
+            stop_wait: asyncio.Future[Any] = asyncio.ensure_future(self.stopping.wait())
+            waiting: list[asyncio.Future[Any]] = [gather, stop_wait]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if self.stopping.is_set() and not gather.done():
+                # let requests in flight finish within the grace period, unless hard stop
+                grace = 0.0 if self.hard_stop else config.grace
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(gather), timeout=grace)
+                for task in workers:
+                    task.cancel()
+            stop_wait.cancel()
+            producer.cancel()
+            await asyncio.gather(gather, producer, stop_wait, return_exceptions=True)
+        finally:
+            remover()
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            await self.flush()
+            if self.seams.transport is None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+    def _install_signals(self) -> Callable[[], None]:
+        if (
+            not self.seams.handle_signals
+            or threading.current_thread() is not threading.main_thread()
+        ):
+            return lambda: None
+        loop = asyncio.get_running_loop()
+        seen = {"count": 0}
+
+        def on_signal(signum: int) -> None:
+            seen["count"] += 1
+            name = signal.Signals(signum).name
+            if seen["count"] == 1:
+                self.reporter.note(
+                    f"{name}: stopping; requests in flight get {self.config.grace:g}s "
+                    "(send the signal again to stop at once)"
+                )
+                self.stop(f"interrupted by {name}")
+            else:
+                self.reporter.note(f"{name} again: stopping now")
+                self.stop(f"interrupted by {name}", hard=True)
+
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, on_signal, sig)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+
+        def remove() -> None:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+        return remove
+
+
+def _output_state(plan: _Plan, config: RunConfig) -> dict[str, Any]:
+    parts = plan.checkpoint.part_paths()
+    source_sig = file_signature(plan.source.path) if plan.source.path else None
+    return {
+        "input": plan.source.name,
+        "input_signature": source_sig,
+        "limit": config.limit,
+        "last_part": parts[-1].name if parts else None,
+        "rows": len(plan.keys),
+    }
+
+
+async def run_async(
+    data: Any, output: str | Path, config: RunConfig, seams: Seams | None = None
+) -> RunSummary:
+    """Run the whole job; returns the summary. Raises UsageError/LockHeld before sending,
+    RunAborted (with ``.summary``) after a fatal error or a signal."""
+    seams = seams or Seams()
+    output = Path(output)
+    started = time.monotonic()
+    reporter = seams.reporter or Reporter(
+        progress=config.progress, log_interval=config.log_interval
+    )
+    plan = plan_run(data, output, config, seams)
+    checkpoint = plan.checkpoint
+    try:
+        for note in plan.notes:
+            reporter.note(note)
+        manifest = checkpoint.read_manifest()
+        fingerprint = config.fingerprint()
+        manifest.update(
+            fingerprint=fingerprint,
+            fingerprint_parts=config.fingerprint_parts(),
+            config=config.public_dict(),
+            input=plan.source.name,
+            rows_total=len(plan.keys),
+            created_at=manifest.get("created_at", time.time()),
+            running=True,
+        )
+        checkpoint.write_manifest(manifest)
+        todo = int(plan.todo.sum())
+        reporter.run_started(
+            output=str(output),
+            fingerprint=fingerprint,
+            config=config.public_dict(),
+            total=len(plan.keys),
+            todo=todo,
+            resumed=plan.resumed,
+        )
+        run = _Run(plan, config, seams, reporter)
+        if todo:
+            await run.execute()
+        index = checkpoint.load_index()
+        state = _output_state(plan, config)
+        unchanged = (
+            not todo and manifest.get("output_state") == state and checkpoint.output_is_ours()
+        )
+        if not (run.hard_stop and run.abort_reason and run.abort_reason.startswith("interrupted")):
+            if not unchanged:
+                await asyncio.to_thread(
+                    write_output, plan.source, plan.keys, index, checkpoint, output
+                )
+            manifest.update(output_signature=file_signature(output), output_state=state)
+        manifest["running"] = False
+        checkpoint.write_manifest(manifest)
+        summary = _summarize(plan, index, run, output, fingerprint, started)
+    finally:
+        checkpoint.release_lock()
+    reporter.summary(summary)
+    if summary.aborted:
+        raise_aborted(summary)
+    return summary
+
+
+def raise_aborted(summary: RunSummary) -> None:
+    error = RunAborted(
+        f"run stopped: {summary.aborted}. Completed rows are kept; rerun the same command "
+        "to continue.",
+        reason=summary.aborted or "",
+    )
+    error.summary = summary  # type: ignore[attr-defined]
+    raise error
+
+
+def _summarize(
+    plan: _Plan, index: ResultIndex, run: _Run, output: Path, fingerprint: str, started: float
+) -> RunSummary:
+    pos = index.lookup(plan.keys)
+    counts = index.counts(pos[pos >= 0])
+    rep = run.reporter
+    summary = RunSummary(
+        output=str(output),
+        rows_total=len(plan.keys),
+        ok=counts["ok"],
+        error=counts["error"],
+        skipped=counts["skipped"],
+        pending=int((pos < 0).sum()),
+        resumed=plan.resumed,
+        sent=run.sent,
+        removed=plan.removed,
+        prompt_tokens=rep.prompt_tokens,
+        completion_tokens=rep.completion_tokens,
+        total_tokens=rep.prompt_tokens + rep.completion_tokens,
+        wall_seconds=time.monotonic() - started,
+        finish_reasons=dict(rep.finish_reasons),
+        error_types=dict(rep.error_types),
+        aborted=run.abort_reason,
+        fingerprint=fingerprint,
+    )
+    if summary.aborted:
+        summary.exit_code = EXIT_ABORTED
+    elif summary.error or summary.pending:
+        summary.exit_code = EXIT_FAILED_ROWS
+    else:
+        summary.exit_code = EXIT_OK
+    return summary
+
+
+def run_batch(
+    data: Any, output: str | Path, config: RunConfig, seams: Seams | None = None
+) -> RunSummary:
+    """Synchronous wrapper around ``run_async``; works inside a running loop (notebooks) too."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run_async(data, output, config, seams))
+    # A loop is running in this thread (Jupyter): run ours in a worker thread.
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["summary"] = asyncio.run(run_async(data, output, config, seams))
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="pipeline-run")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    summary: RunSummary = box["summary"]
+    return summary
