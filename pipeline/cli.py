@@ -113,6 +113,18 @@ def main() -> None:
     help="Override the format given by the extension.",
 )
 @click.option("--concurrency", type=int, help="Max requests in flight. [default: 32]")
+@click.option("--rpm", type=float, help="Requests per minute to stay under (paced evenly).")
+@click.option(
+    "--tpm",
+    type=float,
+    help="Tokens per minute to stay under (prompt estimate + max_tokens or the "
+    "mean completion, corrected with actual usage).",
+)
+@click.option(
+    "--adaptive/--no-adaptive",
+    default=None,
+    help="Halve requests in flight on a 429 and grow back slowly. [default: on]",
+)
 @click.option("--timeout", type=float, help="Seconds per attempt. [default: 60]")
 @click.option("--max-retries", type=int, help="Retries per row after the first try. [default: 5]")
 @click.option(

@@ -274,7 +274,12 @@ def error_from_response(status: int, content: bytes, headers: httpx.Headers) -> 
     message, err_type, code = parse_error_body(content)
     label = code or err_type
     text = f"HTTP {status}" + (f" {label}" if label else "") + f": {message}"
-    kwargs: dict[str, Any] = {"status": status, "code": code, "type": err_type}
+    kwargs: dict[str, Any] = {
+        "status": status,
+        "code": code,
+        "type": err_type,
+        "headers": kept_headers(headers),
+    }
     if status == 401:
         return AuthenticationError(text, **kwargs)
     if status == 403:

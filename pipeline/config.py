@@ -70,6 +70,9 @@ class RunConfig:
     summary_json: str | None = None
     # sending
     concurrency: int = 32
+    rpm: float | None = None
+    tpm: float | None = None
+    adaptive: bool = True
     timeout: float = 60.0
     max_retries: int = 5
     max_retry_wait: float = 120.0
@@ -151,8 +154,10 @@ _FLOAT_FIELDS = {
     "grace",
     "checkpoint_seconds",
     "log_interval",
+    "rpm",
+    "tpm",
 }
-_BOOL_FIELDS = {"overwrite", "restart", "retry_failed", "progress"}
+_BOOL_FIELDS = {"overwrite", "restart", "retry_failed", "progress", "adaptive"}
 _STR_FIELDS = {
     "base_url",
     "model",
@@ -371,6 +376,8 @@ def validate(config: RunConfig) -> None:
         (config.max_tokens is None or config.max_tokens >= 1, "--max-tokens: at least 1"),
         (1 <= config.concurrency <= 10_000, "--concurrency: 1 to 10000"),
         (config.timeout > 0, "--timeout: above 0 seconds"),
+        (config.rpm is None or config.rpm > 0, "--rpm: above 0"),
+        (config.tpm is None or config.tpm > 0, "--tpm: above 0"),
         (config.max_retries >= 0, "--max-retries: 0 or more"),
         (config.max_retry_wait >= 0, "max_retry_wait: 0 or more seconds"),
         (config.limit is None or config.limit >= 1, "--limit: at least 1"),

@@ -71,7 +71,8 @@ class RequestError(PipelineError):
     """One attempt of one row failed.
 
     Fields: ``status`` (HTTP status or None), ``code``/``type`` (from the error body),
-    ``retry_after`` (seconds the server asked us to wait, or None).
+    ``retry_after`` (seconds the server asked us to wait, or None), ``headers`` (the
+    rate-limit and accounting headers of the response, if any).
     """
 
     def __init__(
@@ -82,9 +83,11 @@ class RequestError(PipelineError):
         code: str | None = None,
         type: str | None = None,
         retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = headers or {}
         self.status = status
         self.code = code
         self.type = type

@@ -36,14 +36,23 @@ from .errors import (
     FatalError,
     InputError,
     OutputError,
+    RateLimited,
     RequestError,
     RunAborted,
 )
 from .keys import compute_keys
+from .limits import Limits
 from .progress import Reporter
 from .prompts import PromptBuilder
 from .reader import InputSource, open_input
-from .records import RESULT_COLUMNS, STATUS_CODES, PromptRow, RowResult, RunSummary
+from .records import (
+    RESULT_COLUMNS,
+    STATUS_CODES,
+    Completion,
+    PromptRow,
+    RowResult,
+    RunSummary,
+)
 from .retry import RetryPolicy
 from .writer import write_output
 
@@ -52,7 +61,11 @@ EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 3
 
 @dataclass
 class Seams:
-    """Injectable pieces: tests swap the transport, the sleep, the clock and the reporter."""
+    """Injectable pieces: tests swap the transport, the sleep, the clock and the reporter.
+
+    ``sleep`` and ``clock`` go together (retry waits and pacing): a fake sleep must advance
+    the fake clock it comes with.
+    """
 
     transport: httpx.AsyncBaseTransport | None = None
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
@@ -171,6 +184,16 @@ class _Run:
         self.results_this_run: list[RowResult] = []
         self.params = config.body_params()
         self._last_flush = time.monotonic()
+        self.limits = Limits(
+            concurrency=config.concurrency,
+            rpm=config.rpm,
+            tpm=config.tpm,
+            max_tokens=config.max_tokens,
+            adaptive=config.adaptive,
+            max_pause=config.max_retry_wait,
+            clock=seams.clock,
+            sleep=seams.sleep,
+        )
         self.policy = RetryPolicy(
             max_retries=config.max_retries,
             max_retry_wait=config.max_retry_wait,
@@ -280,8 +303,37 @@ class _Run:
             sleep=self.policy.sleep,
             on_retry=on_retry,
         )
+        chars = _prompt_chars(row)
+
+        async def attempt() -> Completion:
+            cost, began = await self.limits.start(chars)
+            try:
+                completion = await client.send(body, row.request_id)
+            except RequestError as exc:
+                await self.limits.finish(
+                    chars=chars,
+                    cost=cost,
+                    started=began,
+                    headers=exc.headers,
+                    rate_limited=isinstance(exc, RateLimited),
+                    retry_after=exc.retry_after,
+                )
+                raise
+            except BaseException:
+                await self.limits.finish(chars=chars, cost=cost, started=began, headers=None)
+                raise
+            await self.limits.finish(
+                chars=chars,
+                cost=cost,
+                started=began,
+                headers=completion.headers,
+                prompt_tokens=completion.usage.prompt_tokens,
+                completion_tokens=completion.usage.completion_tokens,
+            )
+            return completion
+
         try:
-            completion, attempts = await policy.call(lambda: client.send(body, row.request_id))
+            completion, attempts = await policy.call(attempt)
         except FatalError as exc:
             self.reporter.error(f"stopping the run: {exc.message}", http_status=exc.status)
             self.stop(f"{exc.kind}: {exc.message}", hard=True)
@@ -384,6 +436,17 @@ class _Run:
                 loop.remove_signal_handler(sig)
 
         return remove
+
+
+def _prompt_chars(row: PromptRow) -> int:
+    total = 0
+    for message in row.messages or ():
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(str(p.get("text", ""))) for p in content if isinstance(p, dict))
+    return total
 
 
 def _output_state(plan: _Plan, config: RunConfig) -> dict[str, Any]:

@@ -1,0 +1,292 @@
+"""The pacing meters, each alone, on a fake clock; then stacked, with a spy that counts in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from pipeline.limits import (
+    AdaptiveConcurrency,
+    HeaderPacer,
+    Limits,
+    PauseGate,
+    RateMeter,
+    TokenEstimator,
+    parse_duration,
+    read_bucket,
+)
+
+
+class FakeTime:
+    """A clock that only moves when somebody sleeps on it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 0.0)
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("1s", 1.0),
+        ("6m0s", 360.0),
+        ("12ms", 0.012),
+        ("1h2m3s", 3723.0),
+        ("1.5s", 1.5),
+        ("250ms", 0.25),
+        ("20", 20.0),
+        ("0s", 0.0),
+    ],
+)
+def test_reset_durations_parse_like_go(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "soon", "5 s", "1x", "s"])
+def test_unreadable_durations_are_none(text: str) -> None:
+    assert parse_duration(text) is None
+
+
+def test_rate_meter_spaces_requests_at_the_rate_after_its_burst() -> None:
+    t = FakeTime()
+    starts: list[float] = []
+
+    async def main() -> None:
+        meter = RateMeter(rate=10.0, burst=1.0, clock=t.clock, sleep=t.sleep)
+        for _ in range(21):
+            await meter.acquire()
+            starts.append(t.now)
+
+    asyncio.run(main())
+    assert starts[0] == 0.0
+    assert starts[-1] == pytest.approx(2.0)  # 20 intervals of 0.1 s
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert all(g == pytest.approx(0.1) for g in gaps)
+
+
+def test_rate_meter_under_many_concurrent_waiters_never_exceeds_the_rate() -> None:
+    t = FakeTime()
+    starts: list[float] = []
+
+    async def worker(meter: RateMeter) -> None:
+        for _ in range(10):
+            await meter.acquire()
+            starts.append(t.now)
+
+    async def main() -> None:
+        meter = RateMeter(rate=50.0, burst=5.0, clock=t.clock, sleep=t.sleep)
+        await asyncio.gather(*(worker(meter) for _ in range(20)))
+
+    asyncio.run(main())
+    assert len(starts) == 200
+    # in any 1-second window at most rate + burst starts
+    for s in starts:
+        in_window = sum(1 for x in starts if s <= x < s + 1.0)
+        assert in_window <= 55
+    assert max(starts) == pytest.approx((200 - 5) / 50.0, rel=0.01)
+
+
+def test_token_meter_corrections_change_when_the_next_request_may_go() -> None:
+    t = FakeTime()
+
+    async def main() -> list[float]:
+        meter = RateMeter(rate=100.0, burst=100.0, clock=t.clock, sleep=t.sleep)
+        await meter.acquire(100)  # estimate: the whole bucket
+        meter.refund(60)  # actual use was 40
+        await meter.acquire(60)
+        first = t.now
+        meter.charge(50)  # a response used 50 more than estimated: bucket goes negative
+        await meter.acquire(10)
+        return [first, t.now]
+
+    first, second = asyncio.run(main())
+    assert first == 0.0
+    assert second == pytest.approx(0.6)  # -50 -> +10 at 100/s
+
+
+def test_pause_gate_holds_everyone_until_the_pause_ends() -> None:
+    t = FakeTime()
+    gate = PauseGate(clock=t.clock, sleep=t.sleep)
+
+    async def main() -> list[float]:
+        gate.pause(2.5)
+        gate.pause(1.0)  # a shorter pause never shortens a longer one
+        times = []
+        for _ in range(3):
+            await gate.wait()
+            times.append(t.now)
+        return times
+
+    assert asyncio.run(main()) == [2.5, 2.5, 2.5]
+
+
+def test_adaptive_concurrency_halves_on_429_and_grows_back_additively() -> None:
+    limit = AdaptiveConcurrency(32)
+    limit.on_rate_limited()
+    assert int(limit.limit) == 16
+    limit.on_rate_limited()
+    assert int(limit.limit) == 8
+    for _ in range(9):
+        limit.on_success()
+    assert int(limit.limit) == 9  # +1 after about `limit` successes (1/limit each)
+    for _ in range(10_000):
+        limit.on_success()
+    assert limit.limit == 32  # never above the configured maximum
+    for _ in range(20):
+        limit.on_rate_limited()
+    assert limit.limit == 1  # never below one
+
+
+def test_in_flight_never_exceeds_the_adaptive_limit() -> None:
+    in_flight = 0
+    peak = 0
+
+    async def task(limit: AdaptiveConcurrency) -> None:
+        nonlocal in_flight, peak
+        await limit.acquire()
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.001)
+        in_flight -= 1
+        await limit.release()
+
+    async def main() -> None:
+        limit = AdaptiveConcurrency(10)
+        limit.on_rate_limited()  # 5
+        await asyncio.gather(*(task(limit) for _ in range(100)))
+
+    asyncio.run(main())
+    assert peak == 5
+
+
+def test_header_pacer_estimates_the_refill_rate_and_slows_before_zero() -> None:
+    t = FakeTime()
+    pacer = HeaderPacer(clock=t.clock, sleep=t.sleep)
+    # server: bucket of 100, 90 used, full again in 9 s -> refills 10/s
+    bucket = read_bucket(
+        {
+            "x-ratelimit-limit-requests": "100",
+            "x-ratelimit-remaining-requests": "10",
+            "x-ratelimit-reset-requests": "9s",
+        },
+        "requests",
+    )
+    assert bucket is not None
+    pacer.observe(bucket, in_flight=0)
+    assert pacer.rate == pytest.approx(10.0)
+
+    async def main() -> list[float]:
+        starts = []
+        for _ in range(30):
+            await pacer.acquire(1)
+            starts.append(t.now)
+        return starts
+
+    starts = asyncio.run(main())
+    assert starts[9] == 0.0  # the 10 left go at once
+    assert starts[-1] == pytest.approx(2.0)  # then 10/s
+
+
+def test_header_pacer_without_a_rate_waits_for_reset_when_nothing_is_left() -> None:
+    t = FakeTime()
+    pacer = HeaderPacer(clock=t.clock, sleep=t.sleep)
+    bucket = read_bucket(
+        {
+            "x-ratelimit-limit-requests": "1",
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": "1.5s",
+        },
+        "requests",
+    )
+    assert bucket is not None
+    pacer.observe(bucket, in_flight=0)
+    asyncio.run(pacer.acquire(1))
+    assert t.now == pytest.approx(1.5)
+
+
+def test_missing_or_partial_headers_are_ignored() -> None:
+    assert read_bucket({}, "requests") is None
+    assert read_bucket({"x-ratelimit-limit-tokens": "10"}, "tokens") is None
+    assert (
+        read_bucket(
+            {"x-ratelimit-limit-tokens": "x", "x-ratelimit-remaining-tokens": "1"}, "tokens"
+        )
+        is None
+    )
+
+
+def test_token_estimate_uses_max_tokens_as_bound_and_calibrates_on_usage() -> None:
+    bounded = TokenEstimator(max_tokens=100)
+    assert bounded.cost(400) == pytest.approx(200.0)  # 400 chars / 4 + 100
+    free = TokenEstimator(max_tokens=None)
+    for _ in range(200):
+        free.observe(chars=300, prompt_tokens=100, completion_tokens=20)
+    assert free.prompt_tokens(300) == pytest.approx(100, rel=0.02)  # 3 chars per token here
+    assert free.mean_completion == pytest.approx(20, rel=0.05)
+
+
+def test_a_429_pauses_every_worker_and_halves_concurrency_once_per_event() -> None:
+    t = FakeTime()
+
+    async def main() -> tuple[list[float], float]:
+        limits = Limits(concurrency=16, clock=t.clock, sleep=t.sleep)
+        tickets = [await limits.start(10) for _ in range(8)]
+        # all eight get 429: one congestion event, one halving
+        for cost, began in tickets:
+            await limits.finish(
+                chars=10, cost=cost, started=began, headers=None, rate_limited=True, retry_after=3.0
+            )
+        starts = []
+        for _ in range(3):
+            cost, began = await limits.start(10)
+            starts.append(t.now)
+            await limits.finish(
+                chars=10,
+                cost=cost,
+                started=began,
+                headers=None,
+                prompt_tokens=3,
+                completion_tokens=5,
+            )
+        return starts, limits.concurrency.limit
+
+    starts, limit = asyncio.run(main())
+    assert starts == [3.0, 3.0, 3.0]
+    assert 8 <= limit < 9
+
+
+def test_rpm_and_tpm_stack_the_slower_one_wins() -> None:
+    t = FakeTime()
+
+    async def main() -> list[float]:
+        # 600 rpm = 10/s; 6000 tpm = 100 tokens/s with requests costing ~50 -> 2/s
+        limits = Limits(
+            concurrency=4, rpm=600, tpm=6000, max_tokens=25, clock=t.clock, sleep=t.sleep
+        )
+        starts = []
+        for _ in range(11):
+            cost, began = await limits.start(100)  # 25 prompt + 25 completion tokens
+            starts.append(t.now)
+            await limits.finish(
+                chars=100,
+                cost=cost,
+                started=began,
+                headers=None,
+                prompt_tokens=25,
+                completion_tokens=25,
+            )
+        return starts
+
+    starts = asyncio.run(main())
+    assert starts[:2] == [0.0, 0.0]  # one second of token budget is banked at the start
+    steady = starts[2:]
+    rate = (len(steady) - 1) / (steady[-1] - steady[0])
+    assert rate == pytest.approx(2.0, rel=0.1)
