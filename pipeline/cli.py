@@ -165,11 +165,9 @@ def main() -> None:
 @click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help="json: one JSON object per log line on stderr.",
+    help="json: one JSON object per log line on stderr. [default: text]",
 )
-@click.option("--quiet", is_flag=True, help="Print only errors and the summary.")
+@click.option("--quiet", is_flag=True, default=None, help="Print only errors and the summary.")
 def run(
     input_path: Path,
     output: Path,
@@ -177,8 +175,6 @@ def run(
     params: tuple[str, ...],
     stop: tuple[str, ...],
     no_progress: bool | None,
-    log_format: str,
-    quiet: bool,
     **options: Any,
 ) -> None:
     """Send each row of INPUT (CSV, Parquet or JSONL) as a chat completion; write OUTPUT.
@@ -197,8 +193,8 @@ def run(
         return
     reporter = Reporter(
         progress=config.progress,
-        log_format=log_format,
-        quiet=quiet,
+        log_format=config.log_format,
+        quiet=config.quiet,
         log_interval=config.log_interval,
     )
     summary: RunSummary | None = None

@@ -7,7 +7,7 @@ and Retry-After. It does not retry or pace: it raises a typed ``RequestError`` a
 
 Speed: ``httpx.AsyncClient.send`` costs more CPU per request than the whole rest of the
 pipeline. We build ``httpx.Request`` objects ourselves and hand them straight to one shared
-transport. The default transport is ``httpx_aiohttp.AiohttpTransport`` over one aiohttp
+transport. The default transport is our ``transport.AiohttpTransport`` over one aiohttp
 connection pool sized to ``--concurrency`` with keep-alive; ``http_backend = "httpx"`` uses
 httpx's own ``AsyncHTTPTransport`` with a pool of the same size. Tests inject any
 ``httpx.AsyncBaseTransport`` (for example ``httpx.MockTransport``).
@@ -35,6 +35,7 @@ from .errors import (
     TransportError,
 )
 from .records import Completion, Usage
+from .transport import AiohttpTransport
 
 USER_AGENT = "batch-prompt-pipeline/0.1"
 # Response headers worth keeping: rate-limit state and the AI/ML API's cost accounting.
@@ -51,19 +52,7 @@ def make_transport(backend: str, concurrency: int) -> httpx.AsyncBaseTransport:
             keepalive_expiry=30.0,
         )
         return httpx.AsyncHTTPTransport(limits=limits, retries=0)
-    import aiohttp
-    from httpx_aiohttp import AiohttpTransport
-
-    def session() -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
-            limit=concurrency,
-            limit_per_host=concurrency,
-            keepalive_timeout=30.0,
-            ttl_dns_cache=300,
-        )
-        return aiohttp.ClientSession(connector=connector, auto_decompress=True)
-
-    return AiohttpTransport(client=session)
+    return AiohttpTransport(max_connections=concurrency)
 
 
 class ChatClient:
@@ -88,7 +77,7 @@ class ChatClient:
         ]
         if api_key:
             headers.append(("Authorization", f"Bearer {api_key}"))
-        self._headers = headers
+        self._headers = httpx.Headers(headers)
         self._timeouts = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
 
     async def aclose(self) -> None:
@@ -105,10 +94,11 @@ class ChatClient:
         request = httpx.Request(
             "POST",
             self.url,
-            headers=[*self._headers, ("X-Client-Request-Id", request_id)],
+            headers=self._headers,
             content=body,
             extensions={"timeout": self._timeouts},
         )
+        request.headers["X-Client-Request-Id"] = request_id
         try:
             async with asyncio.timeout(self.timeout):
                 response = await self.transport.handle_async_request(request)

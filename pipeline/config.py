@@ -83,6 +83,8 @@ class RunConfig:
     checkpoint_rows: int = 2000
     progress: bool = True
     log_interval: float = 10.0
+    log_format: str = "text"
+    quiet: bool = False
 
     @property
     def prompt_source(self) -> tuple[str, str]:
@@ -157,7 +159,7 @@ _FLOAT_FIELDS = {
     "rpm",
     "tpm",
 }
-_BOOL_FIELDS = {"overwrite", "restart", "retry_failed", "progress", "adaptive"}
+_BOOL_FIELDS = {"overwrite", "restart", "retry_failed", "progress", "adaptive", "quiet"}
 _STR_FIELDS = {
     "base_url",
     "model",
@@ -171,6 +173,7 @@ _STR_FIELDS = {
     "input_format",
     "summary_json",
     "http_backend",
+    "log_format",
 }
 # TOML keys that are not RunConfig fields but are accepted by load_config_file and
 # passed through untouched (the CLI reads them itself).
@@ -385,6 +388,7 @@ def validate(config: RunConfig) -> None:
         (config.checkpoint_seconds > 0, "checkpoint_seconds: above 0"),
         (config.checkpoint_rows >= 1, "checkpoint_rows: at least 1"),
         (config.http_backend in ("aiohttp", "httpx"), "http_backend: 'aiohttp' or 'httpx'"),
+        (config.log_format in ("text", "json"), "--log-format: text or json"),
         (
             config.input_format in (None, "csv", "parquet", "jsonl"),
             "--input-format: csv, parquet or jsonl",

@@ -44,7 +44,9 @@ def compute_keys(
     """The key of every input row, in input order (uint64)."""
     if id_column is not None:
         return _keys_from_ids(source, id_column)
-    hashes = [_hash_batch(b) for b in source.iter_batches(columns=content_columns)]
+    # CSV: read every column so that bad bytes anywhere are found now, not at output time
+    read = None if source.format == "csv" else content_columns
+    hashes = [_hash_batch(b.select(content_columns)) for b in source.iter_batches(columns=read)]
     if not hashes:
         return np.zeros(0, dtype=np.uint64)
     content = np.concatenate(hashes)
@@ -56,7 +58,9 @@ def compute_keys(
 def _keys_from_ids(source: InputSource, id_column: str) -> np.ndarray:
     parts: list[np.ndarray] = []
     offset = 0
-    for batch in source.iter_batches(columns=[id_column]):
+    read = None if source.format == "csv" else [id_column]
+    for batch in source.iter_batches(columns=read):
+        batch = batch.select([id_column])
         column = batch.column(0)
         if column.null_count:
             first = offset + column.is_null().to_pylist().index(True)

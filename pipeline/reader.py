@@ -171,8 +171,14 @@ class InputSource:
                 f"{self.name}: bytes that are not UTF-8{at}. Re-encode the file as UTF-8 "
                 "(for example: iconv -f latin1 -t utf-8 in.csv > out.csv)."
             )
+        where = (
+            _first_bad_csv_line(self.path, self._csv_parse_options().delimiter)
+            if (self.path is not None and "Expected" in text)
+            else None
+        )
+        at = f" at line {where}" if where else ""
         return InputError(
-            f"{self.name}: malformed CSV: {text}. Check quoting and the number of fields "
+            f"{self.name}: malformed CSV{at}: {text}. Check quoting and the number of fields "
             "on that row."
         )
 
@@ -268,6 +274,21 @@ def _jsonl_batch(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatc
             values = [_to_text(v) for v in values]
         arrays.append(pa.array(values, type=fld.type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _first_bad_csv_line(path: Path, delimiter: str) -> int | None:
+    """The line where the first record with the wrong number of fields ends (slow path)."""
+    import csv
+
+    with path.open(encoding="utf-8", errors="replace", newline="") as fh:
+        reader = csv.reader(fh, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            return None
+        for record in reader:
+            if record and len(record) != len(header):
+                return reader.line_num
+    return None
 
 
 def _first_non_utf8_line(path: Path) -> int | None:

@@ -126,6 +126,9 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
             f"(columns: {', '.join(columns)})."
         )
     api_key = resolve_api_key(config, seams.environ)
+    # The key pass reads the whole input: a malformed row, bad bytes or a duplicate id is
+    # found here, before the checkpoint is touched and before any request.
+    keys = compute_keys(source, id_column=config.id_column, content_columns=builder.columns)
 
     checkpoint = Checkpoint(output)
     _check_output_path(output, config, checkpoint)
@@ -141,7 +144,6 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
             notes.append(f"--restart: the old checkpoint was moved to {backup}")
         else:
             checkpoint.check_fingerprint(config.fingerprint_parts())
-        keys = compute_keys(source, id_column=config.id_column, content_columns=builder.columns)
         checkpoint.prepare()
         index = checkpoint.load_index()
     except BaseException:

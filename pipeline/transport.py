@@ -1,0 +1,89 @@
+"""A lean httpx transport over one aiohttp connection pool.
+
+Owns the socket layer and nothing else: it takes an ``httpx.Request`` and returns an
+``httpx.Response`` whose body is already read, so the client code stays plain httpx (and
+tests can hand it ``httpx.MockTransport`` instead).
+
+Why not httpx's own transport: with hundreds of requests in flight httpcore's pool opens
+and drops connections (encode/httpcore#1035) and its per-request CPU cost caps a core at a
+few thousand requests/s. Why not the httpx-aiohttp package: it streams the body through
+httpx's iterator machinery, which costs more CPU than the whole rest of our pipeline for
+small JSON answers. Reading the body in one go and building the response from bytes keeps
+the httpx interface at a fraction of the cost (see benchmarks/).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import httpx
+from yarl import URL
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """HTTP/1.1 keep-alive pool of at most ``max_connections``; bodies read whole."""
+
+    def __init__(self, *, max_connections: int, keepalive_expiry: float = 30.0) -> None:
+        self.max_connections = max_connections
+        self.keepalive_expiry = keepalive_expiry
+        self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        # created lazily: a ClientSession belongs to the running event loop
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self.max_connections,
+                limit_per_host=self.max_connections,
+                keepalive_timeout=self.keepalive_expiry,
+                ttl_dns_cache=300,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
+            )
+        return self._session
+
+    def _url(self, url: httpx.URL) -> URL:
+        key = str(url)
+        cached = self._urls.get(key)
+        if cached is None:
+            cached = self._urls[key] = URL(key, encoded=True)
+        return cached
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeouts: dict[str, Any] = request.extensions.get("timeout", {})
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=timeouts.get("pool"),
+            sock_connect=timeouts.get("connect"),
+            sock_read=timeouts.get("read"),
+        )
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers.raw}
+        headers.pop("host", None)
+        headers.pop("Host", None)
+        try:
+            async with self._get_session().request(
+                request.method,
+                self._url(request.url),
+                headers=headers,
+                data=request.content or None,
+                allow_redirects=False,
+                timeout=timeout,
+            ) as response:
+                content = await response.read()
+                status = response.status
+                raw_headers = response.raw_headers
+        except TimeoutError as exc:
+            raise httpx.ReadTimeout(f"timed out: {exc}", request=request) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise httpx.ConnectError(str(exc), request=request) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            text = str(exc) or type(exc).__name__
+            raise httpx.ReadError(f"{type(exc).__name__}: {text}", request=request) from exc
+        return httpx.Response(status, headers=list(raw_headers), content=content, request=request)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,393 @@
+"""Input files in, one Parquet out: CSV, Parquet and JSONL, and the shape of OUTPUT.
+
+OUTPUT holds every input column in input order followed by the result columns, one row per
+input row in input order. CSV cells are text. A null or empty prompt is skipped with a
+reason and never sent. Exit code 0 means every row is ok or skipped, 1 that some failed,
+3 that the run was aborted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import pipeline
+from pipeline.simulator import SimulatorThread
+
+KEY_VARS = ("AIMLAPI_API_KEY", "OPENAI_API_KEY")
+RESULT_COLUMNS = [
+    "completion",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "response_model",
+    "response_id",
+    "status",
+    "error_type",
+    "error_message",
+    "http_status",
+    "attempts",
+    "latency_ms",
+]
+ANSWER = "Simulated answer to: "
+
+
+def run_cli(
+    cwd: Path, *args: str, command: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in KEY_VARS}
+    return subprocess.run(
+        [*(command or [sys.executable, "-m", "pipeline"]), "run", *args, "--no-progress"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def sent_prompts(sim: SimulatorThread) -> list[str]:
+    """The user message of every request the simulator received, in arrival order."""
+    prompts = []
+    for request in sim.simulator.requests:
+        assert request.body is not None
+        prompts.append(request.body["messages"][-1]["content"])
+    return prompts
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+# -- the shape of OUTPUT ---------------------------------------------------------------------
+
+
+def test_output_has_input_columns_in_input_order_then_the_result_columns(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    (tmp_path / "in.csv").write_text(
+        "zeta,prompt,alpha\nz1,What is 2+2?,a1\nz2,Name a colour,a2\n", encoding="utf-8"
+    )
+
+    result = run_cli(tmp_path, "in.csv", "-o", "out.parquet", "--base-url", simulator.base_url)
+
+    assert result.returncode == 0, result.stderr
+    output = pq.read_table(tmp_path / "out.parquet")
+    assert output.column_names == ["zeta", "prompt", "alpha", *RESULT_COLUMNS]
+    rows = output.to_pylist()
+    assert [r["zeta"] for r in rows] == ["z1", "z2"]
+    assert [r["alpha"] for r in rows] == ["a1", "a2"]
+    for row in rows:
+        assert row["status"] == "ok"
+        assert row["completion"] == ANSWER + row["prompt"]
+        assert row["finish_reason"] == "stop"
+        assert row["prompt_tokens"] > 0
+        assert row["completion_tokens"] > 0
+        assert row["total_tokens"] == row["prompt_tokens"] + row["completion_tokens"]
+        assert row["response_model"]
+        assert row["response_id"]
+        assert row["http_status"] == 200
+        assert row["attempts"] == 1
+        assert row["error_type"] is None
+        assert row["error_message"] is None
+        assert row["latency_ms"] >= 0
+
+
+def test_rows_come_back_in_input_order_each_with_its_own_answer(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    # Earlier rows answer later, so completion order is the reverse of input order.
+    prompts = [f"question {i} [[sim:sleep_ms={(12 - i) * 25}]]" for i in range(12)]
+    write_jsonl(tmp_path / "in.jsonl", [{"n": i, "prompt": p} for i, p in enumerate(prompts)])
+
+    result = run_cli(
+        tmp_path,
+        "in.jsonl",
+        "-o",
+        "out.parquet",
+        "--concurrency",
+        "12",
+        "--base-url",
+        simulator.base_url,
+    )
+
+    assert result.returncode == 0, result.stderr
+    output = pd.read_parquet(tmp_path / "out.parquet")
+    assert output["n"].tolist() == list(range(12))
+    assert output["prompt"].tolist() == prompts
+    assert output["completion"].tolist() == [ANSWER + p for p in prompts]
+
+
+# -- formats -------------------------------------------------------------------------------
+
+
+def test_csv_cells_are_read_as_text(simulator: SimulatorThread, tmp_path: Path) -> None:
+    (tmp_path / "in.csv").write_text(
+        "id,zip,flag,price,prompt\n007,01234,true,1.50,0042\n010,90210,false,2,1e3\n",
+        encoding="utf-8",
+    )
+
+    result = run_cli(tmp_path, "in.csv", "-o", "out.parquet", "--base-url", simulator.base_url)
+
+    assert result.returncode == 0, result.stderr
+    output = pq.read_table(tmp_path / "out.parquet")
+    for name in ("id", "zip", "flag", "price", "prompt"):
+        assert output.schema.field(name).type == pa.string(), name
+    assert output.column("id").to_pylist() == ["007", "010"]
+    assert output.column("zip").to_pylist() == ["01234", "90210"]
+    assert output.column("flag").to_pylist() == ["true", "false"]
+    assert output.column("price").to_pylist() == ["1.50", "2"]
+    assert sorted(sent_prompts(simulator)) == ["0042", "1e3"]
+
+
+def test_parquet_input_keeps_its_column_types_and_values(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    table = pa.table(
+        {
+            "n": pa.array([1, 2, 3], pa.int64()),
+            "score": pa.array([0.5, None, 2.25], pa.float64()),
+            "prompt": ["first", "second", "third"],
+            "flag": [True, False, None],
+        }
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+
+    result = run_cli(tmp_path, "in.parquet", "-o", "out.parquet", "--base-url", simulator.base_url)
+
+    assert result.returncode == 0, result.stderr
+    output = pq.read_table(tmp_path / "out.parquet")
+    assert output.select(table.column_names).equals(table)
+    assert output.column("status").to_pylist() == ["ok", "ok", "ok"]
+    assert sorted(sent_prompts(simulator)) == ["first", "second", "third"]
+
+
+def test_jsonl_input_is_read_line_by_line(simulator: SimulatorThread, tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text(
+        '{"id": 1, "prompt": "alpha", "meta": "x"}\n'
+        '{"id": 2, "prompt": "beta"}\n'  # a key missing from one line is null there
+        '{"id": 3, "prompt": "gamma", "meta": "z"}\n'
+        "\n",  # a trailing blank line is not a row
+        encoding="utf-8",
+    )
+
+    result = run_cli(tmp_path, "in.jsonl", "-o", "out.parquet", "--base-url", simulator.base_url)
+
+    assert result.returncode == 0, result.stderr
+    output = pq.read_table(tmp_path / "out.parquet")
+    assert output.column_names[:3] == ["id", "prompt", "meta"]
+    assert output.schema.field("id").type == pa.int64()
+    assert output.column("id").to_pylist() == [1, 2, 3]
+    assert output.column("meta").to_pylist() == ["x", None, "z"]
+    assert output.column("status").to_pylist() == ["ok", "ok", "ok"]
+    assert sorted(sent_prompts(simulator)) == ["alpha", "beta", "gamma"]
+
+
+def _csv(path: Path) -> None:
+    path.write_text("prompt,n\nfrom csv,1\n", encoding="utf-8")
+
+
+def _jsonl(path: Path) -> None:
+    write_jsonl(path, [{"prompt": "from jsonl", "n": 1}])
+
+
+def _parquet(path: Path) -> None:
+    pq.write_table(pa.table({"prompt": ["from parquet"], "n": [1]}), path)
+
+
+@pytest.mark.parametrize(
+    ("file_name", "writer", "input_format", "expected_prompt"),
+    [
+        pytest.param("export.csv", _jsonl, "jsonl", "from jsonl", id="jsonl-in-a-.csv-file"),
+        pytest.param("rows.txt", _csv, "csv", "from csv", id="csv-in-a-.txt-file"),
+        pytest.param("table.bin", _parquet, "parquet", "from parquet", id="parquet-in-a-.bin"),
+    ],
+)
+def test_input_format_option_overrides_the_extension(
+    file_name: str,
+    writer: Any,
+    input_format: str,
+    expected_prompt: str,
+    simulator: SimulatorThread,
+    tmp_path: Path,
+) -> None:
+    writer(tmp_path / file_name)
+
+    result = run_cli(
+        tmp_path,
+        file_name,
+        "-o",
+        "out.parquet",
+        "--input-format",
+        input_format,
+        "--base-url",
+        simulator.base_url,
+    )
+
+    assert result.returncode == 0, result.stderr
+    output = pd.read_parquet(tmp_path / "out.parquet")
+    assert output["prompt"].tolist() == [expected_prompt]
+    assert output["status"].tolist() == ["ok"]
+    assert sent_prompts(simulator) == [expected_prompt]
+
+
+# -- null and empty prompts --------------------------------------------------------------
+
+
+def _csv_with_gaps(path: Path) -> None:
+    # row 2 has an empty prompt cell, row 4 a quoted empty string
+    path.write_text('id,prompt\n1,hello\n2,\n3,world\n4,""\n', encoding="utf-8")
+
+
+def _jsonl_with_gaps(path: Path) -> None:
+    write_jsonl(
+        path,
+        [
+            {"id": 1, "prompt": "hello"},
+            {"id": 2, "prompt": None},
+            {"id": 3, "prompt": "world"},
+            {"id": 4, "prompt": ""},
+        ],
+    )
+
+
+def _parquet_with_gaps(path: Path) -> None:
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "prompt": ["hello", None, "world", ""]}), path)
+
+
+@pytest.mark.parametrize(
+    ("file_name", "writer"),
+    [
+        pytest.param("in.csv", _csv_with_gaps, id="csv"),
+        pytest.param("in.jsonl", _jsonl_with_gaps, id="jsonl"),
+        pytest.param("in.parquet", _parquet_with_gaps, id="parquet"),
+    ],
+)
+def test_null_or_empty_prompt_is_skipped_with_a_reason_and_not_sent(
+    file_name: str, writer: Any, simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    writer(tmp_path / file_name)
+
+    result = run_cli(tmp_path, file_name, "-o", "out.parquet", "--base-url", simulator.base_url)
+
+    assert result.returncode == 0, result.stderr  # skipped rows are not failures
+    output = pd.read_parquet(tmp_path / "out.parquet")
+    assert output["status"].tolist() == ["ok", "skipped", "ok", "skipped"]
+    for reason in output["error_message"][output["status"] == "skipped"]:
+        assert "prompt" in reason  # names the column that was null or empty
+    assert output["completion"][output["status"] == "skipped"].isna().all()
+    assert sorted(sent_prompts(simulator)) == ["hello", "world"]
+
+
+# -- exit codes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rows", "exit_code", "statuses"),
+    [
+        pytest.param(["fine", "", "also fine"], 0, ["ok", "skipped", "ok"], id="ok-and-skipped-0"),
+        pytest.param(
+            ["fine", "rejected [[sim:status=400]]", "also fine"],
+            1,
+            ["ok", "error", "ok"],
+            id="a-failed-row-1",
+        ),
+    ],
+)
+def test_exit_code_tells_how_the_run_ended(
+    rows: list[str],
+    exit_code: int,
+    statuses: list[str],
+    simulator: SimulatorThread,
+    tmp_path: Path,
+) -> None:
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": r} for r in rows])
+
+    result = run_cli(
+        tmp_path,
+        "in.jsonl",
+        "-o",
+        "out.parquet",
+        "--concurrency",
+        "1",
+        "--max-retries",
+        "0",
+        "--base-url",
+        simulator.base_url,
+    )
+
+    assert result.returncode == exit_code, result.stderr
+    output = pd.read_parquet(tmp_path / "out.parquet")
+    assert output["status"].tolist() == statuses
+
+
+def test_a_rejected_api_key_aborts_the_run_with_exit_code_3(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "bad key [[sim:status=401]]"}, {"prompt": "b"}])
+
+    result = run_cli(
+        tmp_path,
+        "in.jsonl",
+        "-o",
+        "out.parquet",
+        "--concurrency",
+        "1",
+        "--base-url",
+        simulator.base_url,
+    )
+
+    assert result.returncode == 3, result.stderr
+    assert len(simulator.simulator.requests) == 1  # nothing more is sent after the 401
+    output = pd.read_parquet(tmp_path / "out.parquet")
+    assert output["prompt"].tolist() == ["bad key [[sim:status=401]]", "b"]
+    assert "ok" not in output["status"].tolist()
+
+
+# -- entry points ----------------------------------------------------------------------------
+
+
+def test_pipeline_console_script_runs_like_python_m_pipeline(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    script = shutil.which("pipeline")
+    assert script is not None, "the `pipeline` command should be on PATH after installing"
+    (tmp_path / "in.csv").write_text("prompt\nhi there\n", encoding="utf-8")
+
+    result = run_cli(
+        tmp_path, "in.csv", "-o", "out.parquet", "--base-url", simulator.base_url, command=[script]
+    )
+
+    assert result.returncode == 0, result.stderr
+    output = pd.read_parquet(tmp_path / "out.parquet")
+    assert output["completion"].tolist() == [ANSWER + "hi there"]
+
+
+def test_python_api_returns_the_input_with_result_columns(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    frame = pd.DataFrame({"topic": ["tea", "coffee", "water"], "prompt": ["Tea?", "Coffee?", None]})
+
+    result = pipeline.run(
+        frame, output=tmp_path / "out.parquet", base_url=simulator.base_url, progress=False
+    )
+
+    assert list(result.columns) == ["topic", "prompt", *RESULT_COLUMNS]
+    assert result["topic"].tolist() == ["tea", "coffee", "water"]
+    assert result["status"].tolist() == ["ok", "ok", "skipped"]
+    assert result["completion"].tolist()[:2] == [ANSWER + "Tea?", ANSWER + "Coffee?"]
+    assert result.attrs["summary"]["exit_code"] == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out.parquet"), result)
