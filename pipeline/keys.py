@@ -9,10 +9,10 @@ Keys live in one ``uint64`` array (8 bytes a row) so that a million rows cost 8 
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -22,20 +22,60 @@ from .reader import InputSource
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
-def _hash_batch(batch: pa.RecordBatch) -> np.ndarray:
-    frame = pd.DataFrame({name: _as_object(batch.column(name)) for name in batch.schema.names})
-    return pd.util.hash_pandas_object(frame, index=False).to_numpy(dtype=np.uint64)
-
-
-def _as_object(column: pa.Array) -> np.ndarray:
+def _texts(column: pa.Array) -> list[str | None]:
     # Hash the text form so that the same value hashes the same in CSV, Parquet and JSONL.
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         try:
             column = pc.cast(column, pa.string())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            values = [None if v is None else json.dumps(v, default=str) for v in column.to_pylist()]
-            return np.array(values, dtype=object)
-    return column.to_numpy(zero_copy_only=False)
+            return [None if v is None else json.dumps(v, default=str) for v in column.to_pylist()]
+    values: list[str | None] = column.to_pylist()
+    return values
+
+
+def _hash_batch(batch: pa.RecordBatch) -> np.ndarray:
+    """64-bit BLAKE2b of each row's values (null and "" differ; column order matters)."""
+    blake = hashlib.blake2b
+    columns = [_texts(batch.column(i)) for i in range(batch.num_columns)]
+    out = np.empty(batch.num_rows, dtype=np.uint64)
+    if len(columns) == 1:
+        for i, value in enumerate(columns[0]):
+            data = b"\x00" if value is None else b"s" + value.encode("utf-8", "surrogatepass")
+            out[i] = int.from_bytes(blake(data, digest_size=8).digest(), "little")
+        return out
+    for i, values in enumerate(zip(*columns, strict=True)):
+        h = blake(digest_size=8)
+        for value in values:
+            if value is None:
+                h.update(b"\x00")
+            else:
+                encoded = value.encode("utf-8", "surrogatepass")
+                h.update(b"s%d:" % len(encoded))
+                h.update(encoded)
+        out[i] = int.from_bytes(h.digest(), "little")
+    return out
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: spreads (content ^ occurrence) over all 64 bits."""
+    z = values.astype(np.uint64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def occurrence_numbers(hashes: np.ndarray) -> np.ndarray:
+    """For each row, how many earlier rows have the same hash (0 for the first)."""
+    n = len(hashes)
+    order = np.argsort(hashes, kind="stable")
+    ordered = hashes[order]
+    positions = np.arange(n)
+    new_group = np.ones(n, dtype=bool)
+    new_group[1:] = ordered[1:] != ordered[:-1]
+    group_start = np.maximum.accumulate(np.where(new_group, positions, 0))
+    occurrence = np.empty(n, dtype=np.uint64)
+    occurrence[order] = (positions - group_start).astype(np.uint64)
+    return occurrence
 
 
 def compute_keys(
@@ -50,9 +90,7 @@ def compute_keys(
     if not hashes:
         return np.zeros(0, dtype=np.uint64)
     content = np.concatenate(hashes)
-    occurrence = pd.Series(content).groupby(content, sort=False).cumcount().to_numpy()
-    mixed = content ^ (occurrence.astype(np.uint64) * _MIX)
-    return pd.util.hash_array(mixed).astype(np.uint64)
+    return _mix(content ^ (occurrence_numbers(content) * _MIX))
 
 
 def _keys_from_ids(source: InputSource, id_column: str) -> np.ndarray:

@@ -144,17 +144,29 @@ class AdaptiveConcurrency:
         self.minimum = minimum
         self.limit = float(maximum)
         self.in_flight = 0
-        self._changed = asyncio.Condition()
+        self._waiters: list[asyncio.Future[None]] = []
 
     async def acquire(self) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.in_flight < int(self.limit))
-            self.in_flight += 1
+        # fast path without a lock: the common case is "under the limit"
+        while self.in_flight >= int(self.limit):
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self.in_flight += 1
 
     async def release(self) -> None:
-        async with self._changed:
-            self.in_flight -= 1
-            self._changed.notify_all()
+        self.in_flight -= 1
+        # wake as many waiters as there are free places
+        free = int(self.limit) - self.in_flight
+        while free > 0 and self._waiters:
+            waiter = self._waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
 
     def on_success(self) -> None:
         if self.limit < self.maximum:
@@ -217,6 +229,11 @@ class HeaderPacer:
             self.meter.clamp(bucket.remaining - in_flight)
         elif bucket.remaining <= in_flight and bucket.reset > 0:
             self.blocked_until = max(self.blocked_until, self.clock() + bucket.reset)
+
+    @property
+    def active(self) -> bool:
+        """True once the server's headers gave anything to pace by."""
+        return self.meter is not None or self.blocked_until > 0
 
     async def acquire(self, amount: float) -> None:
         left = self.blocked_until - self.clock()
@@ -296,16 +313,20 @@ class Limits:
         Returns (token cost estimate, start time) to hand back to ``finish``.
         """
         cost = self.estimator.cost(chars)
-        await self.gate.wait()
+        if self.gate.until > self.clock():
+            await self.gate.wait()
         await self.concurrency.acquire()
         try:
             if self.requests is not None:
                 await self.requests.acquire(1)
             if self.tokens is not None:
                 await self.tokens.acquire(cost)
-            await self.header_requests.acquire(1)
-            await self.header_tokens.acquire(cost)
-            await self.gate.wait()
+            if self.header_requests.active:
+                await self.header_requests.acquire(1)
+            if self.header_tokens.active:
+                await self.header_tokens.acquire(cost)
+            if self.gate.until > self.clock():
+                await self.gate.wait()
         except BaseException:
             await self.concurrency.release()
             raise

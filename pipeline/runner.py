@@ -21,7 +21,7 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -569,6 +569,16 @@ def _summarize(
     return summary
 
 
+def _run_in_new_loop(main: Coroutine[Any, Any, RunSummary]) -> RunSummary:
+    """Run on uvloop when it is installed (less CPU per request), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
 def run_batch(
     data: Any, output: str | Path, config: RunConfig, seams: Seams | None = None
 ) -> RunSummary:
@@ -576,13 +586,13 @@ def run_batch(
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(run_async(data, output, config, seams))
+        return _run_in_new_loop(run_async(data, output, config, seams))
     # A loop is running in this thread (Jupyter): run ours in a worker thread.
     box: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            box["summary"] = asyncio.run(run_async(data, output, config, seams))
+            box["summary"] = _run_in_new_loop(run_async(data, output, config, seams))
         except BaseException as exc:  # re-raised in the caller's thread
             box["error"] = exc
 

@@ -20,6 +20,9 @@ import aiohttp
 import httpx
 from yarl import URL
 
+# aiohttp derives these from the URL and the body itself
+_SET_BY_AIOHTTP = {b"host", b"content-length"}
+
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """HTTP/1.1 keep-alive pool of at most ``max_connections``; bodies read whole."""
@@ -29,6 +32,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self.keepalive_expiry = keepalive_expiry
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
+        self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
 
     def _get_session(self) -> aiohttp.ClientSession:
         # created lazily: a ClientSession belongs to the running event loop
@@ -52,22 +56,32 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return cached
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        status, raw_headers, content = await self.fetch(request)
+        return httpx.Response(status, headers=raw_headers, content=content, request=request)
+
+    async def fetch(self, request: httpx.Request) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Send ``request``; return (status, raw headers, body).
+
+        The client's hot path: it skips building an ``httpx.Response`` (about half of
+        httpx's CPU cost per request). ``timeout["total"]`` bounds the whole attempt.
+        """
         timeouts: dict[str, Any] = request.extensions.get("timeout", {})
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=timeouts.get("pool"),
-            sock_connect=timeouts.get("connect"),
-            sock_read=timeouts.get("read"),
-        )
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers.raw}
-        headers.pop("host", None)
-        headers.pop("Host", None)
+        total = timeouts.get("total", timeouts.get("read"))
+        timeout = self._timeouts.get(total)
+        if timeout is None:
+            # one timer per request (total) instead of four: timers cost CPU per request
+            timeout = self._timeouts[total] = aiohttp.ClientTimeout(total=total)
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in request.headers.raw
+            if k.lower() not in _SET_BY_AIOHTTP
+        }
         try:
             async with self._get_session().request(
                 request.method,
                 self._url(request.url),
                 headers=headers,
-                data=request.content or None,
+                data=request.read() or None,
                 allow_redirects=False,
                 timeout=timeout,
             ) as response:
@@ -81,7 +95,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         except (aiohttp.ClientError, OSError) as exc:
             text = str(exc) or type(exc).__name__
             raise httpx.ReadError(f"{type(exc).__name__}: {text}", request=request) from exc
-        return httpx.Response(status, headers=list(raw_headers), content=content, request=request)
+        return status, list(raw_headers), content
 
     async def aclose(self) -> None:
         if self._session is not None:
