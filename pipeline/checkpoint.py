@@ -193,8 +193,13 @@ class Checkpoint:
 
     def output_is_ours(self) -> bool:
         """True when OUTPUT is the file the last run of this checkpoint wrote."""
-        recorded = self.read_manifest().get("output_signature")
-        return recorded is not None and recorded == file_signature(self.output)
+        manifest = self.read_manifest()
+        current = file_signature(self.output)
+        if current is None:
+            return False
+        # "output_signatures" covers a crash between replacing OUTPUT and recording it
+        known = [manifest.get("output_signature"), *manifest.get("output_signatures", [])]
+        return current in known
 
     # -- lock -----------------------------------------------------------------------------
 
@@ -306,6 +311,22 @@ class Checkpoint:
 
     def read_part(self, number: int) -> pa.Table:
         return pq.read_table(self.parts_dir / f"part-{number:06d}.parquet", schema=PART_SCHEMA)
+
+    def write_keys(self, keys: np.ndarray) -> None:
+        """Record the current input's row keys, for ``pipeline status``."""
+        path = self.dir / "keys.npy"
+        tmp = path.with_name(f".keys.{os.getpid()}.tmp")
+        with tmp.open("wb") as fh:
+            np.save(fh, keys.astype(np.uint64), allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def read_keys(self) -> np.ndarray | None:
+        try:
+            return np.load(self.dir / "keys.npy", allow_pickle=False)
+        except (OSError, ValueError):
+            return None
 
     def load_index(self) -> ResultIndex:
         """The latest result per key over all parts."""

@@ -132,6 +132,11 @@ def main() -> None:
     type=float,
     help="Seconds requests in flight get to finish after SIGINT/SIGTERM. [default: 10]",
 )
+@click.option(
+    "--max-runtime",
+    metavar="DURATION",
+    help="Stop cleanly after this long (90s, 45m, 2h), like SIGTERM: exit 3, rerun resumes.",
+)
 @click.option("--limit", type=int, help="Only the first N rows (a smoke test).")
 @click.option(
     "--no-progress",
@@ -161,6 +166,12 @@ def main() -> None:
     "--summary-json",
     type=click.Path(dir_okay=False),
     help="Also write the end-of-run summary to this JSON file.",
+)
+@click.option(
+    "--log-interval",
+    type=float,
+    metavar="SECONDS",
+    help="Seconds between progress log lines when there is no bar. [default: 10]",
 )
 @click.option(
     "--log-format",
@@ -234,8 +245,15 @@ def status(output: Path, as_json: bool) -> None:
         _fail(f"no checkpoint for {output} (looked for {checkpoint_dir(output)}).", EXIT_USAGE)
     manifest = checkpoint.read_manifest()
     index = checkpoint.load_index()
-    counts = index.counts()
-    total = int(manifest.get("rows_total", len(index.keys)))
+    keys = checkpoint.read_keys()
+    # count the rows of the current input only (results of rows that left it are kept
+    # in the checkpoint but are not in OUTPUT)
+    among = None
+    if keys is not None:
+        pos = index.lookup(keys)
+        among = pos[pos >= 0]
+    counts = index.counts(among)
+    total = len(keys) if keys is not None else int(manifest.get("rows_total", len(index.keys)))
     done = sum(counts.values())
     holder = Checkpoint.lock_holder(output)
     info = {
@@ -243,8 +261,12 @@ def status(output: Path, as_json: bool) -> None:
         "rows_total": total,
         **counts,
         "pending": max(total - done, 0),
-        "prompt_tokens": int(index.prompt_tokens.sum()),
-        "completion_tokens": int(index.completion_tokens.sum()),
+        "prompt_tokens": int(
+            (index.prompt_tokens if among is None else index.prompt_tokens[among]).sum()
+        ),
+        "completion_tokens": int(
+            (index.completion_tokens if among is None else index.completion_tokens[among]).sum()
+        ),
         "fingerprint": manifest.get("fingerprint"),
         "model": manifest.get("fingerprint_parts", {}).get("model"),
         "running": holder is not None,

@@ -78,6 +78,7 @@ class RunConfig:
     max_retry_wait: float = 120.0
     http_backend: str = "aiohttp"
     grace: float = 10.0
+    max_runtime: float | None = None  # seconds; TOML/CLI accept "90s", "45m", "2h"
     # checkpoints and progress
     checkpoint_seconds: float = 2.0
     checkpoint_rows: int = 2000
@@ -139,6 +140,28 @@ class RunConfig:
         """True when the base URL points at this machine (no API key needed)."""
         host = urlsplit(self.base_url).hostname or ""
         return host in LOCAL_HOSTS
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(text: str) -> float | None:
+    """Go-style durations of ``x-ratelimit-reset-*``: ``1s``, ``6m0s``, ``12ms``, ``0.5``."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return max(0.0, float(text))  # a bare number means seconds
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for match in _DURATION.finditer(text):
+        if match.start() != pos:
+            return None
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    return total if pos == len(text) and pos > 0 else None
 
 
 def fingerprint_of(parts: dict[str, Any]) -> str:
@@ -295,6 +318,17 @@ def _check_type(key: str, value: Any, where: str) -> Any:
             value = tuple(value)
         else:
             raise bad("a string or a list of strings")
+    elif key == "max_runtime":
+        seconds = (
+            float(value)
+            if isinstance(value, int | float) and not isinstance(value, bool)
+            else parse_duration(value)
+            if isinstance(value, str)
+            else None
+        )
+        if seconds is None or seconds <= 0:
+            raise bad("a duration like 90s, 45m or 2h")
+        value = seconds
     elif key == "params" and not isinstance(value, dict):
         raise bad("a table of body fields")
     return value

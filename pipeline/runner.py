@@ -172,7 +172,15 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
 class _Run:
     """The sending phase of one run: workers, the part flusher, stop handling."""
 
-    def __init__(self, plan: _Plan, config: RunConfig, seams: Seams, reporter: Reporter) -> None:
+    def __init__(
+        self,
+        plan: _Plan,
+        config: RunConfig,
+        seams: Seams,
+        reporter: Reporter,
+        started: float | None = None,
+    ) -> None:
+        self.started = time.monotonic() if started is None else started
         self.plan = plan
         self.config = config
         self.seams = seams
@@ -180,6 +188,7 @@ class _Run:
         self.buffer: list[RowResult] = []
         self.flush_lock = asyncio.Lock()
         self.stopping = asyncio.Event()
+        self.stopping_now = asyncio.Event()
         self.abort_reason: str | None = None
         self.hard_stop = False
         self.sent = 0
@@ -234,11 +243,14 @@ class _Run:
             self.abort_reason = reason
         self.hard_stop = self.hard_stop or hard
         self.stopping.set()
+        if hard:
+            self.stopping_now.set()
 
     async def produce(self, queue: asyncio.Queue[PromptRow | None], workers: int) -> None:
         plan = self.plan
         batches = iter(plan.source.iter_batches(columns=plan.builder.columns))
         offset = 0
+        finished = False
         try:
             while not self.stopping.is_set():
                 batch = await asyncio.to_thread(next, batches, None)
@@ -259,9 +271,13 @@ class _Run:
                         if self.stopping.is_set():
                             break
                 offset += n
+            finished = True
         finally:
-            for _ in range(workers):
-                await queue.put(None)
+            # Sentinels only when the producer was not cancelled: after a cancel nobody
+            # reads the queue, and a put on a full queue would never return.
+            if finished or not self.stopping.is_set():
+                for _ in range(workers):
+                    await queue.put(None)
 
     def _unsent_result(self, row: PromptRow) -> RowResult:
         if row.skip_reason is not None:
@@ -378,23 +394,33 @@ class _Run:
         workers = [asyncio.create_task(self.work(queue, client)) for _ in range(config.concurrency)]
         producer = asyncio.create_task(self.produce(queue, len(workers)))
         remover = self._install_signals()
+        deadline = asyncio.create_task(self._deadline()) if config.max_runtime else None
         try:
             gather = asyncio.gather(*workers)
             stop_wait: asyncio.Future[Any] = asyncio.ensure_future(self.stopping.wait())
             waiting: list[asyncio.Future[Any]] = [gather, stop_wait]
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if self.stopping.is_set() and not gather.done():
-                # let requests in flight finish within the grace period, unless hard stop
-                grace = 0.0 if self.hard_stop else config.grace
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(gather), timeout=grace)
+                # requests in flight get the grace period, unless a hard stop comes first
+                if not self.hard_stop:
+                    now_wait: asyncio.Future[Any] = asyncio.ensure_future(self.stopping_now.wait())
+                    await asyncio.wait(
+                        [gather, now_wait],
+                        timeout=config.grace,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    now_wait.cancel()
                 for task in workers:
                     task.cancel()
             stop_wait.cancel()
             producer.cancel()
             await asyncio.gather(gather, producer, stop_wait, return_exceptions=True)
+            if not producer.cancelled() and producer.exception() is not None:
+                raise producer.exception()  # type: ignore[misc]
         finally:
             remover()
+            if deadline is not None:
+                deadline.cancel()
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
@@ -402,6 +428,16 @@ class _Run:
             if self.seams.transport is None:
                 with contextlib.suppress(Exception):
                     await client.aclose()
+
+    async def _deadline(self) -> None:
+        assert self.config.max_runtime is not None
+        left = self.config.max_runtime - (time.monotonic() - self.started)
+        await asyncio.sleep(max(left, 0.0))
+        self.reporter.note(
+            f"--max-runtime {self.config.max_runtime:g}s reached: stopping; requests in "
+            f"flight get {self.config.grace:g}s"
+        )
+        self.stop(f"deadline: --max-runtime {self.config.max_runtime:g}s reached")
 
     def _install_signals(self) -> Callable[[], None]:
         if (
@@ -491,6 +527,7 @@ async def run_async(
             running=True,
         )
         checkpoint.write_manifest(manifest)
+        checkpoint.write_keys(plan.keys)
         todo = int(plan.todo.sum())
         reporter.run_started(
             output=str(output),
@@ -500,7 +537,7 @@ async def run_async(
             todo=todo,
             resumed=plan.resumed,
         )
-        run = _Run(plan, config, seams, reporter)
+        run = _Run(plan, config, seams, reporter, started)
         if todo:
             await run.execute()
         index = checkpoint.load_index()
@@ -510,10 +547,17 @@ async def run_async(
         )
         if not (run.hard_stop and run.abort_reason and run.abort_reason.startswith("interrupted")):
             if not unchanged:
+
+                def record_next(signature: dict[str, int] | None) -> None:
+                    manifest["output_signatures"] = [signature]
+                    checkpoint.write_manifest(manifest)
+
                 await asyncio.to_thread(
-                    write_output, plan.source, plan.keys, index, checkpoint, output
+                    write_output, plan.source, plan.keys, index, checkpoint, output, record_next
                 )
-            manifest.update(output_signature=file_signature(output), output_state=state)
+            manifest.update(
+                output_signature=file_signature(output), output_state=state, output_signatures=[]
+            )
         manifest["running"] = False
         checkpoint.write_manifest(manifest)
         summary = _summarize(plan, index, run, output, fingerprint, started)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .checkpoint import RESULT_SCHEMA, Checkpoint, ResultIndex, _fsync_dir
+from .checkpoint import RESULT_SCHEMA, Checkpoint, ResultIndex, _fsync_dir, file_signature
 from .reader import InputSource
 
 PART_CACHE = 8
@@ -88,8 +89,13 @@ def write_output(
     index: ResultIndex,
     checkpoint: Checkpoint,
     output: Path,
+    before_replace: Callable[[dict[str, int] | None], None] | None = None,
 ) -> None:
-    """Write OUTPUT atomically: input columns in input order + result columns."""
+    """Write OUTPUT atomically: input columns in input order + result columns.
+
+    ``before_replace`` gets the new file's signature just before it replaces OUTPUT (the
+    rename keeps size and mtime), so that the caller can record it first.
+    """
     schema = output_schema(source.schema())
     parts = _PartCache(checkpoint)
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
@@ -111,6 +117,8 @@ def write_output(
                 writer.write_table(out.cast(schema))
         with tmp.open("rb+") as fh:
             os.fsync(fh.fileno())
+        if before_replace is not None:
+            before_replace(file_signature(tmp))
         os.replace(tmp, output)
         _fsync_dir(output.parent)
     finally:
