@@ -25,8 +25,8 @@ Exit codes:
   0  every row ok or skipped
   1  finished, but some rows failed (status = error)
   2  usage, config or input error, or OUTPUT locked by another run: nothing was sent
-  3  aborted (401 bad key, 403 no credits, insufficient_quota, or a signal);
-     completed rows are kept and the same command resumes
+  3  aborted (401 bad key, 403 no credits, insufficient_quota, a signal, or
+     --max-runtime); completed rows are kept and the same command resumes
 """
 
 

@@ -193,7 +193,7 @@ def format_summary(s: RunSummary) -> str:
     lines = [
         f"rows: {s.rows_total} total | {s.ok} ok | {s.error} error | {s.skipped} skipped"
         + (f" | {s.pending} pending" if s.pending else ""),
-        f"this run: {s.sent} sent, {s.resumed} resumed from the checkpoint"
+        f"this run: {s.sent} sent ({s.retries} retries), {s.resumed} resumed from the checkpoint"
         + (f", {s.removed} left the input" if s.removed else ""),
         f"tokens this run: {s.prompt_tokens} in, {s.completion_tokens} out",
         f"wall time: {s.wall_seconds:.1f}s",

@@ -84,6 +84,7 @@ class RunSummary:
     resumed: int = 0
     sent: int = 0
     removed: int = 0
+    retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
@@ -106,6 +107,7 @@ class RunSummary:
             "resumed": self.resumed,
             "sent": self.sent,
             "removed": self.removed,
+            "retries": self.retries,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,

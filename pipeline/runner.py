@@ -595,6 +595,7 @@ def _summarize(
         resumed=plan.resumed,
         sent=run.sent,
         removed=plan.removed,
+        retries=rep.retries,
         prompt_tokens=rep.prompt_tokens,
         completion_tokens=rep.completion_tokens,
         total_tokens=rep.prompt_tokens + rep.completion_tokens,
