@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import FingerprintMismatch, LockHeld, OutputError
-from .records import STATUS_CODES, RowResult
+from .records import STATUS_CODES, RowResult, Usage
 
 FORMAT_VERSION = 1
 
@@ -52,6 +52,8 @@ RESULT_SCHEMA = pa.schema(
         ("http_status", pa.int64()),
         ("attempts", pa.int64()),
         ("latency_ms", pa.float64()),
+        ("cost_usd", pa.float64()),
+        ("cost_source", pa.string()),
     ]
 )
 PART_SCHEMA = pa.schema([("key", pa.uint64()), *RESULT_SCHEMA])
@@ -79,10 +81,38 @@ def results_to_table(results: Sequence[RowResult]) -> pa.Table:
             r.http_status,
             r.attempts,
             r.latency_ms,
+            r.cost_usd,
+            r.cost_source,
         )
         for name, value in zip(PART_SCHEMA.names, values, strict=True):
             cols[name].append(value)
     return pa.table(cols, schema=PART_SCHEMA)
+
+
+def row_result(record: dict[str, Any]) -> RowResult:
+    """A part row (as a dict) back into a RowResult."""
+    return RowResult(
+        key=record["key"],
+        status=record["status"],
+        completion=record["completion"],
+        finish_reason=record["finish_reason"],
+        usage=Usage(
+            prompt_tokens=record["prompt_tokens"],
+            completion_tokens=record["completion_tokens"],
+            total_tokens=record["total_tokens"],
+            cached_tokens=record["cached_tokens"],
+            reasoning_tokens=record["reasoning_tokens"],
+        ),
+        response_model=record["response_model"],
+        response_id=record["response_id"],
+        error_type=record["error_type"],
+        error_message=record["error_message"],
+        http_status=record["http_status"],
+        attempts=record["attempts"] or 0,
+        latency_ms=record["latency_ms"],
+        cost_usd=record["cost_usd"],
+        cost_source=record["cost_source"],
+    )
 
 
 def checkpoint_dir(output: Path) -> Path:
@@ -137,11 +167,20 @@ class ResultIndex:
     status: np.ndarray
     prompt_tokens: np.ndarray
     completion_tokens: np.ndarray
+    cost_usd: np.ndarray
 
     @classmethod
     def empty(cls) -> ResultIndex:
         z = np.zeros(0, dtype=np.int64)
-        return cls(np.zeros(0, dtype=np.uint64), z, z, np.zeros(0, dtype=np.int8), z, z)
+        return cls(
+            np.zeros(0, dtype=np.uint64),
+            z,
+            z,
+            np.zeros(0, dtype=np.int8),
+            z,
+            z,
+            np.zeros(0, dtype=np.float64),
+        )
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Position in this index of each key, or -1 when it has no result."""
@@ -328,14 +367,23 @@ class Checkpoint:
         except (OSError, ValueError):
             return None
 
+    def results_at(self, index: ResultIndex, positions: np.ndarray) -> list[RowResult]:
+        """The stored results at ``positions`` of ``index`` (a rare path: reads whole parts)."""
+        out: list[RowResult] = []
+        for number in np.unique(index.part[positions]):
+            part = self.read_part(int(number))
+            for pos in positions[index.part[positions] == number]:
+                out.append(row_result(part.slice(int(index.row[pos]), 1).to_pylist()[0]))
+        return out
+
     def load_index(self) -> ResultIndex:
         """The latest result per key over all parts."""
-        keys, parts, rows, status, ptok, ctok = [], [], [], [], [], []
+        keys, parts, rows, status, ptok, ctok, cost = [], [], [], [], [], [], []
         codes = pa.array(list(STATUS_CODES))
         for path in self._part_paths():
             number = int(path.stem.split("-")[1])
             table = pq.read_table(
-                path, columns=["key", "status", "prompt_tokens", "completion_tokens"]
+                path, columns=["key", "status", "prompt_tokens", "completion_tokens", "cost_usd"]
             )
             n = table.num_rows
             keys.append(table.column("key").to_numpy())
@@ -345,6 +393,7 @@ class Checkpoint:
             status.append(idx.to_numpy(zero_copy_only=False).astype(np.int8))
             ptok.append(table.column("prompt_tokens").fill_null(0).to_numpy())
             ctok.append(table.column("completion_tokens").fill_null(0).to_numpy())
+            cost.append(table.column("cost_usd").fill_null(0.0).to_numpy())
         if not keys:
             return ResultIndex.empty()
         all_keys = np.concatenate(keys)
@@ -363,4 +412,5 @@ class Checkpoint:
             status=np.concatenate(status)[pick],
             prompt_tokens=np.concatenate(ptok)[pick],
             completion_tokens=np.concatenate(ctok)[pick],
+            cost_usd=np.concatenate(cost)[pick],
         )

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
 from .checkpoint import Checkpoint, checkpoint_dir
-from .config import build_config, load_config_file, parse_param
+from .config import RunConfig, build_config, load_config_file, parse_param
 from .errors import ConfigError, LockHeld, PipelineError, RunAborted, UsageError
 from .progress import Reporter
 from .records import RunSummary
-from .runner import EXIT_ABORTED, EXIT_USAGE, Seams, run_batch
+from .runner import EXIT_ABORTED, EXIT_USAGE, Seams, estimate_job, run_batch
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -27,6 +28,8 @@ Exit codes:
   2  usage, config or input error, or OUTPUT locked by another run: nothing was sent
   3  aborted (401 bad key, 403 no credits, insufficient_quota, a signal, or
      --max-runtime); completed rows are kept and the same command resumes
+  4  budget reached (--max-cost / --max-total-tokens); a rerun with a larger
+     budget continues
 """
 
 
@@ -45,6 +48,187 @@ def main() -> None:
     """
 
 
+def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options shared by ``run`` and ``estimate`` (everything but -o and --dry-run)."""
+    for option in reversed(_JOB_OPTIONS):
+        command = option(command)
+    return command
+
+
+_JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
+    click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        help="TOML file; any option below can be set there. Options beat the file.",
+    ),
+    click.option("--base-url", help="API base URL. [default: https://api.aimlapi.com/v1]"),
+    click.option("--model", help="Model name. [default: gpt-3.5-turbo]"),
+    click.option(
+        "--api-key-env",
+        metavar="NAME",
+        help="Variable holding the API key. [default: AIMLAPI_API_KEY, then "
+        "OPENAI_API_KEY; none needed for localhost]",
+    ),
+    click.option("--api-key-file", metavar="FILE", help="Read the API key from this file instead."),
+    click.option(
+        "--prompt-column",
+        metavar="COL",
+        help="Column holding the prompt text. "
+        "[default: prompt, when no other prompt source is given]",
+    ),
+    click.option(
+        "--template",
+        metavar="TEXT|@FILE",
+        help="Prompt template with {column} placeholders ({{ }} for literal braces).",
+    ),
+    click.option(
+        "--messages-column",
+        metavar="COL",
+        help="Column holding a JSON list of {role, content} messages.",
+    ),
+    click.option("--system", metavar="TEXT|@FILE", help="System prompt sent before each prompt."),
+    click.option("--temperature", type=float),
+    click.option("--max-tokens", type=int),
+    click.option("--top-p", type=float),
+    click.option("--seed", type=int),
+    click.option("--stop", multiple=True, help="Stop sequence (repeatable)."),
+    click.option(
+        "--response-format",
+        metavar="json_object|@schema.json",
+        help="json_object, or a JSON Schema file sent as json_schema.",
+    ),
+    click.option(
+        "--param",
+        "params",
+        multiple=True,
+        metavar="KEY=JSON",
+        help="Any other body field, e.g. --param presence_penalty=0.5 (repeatable).",
+    ),
+    click.option(
+        "--id-column",
+        metavar="COL",
+        help="Column with a unique row id (else keys derive from row content).",
+    ),
+    click.option(
+        "--input-format",
+        type=click.Choice(["csv", "parquet", "jsonl"]),
+        help="Override the format given by the extension.",
+    ),
+    click.option("--concurrency", type=int, help="Max requests in flight. [default: 32]"),
+    click.option("--rpm", type=float, help="Requests per minute to stay under (paced evenly)."),
+    click.option(
+        "--tpm",
+        type=float,
+        help="Tokens per minute to stay under (prompt estimate + max_tokens or the "
+        "mean completion, corrected with actual usage).",
+    ),
+    click.option(
+        "--adaptive/--no-adaptive",
+        default=None,
+        help="Halve requests in flight on a 429 and grow back slowly. [default: on]",
+    ),
+    click.option("--timeout", type=float, help="Seconds per attempt. [default: 60]"),
+    click.option(
+        "--max-retries", type=int, help="Retries per row after the first try. [default: 5]"
+    ),
+    click.option(
+        "--grace",
+        type=float,
+        help="Seconds requests in flight get to finish after SIGINT/SIGTERM. [default: 10]",
+    ),
+    click.option(
+        "--max-runtime",
+        metavar="DURATION",
+        help="Stop cleanly after this long (90s, 45m, 2h), like SIGTERM: exit 3, rerun resumes.",
+    ),
+    click.option("--limit", type=int, help="Only the first N rows (a smoke test)."),
+    click.option(
+        "--max-cost",
+        type=float,
+        metavar="USD",
+        help="Stop before the next request could push OUTPUT's spend past this (exit 4).",
+    ),
+    click.option(
+        "--max-total-tokens",
+        type=int,
+        metavar="N",
+        help="Stop before the next request could push OUTPUT's tokens past this (exit 4).",
+    ),
+    click.option(
+        "--prices",
+        metavar="FILE",
+        help="Extra or overriding price table (TOML, like configs/prices.toml).",
+    ),
+    click.option(
+        "--dedup/--no-dedup",
+        default=None,
+        help="Send rows with identical prompts once and copy the result. [default: on]",
+    ),
+    click.option(
+        "--cache",
+        metavar="DIR",
+        help="Response cache shared across runs and outputs (keyed by URL + body).",
+    ),
+    click.option(
+        "--no-progress",
+        is_flag=True,
+        default=None,
+        help="No progress bar; a log line every 10 s instead.",
+    ),
+    click.option(
+        "--overwrite",
+        is_flag=True,
+        default=None,
+        help="Replace an OUTPUT that this tool's checkpoint did not write.",
+    ),
+    click.option(
+        "--restart",
+        is_flag=True,
+        default=None,
+        help="Start over: move the old checkpoint aside and send every row.",
+    ),
+    click.option(
+        "--retry-failed",
+        is_flag=True,
+        default=None,
+        help="Send again the rows whose status is error; keep the rest.",
+    ),
+    click.option(
+        "--summary-json",
+        type=click.Path(dir_okay=False),
+        help="Also write the end-of-run summary to this JSON file.",
+    ),
+    click.option(
+        "--log-interval",
+        type=float,
+        metavar="SECONDS",
+        help="Seconds between progress log lines when there is no bar. [default: 10]",
+    ),
+    click.option(
+        "--log-format",
+        type=click.Choice(["text", "json"]),
+        help="json: one JSON object per log line on stderr. [default: text]",
+    ),
+    click.option("--quiet", is_flag=True, default=None, help="Print only errors and the summary."),
+]
+
+
+def _config_from_options(
+    config_path: str | None,
+    params: tuple[str, ...],
+    stop: tuple[str, ...],
+    no_progress: bool | None,
+    options: dict[str, Any],
+) -> RunConfig:
+    file_values = load_config_file(config_path) if config_path else None
+    options["stop"] = stop
+    options["progress"] = False if no_progress else None
+    if params:
+        options["params"] = dict(parse_param(p) for p in params)
+    return build_config(file_values, options, config_path=config_path)
+
+
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -55,130 +239,12 @@ def main() -> None:
     help="Parquet file to write; its checkpoint is OUTPUT.checkpoint/ beside it.",
 )
 @click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    help="TOML file; any option below can be set there. Options beat the file.",
-)
-@click.option("--base-url", help="API base URL. [default: https://api.aimlapi.com/v1]")
-@click.option("--model", help="Model name. [default: gpt-3.5-turbo]")
-@click.option(
-    "--api-key-env",
-    metavar="NAME",
-    help="Variable holding the API key. [default: AIMLAPI_API_KEY, then "
-    "OPENAI_API_KEY; none needed for localhost]",
-)
-@click.option("--api-key-file", metavar="FILE", help="Read the API key from this file instead.")
-@click.option(
-    "--prompt-column",
-    metavar="COL",
-    help="Column holding the prompt text. [default: prompt, when no other prompt source is given]",
-)
-@click.option(
-    "--template",
-    metavar="TEXT|@FILE",
-    help="Prompt template with {column} placeholders ({{ }} for literal braces).",
-)
-@click.option(
-    "--messages-column",
-    metavar="COL",
-    help="Column holding a JSON list of {role, content} messages.",
-)
-@click.option("--system", metavar="TEXT|@FILE", help="System prompt sent before each prompt.")
-@click.option("--temperature", type=float)
-@click.option("--max-tokens", type=int)
-@click.option("--top-p", type=float)
-@click.option("--seed", type=int)
-@click.option("--stop", multiple=True, help="Stop sequence (repeatable).")
-@click.option(
-    "--response-format",
-    metavar="json_object|@schema.json",
-    help="json_object, or a JSON Schema file sent as json_schema.",
-)
-@click.option(
-    "--param",
-    "params",
-    multiple=True,
-    metavar="KEY=JSON",
-    help="Any other body field, e.g. --param presence_penalty=0.5 (repeatable).",
-)
-@click.option(
-    "--id-column",
-    metavar="COL",
-    help="Column with a unique row id (else keys derive from row content).",
-)
-@click.option(
-    "--input-format",
-    type=click.Choice(["csv", "parquet", "jsonl"]),
-    help="Override the format given by the extension.",
-)
-@click.option("--concurrency", type=int, help="Max requests in flight. [default: 32]")
-@click.option("--rpm", type=float, help="Requests per minute to stay under (paced evenly).")
-@click.option(
-    "--tpm",
-    type=float,
-    help="Tokens per minute to stay under (prompt estimate + max_tokens or the "
-    "mean completion, corrected with actual usage).",
-)
-@click.option(
-    "--adaptive/--no-adaptive",
-    default=None,
-    help="Halve requests in flight on a 429 and grow back slowly. [default: on]",
-)
-@click.option("--timeout", type=float, help="Seconds per attempt. [default: 60]")
-@click.option("--max-retries", type=int, help="Retries per row after the first try. [default: 5]")
-@click.option(
-    "--grace",
-    type=float,
-    help="Seconds requests in flight get to finish after SIGINT/SIGTERM. [default: 10]",
-)
-@click.option(
-    "--max-runtime",
-    metavar="DURATION",
-    help="Stop cleanly after this long (90s, 45m, 2h), like SIGTERM: exit 3, rerun resumes.",
-)
-@click.option("--limit", type=int, help="Only the first N rows (a smoke test).")
-@click.option(
-    "--no-progress",
+    "--dry-run",
     is_flag=True,
     default=None,
-    help="No progress bar; a log line every 10 s instead.",
+    help="Only estimate (as `pipeline estimate`): send nothing.",
 )
-@click.option(
-    "--overwrite",
-    is_flag=True,
-    default=None,
-    help="Replace an OUTPUT that this tool's checkpoint did not write.",
-)
-@click.option(
-    "--restart",
-    is_flag=True,
-    default=None,
-    help="Start over: move the old checkpoint aside and send every row.",
-)
-@click.option(
-    "--retry-failed",
-    is_flag=True,
-    default=None,
-    help="Send again the rows whose status is error; keep the rest.",
-)
-@click.option(
-    "--summary-json",
-    type=click.Path(dir_okay=False),
-    help="Also write the end-of-run summary to this JSON file.",
-)
-@click.option(
-    "--log-interval",
-    type=float,
-    metavar="SECONDS",
-    help="Seconds between progress log lines when there is no bar. [default: 10]",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["text", "json"]),
-    help="json: one JSON object per log line on stderr. [default: text]",
-)
-@click.option("--quiet", is_flag=True, default=None, help="Print only errors and the summary.")
+@job_options
 def run(
     input_path: Path,
     output: Path,
@@ -193,14 +259,12 @@ def run(
     Rerunning the same command resumes: only rows without a result are sent.
     """
     try:
-        file_values = load_config_file(config_path) if config_path else None
-        options["stop"] = stop
-        options["progress"] = False if no_progress else None
-        if params:
-            options["params"] = dict(parse_param(p) for p in params)
-        config = build_config(file_values, options, config_path=config_path)
+        config = _config_from_options(config_path, params, stop, no_progress, options)
     except ConfigError as exc:
         _fail(str(exc), EXIT_USAGE)
+        return
+    if config.dry_run:
+        _estimate(input_path, output, config)
         return
     reporter = Reporter(
         progress=config.progress,
@@ -218,12 +282,59 @@ def run(
         summary = getattr(exc, "summary", None)
         _write_summary(config.summary_json, summary)
         reporter.error(str(exc))
-        sys.exit(EXIT_ABORTED)
+        sys.exit(summary.exit_code if summary is not None else EXIT_ABORTED)
     except PipelineError as exc:  # pragma: no cover - every subclass is handled above
         reporter.error(str(exc))
         sys.exit(EXIT_USAGE)
     _write_summary(config.summary_json, summary)
     sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Leave out the rows this OUTPUT's checkpoint already has.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+@job_options
+def estimate(
+    input_path: Path,
+    output: Path | None,
+    as_json: bool,
+    config_path: str | None,
+    params: tuple[str, ...],
+    stop: tuple[str, ...],
+    no_progress: bool | None,
+    **options: Any,
+) -> None:
+    """Rows, tokens and cost that `run` with the same options would send. Sends nothing.
+
+    Completion tokens and cost are a range: 0 to --max-tokens per request, with a typical
+    figure. Duplicates and cached responses are counted apart. Exit 2 on bad input.
+    """
+    try:
+        config = _config_from_options(config_path, params, stop, no_progress, options)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+        return
+    _estimate(input_path, output, config, as_json=as_json)
+
+
+def _estimate(
+    input_path: Path, output: Path | None, config: RunConfig, *, as_json: bool = False
+) -> None:
+    try:
+        result = estimate_job(input_path, output, config)
+    except UsageError as exc:
+        _fail(str(exc), EXIT_USAGE)
+        return
+    if as_json:
+        click.echo(json.dumps(result.as_dict()))
+    else:
+        click.echo(result.format())
 
 
 def _write_summary(path: str | None, summary: RunSummary | None) -> None:
@@ -417,3 +528,69 @@ def demo(output: Path, input_path: Path, config_path: str) -> None:
         f"\nStatus any time: pipeline status {output}"
     )
     sys.exit(summary.exit_code)
+
+
+@main.group()
+def cache() -> None:
+    """Inspect or trim a response cache made by `run --cache DIR`."""
+
+
+@cache.command("stats")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+def cache_stats(directory: Path, as_json: bool) -> None:
+    """Entries, bytes and the age range of the cache in DIRECTORY."""
+    from .cache import ResponseCache
+
+    if not directory.exists():
+        _fail(f"no cache at {directory}.", EXIT_USAGE)
+    stats = ResponseCache(directory).stats()
+    if as_json:
+        click.echo(json.dumps(stats, default=str))
+        return
+    click.echo(f"{directory}: {stats['entries']} entries, {stats['bytes']:,} bytes")
+    for name in ("oldest", "newest"):
+        if stats.get(name):
+            click.echo(f"{name}: {_ctime(stats[name])}")
+
+
+@cache.command("prune")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--older-than",
+    metavar="DURATION",
+    help="Remove entries not used for this long (30d, 12h, 90m).",
+)
+@click.option(
+    "--max-size",
+    metavar="BYTES",
+    type=int,
+    help="Then remove the least recently used until the cache fits.",
+)
+def cache_prune(directory: Path, older_than: str | None, max_size: int | None) -> None:
+    """Remove old entries (by last use) from the cache in DIRECTORY."""
+    from .cache import ResponseCache
+    from .config import parse_duration
+
+    if older_than is None and max_size is None:
+        _fail("say what to remove: --older-than DURATION and/or --max-size BYTES.", EXIT_USAGE)
+    seconds = None
+    if older_than is not None:
+        text = older_than.strip()
+        if text.endswith("d") and text[:-1].replace(".", "", 1).isdigit():
+            seconds = float(text[:-1]) * 86400
+        else:
+            seconds = parse_duration(text)
+        if seconds is None:
+            _fail(f"--older-than {older_than!r}: use a duration like 30d, 12h or 90m.", EXIT_USAGE)
+    result = ResponseCache(directory).prune(older_than_seconds=seconds, max_bytes=max_size)
+    click.echo(
+        f"removed {result['removed']} entries ({result['removed_bytes']:,} bytes); "
+        f"{result['entries']} entries ({result['bytes']:,} bytes) left"
+    )
+
+
+def _ctime(value: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))

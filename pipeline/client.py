@@ -34,6 +34,7 @@ from .errors import (
     ServerError,
     TransportError,
 )
+from .pricing import reported_cost
 from .records import Completion, Usage
 from .transport import AiohttpTransport
 
@@ -146,6 +147,11 @@ class ChatClient:
         return error
 
 
+def build_body(model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> bytes:
+    """The request body: model, messages and the other (set) parameters, as JSON bytes."""
+    return json.dumps({"model": model, "messages": messages, **params}, ensure_ascii=False).encode()
+
+
 def _describe(exc: BaseException) -> str:
     cause = exc.__cause__ or exc.__context__
     inner = cause if cause is not None and str(cause) else exc
@@ -195,6 +201,8 @@ def parse_completion(content: bytes, headers: dict[str, str] | None = None) -> C
         model=_str_or_none(data.get("model")),
         response_id=_str_or_none(data.get("id")),
         headers=headers or {},
+        reported_cost=reported_cost(headers or {}, data),
+        raw=content,
     )
 
 

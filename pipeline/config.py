@@ -79,6 +79,13 @@ class RunConfig:
     http_backend: str = "aiohttp"
     grace: float = 10.0
     max_runtime: float | None = None  # seconds; TOML/CLI accept "90s", "45m", "2h"
+    # cost
+    prices: str | None = None  # extra/override price table (TOML), beside configs/prices.toml
+    max_cost: float | None = None  # USD for the whole OUTPUT, across runs
+    max_total_tokens: int | None = None  # tokens for the whole OUTPUT, across runs
+    dedup: bool = True  # rows with the same prompt are sent once
+    cache: str | None = None  # response cache directory shared across runs and outputs
+    dry_run: bool = False  # only estimate; send nothing
     # checkpoints and progress
     checkpoint_seconds: float = 2.0
     checkpoint_rows: int = 2000
@@ -170,7 +177,15 @@ def fingerprint_of(parts: dict[str, Any]) -> str:
 
 
 _FIELDS = {f.name: f for f in fields(RunConfig)}
-_INT_FIELDS = {"max_tokens", "seed", "limit", "concurrency", "max_retries", "checkpoint_rows"}
+_INT_FIELDS = {
+    "max_tokens",
+    "seed",
+    "limit",
+    "concurrency",
+    "max_retries",
+    "checkpoint_rows",
+    "max_total_tokens",
+}
 _FLOAT_FIELDS = {
     "temperature",
     "top_p",
@@ -181,8 +196,18 @@ _FLOAT_FIELDS = {
     "log_interval",
     "rpm",
     "tpm",
+    "max_cost",
 }
-_BOOL_FIELDS = {"overwrite", "restart", "retry_failed", "progress", "adaptive", "quiet"}
+_BOOL_FIELDS = {
+    "overwrite",
+    "restart",
+    "retry_failed",
+    "progress",
+    "adaptive",
+    "quiet",
+    "dedup",
+    "dry_run",
+}
 _STR_FIELDS = {
     "base_url",
     "model",
@@ -197,6 +222,8 @@ _STR_FIELDS = {
     "summary_json",
     "http_backend",
     "log_format",
+    "prices",
+    "cache",
 }
 # TOML keys that are not RunConfig fields but are accepted by load_config_file and
 # passed through untouched (the CLI reads them itself).
@@ -414,6 +441,11 @@ def validate(config: RunConfig) -> None:
         (1 <= config.concurrency <= 10_000, "--concurrency: 1 to 10000"),
         (config.timeout > 0, "--timeout: above 0 seconds"),
         (config.rpm is None or config.rpm > 0, "--rpm: above 0"),
+        (config.max_cost is None or config.max_cost > 0, "--max-cost: above 0 USD"),
+        (
+            config.max_total_tokens is None or config.max_total_tokens > 0,
+            "--max-total-tokens: above 0",
+        ),
         (config.tpm is None or config.tpm > 0, "--tpm: above 0"),
         (config.max_retries >= 0, "--max-retries: 0 or more"),
         (config.max_retry_wait >= 0, "max_retry_wait: 0 or more seconds"),

@@ -25,7 +25,8 @@ whole run is decided by the exception's type (set from the HTTP status and the e
         └── FatalError                  not retried: the whole run stops at once
             ├── AuthenticationError     401
             ├── PermissionDenied        403 (AI/ML API: out of credits / spend limit)
-            └── QuotaExceeded           429 insufficient_quota
+            ├── QuotaExceeded           429 insufficient_quota
+            └── BudgetReached           the next request could cross --max-cost / tokens
 """
 
 from __future__ import annotations
@@ -145,3 +146,7 @@ class PermissionDenied(FatalError):
 
 class QuotaExceeded(FatalError):
     """429 insufficient_quota: the account has no quota left."""
+
+
+class BudgetReached(FatalError):
+    """The next request could cross ``--max-cost`` or ``--max-total-tokens``: stop sending."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -64,8 +65,8 @@ def _mix(values: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def occurrence_numbers(hashes: np.ndarray) -> np.ndarray:
-    """For each row, how many earlier rows have the same hash (0 for the first)."""
+def _groups(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(occurrence number, index of the first row) of each row among rows of equal hash."""
     n = len(hashes)
     order = np.argsort(hashes, kind="stable")
     ordered = hashes[order]
@@ -75,40 +76,61 @@ def occurrence_numbers(hashes: np.ndarray) -> np.ndarray:
     group_start = np.maximum.accumulate(np.where(new_group, positions, 0))
     occurrence = np.empty(n, dtype=np.uint64)
     occurrence[order] = (positions - group_start).astype(np.uint64)
-    return occurrence
+    first = np.empty(n, dtype=np.int64)
+    first[order] = order[group_start]  # stable sort: the group's first is its earliest row
+    return occurrence, first
+
+
+def occurrence_numbers(hashes: np.ndarray) -> np.ndarray:
+    """For each row, how many earlier rows have the same hash (0 for the first)."""
+    return _groups(hashes)[0]
+
+
+@dataclass(frozen=True)
+class RowKeys:
+    """Per input row, in input order: its key, and the first row with the same prompt.
+
+    ``first[i] == i`` for a row whose prompt-source values appear for the first time; a
+    later duplicate points at that first row (which ``--dedup`` sends in its place).
+    """
+
+    keys: np.ndarray
+    first: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
 
 def compute_keys(
     source: InputSource, *, id_column: str | None, content_columns: list[str]
-) -> np.ndarray:
-    """The key of every input row, in input order (uint64)."""
-    if id_column is not None:
-        return _keys_from_ids(source, id_column)
+) -> RowKeys:
+    """Keys (from ``id_column`` or the content) and duplicate groups of every input row."""
     # CSV: read every column so that bad bytes anywhere are found now, not at output time
-    read = None if source.format == "csv" else content_columns
-    hashes = [_hash_batch(b.select(content_columns)) for b in source.iter_batches(columns=read)]
-    if not hashes:
-        return np.zeros(0, dtype=np.uint64)
-    content = np.concatenate(hashes)
-    return _mix(content ^ (occurrence_numbers(content) * _MIX))
-
-
-def _keys_from_ids(source: InputSource, id_column: str) -> np.ndarray:
-    parts: list[np.ndarray] = []
+    wanted = [*content_columns, *([id_column] if id_column else [])]
+    read = None if source.format == "csv" else list(dict.fromkeys(wanted))
+    contents: list[np.ndarray] = []
+    ids: list[np.ndarray] = []
     offset = 0
-    read = None if source.format == "csv" else [id_column]
     for batch in source.iter_batches(columns=read):
-        batch = batch.select([id_column])
-        column = batch.column(0)
-        if column.null_count:
-            first = offset + column.is_null().to_pylist().index(True)
-            raise InputError(
-                f"{source.name}: --id-column '{id_column}' is empty on data row {first + 1}. "
-                "Every row needs an id; fill it in or drop --id-column."
-            )
-        parts.append(_hash_batch(batch))
+        contents.append(_hash_batch(batch.select(content_columns)))
+        if id_column is not None:
+            column = batch.column(id_column)
+            if column.null_count:
+                first_null = offset + column.is_null().to_pylist().index(True)
+                raise InputError(
+                    f"{source.name}: --id-column '{id_column}' is empty on data row "
+                    f"{first_null + 1}. Every row needs an id; fill it in or drop --id-column."
+                )
+            ids.append(_hash_batch(batch.select([id_column])))
         offset += batch.num_rows
-    keys = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+    if not contents:
+        empty = np.zeros(0, dtype=np.uint64)
+        return RowKeys(keys=empty, first=np.zeros(0, dtype=np.int64))
+    content = np.concatenate(contents)
+    occurrence, first = _groups(content)
+    if id_column is None:
+        return RowKeys(keys=_mix(content ^ (occurrence * _MIX)), first=first)
+    keys = np.concatenate(ids)
     unique, counts = np.unique(keys, return_counts=True)
     if len(unique) != len(keys):
         dup_keys = set(unique[counts > 1].tolist())
@@ -117,7 +139,7 @@ def _keys_from_ids(source: InputSource, id_column: str) -> np.ndarray:
             f"{_name_ids(source, id_column, keys, dup_keys)}. Ids must be unique; "
             "deduplicate the input or choose another --id-column."
         )
-    return keys
+    return RowKeys(keys=keys, first=first)
 
 
 def _name_ids(source: InputSource, id_column: str, keys: np.ndarray, dups: set[int]) -> str:

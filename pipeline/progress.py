@@ -50,6 +50,7 @@ class Reporter:
         self.retries = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cost_usd = 0.0
         self.finish_reasons: Counter[str] = Counter()
         self.error_types: Counter[str] = Counter()
         self.started = clock()
@@ -118,8 +119,10 @@ class Reporter:
             self.error_types[result.error_type or "error"] += 1
         else:
             self.skipped += 1
-        self.prompt_tokens += result.usage.prompt_tokens or 0
-        self.completion_tokens += result.usage.completion_tokens or 0
+        if result.attempts:  # copies (dedup, cache) made no request and spent nothing
+            self.prompt_tokens += result.usage.prompt_tokens or 0
+            self.completion_tokens += result.usage.completion_tokens or 0
+        self.cost_usd += result.cost_usd or 0.0
         if self.bar is not None:
             self.bar.update(1)
 
@@ -146,6 +149,7 @@ class Reporter:
                 errors=self.errors,
                 tok_in=self.prompt_tokens,
                 tok_out=self.completion_tokens,
+                usd=f"{self.cost_usd:.4f}",
                 refresh=False,
             )
             self.bar.refresh()
@@ -195,7 +199,10 @@ def format_summary(s: RunSummary) -> str:
         + (f" | {s.pending} pending" if s.pending else ""),
         f"this run: {s.sent} sent ({s.retries} retries), {s.resumed} resumed from the checkpoint"
         + (f", {s.removed} left the input" if s.removed else ""),
-        f"tokens this run: {s.prompt_tokens} in, {s.completion_tokens} out",
+        f"tokens this run: {s.prompt_tokens} in, {s.completion_tokens} out; "
+        f"cost ${s.cost_usd:.6f}"
+        + (f"; {s.deduplicated} duplicates answered once" if s.deduplicated else "")
+        + (f"; {s.cache_hits} from the cache" if s.cache_hits else ""),
         f"wall time: {s.wall_seconds:.1f}s",
     ]
     if s.finish_reasons:

@@ -51,6 +51,8 @@ class Completion:
     model: str | None
     response_id: str | None
     headers: dict[str, str] = field(default_factory=dict)
+    reported_cost: float | None = None  # USD the server says this request cost
+    raw: bytes = b""  # the body as received (for the response cache)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,8 @@ class RowResult:
     http_status: int | None = None
     attempts: int = 0
     latency_ms: float | None = None
+    cost_usd: float | None = None
+    cost_source: str | None = None  # reported | table | dedup | cache; None: no price known
 
 
 @dataclass(slots=True)
@@ -85,6 +89,9 @@ class RunSummary:
     sent: int = 0
     removed: int = 0
     retries: int = 0
+    deduplicated: int = 0
+    cache_hits: int = 0
+    cost_usd: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
@@ -108,6 +115,9 @@ class RunSummary:
             "sent": self.sent,
             "removed": self.removed,
             "retries": self.retries,
+            "deduplicated": self.deduplicated,
+            "cache_hits": self.cache_hits,
+            "cost_usd": round(self.cost_usd, 6),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
@@ -137,5 +147,7 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "http_status",
     "attempts",
     "latency_ms",
+    "cost_usd",
+    "cost_source",
 )
 STATUS_CODES: dict[str, int] = {"ok": 0, "error": 1, "skipped": 2}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import dataclasses
 import signal
 import threading
 import time
@@ -29,10 +29,13 @@ from typing import Any
 import httpx
 import numpy as np
 
+from .cache import ResponseCache
 from .checkpoint import Checkpoint, ResultIndex, file_signature
-from .client import ChatClient, make_transport
+from .client import ChatClient, build_body, make_transport, parse_completion
 from .config import RunConfig, resolve_api_key
 from .errors import (
+    BudgetReached,
+    ConfigError,
     FatalError,
     InputError,
     OutputError,
@@ -40,8 +43,10 @@ from .errors import (
     RequestError,
     RunAborted,
 )
+from .estimate import Estimate, Estimator
 from .keys import compute_keys
-from .limits import Limits
+from .limits import Budget, Limits
+from .pricing import PriceTable
 from .progress import Reporter
 from .prompts import PromptBuilder
 from .reader import InputSource, open_input
@@ -56,7 +61,7 @@ from .records import (
 from .retry import RetryPolicy
 from .writer import write_output
 
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ABORTED, EXIT_BUDGET = 0, 1, 2, 3, 4
 
 
 @dataclass
@@ -83,8 +88,13 @@ class _Plan:
     builder: PromptBuilder
     checkpoint: Checkpoint
     keys: np.ndarray
-    todo: np.ndarray  # bool per input row: needs sending
+    todo: np.ndarray  # bool per input row: needs a result
+    send: np.ndarray  # bool per input row: needs a request (todo, not a duplicate)
     index: ResultIndex
+    prices: PriceTable
+    followers: dict[int, list[int]]  # leader key -> keys of its duplicates sent with it
+    copy_from: np.ndarray  # index positions of done leaders whose duplicates need a copy
+    copy_to: np.ndarray  # the duplicates' keys, aligned with copy_from
     resumed: int
     removed: int
     api_key: str | None
@@ -128,7 +138,15 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
     api_key = resolve_api_key(config, seams.environ)
     # The key pass reads the whole input: a malformed row, bad bytes or a duplicate id is
     # found here, before the checkpoint is touched and before any request.
-    keys = compute_keys(source, id_column=config.id_column, content_columns=builder.columns)
+    row_keys = compute_keys(source, id_column=config.id_column, content_columns=builder.columns)
+    keys = row_keys.keys
+    prices = PriceTable.load(config.prices)
+    if config.max_cost is not None and prices.price(config.model) is None:
+        raise ConfigError(
+            f"--max-cost needs a price for model '{config.model}', and the price table has "
+            "none. Add it in a file given with --prices (see configs/prices.toml), or use "
+            "--max-total-tokens."
+        )
 
     checkpoint = Checkpoint(output)
     _check_output_path(output, config, checkpoint)
@@ -155,13 +173,33 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
         done &= index.status[np.maximum(pos, 0)] != STATUS_CODES["error"]
     present = np.zeros(len(index.keys), dtype=bool)
     present[pos[pos >= 0]] = True
+    todo = ~done
+    send = todo.copy()
+    followers: dict[int, list[int]] = {}
+    copy_from: list[int] = []
+    copy_to: list[int] = []
+    if config.dedup:
+        # a later row with the same prompt is not sent: it gets its first row's result
+        for i in np.nonzero(todo & (row_keys.first != np.arange(len(keys))))[0]:
+            leader = int(row_keys.first[i])
+            send[i] = False
+            if todo[leader]:
+                followers.setdefault(int(keys[leader]), []).append(int(keys[i]))
+            else:
+                copy_from.append(int(pos[leader]))
+                copy_to.append(int(keys[i]))
     return _Plan(
         source=source,
         builder=builder,
         checkpoint=checkpoint,
         keys=keys,
-        todo=~done,
+        todo=todo,
+        send=send,
         index=index,
+        prices=prices,
+        followers=followers,
+        copy_from=np.array(copy_from, dtype=np.int64),
+        copy_to=np.array(copy_to, dtype=np.uint64),
         resumed=int(done.sum()),
         removed=int((~present).sum()),
         api_key=api_key,
@@ -210,14 +248,41 @@ class _Run:
             max_retry_wait=config.max_retry_wait,
             sleep=seams.sleep,
         )
+        index = plan.index
+        self.budget = Budget(
+            max_cost=config.max_cost,
+            max_tokens=config.max_total_tokens,
+            spent_cost=float(index.cost_usd.sum()),
+            spent_tokens=int(index.prompt_tokens.sum() + index.completion_tokens.sum()),
+        )
+        self.cache = ResponseCache(config.cache) if config.cache else None
+        self.abort_kind: str | None = None
+        self.deduplicated = 0
+        self.cache_hits = 0
 
     # -- results --------------------------------------------------------------------------
 
     def record(self, result: RowResult) -> None:
         self.buffer.append(result)
         self.reporter.row_done(result)
+        for key in self.plan.followers.pop(result.key, ()):
+            self.record_copy(result, key)
         if len(self.buffer) >= self.config.checkpoint_rows:
             asyncio.get_running_loop().create_task(self.flush())
+
+    def record_copy(self, result: RowResult, key: int) -> None:
+        """A duplicate row gets its first row's result; it cost nothing itself."""
+        self.deduplicated += 1
+        self.record(
+            dataclasses.replace(
+                result,
+                key=key,
+                attempts=0,
+                latency_ms=None,
+                cost_usd=0.0 if result.status == "ok" else None,
+                cost_source="dedup" if result.status == "ok" else None,
+            )
+        )
 
     async def flush(self) -> None:
         async with self.flush_lock:
@@ -257,7 +322,7 @@ class _Run:
                 if batch is None:
                     break
                 n = batch.num_rows
-                need = plan.todo[offset : offset + n]
+                need = plan.send[offset : offset + n]
                 if need.any():
                     where = np.nonzero(need)[0]
                     rows = plan.builder.build(
@@ -299,11 +364,20 @@ class _Run:
                 self.record(result)
 
     async def send_row(self, row: PromptRow, client: ChatClient) -> RowResult | None:
-        body = json.dumps(
-            {"model": self.config.model, "messages": row.messages, **self.params},
-            ensure_ascii=False,
-        ).encode()
+        body = build_body(self.config.model, row.messages or [], self.params)
         started = time.monotonic()
+        cache_key = None
+        if self.cache is not None:
+            cache_key = self.cache.key(self.config.base_url, body)
+            cached = await asyncio.to_thread(self.cache.get, cache_key)
+            if cached is not None:
+                try:
+                    hit = parse_completion(cached)
+                except RequestError:
+                    hit = None  # a damaged entry is a miss
+                if hit is not None:
+                    self.cache_hits += 1
+                    return self._ok(row, hit, attempts=0, started=started, cost=(0.0, "cache"))
         self.sent += 1
 
         def on_retry(error: RequestError, attempt: int, wait: float) -> None:
@@ -324,6 +398,17 @@ class _Run:
         chars = _prompt_chars(row)
 
         async def attempt() -> Completion:
+            reservation = self._reserve(chars)
+            spent = (0.0, 0.0)
+            try:
+                completion = await limited_send()
+                spent = (self._cost(completion)[0] or 0.0, _tokens(completion))
+                return completion
+            finally:
+                if reservation is not None:
+                    self.budget.settle(reservation, *spent)
+
+        async def limited_send() -> Completion:
             cost, began = await self.limits.start(chars)
             try:
                 completion = await client.send(body, row.request_id)
@@ -352,6 +437,13 @@ class _Run:
 
         try:
             completion, attempts = await policy.call(attempt)
+        except BudgetReached as exc:
+            self.sent -= 1  # nothing went out for this row
+            if self.abort_kind is None:
+                self.abort_kind = "budget"
+                self.reporter.error(f"stopping the run: {exc.message}")
+            self.stop(f"{exc.kind}: {exc.message}")  # requests in flight may finish
+            return None
         except FatalError as exc:
             self.reporter.error(f"stopping the run: {exc.message}", http_status=exc.status)
             self.stop(f"{exc.kind}: {exc.message}", hard=True)
@@ -366,6 +458,26 @@ class _Run:
                 attempts=getattr(exc, "attempts", 1),
                 latency_ms=round((time.monotonic() - started) * 1000, 1),
             )
+        if cache_key is not None and self.cache is not None and completion.raw:
+            await asyncio.to_thread(
+                self.cache.put,
+                cache_key,
+                completion.raw,
+                {"model": self.config.model, "base_url": self.config.base_url},
+            )
+        return self._ok(
+            row, completion, attempts=attempts, started=started, cost=self._cost(completion)
+        )
+
+    def _ok(
+        self,
+        row: PromptRow,
+        completion: Completion,
+        *,
+        attempts: int,
+        started: float,
+        cost: tuple[float | None, str | None],
+    ) -> RowResult:
         return RowResult(
             key=row.key,
             status="ok",
@@ -377,7 +489,42 @@ class _Run:
             http_status=200,
             attempts=attempts,
             latency_ms=round((time.monotonic() - started) * 1000, 1),
+            cost_usd=cost[0],
+            cost_source=cost[1],
         )
+
+    def _cost(self, completion: Completion) -> tuple[float | None, str | None]:
+        """(USD, source): the server's figure when it reports one, else the price table."""
+        if completion.reported_cost is not None:
+            return completion.reported_cost, "reported"
+        usage = completion.usage
+        for model in (self.config.model, completion.model):
+            if model is None:
+                continue
+            cost = self.plan.prices.cost(
+                model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+            )
+            if cost is not None:
+                return cost, "table"
+        return None, None
+
+    def _reserve(self, chars: int) -> tuple[float, float] | None:
+        """Hold the worst case of one request against the budget, or raise BudgetReached."""
+        if not self.budget.active:
+            return None
+        estimator = self.limits.estimator
+        tokens = estimator.cost(chars)
+        prompt = estimator.prompt_tokens(chars)
+        cost = 0.0
+        if self.budget.max_cost is not None:
+            priced = self.plan.prices.cost(self.config.model, round(prompt), round(tokens - prompt))
+            cost = priced or 0.0
+        if not self.budget.reserve(cost, tokens):
+            raise BudgetReached(
+                f"budget reached: {self.budget.describe()}; the next request could cross it. "
+                "Rerun with a larger budget to continue."
+            )
+        return (cost, tokens)
 
     async def execute(self) -> None:
         config = self.config
@@ -388,6 +535,16 @@ class _Run:
             timeout=config.timeout,
             transport=transport,
         )
+        if len(self.plan.copy_from):
+            stored = self.plan.checkpoint.results_at(self.plan.index, self.plan.copy_from)
+            by_key = {
+                int(k): r
+                for k, r in zip(self.plan.index.keys[self.plan.copy_from], stored, strict=True)
+            }
+            for source_key, key in zip(
+                self.plan.index.keys[self.plan.copy_from], self.plan.copy_to, strict=True
+            ):
+                self.record_copy(by_key[int(source_key)], int(key))
         queue: asyncio.Queue[PromptRow | None] = asyncio.Queue(maxsize=config.concurrency * 2)
         self._last_flush = time.monotonic()
         flusher = asyncio.create_task(self.flusher())
@@ -474,6 +631,13 @@ class _Run:
                 loop.remove_signal_handler(sig)
 
         return remove
+
+
+def _tokens(completion: Completion) -> float:
+    usage = completion.usage
+    if usage.total_tokens is not None:
+        return float(usage.total_tokens)
+    return float((usage.prompt_tokens or 0) + (usage.completion_tokens or 0))
 
 
 def _prompt_chars(row: PromptRow) -> int:
@@ -596,6 +760,9 @@ def _summarize(
         sent=run.sent,
         removed=plan.removed,
         retries=rep.retries,
+        deduplicated=run.deduplicated,
+        cache_hits=run.cache_hits,
+        cost_usd=rep.cost_usd,
         prompt_tokens=rep.prompt_tokens,
         completion_tokens=rep.completion_tokens,
         total_tokens=rep.prompt_tokens + rep.completion_tokens,
@@ -605,7 +772,9 @@ def _summarize(
         aborted=run.abort_reason,
         fingerprint=fingerprint,
     )
-    if summary.aborted:
+    if summary.aborted and run.abort_kind == "budget":
+        summary.exit_code = EXIT_BUDGET
+    elif summary.aborted:
         summary.exit_code = EXIT_ABORTED
     elif summary.error or summary.pending:
         summary.exit_code = EXIT_FAILED_ROWS
@@ -622,6 +791,52 @@ def _run_in_new_loop(main: Coroutine[Any, Any, RunSummary]) -> RunSummary:
         return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
+
+
+def estimate_job(data: Any, output: str | Path | None, config: RunConfig) -> Estimate:
+    """What ``run`` would send and spend, without sending anything or touching OUTPUT.
+
+    Rows that OUTPUT's checkpoint already has are left out; duplicates (``dedup``) and
+    responses in ``cache`` are counted apart.
+    """
+    source = open_input(data, input_format=config.input_format, limit=config.limit)
+    columns = list(source.schema().names)
+    kind, value = config.prompt_source
+    builder = PromptBuilder(
+        kind, value, system=config.system, columns=columns, source_name=source.name
+    )
+    if config.id_column is not None and config.id_column not in columns:
+        raise InputError(f"{source.name} has no column '{config.id_column}' for --id-column.")
+    row_keys = compute_keys(source, id_column=config.id_column, content_columns=builder.columns)
+    done = np.zeros(len(row_keys), dtype=bool)
+    if output is not None and Checkpoint(Path(output)).exists():
+        index = Checkpoint(Path(output)).load_index()
+        done = index.lookup(row_keys.keys) >= 0
+    params = config.body_params()
+    cache = ResponseCache(config.cache) if config.cache else None
+
+    def cached(messages: Any) -> bool:
+        assert cache is not None
+        body = build_body(config.model, list(messages), params)
+        return cache.contains(cache.key(config.base_url, body))
+
+    estimator = Estimator(
+        model=config.model, dedup=config.dedup, cached=cached if cache is not None else None
+    )
+    offset = 0
+    for batch in source.iter_batches(columns=builder.columns):
+        n = batch.num_rows
+        where = np.nonzero(~done[offset : offset + n])[0]
+        rows = builder.build(batch.take(where), row_keys.keys[offset + where], offset + where)
+        estimator.add(row.messages for row in rows)
+        offset += n
+    result = estimator.result(max_tokens=config.max_tokens, prices=PriceTable.load(config.prices))
+    already = int(done.sum())
+    if already:
+        result = dataclasses.replace(
+            result, notes=(*result.notes, f"{already} rows already done in {output} not counted")
+        )
+    return result
 
 
 def run_batch(

@@ -41,6 +41,8 @@ RESULT_COLUMNS = [
     "http_status",
     "attempts",
     "latency_ms",
+    "cost_usd",
+    "cost_source",
 ]
 ANSWER = "Simulated answer to: "
 

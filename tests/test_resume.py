@@ -261,13 +261,14 @@ def test_rows_appended_to_the_input_are_the_only_rows_sent_on_rerun(
     first = ["alpha", "same", "beta", "same"]
     source = write_csv(tmp_path / "in.csv", first)
     output = tmp_path / "out.parquet"
-    assert cli(*run_args(simulator, source, output)).exit_code == 0
+    # --no-dedup: every row is its own request, so what is sent shows which rows are new
+    assert cli(*run_args(simulator, source, output, "--no-dedup")).exit_code == 0
     assert sorted(received(simulator)) == sorted(first)
 
     grown = [*first, "gamma", "same", "delta"]
     write_csv(source, grown)
     mark = len(simulator.simulator.requests)
-    result = cli(*run_args(simulator, source, output))
+    result = cli(*run_args(simulator, source, output, "--no-dedup"))
 
     assert result.exit_code == 0, result.output
     # a third "same" is a new row (its occurrence number is new); the first two are not

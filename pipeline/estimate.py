@@ -1,0 +1,444 @@
+"""What a run would cost before it runs: rows, requests, tokens and USD as ranges.
+
+Owns prompt-token counting (``count_prompt_tokens``), the count of rows that deduplication or
+the response cache would spare, and the arithmetic of the estimate. It is given the messages
+of each row and sends nothing; reading the input and building messages is the caller's (the
+same code path as ``run``), and so is the check "is this request in the cache".
+
+Prompt tokens. With ``tiktoken`` installed (an optional extra) they are counted with the
+model's encoding (``o200k_base`` for the gpt-4o, gpt-4.1, gpt-5 and o-series families,
+``cl100k_base`` otherwise, which for open models is itself only an approximation) plus
+OpenAI's chat framing: 3 tokens a message, 1 more for a ``name``, 3 to prime the reply.
+tiktoken fetches its encoding file on first use unless it is cached (``TIKTOKEN_CACHE_DIR``).
+Without it the approximation is::
+
+    ceil(chars / 4) + 4 * messages + 3
+
+where *chars* counts the characters of every message's text content (and of any field
+besides ``role``, such as ``name`` or ``tool_calls`` as JSON) over the whole request, and an
+image part counts ``IMAGE_PART_TOKENS``. Four characters a token fits English prose; code,
+numbers and non-Latin scripts take more tokens, CJK text up to about four times as many.
+
+Completion tokens are a range: 0 to ``max_tokens`` a request (no upper bound without
+``max_tokens``), with a typical figure of ``typical_completion`` a request (default
+``DEFAULT_TYPICAL_COMPLETION``, never above ``max_tokens``). Costs are those token ranges
+priced by the table; input tokens are priced at the full input rate (no cache discount).
+
+Duplicates. Two rows are the same request when their messages are equal as JSON (object key
+order ignored), which for one run's fixed model and parameters means equal request bodies.
+For speed the estimate remembers a 64-bit hash of each request, so among a million distinct
+requests the chance of one being miscounted as a duplicate is about 3 in 100 million.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .pricing import Price, PriceTable
+from .records import Message
+
+APPROXIMATION = "approximation: ceil(chars/4) + 4 per message + 3"
+DEFAULT_TYPICAL_COMPLETION = 200
+IMAGE_PART_TOKENS = 85  # OpenAI's charge for one low-detail image; larger images cost more
+_O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o")
+_JSON_MARK = "\0json"  # stands in for the role of a message hashed as JSON
+
+
+class TokenCounter(Protocol):
+    """Counts the prompt tokens of one request's messages."""
+
+    name: str
+
+    def count(self, messages: Sequence[Message]) -> int: ...
+
+
+def encoding_name(model: str | None) -> str:
+    """The tiktoken encoding for ``model``: o200k_base for recent OpenAI families."""
+    base = (model or "").casefold().rsplit("/", 1)[-1]
+    return "o200k_base" if base.startswith(_O200K_PREFIXES) else "cl100k_base"
+
+
+class ApproxCounter:
+    """The documented approximation: ceil(chars/4) + 4 per message + 3."""
+
+    name = APPROXIMATION
+
+    def count(self, messages: Sequence[Message]) -> int:
+        chars = extra = 0
+        for message in messages:
+            content = message.get("content")
+            if type(content) is str and len(message) == 2:
+                chars += len(content)
+            else:
+                more_chars, more_tokens = _message_size(message)
+                chars += more_chars
+                extra += more_tokens
+        return -(-chars // 4) + 4 * len(messages) + 3 + extra
+
+
+def _message_size(message: Message) -> tuple[int, int]:
+    """(characters, extra tokens) of a message that is not plain {role, content: str}."""
+    chars = extra = 0
+    for key, value in message.items():
+        if key == "role" or value is None:
+            continue
+        if isinstance(value, str):
+            chars += len(value)
+        elif key == "content" and isinstance(value, list):
+            for part in value:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    chars += len(part["text"])
+                elif isinstance(part, dict) and part.get("type") in ("image_url", "input_image"):
+                    extra += IMAGE_PART_TOKENS
+                else:
+                    chars += len(json.dumps(part, ensure_ascii=False, default=str))
+        else:
+            chars += len(json.dumps(value, ensure_ascii=False, default=str))
+    return chars, extra
+
+
+class TiktokenCounter:
+    """Exact counts with tiktoken, plus OpenAI's chat framing tokens."""
+
+    def __init__(self, encoding: Any, encoding_name: str) -> None:
+        self.encode = encoding.encode_ordinary  # ordinary: "<|endoftext|>" is plain text here
+        self.name = f"tiktoken {encoding_name}"
+        self._memo: dict[str, int] = {}  # system prompts and other repeated texts
+
+    def _text(self, text: str, repeated: bool) -> int:
+        if repeated:
+            found = self._memo.get(text)
+            if found is None:
+                found = len(self.encode(text))
+                if len(self._memo) < 4096:
+                    self._memo[text] = found
+            return found
+        return len(self.encode(text))
+
+    def count(self, messages: Sequence[Message]) -> int:
+        total = 3
+        for message in messages:
+            total += 3
+            repeated = message.get("role") != "user"
+            for key, value in message.items():
+                if value is None:
+                    continue
+                if key == "name":
+                    total += 1
+                if isinstance(value, str):
+                    total += self._text(value, repeated or key == "role")
+                elif key == "content" and isinstance(value, list):
+                    for part in value:
+                        if isinstance(part, dict) and isinstance(part.get("text"), str):
+                            total += self._text(part["text"], repeated)
+                        elif isinstance(part, dict) and part.get("type") in (
+                            "image_url",
+                            "input_image",
+                        ):
+                            total += IMAGE_PART_TOKENS
+                        else:
+                            total += self._text(json.dumps(part, ensure_ascii=False), False)
+                else:
+                    total += self._text(json.dumps(value, ensure_ascii=False, default=str), False)
+        return total
+
+
+@functools.lru_cache(maxsize=8)
+def token_counter(model: str | None = None, *, tokenizer: str = "auto") -> TokenCounter:
+    """tiktoken when importable and ``tokenizer`` is "auto", else the approximation.
+
+    ``tokenizer="approx"`` forces the approximation. A tiktoken that cannot load its
+    encoding (for example offline with no cached file) falls back to the approximation too.
+    """
+    if tokenizer not in ("auto", "approx"):
+        raise ValueError(f"tokenizer must be 'auto' or 'approx', not {tokenizer!r}")
+    if tokenizer == "auto":
+        try:
+            import tiktoken
+        except ImportError:
+            return ApproxCounter()
+        name = encoding_name(model)
+        try:
+            encoding = tiktoken.get_encoding(name)
+        except Exception:  # network, cache or version trouble: the estimate still works
+            return ApproxCounter()
+        return TiktokenCounter(encoding, name)
+    return ApproxCounter()
+
+
+def _is_openai(model: str) -> bool:
+    base = model.casefold().removeprefix("openai/")
+    return base.startswith(("gpt-", "chatgpt-", "o1", "o3", "o4"))
+
+
+def count_prompt_tokens(messages: Sequence[Message], model: str | None = None) -> int:
+    """Prompt tokens of one request (tiktoken if installed, else the approximation)."""
+    return token_counter(model).count(messages)
+
+
+def request_identity(messages: Sequence[Message]) -> int:
+    """A hash equal for requests whose messages are equal as JSON (key order ignored)."""
+    parts: list[Any] = []
+    for message in messages:
+        content = message.get("content")
+        if type(content) is str and len(message) == 2 and "role" in message:
+            parts.append(message["role"])
+            parts.append(content)
+        else:
+            parts.append(_JSON_MARK)
+            parts.append(json.dumps(message, sort_keys=True, ensure_ascii=False, default=str))
+    return hash(tuple(parts))
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """The estimate of one run; nothing was sent to make it.
+
+    ``rows`` counts every input row given; ``skipped`` those that make no request (empty or
+    invalid prompts); ``duplicates`` rows whose request equals an earlier row's (sent once);
+    ``cache_hits`` distinct requests already in the response cache; ``requests`` what would
+    be sent: rows - skipped - duplicates - cache_hits. Token and cost figures are for those
+    ``requests`` only. ``*_high`` is None without ``max_tokens``; every ``cost_*`` is None
+    when the model has no price (``notes`` says so). ``priced_as`` is the price table's id
+    that priced ``model``.
+    """
+
+    model: str
+    rows: int
+    skipped: int
+    duplicates: int
+    cache_hits: int
+    requests: int
+    prompt_tokens: int
+    completion_tokens_low: int
+    completion_tokens_high: int | None
+    completion_tokens_typical: int
+    typical_per_request: int
+    max_tokens: int | None
+    cost_low: float | None
+    cost_high: float | None
+    cost_typical: float | None
+    priced_as: str | None
+    price: Price | None
+    tokenizer: str
+    notes: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready view."""
+        price = None
+        if self.price is not None:
+            price = {
+                "model": self.priced_as,
+                "input": self.price.input,
+                "output": self.price.output,
+                "cached_input": self.price.cached_input,
+                "source": self.price.source,
+                "date": self.price.date,
+            }
+        return {
+            "model": self.model,
+            "rows": self.rows,
+            "skipped": self.skipped,
+            "duplicates": self.duplicates,
+            "cache_hits": self.cache_hits,
+            "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": {
+                "low": self.completion_tokens_low,
+                "typical": self.completion_tokens_typical,
+                "high": self.completion_tokens_high,
+                "typical_per_request": self.typical_per_request,
+                "max_tokens": self.max_tokens,
+            },
+            "cost_usd": {
+                "low": self.cost_low,
+                "typical": self.cost_typical,
+                "high": self.cost_high,
+            },
+            "price": price,
+            "tokenizer": self.tokenizer,
+            "notes": list(self.notes),
+        }
+
+    def format(self) -> str:
+        """Human-readable text, one figure a line."""
+        high_tokens = (
+            "no limit (set --max-tokens)"
+            if self.completion_tokens_high is None
+            else (f"{self.completion_tokens_high:,}")
+        )
+        lines = [
+            f"Estimate for model {self.model} (nothing was sent)",
+            f"  rows               {self.rows:>14,}",
+            f"  skipped            {self.skipped:>14,}   empty or invalid prompts",
+            f"  duplicates         {self.duplicates:>14,}   sent once, the answer shared",
+            f"  from cache         {self.cache_hits:>14,}",
+            f"  requests to send   {self.requests:>14,}",
+            f"  prompt tokens      {self.prompt_tokens:>14,}   ({self.tokenizer})",
+            f"  completion tokens  {self.completion_tokens_low:,} to {high_tokens}; typical "
+            f"{self.completion_tokens_typical:,} ({self.typical_per_request:,} a request)",
+        ]
+        if self.cost_low is None or self.price is None:
+            lines.append("  cost (USD)         unknown: no price for this model")
+        else:
+            high = "no limit" if self.cost_high is None else _usd(self.cost_high)
+            typical = "" if self.cost_typical is None else f"; typical {_usd(self.cost_typical)}"
+            lines.append(f"  cost (USD)         {_usd(self.cost_low)} to {high}{typical}")
+            cached = (
+                ""
+                if self.price.cached_input is None
+                else f", cached input ${self.price.cached_input:g}"
+            )
+            lines.append(
+                f"  priced as {self.priced_as}: input ${self.price.input:g}, output "
+                f"${self.price.output:g}{cached} per 1M tokens ({self.price.source}; "
+                f"{self.price.date})"
+            )
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+def _usd(amount: float) -> str:
+    return f"${amount:,.2f}" if amount >= 1 else f"${amount:.6f}"
+
+
+class Estimator:
+    """Accumulates rows batch by batch (``add``), then prices them (``result``).
+
+    ``cached`` is asked once per distinct request whether the response cache holds it.
+    ``dedup=False`` counts every row as its own request, as ``--no-dedup`` sends it.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        dedup: bool = True,
+        cached: Callable[[Sequence[Message]], bool] | None = None,
+        tokenizer: str = "auto",
+    ) -> None:
+        self.model = model
+        self.dedup = dedup
+        self.cached = cached
+        self.counter = token_counter(model, tokenizer=tokenizer)
+        self.rows = self.skipped = self.duplicates = self.cache_hits = 0
+        self.requests = self.prompt_tokens = 0
+        self._seen: set[int] = set()
+
+    def add(self, requests: Iterable[Sequence[Message] | None]) -> None:
+        """Count rows: each item is a row's messages, or None for a row that is not sent."""
+        count, cached, dedup = self.counter.count, self.cached, self.dedup
+        identity, remember, seen = request_identity, self._seen.add, self._seen
+        distinct = len(seen)
+        rows = skipped = duplicates = hits = sent = tokens = 0
+        for messages in requests:
+            rows += 1
+            if not messages:
+                skipped += 1
+                continue
+            if dedup:
+                remember(identity(messages))  # one hash lookup instead of "in" then add
+                if len(seen) == distinct:
+                    duplicates += 1
+                    continue
+                distinct += 1
+            if cached is not None and cached(messages):
+                hits += 1
+                continue
+            sent += 1
+            tokens += count(messages)
+        self.rows += rows
+        self.skipped += skipped
+        self.duplicates += duplicates
+        self.cache_hits += hits
+        self.requests += sent
+        self.prompt_tokens += tokens
+
+    def result(
+        self, *, max_tokens: int | None, prices: PriceTable, typical_completion: int | None = None
+    ) -> Estimate:
+        """The estimate of the rows added so far."""
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        notes = list(prices.notes)
+        typical = DEFAULT_TYPICAL_COMPLETION if typical_completion is None else typical_completion
+        if typical < 0:
+            raise ValueError("typical_completion must be 0 or more")
+        if max_tokens is not None:
+            typical = min(typical, max_tokens)
+        if typical_completion is None:
+            notes.append(
+                f"typical assumes {typical} completion tokens a request; the real figure "
+                "depends on the prompt (pass a figure from an earlier run to refine it)"
+            )
+        if max_tokens is None:
+            notes.append("no --max-tokens: completion tokens and cost have no upper bound")
+        requests = self.requests
+        high_tokens = None if max_tokens is None else max_tokens * requests
+        typical_tokens = typical * requests
+        resolved = prices.resolve(self.model)
+        price = None if resolved is None else resolved[1]
+        if price is None:
+            notes.append(
+                f"no price for model '{self.model}' in the price table: cost unknown. Add it "
+                'to your own prices file ([models."ID"] input/output, see configs/prices.toml).'
+            )
+            cost_low = cost_high = cost_typical = None
+        else:
+            cost_low = price.cost(self.prompt_tokens, 0)
+            cost_typical = price.cost(self.prompt_tokens, typical_tokens)
+            cost_high = None if high_tokens is None else price.cost(self.prompt_tokens, high_tokens)
+        if isinstance(self.counter, TiktokenCounter) and not _is_openai(self.model):
+            notes.append(
+                f"prompt tokens counted with {self.counter.name}, not {self.model}'s own "
+                "tokenizer: expect some difference"
+            )
+        if self.counter.name == APPROXIMATION:
+            notes.append(
+                "prompt tokens approximated (4 characters a token); install tiktoken for "
+                "exact counts"
+            )
+        return Estimate(
+            model=self.model,
+            rows=self.rows,
+            skipped=self.skipped,
+            duplicates=self.duplicates,
+            cache_hits=self.cache_hits,
+            requests=requests,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens_low=0,
+            completion_tokens_high=high_tokens,
+            completion_tokens_typical=typical_tokens,
+            typical_per_request=typical,
+            max_tokens=max_tokens,
+            cost_low=cost_low,
+            cost_high=cost_high,
+            cost_typical=cost_typical,
+            priced_as=None if resolved is None else resolved[0],
+            price=price,
+            tokenizer=self.counter.name,
+            notes=tuple(notes),
+        )
+
+
+def estimate(
+    requests: Iterable[Sequence[Message] | None],
+    *,
+    model: str,
+    max_tokens: int | None,
+    prices: PriceTable,
+    typical_completion: int | None = None,
+    dedup: bool = True,
+    cached: Callable[[Sequence[Message]], bool] | None = None,
+    tokenizer: str = "auto",
+) -> Estimate:
+    """Estimate a run over ``requests`` (each row's messages, or None for a row not sent)."""
+    estimator = Estimator(model=model, dedup=dedup, cached=cached, tokenizer=tokenizer)
+    estimator.add(requests)
+    return estimator.result(
+        max_tokens=max_tokens, prices=prices, typical_completion=typical_completion
+    )
