@@ -13,9 +13,49 @@ Endpoints
 - ``GET /v1/models`` (also ``/models``): a tiny model list. ``GET /health``: ``200 ok``.
 - Anything else: 404 with an OpenAI error body.
 
-Answers are deterministic: the content is ``"Simulated answer to: "`` plus the first 200
-characters of the last user message (string content or its text parts joined by a space).
-With ``response_format={"type": "json_object"}`` the content is ``{"answer": "<that text>"}``.
+Answers
+-------
+Answers are deterministic. The request picks one of four answer modes, first match wins:
+
+- **schema**: ``response_format`` is ``{"type": "json_schema", "json_schema": {"schema": S}}``,
+  or ``{"type": "json_object"}`` with a message containing ``SCHEMA_PROMPT_MARKER``
+  (``"Answer with a JSON object that conforms to this JSON Schema:"``, the text
+  ``pipeline.structured`` sends in prompt mode) followed by the schema as JSON. The answer
+  is a JSON object (``json.dumps`` spacing, so it has several "tokens") with every property
+  of S: strings ``"x"``, integers and numbers ``1``, booleans ``true``, ``null`` for null,
+  enums and ``const`` their first value, arrays one item, objects recursively; ``anyOf`` /
+  ``oneOf`` take the first non-null branch, local ``$ref`` is followed, ``minimum`` /
+  ``maximum`` / ``minLength`` / ``maxLength`` / ``minItems`` / ``maxItems`` are respected.
+- **json_object**: ``{"type": "json_object"}`` without that marker: ``{"answer": "<text>"}``
+  where <text> is the text-mode answer.
+- **labels**: a system (or developer) message has a line ``Labels: a | b | c`` (the line
+  ``pipeline.structured.label_instruction`` ends with). The answer is one label, chosen
+  by a hash of the conversation.
+- **text**: ``"Simulated answer to: "`` plus the first 200 characters of the last user message
+  (string content or its text parts joined by a space).
+
+Samples. With a ``seed`` in the body, a text answer ends in `` (seed S)``, and the label and
+schema values are drawn from a hash of the conversation, the seed and the choice index, so K
+requests with distinct seeds give distinct samples. With ``n`` the reply has n choices: the
+same text in text and json_object modes, per-choice draws in label and schema modes; each
+choice is billed and cut at the token limit by itself. Without a seed, choice 0 of a
+schema answer uses the plain values above. The "conversation" is the messages before the
+first assistant message, so a re-ask (original messages + the answer + feedback) is the same
+conversation as the request it corrects.
+
+Wrong answers. With probability ``wrong_rate`` per choice (a separate draw from the fault
+draw, made only when ``wrong_rate > 0`` so seeded fault sequences are unchanged), or when a
+``wrong`` directive says so, the answer is wrong, of kind ``wrong_kind``:
+
+- ``invalid`` (default): what the request's format rejects: in schema mode either prose
+  (``"Sorry, I cannot answer that."``) or the object without its first required property
+  (half each; prose when nothing is required); in labels mode ``"I do not know."``, which
+  is no label; in json_object mode that prose.
+- ``different``: well-formed but not the right answer: the schema object with other values
+  (next enum value, ``"x1"``, ``2``, ``false``, ...), the next label, ``{"answer": "I do not
+  know."}``.
+
+In text mode both kinds answer ``"I do not know."``.
 
 Token counting is a documented approximation, not a tokenizer: a text has one token per
 whitespace-separated word, and at least 1 if it is non-empty. ``prompt_tokens`` sums that over
@@ -81,16 +121,29 @@ Modifiers::
     sleep_ms=N          add N ms of latency to this request
     length              answer normally but cut it in half with finish_reason "length"
 
+Answers (see "Answers" above)::
+
+    label=X             the right answer is exactly X (X cannot contain a comma)
+    answer=TEXT         the right answer is exactly TEXT, which may hold commas, braces and
+                        brackets: it must be the last item of the last directive in its
+                        message and runs to the last "]]" of that message
+                        (``[[sim:answer={"tags": ["a", "b"]}]]`` answers that JSON)
+    wrong               every answer to this conversation is wrong
+    wrong=N             the first N answers to this conversation are wrong (re-asks count
+                        as the same conversation, so wrong=1 then a re-ask gets it right)
+    wrong_kind=K        invalid | different: overrides the config's wrong_kind
+
 Examples: ``[[sim:status=400]]``, ``[[sim:aimlapi_status=403]]``, ``[[sim:quota]]``,
-``[[sim:fail=2,status=429,retry_after=1]]``, ``[[sim:fail=1,drop]]``, ``[[sim:sleep_ms=300]]``.
+``[[sim:fail=2,status=429,retry_after=1]]``, ``[[sim:fail=1,drop]]``, ``[[sim:sleep_ms=300]]``,
+``[[sim:label=positive]]``, ``[[sim:wrong=1,wrong_kind=different,label=negative]]``.
 
 Statistics
 ----------
 ``Simulator.stats`` counts ``connections`` (TCP connections accepted), ``http_requests``
 (every request), ``requests`` (chat requests), and outcomes of chat requests: ``ok`` (a
-well-formed 200 completion), ``length`` (those of them cut short), ``timeout``, ``drop``,
-``malformed``, and one key per error status, e.g. ``"429"``, ``"503"`` (unknown paths count
-as ``"404"``).
+well-formed 200 completion), ``length`` (those of them cut short), ``wrong`` (wrong choices
+in them), ``timeout``, ``drop``, ``malformed``, and one key per error status, e.g.
+``"429"``, ``"503"`` (unknown paths count as ``"404"``).
 """
 
 from __future__ import annotations
@@ -98,6 +151,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import hashlib
 import json
 import logging
 import math
@@ -147,7 +201,17 @@ _MAX_HEADER_BYTES = 64 * 1024
 _MAX_BODY_BYTES = 32 * 1024 * 1024
 # aimlapi silently drops an X-Client-Request-Id outside this alphabet instead of echoing it.
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_DIRECTIVE = re.compile(r"\[\[sim:([^\]]*)\]\]")
+# A directive's items may hold a single "]" (JSON in label= or wrong_kind= never does, but a
+# stray one then makes a loud 400 instead of a silently ignored directive).
+_DIRECTIVE = re.compile(r"\[\[sim:((?:[^\]]|\](?!\]))*)\]\]")
+# answer=TEXT: the last item of a directive, running to the last "]]" of its message.
+_ANSWER_DIRECTIVE = re.compile(r"\[\[sim:(?P<items>[^\]]*?,)?[ \t]*answer=")
+# The texts pipeline.structured sends; kept in step with it by tests/test_structured.py.
+SCHEMA_PROMPT_MARKER = "Answer with a JSON object that conforms to this JSON Schema:"
+_LABELS_LINE = re.compile(r"^Labels:[ \t]*(.+?)[ \t]*$", re.MULTILINE)
+WRONG_TEXT = "I do not know."
+WRONG_JSON_TEXT = "Sorry, I cannot answer that."
+WRONG_KINDS = ("invalid", "different")
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +235,9 @@ class SimulatorConfig:
         seed: seeds the fault and jitter draws; None means a fresh random seed.
         record: keep every chat request in ``Simulator.requests``.
         request_log: append one JSON line per chat request to this path, flushed per line.
+        wrong_rate: probability that an answer (each choice) is wrong; see "Answers".
+        wrong_kind: ``"invalid"`` (the format rejects it) or ``"different"`` (well-formed,
+            not the right answer).
     """
 
     latency_ms: float = 0.0
@@ -190,9 +257,11 @@ class SimulatorConfig:
     seed: int | None = None
     record: bool = True
     request_log: str | None = None
+    wrong_rate: float = 0.0
+    wrong_kind: str = "invalid"
 
     def __post_init__(self) -> None:
-        for name in _RATE_FIELDS:
+        for name in (*_RATE_FIELDS, "wrong_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(
@@ -204,6 +273,10 @@ class SimulatorConfig:
         for name, limit in (("rps_limit", self.rps_limit), ("tpm_limit", self.tpm_limit)):
             if limit is not None and limit <= 0:
                 raise ValueError(f"SimulatorConfig.{name}={limit!r} must be > 0 (or None)")
+        if self.wrong_kind not in WRONG_KINDS:
+            raise ValueError(
+                f"SimulatorConfig.wrong_kind={self.wrong_kind!r} must be one of {WRONG_KINDS}"
+            )
 
 
 # In the order they share one draw per request; see "Random faults" above.
@@ -330,6 +403,10 @@ class _Directive:
     retry_after_date: bool = False
     sleep_ms: float = 0.0
     length: bool = False
+    answer: str | None = None  # label=X or answer=TEXT
+    wrong: bool = False
+    wrong_first: int | None = None  # wrong=N; None with wrong=True: every answer
+    wrong_kind: str | None = None
 
 
 def _status_value(key: str, value: str) -> int:
@@ -355,14 +432,27 @@ def _number_value(key: str, value: str) -> float:
 def _parse_directives(texts: list[str]) -> _Directive | None:
     """Merge every ``[[sim:...]]`` found in ``texts``; None if there is none."""
     items: dict[str, str] = {}
+
+    def add_items(content: str) -> None:
+        for raw_item in content.split(","):
+            key, _, value = raw_item.strip().partition("=")
+            if key:
+                items[key.strip()] = value.strip()
+
     for text in texts:
         if "[[sim:" not in text:
             continue
+        answer: str | None = None
+        found = _ANSWER_DIRECTIVE.search(text)
+        end = text.rfind("]]")
+        if found is not None and end >= found.end():
+            answer = text[found.end() : end]
+            text = text[: found.start()]  # directives before it; its own items follow
         for match in _DIRECTIVE.finditer(text):
-            for raw_item in match.group(1).split(","):
-                key, _, value = raw_item.strip().partition("=")
-                if key:
-                    items[key.strip()] = value.strip()
+            add_items(match.group(1))
+        if answer is not None and found is not None:
+            add_items(found.group("items") or "")
+            items["answer"] = answer  # verbatim: surrounding spaces are part of the answer
     if not items:
         return None
 
@@ -391,8 +481,24 @@ def _parse_directives(texts: list[str]) -> _Directive | None:
             fields["retry_after_date"] = value not in ("", "0", "false")
         elif key == "sleep_ms":
             fields["sleep_ms"] = _number_value(key, value)
+        elif key == "label":
+            if not value:
+                raise _DirectiveError("label= needs a value, e.g. label=positive")
+            fields["answer"] = value
+        elif key == "answer":
+            fields["answer"] = value
+        elif key == "wrong":
+            fields["wrong"] = True
+            if value:
+                fields["wrong_first"] = int(_number_value(key, value))
+        elif key == "wrong_kind":
+            if value not in WRONG_KINDS:
+                raise _DirectiveError(f"wrong_kind={value!r} must be one of {WRONG_KINDS}")
+            fields["wrong_kind"] = value
         else:
             raise _DirectiveError(f"unknown key {key!r}")
+    if "label" in items and "answer" in items:
+        raise _DirectiveError("conflicting answers label= and answer=; use one")
     if len(faults) > 1:
         raise _DirectiveError(f"conflicting faults {faults}; use one per request")
     if fields.get("context_length") and not faults:
@@ -529,6 +635,7 @@ class Simulator:
         self.requests: list[RecordedRequest] = []
         self.stats: Counter[str] = Counter()
         self._attempts: Counter[str] = Counter()  # fail=N bookkeeping per distinct prompt
+        self._wrong_counts: Counter[str] = Counter()  # wrong=N bookkeeping per conversation
         self._rng = random.Random(config.seed)
         self._rps_bucket: _TokenBucket | None = None
         self._tpm_bucket: _TokenBucket | None = None
@@ -565,10 +672,11 @@ class Simulator:
             self._log_path = None
 
     def reset(self) -> None:
-        """Forget requests, stats, fail=N counters and limiter state; re-seed the draws."""
+        """Forget requests, stats, fail=N / wrong=N counters and limiter state; re-seed."""
         self.requests.clear()
         self.stats.clear()
         self._attempts.clear()
+        self._wrong_counts.clear()
         self._rps_bucket = None
         self._tpm_bucket = None
         self._rng = random.Random(self.config.seed)
@@ -723,7 +831,10 @@ class Simulator:
         threshold += config.rate_length
         force_length = force_length or (not malformed and roll < threshold)
 
-        completion, total_tokens = _completion(body, texts, sequence, wall_time, force_length)
+        answers = self._answers(body, messages, texts, directive)
+        completion, total_tokens = _completion(
+            body, texts, answers, sequence, wall_time, force_length
+        )
 
         if config.tpm_limit is not None:
             wait = self._tpm(config.tpm_limit, now).take(total_tokens, now)
@@ -742,6 +853,51 @@ class Simulator:
         if completion["choices"][0]["finish_reason"] == "length":
             stats["length"] += 1
         return reply(200, payload)
+
+    def _answers(
+        self,
+        body: dict[str, Any],
+        messages: list[Any],
+        texts: list[str],
+        directive: _Directive | None,
+    ) -> list[str]:
+        """The content of each choice: right, or wrong as the config and directives say."""
+        config = self.config
+        mode = _answer_mode(body, messages, texts)
+        choices = int(body.get("n") or 1)
+        if mode is _TEXT_MODE and directive is None and config.wrong_rate == 0:
+            # The hot path of throughput benchmarks: one string, no hashing.
+            answer, _ = _right_answer(
+                mode, None, _last_user_text(messages, texts), body.get("seed"), 0, 0
+            )
+            return [answer] * choices
+
+        conversation = _conversation_key(messages, texts)
+        seed = body.get("seed")
+        fixed = directive.answer if directive is not None else None
+        kind = (directive.wrong_kind if directive is not None else None) or config.wrong_kind
+        forced = False
+        prose = False
+        if directive is not None and directive.wrong:
+            self._wrong_counts[conversation] += 1
+            count = self._wrong_counts[conversation]
+            forced = directive.wrong_first is None or count <= directive.wrong_first
+            prose = count % 2 == 1
+        source = _last_user_text(messages, texts)
+        answers = []
+        for choice in range(choices):
+            draw = _draw(conversation, seed, choice)
+            answer, variant = _right_answer(mode, fixed, source, seed, draw, choice)
+            wrong, choice_prose = forced, prose
+            if config.wrong_rate > 0:
+                roll = self._rng.random()  # drawn for every choice, so a seed replays
+                if not wrong and roll < config.wrong_rate:
+                    wrong, choice_prose = True, roll < config.wrong_rate / 2
+            if wrong:
+                answer = _wrong_answer(mode, kind, answer, variant, choice_prose)
+                self.stats["wrong"] += 1
+            answers.append(answer)
+        return answers
 
     def _directive_fault(
         self, directive: _Directive, fault: str, path: str, reply: Callable[..., _Reply]
@@ -823,6 +979,14 @@ class Simulator:
         self._log_file.flush()
 
 
+def _last_user_text(messages: list[Any], texts: list[str]) -> str:
+    """The text a plain answer quotes: the last user message (else the last message)."""
+    for message, text in zip(reversed(messages), reversed(texts), strict=True):
+        if isinstance(message, dict) and message.get("role") == "user":
+            return text
+    return texts[-1]
+
+
 def _validation_problem(body: dict[str, Any] | None) -> str | None:
     """What makes ``body`` an invalid chat request, in aimlapi's words; None if it is fine."""
     if body is None:
@@ -845,49 +1009,249 @@ def _validation_problem(body: dict[str, Any] | None) -> str | None:
     return None
 
 
-def _completion(
-    body: dict[str, Any], texts: list[str], sequence: int, wall_time: float, force_length: bool
-) -> tuple[dict[str, Any], int]:
-    """The 200 body for a valid request and its prompt + completion token total."""
-    messages: list[dict[str, Any]] = body["messages"]
-    user_texts = [
-        text for message, text in zip(messages, texts, strict=True) if message.get("role") == "user"
-    ]
-    source = user_texts[-1] if user_texts else texts[-1]
-    answer = ANSWER_PREFIX + source[:200]
+@dataclass(frozen=True, slots=True)
+class _AnswerMode:
+    """How a request wants its answer: ``kind`` is text | json_object | schema | labels."""
+
+    kind: str
+    schema: dict[str, Any] | None = None
+    labels: tuple[str, ...] = ()
+
+
+_TEXT_MODE = _AnswerMode("text")
+_JSON_OBJECT_MODE = _AnswerMode("json_object")
+
+
+def _prompt_schema(text: str) -> dict[str, Any] | None:
+    """The JSON Schema stated after ``SCHEMA_PROMPT_MARKER`` in ``text``, if any."""
+    at = text.find(SCHEMA_PROMPT_MARKER)
+    if at < 0:
+        return None
+    start = at + len(SCHEMA_PROMPT_MARKER)
+    while start < len(text) and text[start].isspace():
+        start += 1
+    try:
+        schema, _ = json.JSONDecoder().raw_decode(text, start)
+    except json.JSONDecodeError:
+        return None
+    return schema if isinstance(schema, dict) else None
+
+
+def _answer_mode(body: dict[str, Any], messages: list[Any], texts: list[str]) -> _AnswerMode:
+    """The answer mode of a request; see "Answers" in the module docstring."""
     response_format = body.get("response_format")
-    if isinstance(response_format, dict) and response_format.get("type") == "json_object":
-        answer = _dumps({"answer": answer}).decode()
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_schema":
+        assert isinstance(response_format, dict)
+        block = response_format.get("json_schema")
+        schema = block.get("schema") if isinstance(block, dict) else None
+        return _AnswerMode("schema", schema if isinstance(schema, dict) else {})
+    if kind == "json_object":
+        for text in texts:
+            stated = _prompt_schema(text)
+            if stated is not None:
+                return _AnswerMode("schema", stated)
+        return _JSON_OBJECT_MODE
+    for message, text in zip(messages, texts, strict=True):
+        if "Labels:" in text and message.get("role") in ("system", "developer"):
+            line = _LABELS_LINE.search(text)
+            if line is not None:
+                labels = tuple(label.strip() for label in line.group(1).split("|"))
+                labels = tuple(label for label in labels if label)
+                if labels:
+                    return _AnswerMode("labels", labels=labels)
+    return _TEXT_MODE
 
-    finish_reason = "stop"
-    completion_tokens = _count_tokens(answer)
+
+def _draw(*parts: object) -> int:
+    """A stable 64-bit hash of ``parts`` (Python's hash() is salted per process)."""
+    digest = hashlib.blake2b("\x00".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+_MAX_EXAMPLE_DEPTH = 8
+
+
+def _resolve_ref(root: dict[str, Any], ref: str) -> Any:
+    if not ref.startswith("#"):
+        return None
+    node: Any = root
+    for part in ref[1:].split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _example(schema: Any, variant: int, root: dict[str, Any], depth: int = 0) -> Any:
+    """A plausible value for ``schema``; variant 0 is the plain one ("x", 1, true, first enum)."""
+    if not isinstance(schema, dict) or depth > _MAX_EXAMPLE_DEPTH:
+        return "x" if variant == 0 else f"x{variant}"
+    if isinstance(schema.get("$ref"), str):
+        target = _resolve_ref(root, schema["$ref"])
+        return _example(target, variant, root, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        return enum[variant % len(enum)]
+    for keyword in ("anyOf", "oneOf"):
+        branches = schema.get(keyword)
+        if isinstance(branches, list) and branches:
+            usable = [b for b in branches if not (isinstance(b, dict) and b.get("type") == "null")]
+            return _example((usable or branches)[0], variant, root, depth + 1)
+    if isinstance(schema.get("allOf"), list):
+        merged: dict[str, Any] = {}
+        for branch in schema["allOf"]:
+            if isinstance(branch, dict):
+                merged.update(branch)
+        rest = {key: value for key, value in schema.items() if key != "allOf"}
+        return _example({**merged, **rest}, variant, root, depth + 1)
+
+    declared = schema.get("type")
+    if isinstance(declared, list):
+        declared = next((t for t in declared if t != "null"), "null")
+    if declared is None:
+        declared = (
+            "object" if "properties" in schema else "array" if "items" in schema else "string"
+        )
+    if declared == "object":
+        properties = schema.get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        value = {name: _example(sub, variant, root, depth + 1) for name, sub in properties.items()}
+        for name in schema.get("required", []):
+            value.setdefault(name, "x")
+        return value
+    if declared == "array":
+        prefix = schema.get("prefixItems")
+        if isinstance(prefix, list):
+            return [_example(sub, variant, root, depth + 1) for sub in prefix]
+        count = max(1, int(schema.get("minItems", 1)))
+        count = min(count, int(schema.get("maxItems", count)))
+        return [_example(schema.get("items"), variant, root, depth + 1)] * count
+    if declared in ("integer", "number"):
+        number = 1 + variant
+        if isinstance(schema.get("minimum"), int | float):
+            number = max(number, math.ceil(schema["minimum"]))
+        if isinstance(schema.get("exclusiveMinimum"), int | float):
+            number = max(number, math.floor(schema["exclusiveMinimum"]) + 1)
+        if isinstance(schema.get("maximum"), int | float):
+            number = min(number, math.floor(schema["maximum"]))
+        if isinstance(schema.get("exclusiveMaximum"), int | float):
+            number = min(number, math.ceil(schema["exclusiveMaximum"]) - 1)
+        return number
+    if declared == "boolean":
+        return variant % 2 == 0
+    if declared == "null":
+        return None
+    formats = {"date": "2024-01-01", "date-time": "2024-01-01T00:00:00Z", "email": "x@example.com"}
+    text = formats.get(schema.get("format", ""), "x" if variant == 0 else f"x{variant}")
+    min_length = int(schema.get("minLength", 0))
+    text = text.ljust(min_length, "x")
+    if isinstance(schema.get("maxLength"), int):
+        text = text[: schema["maxLength"]]
+    return text
+
+
+def _json_text(value: Any) -> str:
+    # Spaced like json.dumps: a JSON answer is several "tokens", so the token limit cuts it.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _right_answer(
+    mode: _AnswerMode, fixed: str | None, source: str, seed: Any, draw: int, choice: int
+) -> tuple[str, int]:
+    """The right answer of one choice, and the schema variant it used."""
+    variant = 0 if seed is None and choice == 0 else 1 + draw % 997
+    if fixed is not None:
+        return fixed, 0
+    if mode.kind == "labels":
+        return mode.labels[draw % len(mode.labels)], 0
+    if mode.kind == "schema":
+        assert mode.schema is not None
+        return _json_text(_example(mode.schema, variant, mode.schema)), variant
+    text = ANSWER_PREFIX + source[:200]
+    if seed is not None:
+        text += f" (seed {seed})"
+    if mode.kind == "json_object":
+        return _dumps({"answer": text}).decode(), 0
+    return text, 0
+
+
+def _wrong_answer(mode: _AnswerMode, kind: str, right: str, variant: int, prose: bool) -> str:
+    """A wrong answer of ``kind`` (invalid | different) in place of ``right``."""
+    if mode.kind == "labels":
+        if kind == "invalid":
+            return WRONG_TEXT
+        labels = mode.labels
+        index = labels.index(right) if right in labels else -1
+        return labels[(index + 1) % len(labels)]
+    if mode.kind == "schema":
+        assert mode.schema is not None
+        if kind == "different":
+            return _json_text(_example(mode.schema, variant + 1, mode.schema))
+        required = [name for name in mode.schema.get("required", []) if isinstance(name, str)]
+        value = _example(mode.schema, variant, mode.schema)
+        if prose or not required or not isinstance(value, dict):
+            return WRONG_JSON_TEXT
+        value.pop(required[0], None)
+        return _json_text(value)
+    if mode.kind == "json_object":
+        return WRONG_JSON_TEXT if kind == "invalid" else _dumps({"answer": WRONG_TEXT}).decode()
+    return WRONG_TEXT
+
+
+def _conversation_key(messages: list[Any], texts: list[str]) -> str:
+    """The messages before the first assistant message: a re-ask's original request."""
+    original: list[str] = []
+    for message, text in zip(messages, texts, strict=True):
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            break
+        original.append(text)
+    return "\x00".join(original)
+
+
+def _completion(
+    body: dict[str, Any],
+    texts: list[str],
+    answers: list[str],
+    sequence: int,
+    wall_time: float,
+    force_length: bool,
+) -> tuple[dict[str, Any], int]:
+    """The 200 body for a valid request (one choice per answer) and its token total."""
     limits = [int(body[name]) for name in ("max_tokens", "max_completion_tokens") if body.get(name)]
-    limit = min(limits) if limits else None
-    if force_length:
-        limit = min(limit or completion_tokens, max(1, completion_tokens // 2))
-    if limit is not None and completion_tokens > limit:
-        answer = " ".join(answer.split()[:limit])
-        completion_tokens = _count_tokens(answer)
-        finish_reason = "length"
-
-    choices = int(body.get("n") or 1)
-    prompt_tokens = sum(_count_tokens(text) for text in texts)
-    completion_tokens *= choices
-    total_tokens = prompt_tokens + completion_tokens
-    completion = {
-        "id": f"chatcmpl-sim-{sequence}",
-        "object": "chat.completion",
-        "created": int(wall_time),
-        "model": body["model"],
-        "choices": [
+    base_limit = min(limits) if limits else None
+    choices = []
+    completion_tokens = 0
+    for index, answer in enumerate(answers):
+        finish_reason = "stop"
+        tokens = _count_tokens(answer)
+        limit = base_limit
+        if force_length:
+            limit = min(limit or tokens, max(1, tokens // 2))
+        if limit is not None and tokens > limit:
+            answer = " ".join(answer.split()[:limit])
+            tokens = _count_tokens(answer)
+            finish_reason = "length"
+        completion_tokens += tokens
+        choices.append(
             {
                 "index": index,
                 "message": {"role": "assistant", "content": answer, "refusal": None},
                 "finish_reason": finish_reason,
                 "logprobs": None,
             }
-            for index in range(choices)
-        ],
+        )
+    prompt_tokens = sum(_count_tokens(text) for text in texts)
+    total_tokens = prompt_tokens + completion_tokens
+    completion = {
+        "id": f"chatcmpl-sim-{sequence}",
+        "object": "chat.completion",
+        "created": int(wall_time),
+        "model": body["model"],
+        "choices": choices,
         "usage": {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,

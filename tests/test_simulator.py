@@ -21,7 +21,7 @@ import httpx
 import jsonschema
 import pytest
 
-from pipeline.simulator import SimulatorThread, format_go_duration
+from pipeline.simulator import SimulatorConfig, SimulatorThread, format_go_duration
 
 MakeSimulator = Callable[..., SimulatorThread]
 REPO = Path(__file__).resolve().parents[1]
@@ -569,6 +569,246 @@ def test_request_log_gets_one_json_line_per_request(
     assert [entry["client_request_id"] for entry in entries] == ["row-0", "row-1", "row-2"]
     assert [entry["body"] for entry in entries] == [chat_body(f"row {row}") for row in range(3)]
     assert all(abs(entry["t"] - time.time()) < 60 for entry in entries)
+
+
+# -- answer modes: JSON, labels, wrong answers, samples ---------------------------------
+
+LABELS_SYSTEM = "Answer with one label.\nLabels: positive | negative | neutral"
+LABELS = {"positive", "negative", "neutral"}
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer", "minimum": 18},
+        "score": {"type": "number"},
+        "member": {"type": "boolean"},
+        "mood": {"enum": ["happy", "sad"]},
+        "nickname": {"type": ["string", "null"]},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "home": {"$ref": "#/$defs/place"},
+    },
+    "required": ["name", "age", "mood"],
+    "additionalProperties": False,
+    "$defs": {"place": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
+JSON_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+
+
+def answer(sim: SimulatorThread, messages: list[dict[str, Any]], **extra: Any) -> str:
+    return choices(sim, messages, **extra)[0]
+
+
+def choices(sim: SimulatorThread, messages: list[dict[str, Any]], **extra: Any) -> list[str]:
+    body = {"model": "gpt-4o-mini", "messages": messages, **extra}
+    # Plain HTTP: without loading the CA bundle a fresh client is ~25x cheaper to make.
+    with httpx.Client(base_url=sim.base_url, timeout=5, verify=False) as http:
+        response = http.post("/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    return [choice["message"]["content"] for choice in response.json()["choices"]]
+
+
+def labelled(prompt: str) -> list[dict[str, Any]]:
+    return [{"role": "system", "content": LABELS_SYSTEM}, {"role": "user", "content": prompt}]
+
+
+def user(prompt: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def conforms(text: str) -> bool:
+    try:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+def test_a_labels_line_in_the_system_prompt_gets_one_label(simulator: SimulatorThread) -> None:
+    answers = [answer(simulator, labelled(f"review {row}")) for row in range(30)]
+
+    assert set(answers) <= LABELS
+    assert len(set(answers)) == 3  # spread over the labels by the prompt's hash
+    assert answers == [answer(simulator, labelled(f"review {row}")) for row in range(30)]
+
+
+def test_a_labels_line_outside_the_system_prompt_is_just_text(simulator: SimulatorThread) -> None:
+    content = answer(simulator, user("Labels: a | b"))
+    assert content == "Simulated answer to: Labels: a | b"
+
+
+def test_label_directive_answers_exactly_that(simulator: SimulatorThread) -> None:
+    assert answer(simulator, labelled("great [[sim:label=neutral]]")) == "neutral"
+    assert answer(simulator, user("q [[sim:label=Paris]]")) == "Paris"
+
+
+def test_answer_directive_keeps_commas_brackets_and_spaces(simulator: SimulatorThread) -> None:
+    text = ' {"tags": ["a", "b"], "grid": [[1, 2]]} '
+    content = answer(
+        simulator, user(f"q [[sim:answer={text}]]"), response_format={"type": "json_object"}
+    )
+    assert content == text
+
+
+def test_answer_directive_after_other_items_and_directives(simulator: SimulatorThread) -> None:
+    prompt = "q [[sim:sleep_ms=1]] then [[sim:fail=1,status=500,answer=a, b]]"
+    first = post(simulator, prompt)
+    second = post(simulator, prompt)
+
+    assert first.status_code == 500
+    assert second.json()["choices"][0]["message"]["content"] == "a, b"
+
+
+def test_json_schema_format_answers_the_plain_conforming_object(simulator: SimulatorThread) -> None:
+    content = answer(simulator, user("Describe Ann"), response_format=JSON_SCHEMA_FORMAT)
+
+    assert json.loads(content) == {
+        "name": "x",
+        "age": 18,  # 1, raised to the minimum
+        "score": 1,
+        "member": True,
+        "mood": "happy",
+        "nickname": "x",
+        "tags": ["x"],
+        "home": {"city": "x"},
+    }
+    assert conforms(content)
+
+
+def test_json_object_with_the_schema_stated_in_the_prompt(simulator: SimulatorThread) -> None:
+    system = (
+        "Answer with a JSON object that conforms to this JSON Schema:\n"
+        + json.dumps(SCHEMA)
+        + "\nReply with the JSON object only."
+    )
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Ann"}]
+    content = answer(simulator, messages, response_format={"type": "json_object"})
+    assert conforms(content)
+
+
+def test_json_answers_are_cut_by_the_token_limit_into_invalid_json(
+    simulator: SimulatorThread,
+) -> None:
+    body = chat_body("Ann [[sim:length]]", response_format=JSON_SCHEMA_FORMAT)
+    reply = httpx.post(simulator.base_url + "/chat/completions", json=body).json()
+    choice = reply["choices"][0]
+
+    assert choice["finish_reason"] == "length"
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(choice["message"]["content"])
+    assert reply["usage"]["completion_tokens"] == words(choice["message"]["content"])
+
+
+def test_wrong_rate_one_makes_every_answer_invalid(make_simulator: MakeSimulator) -> None:
+    sim = make_simulator(wrong_rate=1.0, seed=3)
+
+    label_answers = {answer(sim, labelled(f"r{row}")) for row in range(10)}
+    json_answers = [
+        answer(sim, user(f"p{row}"), response_format=JSON_SCHEMA_FORMAT) for row in range(20)
+    ]
+
+    assert label_answers == {"I do not know."}
+    assert not any(conforms(text) for text in json_answers)
+    parsed = [text for text in json_answers if text.startswith("{")]
+    assert parsed and len(parsed) < 20  # both kinds occur: prose and a missing field
+    assert all("name" not in json.loads(text) for text in parsed)  # first required: gone
+    assert answer(sim, user("hi")) == "I do not know."
+    assert sim.simulator.stats["wrong"] == 31
+
+
+def test_wrong_kind_different_answers_well_formed_but_wrong(make_simulator: MakeSimulator) -> None:
+    right = make_simulator()
+    wrong = make_simulator(wrong_rate=1.0, wrong_kind="different")
+
+    for row in range(10):
+        correct = answer(right, labelled(f"r{row}"))
+        other = answer(wrong, labelled(f"r{row}"))
+        assert other in LABELS and other != correct
+    correct = answer(right, user("Ann"), response_format=JSON_SCHEMA_FORMAT)
+    other = answer(wrong, user("Ann"), response_format=JSON_SCHEMA_FORMAT)
+    assert conforms(other) and other != correct
+    assert answer(wrong, labelled("x [[sim:label=negative]]")) == "neutral"  # the next label
+
+
+def test_wrong_rate_is_a_rate_and_replays_with_the_seed(make_simulator: MakeSimulator) -> None:
+    def run(sim: SimulatorThread) -> list[str]:
+        return [answer(sim, labelled("same prompt [[sim:label=positive]]")) for _ in range(200)]
+
+    first = run(make_simulator(wrong_rate=0.3, seed=11))
+    share = sum(text != "positive" for text in first) / len(first)
+
+    assert 0.2 < share < 0.4
+    assert run(make_simulator(wrong_rate=0.3, seed=11)) == first
+
+
+def test_wrong_n_counts_a_conversation_and_its_reasks(simulator: SimulatorThread) -> None:
+    messages = labelled("great! [[sim:wrong=1,label=positive]]")
+    first = answer(simulator, messages)
+    reask = [
+        *messages,
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "That is not a label. Answer again."},
+    ]
+
+    assert first == "I do not know."
+    assert answer(simulator, reask) == "positive"
+    assert answer(simulator, labelled("other [[sim:wrong=1,label=positive]]")) == "I do not know."
+
+
+def test_bare_wrong_and_wrong_kind_directives(simulator: SimulatorThread) -> None:
+    messages = labelled("x [[sim:wrong,wrong_kind=different,label=neutral]]")
+    assert [answer(simulator, messages) for _ in range(3)] == ["positive"] * 3
+
+
+def test_seed_changes_the_sample(simulator: SimulatorThread) -> None:
+    texts = {answer(simulator, user("hi"), seed=seed) for seed in range(1, 6)}
+    objects = {
+        answer(simulator, user("Ann"), seed=seed, response_format=JSON_SCHEMA_FORMAT)
+        for seed in range(1, 6)
+    }
+
+    assert len(texts) == 5 and len(objects) == 5
+    assert all(conforms(text) for text in objects)
+    assert answer(simulator, user("hi"), seed=3) == answer(simulator, user("hi"), seed=3)
+    assert answer(simulator, user("hi")) == "Simulated answer to: hi"  # no seed: as before
+
+
+def test_n_draws_labels_and_objects_per_choice_and_bills_each(
+    simulator: SimulatorThread,
+) -> None:
+    body = chat_body("Ann", n=4, response_format=JSON_SCHEMA_FORMAT)
+    reply = httpx.post(simulator.base_url + "/chat/completions", json=body).json()
+    contents = [choice["message"]["content"] for choice in reply["choices"]]
+    labels = choices(simulator, labelled("review"), n=12)
+
+    assert len(contents) == 4 and len(set(contents)) > 1
+    assert all(conforms(text) for text in contents)
+    assert reply["usage"]["completion_tokens"] == sum(words(text) for text in contents)
+    assert set(labels) <= LABELS and len(set(labels)) > 1
+
+
+@pytest.mark.parametrize(
+    ("directive", "named"),
+    [
+        ("wrong=two", "wrong='two'"),
+        ("wrong_kind=maybe", "wrong_kind='maybe'"),
+        ("label=", "label= needs a value"),
+        ("label=a,answer=b", "conflicting answers"),
+    ],
+)
+def test_an_answer_directive_it_cannot_obey_is_a_loud_400(
+    simulator: SimulatorThread, directive: str, named: str
+) -> None:
+    response = post(simulator, f"x [[sim:{directive}]]")
+    assert response.status_code == 400
+    assert named in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("wrong_rate", 1.5), ("wrong_rate", -0.1), ("wrong_kind", "bogus")]
+)
+def test_wrong_answer_settings_are_checked(field: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=field):
+        SimulatorConfig(**{field: value})
 
 
 # -- HTTP/1.1 connection handling --------------------------------------------------------
