@@ -118,7 +118,7 @@ KILL_CONCURRENCY = 8  # about 160 rows/s: each run sends for seconds, longer tha
 CHECKPOINT_SECONDS = 0.25
 # What a SIGKILL may lose: the responses since the last checkpoint (persisted at least every
 # CHECKPOINT_SECONDS), those in flight, and scheduling slack on a busy machine.
-LOSS_WINDOW = CHECKPOINT_SECONDS + 1.25
+LOSS_WINDOW = CHECKPOINT_SECONDS + 1.75
 
 
 @pytest.mark.slow
