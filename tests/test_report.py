@@ -1,0 +1,271 @@
+"""``pipeline report``: OUTPUT in either layout -> per-model comparison, table and HTML page."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import OutputError
+from pipeline.report import (
+    MODELS_METADATA_KEY,
+    comparison_table,
+    format_table,
+    load_output,
+    render_html,
+)
+
+# Two models over the same three input rows; "b" gets one invalid answer and one error.
+RESULTS: dict[str, dict[str, list[Any]]] = {
+    "gpt-a": {
+        "completion": ["yes", "no", "yes"],
+        "status": ["ok", "ok", "ok"],
+        "score": [1.0, 1.0, 0.0],
+        "prompt_tokens": [10, 10, 12],
+        "completion_tokens": [1, 1, 1],
+        "cost_usd": [0.001, 0.001, 0.002],
+        "latency_ms": [100.0, 200.0, 300.0],
+        "response_model": ["gpt-a-2024", "gpt-a-2024", "gpt-a-2024"],
+    },
+    "gpt-b": {
+        "completion": ["yes", "maybe", None],
+        "status": ["ok", "invalid", "error"],
+        "score": [1.0, 0.0, None],
+        "prompt_tokens": [10, 25, None],
+        "completion_tokens": [1, 4, None],
+        "cost_usd": [None, None, None],
+        "latency_ms": [1000.0, 1500.0, 30000.0],
+        "response_model": ["gpt-b", "gpt-b", None],
+    },
+}
+INPUT = {"id": [1, 2, 3], "text": ["q1", "q2", "q3"], "expected": ["yes", "no", "no"]}
+
+
+def write_long(path: Path, results: dict[str, dict[str, list[Any]]] = RESULTS) -> Path:
+    rows: list[dict[str, Any]] = []
+    for index in range(3):
+        for model, columns in results.items():
+            record = {name: values[index] for name, values in INPUT.items()}
+            record["model"] = model
+            record.update({name: values[index] for name, values in columns.items()})
+            rows.append(record)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def write_wide(path: Path, metadata: dict[bytes, bytes] | None = None) -> Path:
+    columns: dict[str, list[Any]] = dict(INPUT)
+    for model, results in RESULTS.items():
+        for name, values in results.items():
+            columns[f"{model}__{name}"] = values
+    table = pa.table(columns)
+    if metadata:
+        table = table.replace_schema_metadata(metadata)
+    pq.write_table(table, path)
+    return path
+
+
+def by_model(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {row["model"]: row for row in rows}
+
+
+# -- reading OUTPUT and comparing ----------------------------------------------------------
+
+
+def test_comparison_of_a_long_output(tmp_path: Path) -> None:
+    rows = comparison_table(load_output(write_long(tmp_path / "long.parquet")))
+
+    assert [row["model"] for row in rows] == ["gpt-a", "gpt-b"]
+    a, b = by_model(rows)["gpt-a"], by_model(rows)["gpt-b"]
+    assert (a["rows"], a["ok"], a["invalid"], a["error"]) == (3, 3, 0, 0)
+    assert a["mean_score"] == pytest.approx(2 / 3)
+    assert (a["prompt_tokens"], a["completion_tokens"]) == (32, 3)
+    assert a["cost_usd"] == pytest.approx(0.004)
+    assert a["latency_p50_ms"] == 200.0
+    assert (b["ok"], b["invalid"], b["error"], b["scored"]) == (1, 1, 1, 2)
+    assert b["mean_score"] == 0.5
+    assert b["cost_usd"] is None  # unknown, not free
+    assert b["latency_p99_ms"] < 1500.0 + 1e-9  # the error's 30 s is not an answer's latency
+    assert b["invalid_rate"] == 0.5
+
+
+def test_a_wide_output_compares_the_same_as_the_long_one(tmp_path: Path) -> None:
+    long = comparison_table(load_output(write_long(tmp_path / "long.parquet")))
+    wide_frame = load_output(write_wide(tmp_path / "wide.parquet"))
+
+    assert comparison_table(wide_frame) == long
+    assert len(wide_frame) == 6
+    assert {"id", "text", "expected", "model", "completion", "score"} <= set(wide_frame.columns)
+    assert not [column for column in wide_frame.columns if "__" in column]
+
+
+def test_wide_model_order_and_names_come_from_metadata(tmp_path: Path) -> None:
+    metadata = {MODELS_METADATA_KEY: json.dumps(["gpt-b", "gpt-a"]).encode()}
+    frame = load_output(write_wide(tmp_path / "wide.parquet", metadata))
+    assert [row["model"] for row in comparison_table(frame)] == ["gpt-b", "gpt-a"]
+
+
+def test_a_model_name_that_extends_another_keeps_its_own_columns(tmp_path: Path) -> None:
+    columns = {
+        "id": [1],
+        "m__status": ["ok"],
+        "m__score": [1.0],
+        "m__x__status": ["invalid"],
+        "m__x__score": [0.0],
+    }
+    pq.write_table(pa.table(columns), tmp_path / "o.parquet")
+
+    rows = by_model(comparison_table(load_output(tmp_path / "o.parquet")))
+    assert (rows["m"]["ok"], rows["m"]["mean_score"]) == (1, 1.0)
+    assert (rows["m__x"]["invalid"], rows["m__x"]["mean_score"]) == (1, 0.0)
+
+
+def test_a_single_model_output_is_named_by_its_response_model(tmp_path: Path) -> None:
+    columns = {**INPUT, **RESULTS["gpt-a"]}
+    pq.write_table(pa.table(columns), tmp_path / "single.parquet")
+
+    [row] = comparison_table(load_output(tmp_path / "single.parquet"))
+    assert row["model"] == "gpt-a-2024"
+    assert row["rows"] == 3
+
+
+@pytest.mark.parametrize("case", ["missing", "not-parquet", "not-an-output"])
+def test_what_is_not_an_output_is_an_output_error(tmp_path: Path, case: str) -> None:
+    path = tmp_path / "out.parquet"
+    if case == "not-parquet":
+        path.write_text("id,text\n1,a\n")
+    elif case == "not-an-output":
+        pq.write_table(pa.table({"id": [1], "text": ["a"]}), path)
+    with pytest.raises(OutputError, match=re.escape(str(path))):
+        load_output(path)
+
+
+# -- the terminal table --------------------------------------------------------------------
+
+
+def test_the_terminal_table_is_aligned_and_shows_each_model(tmp_path: Path) -> None:
+    rows = comparison_table(load_output(write_long(tmp_path / "long.parquet")))
+    text = format_table(rows)
+    lines = text.splitlines()
+
+    assert len(lines) == 2 + len(rows)  # header, rule, one line per model
+    assert len({len(line) for line in lines}) == 1  # right-aligned columns end together
+    header = lines[0].split()
+    assert header[0] == "model" and "score" in header and "p99" in header
+    a_line = next(line for line in lines if line.startswith("gpt-a"))
+    assert "0.667" in a_line and "0.0040" in a_line
+    b_line = next(line for line in lines if line.startswith("gpt-b"))
+    assert "50.0%" in b_line  # invalid rate
+    assert " - " in b_line  # unknown cost
+
+
+def test_a_model_name_cannot_break_the_table_layout() -> None:
+    text = format_table([{"model": "evil\nname", "rows": 1}])
+    assert len(text.splitlines()) == 3
+    assert "evil\\nname" in text
+
+
+def test_an_empty_comparison_says_so() -> None:
+    assert format_table([]) == "(no rows)"
+
+
+# -- the HTML page -------------------------------------------------------------------------
+
+
+class Elements(HTMLParser):
+    """Every start tag with its attributes, and the text inside <title> of SVG elements."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.svg_titles: list[str] = []
+        self._in_title = False
+        self._svg_depth = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+        if tag == "svg":
+            self._svg_depth += 1
+        self._in_title = tag == "title" and self._svg_depth > 0
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "svg":
+            self._svg_depth -= 1
+        if tag == "title":
+            self._in_title = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_title:
+            self.svg_titles.append(data)
+
+    def having(self, tag: str, css_class: str) -> list[dict[str, str | None]]:
+        return [
+            attrs for name, attrs in self.tags if name == tag and attrs.get("class") == css_class
+        ]
+
+
+def page_of(tmp_path: Path, results: dict[str, dict[str, list[Any]]] = RESULTS) -> str:
+    frame = load_output(write_long(tmp_path / "long.parquet", results))
+    return render_html(comparison_table(frame), frame)
+
+
+def parse(page: str) -> Elements:
+    elements = Elements()
+    elements.feed(page)
+    return elements
+
+
+def test_the_page_is_one_self_contained_document(tmp_path: Path) -> None:
+    page = page_of(tmp_path)
+    elements = parse(page)
+
+    assert page.startswith("<!DOCTYPE html>")
+    assert page.count("<html") == 1 and page.rstrip().endswith("</html>")
+    assert [name for name, _ in elements.tags].count("body") == 1
+    for name, attrs in elements.tags:
+        assert name not in ("script", "link", "img", "iframe", "object", "embed"), name
+        for attribute in ("src", "href", "xlink:href"):
+            assert attribute not in attrs, (name, attrs)
+    assert not re.search(r"https?://|url\(|@import", page)
+
+
+def test_one_score_bar_per_model_sized_by_its_mean_score(tmp_path: Path) -> None:
+    bars = parse(page_of(tmp_path)).having("rect", "bar")
+
+    assert len(bars) == 2
+    widths = [float(bar["width"] or 0) for bar in bars]
+    assert widths[0] == pytest.approx(widths[1] * (2 / 3) / 0.5, rel=0.01)  # a: 0.667, b: 0.5
+
+
+def test_one_latency_histogram_per_model_holding_its_answered_rows(tmp_path: Path) -> None:
+    elements = parse(page_of(tmp_path))
+    histograms = elements.having("svg", "histogram")
+
+    assert len(histograms) == 2
+    counts = [int(title.rsplit(":", 1)[1]) for title in elements.svg_titles if " ms: " in title]
+    assert sum(counts) == 3 + 2  # gpt-a: 3 answered rows; gpt-b: 2 (the error is left out)
+
+
+def test_model_names_are_escaped(tmp_path: Path) -> None:
+    evil = '<script>alert("x")</script> & co'
+    page = page_of(tmp_path, {evil: RESULTS["gpt-a"], "plain": RESULTS["gpt-b"]})
+
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; co" in page
+    assert len(parse(page).having("rect", "bar")) == 2
+
+
+def test_a_model_without_score_or_latency_still_gets_its_bar(tmp_path: Path) -> None:
+    silent = {**RESULTS["gpt-b"], "status": ["error"] * 3, "score": [None] * 3}
+    page = page_of(tmp_path, {"gpt-a": RESULTS["gpt-a"], "down": silent})
+    elements = parse(page)
+
+    assert len(elements.having("rect", "bar")) == 2
+    assert len(elements.having("svg", "histogram")) == 1
+    assert "no score" in page and "No answered rows" in page
