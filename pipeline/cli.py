@@ -24,7 +24,7 @@ from .runner import EXIT_ABORTED, EXIT_USAGE, Seams, estimate_job, run_batch
 EXIT_CODES_HELP = """\b
 Exit codes:
   0  every row ok or skipped
-  1  finished, but some rows failed (status = error)
+  1  finished, but some rows failed (status error or invalid)
   2  usage, config or input error, or OUTPUT locked by another run: nothing was sent
   3  aborted (401 bad key, 403 no credits, insufficient_quota, a signal, or
      --max-runtime); completed rows are kept and the same command resumes
@@ -63,7 +63,47 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         help="TOML file; any option below can be set there. Options beat the file.",
     ),
     click.option("--base-url", help="API base URL. [default: https://api.aimlapi.com/v1]"),
-    click.option("--model", help="Model name. [default: gpt-3.5-turbo]"),
+    click.option(
+        "--model",
+        multiple=True,
+        help="Model name; repeat it to send every row to each model. [default: gpt-3.5-turbo]",
+    ),
+    click.option(
+        "--wide",
+        is_flag=True,
+        default=None,
+        help="Several models: one output row per input row, a column group per model "
+        "({model}__completion, ...) instead of one row per (row, model).",
+    ),
+    click.option(
+        "--json-schema",
+        metavar="FILE",
+        help="JSON Schema of the answer: validated, its top-level properties become columns.",
+    ),
+    click.option(
+        "--schema-mode",
+        type=click.Choice(["auto", "native", "prompt"]),
+        help="native: response_format json_schema; prompt: json_object + the schema in the "
+        "system prompt; auto: native where the model supports it. [default: auto]",
+    ),
+    click.option("--schema-prefix", metavar="TEXT", help="Prefix of the schema's columns."),
+    click.option(
+        "--labels",
+        metavar="a,b,c|@FILE",
+        help="Single-label classification: the answer must be one label; a label column.",
+    ),
+    click.option(
+        "--max-reasks",
+        type=int,
+        help="Re-ask an answer that does not parse/validate this often, then status "
+        "invalid. [default: 2]",
+    ),
+    click.option("--expected-column", metavar="COL", help="Column with the right answers."),
+    click.option(
+        "--score",
+        metavar="SPEC",
+        help="exact | contains | regex | json-field=PATH: a score column per row and model.",
+    ),
     click.option(
         "--api-key-env",
         metavar="NAME",
@@ -222,6 +262,8 @@ def _config_from_options(
     options: dict[str, Any],
 ) -> RunConfig:
     file_values = load_config_file(config_path) if config_path else None
+    models = options.get("model") or ()
+    options["model"] = None if not models else models[0] if len(models) == 1 else tuple(models)
     options["stop"] = stop
     options["progress"] = False if no_progress else None
     if params:
@@ -389,7 +431,8 @@ def status(output: Path, as_json: bool) -> None:
         return
     click.echo(
         f"{output}: {total} rows | {counts['ok']} ok | {counts['error']} error | "
-        f"{counts['skipped']} skipped | {info['pending']} pending\n"
+        f"{counts['invalid']} invalid | {counts['skipped']} skipped | "
+        f"{info['pending']} pending\n"
         f"tokens: {info['prompt_tokens']} in, {info['completion_tokens']} out\n"
         f"fingerprint: {info['fingerprint']} (model {info['model']})\n"
         + (f"running: {holder}" if holder else "running: no")
@@ -420,6 +463,16 @@ def status(output: Path, as_json: bool) -> None:
 @click.option("--rps-limit", type=float, help="Requests/s enforced with 429s.")
 @click.option("--tpm-limit", type=int, help="Tokens/minute enforced with 429s.")
 @click.option("--rate-limit-headers", is_flag=True, help="Send x-ratelimit-* headers.")
+@click.option(
+    "--wrong-rate", default=0.0, type=float, help="Share of label/JSON answers that are wrong."
+)
+@click.option(
+    "--wrong-kind",
+    type=click.Choice(["invalid", "different"]),
+    default="invalid",
+    show_default=True,
+    help="invalid: unusable answer; different: well-formed, wrong.",
+)
 @click.option("--seed", type=int, help="Seed for the fault draws.")
 @click.option(
     "--request-log",
@@ -444,6 +497,8 @@ def simulate(
     rate_limit_headers: bool,
     seed: int | None,
     request_log: str | None,
+    wrong_rate: float,
+    wrong_kind: str,
 ) -> None:
     """Serve a local OpenAI-compatible chat API for demos, tests and benchmarks.
 
@@ -469,6 +524,8 @@ def simulate(
         seed=seed,
         record=False,
         request_log=request_log,
+        wrong_rate=wrong_rate,
+        wrong_kind=wrong_kind,
     )
     run_simulator(config, host=host, port=port)
 
@@ -594,3 +651,35 @@ def _ctime(value: float) -> str:
     import time
 
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+
+
+@main.command()
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the comparison as one self-contained HTML page.",
+)
+@click.option("--json", "as_json", is_flag=True, help="The table as JSON, for scripts.")
+def report(output: Path, html_path: Path | None, as_json: bool) -> None:
+    """Compare the models of OUTPUT: rows, score, tokens, cost, latency percentiles.
+
+    Works on any OUTPUT (one model, several models long or --wide).
+    """
+    from .errors import OutputError
+    from .report import comparison_table, format_table, load_output, render_html
+
+    try:
+        frame = load_output(output)
+    except OutputError as exc:
+        _fail(str(exc), EXIT_USAGE)
+        return
+    rows = comparison_table(frame)
+    if as_json:
+        click.echo(json.dumps(rows, default=str))
+    else:
+        click.echo(format_table(rows))
+    if html_path is not None:
+        html_path.write_text(render_html(rows, frame), encoding="utf-8")
+        click.echo(f"wrote {html_path}", err=True)

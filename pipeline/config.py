@@ -45,6 +45,8 @@ class RunConfig:
 
     base_url: str = DEFAULT_BASE_URL
     model: str = DEFAULT_MODEL
+    models: tuple[str, ...] = ()  # several --model: each row goes to every one
+    wide: bool = False  # several models: one output row per input row, column groups
     api_key_env: str | None = None
     api_key_file: str | None = None
     # prompt source: exactly one of the three (default: prompt_column="prompt")
@@ -52,6 +54,14 @@ class RunConfig:
     template: str | None = None
     messages_column: str | None = None
     system: str | None = None
+    # structured answers and evaluation
+    json_schema: str | None = None  # JSON Schema file for the answer
+    schema_mode: str = "auto"  # auto | native | prompt
+    schema_prefix: str = ""  # prefix of the answer's typed columns
+    labels: str | None = None  # "a,b,c" or "@file": single-label classification
+    max_reasks: int = 2  # re-asks of an answer that does not parse or validate
+    expected_column: str | None = None
+    score: str | None = None  # exact | contains | regex | json-field=PATH
     # request body parameters; None means "leave out of the body"
     temperature: float | None = None
     max_tokens: int | None = None
@@ -95,6 +105,11 @@ class RunConfig:
     quiet: bool = False
 
     @property
+    def all_models(self) -> tuple[str, ...]:
+        """Every model a row is sent to, in order."""
+        return self.models or (self.model,)
+
+    @property
     def prompt_source(self) -> tuple[str, str]:
         """(kind, value): ("column", name) | ("template", text) | ("messages", name)."""
         if self.template is not None:
@@ -124,13 +139,23 @@ class RunConfig:
     def fingerprint_parts(self) -> dict[str, Any]:
         """What determines a response, by name (so that a mismatch can say what changed)."""
         kind, value = self.prompt_source
-        return {
+        parts: dict[str, Any] = {
             "base_url": self.base_url.rstrip("/"),
-            "model": self.model,
+            "model": self.model if len(self.all_models) == 1 else list(self.all_models),
             "body_parameters": self.body_params(),
             "prompt_source": {"kind": kind, "value": value},
             "system_prompt": self.system,
         }
+        if self.json_schema is not None or self.labels is not None:
+            from .structured import load_labels, load_schema
+
+            parts["answer_format"] = {
+                "json_schema": load_schema(self.json_schema) if self.json_schema else None,
+                "schema_mode": self.schema_mode,
+                "labels": load_labels(self.labels) if self.labels else None,
+                "max_reasks": self.max_reasks,
+            }
+        return parts
 
     def fingerprint(self) -> str:
         """A short stable hash of ``fingerprint_parts``."""
@@ -178,6 +203,7 @@ def fingerprint_of(parts: dict[str, Any]) -> str:
 
 _FIELDS = {f.name: f for f in fields(RunConfig)}
 _INT_FIELDS = {
+    "max_reasks",
     "max_tokens",
     "seed",
     "limit",
@@ -207,6 +233,7 @@ _BOOL_FIELDS = {
     "quiet",
     "dedup",
     "dry_run",
+    "wide",
 }
 _STR_FIELDS = {
     "base_url",
@@ -224,6 +251,12 @@ _STR_FIELDS = {
     "log_format",
     "prices",
     "cache",
+    "json_schema",
+    "schema_mode",
+    "schema_prefix",
+    "labels",
+    "expected_column",
+    "score",
 }
 # TOML keys that are not RunConfig fields but are accepted by load_config_file and
 # passed through untouched (the CLI reads them itself).
@@ -335,6 +368,10 @@ def _check_type(key: str, value: Any, where: str) -> Any:
     elif key in _BOOL_FIELDS:
         if not isinstance(value, bool):
             raise bad("true or false")
+    elif key == "model" and isinstance(value, list | tuple):
+        if not all(isinstance(v, str) and v.strip() for v in value):
+            raise bad("a model name or a list of them")
+        value = tuple(value)
     elif key in _STR_FIELDS:
         if not isinstance(value, str):
             raise bad("a string")
@@ -356,6 +393,13 @@ def _check_type(key: str, value: Any, where: str) -> Any:
         if seconds is None or seconds <= 0:
             raise bad("a duration like 90s, 45m or 2h")
         value = seconds
+    elif key == "models":
+        if isinstance(value, str):
+            value = (value,)
+        elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            value = tuple(value)
+        else:
+            raise bad("a list of model names")
     elif key == "params" and not isinstance(value, dict):
         raise bad("a table of body fields")
     return value
@@ -405,6 +449,13 @@ def build_config(
         if key in RESERVED_PARAMS:
             raise ConfigError(f"--param {key}=...: '{key}' is set with {RESERVED_PARAMS[key]}.")
     merged["params"] = params
+    # model = ["a", "b"] (TOML, API) or --model repeated: several models
+    model = merged.get("model")
+    if isinstance(model, list | tuple):
+        if not model:
+            raise ConfigError("--model: give at least one model.")
+        merged["models"] = tuple(model) if len(model) > 1 else ()
+        merged["model"] = model[0]
     config = RunConfig(**merged)
     validate(config)
     return config
@@ -463,6 +514,30 @@ def validate(config: RunConfig) -> None:
     for ok, rule in checks:
         if not ok:
             raise ConfigError(f"Out of range: {rule}.")
+    _validate_answer_options(config)
+
+
+def _validate_answer_options(config: RunConfig) -> None:
+    """Structured answers and scoring: load what they name now, so errors come first."""
+    if config.json_schema is not None and config.labels is not None:
+        raise ConfigError("Give --json-schema or --labels, not both.")
+    if config.schema_mode not in ("auto", "native", "prompt"):
+        raise ConfigError(f"--schema-mode {config.schema_mode!r}: use auto, native or prompt.")
+    if config.max_reasks < 0:
+        raise ConfigError("Out of range: --max-reasks: 0 or more.")
+    if len(set(config.all_models)) != len(config.all_models):
+        raise ConfigError(f"--model: the same model twice in {list(config.all_models)}.")
+    if config.score is not None and config.expected_column is None:
+        raise ConfigError("--score needs --expected-column COL (the right answers).")
+    from .scoring import make_scorer
+    from .structured import load_labels, load_schema
+
+    if config.json_schema is not None:
+        load_schema(config.json_schema)
+    if config.labels is not None:
+        load_labels(config.labels)
+    if config.score is not None:
+        make_scorer(config.score)
 
 
 def resolve_api_key(config: RunConfig, environ: dict[str, str] | None = None) -> str | None:

@@ -157,3 +157,9 @@ def _name_ids(source: InputSource, id_column: str, keys: np.ndarray, dups: set[i
     shown = list(names.values())[:10]
     more = f" and {len(dups) - len(shown)} more" if len(dups) > len(shown) else ""
     return ", ".join(shown) + more
+
+
+def model_row_keys(keys: np.ndarray, model: str) -> np.ndarray:
+    """The keys of (row, model) pairs: each row's key mixed with the model's name."""
+    digest = hashlib.blake2b(model.encode("utf-8"), digest_size=8).digest()
+    return _mix(keys ^ np.uint64(int.from_bytes(digest, "little")))

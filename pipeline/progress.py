@@ -196,6 +196,7 @@ def format_summary(s: RunSummary) -> str:
     """The human summary printed at the end of a run."""
     lines = [
         f"rows: {s.rows_total} total | {s.ok} ok | {s.error} error | {s.skipped} skipped"
+        + (f" | {s.invalid} invalid" if s.invalid else "")
         + (f" | {s.pending} pending" if s.pending else ""),
         f"this run: {s.sent} sent ({s.retries} retries), {s.resumed} resumed from the checkpoint"
         + (f", {s.removed} left the input" if s.removed else ""),
@@ -211,6 +212,17 @@ def format_summary(s: RunSummary) -> str:
     if s.error_types:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(s.error_types.items()))
         lines.append(f"errors: {kinds}")
+    answered = s.ok + s.invalid
+    if s.invalid or s.labels:
+        rate = s.invalid / answered if answered else 0.0
+        lines.append(f"invalid answers: {s.invalid} ({rate:.1%} of answered)")
+    if s.labels:
+        shares = ", ".join(f"{k} {v}" for k, v in sorted(s.labels.items(), key=lambda x: -x[1]))
+        lines.append(f"labels: {shares}")
+    if len(s.models) > 1 or any(m.get("scored") for m in s.models):
+        from .report import format_table
+
+        lines.append(format_table(s.models))
     if s.aborted:
         lines.append(f"aborted: {s.aborted}")
     lines.append(f"output: {s.output}")

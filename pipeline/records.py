@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Status = Literal["ok", "error", "skipped"]
+Status = Literal["ok", "error", "skipped", "invalid"]
 Message = dict[str, Any]
 
 
@@ -23,6 +23,7 @@ class PromptRow:
     messages: list[Message] | None = None
     skip_reason: str | None = None
     invalid_reason: str | None = None
+    model: str | None = None  # None: the run's only model
 
     @property
     def request_id(self) -> str:
@@ -83,6 +84,7 @@ class RunSummary:
     rows_total: int = 0
     ok: int = 0
     error: int = 0
+    invalid: int = 0
     skipped: int = 0
     pending: int = 0
     resumed: int = 0
@@ -99,6 +101,8 @@ class RunSummary:
     finish_reasons: dict[str, int] = field(default_factory=dict)
     error_types: dict[str, int] = field(default_factory=dict)
     aborted: str | None = None
+    labels: dict[str, int] = field(default_factory=dict)
+    models: list[dict[str, Any]] = field(default_factory=list)
     fingerprint: str = ""
     exit_code: int = 0
 
@@ -109,6 +113,7 @@ class RunSummary:
             "rows_total": self.rows_total,
             "ok": self.ok,
             "error": self.error,
+            "invalid": self.invalid,
             "skipped": self.skipped,
             "pending": self.pending,
             "resumed": self.resumed,
@@ -125,6 +130,8 @@ class RunSummary:
             "finish_reasons": dict(self.finish_reasons),
             "error_types": dict(self.error_types),
             "aborted": self.aborted,
+            "labels": dict(self.labels),
+            "models": list(self.models),
             "fingerprint": self.fingerprint,
             "exit_code": self.exit_code,
         }
@@ -150,4 +157,4 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "cost_usd",
     "cost_source",
 )
-STATUS_CODES: dict[str, int] = {"ok": 0, "error": 1, "skipped": 2}
+STATUS_CODES: dict[str, int] = {"ok": 0, "error": 1, "skipped": 2, "invalid": 3}

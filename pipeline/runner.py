@@ -44,7 +44,7 @@ from .errors import (
     RunAborted,
 )
 from .estimate import Estimate, Estimator
-from .keys import compute_keys
+from .keys import compute_keys, model_row_keys
 from .limits import Budget, Limits
 from .pricing import PriceTable
 from .progress import Reporter
@@ -54,12 +54,26 @@ from .records import (
     RESULT_COLUMNS,
     STATUS_CODES,
     Completion,
+    Message,
     PromptRow,
     RowResult,
     RunSummary,
+    Usage,
 )
 from .retry import RetryPolicy
-from .writer import write_output
+from .scoring import make_scorer
+from .structured import (
+    ParsedAnswer,
+    add_system_text,
+    label_instruction,
+    load_labels,
+    load_schema,
+    parse_answer,
+    parse_label,
+    plan_schema_request,
+    reask_messages,
+)
+from .writer import OutputSpec, write_output
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ABORTED, EXIT_BUDGET = 0, 1, 2, 3, 4
 
@@ -87,9 +101,11 @@ class _Plan:
     source: InputSource
     builder: PromptBuilder
     checkpoint: Checkpoint
-    keys: np.ndarray
-    todo: np.ndarray  # bool per input row: needs a result
-    send: np.ndarray  # bool per input row: needs a request (todo, not a duplicate)
+    keys: np.ndarray  # per input row
+    models: tuple[str, ...]
+    model_keys: tuple[np.ndarray, ...]  # per model: the key of (row, model)
+    todo: np.ndarray  # bool [row, model]: needs a result
+    send: np.ndarray  # bool [row, model]: needs a request (todo, not a duplicate)
     index: ResultIndex
     prices: PriceTable
     followers: dict[int, list[int]]  # leader key -> keys of its duplicates sent with it
@@ -140,12 +156,20 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
     # found here, before the checkpoint is touched and before any request.
     row_keys = compute_keys(source, id_column=config.id_column, content_columns=builder.columns)
     keys = row_keys.keys
+    models = config.all_models
+    model_keys = [keys] if len(models) == 1 else [model_row_keys(keys, m) for m in models]
     prices = PriceTable.load(config.prices)
-    if config.max_cost is not None and prices.price(config.model) is None:
-        raise ConfigError(
-            f"--max-cost needs a price for model '{config.model}', and the price table has "
-            "none. Add it in a file given with --prices (see configs/prices.toml), or use "
-            "--max-total-tokens."
+    for model in models:
+        if config.max_cost is not None and prices.price(model) is None:
+            raise ConfigError(
+                f"--max-cost needs a price for model '{model}', and the price table has "
+                "none. Add it in a file given with --prices (see configs/prices.toml), or use "
+                "--max-total-tokens."
+            )
+    if config.expected_column is not None and config.expected_column not in columns:
+        raise InputError(
+            f"{source.name} has no column '{config.expected_column}' for --expected-column "
+            f"(columns: {', '.join(columns)})."
         )
 
     checkpoint = Checkpoint(output)
@@ -167,32 +191,41 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
     except BaseException:
         checkpoint.release_lock()
         raise
-    pos = index.lookup(keys)
-    done = pos >= 0
-    if config.retry_failed:
-        done &= index.status[np.maximum(pos, 0)] != STATUS_CODES["error"]
+    n = len(keys)
+    todo = np.zeros((n, len(models)), dtype=bool)
     present = np.zeros(len(index.keys), dtype=bool)
-    present[pos[pos >= 0]] = True
-    todo = ~done
-    send = todo.copy()
     followers: dict[int, list[int]] = {}
     copy_from: list[int] = []
     copy_to: list[int] = []
-    if config.dedup:
-        # a later row with the same prompt is not sent: it gets its first row's result
-        for i in np.nonzero(todo & (row_keys.first != np.arange(len(keys))))[0]:
-            leader = int(row_keys.first[i])
-            send[i] = False
-            if todo[leader]:
-                followers.setdefault(int(keys[leader]), []).append(int(keys[i]))
-            else:
-                copy_from.append(int(pos[leader]))
-                copy_to.append(int(keys[i]))
+    duplicate = row_keys.first != np.arange(n)
+    send = np.zeros_like(todo)
+    for j, mkeys in enumerate(model_keys):
+        pos = index.lookup(mkeys)
+        done = pos >= 0
+        if config.retry_failed:
+            status = index.status[np.maximum(pos, 0)]
+            done &= (status != STATUS_CODES["error"]) & (status != STATUS_CODES["invalid"])
+        present[pos[pos >= 0]] = True
+        todo[:, j] = ~done
+        send[:, j] = ~done
+        if config.dedup:
+            # a later row with the same prompt is not sent: it gets its first row's result
+            for i in np.nonzero(~done & duplicate)[0]:
+                leader = int(row_keys.first[i])
+                send[i, j] = False
+                if not done[leader]:
+                    followers.setdefault(int(mkeys[leader]), []).append(int(mkeys[i]))
+                else:
+                    copy_from.append(int(pos[leader]))
+                    copy_to.append(int(mkeys[i]))
+    done_all = ~todo
     return _Plan(
         source=source,
         builder=builder,
         checkpoint=checkpoint,
         keys=keys,
+        models=models,
+        model_keys=tuple(model_keys),
         todo=todo,
         send=send,
         index=index,
@@ -200,7 +233,7 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
         followers=followers,
         copy_from=np.array(copy_from, dtype=np.int64),
         copy_to=np.array(copy_to, dtype=np.uint64),
-        resumed=int(done.sum()),
+        resumed=int(done_all.sum()),
         removed=int((~present).sum()),
         api_key=api_key,
         notes=notes,
@@ -256,6 +289,9 @@ class _Run:
             spent_tokens=int(index.prompt_tokens.sum() + index.completion_tokens.sum()),
         )
         self.cache = ResponseCache(config.cache) if config.cache else None
+        self.answer_schema = load_schema(config.json_schema) if config.json_schema else None
+        self.labels = load_labels(config.labels) if config.labels else None
+        self._shapes: dict[str, tuple[dict[str, Any], str | None]] = {}
         self.abort_kind: str | None = None
         self.deduplicated = 0
         self.cache_hits = 0
@@ -324,15 +360,22 @@ class _Run:
                 n = batch.num_rows
                 need = plan.send[offset : offset + n]
                 if need.any():
-                    where = np.nonzero(need)[0]
+                    where = np.nonzero(need.any(axis=1))[0]
                     rows = plan.builder.build(
                         batch.take(where), plan.keys[offset + where], offset + where
                     )
-                    for row in rows:
-                        if row.messages is None:
-                            self.record(self._unsent_result(row))
-                            continue
-                        await queue.put(row)
+                    single = len(plan.models) == 1
+                    for i, row in zip(where, rows, strict=True):
+                        for j, model in enumerate(plan.models):
+                            if not need[i, j]:
+                                continue
+                            if not single:
+                                key = int(plan.model_keys[j][offset + i])
+                                row = dataclasses.replace(row, key=key, model=model)
+                            if row.messages is None:
+                                self.record(self._unsent_result(row))
+                                continue
+                            await queue.put(row)
                         if self.stopping.is_set():
                             break
                 offset += n
@@ -363,22 +406,112 @@ class _Run:
             if result is not None:
                 self.record(result)
 
+    # -- one row: request(s), answer checks and re-asks -------------------------------------
+
+    def _request_shape(self, model: str) -> tuple[dict[str, Any], str | None]:
+        """(body parameters, system text to add) for ``model``: schema and label options."""
+        shape = self._shapes.get(model)
+        if shape is None:
+            params, system = dict(self.params), None
+            if self.answer_schema is not None:
+                plan = plan_schema_request(self.answer_schema, model, self.config.schema_mode)  # type: ignore[arg-type]
+                params["response_format"] = plan.response_format
+                system = plan.system_prompt
+            elif self.labels is not None:
+                system = label_instruction(self.labels)
+            shape = self._shapes[model] = (params, system)
+        return shape
+
+    def _check_answer(self, text: str | None, finish_reason: str | None) -> ParsedAnswer | None:
+        if self.answer_schema is not None:
+            return parse_answer(text, self.answer_schema, finish_reason=finish_reason)
+        if self.labels is not None:
+            return parse_label(text, self.labels, finish_reason=finish_reason)
+        return None
+
     async def send_row(self, row: PromptRow, client: ChatClient) -> RowResult | None:
-        body = build_body(self.config.model, row.messages or [], self.params)
+        model = row.model or self.config.model
+        params, system_text = self._request_shape(model)
+        messages = row.messages or []
+        if system_text:
+            messages = add_system_text(messages, system_text)
         started = time.monotonic()
+        attempts = 0
+        spent: list[tuple[Completion, tuple[float | None, str | None]]] = []
+        current = messages
+        for reask in range(self.config.max_reasks + 1):
+            try:
+                completion, tries, cached = await self._exchange(
+                    row, model, current, params, client, reask
+                )
+            except BudgetReached as exc:
+                if self.abort_kind is None:
+                    self.abort_kind = "budget"
+                    self.reporter.error(f"stopping the run: {exc.message}")
+                self.stop(f"{exc.kind}: {exc.message}")  # requests in flight may finish
+                return None
+            except FatalError as exc:
+                self.reporter.error(f"stopping the run: {exc.message}", http_status=exc.status)
+                self.stop(f"{exc.kind}: {exc.message}", hard=True)
+                return None  # the row stays pending; a rerun sends it
+            except RequestError as exc:
+                return RowResult(
+                    key=row.key,
+                    status="error",
+                    error_type=exc.kind,
+                    error_message=exc.message,
+                    http_status=exc.status,
+                    attempts=attempts + getattr(exc, "attempts", 1),
+                    latency_ms=round((time.monotonic() - started) * 1000, 1),
+                    usage=_sum_usage([c for c, _ in spent]),
+                    cost_usd=_sum_cost(spent)[0],
+                    cost_source=_sum_cost(spent)[1],
+                )
+            attempts += tries
+            spent.append((completion, (0.0, "cache") if cached else self._cost(completion, model)))
+            parsed = self._check_answer(completion.text, completion.finish_reason)
+            if parsed is None or parsed.ok:
+                break
+            # a truncated answer would be cut again at the same limit: report it as it is
+            if parsed.truncated or reask == self.config.max_reasks:
+                return dataclasses.replace(
+                    self._ok(
+                        row, completion, attempts=attempts, started=started, cost=_sum_cost(spent)
+                    ),
+                    status="invalid",
+                    usage=_sum_usage([c for c, _ in spent]),
+                    error_type="TruncatedAnswer" if parsed.truncated else "InvalidAnswer",
+                    error_message=parsed.error,
+                )
+            current = reask_messages(messages, completion.text, parsed.error or "")
+        if len(spent) == 1 and spent[0][1][1] == "cache":
+            self.cache_hits += 1
+        return dataclasses.replace(
+            self._ok(row, completion, attempts=attempts, started=started, cost=_sum_cost(spent)),
+            usage=_sum_usage([c for c, _ in spent]),
+        )
+
+    async def _exchange(
+        self,
+        row: PromptRow,
+        model: str,
+        messages: list[Message],
+        params: dict[str, Any],
+        client: ChatClient,
+        reask: int,
+    ) -> tuple[Completion, int, bool]:
+        """One request with its retries (or a cache hit): (completion, attempts, cached)."""
+        body = build_body(model, messages, params)
         cache_key = None
         if self.cache is not None:
             cache_key = self.cache.key(self.config.base_url, body)
-            cached = await asyncio.to_thread(self.cache.get, cache_key)
-            if cached is not None:
+            stored = await asyncio.to_thread(self.cache.get, cache_key)
+            if stored is not None:
                 try:
-                    hit = parse_completion(cached)
+                    return parse_completion(stored), 0, True
                 except RequestError:
-                    hit = None  # a damaged entry is a miss
-                if hit is not None:
-                    self.cache_hits += 1
-                    return self._ok(row, hit, attempts=0, started=started, cost=(0.0, "cache"))
-        self.sent += 1
+                    pass  # a damaged entry is a miss
+        request_id = row.request_id + (f".r{reask}" if reask else "")
 
         def on_retry(error: RequestError, attempt: int, wait: float) -> None:
             self.reporter.retry(
@@ -389,29 +522,24 @@ class _Run:
                 wait=wait,
             )
 
-        policy = RetryPolicy(
-            max_retries=self.policy.max_retries,
-            max_retry_wait=self.policy.max_retry_wait,
-            sleep=self.policy.sleep,
-            on_retry=on_retry,
-        )
-        chars = _prompt_chars(row)
+        policy = dataclasses.replace(self.policy, on_retry=on_retry)
+        chars = sum(len(str(m.get("content") or "")) for m in messages)
 
         async def attempt() -> Completion:
-            reservation = self._reserve(chars)
-            spent = (0.0, 0.0)
+            reservation = self._reserve(chars, model)
+            used = (0.0, 0.0)
             try:
                 completion = await limited_send()
-                spent = (self._cost(completion)[0] or 0.0, _tokens(completion))
+                used = (self._cost(completion, model)[0] or 0.0, _tokens(completion))
                 return completion
             finally:
                 if reservation is not None:
-                    self.budget.settle(reservation, *spent)
+                    self.budget.settle(reservation, *used)
 
         async def limited_send() -> Completion:
             cost, began = await self.limits.start(chars)
             try:
-                completion = await client.send(body, row.request_id)
+                completion = await client.send(body, request_id)
             except RequestError as exc:
                 await self.limits.finish(
                     chars=chars,
@@ -435,39 +563,20 @@ class _Run:
             )
             return completion
 
+        self.sent += 1
         try:
             completion, attempts = await policy.call(attempt)
-        except BudgetReached as exc:
-            self.sent -= 1  # nothing went out for this row
-            if self.abort_kind is None:
-                self.abort_kind = "budget"
-                self.reporter.error(f"stopping the run: {exc.message}")
-            self.stop(f"{exc.kind}: {exc.message}")  # requests in flight may finish
-            return None
-        except FatalError as exc:
-            self.reporter.error(f"stopping the run: {exc.message}", http_status=exc.status)
-            self.stop(f"{exc.kind}: {exc.message}", hard=True)
-            return None  # the row stays pending; a rerun sends it
-        except RequestError as exc:
-            return RowResult(
-                key=row.key,
-                status="error",
-                error_type=exc.kind,
-                error_message=exc.message,
-                http_status=exc.status,
-                attempts=getattr(exc, "attempts", 1),
-                latency_ms=round((time.monotonic() - started) * 1000, 1),
-            )
+        except BudgetReached:
+            self.sent -= 1  # nothing went out
+            raise
         if cache_key is not None and self.cache is not None and completion.raw:
             await asyncio.to_thread(
                 self.cache.put,
                 cache_key,
                 completion.raw,
-                {"model": self.config.model, "base_url": self.config.base_url},
+                {"model": model, "base_url": self.config.base_url},
             )
-        return self._ok(
-            row, completion, attempts=attempts, started=started, cost=self._cost(completion)
-        )
+        return completion, attempts, False
 
     def _ok(
         self,
@@ -493,22 +602,22 @@ class _Run:
             cost_source=cost[1],
         )
 
-    def _cost(self, completion: Completion) -> tuple[float | None, str | None]:
+    def _cost(self, completion: Completion, model: str) -> tuple[float | None, str | None]:
         """(USD, source): the server's figure when it reports one, else the price table."""
         if completion.reported_cost is not None:
             return completion.reported_cost, "reported"
         usage = completion.usage
-        for model in (self.config.model, completion.model):
-            if model is None:
+        for name in (model, completion.model):
+            if name is None:
                 continue
             cost = self.plan.prices.cost(
-                model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+                name, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
             )
             if cost is not None:
                 return cost, "table"
         return None, None
 
-    def _reserve(self, chars: int) -> tuple[float, float] | None:
+    def _reserve(self, chars: int, model: str) -> tuple[float, float] | None:
         """Hold the worst case of one request against the budget, or raise BudgetReached."""
         if not self.budget.active:
             return None
@@ -517,7 +626,7 @@ class _Run:
         prompt = estimator.prompt_tokens(chars)
         cost = 0.0
         if self.budget.max_cost is not None:
-            priced = self.plan.prices.cost(self.config.model, round(prompt), round(tokens - prompt))
+            priced = self.plan.prices.cost(model, round(prompt), round(tokens - prompt))
             cost = priced or 0.0
         if not self.budget.reserve(cost, tokens):
             raise BudgetReached(
@@ -633,11 +742,65 @@ class _Run:
         return remove
 
 
+def _sum_usage(completions: list[Completion]) -> Usage:
+    """Usage of all requests of one row (re-asks count)."""
+    if len(completions) == 1:
+        return completions[0].usage
+
+    def total(name: str) -> int | None:
+        values = [getattr(c.usage, name) for c in completions]
+        known = [v for v in values if v is not None]
+        return sum(known) if known else None
+
+    return Usage(
+        prompt_tokens=total("prompt_tokens"),
+        completion_tokens=total("completion_tokens"),
+        total_tokens=total("total_tokens"),
+        cached_tokens=total("cached_tokens"),
+        reasoning_tokens=total("reasoning_tokens"),
+    )
+
+
+def _sum_cost(
+    spent: list[tuple[Completion, tuple[float | None, str | None]]],
+) -> tuple[float | None, str | None]:
+    costs = [cost for _, cost in spent]
+    if not costs or any(c is None for c, _ in costs):
+        return None, None
+    sources = {source for _, source in costs}
+    source = sources.pop() if len(sources) == 1 else "mixed"
+    return sum(c for c, _ in costs if c is not None), source
+
+
 def _tokens(completion: Completion) -> float:
     usage = completion.usage
     if usage.total_tokens is not None:
         return float(usage.total_tokens)
     return float((usage.prompt_tokens or 0) + (usage.completion_tokens or 0))
+
+
+def _add_answer_summary(summary: RunSummary, output: Path) -> None:
+    """Label distribution and the per-model table (score, tokens, cost, latency)."""
+    from .report import comparison_table, load_output
+
+    frame = load_output(output)
+    if "label" in frame.columns:
+        counts = frame.loc[frame["status"] == "ok", "label"].value_counts()
+        summary.labels = {str(k): int(v) for k, v in counts.items()}
+    summary.models = comparison_table(frame)
+
+
+def _output_spec(plan: _Plan, config: RunConfig) -> OutputSpec:
+    return OutputSpec(
+        models=plan.models,
+        model_keys=plan.model_keys,
+        wide=config.wide,
+        schema=load_schema(config.json_schema) if config.json_schema else None,
+        schema_prefix=config.schema_prefix,
+        labels=tuple(load_labels(config.labels)) if config.labels else None,
+        scorer=make_scorer(config.score) if config.score else None,
+        expected_column=config.expected_column,
+    )
 
 
 def _prompt_chars(row: PromptRow) -> int:
@@ -660,6 +823,7 @@ def _output_state(plan: _Plan, config: RunConfig) -> dict[str, Any]:
         "limit": config.limit,
         "last_part": parts[-1].name if parts else None,
         "rows": len(plan.keys),
+        "models": list(plan.models),
     }
 
 
@@ -686,18 +850,18 @@ async def run_async(
             fingerprint_parts=config.fingerprint_parts(),
             config=config.public_dict(),
             input=plan.source.name,
-            rows_total=len(plan.keys),
+            rows_total=len(plan.keys) * len(plan.models),
             created_at=manifest.get("created_at", time.time()),
             running=True,
         )
         checkpoint.write_manifest(manifest)
-        checkpoint.write_keys(plan.keys)
+        checkpoint.write_keys(np.concatenate(plan.model_keys))
         todo = int(plan.todo.sum())
         reporter.run_started(
             output=str(output),
             fingerprint=fingerprint,
             config=config.public_dict(),
-            total=len(plan.keys),
+            total=len(plan.keys) * len(plan.models),
             todo=todo,
             resumed=plan.resumed,
         )
@@ -717,7 +881,13 @@ async def run_async(
                     checkpoint.write_manifest(manifest)
 
                 await asyncio.to_thread(
-                    write_output, plan.source, plan.keys, index, checkpoint, output, record_next
+                    write_output,
+                    plan.source,
+                    _output_spec(plan, config),
+                    index,
+                    checkpoint,
+                    output,
+                    record_next,
                 )
             manifest.update(
                 output_signature=file_signature(output), output_state=state, output_signatures=[]
@@ -725,6 +895,8 @@ async def run_async(
         manifest["running"] = False
         checkpoint.write_manifest(manifest)
         summary = _summarize(plan, index, run, output, fingerprint, started)
+        if output.exists() and (len(plan.models) > 1 or config.labels or config.score):
+            _add_answer_summary(summary, output)
     finally:
         checkpoint.release_lock()
     reporter.summary(summary)
@@ -746,14 +918,15 @@ def raise_aborted(summary: RunSummary) -> None:
 def _summarize(
     plan: _Plan, index: ResultIndex, run: _Run, output: Path, fingerprint: str, started: float
 ) -> RunSummary:
-    pos = index.lookup(plan.keys)
+    pos = index.lookup(np.concatenate(plan.model_keys))
     counts = index.counts(pos[pos >= 0])
     rep = run.reporter
     summary = RunSummary(
         output=str(output),
-        rows_total=len(plan.keys),
+        rows_total=len(pos),
         ok=counts["ok"],
         error=counts["error"],
+        invalid=counts["invalid"],
         skipped=counts["skipped"],
         pending=int((pos < 0).sum()),
         resumed=plan.resumed,
@@ -776,7 +949,7 @@ def _summarize(
         summary.exit_code = EXIT_BUDGET
     elif summary.aborted:
         summary.exit_code = EXIT_ABORTED
-    elif summary.error or summary.pending:
+    elif summary.error or summary.invalid or summary.pending:
         summary.exit_code = EXIT_FAILED_ROWS
     else:
         summary.exit_code = EXIT_OK

@@ -9,10 +9,13 @@ OUTPUT untouched.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +23,8 @@ import pyarrow.parquet as pq
 
 from .checkpoint import RESULT_SCHEMA, Checkpoint, ResultIndex, _fsync_dir, file_signature
 from .reader import InputSource
+from .report import MODELS_METADATA_KEY, WIDE_SEPARATOR
+from .structured import answer_columns, match_label, parse_answer, schema_columns
 
 PART_CACHE = 8
 
@@ -79,42 +84,140 @@ def results_for(keys: np.ndarray, index: ResultIndex, parts: _PartCache) -> pa.T
     return combined.take(pa.array(inverse))
 
 
+@dataclass(frozen=True)
+class OutputSpec:
+    """The shape of OUTPUT beyond the input and result columns.
+
+    ``models`` and ``model_keys`` (one key array per model, aligned with the input rows):
+    with one model OUTPUT has one row per input row; with several, one row per (input row,
+    model) and a ``model`` column, or with ``wide`` one row per input row and the result
+    columns of each model as a group ``{model}__{column}``. ``schema`` / ``labels`` add the
+    answer's typed columns / a ``label`` column, parsed from each ``ok`` row's completion;
+    ``scorer`` with ``expected_column`` adds a ``score`` column. These derived columns are
+    computed here, from the stored completion, so a new ``--score`` needs no new request.
+    """
+
+    models: tuple[str, ...]
+    model_keys: tuple[np.ndarray, ...]
+    wide: bool = False
+    schema: dict[str, Any] | None = None
+    schema_prefix: str = ""
+    labels: tuple[str, ...] | None = None
+    scorer: Callable[[str | None, Any], float | None] | None = None
+    expected_column: str | None = None
+
+    def derived_fields(self) -> list[pa.Field]:
+        fields: list[pa.Field] = []
+        if self.schema is not None:
+            fields += [pa.field(n, t) for n, t in schema_columns(self.schema, self.schema_prefix)]
+        if self.labels is not None:
+            fields.append(pa.field("label", pa.string()))
+        if self.scorer is not None:
+            fields.append(pa.field("score", pa.float64()))
+        return fields
+
+    def schema_for(self, input_schema: pa.Schema) -> pa.Schema:
+        per_model = [*RESULT_SCHEMA, *self.derived_fields()]
+        base = list(input_schema.remove_metadata())
+        if len(self.models) == 1:
+            fields = [*base, *per_model]
+        elif self.wide:
+            fields = base + [
+                pa.field(f"{m}{WIDE_SEPARATOR}{f.name}", f.type)
+                for m in self.models
+                for f in per_model
+            ]
+        else:
+            fields = [*base, pa.field("model", pa.string()), *per_model]
+        metadata = {MODELS_METADATA_KEY: json.dumps(list(self.models)).encode()}
+        return pa.schema(fields, metadata=metadata)
+
+    def derived(self, results: pa.Table, expected: list[Any] | None) -> list[pa.Array]:
+        """The derived columns for one model's results of one batch."""
+        fields = self.derived_fields()
+        if not fields:
+            return []
+        texts = results.column("completion").to_pylist()
+        status = results.column("status").to_pylist()
+        finish = results.column("finish_reason").to_pylist()
+        columns: dict[str, list[Any]] = {f.name: [] for f in fields}
+        for i, text in enumerate(texts):
+            ok = status[i] == "ok"
+            answer = text
+            if self.schema is not None:
+                values = (
+                    answer_columns(
+                        parse_answer(text, self.schema, finish_reason=finish[i]),
+                        self.schema,
+                        self.schema_prefix,
+                    )
+                    if ok
+                    else {}
+                )
+                for name, _ in schema_columns(self.schema, self.schema_prefix):
+                    columns[name].append(values.get(name))
+            if self.labels is not None:
+                label = match_label(text, self.labels) if ok else None
+                columns["label"].append(label)
+                answer = label
+            if self.scorer is not None:
+                value = expected[i] if expected is not None else None
+                columns["score"].append(self.scorer(answer, value) if ok else None)
+        return [pa.array(columns[f.name], type=f.type) for f in fields]
+
+
 def output_schema(input_schema: pa.Schema) -> pa.Schema:
     return pa.schema([*input_schema.remove_metadata(), *RESULT_SCHEMA])
 
 
 def write_output(
     source: InputSource,
-    keys: np.ndarray,
+    spec: OutputSpec,
     index: ResultIndex,
     checkpoint: Checkpoint,
     output: Path,
     before_replace: Callable[[dict[str, int] | None], None] | None = None,
 ) -> None:
-    """Write OUTPUT atomically: input columns in input order + result columns.
+    """Write OUTPUT atomically: input columns in input order + result columns (see OutputSpec).
 
     ``before_replace`` gets the new file's signature just before it replaces OUTPUT (the
     rename keeps size and mtime), so that the caller can record it first.
     """
-    schema = output_schema(source.schema())
+    schema = spec.schema_for(source.schema())
     parts = _PartCache(checkpoint)
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     offset = 0
+    models = spec.models
     try:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for batch in source.iter_batches():
                 n = batch.num_rows
-                results = results_for(keys[offset : offset + n], index, parts)
-                offset += n
-                columns = [*batch.columns, *results.columns]
-                out = pa.Table.from_arrays(
-                    [
-                        c if isinstance(c, pa.ChunkedArray) else pa.chunked_array([c])
-                        for c in columns
-                    ],
-                    names=schema.names,
+                expected = (
+                    batch.column(spec.expected_column).to_pylist()
+                    if spec.expected_column is not None
+                    else None
                 )
-                writer.write_table(out.cast(schema))
+                groups: list[list[pa.Array | pa.ChunkedArray]] = []
+                for keys in spec.model_keys:
+                    results = results_for(keys[offset : offset + n], index, parts)
+                    groups.append([*results.columns, *spec.derived(results, expected)])
+                offset += n
+                inputs = list(batch.columns)
+                if len(models) == 1:
+                    columns = [*inputs, *groups[0]]
+                    out = _table(columns, schema)
+                elif spec.wide:
+                    out = _table(inputs + [c for g in groups for c in g], schema)
+                else:
+                    # one row per (input row, model), row-major
+                    pieces = [
+                        _table([*inputs, pa.array([m] * n, pa.string()), *g], schema)
+                        for m, g in zip(models, groups, strict=True)
+                    ]
+                    stacked = pa.concat_tables(pieces)
+                    order = np.arange(n * len(models)).reshape(len(models), n).T.ravel()
+                    out = stacked.take(pa.array(order))
+                writer.write_table(out)
         with tmp.open("rb+") as fh:
             os.fsync(fh.fileno())
         if before_replace is not None:
@@ -123,3 +226,8 @@ def write_output(
         _fsync_dir(output.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _table(columns: list[Any], schema: pa.Schema) -> pa.Table:
+    arrays = [c if isinstance(c, pa.ChunkedArray) else pa.chunked_array([c]) for c in columns]
+    return pa.Table.from_arrays(arrays, names=schema.names).cast(schema)

@@ -114,7 +114,7 @@ def test_index_holds_every_key_once_with_its_status_and_tokens(ckpt: Checkpoint)
     index = ckpt.load_index()
 
     assert sorted(index.keys.tolist()) == [10, 20, 30, 40]
-    assert index.counts() == {"ok": 2, "error": 1, "skipped": 1}
+    assert index.counts() == {"ok": 2, "error": 1, "skipped": 1, "invalid": 0}
     assert int(index.prompt_tokens.sum()) == 6
     assert int(index.completion_tokens.sum()) == 8
 
@@ -128,7 +128,7 @@ def test_the_latest_part_wins_when_a_key_has_several_results(ckpt: Checkpoint) -
     index = ckpt.load_index()
 
     assert len(index.keys) == 3
-    assert index.counts() == {"ok": 3, "error": 0, "skipped": 0}
+    assert index.counts() == {"ok": 3, "error": 0, "skipped": 0, "invalid": 0}
     assert result_of(ckpt, 1)["completion"] == "second try"
     assert result_of(ckpt, 2)["completion"] == "two"
 
@@ -161,7 +161,7 @@ def test_lookup_gives_minus_one_for_keys_without_a_result(ckpt: Checkpoint) -> N
 def test_an_empty_checkpoint_has_an_empty_index(ckpt: Checkpoint) -> None:
     index = ckpt.load_index()
     assert len(index.keys) == 0
-    assert index.counts() == {"ok": 0, "error": 0, "skipped": 0}
+    assert index.counts() == {"ok": 0, "error": 0, "skipped": 0, "invalid": 0}
     assert index.lookup(np.array([1, 2], dtype=np.uint64)).tolist() == [-1, -1]
 
 
@@ -169,7 +169,7 @@ def test_counts_can_be_limited_to_the_rows_of_the_current_input(ckpt: Checkpoint
     ckpt.write_part([ok(1), error(2), ok(3)])
     index = ckpt.load_index()
     pos = index.lookup(np.array([1, 2], dtype=np.uint64))  # key 3 left the input
-    assert index.counts(pos) == {"ok": 1, "error": 1, "skipped": 0}
+    assert index.counts(pos) == {"ok": 1, "error": 1, "skipped": 0, "invalid": 0}
     assert STATUS_CODES.keys() == index.counts().keys()
 
 

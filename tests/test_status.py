@@ -32,6 +32,7 @@ STATUS_KEYS = {
     "ok",
     "error",
     "skipped",
+    "invalid",
     "pending",
     "prompt_tokens",
     "completion_tokens",
