@@ -131,8 +131,8 @@ def _check_output_path(output: Path, config: RunConfig, checkpoint: Checkpoint) 
         )
 
 
-def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
-    """Everything that can fail before a request is sent (raises UsageError / LockHeld)."""
+def open_job(data: Any, config: RunConfig) -> tuple[InputSource, PromptBuilder]:
+    """The input and its prompt builder, with every column the options name checked."""
     source = open_input(data, input_format=config.input_format, limit=config.limit)
     schema = source.schema()
     columns = list(schema.names)
@@ -151,6 +151,17 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
             f"{source.name} has no column '{config.id_column}' for --id-column "
             f"(columns: {', '.join(columns)})."
         )
+    if config.expected_column is not None and config.expected_column not in columns:
+        raise InputError(
+            f"{source.name} has no column '{config.expected_column}' for --expected-column "
+            f"(columns: {', '.join(columns)})."
+        )
+    return source, builder
+
+
+def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
+    """Everything that can fail before a request is sent (raises UsageError / LockHeld)."""
+    source, builder = open_job(data, config)
     api_key = resolve_api_key(config, seams.environ)
     # The key pass reads the whole input: a malformed row, bad bytes or a duplicate id is
     # found here, before the checkpoint is touched and before any request.
@@ -166,11 +177,6 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
                 "none. Add it in a file given with --prices (see configs/prices.toml), or use "
                 "--max-total-tokens."
             )
-    if config.expected_column is not None and config.expected_column not in columns:
-        raise InputError(
-            f"{source.name} has no column '{config.expected_column}' for --expected-column "
-            f"(columns: {', '.join(columns)})."
-        )
 
     checkpoint = Checkpoint(output)
     _check_output_path(output, config, checkpoint)
@@ -263,7 +269,6 @@ class _Run:
         self.abort_reason: str | None = None
         self.hard_stop = False
         self.sent = 0
-        self.results_this_run: list[RowResult] = []
         self.params = config.body_params()
         self._last_flush = time.monotonic()
         self.limits = Limits(
@@ -972,14 +977,7 @@ def estimate_job(data: Any, output: str | Path | None, config: RunConfig) -> Est
     Rows that OUTPUT's checkpoint already has are left out; duplicates (``dedup``) and
     responses in ``cache`` are counted apart.
     """
-    source = open_input(data, input_format=config.input_format, limit=config.limit)
-    columns = list(source.schema().names)
-    kind, value = config.prompt_source
-    builder = PromptBuilder(
-        kind, value, system=config.system, columns=columns, source_name=source.name
-    )
-    if config.id_column is not None and config.id_column not in columns:
-        raise InputError(f"{source.name} has no column '{config.id_column}' for --id-column.")
+    source, builder = open_job(data, config)
     row_keys = compute_keys(source, id_column=config.id_column, content_columns=builder.columns)
     done = np.zeros(len(row_keys), dtype=bool)
     if output is not None and Checkpoint(Path(output)).exists():
