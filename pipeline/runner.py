@@ -271,6 +271,7 @@ class _Run:
         self.sent = 0
         self.params = config.body_params()
         self._last_flush = time.monotonic()
+        self._flush_scheduled = False
         self.limits = Limits(
             concurrency=config.concurrency,
             rpm=config.rpm,
@@ -308,7 +309,10 @@ class _Run:
         self.reporter.row_done(result)
         for key in self.plan.followers.pop(result.key, ()):
             self.record_copy(result, key)
-        if len(self.buffer) >= self.config.checkpoint_rows:
+        if len(self.buffer) >= self.config.checkpoint_rows and not self._flush_scheduled:
+            # one flush at a time: while a part is being written, results keep collecting
+            # for the next one (scheduling a flush per result would write tiny parts)
+            self._flush_scheduled = True
             asyncio.get_running_loop().create_task(self.flush())
 
     def record_copy(self, result: RowResult, key: int) -> None:
@@ -327,9 +331,11 @@ class _Run:
 
     async def flush(self) -> None:
         async with self.flush_lock:
+            self._flush_scheduled = False
             if not self.buffer:
                 return
             batch, self.buffer = self.buffer, []
+            self._last_flush = time.monotonic()
             await asyncio.to_thread(self.plan.checkpoint.write_part, batch)
 
     async def flusher(self) -> None:
@@ -339,7 +345,6 @@ class _Run:
             if self.buffer and (
                 time.monotonic() - self._last_flush >= self.config.checkpoint_seconds
             ):
-                self._last_flush = time.monotonic()
                 await self.flush()
 
     # -- sending --------------------------------------------------------------------------
