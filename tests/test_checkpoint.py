@@ -13,12 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
+import pipeline
 from pipeline import checkpoint as checkpoint_module
 from pipeline.checkpoint import Checkpoint, checkpoint_dir
 from pipeline.errors import FingerprintMismatch, LockHeld, OutputError
 from pipeline.records import STATUS_CODES, RowResult, Usage
+from pipeline.simulator import SimulatorThread
 
 BIG_KEY = 2**64 - 5  # keys are uint64: the top bit must survive a round trip
 
@@ -390,3 +394,25 @@ def test_a_lock_file_left_by_a_dead_run_is_taken_over_with_a_note(tmp_path: Path
         assert holder is not None and f"pid {os.getpid()}" in holder
     finally:
         checkpoint.release_lock()
+
+
+def test_a_run_writes_parts_of_checkpoint_rows_not_one_per_result(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    out = tmp_path / "o.parquet"
+    frame = pd.DataFrame({"prompt": [f"row {i}" for i in range(3000)]})
+    pipeline.run(
+        frame,
+        out,
+        base_url=simulator.base_url,
+        progress=False,
+        concurrency=64,
+        checkpoint_rows=500,
+        checkpoint_seconds=600,
+    )
+    parts = sorted((tmp_path / "o.parquet.checkpoint" / "parts").glob("part-*.parquet"))
+    sizes = [pq.read_metadata(p).num_rows for p in parts]
+    assert sum(sizes) == 3000
+    # full parts while the run goes, one last partial part at the end
+    assert len(parts) <= 3000 // 500 + 1
+    assert min(sizes[:-1]) >= 500
