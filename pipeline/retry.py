@@ -69,16 +69,17 @@ class RetryPolicy:
     sleep: Sleep = asyncio.sleep
     on_retry: OnRetry | None = None
 
-    def retrying(self) -> AsyncRetrying:
+    def retrying(self, on_retry: OnRetry | None = None) -> AsyncRetrying:
         """A fresh tenacity controller for the retries of one row."""
+        notify = on_retry or self.on_retry
 
         def before_sleep(state: RetryCallState) -> None:
-            if self.on_retry is None or state.outcome is None or state.next_action is None:
+            if notify is None or state.outcome is None or state.next_action is None:
                 return
             exc = state.outcome.exception()
             if isinstance(exc, RequestError):
                 # +1: the first attempt ran outside tenacity
-                self.on_retry(exc, state.attempt_number + 1, state.next_action.sleep)
+                notify(exc, state.attempt_number + 1, state.next_action.sleep)
 
         return AsyncRetrying(
             retry=retry_if_exception_type(RetryableError),
@@ -101,11 +102,15 @@ class RetryPolicy:
             return min(error.retry_after, self.max_retry_wait)
         return min(self.initial + random.uniform(0, self.jitter), self.max_backoff)
 
-    async def call(self, attempt: Callable[[], Awaitable[T]]) -> tuple[T, int]:
+    async def call(
+        self, attempt: Callable[[], Awaitable[T]], on_retry: OnRetry | None = None
+    ) -> tuple[T, int]:
         """Run ``attempt`` with retries; returns (result, attempts made).
 
-        Raises the last ``RequestError`` with an ``attempts`` attribute when it gives up.
+        ``on_retry`` (else the policy's own) hears of each retry before its wait. Raises the
+        last ``RequestError`` with an ``attempts`` attribute when it gives up.
         """
+        notify = on_retry or self.on_retry
         try:
             return await attempt(), 1
         except RetryableError as exc:
@@ -117,12 +122,12 @@ class RetryPolicy:
             exc.attempts = 1  # type: ignore[attr-defined]
             raise
         wait = self.first_wait(first_error)
-        if self.on_retry is not None:
-            self.on_retry(first_error, 1, wait)
+        if notify is not None:
+            notify(first_error, 1, wait)
         await self.sleep(wait)
         attempts = 1
         try:
-            async for trial in self.retrying():
+            async for trial in self.retrying(notify):
                 with trial:
                     attempts += 1
                     result = await attempt()

@@ -496,8 +496,12 @@ class _Run:
             current = reask_messages(messages, completion.text, parsed.error or "")
         if len(spent) == 1 and spent[0][1][1] == "cache":
             self.cache_hits += 1
-        return dataclasses.replace(
-            self._ok(row, completion, attempts=attempts, started=started, cost=_sum_cost(spent)),
+        return self._ok(
+            row,
+            completion,
+            attempts=attempts,
+            started=started,
+            cost=_sum_cost(spent),
             usage=_sum_usage([c for c, _ in spent]),
         )
 
@@ -532,19 +536,19 @@ class _Run:
                 wait=wait,
             )
 
-        policy = dataclasses.replace(self.policy, on_retry=on_retry)
         chars = sum(len(str(m.get("content") or "")) for m in messages)
 
         async def attempt() -> Completion:
             reservation = self._reserve(chars, model)
+            if reservation is None:
+                return await limited_send()
             used = (0.0, 0.0)
             try:
                 completion = await limited_send()
                 used = (self._cost(completion, model)[0] or 0.0, _tokens(completion))
                 return completion
             finally:
-                if reservation is not None:
-                    self.budget.settle(reservation, *used)
+                self.budget.settle(reservation, *used)
 
         async def limited_send() -> Completion:
             cost, began = await self.limits.start(chars)
@@ -575,7 +579,7 @@ class _Run:
 
         self.sent += 1
         try:
-            completion, attempts = await policy.call(attempt)
+            completion, attempts = await self.policy.call(attempt, on_retry=on_retry)
         except BudgetReached:
             self.sent -= 1  # nothing went out
             raise
@@ -596,13 +600,14 @@ class _Run:
         attempts: int,
         started: float,
         cost: tuple[float | None, str | None],
+        usage: Usage | None = None,
     ) -> RowResult:
         return RowResult(
             key=row.key,
             status="ok",
             completion=completion.text,
             finish_reason=completion.finish_reason,
-            usage=completion.usage,
+            usage=completion.usage if usage is None else usage,
             response_model=completion.model,
             response_id=completion.response_id,
             http_status=200,
