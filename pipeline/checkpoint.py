@@ -387,8 +387,8 @@ class Checkpoint:
             )
             n = table.num_rows
             keys.append(table.column("key").to_numpy())
-            parts.append(np.full(n, number, dtype=np.int64))
-            rows.append(np.arange(n, dtype=np.int64))
+            parts.append(np.full(n, number, dtype=np.int32))
+            rows.append(np.arange(n, dtype=np.int32))
             idx = pa.compute.index_in(table.column("status"), value_set=codes)
             status.append(idx.to_numpy(zero_copy_only=False).astype(np.int8))
             ptok.append(table.column("prompt_tokens").fill_null(0).to_numpy())
@@ -398,9 +398,10 @@ class Checkpoint:
             return ResultIndex.empty()
         all_keys = np.concatenate(keys)
         all_parts = np.concatenate(parts)
-        # latest result wins: sort by (key, part, row) and keep the last of each key
+        # latest result wins: the arrays are in (part, row) order already, so a stable sort
+        # by key keeps each key's results in that order; keep the last of each key
         all_rows = np.concatenate(rows)
-        order = np.lexsort((all_rows, all_parts, all_keys))
+        order = np.argsort(all_keys, kind="stable")
         sorted_keys = all_keys[order]
         last = np.ones(len(order), dtype=bool)
         last[:-1] = sorted_keys[1:] != sorted_keys[:-1]
