@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from .errors import FingerprintMismatch, LockHeld, OutputError
 from .records import STATUS_CODES, RowResult, Usage
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: parts carry cost_usd and cost_source
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -298,6 +298,13 @@ class Checkpoint:
     def check_fingerprint(self, parts: dict[str, Any]) -> None:
         """Refuse to resume results made under settings that change responses."""
         manifest = self.read_manifest()
+        version = manifest.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise OutputError(
+                f"{self.dir} was written by another version of this tool (checkpoint format "
+                f"{version}, this version reads {FORMAT_VERSION}). Rerun with that version, or "
+                "add --restart to start over (the old checkpoint is kept as a backup)."
+            )
         old = manifest.get("fingerprint_parts")
         if old is None or old == parts:
             return

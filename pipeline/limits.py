@@ -327,6 +327,10 @@ class Limits:
             if rpm
             else None
         )
+        if self.requests is not None:
+            # start with one request, not a full second's burst: the server's own bucket
+            # may already be partly used, and a start-up burst is where 429s came from
+            self.requests.level = 1.0
         self.tokens = (
             RateMeter(tpm / 60.0, burst=max(1.0, tpm / 60.0), clock=clock, sleep=sleep)
             if tpm

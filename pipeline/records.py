@@ -137,6 +137,11 @@ class RunSummary:
         }
 
 
+# Several models with --wide: the column group of model M is named f"{M}{WIDE_SEPARATOR}{col}".
+WIDE_SEPARATOR = "__"
+# OUTPUT's schema metadata key holding the run's model names (JSON list, in run order).
+MODELS_METADATA_KEY = b"pipeline.models"
+
 # The result columns appended to every output row, in this order.
 RESULT_COLUMNS: tuple[str, ...] = (
     "completion",

@@ -35,10 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import OutputError
+from .records import MODELS_METADATA_KEY, WIDE_SEPARATOR
 from .scoring import ALL_ROWS, ANSWERED, COST_KEY, MODEL_KEY, SCORE_KEY, summarize_scores
 
-WIDE_SEPARATOR = "__"
-MODELS_METADATA_KEY = b"pipeline.models"
 _SUMMARY_COLUMNS = (
     MODEL_KEY,
     "status",

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from .checkpoint import RESULT_SCHEMA, Checkpoint, ResultIndex, _fsync_dir, file_signature
 from .reader import InputSource
-from .report import MODELS_METADATA_KEY, WIDE_SEPARATOR
+from .records import MODELS_METADATA_KEY, WIDE_SEPARATOR
 from .structured import answer_columns, match_label, parse_answer, schema_columns
 
 PART_CACHE = 8

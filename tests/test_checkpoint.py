@@ -416,3 +416,13 @@ def test_a_run_writes_parts_of_checkpoint_rows_not_one_per_result(
     # full parts while the run goes, one last partial part at the end
     assert len(parts) <= 3000 // 500 + 1
     assert min(sizes[:-1]) >= 500
+
+
+def test_a_checkpoint_from_another_format_version_is_refused_with_the_way_out(
+    tmp_path: Path,
+) -> None:
+    checkpoint = Checkpoint(tmp_path / "out.parquet")
+    checkpoint.dir.mkdir()
+    checkpoint.manifest_path.write_text(json.dumps({"format_version": 1}))
+    with pytest.raises(OutputError, match="--restart"):
+        checkpoint.check_fingerprint({"model": "m"})

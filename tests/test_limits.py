@@ -286,7 +286,31 @@ def test_rpm_and_tpm_stack_the_slower_one_wins() -> None:
         return starts
 
     starts = asyncio.run(main())
-    assert starts[:2] == [0.0, 0.0]  # one second of token budget is banked at the start
+    # the request meter starts with one request (no start-up burst); the token budget banked
+    # at the start lets the second go as soon as the request rate allows
+    assert starts[:2] == pytest.approx([0.0, 0.1])
     steady = starts[2:]
     rate = (len(steady) - 1) / (steady[-1] - steady[0])
     assert rate == pytest.approx(2.0, rel=0.1)
+
+
+def test_rpm_does_not_burst_at_start_up() -> None:
+    t = FakeTime()
+
+    async def main() -> list[float]:
+        limits = Limits(concurrency=64, rpm=6000, clock=t.clock, sleep=t.sleep)  # 100/s
+        starts = []
+        for _ in range(5):
+            cost, began = await limits.start(10)
+            starts.append(t.now)
+            await limits.finish(
+                chars=10,
+                cost=cost,
+                started=began,
+                headers=None,
+                prompt_tokens=1,
+                completion_tokens=1,
+            )
+        return starts
+
+    assert asyncio.run(main()) == pytest.approx([0.0, 0.01, 0.02, 0.03, 0.04])
