@@ -34,8 +34,34 @@ def _texts(column: pa.Array) -> list[str | None]:
     return values
 
 
+def _hash_utf8(column: pa.Array) -> np.ndarray | None:
+    """The single-column hash straight from Arrow's UTF-8 buffers (no Python strings).
+
+    Same digests as the general path (BLAKE2b of b"s" + the UTF-8 bytes); None when the
+    column is not a plain string array without nulls.
+    """
+    if column.type != pa.string() or column.null_count:
+        return None
+    _, offsets_buffer, data_buffer = column.buffers()
+    start = column.offset
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[start : start + len(column) + 1]
+    data = memoryview(data_buffer) if data_buffer is not None else memoryview(b"")
+    bounds = offsets.tolist()
+    blake = hashlib.blake2b
+    out = np.empty(len(column), dtype=np.uint64)
+    for i in range(len(column)):
+        h = blake(b"s", digest_size=8)
+        h.update(data[bounds[i] : bounds[i + 1]])
+        out[i] = int.from_bytes(h.digest(), "little")
+    return out
+
+
 def _hash_batch(batch: pa.RecordBatch) -> np.ndarray:
     """64-bit BLAKE2b of each row's values (null and "" differ; column order matters)."""
+    if batch.num_columns == 1:
+        fast = _hash_utf8(batch.column(0))
+        if fast is not None:
+            return fast
     blake = hashlib.blake2b
     columns = [_texts(batch.column(i)) for i in range(batch.num_columns)]
     out = np.empty(batch.num_rows, dtype=np.uint64)
