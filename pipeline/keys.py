@@ -107,11 +107,6 @@ def _groups(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return occurrence, first
 
 
-def occurrence_numbers(hashes: np.ndarray) -> np.ndarray:
-    """For each row, how many earlier rows have the same hash (0 for the first)."""
-    return _groups(hashes)[0]
-
-
 @dataclass(frozen=True)
 class RowKeys:
     """Per input row, in input order: its key, and the first row with the same prompt.

@@ -818,17 +818,6 @@ def _output_spec(plan: _Plan, config: RunConfig) -> OutputSpec:
     )
 
 
-def _prompt_chars(row: PromptRow) -> int:
-    total = 0
-    for message in row.messages or ():
-        content = message.get("content")
-        if isinstance(content, str):
-            total += len(content)
-        elif isinstance(content, list):
-            total += sum(len(str(p.get("text", ""))) for p in content if isinstance(p, dict))
-    return total
-
-
 def _output_state(plan: _Plan, config: RunConfig) -> dict[str, Any]:
     parts = plan.checkpoint.part_paths()
     source_sig = file_signature(plan.source.path) if plan.source.path else None

@@ -166,10 +166,6 @@ class OutputSpec:
         return [pa.array(columns[f.name], type=f.type) for f in fields]
 
 
-def output_schema(input_schema: pa.Schema) -> pa.Schema:
-    return pa.schema([*input_schema.remove_metadata(), *RESULT_SCHEMA])
-
-
 def write_output(
     source: InputSource,
     spec: OutputSpec,
