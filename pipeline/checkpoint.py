@@ -21,6 +21,7 @@ import json
 import os
 import socket
 import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import FingerprintMismatch, LockHeld, OutputError
+from .keys import KeyPass
 from .records import STATUS_CODES, RowResult, Usage
 
 FORMAT_VERSION = 2  # 2: parts carry cost_usd and cost_source
@@ -186,7 +188,13 @@ class ResultIndex:
         """Position in this index of each key, or -1 when it has no result."""
         if len(self.keys) == 0:
             return np.full(len(keys), -1, dtype=np.int64)
-        pos = np.searchsorted(self.keys, keys)
+        if len(keys) > 4096:
+            # sorted queries walk the index in order: ~4x faster than random probes at 1M
+            order = np.argsort(keys)
+            pos = np.empty(len(keys), dtype=np.int64)
+            pos[order] = np.searchsorted(self.keys, keys[order])
+        else:
+            pos = np.searchsorted(self.keys, keys)
         pos = np.minimum(pos, len(self.keys) - 1)
         found = self.keys[pos] == keys
         return np.where(found, pos, -1).astype(np.int64)
@@ -207,6 +215,7 @@ class Checkpoint:
         self.manifest_path = self.dir / "manifest.json"
         self._lock_file: IO[str] | None = None
         self._next_part = 1
+        self.parts_read = 0  # parts the last load_index read beyond the saved index
 
     # -- manifest -------------------------------------------------------------------------
 
@@ -383,42 +392,159 @@ class Checkpoint:
                 out.append(row_result(part.slice(int(index.row[pos]), 1).to_pylist()[0]))
         return out
 
-    def load_index(self) -> ResultIndex:
-        """The latest result per key over all parts."""
-        keys, parts, rows, status, ptok, ctok, cost = [], [], [], [], [], [], []
-        codes = pa.array(list(STATUS_CODES))
-        for path in self._part_paths():
-            number = int(path.stem.split("-")[1])
-            table = pq.read_table(
-                path, columns=["key", "status", "prompt_tokens", "completion_tokens", "cost_usd"]
+    # -- saved key pass and index: a resume starts from them -----------------------------
+
+    def save_key_pass(self, key_pass: KeyPass) -> None:
+        """Keep the input's key pass (see ``keys.KeyPass``) for the next run."""
+        meta = {
+            "version": KEY_PASS_VERSION,
+            "params": key_pass.params,
+            "stat": key_pass.stat,
+            "sha256": key_pass.sha256,
+            "ends_with_newline": key_pass.ends_with_newline,
+        }
+        arrays = {"content": key_pass.content}
+        if key_pass.ids is not None:
+            arrays["ids"] = key_pass.ids
+        _save_arrays(self.dir / "input-keys.npz", meta, arrays)
+
+    def load_key_pass(self) -> KeyPass | None:
+        """The saved key pass, or None when there is none or it is unreadable."""
+        loaded = _load_arrays(self.dir / "input-keys.npz")
+        if loaded is None or loaded[0].get("version") != KEY_PASS_VERSION:
+            return None
+        meta, arrays = loaded
+        content, ids = arrays.get("content"), arrays.get("ids")
+        if content is None or (ids is not None and len(ids) != len(content)):
+            return None
+        try:
+            return KeyPass(
+                params=meta["params"],
+                stat=meta["stat"],
+                sha256=meta["sha256"],
+                ends_with_newline=bool(meta["ends_with_newline"]),
+                content=content.astype(np.uint64, copy=False),
+                ids=None if ids is None else ids.astype(np.uint64, copy=False),
             )
+        except KeyError:
+            return None
+
+    def load_index(self) -> ResultIndex:
+        """The latest result per key over all parts.
+
+        Starts from the saved index (``save_index``) when it is valid for the parts it
+        covers, and reads only the parts written after it: a resume does not re-read every
+        part of a long run.
+        """
+        paths = self._part_paths()
+        numbers = [int(p.stem.split("-")[1]) for p in paths]
+        base = self._saved_index(numbers)
+        covered = base.covers if base is not None else 0
+        arrays = [] if base is None else [base.arrays]
+        codes = None
+        self.parts_read = 0
+        for path, number in zip(paths, numbers, strict=True):
+            if number <= covered:
+                continue
+            self.parts_read += 1
+            table = pq.read_table(path, columns=list(INDEX_COLUMNS))
             n = table.num_rows
-            keys.append(table.column("key").to_numpy())
-            parts.append(np.full(n, number, dtype=np.int32))
-            rows.append(np.arange(n, dtype=np.int32))
+            if codes is None:
+                codes = pa.array(list(STATUS_CODES))
             idx = pa.compute.index_in(table.column("status"), value_set=codes)
-            status.append(idx.to_numpy(zero_copy_only=False).astype(np.int8))
-            ptok.append(table.column("prompt_tokens").fill_null(0).to_numpy())
-            ctok.append(table.column("completion_tokens").fill_null(0).to_numpy())
-            cost.append(table.column("cost_usd").fill_null(0.0).to_numpy())
-        if not keys:
+            arrays.append(
+                {
+                    "keys": table.column("key").to_numpy(),
+                    "part": np.full(n, number, dtype=np.int32),
+                    "row": np.arange(n, dtype=np.int32),
+                    "status": idx.to_numpy(zero_copy_only=False).astype(np.int8),
+                    "prompt_tokens": table.column("prompt_tokens").fill_null(0).to_numpy(),
+                    "completion_tokens": table.column("completion_tokens").fill_null(0).to_numpy(),
+                    "cost_usd": table.column("cost_usd").fill_null(0.0).to_numpy(),
+                }
+            )
+        if not arrays:
             return ResultIndex.empty()
-        all_keys = np.concatenate(keys)
-        all_parts = np.concatenate(parts)
+        if len(arrays) == 1 and base is not None:
+            return ResultIndex(**arrays[0])
+        del base
         # latest result wins: the arrays are in (part, row) order already, so a stable sort
         # by key keeps each key's results in that order; keep the last of each key
-        all_rows = np.concatenate(rows)
-        order = np.argsort(all_keys, kind="stable")
-        sorted_keys = all_keys[order]
+        keys = np.concatenate([a.pop("keys") for a in arrays])
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        del keys
         last = np.ones(len(order), dtype=bool)
         last[:-1] = sorted_keys[1:] != sorted_keys[:-1]
         pick = order[last]
-        return ResultIndex(
-            keys=all_keys[pick],
-            part=all_parts[pick],
-            row=all_rows[pick],
-            status=np.concatenate(status)[pick],
-            prompt_tokens=np.concatenate(ptok)[pick],
-            completion_tokens=np.concatenate(ctok)[pick],
-            cost_usd=np.concatenate(cost)[pick],
-        )
+        picked = {"keys": sorted_keys[last]}
+        del order, sorted_keys, last
+        # one column at a time, each piece freed once used: the peak stays near the result
+        for name in _INDEX_ARRAYS[1:]:
+            picked[name] = np.concatenate([a.pop(name) for a in arrays])[pick]
+        return ResultIndex(**picked)
+
+    def save_index(self, index: ResultIndex) -> None:
+        """Keep ``index`` (built from every part there is now) for the next ``load_index``."""
+        numbers = [int(p.stem.split("-")[1]) for p in self._part_paths()]
+        if not numbers:
+            return
+        meta = {"version": FORMAT_VERSION, "covers": max(numbers), "parts": len(numbers)}
+        arrays = {name: getattr(index, name) for name in _INDEX_ARRAYS}
+        _save_arrays(self.dir / "index.npz", meta, arrays)
+
+    def _saved_index(self, numbers: list[int]) -> _SavedIndex | None:
+        """The saved index, if it covers exactly the parts numbered up to its ``covers``."""
+        loaded = _load_arrays(self.dir / "index.npz")
+        if loaded is None:
+            return None
+        meta, arrays = loaded
+        if set(arrays) != set(_INDEX_ARRAYS):
+            return None
+        covers = meta.get("covers")
+        if meta.get("version") != FORMAT_VERSION or not isinstance(covers, int):
+            return None
+        # parts are never removed: the same count up to `covers` means the same parts
+        if sum(1 for n in numbers if n <= covers) != meta.get("parts"):
+            return None
+        if len({len(a) for a in arrays.values()}) != 1:
+            return None
+        return _SavedIndex(covers=covers, arrays=arrays)
+
+
+INDEX_COLUMNS = ("key", "status", "prompt_tokens", "completion_tokens", "cost_usd")
+_INDEX_ARRAYS = ("keys", "part", "row", "status", "prompt_tokens", "completion_tokens", "cost_usd")
+
+
+@dataclass(frozen=True)
+class _SavedIndex:
+    covers: int  # the highest part number it includes
+    arrays: dict[str, np.ndarray]
+
+
+KEY_PASS_VERSION = 1
+
+
+def _save_arrays(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """An .npz of ``arrays`` plus ``meta`` as JSON, written atomically (temp, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    encoded = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with tmp.open("wb") as fh:
+        np.savez(fh, meta=encoded, **arrays)  # type: ignore[arg-type]
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _load_arrays(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    """What ``_save_arrays`` wrote, or None when it is missing or damaged."""
+    try:
+        # our own handle: np.load leaks the one it opens when the zip is damaged
+        with path.open("rb") as fh, np.load(fh, allow_pickle=False) as data:
+            meta = json.loads(data["meta"].tobytes())
+            arrays = {name: data[name] for name in data.files if name != "meta"}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    return meta, arrays

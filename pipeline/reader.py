@@ -40,6 +40,14 @@ def detect_format(path: Path, input_format: str | None) -> str:
     return fmt
 
 
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """A row boundary of a file read before: row number ``row`` starts at byte ``byte``."""
+
+    byte: int
+    row: int
+
+
 @dataclass
 class InputSource:
     """A table to read in batches: a file, or an Arrow table built from a DataFrame."""
@@ -59,10 +67,21 @@ class InputSource:
             self._schema = self._read_schema()
         return self._schema
 
-    def iter_batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-        """Yield record batches (only ``columns`` if given), at most ``limit`` rows in all."""
+    def iter_batches(
+        self, columns: list[str] | None = None, *, start: Resume | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        """Yield record batches (only ``columns`` if given), at most ``limit`` rows in all.
+
+        ``start`` skips what lies before a row boundary known from an earlier read (CSV
+        only; see ``can_resume_at``): reading then begins at that byte, that row.
+        """
         remaining = self.limit
-        for batch in self._batches(columns):
+        if start is not None:
+            if not self.can_resume_at:
+                raise ValueError(f"{self.format} input cannot be read from a byte offset")
+            if remaining is not None:
+                remaining -= start.row
+        for batch in self._batches(columns, start.byte if start is not None else 0):
             if remaining is not None:
                 if remaining <= 0:
                     return
@@ -71,6 +90,11 @@ class InputSource:
                 remaining -= batch.num_rows
             if batch.num_rows:
                 yield batch
+
+    @property
+    def can_resume_at(self) -> bool:
+        """Whether ``iter_batches(start=...)`` works: a CSV file (rows start at known bytes)."""
+        return self.format == "csv" and self.path is not None
 
     # -- per format -----------------------------------------------------------------------
 
@@ -85,7 +109,7 @@ class InputSource:
             return pa.schema([(n, pa.string()) for n in names])
         return self._jsonl_schema()
 
-    def _batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+    def _batches(self, columns: list[str] | None, byte: int = 0) -> Iterator[pa.RecordBatch]:
         if self.table is not None:
             table = self.table.select(columns) if columns is not None else self.table
             yield from table.to_batches(max_chunksize=BATCH_ROWS)
@@ -93,7 +117,7 @@ class InputSource:
         if self.format == "parquet":
             yield from self._parquet_batches(columns)
         elif self.format == "csv":
-            yield from self._csv_batches(columns)
+            yield from self._csv_batches(columns, byte)
         else:
             yield from self._jsonl_batches(columns)
 
@@ -139,9 +163,11 @@ class InputSource:
         delimiter = "\t" if self.path is not None and self.path.suffix.lower() == ".tsv" else ","
         return pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
 
-    def _csv_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+    def _csv_batches(self, columns: list[str] | None, byte: int = 0) -> Iterator[pa.RecordBatch]:
         assert self.path is not None
         names = self.schema().names
+        # from a row boundary past the header: the column names are given, no header read
+        read = pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES, column_names=names if byte else None)
         convert = pacsv.ConvertOptions(
             column_types={n: pa.string() for n in names},
             include_columns=columns,
@@ -149,14 +175,20 @@ class InputSource:
             quoted_strings_can_be_null=False,
             null_values=[],
         )
+        if byte and byte >= self.path.stat().st_size:
+            return  # nothing after that row
         try:
-            reader = pacsv.open_csv(
-                self.path,
-                read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-                convert_options=convert,
-                parse_options=self._csv_parse_options(),
-            )
-            yield from reader
+            stream = pa.OSFile(str(self.path))
+            if byte:
+                stream.seek(byte)
+            with stream:
+                reader = pacsv.open_csv(
+                    stream,
+                    read_options=read,
+                    convert_options=convert,
+                    parse_options=self._csv_parse_options(),
+                )
+                yield from reader
         except pa.ArrowInvalid as exc:
             raise self._csv_error(exc) from None
 

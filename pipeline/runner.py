@@ -46,10 +46,11 @@ from .errors import (
 from .estimate import Estimate, Estimator
 from .keys import compute_keys, model_row_keys
 from .limits import Budget, Limits
+from .memory import release_memory
 from .pricing import PriceTable
 from .progress import Reporter
 from .prompts import PromptBuilder
-from .reader import InputSource, open_input
+from .reader import InputSource, Resume, open_input
 from .records import (
     RESULT_COLUMNS,
     STATUS_CODES,
@@ -102,6 +103,7 @@ class _Plan:
     builder: PromptBuilder
     checkpoint: Checkpoint
     keys: np.ndarray  # per input row
+    resume_from: Resume | None  # where reading may start: the rows before need nothing
     models: tuple[str, ...]
     model_keys: tuple[np.ndarray, ...]  # per model: the key of (row, model)
     todo: np.ndarray  # bool [row, model]: needs a result
@@ -163,9 +165,17 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
     """Everything that can fail before a request is sent (raises UsageError / LockHeld)."""
     source, builder = open_job(data, config)
     api_key = resolve_api_key(config, seams.environ)
+    checkpoint = Checkpoint(output)
     # The key pass reads the whole input: a malformed row, bad bytes or a duplicate id is
-    # found here, before the checkpoint is touched and before any request.
-    row_keys = compute_keys(source, id_column=config.id_column, content_columns=builder.columns)
+    # found here, before the checkpoint is touched and before any request. What an earlier
+    # run's pass saw of the same bytes is reused rather than read again.
+    previous = checkpoint.load_key_pass()
+    row_keys = compute_keys(
+        source, id_column=config.id_column, content_columns=builder.columns, previous=previous
+    )
+    new_pass = row_keys.key_pass if row_keys.key_pass is not previous else None
+    del previous
+    release_memory()  # the pass's read buffers and sort temporaries
     keys = row_keys.keys
     models = config.all_models
     model_keys = [keys] if len(models) == 1 else [model_row_keys(keys, m) for m in models]
@@ -178,7 +188,6 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
                 "--max-total-tokens."
             )
 
-    checkpoint = Checkpoint(output)
     _check_output_path(output, config, checkpoint)
     notes: list[str] = []
     note = checkpoint.acquire_lock()
@@ -193,7 +202,11 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
         else:
             checkpoint.check_fingerprint(config.fingerprint_parts())
         checkpoint.prepare()
+        if new_pass is not None:
+            checkpoint.save_key_pass(new_pass)
+            del new_pass
         index = checkpoint.load_index()
+        release_memory()
     except BaseException:
         checkpoint.release_lock()
         raise
@@ -225,11 +238,13 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
                     copy_from.append(int(pos[leader]))
                     copy_to.append(int(mkeys[i]))
     done_all = ~todo
+    needed = np.flatnonzero(send.any(axis=1))
     return _Plan(
         source=source,
         builder=builder,
         checkpoint=checkpoint,
         keys=keys,
+        resume_from=row_keys.resume_point(int(needed[0])) if len(needed) else None,
         models=models,
         model_keys=tuple(model_keys),
         todo=todo,
@@ -359,8 +374,11 @@ class _Run:
 
     async def produce(self, queue: asyncio.Queue[PromptRow | None], workers: int) -> None:
         plan = self.plan
-        batches = iter(plan.source.iter_batches(columns=plan.builder.columns))
-        offset = 0
+        # start reading at the first row that needs a request, where its byte is known
+        # (rows appended since the last run): a resume does not re-read what is done
+        start = plan.resume_from
+        batches = iter(plan.source.iter_batches(columns=plan.builder.columns, start=start))
+        offset = start.row if start is not None else 0
         finished = False
         try:
             while not self.stopping.is_set():
@@ -371,9 +389,12 @@ class _Run:
                 need = plan.send[offset : offset + n]
                 if need.any():
                     where = np.nonzero(need.any(axis=1))[0]
-                    rows = plan.builder.build(
-                        batch.take(where), plan.keys[offset + where], offset + where
+                    # a run of consecutive rows (the usual case) is a slice, not a take
+                    contiguous = where[-1] - where[0] + 1 == len(where)
+                    part = (
+                        batch.slice(int(where[0]), len(where)) if contiguous else batch.take(where)
                     )
+                    rows = plan.builder.build(part, plan.keys[offset + where], offset + where)
                     single = len(plan.models) == 1
                     for i, row in zip(where, rows, strict=True):
                         for j, model in enumerate(plan.models):
@@ -872,7 +893,14 @@ async def run_async(
         run = _Run(plan, config, seams, reporter, started)
         if todo:
             await run.execute()
-        index = checkpoint.load_index()
+            # the plan's index is out of date now: drop it before building the new one
+            plan.index = ResultIndex.empty()
+            index = checkpoint.load_index()
+            release_memory()
+        else:
+            index = plan.index
+        if checkpoint.parts_read:
+            checkpoint.save_index(index)  # the next run starts from it
         state = _output_state(plan, config)
         unchanged = (
             not todo and manifest.get("output_state") == state and checkpoint.output_is_ours()
@@ -977,11 +1005,16 @@ def estimate_job(data: Any, output: str | Path | None, config: RunConfig) -> Est
     responses in ``cache`` are counted apart.
     """
     source, builder = open_job(data, config)
-    row_keys = compute_keys(source, id_column=config.id_column, content_columns=builder.columns)
+    checkpoint = Checkpoint(Path(output)) if output is not None else None
+    row_keys = compute_keys(
+        source,
+        id_column=config.id_column,
+        content_columns=builder.columns,
+        previous=checkpoint.load_key_pass() if checkpoint is not None else None,
+    )
     done = np.zeros(len(row_keys), dtype=bool)
-    if output is not None and Checkpoint(Path(output)).exists():
-        index = Checkpoint(Path(output)).load_index()
-        done = index.lookup(row_keys.keys) >= 0
+    if checkpoint is not None and checkpoint.exists():
+        done = checkpoint.load_index().lookup(row_keys.keys) >= 0
     params = config.body_params()
     cache = ResponseCache(config.cache) if config.cache else None
 

@@ -26,9 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import jsonschema
 import pyarrow as pa
-from jsonschema.exceptions import SchemaError, relevance
 
 from .errors import ConfigError
 
@@ -79,9 +77,12 @@ def load_schema(path: str | Path) -> dict[str, Any]:
         )
     if isinstance(schema.get("schema"), dict) and "name" in schema:
         schema = schema["schema"]  # an OpenAI json_schema block: {"name", "schema", "strict"}
+    # jsonschema is imported where it is used: a run without a schema never pays for it
+    import jsonschema
+
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
-    except SchemaError as exc:
+    except jsonschema.SchemaError as exc:
         location = _json_path(exc.absolute_path)
         raise ConfigError(
             f"{where}: not a valid JSON Schema: {_shorten(exc.message)} (at {location} "
@@ -335,6 +336,8 @@ def _validator(schema: dict[str, Any]) -> Any:
     cached = _validators.get(id(schema))
     if cached is not None and cached[0] is schema:
         return cached[1]
+    import jsonschema
+
     validator = jsonschema.validators.validator_for(schema)(schema)
     if len(_validators) >= _MAX_CACHED_VALIDATORS:
         _validators.clear()
@@ -405,6 +408,8 @@ def parse_answer(
             f"The answer is a JSON {_json_type_name(value)}, not an object; "
             "answer with one JSON object."
         )
+    from jsonschema.exceptions import relevance
+
     errors = sorted(_validator(schema).iter_errors(value), key=relevance, reverse=True)
     if errors:
         shown = "; ".join(

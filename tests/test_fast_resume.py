@@ -1,0 +1,294 @@
+"""A rerun starts from what the last run learned: the input's key pass and the result index.
+
+So that resuming a million-row job does not re-read and re-hash every row nor re-read every
+checkpoint part, the checkpoint keeps the last key pass (``input-keys.npz``: each row's hash
+with the input file's stat and SHA-256) and the result index (``index.npz``). These tests
+pin down that reusing them never changes an answer: the keys, the rows sent and OUTPUT are
+exactly those of a run that read everything again, whatever happened to the input between
+runs (unchanged, rows appended, edited in place at the same length, a last line without a
+newline), and that damaged or stale saved files are ignored rather than trusted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner, Result
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.checkpoint import Checkpoint
+from pipeline.cli import main
+from pipeline.keys import RowKeys, compute_keys
+from pipeline.reader import open_input
+from pipeline.records import RowResult
+from pipeline.simulator import SimulatorThread
+
+ANSWER = "Simulated answer to: "
+
+
+def key_pass(path: Path, previous: RowKeys | None = None, id_column: str | None = None) -> RowKeys:
+    source = open_input(path)
+    return compute_keys(
+        source,
+        id_column=id_column,
+        content_columns=["prompt"],
+        previous=previous.key_pass if previous is not None else None,
+    )
+
+
+def assert_same_keys(got: RowKeys, fresh: RowKeys) -> None:
+    assert got.keys.tolist() == fresh.keys.tolist()
+    assert got.first.tolist() == fresh.first.tolist()
+
+
+def write_csv(path: Path, prompts: list[str]) -> Path:
+    pd.DataFrame({"prompt": prompts}).to_csv(path, index=False)
+    return path
+
+
+def cli(*args: object) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def run(sim: SimulatorThread, source: Path, output: Path, *extra: object) -> Result:
+    return cli("run", source, "-o", output, "--base-url", sim.base_url, "--no-progress", *extra)
+
+
+def received(sim: SimulatorThread, since: int) -> list[str]:
+    return [r.body["messages"][-1]["content"] for r in sim.simulator.requests[since:] if r.body]
+
+
+# -- the key pass ------------------------------------------------------------------------
+
+
+def test_an_unchanged_input_is_not_read_again_and_gives_the_same_keys(tmp_path: Path) -> None:
+    source = write_csv(tmp_path / "in.csv", ["a", "b", "a", "c"])
+    first = key_pass(source)
+    again = key_pass(source, previous=first)
+
+    assert again.reused == 4
+    assert_same_keys(again, first)
+
+
+# prompts with commas, quotes, newlines inside quoted values and repeats
+PROMPT = st.text(alphabet='ab,"\n é', min_size=1, max_size=6).filter(lambda s: s.strip() != "")
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    head=st.lists(PROMPT, min_size=1, max_size=12), tail=st.lists(PROMPT, min_size=1, max_size=8)
+)
+def test_appended_rows_are_the_only_rows_read_and_keys_equal_a_full_pass(
+    tmp_path_factory: pytest.TempPathFactory, head: list[str], tail: list[str]
+) -> None:
+    folder = tmp_path_factory.mktemp("append")
+    source = write_csv(folder / "in.csv", head)
+    before = key_pass(source)
+    write_csv(source, head + tail)  # pandas writes the same bytes for the same leading rows
+
+    after = key_pass(source, previous=before)
+
+    assert after.reused == len(head)
+    assert_same_keys(after, key_pass(source))
+
+
+def test_an_edit_that_keeps_the_size_and_the_mtime_is_still_seen(tmp_path: Path) -> None:
+    source = write_csv(tmp_path / "in.csv", ["alpha", "bravo", "charlie"])
+    before = key_pass(source)
+    stat = source.stat()
+    source.write_text(source.read_text().replace("bravo", "BRAVO"))
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # hide it from the mtime
+    assert source.stat().st_size == stat.st_size
+
+    after = key_pass(source, previous=before)
+
+    assert after.reused == 0
+    assert_same_keys(after, key_pass(source))
+    assert after.keys[1] != before.keys[1]
+
+
+def test_a_grown_file_whose_start_changed_is_read_whole(tmp_path: Path) -> None:
+    source = write_csv(tmp_path / "in.csv", ["alpha", "bravo"])
+    before = key_pass(source)
+    write_csv(source, ["alphA", "bravo", "charlie"])
+
+    after = key_pass(source, previous=before)
+
+    assert after.reused == 0
+    assert_same_keys(after, key_pass(source))
+
+
+def test_rows_appended_to_a_last_line_without_newline_change_that_row_too(tmp_path: Path) -> None:
+    source = tmp_path / "in.csv"
+    source.write_bytes(b"prompt\nalpha\nbravo")  # no newline at the end
+    before = key_pass(source)
+    with source.open("ab") as fh:
+        fh.write(b"x\ncharlie\n")  # the old last row now reads "bravox"
+
+    after = key_pass(source, previous=before)
+
+    assert after.reused == 0
+    assert_same_keys(after, key_pass(source))
+
+
+def test_id_keys_are_reused_and_a_duplicate_id_in_appended_rows_is_still_refused(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "in.csv"
+    pd.DataFrame({"id": ["r1", "r2"], "prompt": ["a", "b"]}).to_csv(source, index=False)
+    before = key_pass(source, id_column="id")
+    with source.open("a") as fh:
+        fh.write("r3,c\n")
+    after = key_pass(source, previous=before, id_column="id")
+    assert after.reused == 2
+    assert_same_keys(after, key_pass(source, id_column="id"))
+
+    with source.open("a") as fh:
+        fh.write("r1,again\n")
+    with pytest.raises(Exception, match="duplicate ids: 'r1'"):
+        key_pass(source, previous=after, id_column="id")
+
+
+# -- the saved index -----------------------------------------------------------------------
+
+
+def result(key: int, text: str) -> RowResult:
+    return RowResult(key=key, status="ok", completion=text, attempts=1)
+
+
+def index_arrays(ckpt: Checkpoint) -> dict[str, list[object]]:
+    index = ckpt.load_index()
+    names = ("keys", "part", "row", "status", "prompt_tokens", "completion_tokens", "cost_usd")
+    return {name: getattr(index, name).tolist() for name in names}
+
+
+def rebuilt(ckpt: Checkpoint) -> dict[str, list[object]]:
+    (ckpt.dir / "index.npz").unlink(missing_ok=True)
+    return index_arrays(Checkpoint(ckpt.output))
+
+
+def test_the_saved_index_plus_newer_parts_equals_an_index_read_from_every_part(
+    tmp_path: Path,
+) -> None:
+    ckpt = Checkpoint(tmp_path / "out.parquet")
+    ckpt.prepare()
+    ckpt.write_part([result(1, "one"), result(2, "two")])
+    ckpt.save_index(ckpt.load_index())
+    ckpt.write_part([result(2, "two, newer"), result(3, "three")])  # key 2 again: latest wins
+
+    fresh = Checkpoint(ckpt.output)
+    loaded = index_arrays(fresh)
+    assert fresh.parts_read == 1  # only the part after the saved index
+    assert loaded == rebuilt(ckpt)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "covered part removed"])
+def test_a_damaged_or_stale_saved_index_is_ignored(tmp_path: Path, damage: str) -> None:
+    ckpt = Checkpoint(tmp_path / "out.parquet")
+    ckpt.prepare()
+    first = ckpt.write_part([result(1, "one")])
+    ckpt.write_part([result(2, "two")])
+    ckpt.save_index(ckpt.load_index())
+    saved = ckpt.dir / "index.npz"
+    if damage == "garbage":
+        saved.write_bytes(b"not an npz file")
+    elif damage == "truncated":
+        saved.write_bytes(saved.read_bytes()[:100])
+    else:
+        first.unlink()
+
+    fresh = Checkpoint(ckpt.output)
+    expected = [2] if damage == "covered part removed" else [1, 2]
+    assert fresh.load_index().keys.tolist() == expected
+    assert fresh.parts_read == len(expected)
+
+
+# -- end to end ----------------------------------------------------------------------------
+
+
+def test_a_rerun_after_appending_sends_only_the_new_rows_and_writes_every_row_in_order(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    head = [f"row {i}, with a comma" for i in range(30)] + ['a "quoted"\nmulti-line row']
+    source = write_csv(tmp_path / "in.csv", head)
+    output = tmp_path / "out.parquet"
+    assert run(simulator, source, output).exit_code == 0
+    assert (output.parent / "out.parquet.checkpoint" / "input-keys.npz").exists()
+
+    grown = [*head, "new one", "new two"]
+    write_csv(source, grown)
+    mark = len(simulator.simulator.requests)
+    result = run(simulator, source, output)
+
+    assert result.exit_code == 0, result.output
+    assert sorted(received(simulator, mark)) == ["new one", "new two"]
+    frame = pd.read_parquet(output)
+    assert frame["prompt"].tolist() == grown
+    assert frame["completion"].tolist() == [ANSWER + p for p in grown]
+
+
+def test_an_edit_hidden_from_size_and_mtime_is_sent_again(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    prompts = ["alpha", "bravo", "charlie"]
+    source = write_csv(tmp_path / "in.csv", prompts)
+    output = tmp_path / "out.parquet"
+    assert run(simulator, source, output).exit_code == 0
+    stat = source.stat()
+    source.write_text(source.read_text().replace("bravo", "BRAVO"))
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    mark = len(simulator.simulator.requests)
+    assert run(simulator, source, output).exit_code == 0
+
+    assert received(simulator, mark) == ["BRAVO"]
+    assert pd.read_parquet(output)["completion"].tolist()[1] == ANSWER + "BRAVO"
+
+
+def test_bad_bytes_in_appended_rows_are_refused_naming_their_line(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    source = write_csv(tmp_path / "in.csv", ["alpha", "bravo"])
+    output = tmp_path / "out.parquet"
+    assert run(simulator, source, output).exit_code == 0
+    before = output.read_bytes()
+    with source.open("ab") as fh:
+        fh.write(b"charlie\ncaf\xe9 latin-1\n")  # line 5 is not UTF-8
+
+    mark = len(simulator.simulator.requests)
+    result = run(simulator, source, output)
+
+    assert result.exit_code == 2
+    assert "not UTF-8 at line 5" in result.output
+    assert received(simulator, mark) == []
+    assert output.read_bytes() == before
+
+
+def test_a_checkpoint_copied_elsewhere_with_its_input_still_resumes_from_its_key_pass(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    prompts = [f"p{i}" for i in range(20)]
+    (tmp_path / "a").mkdir()
+    source = write_csv(tmp_path / "a" / "in.csv", prompts)
+    output = tmp_path / "a" / "out.parquet"
+    assert run(simulator, source, output).exit_code == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # new inodes and times: the hash decides
+    copied = tmp_path / "b" / "in.csv"
+    write_csv(copied, [*prompts, "p20"])
+
+    kept = Checkpoint(tmp_path / "b" / "out.parquet").load_key_pass()
+    assert kept is not None
+    keys = key_pass(copied, previous=None)
+    again = compute_keys(
+        open_input(copied), id_column=None, content_columns=["prompt"], previous=kept
+    )
+    assert again.reused == 20
+    assert np.array_equal(again.keys, keys.keys)
