@@ -43,17 +43,36 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
-class Completion:
-    """A parsed successful chat completion (first choice)."""
+class Choice:
+    """One choice of a completion: its text (tool calls as JSON when content is null)."""
 
     text: str | None
     finish_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A parsed successful chat completion: every choice, in index order.
+
+    ``usage`` and ``reported_cost`` are the response's, covering all its choices (the API
+    reports no per-choice usage). ``text`` and ``finish_reason`` are the first choice's.
+    """
+
+    choices: tuple[Choice, ...]
     usage: Usage
     model: str | None
     response_id: str | None
     headers: dict[str, str] = field(default_factory=dict)
     reported_cost: float | None = None  # USD the server says this request cost
     raw: bytes = b""  # the body as received (for the response cache)
+
+    @property
+    def text(self) -> str | None:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason
 
 
 @dataclass(frozen=True, slots=True)
