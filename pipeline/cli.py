@@ -473,6 +473,11 @@ def status(output: Path, as_json: bool) -> None:
     show_default=True,
     help="invalid: unusable answer; different: well-formed, wrong.",
 )
+@click.option(
+    "--ignore-n",
+    is_flag=True,
+    help="Answer with one choice whatever n asks (like llama.cpp), to try --n-mode auto.",
+)
 @click.option("--seed", type=int, help="Seed for the fault draws.")
 @click.option(
     "--request-log",
@@ -499,6 +504,7 @@ def simulate(
     request_log: str | None,
     wrong_rate: float,
     wrong_kind: str,
+    ignore_n: bool,
 ) -> None:
     """Serve a local OpenAI-compatible chat API for demos, tests and benchmarks.
 
@@ -526,6 +532,7 @@ def simulate(
         request_log=request_log,
         wrong_rate=wrong_rate,
         wrong_kind=wrong_kind,
+        ignore_n=ignore_n,
     )
     run_simulator(config, host=host, port=port)
 
