@@ -24,11 +24,23 @@ class PromptRow:
     skip_reason: str | None = None
     invalid_reason: str | None = None
     model: str | None = None  # None: the run's only model
+    # (sample index, result key) of each sample to produce; () means sample 0 under ``key``
+    samples: tuple[tuple[int, int], ...] = ()
 
     @property
     def request_id(self) -> str:
         """The ``X-Client-Request-Id`` header value: 1-128 chars of [A-Za-z0-9._:-]."""
-        return f"bpp-{self.key:016x}"
+        return request_id_of(self.key)
+
+    @property
+    def wanted(self) -> tuple[tuple[int, int], ...]:
+        """(sample index, result key) of every sample this row is sent for."""
+        return self.samples or ((0, self.key),)
+
+
+def request_id_of(key: int) -> str:
+    """The ``X-Client-Request-Id`` of the request answering the result with ``key``."""
+    return f"bpp-{key:016x}"
 
 
 @dataclass(frozen=True, slots=True)
