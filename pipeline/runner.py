@@ -79,6 +79,7 @@ from .structured import (
 from .writer import OutputSpec, write_output
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ABORTED, EXIT_BUDGET = 0, 1, 2, 3, 4
+_ONE_SAMPLE = [SampleRequest((0,))]  # the only request of a row without --n
 
 
 @dataclass
@@ -479,6 +480,8 @@ class _Run:
 
     def _plan(self, model: str, samples: list[int]) -> list[SampleRequest]:
         config = self.config
+        if config.n == 1:
+            return _ONE_SAMPLE  # the hot path without --n: nothing to decide
         return plan_requests(
             samples, n=config.n, native=self._native(model), base_seed=config.base_seed
         )
@@ -580,6 +583,22 @@ class _Run:
                 )
             )
         reask_params = {**params, **request.reask_params} if request.params else params
+        if len(answered) == 1 and not pending:
+            await self._settle(
+                row,
+                model,
+                messages,
+                reask_params,
+                client,
+                key=keys[first],
+                choice=completion.choices[0],
+                completion=completion,
+                spent=[(completion, cost)],
+                attempts=tries,
+                started=started,
+                shared=False,
+            )
+            return
         for sample, choice in zip(answered, completion.choices, strict=False):
             shared = sample != first
             pending.append(
@@ -598,10 +617,7 @@ class _Run:
                     shared=shared,
                 )
             )
-        if len(pending) == 1:
-            await pending[0]
-        else:
-            await asyncio.gather(*pending)
+        await asyncio.gather(*pending)
 
     def _fill_missing(
         self,
