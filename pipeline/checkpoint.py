@@ -22,7 +22,7 @@ import os
 import socket
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -304,8 +304,15 @@ class Checkpoint:
 
     # -- starting -------------------------------------------------------------------------
 
-    def check_fingerprint(self, parts: dict[str, Any]) -> None:
-        """Refuse to resume results made under settings that change responses."""
+    def check_fingerprint(
+        self, parts: dict[str, Any], defaults: Mapping[str, Any] | None = None
+    ) -> None:
+        """Refuse to resume results made under settings that change responses.
+
+        ``defaults`` gives the value of a part that is left out of ``parts`` (or of the
+        stored ones) when it has that value, so that a part added or dropped is compared
+        and named like any other.
+        """
         manifest = self.read_manifest()
         version = manifest.get("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
@@ -317,8 +324,16 @@ class Checkpoint:
         old = manifest.get("fingerprint_parts")
         if old is None or old == parts:
             return
-        changed = [name for name in parts if old.get(name) != parts.get(name)]
-        lines = [f"  {name}: {old.get(name)!r} -> {parts.get(name)!r}" for name in changed]
+        defaults = defaults or {}
+
+        def value(of: dict[str, Any], name: str) -> Any:
+            return of.get(name, defaults.get(name))
+
+        names = list(dict.fromkeys([*parts, *old]))
+        changed = [name for name in names if value(old, name) != value(parts, name)]
+        if not changed:
+            return
+        lines = [f"  {name}: {value(old, name)!r} -> {value(parts, name)!r}" for name in changed]
         raise FingerprintMismatch(
             f"{self.output}: the checkpoint was made with other settings that change "
             f"responses, so its results cannot be mixed with this run's:\n"

@@ -102,7 +102,31 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option(
         "--score",
         metavar="SPEC",
-        help="exact | contains | regex | json-field=PATH: a score column per row and model.",
+        help="exact | contains | regex | json-field=PATH: a score column per row and model "
+        "(per sample with --n).",
+    ),
+    click.option(
+        "--n",
+        "n",
+        type=int,
+        metavar="K",
+        help="K samples per row: the API's n where the server honours it, else K requests "
+        "with seeds base+0..K-1 (see --n-mode). [default: 1]",
+    ),
+    click.option(
+        "--samples",
+        type=click.Choice(["list", "long"]),
+        help="With --n: list keeps one output row per input row, completion, finish_reason, "
+        "label, schema and score columns as lists, tokens and cost summed; long gives one "
+        "row per sample with a sample column (0..K-1), usage and cost on the first sample "
+        "of each request. [default: list]",
+    ),
+    click.option(
+        "--n-mode",
+        type=click.Choice(["auto", "native", "seeds"]),
+        help="auto: send n, and for a model whose server answers fewer choices than asked "
+        "fill in and go on with seeds; native: always n; seeds: one request per sample with "
+        "seed base+sample (base: --seed, else 1). [default: auto]",
     ),
     click.option(
         "--api-key-env",
@@ -473,6 +497,11 @@ def status(output: Path, as_json: bool) -> None:
     show_default=True,
     help="invalid: unusable answer; different: well-formed, wrong.",
 )
+@click.option(
+    "--ignore-n",
+    is_flag=True,
+    help="Answer with one choice whatever n asks (like llama.cpp), to try --n-mode auto.",
+)
 @click.option("--seed", type=int, help="Seed for the fault draws.")
 @click.option(
     "--request-log",
@@ -499,6 +528,7 @@ def simulate(
     request_log: str | None,
     wrong_rate: float,
     wrong_kind: str,
+    ignore_n: bool,
 ) -> None:
     """Serve a local OpenAI-compatible chat API for demos, tests and benchmarks.
 
@@ -526,6 +556,7 @@ def simulate(
         request_log=request_log,
         wrong_rate=wrong_rate,
         wrong_kind=wrong_kind,
+        ignore_n=ignore_n,
     )
     run_simulator(config, host=host, port=port)
 

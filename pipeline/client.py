@@ -35,7 +35,7 @@ from .errors import (
     TransportError,
 )
 from .pricing import reported_cost
-from .records import Completion, Usage
+from .records import Choice, Completion, Usage
 from .transport import AiohttpTransport
 
 USER_AGENT = "batch-prompt-pipeline/0.1"
@@ -182,21 +182,12 @@ def parse_completion(content: bytes, headers: dict[str, str] | None = None) -> C
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise MalformedResponse("200 without choices[0]", status=200)
-    message = choices[0].get("message")
-    if not isinstance(message, dict):
-        raise MalformedResponse("200 without choices[0].message", status=200)
-    text = message.get("content")
-    if text is not None and not isinstance(text, str):
-        # content as a list of parts: join the text parts
-        if isinstance(text, list):
-            text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
-        else:
-            raise MalformedResponse("200 with a non-text message.content", status=200)
-    if text is None and message.get("tool_calls"):
-        text = json.dumps(message["tool_calls"], ensure_ascii=False)
+    parsed = [_parse_choice(choice, number) for number, choice in enumerate(choices)]
+    if len(parsed) > 1:
+        # servers send choices in index order; sort in case one does not
+        parsed.sort(key=lambda item: item[0])
     return Completion(
-        text=text,
-        finish_reason=_str_or_none(choices[0].get("finish_reason")),
+        choices=tuple(choice for _, choice in parsed),
         usage=parse_usage(data.get("usage")),
         model=_str_or_none(data.get("model")),
         response_id=_str_or_none(data.get("id")),
@@ -204,6 +195,29 @@ def parse_completion(content: bytes, headers: dict[str, str] | None = None) -> C
         reported_cost=reported_cost(headers or {}, data),
         raw=content,
     )
+
+
+def _parse_choice(choice: Any, number: int) -> tuple[int, Choice]:
+    """(index, Choice) of ``choices[number]``; MalformedResponse when it is not a choice."""
+    if not isinstance(choice, dict):
+        raise MalformedResponse(f"200 with choices[{number}] that is not an object", status=200)
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        raise MalformedResponse(f"200 without choices[{number}].message", status=200)
+    text = message.get("content")
+    if text is not None and not isinstance(text, str):
+        # content as a list of parts: join the text parts
+        if isinstance(text, list):
+            text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+        else:
+            raise MalformedResponse(
+                f"200 with a non-text choices[{number}].message.content", status=200
+            )
+    if text is None and message.get("tool_calls"):
+        text = json.dumps(message["tool_calls"], ensure_ascii=False)
+    index = choice.get("index")
+    position = index if isinstance(index, int) and not isinstance(index, bool) else number
+    return position, Choice(text=text, finish_reason=_str_or_none(choice.get("finish_reason")))
 
 
 def parse_usage(raw: Any) -> Usage:

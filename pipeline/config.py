@@ -35,6 +35,7 @@ RESERVED_PARAMS = {
     "seed": "--seed",
     "stop": "--stop",
     "response_format": "--response-format",
+    "n": "--n (samples per row; see --n-mode)",
     "stream": "(streaming is not supported: batch work uses non-streaming responses)",
 }
 
@@ -62,6 +63,10 @@ class RunConfig:
     max_reasks: int = 2  # re-asks of an answer that does not parse or validate
     expected_column: str | None = None
     score: str | None = None  # exact | contains | regex | json-field=PATH
+    # samples per row (see pipeline/samples.py)
+    n: int = 1  # samples per row
+    samples: str = "list"  # list | long: how OUTPUT holds a row's samples
+    n_mode: str = "auto"  # auto | native | seeds: how the samples are asked for
     # request body parameters; None means "leave out of the body"
     temperature: float | None = None
     max_tokens: int | None = None
@@ -110,6 +115,13 @@ class RunConfig:
         return self.models or (self.model,)
 
     @property
+    def base_seed(self) -> int:
+        """The seed of sample 0 in seeds mode (sample s gets ``base_seed + s``)."""
+        from .samples import DEFAULT_BASE_SEED
+
+        return self.seed if self.seed is not None else DEFAULT_BASE_SEED
+
+    @property
     def prompt_source(self) -> tuple[str, str]:
         """(kind, value): ("column", name) | ("template", text) | ("messages", name)."""
         if self.template is not None:
@@ -146,6 +158,8 @@ class RunConfig:
             "prompt_source": {"kind": kind, "value": value},
             "system_prompt": self.system,
         }
+        if self.n != 1:  # left out at 1, so that runs without samples keep their fingerprint
+            parts["n"] = self.n
         if self.json_schema is not None or self.labels is not None:
             from .structured import load_labels, load_schema
 
@@ -196,6 +210,10 @@ def parse_duration(text: str) -> float | None:
     return total if pos == len(text) and pos > 0 else None
 
 
+# The value of a fingerprint part that is left out when it has it (see fingerprint_parts).
+FINGERPRINT_DEFAULTS: dict[str, Any] = {"n": 1, "answer_format": None}
+
+
 def fingerprint_of(parts: dict[str, Any]) -> str:
     canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -211,6 +229,7 @@ _INT_FIELDS = {
     "max_retries",
     "checkpoint_rows",
     "max_total_tokens",
+    "n",
 }
 _FLOAT_FIELDS = {
     "temperature",
@@ -257,6 +276,8 @@ _STR_FIELDS = {
     "labels",
     "expected_column",
     "score",
+    "samples",
+    "n_mode",
 }
 # TOML keys that are not RunConfig fields but are accepted by load_config_file and
 # passed through untouched (the CLI reads them itself).
@@ -515,6 +536,28 @@ def validate(config: RunConfig) -> None:
         if not ok:
             raise ConfigError(f"Out of range: {rule}.")
     _validate_answer_options(config)
+    _validate_samples(config)
+
+
+def _validate_samples(config: RunConfig) -> None:
+    """--n, --samples and --n-mode: K within what the request can carry."""
+    from .samples import LAYOUTS, MAX_NATIVE_N, N_MODES
+
+    if config.n < 1:
+        raise ConfigError(
+            f"--n {config.n}: samples per row must be at least 1. Use --n 1 (the default) "
+            "for one answer per row, or --n K for K samples."
+        )
+    if config.n_mode not in N_MODES:
+        raise ConfigError(f"--n-mode {config.n_mode!r}: use {', '.join(N_MODES)}.")
+    if config.samples not in LAYOUTS:
+        raise ConfigError(f"--samples {config.samples!r}: use {' or '.join(LAYOUTS)}.")
+    if config.n > MAX_NATIVE_N and config.n_mode != "seeds":
+        raise ConfigError(
+            f"--n {config.n}: --n-mode {config.n_mode} sends the API's n, which OpenAI caps "
+            f"at {MAX_NATIVE_N} (the provider's schema sets no maximum). Use --n "
+            f"{MAX_NATIVE_N} or less, or --n-mode seeds (one request per sample)."
+        )
 
 
 def _validate_answer_options(config: RunConfig) -> None:

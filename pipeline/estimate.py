@@ -24,6 +24,11 @@ Completion tokens are a range: 0 to ``max_tokens`` a request (no upper bound wit
 ``DEFAULT_TYPICAL_COMPLETION``, never above ``max_tokens``). Costs are those token ranges
 priced by the table; input tokens are priced at the full input rate (no cache discount).
 
+Samples (``--n K``). Each row asks for K completions: with the API's ``n`` (``native``, and
+``auto`` as long as the server honours it) in one request, else in K requests that each
+send the prompt again. Completion tokens and the request count scale accordingly; in
+``auto`` mode the estimate assumes the server honours ``n`` and says so.
+
 Duplicates. Two rows are the same request when their messages are equal as JSON (object key
 order ignored), which for one run's fixed model and parameters means equal request bodies.
 For speed the estimate remembers a 64-bit hash of each request, so among a million distinct
@@ -226,6 +231,7 @@ class Estimate:
     price: Price | None
     tokenizer: str
     notes: tuple[str, ...] = ()
+    samples_per_row: int = 1  # --n: completions each row asks for
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready view."""
@@ -261,6 +267,7 @@ class Estimate:
             },
             "price": price,
             "tokenizer": self.tokenizer,
+            "samples_per_row": self.samples_per_row,
             "notes": list(self.notes),
         }
 
@@ -280,8 +287,11 @@ class Estimate:
             f"  requests to send   {self.requests:>14,}",
             f"  prompt tokens      {self.prompt_tokens:>14,}   ({self.tokenizer})",
             f"  completion tokens  {self.completion_tokens_low:,} to {high_tokens}; typical "
-            f"{self.completion_tokens_typical:,} ({self.typical_per_request:,} a request)",
+            f"{self.completion_tokens_typical:,} ({self.typical_per_request:,} a "
+            f"{'sample' if self.samples_per_row > 1 else 'request'})",
         ]
+        if self.samples_per_row > 1:
+            lines.insert(6, f"  samples a row      {self.samples_per_row:>14,}")
         if self.cost_low is None or self.price is None:
             lines.append("  cost (USD)         unknown: no price for this model")
         else:
@@ -311,6 +321,8 @@ class Estimator:
 
     ``cached`` is asked once per distinct request whether the response cache holds it.
     ``dedup=False`` counts every row as its own request, as ``--no-dedup`` sends it.
+    ``samples`` completions a row: in one request with ``native`` n, else one request
+    (with the prompt) each.
     """
 
     def __init__(
@@ -320,13 +332,17 @@ class Estimator:
         dedup: bool = True,
         cached: Callable[[Sequence[Message]], bool] | None = None,
         tokenizer: str = "auto",
+        samples: int = 1,
+        native: bool = True,
     ) -> None:
         self.model = model
+        self.samples = samples
+        self.requests_per_row = 1 if native else samples
         self.dedup = dedup
         self.cached = cached
         self.counter = token_counter(model, tokenizer=tokenizer)
         self.rows = self.skipped = self.duplicates = self.cache_hits = 0
-        self.requests = self.prompt_tokens = 0
+        self.requests = self.prompt_tokens = self.completions = 0
         self._seen: set[int] = set()
 
     def add(self, requests: Iterable[Sequence[Message] | None]) -> None:
@@ -355,8 +371,9 @@ class Estimator:
         self.skipped += skipped
         self.duplicates += duplicates
         self.cache_hits += hits
-        self.requests += sent
-        self.prompt_tokens += tokens
+        self.requests += sent * self.requests_per_row
+        self.prompt_tokens += tokens * self.requests_per_row
+        self.completions += sent * self.samples
 
     def result(
         self, *, max_tokens: int | None, prices: PriceTable, typical_completion: int | None = None
@@ -378,8 +395,9 @@ class Estimator:
         if max_tokens is None:
             notes.append("no --max-tokens: completion tokens and cost have no upper bound")
         requests = self.requests
-        high_tokens = None if max_tokens is None else max_tokens * requests
-        typical_tokens = typical * requests
+        completions = self.completions
+        high_tokens = None if max_tokens is None else max_tokens * completions
+        typical_tokens = typical * completions
         resolved = prices.resolve(self.model)
         price = None if resolved is None else resolved[1]
         if price is None:
@@ -422,6 +440,7 @@ class Estimator:
             price=price,
             tokenizer=self.counter.name,
             notes=tuple(notes),
+            samples_per_row=self.samples,
         )
 
 

@@ -340,3 +340,11 @@ def model_row_keys(keys: np.ndarray, model: str) -> np.ndarray:
     """The keys of (row, model) pairs: each row's key mixed with the model's name."""
     digest = hashlib.blake2b(model.encode("utf-8"), digest_size=8).digest()
     return _mix(keys ^ np.uint64(int.from_bytes(digest, "little")))
+
+
+def sample_row_keys(keys: np.ndarray, sample: int) -> np.ndarray:
+    """The keys of sample ``sample`` of the pairs with ``keys``; sample 0 keeps them (K = 1)."""
+    if sample == 0:
+        return keys
+    digest = hashlib.blake2b(f"sample {sample}".encode(), digest_size=8).digest()
+    return _mix(keys ^ np.uint64(int.from_bytes(digest, "little")))

@@ -230,19 +230,28 @@ class TokenEstimator:
     def prompt_tokens(self, chars: int) -> float:
         return max(1.0, chars * self.tokens_per_char)
 
-    def cost(self, chars: int) -> float:
-        """Prompt estimate plus expected completion (``max_tokens`` bounds it when set)."""
+    def cost(self, chars: int, choices: int = 1) -> float:
+        """Prompt estimate plus expected completion of each of ``choices`` (the API's ``n``);
+        ``max_tokens`` bounds each completion when set."""
         expected = self.max_tokens if self.max_tokens is not None else self.mean_completion
-        return self.prompt_tokens(chars) + expected
+        return self.prompt_tokens(chars) + expected * choices
 
-    def observe(self, chars: int, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+    def observe(
+        self,
+        chars: int,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        choices: int = 1,
+    ) -> None:
+        """Calibrate on a response's usage (``completion_tokens`` cover all its choices)."""
         if prompt_tokens and chars:
             ratio = prompt_tokens / chars
             self.tokens_per_char = 0.9 * self.tokens_per_char + 0.1 * ratio
         if completion_tokens is not None:
             self.samples += 1
             weight = max(0.05, 1.0 / self.samples)
-            self.mean_completion += weight * (completion_tokens - self.mean_completion)
+            per_choice = completion_tokens / max(choices, 1)
+            self.mean_completion += weight * (per_choice - self.mean_completion)
 
 
 class Budget:
@@ -341,12 +350,12 @@ class Limits:
         self.estimator = TokenEstimator(max_tokens)
         self.rate_limited = 0
 
-    async def start(self, chars: int) -> tuple[float, float]:
-        """Wait until a request of ``chars`` prompt characters may go.
+    async def start(self, chars: int, choices: int = 1) -> tuple[float, float]:
+        """Wait until a request of ``chars`` prompt characters and ``choices`` may go.
 
         Returns (token cost estimate, start time) to hand back to ``finish``.
         """
-        cost = self.estimator.cost(chars)
+        cost = self.estimator.cost(chars, choices)
         if self.gate.until > self.clock():
             await self.gate.wait()
         await self.concurrency.acquire()
@@ -377,6 +386,7 @@ class Limits:
         completion_tokens: int | None = None,
         rate_limited: bool = False,
         retry_after: float | None = None,
+        choices: int = 1,
     ) -> None:
         """Account for a finished attempt: correct token use, read headers, adapt."""
         await self.concurrency.release()
@@ -389,7 +399,7 @@ class Limits:
             if bucket is not None:
                 self.header_tokens.observe(bucket, in_flight * cost)
         if prompt_tokens is not None or completion_tokens is not None:
-            self.estimator.observe(chars, prompt_tokens, completion_tokens)
+            self.estimator.observe(chars, prompt_tokens, completion_tokens, choices)
             if self.tokens is not None:
                 actual = (prompt_tokens or 0) + (completion_tokens or 0)
                 self.tokens.charge(actual - cost)

@@ -24,11 +24,23 @@ class PromptRow:
     skip_reason: str | None = None
     invalid_reason: str | None = None
     model: str | None = None  # None: the run's only model
+    # (sample index, result key) of each sample to produce; () means sample 0 under ``key``
+    samples: tuple[tuple[int, int], ...] = ()
 
     @property
     def request_id(self) -> str:
         """The ``X-Client-Request-Id`` header value: 1-128 chars of [A-Za-z0-9._:-]."""
-        return f"bpp-{self.key:016x}"
+        return request_id_of(self.key)
+
+    @property
+    def wanted(self) -> tuple[tuple[int, int], ...]:
+        """(sample index, result key) of every sample this row is sent for."""
+        return self.samples or ((0, self.key),)
+
+
+def request_id_of(key: int) -> str:
+    """The ``X-Client-Request-Id`` of the request answering the result with ``key``."""
+    return f"bpp-{key:016x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,17 +55,36 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
-class Completion:
-    """A parsed successful chat completion (first choice)."""
+class Choice:
+    """One choice of a completion: its text (tool calls as JSON when content is null)."""
 
     text: str | None
     finish_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A parsed successful chat completion: every choice, in index order.
+
+    ``usage`` and ``reported_cost`` are the response's, covering all its choices (the API
+    reports no per-choice usage). ``text`` and ``finish_reason`` are the first choice's.
+    """
+
+    choices: tuple[Choice, ...]
     usage: Usage
     model: str | None
     response_id: str | None
     headers: dict[str, str] = field(default_factory=dict)
     reported_cost: float | None = None  # USD the server says this request cost
     raw: bytes = b""  # the body as received (for the response cache)
+
+    @property
+    def text(self) -> str | None:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason
 
 
 @dataclass(frozen=True, slots=True)

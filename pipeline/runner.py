@@ -32,7 +32,7 @@ import numpy as np
 from .cache import ResponseCache
 from .checkpoint import Checkpoint, ResultIndex, file_signature
 from .client import ChatClient, build_body, make_transport, parse_completion
-from .config import RunConfig, resolve_api_key
+from .config import FINGERPRINT_DEFAULTS, RunConfig, resolve_api_key
 from .errors import (
     BudgetReached,
     ConfigError,
@@ -44,7 +44,7 @@ from .errors import (
     RunAborted,
 )
 from .estimate import Estimate, Estimator
-from .keys import compute_keys, model_row_keys
+from .keys import compute_keys, model_row_keys, sample_row_keys
 from .limits import Budget, Limits
 from .memory import release_memory
 from .pricing import PriceTable
@@ -54,14 +54,17 @@ from .reader import InputSource, Resume, open_input
 from .records import (
     RESULT_COLUMNS,
     STATUS_CODES,
+    Choice,
     Completion,
     Message,
     PromptRow,
     RowResult,
     RunSummary,
     Usage,
+    request_id_of,
 )
 from .retry import RetryPolicy
+from .samples import SAMPLE_COLUMN, SHARED, SampleRequest, plan_requests
 from .scoring import make_scorer
 from .structured import (
     ParsedAnswer,
@@ -77,6 +80,7 @@ from .structured import (
 from .writer import OutputSpec, write_output
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ABORTED, EXIT_BUDGET = 0, 1, 2, 3, 4
+_ONE_SAMPLE = [SampleRequest((0,))]  # the only request of a row without --n
 
 
 @dataclass
@@ -105,9 +109,12 @@ class _Plan:
     keys: np.ndarray  # per input row
     resume_from: Resume | None  # where reading may start: the rows before need nothing
     models: tuple[str, ...]
-    model_keys: tuple[np.ndarray, ...]  # per model: the key of (row, model)
-    todo: np.ndarray  # bool [row, model]: needs a result
-    send: np.ndarray  # bool [row, model]: needs a request (todo, not a duplicate)
+    model_keys: tuple[np.ndarray, ...]  # per model: the key of (row, model), i.e. of sample 0
+    # per unit u = model * n + sample: the key of (row, model, sample); one unit per model
+    # when n == 1
+    unit_keys: tuple[np.ndarray, ...]
+    todo: np.ndarray  # bool [row, unit]: needs a result
+    send: np.ndarray  # bool [row, unit]: needs a request (todo, not a duplicate)
     index: ResultIndex
     prices: PriceTable
     followers: dict[int, list[int]]  # leader key -> keys of its duplicates sent with it
@@ -158,6 +165,11 @@ def open_job(data: Any, config: RunConfig) -> tuple[InputSource, PromptBuilder]:
             f"{source.name} has no column '{config.expected_column}' for --expected-column "
             f"(columns: {', '.join(columns)})."
         )
+    if config.n > 1 and config.samples == "long" and SAMPLE_COLUMN in columns:
+        raise InputError(
+            f"{source.name} already has a column '{SAMPLE_COLUMN}', which --samples long adds. "
+            "Rename it in the input, or use --samples list."
+        )
     return source, builder
 
 
@@ -179,6 +191,7 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
     keys = row_keys.keys
     models = config.all_models
     model_keys = [keys] if len(models) == 1 else [model_row_keys(keys, m) for m in models]
+    unit_keys = [sample_row_keys(mk, s) for mk in model_keys for s in range(config.n)]
     prices = PriceTable.load(config.prices)
     for model in models:
         if config.max_cost is not None and prices.price(model) is None:
@@ -200,7 +213,7 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
             checkpoint.acquire_lock()
             notes.append(f"--restart: the old checkpoint was moved to {backup}")
         else:
-            checkpoint.check_fingerprint(config.fingerprint_parts())
+            checkpoint.check_fingerprint(config.fingerprint_parts(), FINGERPRINT_DEFAULTS)
         checkpoint.prepare()
         if new_pass is not None:
             checkpoint.save_key_pass(new_pass)
@@ -211,14 +224,14 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
         checkpoint.release_lock()
         raise
     n = len(keys)
-    todo = np.zeros((n, len(models)), dtype=bool)
+    todo = np.zeros((n, len(unit_keys)), dtype=bool)
     present = np.zeros(len(index.keys), dtype=bool)
     followers: dict[int, list[int]] = {}
     copy_from: list[int] = []
     copy_to: list[int] = []
     duplicate = row_keys.first != np.arange(n)
     send = np.zeros_like(todo)
-    for j, mkeys in enumerate(model_keys):
+    for j, mkeys in enumerate(unit_keys):
         pos = index.lookup(mkeys)
         done = pos >= 0
         if config.retry_failed:
@@ -247,6 +260,7 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
         resume_from=row_keys.resume_point(int(needed[0])) if len(needed) else None,
         models=models,
         model_keys=tuple(model_keys),
+        unit_keys=tuple(unit_keys),
         todo=todo,
         send=send,
         index=index,
@@ -316,6 +330,7 @@ class _Run:
         self.abort_kind: str | None = None
         self.deduplicated = 0
         self.cache_hits = 0
+        self.ignores_n: set[str] = set()  # models whose server answered fewer choices than n
 
     # -- results --------------------------------------------------------------------------
 
@@ -395,18 +410,16 @@ class _Run:
                         batch.slice(int(where[0]), len(where)) if contiguous else batch.take(where)
                     )
                     rows = plan.builder.build(part, plan.keys[offset + where], offset + where)
-                    single = len(plan.models) == 1
                     for i, row in zip(where, rows, strict=True):
                         for j, model in enumerate(plan.models):
-                            if not need[i, j]:
+                            unit = self._unit(row, offset + int(i), j, model, need[i])
+                            if unit is None:
                                 continue
-                            if not single:
-                                key = int(plan.model_keys[j][offset + i])
-                                row = dataclasses.replace(row, key=key, model=model)
-                            if row.messages is None:
-                                self.record(self._unsent_result(row))
+                            if unit.messages is None:
+                                for _, key in unit.wanted:
+                                    self.record(self._unsent_result(unit, key))
                                 continue
-                            await queue.put(row)
+                            await queue.put(unit)
                         if self.stopping.is_set():
                             break
                 offset += n
@@ -418,11 +431,34 @@ class _Run:
                 for _ in range(workers):
                     await queue.put(None)
 
-    def _unsent_result(self, row: PromptRow) -> RowResult:
+    def _unit(
+        self, row: PromptRow, position: int, model_index: int, model: str, need: np.ndarray
+    ) -> PromptRow | None:
+        """``row`` as sent to model ``model_index`` for the samples it still needs, or None."""
+        plan, n = self.plan, self.config.n
+        first = model_index * n
+        if n == 1:
+            if not need[first]:
+                return None
+        elif not need[first : first + n].any():
+            return None
+        unit = row
+        if len(plan.models) > 1:
+            unit = dataclasses.replace(
+                unit, key=int(plan.model_keys[model_index][position]), model=model
+            )
+        if n > 1:
+            samples = tuple(
+                (s, int(plan.unit_keys[first + s][position])) for s in range(n) if need[first + s]
+            )
+            unit = dataclasses.replace(unit, samples=samples)
+        return unit
+
+    def _unsent_result(self, row: PromptRow, key: int) -> RowResult:
         if row.skip_reason is not None:
-            return RowResult(key=row.key, status="skipped", error_message=row.skip_reason)
+            return RowResult(key=key, status="skipped", error_message=row.skip_reason)
         return RowResult(
-            key=row.key,
+            key=key,
             status="error",
             error_type="InvalidRow",
             error_message=row.invalid_reason,
@@ -433,9 +469,7 @@ class _Run:
             row = await queue.get()
             if row is None or self.stopping.is_set():
                 return
-            result = await self.send_row(row, client)
-            if result is not None:
-                self.record(result)
+            await self.send_row(row, client)
 
     # -- one row: request(s), answer checks and re-asks -------------------------------------
 
@@ -460,70 +494,286 @@ class _Run:
             return parse_label(text, self.labels, finish_reason=finish_reason)
         return None
 
-    async def send_row(self, row: PromptRow, client: ChatClient) -> RowResult | None:
+    def _native(self, model: str) -> bool:
+        """Whether ``model``'s samples are asked for with the API's ``n`` (see --n-mode)."""
+        mode = self.config.n_mode
+        return mode == "native" or (mode == "auto" and model not in self.ignores_n)
+
+    def _plan(self, model: str, samples: list[int]) -> list[SampleRequest]:
+        config = self.config
+        if config.n == 1:
+            return _ONE_SAMPLE  # the hot path without --n: nothing to decide
+        return plan_requests(
+            samples, n=config.n, native=self._native(model), base_seed=config.base_seed
+        )
+
+    async def send_row(self, row: PromptRow, client: ChatClient) -> None:
+        """Every sample ``row`` still needs; each result is recorded when it is final."""
         model = row.model or self.config.model
         params, system_text = self._request_shape(model)
         messages = row.messages or []
         if system_text:
             messages = add_system_text(messages, system_text)
+        keys = dict(row.wanted)
+        requests = self._plan(model, list(keys))
+        if len(requests) == 1:
+            await self._send_samples(row, model, messages, params, requests[0], keys, client)
+            return
+        await asyncio.gather(
+            *(
+                self._send_samples(row, model, messages, params, request, keys, client)
+                for request in requests
+            )
+        )
+
+    def _stop_for(self, exc: BudgetReached | FatalError) -> None:
+        """A budget or a fatal error ends the run; what it interrupted stays pending."""
+        if isinstance(exc, BudgetReached):
+            if self.abort_kind is None:
+                self.abort_kind = "budget"
+                self.reporter.error(f"stopping the run: {exc.message}")
+            self.stop(f"{exc.kind}: {exc.message}")  # requests in flight may finish
+            return
+        self.reporter.error(f"stopping the run: {exc.message}", http_status=exc.status)
+        self.stop(f"{exc.kind}: {exc.message}", hard=True)
+
+    async def _send_samples(
+        self,
+        row: PromptRow,
+        model: str,
+        messages: list[Message],
+        params: dict[str, Any],
+        request: SampleRequest,
+        keys: dict[int, int],
+        client: ChatClient,
+    ) -> None:
+        """One request for ``request.samples``, then each sample's checks and re-asks.
+
+        The request's usage, cost and attempts go to its first sample; the others share it
+        (no usage of their own, ``cost_source`` shared) unless re-asks of theirs spend.
+        """
+        if self.stopping.is_set():
+            return  # not sent: these samples stay pending
+        first = request.samples[0]
         started = time.monotonic()
-        attempts = 0
-        spent: list[tuple[Completion, tuple[float | None, str | None]]] = []
-        current = messages
-        for reask in range(self.config.max_reasks + 1):
-            try:
-                completion, tries, cached = await self._exchange(
-                    row, model, current, params, client, reask
+        body_params = {**params, **request.params} if request.params else params
+        try:
+            completion, tries, cached = await self._exchange(
+                row,
+                model,
+                messages,
+                body_params,
+                client,
+                request_id_of(keys[first]),
+                choices=len(request.samples),
+            )
+        except (BudgetReached, FatalError) as exc:
+            self._stop_for(exc)
+            return
+        except RequestError as exc:
+            for sample in request.samples:
+                self.record(
+                    RowResult(
+                        key=keys[sample],
+                        status="error",
+                        error_type=exc.kind,
+                        error_message=exc.message,
+                        http_status=exc.status,
+                        attempts=getattr(exc, "attempts", 1) if sample == first else 0,
+                        latency_ms=round((time.monotonic() - started) * 1000, 1),
+                        cost_source=None if sample == first else SHARED,
+                    )
                 )
-            except BudgetReached as exc:
-                if self.abort_kind is None:
-                    self.abort_kind = "budget"
-                    self.reporter.error(f"stopping the run: {exc.message}")
-                self.stop(f"{exc.kind}: {exc.message}")  # requests in flight may finish
-                return None
-            except FatalError as exc:
-                self.reporter.error(f"stopping the run: {exc.message}", http_status=exc.status)
-                self.stop(f"{exc.kind}: {exc.message}", hard=True)
-                return None  # the row stays pending; a rerun sends it
-            except RequestError as exc:
-                return RowResult(
-                    key=row.key,
-                    status="error",
-                    error_type=exc.kind,
-                    error_message=exc.message,
-                    http_status=exc.status,
-                    attempts=attempts + getattr(exc, "attempts", 1),
-                    latency_ms=round((time.monotonic() - started) * 1000, 1),
-                    usage=_sum_usage([c for c, _ in spent]),
-                    cost_usd=_sum_cost(spent)[0],
-                    cost_source=_sum_cost(spent)[1],
+            return
+        cost = (0.0, "cache") if cached else self._cost(completion, model)
+        answered = request.samples[: len(completion.choices)]
+        missing = request.samples[len(completion.choices) :]
+        pending: list[Coroutine[Any, Any, None]] = []
+        if missing:
+            pending.extend(
+                self._fill_missing(
+                    row,
+                    model,
+                    messages,
+                    params,
+                    request,
+                    keys,
+                    client,
+                    got=len(answered),
+                    started=started,
                 )
-            attempts += tries
-            spent.append((completion, (0.0, "cache") if cached else self._cost(completion, model)))
-            parsed = self._check_answer(completion.text, completion.finish_reason)
+            )
+        reask_params = {**params, **request.reask_params} if request.params else params
+        if len(answered) == 1 and not pending:
+            await self._settle(
+                row,
+                model,
+                messages,
+                reask_params,
+                client,
+                key=keys[first],
+                choice=completion.choices[0],
+                completion=completion,
+                spent=[(completion, cost)],
+                attempts=tries,
+                started=started,
+                shared=False,
+            )
+            return
+        for sample, choice in zip(answered, completion.choices, strict=False):
+            shared = sample != first
+            pending.append(
+                self._settle(
+                    row,
+                    model,
+                    messages,
+                    reask_params,
+                    client,
+                    key=keys[sample],
+                    choice=choice,
+                    completion=completion,
+                    spent=[] if shared else [(completion, cost)],
+                    attempts=0 if shared else tries,
+                    started=started,
+                    shared=shared,
+                )
+            )
+        await asyncio.gather(*pending)
+
+    def _fill_missing(
+        self,
+        row: PromptRow,
+        model: str,
+        messages: list[Message],
+        params: dict[str, Any],
+        request: SampleRequest,
+        keys: dict[int, int],
+        client: ChatClient,
+        *,
+        got: int,
+        started: float,
+    ) -> list[Coroutine[Any, Any, None]]:
+        """A reply with fewer choices than ``n`` asked: auto falls back to seeds for this
+        model (these samples now, every later row too); native makes them errors."""
+        missing = request.samples[got:]
+        asked = len(request.samples)
+        if self.config.n_mode != "auto":
+            message = (
+                f"the server answered {got} choice(s) for n={asked}: it may not support n. "
+                "Use --n-mode auto or seeds (one request per sample)."
+            )
+            for sample in missing:
+                self.record(
+                    RowResult(
+                        key=keys[sample],
+                        status="error",
+                        error_type="MissingChoice",
+                        error_message=message,
+                        http_status=200,
+                        latency_ms=round((time.monotonic() - started) * 1000, 1),
+                        cost_source=SHARED,
+                    )
+                )
+            return []
+        if model not in self.ignores_n:
+            self.ignores_n.add(model)
+            self.reporter.note(
+                f"{model} answered {got} choice(s) for n={asked}: the server ignores n, so "
+                f"its samples are sent one request each (seed {self.config.base_seed} + sample)"
+            )
+        return [
+            self._send_samples(row, model, messages, params, seeded, keys, client)
+            for seeded in self._plan(model, list(missing))
+        ]
+
+    async def _settle(
+        self,
+        row: PromptRow,
+        model: str,
+        messages: list[Message],
+        params: dict[str, Any],
+        client: ChatClient,
+        *,
+        key: int,
+        choice: Choice,
+        completion: Completion,
+        spent: list[tuple[Completion, tuple[float | None, str | None]]],
+        attempts: int,
+        started: float,
+        shared: bool,
+    ) -> None:
+        """Check one sample's answer, re-ask while it does not parse or validate, record it."""
+        text, finish_reason = choice.text, choice.finish_reason
+
+        def cost() -> tuple[float | None, str | None]:
+            return _sum_cost(spent) if spent or not shared else (None, SHARED)
+
+        reask = 0
+        while True:
+            parsed = self._check_answer(text, finish_reason)
             if parsed is None or parsed.ok:
                 break
             # a truncated answer would be cut again at the same limit: report it as it is
             if parsed.truncated or reask == self.config.max_reasks:
-                return dataclasses.replace(
-                    self._ok(
-                        row, completion, attempts=attempts, started=started, cost=_sum_cost(spent)
-                    ),
-                    status="invalid",
-                    usage=_sum_usage([c for c, _ in spent]),
-                    error_type="TruncatedAnswer" if parsed.truncated else "InvalidAnswer",
-                    error_message=parsed.error,
+                self.record(
+                    dataclasses.replace(
+                        self._ok(
+                            key,
+                            text,
+                            finish_reason,
+                            completion,
+                            attempts=attempts,
+                            started=started,
+                            cost=cost(),
+                        ),
+                        status="invalid",
+                        usage=_sum_usage([c for c, _ in spent]),
+                        error_type="TruncatedAnswer" if parsed.truncated else "InvalidAnswer",
+                        error_message=parsed.error,
+                    )
                 )
-            current = reask_messages(messages, completion.text, parsed.error or "")
+                return
+            reask += 1
+            current = reask_messages(messages, text, parsed.error or "")
+            try:
+                completion, tries, cached = await self._exchange(
+                    row, model, current, params, client, f"{request_id_of(key)}.r{reask}"
+                )
+            except (BudgetReached, FatalError) as exc:
+                self._stop_for(exc)
+                return  # the sample stays pending; a rerun sends it
+            except RequestError as exc:
+                self.record(
+                    RowResult(
+                        key=key,
+                        status="error",
+                        error_type=exc.kind,
+                        error_message=exc.message,
+                        http_status=exc.status,
+                        attempts=attempts + getattr(exc, "attempts", 1),
+                        latency_ms=round((time.monotonic() - started) * 1000, 1),
+                        usage=_sum_usage([c for c, _ in spent]),
+                        cost_usd=cost()[0],
+                        cost_source=cost()[1],
+                    )
+                )
+                return
+            attempts += tries
+            spent.append((completion, (0.0, "cache") if cached else self._cost(completion, model)))
+            text, finish_reason = completion.text, completion.finish_reason
         if len(spent) == 1 and spent[0][1][1] == "cache":
             self.cache_hits += 1
-        return self._ok(
-            row,
-            completion,
-            attempts=attempts,
-            started=started,
-            cost=_sum_cost(spent),
-            usage=_sum_usage([c for c, _ in spent]),
+        self.record(
+            self._ok(
+                key,
+                text,
+                finish_reason,
+                completion,
+                attempts=attempts,
+                started=started,
+                cost=cost(),
+                usage=_sum_usage([c for c, _ in spent]),
+            )
         )
 
     async def _exchange(
@@ -533,9 +783,14 @@ class _Run:
         messages: list[Message],
         params: dict[str, Any],
         client: ChatClient,
-        reask: int,
+        request_id: str,
+        choices: int = 1,
     ) -> tuple[Completion, int, bool]:
-        """One request with its retries (or a cache hit): (completion, attempts, cached)."""
+        """One request with its retries (or a cache hit): (completion, attempts, cached).
+
+        ``choices`` is the number of completions it asks for (the API's ``n``): budgets and
+        token pacing reserve that many.
+        """
         body = build_body(model, messages, params)
         cache_key = None
         if self.cache is not None:
@@ -546,7 +801,6 @@ class _Run:
                     return parse_completion(stored), 0, True
                 except RequestError:
                     pass  # a damaged entry is a miss
-        request_id = row.request_id + (f".r{reask}" if reask else "")
 
         def on_retry(error: RequestError, attempt: int, wait: float) -> None:
             self.reporter.retry(
@@ -560,7 +814,7 @@ class _Run:
         chars = sum(len(str(m.get("content") or "")) for m in messages)
 
         async def attempt() -> Completion:
-            reservation = self._reserve(chars, model)
+            reservation = self._reserve(chars, model, choices)
             if reservation is None:
                 return await limited_send()
             used = (0.0, 0.0)
@@ -572,7 +826,7 @@ class _Run:
                 self.budget.settle(reservation, *used)
 
         async def limited_send() -> Completion:
-            cost, began = await self.limits.start(chars)
+            cost, began = await self.limits.start(chars, choices)
             try:
                 completion = await client.send(body, request_id)
             except RequestError as exc:
@@ -583,6 +837,7 @@ class _Run:
                     headers=exc.headers,
                     rate_limited=isinstance(exc, RateLimited),
                     retry_after=exc.retry_after,
+                    choices=choices,
                 )
                 raise
             except BaseException:
@@ -595,6 +850,7 @@ class _Run:
                 headers=completion.headers,
                 prompt_tokens=completion.usage.prompt_tokens,
                 completion_tokens=completion.usage.completion_tokens,
+                choices=choices,
             )
             return completion
 
@@ -615,7 +871,9 @@ class _Run:
 
     def _ok(
         self,
-        row: PromptRow,
+        key: int,
+        text: str | None,
+        finish_reason: str | None,
         completion: Completion,
         *,
         attempts: int,
@@ -623,11 +881,13 @@ class _Run:
         cost: tuple[float | None, str | None],
         usage: Usage | None = None,
     ) -> RowResult:
+        """The result of an answered sample: ``text`` from ``completion``, whose model and
+        id it reports."""
         return RowResult(
-            key=row.key,
+            key=key,
             status="ok",
-            completion=completion.text,
-            finish_reason=completion.finish_reason,
+            completion=text,
+            finish_reason=finish_reason,
             usage=completion.usage if usage is None else usage,
             response_model=completion.model,
             response_id=completion.response_id,
@@ -653,12 +913,13 @@ class _Run:
                 return cost, "table"
         return None, None
 
-    def _reserve(self, chars: int, model: str) -> tuple[float, float] | None:
-        """Hold the worst case of one request against the budget, or raise BudgetReached."""
+    def _reserve(self, chars: int, model: str, choices: int = 1) -> tuple[float, float] | None:
+        """Hold the worst case of one request (``choices`` completions) against the budget,
+        or raise BudgetReached."""
         if not self.budget.active:
             return None
         estimator = self.limits.estimator
-        tokens = estimator.cost(chars)
+        tokens = estimator.cost(chars, choices)
         prompt = estimator.prompt_tokens(chars)
         cost = 0.0
         if self.budget.max_cost is not None:
@@ -821,7 +1082,8 @@ def _add_answer_summary(summary: RunSummary, output: Path) -> None:
 
     frame = load_output(output)
     if "label" in frame.columns:
-        counts = frame.loc[frame["status"] == "ok", "label"].value_counts()
+        # a label is set only on an ok sample; --samples list holds a list of them per row
+        counts = frame["label"].explode().dropna().value_counts()
         summary.labels = {str(k): int(v) for k, v in counts.items()}
     summary.models = comparison_table(frame)
 
@@ -836,6 +1098,8 @@ def _output_spec(plan: _Plan, config: RunConfig) -> OutputSpec:
         labels=tuple(load_labels(config.labels)) if config.labels else None,
         scorer=make_scorer(config.score) if config.score else None,
         expected_column=config.expected_column,
+        n=config.n,
+        samples=config.samples,
     )
 
 
@@ -849,7 +1113,23 @@ def _output_state(plan: _Plan, config: RunConfig) -> dict[str, Any]:
         "last_part": parts[-1].name if parts else None,
         "rows": len(plan.keys),
         "models": list(plan.models),
+        **_output_shape(config),
     }
+
+
+def _output_shape(config: RunConfig) -> dict[str, Any]:
+    """The options that shape OUTPUT without changing a response: a change rewrites OUTPUT
+    even when nothing is sent. Only those not at their default, so that the state of a run
+    that sets none stays what it was."""
+    shape = {
+        "wide": config.wide,
+        "samples": config.samples if config.n > 1 else "list",
+        "score": config.score,
+        "expected_column": config.expected_column,
+        "schema_prefix": config.schema_prefix,
+    }
+    defaults = {"wide": False, "samples": "list", "score": None, "expected_column": None}
+    return {name: value for name, value in shape.items() if value != defaults.get(name, "")}
 
 
 async def run_async(
@@ -875,18 +1155,18 @@ async def run_async(
             fingerprint_parts=config.fingerprint_parts(),
             config=config.public_dict(),
             input=plan.source.name,
-            rows_total=len(plan.keys) * len(plan.models),
+            rows_total=len(plan.keys) * len(plan.unit_keys),
             created_at=manifest.get("created_at", time.time()),
             running=True,
         )
         checkpoint.write_manifest(manifest)
-        checkpoint.write_keys(np.concatenate(plan.model_keys))
+        checkpoint.write_keys(np.concatenate(plan.unit_keys))
         todo = int(plan.todo.sum())
         reporter.run_started(
             output=str(output),
             fingerprint=fingerprint,
             config=config.public_dict(),
-            total=len(plan.keys) * len(plan.models),
+            total=len(plan.keys) * len(plan.unit_keys),
             todo=todo,
             resumed=plan.resumed,
         )
@@ -950,7 +1230,7 @@ def raise_aborted(summary: RunSummary) -> None:
 def _summarize(
     plan: _Plan, index: ResultIndex, run: _Run, output: Path, fingerprint: str, started: float
 ) -> RunSummary:
-    pos = index.lookup(np.concatenate(plan.model_keys))
+    pos = index.lookup(np.concatenate(plan.unit_keys))
     counts = index.counts(pos[pos >= 0])
     rep = run.reporter
     summary = RunSummary(
@@ -1014,17 +1294,36 @@ def estimate_job(data: Any, output: str | Path | None, config: RunConfig) -> Est
     )
     done = np.zeros(len(row_keys), dtype=bool)
     if checkpoint is not None and checkpoint.exists():
-        done = checkpoint.load_index().lookup(row_keys.keys) >= 0
+        index = checkpoint.load_index()
+        # a row is done when every one of its samples is
+        done = np.ones(len(row_keys), dtype=bool)
+        for sample in range(config.n):
+            done &= index.lookup(sample_row_keys(row_keys.keys, sample)) >= 0
     params = config.body_params()
     cache = ResponseCache(config.cache) if config.cache else None
 
+    requests = plan_requests(
+        range(config.n),
+        n=config.n,
+        native=config.n_mode != "seeds",
+        base_seed=config.base_seed,
+    )
+
     def cached(messages: Any) -> bool:
+        """Whether every request of the row is in the cache."""
         assert cache is not None
-        body = build_body(config.model, list(messages), params)
-        return cache.contains(cache.key(config.base_url, body))
+        for request in requests:
+            body = build_body(config.model, list(messages), {**params, **request.params})
+            if not cache.contains(cache.key(config.base_url, body)):
+                return False
+        return True
 
     estimator = Estimator(
-        model=config.model, dedup=config.dedup, cached=cached if cache is not None else None
+        model=config.model,
+        dedup=config.dedup,
+        cached=cached if cache is not None else None,
+        samples=config.n,
+        native=config.n_mode != "seeds",
     )
     offset = 0
     for batch in source.iter_batches(columns=builder.columns):
@@ -1034,6 +1333,16 @@ def estimate_job(data: Any, output: str | Path | None, config: RunConfig) -> Est
         estimator.add(row.messages for row in rows)
         offset += n
     result = estimator.result(max_tokens=config.max_tokens, prices=PriceTable.load(config.prices))
+    if config.n > 1 and config.n_mode == "auto":
+        result = dataclasses.replace(
+            result,
+            notes=(
+                *result.notes,
+                f"--n {config.n} with --n-mode auto: counted as one request a row (the API's "
+                f"n); a server that ignores n gets {config.n} requests a row, each with the "
+                "prompt",
+            ),
+        )
     already = int(done.sum())
     if already:
         result = dataclasses.replace(

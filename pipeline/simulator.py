@@ -36,12 +36,14 @@ Answers are deterministic. The request picks one of four answer modes, first mat
 
 Samples. With a ``seed`` in the body, a text answer ends in `` (seed S)``, and the label and
 schema values are drawn from a hash of the conversation, the seed and the choice index, so K
-requests with distinct seeds give distinct samples. With ``n`` the reply has n choices: the
-same text in text and json_object modes, per-choice draws in label and schema modes; each
-choice is billed and cut at the token limit by itself. Without a seed, choice 0 of a
-schema answer uses the plain values above. The "conversation" is the messages before the
-first assistant message, so a re-ask (original messages + the answer + feedback) is the same
-conversation as the request it corrects.
+requests with distinct seeds give distinct samples. With ``n`` the reply has n choices: in
+text and json_object modes choice i > 0 ends in `` (choice i)``, in label and schema modes
+each choice is its own draw; each choice is billed and cut at the token limit by itself.
+Without a seed, choice 0 of a schema answer uses the plain values above. With ``ignore_n``
+the simulator behaves like servers that do not implement ``n`` (llama.cpp, some vLLM and
+Ollama setups): every reply has exactly one choice, whatever ``n`` asks. The "conversation"
+is the messages before the first assistant message, so a re-ask (original messages + the
+answer + feedback) is the same conversation as the request it corrects.
 
 Wrong answers. With probability ``wrong_rate`` per choice (a separate draw from the fault
 draw, made only when ``wrong_rate > 0`` so seeded fault sequences are unchanged), or when a
@@ -238,6 +240,7 @@ class SimulatorConfig:
         wrong_rate: probability that an answer (each choice) is wrong; see "Answers".
         wrong_kind: ``"invalid"`` (the format rejects it) or ``"different"`` (well-formed,
             not the right answer).
+        ignore_n: answer every request with one choice, ignoring ``n`` (see "Samples").
     """
 
     latency_ms: float = 0.0
@@ -259,6 +262,7 @@ class SimulatorConfig:
     request_log: str | None = None
     wrong_rate: float = 0.0
     wrong_kind: str = "invalid"
+    ignore_n: bool = False
 
     def __post_init__(self) -> None:
         for name in (*_RATE_FIELDS, "wrong_rate"):
@@ -864,13 +868,11 @@ class Simulator:
         """The content of each choice: right, or wrong as the config and directives say."""
         config = self.config
         mode = _answer_mode(body, messages, texts)
-        choices = int(body.get("n") or 1)
+        choices = 1 if config.ignore_n else int(body.get("n") or 1)
         if mode is _TEXT_MODE and directive is None and config.wrong_rate == 0:
-            # The hot path of throughput benchmarks: one string, no hashing.
-            answer, _ = _right_answer(
-                mode, None, _last_user_text(messages, texts), body.get("seed"), 0, 0
-            )
-            return [answer] * choices
+            # The hot path of throughput benchmarks: no hashing.
+            source, seed = _last_user_text(messages, texts), body.get("seed")
+            return [_right_answer(mode, None, source, seed, 0, c)[0] for c in range(choices)]
 
         conversation = _conversation_key(messages, texts)
         seed = body.get("seed")
@@ -1174,6 +1176,8 @@ def _right_answer(
     text = ANSWER_PREFIX + source[:200]
     if seed is not None:
         text += f" (seed {seed})"
+    if choice:
+        text += f" (choice {choice})"
     if mode.kind == "json_object":
         return _dumps({"answer": text}).decode(), 0
     return text, 0

@@ -22,8 +22,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .checkpoint import RESULT_SCHEMA, Checkpoint, ResultIndex, _fsync_dir, file_signature
+from .keys import sample_row_keys
 from .reader import InputSource
 from .records import MODELS_METADATA_KEY, WIDE_SEPARATOR
+from .samples import (
+    PER_SAMPLE_RESULTS,
+    SAMPLE_COLUMN,
+    fold_samples,
+    list_fields,
+    stack_samples,
+)
 from .structured import answer_columns, match_label, parse_answer, schema_columns
 
 PART_CACHE = 8
@@ -95,6 +103,12 @@ class OutputSpec:
     answer's typed columns / a ``label`` column, parsed from each ``ok`` row's completion;
     ``scorer`` with ``expected_column`` adds a ``score`` column. These derived columns are
     computed here, from the stored completion, so a new ``--score`` needs no new request.
+
+    ``n`` samples per (row, model), stored under ``keys.sample_row_keys``: with ``samples``
+    "long" each becomes its own OUTPUT row with a ``sample`` column (after ``model``), in
+    order row, model, sample; with "list" they fold into one row whose per-sample columns
+    (completion, finish_reason and the derived ones) are lists (see
+    ``samples.fold_samples``).
     """
 
     models: tuple[str, ...]
@@ -105,6 +119,16 @@ class OutputSpec:
     labels: tuple[str, ...] | None = None
     scorer: Callable[[str | None, Any], float | None] | None = None
     expected_column: str | None = None
+    n: int = 1
+    samples: str = "list"
+
+    @property
+    def long_samples(self) -> bool:
+        return self.n > 1 and self.samples == "long"
+
+    def per_sample(self) -> set[str]:
+        """The columns that are lists in the list layout."""
+        return {*PER_SAMPLE_RESULTS, *(f.name for f in self.derived_fields())}
 
     def derived_fields(self) -> list[pa.Field]:
         fields: list[pa.Field] = []
@@ -118,7 +142,11 @@ class OutputSpec:
 
     def schema_for(self, input_schema: pa.Schema) -> pa.Schema:
         per_model = [*RESULT_SCHEMA, *self.derived_fields()]
+        if self.n > 1 and not self.long_samples:
+            per_model = list_fields(per_model, self.per_sample())
         base = list(input_schema.remove_metadata())
+        if self.long_samples:
+            base.append(pa.field(SAMPLE_COLUMN, pa.int64()))
         if len(self.models) == 1:
             fields = [*base, *per_model]
         elif self.wide:
@@ -128,9 +156,34 @@ class OutputSpec:
                 for f in per_model
             ]
         else:
-            fields = [*base, pa.field("model", pa.string()), *per_model]
+            inputs = base[:-1] if self.long_samples else base
+            model = pa.field("model", pa.string())
+            fields = [*inputs, model, *base[len(inputs) :], *per_model]
         metadata = {MODELS_METADATA_KEY: json.dumps(list(self.models)).encode()}
         return pa.schema(fields, metadata=metadata)
+
+    def results(
+        self,
+        keys: np.ndarray,
+        index: ResultIndex,
+        parts: _PartCache,
+        expected: list[Any] | None,
+    ) -> pa.Table:
+        """One model's result columns (derived ones included) for one batch's ``keys``: one
+        row per input row, or per (input row, sample) in the long layout."""
+        tables = []
+        for sample in range(self.n):
+            results = results_for(sample_row_keys(keys, sample), index, parts)
+            derived = self.derived(results, expected)
+            if derived:
+                names = [*results.column_names, *(f.name for f in self.derived_fields())]
+                results = pa.Table.from_arrays([*results.columns, *derived], names=names)
+            tables.append(results)
+        if self.n == 1:
+            return tables[0]
+        if self.long_samples:
+            return stack_samples(tables)
+        return fold_samples(tables, self.per_sample())
 
     def derived(self, results: pa.Table, expected: list[Any] | None) -> list[pa.Array]:
         """The derived columns for one model's results of one batch."""
@@ -193,26 +246,34 @@ def write_output(
                     if spec.expected_column is not None
                     else None
                 )
-                groups: list[list[pa.Array | pa.ChunkedArray]] = []
-                for keys in spec.model_keys:
-                    results = results_for(keys[offset : offset + n], index, parts)
-                    groups.append([*results.columns, *spec.derived(results, expected)])
+                groups = [
+                    spec.results(keys[offset : offset + n], index, parts, expected).columns
+                    for keys in spec.model_keys
+                ]
                 offset += n
-                inputs = list(batch.columns)
+                inputs: list[Any] = list(batch.columns)
+                per_row = spec.n if spec.long_samples else 1
+                if per_row > 1:
+                    # each input row once per sample, then the sample number
+                    repeat = pa.array(np.repeat(np.arange(n), per_row))
+                    inputs = [column.take(repeat) for column in inputs]
+                    inputs.append(pa.array(np.tile(np.arange(per_row, dtype=np.int64), n)))
                 if len(models) == 1:
                     columns = [*inputs, *groups[0]]
                     out = _table(columns, schema)
                 elif spec.wide:
                     out = _table(inputs + [c for g in groups for c in g], schema)
                 else:
-                    # one row per (input row, model), row-major
+                    # one row per (input row, model[, sample]), row-major
+                    lead, tail = (inputs[:-1], inputs[-1:]) if per_row > 1 else (inputs, [])
+                    rows = n * per_row
                     pieces = [
-                        _table([*inputs, pa.array([m] * n, pa.string()), *g], schema)
+                        _table([*lead, pa.array([m] * rows, pa.string()), *tail, *g], schema)
                         for m, g in zip(models, groups, strict=True)
                     ]
                     stacked = pa.concat_tables(pieces)
-                    order = np.arange(n * len(models)).reshape(len(models), n).T.ravel()
-                    out = stacked.take(pa.array(order))
+                    order = np.arange(rows * len(models)).reshape(len(models), n, per_row)
+                    out = stacked.take(pa.array(order.transpose(1, 0, 2).ravel()))
                 writer.write_table(out)
         with tmp.open("rb+") as fh:
             os.fsync(fh.fileno())

@@ -88,6 +88,28 @@ def test_null_content_with_tool_calls_keeps_the_calls_as_text() -> None:
     assert completion.text is not None and '"name": "f"' in completion.text
 
 
+def test_every_choice_is_parsed_in_index_order_with_its_own_finish_reason() -> None:
+    def choice(index: int, text: str, reason: str) -> dict[str, object]:
+        message = {"role": "assistant", "content": text}
+        return {"index": index, "message": message, "finish_reason": reason}
+
+    body = dict(SEED_RESPONSE, choices=[choice(1, "second", "length"), choice(0, "first", "stop")])
+    completion = parse_completion(json.dumps(body).encode())
+    assert [(c.text, c.finish_reason) for c in completion.choices] == [
+        ("first", "stop"),
+        ("second", "length"),
+    ]
+    assert (completion.text, completion.finish_reason) == ("first", "stop")
+    assert completion.usage.completion_tokens == 126  # one usage for the whole response
+
+
+def test_a_later_choice_without_a_message_is_malformed() -> None:
+    first = SEED_RESPONSE["choices"][0]
+    body = dict(SEED_RESPONSE, choices=[first, {"index": 1}])
+    with pytest.raises(errors.MalformedResponse, match=r"choices\[1\]"):
+        parse_completion(json.dumps(body).encode())
+
+
 @pytest.mark.parametrize(
     "body",
     [b"{not json", b"[]", b'{"id": "x"}', b'{"choices": []}', b'{"choices": [{"index": 0}]}'],

@@ -346,7 +346,7 @@ def test_param_values_are_parsed_as_json(simulator: SimulatorThread, tmp_path: P
         "--param",
         "presence_penalty=0.5",
         "--param",
-        "n=1",
+        "max_completion_tokens=64",
         "--param",
         'logit_bias={"50256": -100}',
         "--param",
@@ -358,7 +358,8 @@ def test_param_values_are_parsed_as_json(simulator: SimulatorThread, tmp_path: P
     assert result.returncode == 0, result.stderr
     body = only_body(simulator)
     assert body["presence_penalty"] == 0.5
-    assert body["n"] == 1 and isinstance(body["n"], int)
+    assert body["max_completion_tokens"] == 64
+    assert isinstance(body["max_completion_tokens"], int)
     assert body["logit_bias"] == {"50256": -100}
     assert body["user"] == "alice"
     assert body["logprobs"] is True

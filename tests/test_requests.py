@@ -47,7 +47,14 @@ FRAME = pd.DataFrame(
         {"temperature": 0.0, "max_tokens": 50, "top_p": 0.5, "seed": 7},
         {"stop": ["\n\n", "END"], "system": "Be brief."},
         {"stop": "END", "response_format": "json_object"},
-        {"params": {"presence_penalty": 0.5, "frequency_penalty": -1.0, "n": 1, "user": "u1"}},
+        {
+            "params": {
+                "presence_penalty": 0.5,
+                "frequency_penalty": -1.0,
+                "max_completion_tokens": 64,
+                "user": "u1",
+            }
+        },
         {"template": "Item {n}: {text}", "prompt_column": None},
     ],
     ids=["minimal", "sampling", "stops+system", "json_object", "params", "template"],

@@ -172,12 +172,24 @@ def test_token_limit_above_the_answer_changes_nothing(client: httpx.Client) -> N
     assert body["choices"][0]["finish_reason"] == "stop"
 
 
-def test_n_returns_n_choices_and_bills_each(client: httpx.Client) -> None:
+def test_n_returns_n_distinct_choices_and_bills_each(client: httpx.Client) -> None:
     one = client.post("/chat/completions", json=chat_body("hello there")).json()
     three = client.post("/chat/completions", json=chat_body("hello there", n=3)).json()
 
+    contents = [choice["message"]["content"] for choice in three["choices"]]
     assert [choice["index"] for choice in three["choices"]] == [0, 1, 2]
-    assert three["usage"]["completion_tokens"] == 3 * one["usage"]["completion_tokens"]
+    assert contents[0] == one["choices"][0]["message"]["content"]  # choice 0 as without n
+    assert len(set(contents)) == 3
+    assert three["usage"]["completion_tokens"] == sum(words(text) for text in contents)
+    assert three["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]  # one prompt
+
+
+def test_ignore_n_answers_one_choice_like_servers_without_n(make_simulator: MakeSimulator):
+    sim = make_simulator(ignore_n=True)
+    with httpx.Client(base_url=sim.base_url) as http:
+        body = http.post("/chat/completions", json=chat_body("hello there", n=3)).json()
+    assert len(body["choices"]) == 1
+    assert body["choices"][0]["message"]["content"] == "Simulated answer to: hello there"
 
 
 def test_json_object_response_format_answers_a_json_object(client: httpx.Client) -> None:
