@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import FingerprintMismatch, LockHeld, OutputError
-from .keys import KeyPass
+from .keys import KeyPass, stable_argsort
 from .records import STATUS_CODES, RowResult, Usage
 
 FORMAT_VERSION = 2  # 2: parts carry cost_usd and cost_source
@@ -156,33 +156,21 @@ def file_signature(path: Path) -> dict[str, int] | None:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-@dataclass
-class ResultIndex:
-    """The latest result of every key in the checkpoint, sorted by key.
+LOOKUP_CHUNK = 1 << 16
 
-    ``part`` and ``row`` locate the result; ``status`` holds ``STATUS_CODES``.
+
+@dataclass
+class ResultLocations:
+    """Where the latest result of every key in the checkpoint is, sorted by key.
+
+    ``part`` and ``row`` locate the result; ``status`` holds ``STATUS_CODES``. This is all
+    that assembling OUTPUT needs (17 bytes a key).
     """
 
     keys: np.ndarray
     part: np.ndarray
     row: np.ndarray
     status: np.ndarray
-    prompt_tokens: np.ndarray
-    completion_tokens: np.ndarray
-    cost_usd: np.ndarray
-
-    @classmethod
-    def empty(cls) -> ResultIndex:
-        z = np.zeros(0, dtype=np.int64)
-        return cls(
-            np.zeros(0, dtype=np.uint64),
-            z,
-            z,
-            np.zeros(0, dtype=np.int8),
-            z,
-            z,
-            np.zeros(0, dtype=np.float64),
-        )
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Position in this index of each key, or -1 when it has no result."""
@@ -203,6 +191,46 @@ class ResultIndex:
         """ok / error / skipped counts, of all keys or of the index positions ``among``."""
         status = self.status if among is None else self.status[among]
         return {name: int((status == code).sum()) for name, code in STATUS_CODES.items()}
+
+    def counts_of(self, key_arrays: Sequence[np.ndarray]) -> tuple[dict[str, int], int]:
+        """(status counts, keys without a result) over ``key_arrays``, a chunk at a time so
+        that a million keys need no million-entry temporaries."""
+        counts = dict.fromkeys(STATUS_CODES, 0)
+        missing = 0
+        for keys in key_arrays:
+            for start in range(0, len(keys), LOOKUP_CHUNK):
+                pos = self.lookup(keys[start : start + LOOKUP_CHUNK])
+                found = pos[pos >= 0]
+                missing += len(pos) - len(found)
+                for name, count in self.counts(found).items():
+                    counts[name] += count
+        return counts, missing
+
+
+@dataclass
+class ResultIndex(ResultLocations):
+    """``ResultLocations`` plus each key's tokens and cost, for budgets and ``status``."""
+
+    prompt_tokens: np.ndarray
+    completion_tokens: np.ndarray
+    cost_usd: np.ndarray
+
+    @classmethod
+    def empty(cls) -> ResultIndex:
+        z = np.zeros(0, dtype=np.int64)
+        return cls(
+            np.zeros(0, dtype=np.uint64),
+            z,
+            z,
+            np.zeros(0, dtype=np.int8),
+            z,
+            z,
+            np.zeros(0, dtype=np.float64),
+        )
+
+    def locations(self) -> ResultLocations:
+        """The same index without tokens and cost (24 of its 41 bytes a key)."""
+        return ResultLocations(self.keys, self.part, self.row, self.status)
 
 
 class Checkpoint:
@@ -486,14 +514,13 @@ class Checkpoint:
         # latest result wins: the arrays are in (part, row) order already, so a stable sort
         # by key keeps each key's results in that order; keep the last of each key
         keys = np.concatenate([a.pop("keys") for a in arrays])
-        order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
+        order, sorted_keys, starts = stable_argsort(keys)
         del keys
         last = np.ones(len(order), dtype=bool)
-        last[:-1] = sorted_keys[1:] != sorted_keys[:-1]
-        pick = order[last]
-        picked = {"keys": sorted_keys[last]}
-        del order, sorted_keys, last
+        last[:-1] = starts[1:]
+        pick = order if last.all() else order[last]
+        picked = {"keys": sorted_keys if last.all() else sorted_keys[last]}
+        del order, sorted_keys, last, starts
         # one column at a time, each piece freed once used: the peak stays near the result
         for name in _INDEX_ARRAYS[1:]:
             picked[name] = np.concatenate([a.pop(name) for a in arrays])[pick]

@@ -93,21 +93,31 @@ def _mix(values: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
+def stable_argsort(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, values[order], where a run of equal values starts) with equal values kept in
+    their original order, as a stable sort would; ~4x faster than one on 1M random keys.
+
+    numpy's default sort (SIMD quicksort) is not stable, so the members of each run of 2+
+    equal values are put back in order afterwards: equal keys are few, so that sorts a
+    small subset.
+    """
+    order = np.argsort(values)
+    ordered = values[order]
+    starts = np.ones(len(values), dtype=bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    in_run = ~starts
+    in_run[:-1] |= ~starts[1:]
+    if in_run.any():
+        members = np.flatnonzero(in_run)
+        order[members] = order[members][np.lexsort((order[members], ordered[members]))]
+    return order, ordered, starts
+
+
 def _groups(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(occurrence number, index of the first row) of each row among rows of equal hash."""
     n = len(hashes)
-    order = np.argsort(hashes)  # numpy's SIMD quicksort: ~4x a stable sort of 1M keys
-    ordered = hashes[order]
+    order, _, new_group = stable_argsort(hashes)
     positions = np.arange(n)
-    new_group = np.ones(n, dtype=bool)
-    new_group[1:] = ordered[1:] != ordered[:-1]
-    # that sort is not stable: put the members of each group of 2+ rows back in input
-    # order (duplicates are few, so this sorts a small subset)
-    in_group = ~new_group
-    in_group[:-1] |= ~new_group[1:]
-    if in_group.any():
-        members = np.flatnonzero(in_group)
-        order[members] = order[members][np.lexsort((order[members], ordered[members]))]
     group_start = np.maximum.accumulate(np.where(new_group, positions, 0))
     occurrence = np.empty(n, dtype=np.uint64)
     occurrence[order] = (positions - group_start).astype(np.uint64)

@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 
 from .cache import ResponseCache
-from .checkpoint import Checkpoint, ResultIndex, file_signature
+from .checkpoint import Checkpoint, ResultIndex, ResultLocations, file_signature
 from .client import ChatClient, build_body, make_transport, parse_completion
 from .config import FINGERPRINT_DEFAULTS, RunConfig, resolve_api_key
 from .errors import (
@@ -46,7 +46,7 @@ from .errors import (
 from .estimate import Estimate, Estimator
 from .keys import compute_keys, model_row_keys, sample_row_keys
 from .limits import Budget, Limits
-from .memory import release_memory
+from .memory import map_large_blocks, release_memory
 from .pricing import PriceTable
 from .progress import Reporter
 from .prompts import PromptBuilder
@@ -252,6 +252,7 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
                     copy_to.append(int(mkeys[i]))
     done_all = ~todo
     needed = np.flatnonzero(send.any(axis=1))
+    release_memory()  # the lookups' temporaries
     return _Plan(
         source=source,
         builder=builder,
@@ -1140,6 +1141,7 @@ async def run_async(
     seams = seams or Seams()
     output = Path(output)
     started = time.monotonic()
+    map_large_blocks()
     reporter = seams.reporter or Reporter(
         progress=config.progress, log_interval=config.log_interval
     )
@@ -1175,12 +1177,15 @@ async def run_async(
             await run.execute()
             # the plan's index is out of date now: drop it before building the new one
             plan.index = ResultIndex.empty()
-            index = checkpoint.load_index()
-            release_memory()
+            full = checkpoint.load_index()
         else:
-            index = plan.index
+            full = plan.index
         if checkpoint.parts_read:
-            checkpoint.save_index(index)  # the next run starts from it
+            checkpoint.save_index(full)  # the next run starts from it
+        # from here on only where each result is matters: drop tokens and cost per key
+        plan.index, index = ResultIndex.empty(), full.locations()
+        del full
+        release_memory()
         state = _output_state(plan, config)
         unchanged = (
             not todo and manifest.get("output_state") == state and checkpoint.output_is_ours()
@@ -1228,19 +1233,18 @@ def raise_aborted(summary: RunSummary) -> None:
 
 
 def _summarize(
-    plan: _Plan, index: ResultIndex, run: _Run, output: Path, fingerprint: str, started: float
+    plan: _Plan, index: ResultLocations, run: _Run, output: Path, fingerprint: str, started: float
 ) -> RunSummary:
-    pos = index.lookup(np.concatenate(plan.unit_keys))
-    counts = index.counts(pos[pos >= 0])
+    counts, pending = index.counts_of(plan.unit_keys)
     rep = run.reporter
     summary = RunSummary(
         output=str(output),
-        rows_total=len(pos),
+        rows_total=sum(len(keys) for keys in plan.unit_keys),
         ok=counts["ok"],
         error=counts["error"],
         invalid=counts["invalid"],
         skipped=counts["skipped"],
-        pending=int((pos < 0).sum()),
+        pending=pending,
         resumed=plan.resumed,
         sent=run.sent,
         removed=plan.removed,

@@ -21,8 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .checkpoint import RESULT_SCHEMA, Checkpoint, ResultIndex, _fsync_dir, file_signature
+from .checkpoint import RESULT_SCHEMA, Checkpoint, ResultLocations, _fsync_dir, file_signature
 from .keys import sample_row_keys
+from .memory import release_memory
 from .reader import InputSource
 from .records import MODELS_METADATA_KEY, WIDE_SEPARATOR
 from .samples import (
@@ -35,6 +36,7 @@ from .samples import (
 from .structured import answer_columns, match_label, parse_answer, schema_columns
 
 PART_CACHE = 8
+RELEASE_EVERY = 16  # input batches between two release_memory() calls
 
 
 class _PartCache:
@@ -65,7 +67,7 @@ def _pending(n: int) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=RESULT_SCHEMA)
 
 
-def results_for(keys: np.ndarray, index: ResultIndex, parts: _PartCache) -> pa.Table:
+def results_for(keys: np.ndarray, index: ResultLocations, parts: _PartCache) -> pa.Table:
     """The result columns for ``keys`` (one input batch), in the same order."""
     pos = index.lookup(keys)
     pieces: list[pa.Table] = []
@@ -165,7 +167,7 @@ class OutputSpec:
     def results(
         self,
         keys: np.ndarray,
-        index: ResultIndex,
+        index: ResultLocations,
         parts: _PartCache,
         expected: list[Any] | None,
     ) -> pa.Table:
@@ -222,7 +224,7 @@ class OutputSpec:
 def write_output(
     source: InputSource,
     spec: OutputSpec,
-    index: ResultIndex,
+    index: ResultLocations,
     checkpoint: Checkpoint,
     output: Path,
     before_replace: Callable[[dict[str, int] | None], None] | None = None,
@@ -239,7 +241,9 @@ def write_output(
     models = spec.models
     try:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            for batch in source.iter_batches():
+            for number, batch in enumerate(source.iter_batches()):
+                if number % RELEASE_EVERY == RELEASE_EVERY - 1:
+                    release_memory()  # freed batches: keep the footprint flat
                 n = batch.num_rows
                 expected = (
                     batch.column(spec.expected_column).to_pylist()

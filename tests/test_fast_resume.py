@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.cli import main
-from pipeline.keys import RowKeys, compute_keys
+from pipeline.keys import RowKeys, compute_keys, stable_argsort
 from pipeline.reader import open_input
 from pipeline.records import RowResult
 from pipeline.simulator import SimulatorThread
@@ -292,3 +292,12 @@ def test_a_checkpoint_copied_elsewhere_with_its_input_still_resumes_from_its_key
     )
     assert again.reused == 20
     assert np.array_equal(again.keys, keys.keys)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=6), max_size=60))
+def test_the_fast_key_sort_orders_equal_keys_as_a_stable_sort_does(values: list[int]) -> None:
+    keys = np.array(values, dtype=np.uint64)
+    order, ordered, starts = stable_argsort(keys)
+    assert order.tolist() == np.argsort(keys, kind="stable").tolist()
+    assert ordered.tolist() == sorted(values)
+    assert starts.tolist() == [i == 0 or ordered[i] != ordered[i - 1] for i in range(len(keys))]
