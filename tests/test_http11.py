@@ -24,6 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
+from pipeline import errors
+from pipeline.client import ChatClient, make_transport
 from pipeline.http11 import Http11Transport
 from pipeline.simulator import SimulatorThread
 
@@ -250,6 +252,73 @@ def test_an_unanswered_request_times_out_and_its_connection_is_closed(
 
     run(scenario)
     assert sim.simulator.stats["connections"] == 2
+
+
+def test_a_malformed_200_reaches_the_client_as_malformed_response(
+    make_simulator: Callable[..., SimulatorThread],
+    run: Run,
+) -> None:
+    sim = make_simulator(rate_malformed=1.0)
+    client = ChatClient(
+        sim.base_url, api_key=None, timeout=5, transport=Http11Transport(max_connections=2)
+    )
+
+    async def scenario() -> None:
+        with pytest.raises(errors.MalformedResponse):
+            await client.send(BODY.encode(), "bpp-1")
+        await client.aclose()
+
+    run(scenario)
+
+
+def test_429_and_500_with_retry_after_flow_through_to_the_error(
+    simulator: SimulatorThread,
+    run: Run,
+) -> None:
+    client = ChatClient(
+        simulator.base_url, api_key=None, timeout=5, transport=make_transport("http11", 4)
+    )
+
+    def body(directive: str) -> bytes:
+        return json.dumps(
+            {"model": "m", "messages": [{"role": "user", "content": directive}]}
+        ).encode()
+
+    async def scenario() -> None:
+        with pytest.raises(errors.RateLimited) as limited:
+            await client.send(body("[[sim:fail=1,status=429,retry_after=3]]"), "bpp-1")
+        assert limited.value.retry_after == 3
+        with pytest.raises(errors.ServerError) as server:
+            await client.send(body("[[sim:fail=1,status=500,retry_after=2]]"), "bpp-2")
+        assert (server.value.status, server.value.retry_after) == (500, 2)
+        completion = await client.send(body("[[sim:fail=1,status=500,retry_after=2]]"), "bpp-2")
+        assert completion.text is not None
+        await client.aclose()
+
+    run(scenario)
+    assert simulator.simulator.stats["connections"] == 1
+
+
+def test_the_default_backend_is_http11_and_its_errors_are_transport_errors(
+    make_simulator: Callable[..., SimulatorThread],
+    run: Run,
+) -> None:
+    sim = make_simulator(rate_timeout=1.0)
+    transport = make_transport("http11", 4)
+    assert isinstance(transport, Http11Transport)
+    client = ChatClient(sim.base_url, api_key="sk-secret-key", timeout=0.2, transport=transport)
+
+    async def scenario() -> None:
+        with pytest.raises(errors.TransportError) as info:
+            await client.send(BODY.encode(), "bpp-1")
+        assert "ReadTimeout" in str(info.value)
+        assert "sk-secret-key" not in str(info.value)
+        await client.aclose()
+
+    run(scenario)
+
+
+# -- framing and decoding --------------------------------------------------------------------
 
 
 def test_a_chunked_body_is_joined_and_the_connection_is_reused(run: Run) -> None:
