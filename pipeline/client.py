@@ -195,11 +195,15 @@ def kept_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
 def parse_completion(content: bytes, headers: dict[str, str] | None = None) -> Completion:
     """A 200 body -> Completion; anything that is not a chat completion is MalformedResponse."""
     try:
-        data = json.loads(content)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MalformedResponse(
-            f"200 with a body that is not JSON ({exc}): {_snippet(content)}", status=200
-        ) from None
+        # decoding first is ~1.5 us faster than json.loads(bytes), which sniffs the encoding
+        data = json.loads(content.decode())
+    except ValueError:  # not UTF-8, or not JSON
+        try:  # what json.loads(bytes) also accepts: a BOM, UTF-16/32
+            data = json.loads(content)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MalformedResponse(
+                f"200 with a body that is not JSON ({exc}): {_snippet(content)}", status=200
+            ) from None
     if not isinstance(data, dict):
         raise MalformedResponse(f"200 with a JSON {type(data).__name__}, not an object", status=200)
     choices = data.get("choices")
