@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pandas as pd
 import pytest
 
+import pipeline
 from pipeline import errors
 from pipeline.client import ChatClient, make_transport
 from pipeline.http11 import Http11Transport
@@ -834,3 +836,37 @@ def test_https_refuses_a_certificate_it_does_not_trust(
             await transport.aclose()
 
     run(scenario)
+
+
+# -- every backend, end to end ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["http11", "aiohttp", "httpx"])
+def test_every_http_backend_runs_a_job_through_faults_to_the_same_result(
+    backend: str, make_simulator: Callable[..., SimulatorThread], tmp_path: Path
+) -> None:
+    sim = make_simulator(record=True)
+    prompts = [f"question {i}" for i in range(30)]
+    prompts[3] += " [[sim:fail=1,status=429,retry_after=0]]"
+    prompts[7] += " [[sim:fail=1,status=503,retry_after=0]]"
+    prompts[11] += " [[sim:fail=1,drop]]"
+    result = pipeline.run(
+        pd.DataFrame({"prompt": prompts}),
+        tmp_path / "o.parquet",
+        base_url=sim.base_url,
+        http_backend=backend,
+        concurrency=8,
+        progress=False,
+    )
+    assert (result["status"] == "ok").all()
+    attempts = result["attempts"].tolist()
+    assert attempts[:11] + attempts[12:] == [2 if i in (3, 7) else 1 for i in range(30) if i != 11]
+    # a drop on a kept-alive connection looks like a stale one to http11, which resends it
+    # once by itself (nothing came back); otherwise it is an attempt that retry.py retries
+    assert attempts[11] == (1 if backend == "http11" else 2)
+    assert all(c.endswith(p) for c, p in zip(result["completion"], prompts, strict=True))
+    sent = sim.simulator.requests
+    assert len(sent) == 33
+    assert all(r.headers["content-type"] == "application/json" for r in sent)
+    assert len({r.headers["x-client-request-id"] for r in sent}) == 30
+    assert sim.simulator.stats["connections"] <= 8 + 1  # the dropped one is replaced
