@@ -870,3 +870,32 @@ def test_every_http_backend_runs_a_job_through_faults_to_the_same_result(
     assert all(r.headers["content-type"] == "application/json" for r in sent)
     assert len({r.headers["x-client-request-id"] for r in sent}) == 30
     assert sim.simulator.stats["connections"] <= 8 + 1  # the dropped one is replaced
+
+
+def test_only_the_requests_past_their_deadline_time_out(run: Run) -> None:
+    async def every_other_stalls(peer: Peer) -> None:
+        request = await peer.read_request()
+        assert request is not None
+        if b"X-N: 1" in request:
+            await peer.closed_by_client()
+            return
+        await asyncio.sleep(0.05)
+        peer.write(ok())
+
+    async def scenario() -> None:
+        async with tiny_server(every_other_stalls) as server:
+            transport = Http11Transport(max_connections=10)
+            started = time.monotonic()
+            outcomes = await asyncio.gather(
+                *(
+                    post(transport, server.url, total=0.4, headers=((b"X-N", b"%d" % (i % 2)),))
+                    for i in range(10)
+                ),
+                return_exceptions=True,
+            )
+            elapsed = time.monotonic() - started
+            await transport.aclose()
+        assert [isinstance(o, httpx.ReadTimeout) for o in outcomes] == [False, True] * 5
+        assert 0.4 <= elapsed < 1.0  # within total + 5% and some scheduling slack
+
+    run(scenario)
