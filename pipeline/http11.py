@@ -133,6 +133,7 @@ class _Connection(asyncio.Protocol):
         self._headers: RawHeaders = []
         self._coding: bytes | None = None
         self._chunks: list[bytes] = []
+        self._head_only = False  # the request was a HEAD: its response has no body
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -164,7 +165,7 @@ class _Connection(asyncio.Protocol):
     # -- requests ----------------------------------------------------------------------------
 
     def send(
-        self, data: bytes, deadline: float | None, total: float | None
+        self, data: bytes, deadline: float | None, total: float | None, *, head_only: bool = False
     ) -> asyncio.Future[_Response]:
         """Write one request; the future completes with its response or a transport error."""
         assert self.transport is not None
@@ -175,6 +176,7 @@ class _Connection(asyncio.Protocol):
         self._received = False
         self._reusable = True
         self._coding = None
+        self._head_only = head_only
         self.deadline = deadline
         if deadline is not None:
             self._total = total
@@ -369,7 +371,7 @@ class _Connection(asyncio.Protocol):
         self._headers = headers
         self._coding = coding
         self._chunks = []
-        if status in (204, 304):
+        if status in (204, 304) or self._head_only:
             self._reusable = reusable
             self._state = _LENGTH
             self._remaining = 0
@@ -432,7 +434,9 @@ class _Pool:
         self._tick = 1.0
         self._tick_for: float | None = None
 
-    async def exchange(self, data: bytes, total: float | None) -> _Response:
+    async def exchange(
+        self, data: bytes, total: float | None, *, head_only: bool = False
+    ) -> _Response:
         """Send one request (head and body in ``data``) and return its response."""
         loop = self.loop
         deadline = None if total is None else loop.time() + total
@@ -442,7 +446,7 @@ class _Pool:
         retried = False
         while True:
             reused = connection.served > 0
-            waiter = connection.send(data, deadline, total)
+            waiter = connection.send(data, deadline, total, head_only=head_only)
             try:
                 return await waiter
             except _ClosedBeforeResponse:
@@ -731,7 +735,8 @@ class Http11Transport(httpx.AsyncBaseTransport):
         timeouts: dict[str, Any] = request.extensions.get("timeout", {})
         total = timeouts.get("total", timeouts.get("read"))
         pool = self._pool(_origin(request.url))
-        return await pool.exchange(head + b"\r\n" + body, total)
+        data = head + b"\r\n" + body
+        return await pool.exchange(data, total, head_only=request.method == "HEAD")
 
     def _pool(self, key: tuple[str, str, int]) -> _Pool:
         loop = asyncio.get_running_loop()
