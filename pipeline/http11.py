@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import ssl
 import zlib
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
+import aiohappyeyeballs
 import httpx
 
 __all__ = ["Http11Transport", "RawHeaders", "Route"]
@@ -56,6 +58,8 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _MAX_HEAD_BYTES = 64 * 1024  # status line + headers of one response
 _MAX_LINE_BYTES = 8 * 1024  # one chunk-size or trailer line
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+# RFC 8305: start the next address (alternating IPv6/IPv4) if one has not connected in 250 ms
+HAPPY_EYEBALLS_DELAY = 0.25
 # Request headers this module writes itself from the URL and the body.
 _COMPUTED = frozenset({b"host", b"content-length", b"transfer-encoding"})
 # Response headers that decide framing, reuse and decoding.
@@ -512,13 +516,7 @@ class _Pool:
         self.opened += 1
         try:
             async with asyncio.timeout_at(deadline):
-                _, connection = await self.loop.create_connection(
-                    lambda: _Connection(self),
-                    self.host,
-                    self.port,
-                    ssl=self.ssl_context if self.tls else None,
-                    server_hostname=self.host if self.tls else None,
-                )
+                connection = await self._open()
         except TimeoutError:
             self._slot_freed()
             raise httpx.ConnectTimeout(
@@ -542,6 +540,27 @@ class _Pool:
             connection.pool.discard(connection)
             raise httpx.ConnectError(f"connection to {self.host}:{self.port} closed at once")
         self.all.add(connection)
+        return connection
+
+    async def _open(self) -> _Connection:
+        # Happy Eyeballs by hand: uvloop's create_connection has no happy_eyeballs_delay, and
+        # without it a host whose IPv6 route drops packets would hang every new connection
+        # until the timeout. aiohappyeyeballs races the addresses and returns the socket.
+        loop = self.loop
+        infos = await resolve(loop, self.host, self.port)
+        sock = await aiohappyeyeballs.start_connection(
+            infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1, loop=loop
+        )
+        try:
+            _, connection = await loop.create_connection(
+                lambda: _Connection(self),
+                sock=sock,
+                ssl=self.ssl_context if self.tls else None,
+                server_hostname=self.host if self.tls else None,
+            )
+        except BaseException:
+            sock.close()  # the loop did not take it (as aiohttp does; see uvloop#653)
+            raise
         return connection
 
     def watch(self, total: float | None) -> None:
@@ -769,6 +788,14 @@ class Http11Transport(httpx.AsyncBaseTransport):
             pool.close()
         self._pools.clear()
         await asyncio.sleep(0)  # let the transports' close callbacks run
+
+
+async def resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[tuple[Any, ...]]:
+    """The addresses to try for ``host:port`` (``getaddrinfo``; a seam for tests)."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"{host} has no address")
+    return list(infos)
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int]:

@@ -13,11 +13,12 @@ import contextlib
 import gzip
 import json
 import shutil
+import socket
 import ssl
 import subprocess
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import pandas as pd
 import pytest
 
 import pipeline
-from pipeline import errors
+from pipeline import errors, http11
 from pipeline.client import ChatClient, make_transport
 from pipeline.http11 import Http11Transport
 from pipeline.simulator import SimulatorThread
@@ -751,6 +752,58 @@ def test_a_refused_connection_is_a_connect_error_naming_the_address(run: Run) ->
         with pytest.raises(httpx.ConnectError, match=r"127\.0\.0\.1:9\b"):
             await post(transport, "http://127.0.0.1:9/v1/chat/completions")
         await transport.aclose()
+
+    run(scenario)
+
+
+@pytest.fixture
+def black_hole() -> Iterator[tuple[str, int]]:
+    """An address on 127.0.0.1 where a connect hangs: a listener whose accept queue is full
+    (Linux then drops the SYNs), like a host whose route silently drops packets."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    fillers = [socket.socket() for _ in range(3)]
+    for filler in fillers:
+        filler.setblocking(False)
+        filler.connect_ex(address)
+    probe = socket.socket()
+    probe.settimeout(0.3)
+    try:
+        probe.connect(address)
+        hangs = False
+    except TimeoutError:
+        hangs = True
+    finally:
+        probe.close()
+    try:
+        if not hangs:
+            pytest.skip("this system completes connects to a full accept queue")
+        yield address
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
+
+
+def test_an_address_that_does_not_answer_does_not_hold_up_the_next(
+    black_hole: tuple[str, int], monkeypatch: pytest.MonkeyPatch, run: Run
+) -> None:
+    async def scenario() -> None:
+        async with tiny_server(answer_each_request_with(ok())) as server:
+            port = int(server.url.split(":")[2].split("/")[0])
+
+            async def two_addresses(*_: object) -> list[tuple[Any, ...]]:
+                tcp = (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "")
+                return [(*tcp, black_hole), (*tcp, ("127.0.0.1", port))]
+
+            monkeypatch.setattr(http11, "resolve", two_addresses)
+            transport = Http11Transport(max_connections=1)
+            started = time.monotonic()
+            assert (await post(transport, server.url, total=5))[2] == OK_JSON
+            # the second address is tried 0.25 s after the first, not after it gives up
+            assert time.monotonic() - started < 1.5
+            await transport.aclose()
 
     run(scenario)
 
