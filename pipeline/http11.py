@@ -496,18 +496,21 @@ class _Pool:
             try:
                 async with asyncio.timeout_at(deadline):
                     handed = await waiter
-            except TimeoutError:
-                raise httpx.PoolTimeout(
-                    f"no free connection to {self.host}:{self.port} within {total:g}s "
-                    f"({self.max_connections} in use)"
-                ) from None
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled() and (got := waiter.result()):
-                    self.release(got)  # handed over just as we were cancelled: pass it on
-                raise
-            finally:
+            except BaseException as exc:  # timed out or cancelled
                 if not waiter.done():
                     self._waiters.remove(waiter)
+                elif not waiter.cancelled():
+                    # woken just as we gave up: pass the connection (or the free slot) on
+                    if (got := waiter.result()) is not None:
+                        self.release(got)
+                    else:
+                        self._wake_one()
+                if isinstance(exc, TimeoutError):
+                    raise httpx.PoolTimeout(
+                        f"no free connection to {self.host}:{self.port} within {total:g}s "
+                        f"({self.max_connections} in use)"
+                    ) from None
+                raise
             if handed is not None and not handed.closed:
                 return handed
             # a slot came free (or the handed connection died meanwhile): try again
@@ -615,6 +618,10 @@ class _Pool:
 
     def _slot_freed(self) -> None:
         self.opened -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        """Tell the first waiter that a slot is free (it will open a connection)."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():

@@ -746,6 +746,38 @@ def test_a_cancelled_request_closes_its_connection_and_frees_its_slot(run: Run) 
     run(scenario)
 
 
+def test_a_connection_freed_as_a_waiting_request_times_out_is_not_lost(
+    simulator: SimulatorThread, run: Run
+) -> None:
+    url = simulator.base_url + "/chat/completions"
+    slow = json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "[[sim:sleep_ms=100]]"}]}
+    ).encode()
+
+    async def scenario() -> None:
+        transport = Http11Transport(max_connections=1)
+        route = transport.route("POST", url)
+        first = asyncio.create_task(route.fetch(slow, total=5))
+        await asyncio.sleep(0.02)  # on the pool's only connection
+        second = asyncio.create_task(post(transport, url, total=0.2))
+        await asyncio.sleep(0.02)  # waiting for that connection
+        # Block the loop: the first answer arrives and the second deadline passes, so both
+        # are handled in one loop iteration (the second is handed the connection as it
+        # times out).
+        time.sleep(0.4)  # noqa: ASYNC251 - on purpose
+        try:
+            answered, timed_out = await asyncio.gather(first, second, return_exceptions=True)
+            assert isinstance(answered, tuple) and answered[0] == 200
+            assert isinstance(timed_out, httpx.PoolTimeout)
+            # the connection went back to the pool instead of being lost with its slot
+            assert (await post(transport, url, total=1))[0] == 200
+        finally:
+            await transport.aclose()
+
+    run(scenario)
+    assert simulator.simulator.stats["connections"] == 1
+
+
 def test_a_refused_connection_is_a_connect_error_naming_the_address(run: Run) -> None:
     async def scenario() -> None:
         transport = Http11Transport(max_connections=1)
