@@ -197,6 +197,12 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         "--max-retries", type=int, help="Retries per row after the first try. [default: 5]"
     ),
     click.option(
+        "--http-backend",
+        type=click.Choice(["http11", "aiohttp", "httpx"]),
+        help="HTTP client: http11 (built in, the fastest; HTTP/1.1 keep-alive, TLS), or the "
+        "connection pool of aiohttp or httpx. [default: http11]",
+    ),
+    click.option(
         "--grace",
         type=float,
         help="Seconds requests in flight get to finish after SIGINT/SIGTERM. [default: 10]",

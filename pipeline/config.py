@@ -91,7 +91,7 @@ class RunConfig:
     timeout: float = 60.0
     max_retries: int = 5
     max_retry_wait: float = 120.0
-    http_backend: str = "aiohttp"
+    http_backend: str = "http11"
     grace: float = 10.0
     max_runtime: float | None = None  # seconds; TOML/CLI accept "90s", "45m", "2h"
     # cost
@@ -525,7 +525,10 @@ def validate(config: RunConfig) -> None:
         (config.grace >= 0, "--grace: 0 or more seconds"),
         (config.checkpoint_seconds > 0, "checkpoint_seconds: above 0"),
         (config.checkpoint_rows >= 1, "checkpoint_rows: at least 1"),
-        (config.http_backend in ("aiohttp", "httpx"), "http_backend: 'aiohttp' or 'httpx'"),
+        (
+            config.http_backend in ("http11", "aiohttp", "httpx"),
+            "--http-backend: http11, aiohttp or httpx",
+        ),
         (config.log_format in ("text", "json"), "--log-format: text or json"),
         (
             config.input_format in (None, "csv", "parquet", "jsonl"),

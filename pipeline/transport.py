@@ -1,4 +1,4 @@
-"""A lean httpx transport over one aiohttp connection pool.
+"""An httpx transport over one aiohttp connection pool (``http_backend = "aiohttp"``).
 
 Owns the socket layer and nothing else: it takes an ``httpx.Request`` and returns an
 ``httpx.Response`` whose body is already read, so the client code stays plain httpx (and
@@ -9,16 +9,22 @@ and drops connections (encode/httpcore#1035) and its per-request CPU cost caps a
 few thousand requests/s. Why not the httpx-aiohttp package: it streams the body through
 httpx's iterator machinery, which costs more CPU than the whole rest of our pipeline for
 small JSON answers. Reading the body in one go and building the response from bytes keeps
-the httpx interface at a fraction of the cost (see benchmarks/).
+the httpx interface at a fraction of the cost (see benchmarks/). The default transport,
+``http11.Http11Transport``, costs a fraction again; this one stays as a fallback.
+
+aiohttp is imported on first use, not with this module: it takes ~0.15 s to import, and
+runs on the default transport never need it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import httpx
-from yarl import URL
+
+if TYPE_CHECKING:
+    import aiohttp
+    from yarl import URL
 
 # aiohttp derives these from the URL and the body itself
 _SET_BY_AIOHTTP = {b"host", b"content-length"}
@@ -37,6 +43,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def _get_session(self) -> aiohttp.ClientSession:
         # created lazily: a ClientSession belongs to the running event loop
         if self._session is None:
+            import aiohttp
+
             connector = aiohttp.TCPConnector(
                 limit=self.max_connections,
                 limit_per_host=self.max_connections,
@@ -52,6 +60,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         key = str(url)
         cached = self._urls.get(key)
         if cached is None:
+            from yarl import URL
+
             cached = self._urls[key] = URL(key, encoded=True)
         return cached
 
@@ -65,6 +75,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         The client's hot path: it skips building an ``httpx.Response`` (about half of
         httpx's CPU cost per request). ``timeout["total"]`` bounds the whole attempt.
         """
+        import aiohttp
+
         timeouts: dict[str, Any] = request.extensions.get("timeout", {})
         total = timeouts.get("total", timeouts.get("read"))
         timeout = self._timeouts.get(total)

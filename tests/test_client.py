@@ -6,6 +6,7 @@ import asyncio
 import email.utils
 import json
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -111,8 +112,23 @@ def test_a_later_choice_without_a_message_is_malformed() -> None:
 
 
 @pytest.mark.parametrize(
+    "encode", [lambda text: text.encode("utf-8-sig"), lambda text: text.encode("utf-16")]
+)
+def test_a_200_in_json_with_a_byte_order_mark_still_parses(encode: Callable[[str], bytes]) -> None:
+    completion = parse_completion(encode(json.dumps(SEED_RESPONSE)))
+    assert completion.text == "Hello! How can I assist you today?"
+
+
+@pytest.mark.parametrize(
     "body",
-    [b"{not json", b"[]", b'{"id": "x"}', b'{"choices": []}', b'{"choices": [{"index": 0}]}'],
+    [
+        b"{not json",
+        b"\xff\xfe\x00",
+        b"[]",
+        b'{"id": "x"}',
+        b'{"choices": []}',
+        b'{"choices": [{"index": 0}]}',
+    ],
 )
 def test_a_200_that_is_not_a_completion_is_malformed_and_retryable(body: bytes) -> None:
     with pytest.raises(errors.MalformedResponse) as info:
