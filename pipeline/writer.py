@@ -36,7 +36,7 @@ from .samples import (
 from .structured import answer_columns, match_label, parse_answer, schema_columns
 
 PART_CACHE = 8
-RELEASE_EVERY = 16  # input batches between two release_memory() calls
+RELEASE_EVERY = 4  # input batches between two release_memory() calls
 
 
 class _PartCache:
