@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,3 +33,15 @@ def make_simulator() -> Iterator[Callable[..., SimulatorThread]]:
     yield start
     for running in started:
         running.stop()
+
+
+SPEC = Path(__file__).parent / "spec" / "aimlapi-gpt-3.5-turbo.openapi.json"
+
+
+@pytest.fixture(scope="session")
+def request_schema() -> dict[str, Any]:
+    """The provider's JSON Schema for a chat-completions request body (tests/spec/)."""
+    spec = json.loads(SPEC.read_text())
+    post = spec["paths"]["/v1/chat/completions"]["post"]
+    schema: dict[str, Any] = post["requestBody"]["content"]["application/json"]["schema"]
+    return schema

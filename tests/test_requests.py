@@ -16,16 +16,6 @@ import pipeline
 from pipeline.records import RESULT_COLUMNS
 from pipeline.simulator import SimulatorThread
 
-SPEC = Path(__file__).parent / "spec" / "aimlapi-gpt-3.5-turbo.openapi.json"
-
-
-@pytest.fixture(scope="module")
-def request_schema() -> dict[str, Any]:
-    spec = json.loads(SPEC.read_text())
-    post = spec["paths"]["/v1/chat/completions"]["post"]
-    schema: dict[str, Any] = post["requestBody"]["content"]["application/json"]["schema"]
-    return schema
-
 
 def _bodies(sim: SimulatorThread) -> list[dict[str, Any]]:
     return [r.body for r in sim.simulator.requests if r.body is not None]

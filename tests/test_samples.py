@@ -27,18 +27,9 @@ from pipeline.records import RESULT_COLUMNS
 from pipeline.simulator import SimulatorThread
 
 MakeSimulator = Callable[..., SimulatorThread]
-SPEC = Path(__file__).parent / "spec" / "aimlapi-gpt-3.5-turbo.openapi.json"
 ROWS = pd.DataFrame({"id": ["a", "b", "c"], "q": ["first", "second", "third"]})
 # Result columns that hold one value per sample in the list layout.
 PER_SAMPLE = ("completion", "finish_reason")
-
-
-@pytest.fixture(scope="module")
-def request_schema() -> dict[str, Any]:
-    spec = json.loads(SPEC.read_text())
-    post = spec["paths"]["/v1/chat/completions"]["post"]
-    schema: dict[str, Any] = post["requestBody"]["content"]["application/json"]["schema"]
-    return schema
 
 
 def bodies(sim: SimulatorThread) -> list[dict[str, Any]]:
