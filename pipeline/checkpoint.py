@@ -478,52 +478,65 @@ class Checkpoint:
         Starts from the saved index (``save_index``) when it is valid for the parts it
         covers, and reads only the parts written after it: a resume does not re-read every
         part of a long run.
+
+        Memory: one array per column (25 bytes a result) is allocated up front and filled
+        part by part, so no per-part pieces are held and nothing is concatenated; a result's
+        part and row follow from its position and need no array until the end.
         """
         paths = self._part_paths()
         numbers = [int(p.stem.split("-")[1]) for p in paths]
         base = self._saved_index(numbers)
         covered = base.covers if base is not None else 0
-        arrays = [] if base is None else [base.arrays]
-        codes = None
-        self.parts_read = 0
-        for path, number in zip(paths, numbers, strict=True):
-            if number <= covered:
-                continue
-            self.parts_read += 1
-            table = pq.read_table(path, columns=list(INDEX_COLUMNS))
-            n = table.num_rows
-            if codes is None:
-                codes = pa.array(list(STATUS_CODES))
-            idx = pa.compute.index_in(table.column("status"), value_set=codes)
-            arrays.append(
-                {
-                    "keys": table.column("key").to_numpy(),
-                    "part": np.full(n, number, dtype=np.int32),
-                    "row": np.arange(n, dtype=np.int32),
-                    "status": idx.to_numpy(zero_copy_only=False).astype(np.int8),
-                    "prompt_tokens": table.column("prompt_tokens").fill_null(0).to_numpy(),
-                    "completion_tokens": table.column("completion_tokens").fill_null(0).to_numpy(),
-                    "cost_usd": table.column("cost_usd").fill_null(0.0).to_numpy(),
-                }
-            )
-        if not arrays:
-            return ResultIndex.empty()
-        if len(arrays) == 1 and base is not None:
-            return ResultIndex(**arrays[0])
+        new = [
+            (path, number) for path, number in zip(paths, numbers, strict=True) if number > covered
+        ]
+        self.parts_read = len(new)
+        if not new:
+            return ResultIndex.empty() if base is None else ResultIndex(**base.arrays)
+        sizes = np.array([pq.read_metadata(path).num_rows for path, _ in new], dtype=np.int64)
+        n_base = 0 if base is None else len(base.arrays["keys"])
+        total = n_base + int(sizes.sum())
+        columns = {name: np.empty(total, dtype=dtype) for name, dtype in _FILLED.items()}
+        base_part = base_row = None
+        if base is not None:
+            for name, column in columns.items():
+                column[:n_base] = base.arrays.pop(name)
+            base_part, base_row = base.arrays["part"], base.arrays["row"]
         del base
-        # latest result wins: the arrays are in (part, row) order already, so a stable sort
-        # by key keeps each key's results in that order; keep the last of each key
-        keys = np.concatenate([a.pop("keys") for a in arrays])
-        order, sorted_keys, starts = stable_argsort(keys)
-        del keys
+        codes = pa.array(list(STATUS_CODES))
+        at = n_base
+        for (path, _), size in zip(new, sizes, strict=True):
+            table = pq.read_table(path, columns=list(INDEX_COLUMNS))
+            if table.num_rows != size:
+                raise OutputError(
+                    f"Checkpoint part {path} changed while it was read. Parts are written once; "
+                    "is another process writing this checkpoint?"
+                )
+            end = at + int(size)
+            columns["keys"][at:end] = table.column("key").to_numpy()
+            status = pa.compute.index_in(table.column("status"), value_set=codes)
+            columns["status"][at:end] = status.to_numpy(zero_copy_only=False)
+            for name in ("prompt_tokens", "completion_tokens"):
+                columns[name][at:end] = table.column(name).fill_null(0).to_numpy()
+            columns["cost_usd"][at:end] = table.column("cost_usd").fill_null(0.0).to_numpy()
+            at = end
+        del table
+        # latest result wins: the rows are in (part, row) order already, so a stable sort by
+        # key keeps each key's results in that order; keep the last of each key
+        order, sorted_keys, starts = stable_argsort(columns.pop("keys"))
         last = np.ones(len(order), dtype=bool)
         last[:-1] = starts[1:]
-        pick = order if last.all() else order[last]
-        picked = {"keys": sorted_keys if last.all() else sorted_keys[last]}
-        del order, sorted_keys, last, starts
-        # one column at a time, each piece freed once used: the peak stays near the result
-        for name in _INDEX_ARRAYS[1:]:
-            picked[name] = np.concatenate([a.pop(name) for a in arrays])[pick]
+        del starts
+        everyone = bool(last.all())
+        pick = order if everyone else order[last]
+        picked = {"keys": sorted_keys if everyone else sorted_keys[last]}
+        del order, sorted_keys, last
+        picked["part"], picked["row"] = _locate(
+            pick, n_base, base_part, base_row, np.array([n for _, n in new]), sizes
+        )
+        for name in _FILLED:
+            if name != "keys":
+                picked[name] = columns.pop(name)[pick]
         return ResultIndex(**picked)
 
     def save_index(self, index: ResultIndex) -> None:
@@ -556,6 +569,40 @@ class Checkpoint:
 
 INDEX_COLUMNS = ("key", "status", "prompt_tokens", "completion_tokens", "cost_usd")
 _INDEX_ARRAYS = ("keys", "part", "row", "status", "prompt_tokens", "completion_tokens", "cost_usd")
+# the columns load_index fills from the parts, and their types (a request's tokens fit int32)
+_FILLED = {
+    "keys": np.uint64,
+    "status": np.int8,
+    "prompt_tokens": np.int32,
+    "completion_tokens": np.int32,
+    "cost_usd": np.float64,
+}
+
+
+def _locate(
+    pick: np.ndarray,
+    n_base: int,
+    base_part: np.ndarray | None,
+    base_row: np.ndarray | None,
+    numbers: np.ndarray,
+    sizes: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(part, row) of each picked position: the first ``n_base`` positions are the saved
+    index's (which has them); the rest are the new parts' rows, one part after another."""
+    part = np.empty(len(pick), dtype=np.int32)
+    row = np.empty(len(pick), dtype=np.int32)
+    firsts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) + n_base
+    for start in range(0, len(pick), LOOKUP_CHUNK):
+        chunk = pick[start : start + LOOKUP_CHUNK]
+        old = chunk < n_base
+        which = np.searchsorted(firsts, chunk, side="right") - 1
+        which[old] = 0
+        part[start : start + len(chunk)] = numbers[which]
+        row[start : start + len(chunk)] = chunk - firsts[which]
+        if old.any() and base_part is not None and base_row is not None:
+            part[start : start + len(chunk)][old] = base_part[chunk[old]]
+            row[start : start + len(chunk)][old] = base_row[chunk[old]]
+    return part, row
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from pipeline.checkpoint import Checkpoint
 from pipeline.cli import main
 from pipeline.keys import RowKeys, compute_keys, stable_argsort
 from pipeline.reader import open_input
-from pipeline.records import RowResult
+from pipeline.records import STATUS_CODES, RowResult, Usage
 from pipeline.simulator import SimulatorThread
 
 ANSWER = "Simulated answer to: "
@@ -209,6 +209,56 @@ def test_a_damaged_or_stale_saved_index_is_ignored(tmp_path: Path, damage: str) 
     expected = [2] if damage == "covered part removed" else [1, 2]
     assert fresh.load_index().keys.tolist() == expected
     assert fresh.parts_read == len(expected)
+
+
+a_result = st.builds(
+    lambda key, status, prompt, completion, cost: RowResult(
+        key=key,
+        status=status,
+        usage=Usage(prompt_tokens=prompt, completion_tokens=completion),
+        cost_usd=cost,
+    ),
+    key=st.integers(1, 12),  # few keys: most appear again, in the same part and in later ones
+    status=st.sampled_from(list(STATUS_CODES)),
+    prompt=st.none() | st.integers(0, 2**31 - 1),
+    completion=st.none() | st.integers(0, 5000),
+    cost=st.none() | st.floats(0, 1),
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    parts=st.lists(st.tuples(st.lists(a_result, min_size=1, max_size=6), st.booleans()), max_size=6)
+)
+def test_the_index_holds_each_keys_latest_result_with_its_part_row_and_tokens(
+    tmp_path_factory: pytest.TempPathFactory, parts: list[tuple[list[RowResult], bool]]
+) -> None:
+    """Whatever the parts and wherever an index was saved between them, every key's entry
+    is its last result: the part and row it is in, its status, tokens and cost."""
+    ckpt = Checkpoint(tmp_path_factory.mktemp("index") / "out.parquet")
+    ckpt.prepare()
+    expected: dict[int, tuple[object, ...]] = {}
+    for number, (results, save_after) in enumerate(parts, start=1):
+        ckpt.write_part(results)
+        for row, r in enumerate(results):
+            expected[r.key] = (
+                number,
+                row,
+                STATUS_CODES[r.status],
+                r.usage.prompt_tokens or 0,
+                r.usage.completion_tokens or 0,
+                r.cost_usd or 0.0,
+            )
+        if save_after:
+            ckpt.save_index(Checkpoint(ckpt.output).load_index())
+
+    got = index_arrays(Checkpoint(ckpt.output))
+    names = ("part", "row", "status", "prompt_tokens", "completion_tokens", "cost_usd")
+    assert got["keys"] == sorted(expected)
+    table = {key: tuple(got[name][i] for name in names) for i, key in enumerate(got["keys"])}
+    assert table == expected
 
 
 # -- end to end ----------------------------------------------------------------------------
