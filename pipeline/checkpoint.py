@@ -209,7 +209,9 @@ class ResultLocations:
 
 @dataclass
 class ResultIndex(ResultLocations):
-    """``ResultLocations`` plus each key's tokens and cost, for budgets and ``status``."""
+    """``ResultLocations`` plus what each key's result spent, for budgets and ``status``:
+    tokens and cost, both 0 for a result that no request paid for (a dedup copy, a cached
+    answer), whose OUTPUT row still shows the usage of the answer it got."""
 
     prompt_tokens: np.ndarray
     completion_tokens: np.ndarray
@@ -516,8 +518,11 @@ class Checkpoint:
             columns["keys"][at:end] = table.column("key").to_numpy()
             status = pa.compute.index_in(table.column("status"), value_set=codes)
             columns["status"][at:end] = status.to_numpy(zero_copy_only=False)
+            # a copy (dedup) or a cached answer spent nothing: its tokens are not counted
+            copied = pa.compute.is_in(table.column("cost_source"), value_set=_NOT_SPENT)
             for name in ("prompt_tokens", "completion_tokens"):
-                columns[name][at:end] = table.column(name).fill_null(0).to_numpy()
+                spent = pa.compute.if_else(copied, 0, table.column(name).fill_null(0))
+                columns[name][at:end] = spent.to_numpy()
             columns["cost_usd"][at:end] = table.column("cost_usd").fill_null(0.0).to_numpy()
             at = end
         del table
@@ -567,7 +572,8 @@ class Checkpoint:
         return _SavedIndex(covers=covers, arrays=arrays)
 
 
-INDEX_COLUMNS = ("key", "status", "prompt_tokens", "completion_tokens", "cost_usd")
+INDEX_COLUMNS = ("key", "status", "prompt_tokens", "completion_tokens", "cost_usd", "cost_source")
+_NOT_SPENT = pa.array(["dedup", "cache"])  # cost sources of results that no request paid for
 _INDEX_ARRAYS = ("keys", "part", "row", "status", "prompt_tokens", "completion_tokens", "cost_usd")
 # the columns load_index fills from the parts, and their types (a request's tokens fit int32)
 _FILLED = {

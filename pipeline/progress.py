@@ -83,13 +83,21 @@ class Reporter:
         total: int,
         todo: int,
         resumed: int,
+        input_rows: int | None = None,
+        per_row: str = "",
     ) -> None:
+        """``total`` counts results: ``input_rows`` x what ``per_row`` names (e.g. "2
+        models x 3 samples"; empty when there is one result per input row)."""
         self.total = total
         self.started = self._last_log = self.clock()
         if not self.quiet:
+            rows = input_rows if input_rows is not None else total
+            counted = (
+                f"{rows} input rows x {per_row} = {total} results" if per_row else (f"{total} rows")
+            )
             self._emit(
                 "run_start",
-                f"{total} rows; {resumed} already done, {todo} to send "
+                f"{counted}; {resumed} already done, {todo} to send "
                 f"(fingerprint {fingerprint}) -> {output}",
                 output=output,
                 fingerprint=fingerprint,
@@ -97,6 +105,7 @@ class Reporter:
                 rows_total=total,
                 rows_todo=todo,
                 rows_resumed=resumed,
+                input_rows=rows,
             )
         if self.use_bar and todo:
             self.bar = tqdm(
@@ -195,7 +204,12 @@ class Reporter:
 def format_summary(s: RunSummary) -> str:
     """The human summary printed at the end of a run."""
     lines = [
-        f"rows: {s.rows_total} total | {s.ok} ok | {s.error} error | {s.skipped} skipped"
+        (
+            f"results: {s.rows_total} total ({s.input_rows} input rows)"
+            if s.input_rows and s.input_rows != s.rows_total
+            else f"rows: {s.rows_total} total"
+        )
+        + f" | {s.ok} ok | {s.error} error | {s.skipped} skipped"
         + (f" | {s.invalid} invalid" if s.invalid else "")
         + (f" | {s.pending} pending" if s.pending else ""),
         f"this run: {s.sent} sent ({s.retries} retries), {s.resumed} resumed from the checkpoint"

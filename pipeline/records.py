@@ -112,7 +112,7 @@ class RunSummary:
     """What a run did; printed at the end and written by ``--summary-json``."""
 
     output: str
-    rows_total: int = 0
+    rows_total: int = 0  # results: input rows x models x samples
     ok: int = 0
     error: int = 0
     invalid: int = 0
@@ -136,12 +136,14 @@ class RunSummary:
     models: list[dict[str, Any]] = field(default_factory=list)
     fingerprint: str = ""
     exit_code: int = 0
+    input_rows: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready view."""
         return {
             "output": self.output,
             "rows_total": self.rows_total,
+            "input_rows": self.input_rows,
             "ok": self.ok,
             "error": self.error,
             "invalid": self.invalid,

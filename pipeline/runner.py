@@ -76,6 +76,7 @@ from .structured import (
     parse_label,
     plan_schema_request,
     reask_messages,
+    schema_columns,
 )
 from .writer import OutputSpec, write_output
 
@@ -145,12 +146,7 @@ def open_job(data: Any, config: RunConfig) -> tuple[InputSource, PromptBuilder]:
     source = open_input(data, input_format=config.input_format, limit=config.limit)
     schema = source.schema()
     columns = list(schema.names)
-    clash = [c for c in columns if c in RESULT_COLUMNS]
-    if clash:
-        raise InputError(
-            f"{source.name} already has column(s) {', '.join(clash)}, which the output adds. "
-            "Rename or drop them in the input (is this an earlier output?)."
-        )
+    _check_added_columns(source, config)
     kind, value = config.prompt_source
     builder = PromptBuilder(
         kind, value, system=config.system, columns=columns, source_name=source.name
@@ -165,12 +161,45 @@ def open_job(data: Any, config: RunConfig) -> tuple[InputSource, PromptBuilder]:
             f"{source.name} has no column '{config.expected_column}' for --expected-column "
             f"(columns: {', '.join(columns)})."
         )
-    if config.n > 1 and config.samples == "long" and SAMPLE_COLUMN in columns:
-        raise InputError(
-            f"{source.name} already has a column '{SAMPLE_COLUMN}', which --samples long adds. "
-            "Rename it in the input, or use --samples list."
-        )
     return source, builder
+
+
+def _check_added_columns(source: InputSource, config: RunConfig) -> None:
+    """Refuse, before any request, an input column that OUTPUT would add again (a Parquet
+    file cannot hold two columns of one name), naming the option that adds it."""
+    schema = source.schema()
+    columns = list(schema.names)
+    spec = output_spec(config, ())
+    added = spec.schema_for(schema).names[len(columns) :]
+    schema_names = (
+        {n for n, _ in schema_columns(spec.schema, spec.schema_prefix)} if spec.schema else set()
+    )
+    seen = set(columns)
+    for column in added:
+        if column not in seen:
+            seen.add(column)
+            continue
+        where = "the input already has" if column in columns else "OUTPUT already has"
+        if column in schema_names:
+            raise ConfigError(
+                f"--json-schema {config.json_schema}: its property would become the column "
+                f"'{column}', which {where}. Set --schema-prefix (e.g. "
+                "--schema-prefix answer_) so that the schema's columns get their own names."
+            )
+        if column in RESULT_COLUMNS:
+            because = "which OUTPUT adds for every result (is this an earlier output?)"
+        elif column == SAMPLE_COLUMN:
+            because = "which --samples long adds; or use --samples list"
+        elif column == "model":
+            because = "which OUTPUT adds when several models run (--model given more than once)"
+        elif column in ("label", "score"):
+            because = f"which --{'labels' if column == 'label' else 'score'} adds"
+        else:
+            because = "which --wide adds (model name + '__' + result column)"
+        raise InputError(
+            f"{source.name} already has a column '{column}', {because}. Rename or drop it in the "
+            "input."
+        )
 
 
 def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
@@ -1090,9 +1119,14 @@ def _add_answer_summary(summary: RunSummary, output: Path) -> None:
 
 
 def _output_spec(plan: _Plan, config: RunConfig) -> OutputSpec:
+    return output_spec(config, plan.model_keys)
+
+
+def output_spec(config: RunConfig, model_keys: tuple[np.ndarray, ...]) -> OutputSpec:
+    """OUTPUT's shape under ``config``, for rows with ``model_keys`` (one array per model)."""
     return OutputSpec(
-        models=plan.models,
-        model_keys=plan.model_keys,
+        models=config.all_models,
+        model_keys=model_keys,
         wide=config.wide,
         schema=load_schema(config.json_schema) if config.json_schema else None,
         schema_prefix=config.schema_prefix,
@@ -1171,6 +1205,12 @@ async def run_async(
             total=len(plan.keys) * len(plan.unit_keys),
             todo=todo,
             resumed=plan.resumed,
+            input_rows=len(plan.keys),
+            per_row=" x ".join(
+                f"{count} {word}"
+                for count, word in ((len(plan.models), "models"), (config.n, "samples"))
+                if count > 1
+            ),
         )
         run = _Run(plan, config, seams, reporter, started)
         if todo:
@@ -1240,6 +1280,7 @@ def _summarize(
     summary = RunSummary(
         output=str(output),
         rows_total=sum(len(keys) for keys in plan.unit_keys),
+        input_rows=len(plan.keys),
         ok=counts["ok"],
         error=counts["error"],
         invalid=counts["invalid"],

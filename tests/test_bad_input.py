@@ -216,6 +216,72 @@ BAD_INPUTS = [
         BadInput({"in.txt": b"prompt\nhello\n"}, ["in.txt"], ["in.txt", "--input-format"]),
         id="unknown-extension-suggests-input-format",
     ),
+    pytest.param(
+        BadInput({"in.csv": b"prompt,status\nhi,new\n"}, ["in.csv"], ["in.csv", "'status'"]),
+        id="input-column-that-is-a-result-column",
+    ),
+    pytest.param(
+        BadInput(
+            {"in.csv": b"prompt,label\nhi,pos\n"},
+            ["in.csv", "--labels", "pos,neg"],
+            ["in.csv", "'label'", "--labels"],
+        ),
+        id="input-column-label-with-labels",
+    ),
+    pytest.param(
+        BadInput(
+            {"in.csv": b"prompt,score\nhi,1\n"},
+            ["in.csv", "--score", "exact", "--expected-column", "prompt"],
+            ["in.csv", "'score'", "--score"],
+        ),
+        id="input-column-score-with-score",
+    ),
+    pytest.param(
+        BadInput(
+            {"in.csv": b"prompt,model\nhi,mine\n"},
+            ["in.csv", "--model", "m1", "--model", "m2"],
+            ["in.csv", "'model'", "--model"],
+        ),
+        id="input-column-model-with-several-models",
+    ),
+    pytest.param(
+        BadInput(
+            {"in.csv": b"prompt,m1__completion\nhi,x\n"},
+            ["in.csv", "--model", "m1", "--model", "m2", "--wide"],
+            ["in.csv", "'m1__completion'", "--wide"],
+        ),
+        id="input-column-that-wide-adds",
+    ),
+    pytest.param(
+        BadInput(
+            {"in.csv": b"prompt,sample\nhi,1\n"},
+            ["in.csv", "--n", "2", "--samples", "long"],
+            ["in.csv", "'sample'", "--samples list"],
+        ),
+        id="input-column-sample-with-long-samples",
+    ),
+    pytest.param(
+        BadInput(
+            {
+                "in.csv": b"prompt,topic\nhi,x\n",
+                "s.json": b'{"type": "object", "properties": {"topic": {"type": "string"}}}',
+            },
+            ["in.csv", "--json-schema", "s.json"],
+            ["s.json", "'topic'", "--schema-prefix"],
+        ),
+        id="schema-property-named-like-an-input-column",
+    ),
+    pytest.param(
+        BadInput(
+            {
+                "in.csv": b"prompt\nhi\n",
+                "s.json": b'{"type": "object", "properties": {"status": {"type": "string"}}}',
+            },
+            ["in.csv", "--json-schema", "s.json"],
+            ["s.json", "'status'", "--schema-prefix"],
+        ),
+        id="schema-property-named-like-a-result-column",
+    ),
 ]
 
 

@@ -140,6 +140,31 @@ def test_a_duplicate_added_later_copies_the_stored_answer_without_a_request(
     assert frame.loc[2, "cost_source"] == "dedup"
 
 
+def test_copies_spend_none_of_the_token_budget_and_status_counts_only_what_was_sent(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    prompts = [f"{'word ' * 60}{i}" for i in (1, 2)] * 3  # 2 requests, 4 dedup copies
+    src = _csv(tmp_path / "in.csv", prompts)
+    out = tmp_path / "o.parquet"
+    args = ["run", str(src), "-o", str(out), "--base-url", simulator.base_url, "--no-progress"]
+    args += ["--max-tokens", "5"]
+    first = _cli(*args)
+    assert first.returncode == 0, first.stderr
+    frame = pd.read_parquet(out)
+    sent = frame[frame["cost_source"] != "dedup"]
+    assert len(sent) == 2 == len(simulator.simulator.requests)
+    spent = int(sent["total_tokens"].sum())
+    status = json.loads(_cli("status", str(out), "--json").stdout)
+    assert status["prompt_tokens"] + status["completion_tokens"] == spent
+
+    # room for one more short request, but not for the copies' tokens counted again (3x)
+    _csv(src, [*prompts, "one more"])
+    second = _cli(*args, "--max-total-tokens", str(spent + 40))
+    assert second.returncode == 0, second.stderr
+    assert len(simulator.simulator.requests) == 3
+    assert (pd.read_parquet(out)["status"] == "ok").all()
+
+
 def test_max_cost_stops_before_crossing_and_a_larger_budget_finishes_the_job(
     simulator: SimulatorThread, tmp_path: Path
 ) -> None:

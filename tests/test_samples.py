@@ -494,6 +494,34 @@ def test_several_models_long_and_wide_with_samples(
     assert [row["model"] for row in json.loads(report.stdout)] == models
 
 
+def test_the_start_line_and_summary_count_input_rows_and_results_apart(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    (tmp_path / "in.csv").write_text("q\none\ntwo\nthree\n")
+    args = ["run", "in.csv", "--prompt-column", "q", "--base-url", simulator.base_url]
+    result = run_cli(
+        tmp_path,
+        *args,
+        "-o",
+        "o.parquet",
+        "--no-progress",
+        "--n",
+        "2",
+        "--model",
+        "m-a",
+        "--model",
+        "m-b",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "3 input rows x 2 models x 2 samples = 12 results; 0 already done, 12 to send" in (
+        result.stderr
+    )
+    assert "results: 12 total (3 input rows) | 12 ok" in result.stderr
+    plain = run_cli(tmp_path, *args, "-o", "plain.parquet", "--no-progress")
+    assert "3 rows; 0 already done, 3 to send" in plain.stderr
+    assert "rows: 3 total | 3 ok" in plain.stderr
+
+
 def test_switching_the_layout_rewrites_output_without_a_request(
     simulator: SimulatorThread, tmp_path: Path
 ) -> None:
