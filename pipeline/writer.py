@@ -36,7 +36,6 @@ from .samples import (
 from .structured import answer_columns, match_label, parse_answer, schema_columns
 
 PART_CACHE = 8
-RELEASE_ROWS = 16384  # input rows between two release_memory() calls (2 Parquet batches)
 
 
 class _PartCache:
@@ -237,16 +236,16 @@ def write_output(
     schema = spec.schema_for(source.schema())
     parts = _PartCache(checkpoint)
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    offset = released = 0
+    offset = 0
     models = spec.models
     try:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for batch in source.iter_batches():
-                if offset - released >= RELEASE_ROWS:
+                if offset:
                     # each batch's temporaries (parts read, takes, encoders: ~15 MB) stay
-                    # with the allocators when freed: hand them back, keep the footprint flat
+                    # with the allocators when freed: hand them back, keep the footprint
+                    # flat (measured on 1M CSV rows: peak 269 -> 253 MB for +0.7 s)
                     release_memory()
-                    released = offset
                 n = batch.num_rows
                 expected = (
                     batch.column(spec.expected_column).to_pylist()
