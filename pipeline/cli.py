@@ -17,6 +17,7 @@ import click
 from .checkpoint import Checkpoint, checkpoint_dir
 from .config import RunConfig, build_config, load_config_file, parse_param
 from .errors import ConfigError, LockHeld, PipelineError, RunAborted, UsageError
+from .estimate import estimate_total, format_total
 from .progress import Reporter
 from .records import RunSummary
 from .runner import EXIT_ABORTED, EXIT_USAGE, Seams, estimate_job, run_batch
@@ -399,14 +400,18 @@ def _estimate(
     input_path: Path, output: Path | None, config: RunConfig, *, as_json: bool = False
 ) -> None:
     try:
-        result = estimate_job(input_path, output, config)
+        results = estimate_job(input_path, output, config)
     except UsageError as exc:
         _fail(str(exc), EXIT_USAGE)
         return
-    if as_json:
-        click.echo(json.dumps(result.as_dict()))
+    if len(results) == 1:
+        click.echo(json.dumps(results[0].as_dict()) if as_json else results[0].format())
+    elif as_json:
+        total = estimate_total(results)
+        click.echo(json.dumps({"models": [r.as_dict() for r in results], "total": total}))
     else:
-        click.echo(result.format())
+        click.echo("\n\n".join(r.format() for r in results))
+        click.echo("\n" + format_total(estimate_total(results)))
 
 
 def _write_summary(path: str | None, summary: RunSummary | None) -> None:

@@ -312,6 +312,50 @@ class Estimate:
         return "\n".join(lines)
 
 
+def estimate_total(estimates: Sequence[Estimate]) -> dict[str, Any]:
+    """The sums over several models' estimates (a run with ``--model`` given more than
+    once). A cost is None when any model's is unknown: a partial sum would look complete."""
+
+    def total(values: list[Any]) -> Any:
+        return None if any(v is None for v in values) else sum(values)
+
+    return {
+        "models": [e.model for e in estimates],
+        "requests": sum(e.requests for e in estimates),
+        "prompt_tokens": sum(e.prompt_tokens for e in estimates),
+        "completion_tokens": {
+            "low": sum(e.completion_tokens_low for e in estimates),
+            "typical": sum(e.completion_tokens_typical for e in estimates),
+            "high": total([e.completion_tokens_high for e in estimates]),
+        },
+        "cost_usd": {
+            "low": total([e.cost_low for e in estimates]),
+            "typical": total([e.cost_typical for e in estimates]),
+            "high": total([e.cost_high for e in estimates]),
+        },
+    }
+
+
+def format_total(total: dict[str, Any]) -> str:
+    """``estimate_total`` as text."""
+    tokens, cost = total["completion_tokens"], total["cost_usd"]
+    high = "no limit" if tokens["high"] is None else f"{tokens['high']:,}"
+    if cost["low"] is None:
+        cost_line = "unknown: a model has no price"
+    else:
+        cost_high = "no limit" if cost["high"] is None else _usd(cost["high"])
+        cost_line = f"{_usd(cost['low'])} to {cost_high}; typical {_usd(cost['typical'])}"
+    return "\n".join(
+        [
+            f"Total over {len(total['models'])} models ({', '.join(total['models'])})",
+            f"  requests to send   {total['requests']:>14,}",
+            f"  prompt tokens      {total['prompt_tokens']:>14,}",
+            f"  completion tokens  {tokens['low']:,} to {high}; typical {tokens['typical']:,}",
+            f"  cost (USD)         {cost_line}",
+        ]
+    )
+
+
 def _usd(amount: float) -> str:
     return f"${amount:,.2f}" if amount >= 1 else f"${amount:.6f}"
 

@@ -1323,11 +1323,12 @@ def _run_in_new_loop(main: Coroutine[Any, Any, RunSummary]) -> RunSummary:
         return runner.run(main)
 
 
-def estimate_job(data: Any, output: str | Path | None, config: RunConfig) -> Estimate:
-    """What ``run`` would send and spend, without sending anything or touching OUTPUT.
+def estimate_job(data: Any, output: str | Path | None, config: RunConfig) -> tuple[Estimate, ...]:
+    """What ``run`` would send and spend, one estimate per model, without sending anything
+    or touching OUTPUT.
 
-    Rows that OUTPUT's checkpoint already has are left out; duplicates (``dedup``) and
-    responses in ``cache`` are counted apart.
+    Rows that OUTPUT's checkpoint already has for a model are left out of that model's
+    estimate; duplicates (``dedup``) and responses in ``cache`` are counted apart.
     """
     source, builder = open_job(data, config)
     checkpoint = Checkpoint(Path(output)) if output is not None else None
@@ -1337,13 +1338,19 @@ def estimate_job(data: Any, output: str | Path | None, config: RunConfig) -> Est
         content_columns=builder.columns,
         previous=checkpoint.load_key_pass() if checkpoint is not None else None,
     )
-    done = np.zeros(len(row_keys), dtype=bool)
+    models = config.all_models
+    model_keys = (
+        [row_keys.keys] if len(models) == 1 else [model_row_keys(row_keys.keys, m) for m in models]
+    )
+    done = [np.zeros(len(row_keys), dtype=bool) for _ in models]
     if checkpoint is not None and checkpoint.exists():
         index = checkpoint.load_index()
-        # a row is done when every one of its samples is
-        done = np.ones(len(row_keys), dtype=bool)
-        for sample in range(config.n):
-            done &= index.lookup(sample_row_keys(row_keys.keys, sample)) >= 0
+        for j, mkeys in enumerate(model_keys):
+            # a row is done for a model when every one of its samples is
+            missing = np.zeros(len(row_keys), dtype=bool)
+            for sample in range(config.n):
+                missing |= index.lookup(sample_row_keys(mkeys, sample)) < 0
+            done[j] = ~missing
     params = config.body_params()
     cache = ResponseCache(config.cache) if config.cache else None
 
@@ -1354,46 +1361,54 @@ def estimate_job(data: Any, output: str | Path | None, config: RunConfig) -> Est
         base_seed=config.base_seed,
     )
 
-    def cached(messages: Any) -> bool:
-        """Whether every request of the row is in the cache."""
-        assert cache is not None
-        for request in requests:
-            body = build_body(config.model, list(messages), {**params, **request.params})
-            if not cache.contains(cache.key(config.base_url, body)):
-                return False
-        return True
+    def cached_for(model: str) -> Callable[[Any], bool] | None:
+        """Whether every request of a row to ``model`` is in the cache."""
+        if cache is None:
+            return None
 
-    estimator = Estimator(
-        model=config.model,
-        dedup=config.dedup,
-        cached=cached if cache is not None else None,
-        samples=config.n,
-        native=config.n_mode != "seeds",
-    )
+        def cached(messages: Any) -> bool:
+            for request in requests:
+                body = build_body(model, list(messages), {**params, **request.params})
+                if not cache.contains(cache.key(config.base_url, body)):
+                    return False
+            return True
+
+        return cached
+
+    estimators = [
+        Estimator(
+            model=model,
+            dedup=config.dedup,
+            cached=cached_for(model),
+            samples=config.n,
+            native=config.n_mode != "seeds",
+        )
+        for model in models
+    ]
     offset = 0
     for batch in source.iter_batches(columns=builder.columns):
         n = batch.num_rows
-        where = np.nonzero(~done[offset : offset + n])[0]
-        rows = builder.build(batch.take(where), row_keys.keys[offset + where], offset + where)
-        estimator.add(row.messages for row in rows)
+        for estimator, model_done in zip(estimators, done, strict=True):
+            where = np.nonzero(~model_done[offset : offset + n])[0]
+            rows = builder.build(batch.take(where), row_keys.keys[offset + where], offset + where)
+            estimator.add(row.messages for row in rows)
         offset += n
-    result = estimator.result(max_tokens=config.max_tokens, prices=PriceTable.load(config.prices))
-    if config.n > 1 and config.n_mode == "auto":
-        result = dataclasses.replace(
-            result,
-            notes=(
-                *result.notes,
+    prices = PriceTable.load(config.prices)
+    results = []
+    for estimator, model_done in zip(estimators, done, strict=True):
+        result = estimator.result(max_tokens=config.max_tokens, prices=prices)
+        notes = list(result.notes)
+        if config.n > 1 and config.n_mode == "auto":
+            notes.append(
                 f"--n {config.n} with --n-mode auto: counted as one request a row (the API's "
                 f"n); a server that ignores n gets {config.n} requests a row, each with the "
-                "prompt",
-            ),
-        )
-    already = int(done.sum())
-    if already:
-        result = dataclasses.replace(
-            result, notes=(*result.notes, f"{already} rows already done in {output} not counted")
-        )
-    return result
+                "prompt"
+            )
+        already = int(model_done.sum())
+        if already:
+            notes.append(f"{already} rows already done in {output} not counted")
+        results.append(dataclasses.replace(result, notes=tuple(notes)))
+    return tuple(results)
 
 
 def run_batch(

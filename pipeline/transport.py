@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 # aiohttp derives these from the URL and the body itself
 _SET_BY_AIOHTTP = {b"host", b"content-length"}
+# response headers about the encoded bytes on the wire, not the decoded body we return
+_DESCRIBE_THE_WIRE = {b"content-encoding", b"content-length"}
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -67,7 +69,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         status, raw_headers, content = await self.fetch(request)
-        return httpx.Response(status, headers=raw_headers, content=content, request=request)
+        # aiohttp has decoded the body already: httpx must not decode it again
+        headers = [(k, v) for k, v in raw_headers if k.lower() not in _DESCRIBE_THE_WIRE]
+        return httpx.Response(status, headers=headers, content=content, request=request)
 
     async def fetch(self, request: httpx.Request) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """Send ``request``; return (status, raw headers, body).

@@ -313,3 +313,37 @@ def test_estimate_leaves_out_rows_the_output_already_has(
     _csv(src, ["a", "b", "c"])
     est = json.loads(_cli("estimate", str(src), "-o", str(out), "--json").stdout)
     assert est["requests"] == 1
+
+
+def test_estimate_with_several_models_counts_each_models_own_rows_and_sums_them(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    src = _csv(tmp_path / "in.csv", ["a", "b"])
+    out = tmp_path / "o.parquet"
+    two = ["--model", "gpt-3.5-turbo", "--model", "gpt-4o"]
+    ran = _cli("run", str(src), "-o", str(out), "--base-url", simulator.base_url, *two)
+    assert ran.returncode == 0, ran.stderr
+    _csv(src, ["a", "b", "c"])
+    three = [*two, "--model", "gpt-4o-mini", "--max-tokens", "10"]
+    result = _cli("estimate", str(src), "-o", str(out), *three, "--json")
+    assert result.returncode == 0, result.stderr
+    est = json.loads(result.stdout)
+    by_model = {e["model"]: e for e in est["models"]}
+    # the first two models have rows a and b already; the new one has none of them
+    assert {m: e["requests"] for m, e in by_model.items()} == {
+        "gpt-3.5-turbo": 1,
+        "gpt-4o": 1,
+        "gpt-4o-mini": 3,
+    }
+    # each model is priced as itself, and the total is the sum
+    costs = [e["cost_usd"]["high"] for e in est["models"]]
+    assert len(set(costs)) == 3
+    assert est["total"]["requests"] == 5
+    assert est["total"]["cost_usd"]["high"] == pytest.approx(sum(costs))
+    assert est["total"]["prompt_tokens"] == sum(e["prompt_tokens"] for e in est["models"])
+
+    text = _cli("estimate", str(src), "-o", str(out), *three)
+    assert text.returncode == 0, text.stderr
+    assert "Estimate for model gpt-4o-mini" in text.stdout
+    assert "Total over 3 models (gpt-3.5-turbo, gpt-4o, gpt-4o-mini)" in text.stdout
+    assert len(simulator.simulator.requests) == 4  # the first run's; estimates send nothing

@@ -31,6 +31,7 @@ from pipeline import errors, http11
 from pipeline.client import ChatClient, make_transport
 from pipeline.http11 import Http11Transport
 from pipeline.simulator import SimulatorThread
+from pipeline.transport import AiohttpTransport
 
 BODY = json.dumps({"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]})
 OK_JSON = b'{"ok": true}'
@@ -400,6 +401,26 @@ def test_gzip_and_deflate_bodies_are_decoded(
 
     run(scenario)
     assert b"\r\nAccept-Encoding: gzip, deflate\r\n" in seen[0]
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_the_aiohttp_backend_through_httpx_decodes_a_compressed_body_once(
+    coding: str, run: Run
+) -> None:
+    encode = gzip.compress if coding == "gzip" else zlib.compress
+
+    async def handler(peer: Peer) -> None:
+        while await peer.read_request() is not None:
+            peer.write(ok(encode(OK_JSON), f"Content-Encoding: {coding}"))
+
+    async def scenario() -> None:
+        async with tiny_server(handler) as server:
+            transport = AiohttpTransport(max_connections=1)
+            async with httpx.AsyncClient(transport=transport) as client:
+                response = await client.post(server.url, content=b"{}")
+                assert response.json() == {"ok": True}
+
+    run(scenario)
 
 
 def test_a_body_that_does_not_decode_is_a_decoding_error(run: Run) -> None:
