@@ -163,8 +163,8 @@ LOOKUP_CHUNK = 1 << 16
 class ResultLocations:
     """Where the latest result of every key in the checkpoint is, sorted by key.
 
-    ``part`` and ``row`` locate the result; ``status`` holds ``STATUS_CODES``. This is all
-    that assembling OUTPUT needs (17 bytes a key).
+    ``part`` and ``row`` locate the result; ``status`` holds ``STATUS_CODES``. Assembling
+    OUTPUT needs less: ``places`` gives part and row aligned with the input's keys.
     """
 
     keys: np.ndarray
@@ -192,6 +192,20 @@ class ResultLocations:
         status = self.status if among is None else self.status[among]
         return {name: int((status == code).sum()) for name, code in STATUS_CODES.items()}
 
+    def places(self, key_arrays: Sequence[np.ndarray]) -> RowPlaces:
+        """Where the result of each of ``key_arrays``'s keys is, aligned with them (a chunk
+        at a time): all that assembling OUTPUT needs, 8 bytes a key instead of 17."""
+        part, row = [], []
+        for keys in key_arrays:
+            part.append(np.full(len(keys), -1, dtype=np.int32))
+            row.append(np.zeros(len(keys), dtype=np.int32))
+            for start in range(0, len(keys), LOOKUP_CHUNK):
+                pos = self.lookup(keys[start : start + LOOKUP_CHUNK])
+                have = np.flatnonzero(pos >= 0)
+                part[-1][start + have] = self.part[pos[have]]
+                row[-1][start + have] = self.row[pos[have]]
+        return RowPlaces(tuple(part), tuple(row))
+
     def counts_of(self, key_arrays: Sequence[np.ndarray]) -> tuple[dict[str, int], int]:
         """(status counts, keys without a result) over ``key_arrays``, a chunk at a time so
         that a million keys need no million-entry temporaries."""
@@ -205,6 +219,15 @@ class ResultLocations:
                 for name, count in self.counts(found).items():
                     counts[name] += count
         return counts, missing
+
+
+@dataclass(frozen=True)
+class RowPlaces:
+    """Per key array given to ``ResultLocations.places`` (one per model and sample), the
+    part and row of each key's result, aligned with the keys; part -1: no result."""
+
+    part: tuple[np.ndarray, ...]
+    row: tuple[np.ndarray, ...]
 
 
 @dataclass
@@ -229,10 +252,6 @@ class ResultIndex(ResultLocations):
             z,
             np.zeros(0, dtype=np.float64),
         )
-
-    def locations(self) -> ResultLocations:
-        """The same index without tokens and cost (24 of its 41 bytes a key)."""
-        return ResultLocations(self.keys, self.part, self.row, self.status)
 
 
 class Checkpoint:

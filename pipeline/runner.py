@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 
 from .cache import ResponseCache
-from .checkpoint import Checkpoint, ResultIndex, ResultLocations, file_signature
+from .checkpoint import Checkpoint, ResultIndex, file_signature
 from .client import ChatClient, build_body, make_transport, parse_completion
 from .config import FINGERPRINT_DEFAULTS, RunConfig, resolve_api_key
 from .errors import (
@@ -169,7 +169,7 @@ def _check_added_columns(source: InputSource, config: RunConfig) -> None:
     file cannot hold two columns of one name), naming the option that adds it."""
     schema = source.schema()
     columns = list(schema.names)
-    spec = output_spec(config, ())
+    spec = output_spec(config)
     added = spec.schema_for(schema).names[len(columns) :]
     schema_names = (
         {n for n, _ in schema_columns(spec.schema, spec.schema_prefix)} if spec.schema else set()
@@ -1118,15 +1118,10 @@ def _add_answer_summary(summary: RunSummary, output: Path) -> None:
     summary.models = comparison_table(frame)
 
 
-def _output_spec(plan: _Plan, config: RunConfig) -> OutputSpec:
-    return output_spec(config, plan.model_keys)
-
-
-def output_spec(config: RunConfig, model_keys: tuple[np.ndarray, ...]) -> OutputSpec:
-    """OUTPUT's shape under ``config``, for rows with ``model_keys`` (one array per model)."""
+def output_spec(config: RunConfig) -> OutputSpec:
+    """OUTPUT's shape under ``config``."""
     return OutputSpec(
         models=config.all_models,
-        model_keys=model_keys,
         wide=config.wide,
         schema=load_schema(config.json_schema) if config.json_schema else None,
         schema_prefix=config.schema_prefix,
@@ -1222,8 +1217,11 @@ async def run_async(
             full = plan.index
         if checkpoint.parts_read:
             checkpoint.save_index(full)  # the next run starts from it
-        # from here on only where each result is matters: drop tokens and cost per key
-        plan.index, index = ResultIndex.empty(), full.locations()
+        # from here on only where each input row's result is matters (8 bytes a row and
+        # unit): drop the index (41 bytes a key) once the counts are taken
+        plan.index = ResultIndex.empty()
+        counts = full.counts_of(plan.unit_keys)
+        places = full.places(plan.unit_keys)
         del full
         release_memory()
         state = _output_state(plan, config)
@@ -1240,8 +1238,8 @@ async def run_async(
                 await asyncio.to_thread(
                     write_output,
                     plan.source,
-                    _output_spec(plan, config),
-                    index,
+                    output_spec(config),
+                    places,
                     checkpoint,
                     output,
                     record_next,
@@ -1251,7 +1249,8 @@ async def run_async(
             )
         manifest["running"] = False
         checkpoint.write_manifest(manifest)
-        summary = _summarize(plan, index, run, output, fingerprint, started)
+        del places
+        summary = _summarize(plan, counts, run, output, fingerprint, started)
         if output.exists() and (len(plan.models) > 1 or config.labels or config.score):
             _add_answer_summary(summary, output)
     finally:
@@ -1273,9 +1272,14 @@ def raise_aborted(summary: RunSummary) -> None:
 
 
 def _summarize(
-    plan: _Plan, index: ResultLocations, run: _Run, output: Path, fingerprint: str, started: float
+    plan: _Plan,
+    status_counts: tuple[dict[str, int], int],
+    run: _Run,
+    output: Path,
+    fingerprint: str,
+    started: float,
 ) -> RunSummary:
-    counts, pending = index.counts_of(plan.unit_keys)
+    counts, pending = status_counts
     rep = run.reporter
     summary = RunSummary(
         output=str(output),

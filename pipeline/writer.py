@@ -1,10 +1,10 @@
 """Final assembly: every input row, in input order, joined with its result, into one Parquet.
 
-Streams the input again batch by batch and looks each row's result up in the checkpoint
-index, so memory holds one input batch and a few checkpoint parts at a time, never the
-whole output. Rows without a result yet get ``status = "pending"``. The file is written
-under a temporary name, fsynced and renamed over OUTPUT: a failure here leaves the previous
-OUTPUT untouched.
+Streams the input again batch by batch and takes each row's result from where
+``RowPlaces`` says it is (a checkpoint part and row), so memory holds one input batch and a
+few checkpoint parts at a time, never the whole output. Rows without a result yet get
+``status = "pending"``. The file is written under a temporary name, fsynced and renamed
+over OUTPUT: a failure here leaves the previous OUTPUT untouched.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .checkpoint import RESULT_SCHEMA, Checkpoint, ResultLocations, _fsync_dir, file_signature
-from .keys import sample_row_keys
+from .checkpoint import RESULT_SCHEMA, Checkpoint, RowPlaces, _fsync_dir, file_signature
 from .memory import release_memory
 from .reader import InputSource
 from .records import MODELS_METADATA_KEY, WIDE_SEPARATOR
@@ -66,21 +65,20 @@ def _pending(n: int) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=RESULT_SCHEMA)
 
 
-def results_for(keys: np.ndarray, index: ResultLocations, parts: _PartCache) -> pa.Table:
-    """The result columns for ``keys`` (one input batch), in the same order."""
-    pos = index.lookup(keys)
+def results_for(part_of: np.ndarray, row_of: np.ndarray, parts: _PartCache) -> pa.Table:
+    """The result columns of one batch's rows whose results are at ``part_of`` / ``row_of``
+    (part -1: no result yet, "pending"), in the same order."""
     pieces: list[pa.Table] = []
     placed: list[np.ndarray] = []
-    have = pos >= 0
+    have = part_of >= 0
     if have.any():
-        rows_at = np.nonzero(have)[0]
-        part_of = index.part[pos[have]]
-        row_of = index.row[pos[have]]
-        for number in np.unique(part_of):
-            mask = part_of == number
-            pieces.append(parts.get(int(number)).take(pa.array(row_of[mask])))
+        rows_at = np.flatnonzero(have)
+        in_part, at_row = part_of[have], row_of[have]
+        for number in np.unique(in_part):
+            mask = in_part == number
+            pieces.append(parts.get(int(number)).take(pa.array(at_row[mask])))
             placed.append(rows_at[mask])
-    missing = np.nonzero(~have)[0]
+    missing = np.flatnonzero(~have)
     if len(missing):
         pieces.append(_pending(len(missing)))
         placed.append(missing)
@@ -97,15 +95,15 @@ def results_for(keys: np.ndarray, index: ResultLocations, parts: _PartCache) -> 
 class OutputSpec:
     """The shape of OUTPUT beyond the input and result columns.
 
-    ``models`` and ``model_keys`` (one key array per model, aligned with the input rows):
-    with one model OUTPUT has one row per input row; with several, one row per (input row,
-    model) and a ``model`` column, or with ``wide`` one row per input row and the result
+    ``models``: with one model OUTPUT has one row per input row; with several, one row per
+    (input row, model) and a ``model`` column, or with ``wide`` one row per input row and the result
     columns of each model as a group ``{model}__{column}``. ``schema`` / ``labels`` add the
     answer's typed columns / a ``label`` column, parsed from each ``ok`` row's completion;
     ``scorer`` with ``expected_column`` adds a ``score`` column. These derived columns are
     computed here, from the stored completion, so a new ``--score`` needs no new request.
 
-    ``n`` samples per (row, model), stored under ``keys.sample_row_keys``: with ``samples``
+    ``n`` samples per (row, model), whose results ``write_output`` finds in its
+    ``RowPlaces`` at unit ``model * n + sample``: with ``samples``
     "long" each becomes its own OUTPUT row with a ``sample`` column (after ``model``), in
     order row, model, sample; with "list" they fold into one row whose per-sample columns
     (completion, finish_reason and the derived ones) are lists (see
@@ -113,7 +111,6 @@ class OutputSpec:
     """
 
     models: tuple[str, ...]
-    model_keys: tuple[np.ndarray, ...]
     wide: bool = False
     schema: dict[str, Any] | None = None
     schema_prefix: str = ""
@@ -165,16 +162,18 @@ class OutputSpec:
 
     def results(
         self,
-        keys: np.ndarray,
-        index: ResultLocations,
+        places: RowPlaces,
+        model: int,
+        rows: slice,
         parts: _PartCache,
         expected: list[Any] | None,
     ) -> pa.Table:
-        """One model's result columns (derived ones included) for one batch's ``keys``: one
-        row per input row, or per (input row, sample) in the long layout."""
+        """Model number ``model``'s result columns (derived ones included) for one batch's
+        ``rows``: one row per input row, or per (input row, sample) in the long layout."""
         tables = []
         for sample in range(self.n):
-            results = results_for(sample_row_keys(keys, sample), index, parts)
+            unit = model * self.n + sample
+            results = results_for(places.part[unit][rows], places.row[unit][rows], parts)
             derived = self.derived(results, expected)
             if derived:
                 names = [*results.column_names, *(f.name for f in self.derived_fields())]
@@ -223,15 +222,17 @@ class OutputSpec:
 def write_output(
     source: InputSource,
     spec: OutputSpec,
-    index: ResultLocations,
+    places: RowPlaces,
     checkpoint: Checkpoint,
     output: Path,
     before_replace: Callable[[dict[str, int] | None], None] | None = None,
 ) -> None:
     """Write OUTPUT atomically: input columns in input order + result columns (see OutputSpec).
 
-    ``before_replace`` gets the new file's signature just before it replaces OUTPUT (the
-    rename keeps size and mtime), so that the caller can record it first.
+    ``places`` has the (part, row) of each input row's result per unit, model * n +
+    sample, aligned with the input. ``before_replace`` gets the new file's signature just
+    before it replaces OUTPUT (the rename keeps size and mtime), so that the caller can
+    record it first.
     """
     schema = spec.schema_for(source.schema())
     parts = _PartCache(checkpoint)
@@ -252,9 +253,10 @@ def write_output(
                     if spec.expected_column is not None
                     else None
                 )
+                rows = slice(offset, offset + n)
                 groups = [
-                    spec.results(keys[offset : offset + n], index, parts, expected).columns
-                    for keys in spec.model_keys
+                    spec.results(places, m, rows, parts, expected).columns
+                    for m in range(len(models))
                 ]
                 offset += n
                 inputs: list[Any] = list(batch.columns)

@@ -162,6 +162,23 @@ def test_lookup_gives_minus_one_for_keys_without_a_result(ckpt: Checkpoint) -> N
     assert index.keys[pos[2]] == 100
 
 
+def test_places_give_each_keys_part_and_row_in_the_order_asked_and_minus_one_for_none(
+    ckpt: Checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpoint_module, "LOOKUP_CHUNK", 2)  # several chunks of 5 keys
+    ckpt.write_part([ok(10), ok(20), ok(30)])
+    ckpt.write_part([ok(20, "newer"), ok(40)])
+    index = ckpt.load_index()
+
+    places = index.places(
+        [np.array([40, 7, 10, 20, 30], dtype=np.uint64), np.array([99], dtype=np.uint64)]
+    )
+
+    assert places.part[0].tolist() == [2, -1, 1, 2, 1]
+    assert places.row[0][[0, 2, 3, 4]].tolist() == [1, 0, 0, 2]
+    assert places.part[1].tolist() == [-1]
+
+
 def test_an_empty_checkpoint_has_an_empty_index(ckpt: Checkpoint) -> None:
     index = ckpt.load_index()
     assert len(index.keys) == 0
