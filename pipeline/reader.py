@@ -22,7 +22,12 @@ import pyarrow.parquet as pq
 from .errors import InputError
 
 BATCH_ROWS = 8192
-CSV_BLOCK_BYTES = 1 << 20
+# pyarrow's streaming CSV reader parses ahead of its consumer, a handful of blocks: with 1 MiB
+# blocks that held ~30 MB while a run wrote OUTPUT, with 256 KiB ~9 MB (and reads faster).
+# A row longer than a block makes pyarrow fail ("straddling object"): the block then grows
+# 4x, up to CSV_MAX_BLOCK_BYTES, and reading starts again past the rows already given.
+CSV_BLOCK_BYTES = 1 << 18
+CSV_MAX_BLOCK_BYTES = 1 << 30
 FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl"}
 FORMATS[".ndjson"] = "jsonl"
 
@@ -58,6 +63,7 @@ class InputSource:
     table: pa.Table | None = None
     limit: int | None = None
     _schema: pa.Schema | None = field(default=None, repr=False)
+    _csv_block: int = field(default=CSV_BLOCK_BYTES, repr=False)  # grows for long rows
 
     # -- public -------------------------------------------------------------------------
 
@@ -142,32 +148,65 @@ class InputSource:
     # CSV: every column as text.
     def _csv_column_names(self) -> list[str]:
         assert self.path is not None
-        try:
-            reader = pacsv.open_csv(
-                self.path,
-                read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-                convert_options=pacsv.ConvertOptions(
-                    column_types={}, strings_can_be_null=True, auto_dict_encode=False
-                ),
-                parse_options=self._csv_parse_options(),
-            )
-        except pa.ArrowInvalid as exc:
-            raise self._csv_error(exc) from None
+        while True:
+            try:
+                reader = pacsv.open_csv(
+                    self.path,
+                    read_options=pacsv.ReadOptions(block_size=self._csv_block),
+                    convert_options=pacsv.ConvertOptions(
+                        column_types={}, strings_can_be_null=True, auto_dict_encode=False
+                    ),
+                    parse_options=self._csv_parse_options(),
+                )
+                break
+            except pa.ArrowInvalid as exc:
+                if not self._grow_csv_block(exc):
+                    raise self._csv_error(exc) from None
         names = list(reader.schema.names)
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise InputError(f"{self.name}: duplicate column names in the header: {dupes}.")
         return names
 
+    def _grow_csv_block(self, exc: Exception) -> bool:
+        """After pyarrow's "straddling object" error (a row longer than a block): a 4x
+        larger block for this and every later read; False when the error is another one
+        or the block is at its maximum."""
+        if "straddl" not in str(exc) or self._csv_block >= CSV_MAX_BLOCK_BYTES:
+            return False
+        self._csv_block = min(self._csv_block * 4, CSV_MAX_BLOCK_BYTES)
+        return True
+
     def _csv_parse_options(self) -> pacsv.ParseOptions:
         delimiter = "\t" if self.path is not None and self.path.suffix.lower() == ".tsv" else ","
         return pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
 
     def _csv_batches(self, columns: list[str] | None, byte: int = 0) -> Iterator[pa.RecordBatch]:
+        """Batches of about BATCH_ROWS rows (the reader's are one block each: small)."""
+        yield from _rebatched(self._csv_block_batches(columns, byte), BATCH_ROWS)
+
+    def _csv_block_batches(self, columns: list[str] | None, byte: int) -> Iterator[pa.RecordBatch]:
+        given = 0  # rows yielded: a read that starts again with a larger block skips them
+        while True:
+            skip = given
+            try:
+                for batch in self._csv_read(columns, byte):
+                    if skip:
+                        if batch.num_rows <= skip:
+                            skip -= batch.num_rows
+                            continue
+                        batch, skip = batch.slice(skip), 0
+                    given += batch.num_rows
+                    yield batch
+                return
+            except _LongRow:
+                continue  # _csv_read grew the block
+
+    def _csv_read(self, columns: list[str] | None, byte: int) -> Iterator[pa.RecordBatch]:
         assert self.path is not None
         names = self.schema().names
         # from a row boundary past the header: the column names are given, no header read
-        read = pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES, column_names=names if byte else None)
+        read = pacsv.ReadOptions(block_size=self._csv_block, column_names=names if byte else None)
         convert = pacsv.ConvertOptions(
             column_types={n: pa.string() for n in names},
             include_columns=columns,
@@ -190,6 +229,8 @@ class InputSource:
                 )
                 yield from reader
         except pa.ArrowInvalid as exc:
+            if self._grow_csv_block(exc):
+                raise _LongRow from None
             raise self._csv_error(exc) from None
 
     def _csv_error(self, exc: Exception) -> InputError:
@@ -265,6 +306,41 @@ class InputSource:
                 buffer = []
         if buffer:
             yield _jsonl_batch(buffer, schema)
+
+
+class _LongRow(Exception):
+    """A CSV row was longer than the block; the block has grown, read again."""
+
+
+def _rebatched(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """The same rows, in order, in batches of at least ``rows`` (the last may be smaller)."""
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        if batch.num_columns == 0:  # nothing to combine (and combining would lose rows)
+            yield batch
+            continue
+        pending.append(batch)
+        count += batch.num_rows
+        if count >= rows:
+            yield from _combined(pending)
+            pending, count = [], 0
+    if pending:
+        yield from _combined(pending)
+
+
+def _combined(batches: list[pa.RecordBatch]) -> list[pa.RecordBatch]:
+    """``batches`` as one batch, or as they are where they do not fit in one (a string
+    column over 2 GiB)."""
+    if len(batches) == 1:
+        return batches
+    try:
+        chunks = pa.Table.from_batches(batches).combine_chunks().to_batches()
+    except pa.ArrowInvalid:
+        return batches
+    return (
+        chunks if sum(c.num_rows for c in chunks) == sum(b.num_rows for b in batches) else (batches)
+    )
 
 
 def _json_kind(value: Any) -> str:

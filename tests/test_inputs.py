@@ -155,6 +155,31 @@ def test_csv_cells_are_read_as_text(simulator: SimulatorThread, tmp_path: Path) 
     assert sorted(sent_prompts(simulator)) == ["0042", "1e3"]
 
 
+def test_a_csv_cell_of_several_megabytes_is_read_whole_and_no_row_is_lost_or_repeated(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    """pyarrow's CSV reader fails on a row longer than its block; the block grows and reading
+    resumes past the rows already read, so the rows around the long one are all there once."""
+    long_text = "a long document " * 200_000  # 3.2 MB, more than one block of any default
+    prompts = [f"short {i}" for i in range(20_000)]
+    prompts[15_000] = long_text
+    prompts[15_001] = 'quoted, with "quotes"\nand a newline'
+    pd.DataFrame({"id": range(len(prompts)), "prompt": prompts}).to_csv(
+        tmp_path / "in.csv", index=False
+    )
+
+    result = run_cli(tmp_path, "in.csv", "-o", "out.parquet", "--base-url", simulator.base_url)
+
+    assert result.returncode == 0, result.stderr
+    output = pq.read_table(tmp_path / "out.parquet", columns=["id", "prompt", "status"])
+    assert output.column("id").to_pylist() == [str(i) for i in range(len(prompts))]
+    assert output.column("prompt").to_pylist() == prompts
+    assert set(output.column("status").to_pylist()) == {"ok"}
+    assert len(simulator.simulator.requests) == len(prompts)
+    # OUTPUT keeps row groups of thousands of rows, not one per small read block
+    assert pq.ParquetFile(tmp_path / "out.parquet").metadata.num_row_groups <= 4
+
+
 def test_parquet_input_keeps_its_column_types_and_values(
     simulator: SimulatorThread, tmp_path: Path
 ) -> None:
