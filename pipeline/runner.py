@@ -1212,6 +1212,7 @@ async def run_async(
             await run.execute()
             # the plan's index is out of date now: drop it before building the new one
             plan.index = ResultIndex.empty()
+            release_memory()  # what the sending freed: the index is built on top of it
             full = checkpoint.load_index()
         else:
             full = plan.index
