@@ -64,6 +64,7 @@ class InputSource:
     limit: int | None = None
     _schema: pa.Schema | None = field(default=None, repr=False)
     _csv_block: int = field(default=CSV_BLOCK_BYTES, repr=False)  # grows for long rows
+    _quotes_checked: set[int] = field(default_factory=set, repr=False)  # start bytes
 
     # -- public -------------------------------------------------------------------------
 
@@ -177,6 +178,34 @@ class InputSource:
         self._csv_block = min(self._csv_block * 4, CSV_MAX_BLOCK_BYTES)
         return True
 
+    def _check_quotes_closed(self, byte: int) -> None:
+        """Refuse a CSV whose quotes (from ``byte``, a row boundary) do not pair up.
+
+        Called when a block is about to grow for a long row: pyarrow reads a quote that
+        never closes as one cell running to the end of the file (the rows after it silently
+        become part of that cell) once that rest fits in a block. Quotes pair up in valid
+        CSV (``""`` inside a quoted cell is a pair too), so an odd count means one never
+        closes. (A quote inside an unquoted cell, which pyarrow reads as a character, makes
+        the count odd too: the message says how to write it.) Once per source and start.
+        """
+        assert self.path is not None
+        if byte in self._quotes_checked:
+            return
+        count = 0
+        with self.path.open("rb") as fh:
+            fh.seek(byte)
+            while chunk := fh.read(1 << 24):
+                count += chunk.count(b'"')
+        if count % 2:
+            where = f" after byte {byte}" if byte else ""
+            raise InputError(
+                f"{self.name}: a quoted cell never closes (an odd number of '\"' characters"
+                f"{where}, and a row too long to be one). Close the quote, and write a quote "
+                'inside a cell as "" within a quoted cell; otherwise every row after it would '
+                "be read as part of that cell."
+            )
+        self._quotes_checked.add(byte)
+
     def _csv_parse_options(self) -> pacsv.ParseOptions:
         delimiter = "\t" if self.path is not None and self.path.suffix.lower() == ".tsv" else ","
         return pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
@@ -200,6 +229,8 @@ class InputSource:
                     yield batch
                 return
             except _LongRow:
+                # a long row, or a quote that never closes: only the first may grow a block
+                self._check_quotes_closed(byte)
                 continue  # _csv_read grew the block
 
     def _csv_read(self, columns: list[str] | None, byte: int) -> Iterator[pa.RecordBatch]:

@@ -384,8 +384,9 @@ class _Run:
                 key=key,
                 attempts=0,
                 latency_ms=None,
-                cost_usd=0.0 if result.status == "ok" else None,
-                cost_source="dedup" if result.status == "ok" else None,
+                # marked whatever its status: budgets and status count no tokens for it
+                cost_usd=0.0,
+                cost_source="dedup",
             )
         )
 

@@ -217,6 +217,17 @@ BAD_INPUTS = [
         id="unknown-extension-suggests-input-format",
     ),
     pytest.param(
+        BadInput(
+            {
+                "in.csv": b'id,prompt\n1,short\n2,"never closed\n'
+                + b"".join(b"%d,row %d\n" % (i, i) for i in range(3, 60_000))
+            },
+            ["in.csv"],
+            ["in.csv", "quoted cell never closes"],
+        ),
+        id="csv-quote-that-never-closes-is-not-read-as-one-long-cell",
+    ),
+    pytest.param(
         BadInput({"in.csv": b"prompt,status\nhi,new\n"}, ["in.csv"], ["in.csv", "'status'"]),
         id="input-column-that-is-a-result-column",
     ),
