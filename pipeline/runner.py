@@ -54,6 +54,7 @@ from .reader import InputSource, Resume, open_input
 from .records import (
     RESULT_COLUMNS,
     STATUS_CODES,
+    WIDE_SEPARATOR,
     Choice,
     Completion,
     Message,
@@ -180,7 +181,9 @@ def _check_added_columns(source: InputSource, config: RunConfig) -> None:
             seen.add(column)
             continue
         where = "the input already has" if column in columns else "OUTPUT already has"
-        if column in schema_names:
+        # with --wide the schema's columns sit in each model's group: {model}__{column}
+        own = column.split(WIDE_SEPARATOR, 1)[-1] if config.wide else column
+        if own in schema_names:
             raise ConfigError(
                 f"--json-schema {config.json_schema}: its property would become the column "
                 f"'{column}', which {where}. Set --schema-prefix (e.g. "

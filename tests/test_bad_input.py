@@ -293,6 +293,17 @@ BAD_INPUTS = [
         ),
         id="schema-property-named-like-a-result-column",
     ),
+    pytest.param(
+        BadInput(
+            {
+                "in.csv": b"prompt\nhi\n",
+                "s.json": b'{"type": "object", "properties": {"status": {"type": "string"}}}',
+            },
+            ["in.csv", "--json-schema", "s.json", "--model", "m1", "--model", "m2", "--wide"],
+            ["s.json", "'m1__status'", "--schema-prefix"],
+        ),
+        id="schema-property-named-like-a-result-column-in-the-wide-layout",
+    ),
 ]
 
 
