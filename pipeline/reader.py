@@ -161,7 +161,7 @@ class InputSource:
                 )
                 break
             except pa.ArrowInvalid as exc:
-                if not self._grow_csv_block(exc):
+                if not self._grow_csv_block(exc, 0):
                     raise self._csv_error(exc) from None
         names = list(reader.schema.names)
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -169,19 +169,21 @@ class InputSource:
             raise InputError(f"{self.name}: duplicate column names in the header: {dupes}.")
         return names
 
-    def _grow_csv_block(self, exc: Exception) -> bool:
-        """After pyarrow's "straddling object" error (a row longer than a block): a 4x
-        larger block for this and every later read; False when the error is another one
-        or the block is at its maximum."""
+    def _grow_csv_block(self, exc: Exception, byte: int) -> bool:
+        """After pyarrow's "straddling object" error (a row longer than a block) in a read
+        from ``byte``: a 4x larger block for this and every later read, once the quotes
+        are known to close (else InputError); False when the error is another one or the
+        block is at its maximum."""
         if "straddl" not in str(exc) or self._csv_block >= CSV_MAX_BLOCK_BYTES:
             return False
+        self._check_quotes_closed(byte)
         self._csv_block = min(self._csv_block * 4, CSV_MAX_BLOCK_BYTES)
         return True
 
     def _check_quotes_closed(self, byte: int) -> None:
         """Refuse a CSV whose quotes (from ``byte``, a row boundary) do not pair up.
 
-        Called when a block is about to grow for a long row: pyarrow reads a quote that
+        Called before a block grows for a long row: pyarrow reads a quote that
         never closes as one cell running to the end of the file (the rows after it silently
         become part of that cell) once that rest fits in a block. Quotes pair up in valid
         CSV (``""`` inside a quoted cell is a pair too), so an odd count means one never
@@ -229,8 +231,6 @@ class InputSource:
                     yield batch
                 return
             except _LongRow:
-                # a long row, or a quote that never closes: only the first may grow a block
-                self._check_quotes_closed(byte)
                 continue  # _csv_read grew the block
 
     def _csv_read(self, columns: list[str] | None, byte: int) -> Iterator[pa.RecordBatch]:
@@ -260,7 +260,7 @@ class InputSource:
                 )
                 yield from reader
         except pa.ArrowInvalid as exc:
-            if self._grow_csv_block(exc):
+            if self._grow_csv_block(exc, byte):
                 raise _LongRow from None
             raise self._csv_error(exc) from None
 
