@@ -6,6 +6,10 @@ Layout of ``OUTPUT.checkpoint/``::
     lock                 flock()ed by the live run; holds its pid and host
     parts/part-NNNNNN.parquet   results as they complete: key + result columns
 
+and, only when the checkpoint could not be written (disk full, read-only), the answers that
+were received but not saved, as parts under ``$TMPDIR/pipeline-rescue/<checkpoint hash>/``;
+the next run of this OUTPUT moves them into ``parts/`` before it sends anything.
+
 Every file is written to a temporary name, fsynced, renamed into place, and the directory
 fsynced, so a crash at any instant leaves either the old or the new file, never half of one.
 A row's result is the one in the highest-numbered part holding its key (``--retry-failed``
@@ -17,9 +21,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
+import shutil
 import socket
+import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -141,10 +149,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    with tmp.open("rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with tmp.open("rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written temp file
+        raise
     _fsync_dir(path.parent)
 
 
@@ -264,6 +276,7 @@ class Checkpoint:
         self.manifest_path = self.dir / "manifest.json"
         self._lock_file: IO[str] | None = None
         self._next_part = 1
+        self._write_lock = threading.Lock()  # a part number is taken by one write only
         self.parts_read = 0  # parts the last load_index read beyond the saved index
 
     # -- manifest -------------------------------------------------------------------------
@@ -401,15 +414,20 @@ class Checkpoint:
             n += 1
             backup = backup.with_name(f"{backup.name}-{n}")
         os.replace(self.dir, backup)
+        rescued = self.rescue_dir()
+        if rescued.exists():  # answers of the old settings go with the old checkpoint
+            shutil.move(str(rescued), str(backup / "rescued"))
         return backup
 
     def prepare(self) -> None:
-        """Create the directories, drop temp files of a crashed run, find the next part."""
+        """Create the directories, drop temp files of a crashed run, find the next part,
+        and take in the parts a run could only save to the rescue place."""
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.parts_dir.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
         seqs = [int(p.stem.split("-")[1]) for p in self._part_paths()]
         self._next_part = max(seqs, default=0) + 1
+        self._adopt_rescued()
 
     # -- parts ----------------------------------------------------------------------------
 
@@ -419,11 +437,49 @@ class Checkpoint:
         return sorted(self.parts_dir.glob("part-*.parquet"))
 
     def write_part(self, results: Sequence[RowResult]) -> Path:
-        """Persist results crash-safely as the next part."""
-        path = self.parts_dir / f"part-{self._next_part:06d}.parquet"
-        atomic_write_table(path, results_to_table(results))
-        self._next_part += 1
+        """Persist results crash-safely as the next part (thread-safe)."""
+        with self._write_lock:
+            path = self.parts_dir / f"part-{self._next_part:06d}.parquet"
+            self._write_results(path, results)
+            self._next_part += 1
         return path
+
+    def _write_results(self, path: Path, results: Sequence[RowResult]) -> None:
+        atomic_write_table(path, results_to_table(results))
+
+    # -- rescue: answers the checkpoint could not take -------------------------------------
+
+    def rescue_dir(self) -> Path:
+        """Where answers go when the checkpoint cannot be written: another filesystem,
+        most often, and the same place for every run of this OUTPUT."""
+        tag = hashlib.sha256(str(self.dir.resolve()).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / "pipeline-rescue" / tag
+
+    def rescue_part(self, results: Sequence[RowResult]) -> Path:
+        """Save results that ``write_part`` could not write; returns the file."""
+        where = self.rescue_dir()
+        where.mkdir(parents=True, exist_ok=True)
+        path = where / f"part-{time.time_ns()}-{os.getpid()}.parquet"
+        self._write_results(path, results)
+        (where / "checkpoint.txt").write_text(f"{self.dir.resolve()}\n")
+        return path
+
+    def _adopt_rescued(self) -> None:
+        where = self.rescue_dir()
+        if not where.exists():
+            return
+        for rescued in sorted(where.glob("part-*.parquet")):
+            with self._write_lock:
+                path = self.parts_dir / f"part-{self._next_part:06d}.parquet"
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                shutil.copyfile(rescued, tmp)
+                with tmp.open("rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+                _fsync_dir(path.parent)
+                self._next_part += 1
+            rescued.unlink()
+        shutil.rmtree(where, ignore_errors=True)
 
     def part_paths(self) -> list[Path]:
         return self._part_paths()

@@ -31,6 +31,8 @@ Exit codes:
      --max-runtime); completed rows are kept and the same command resumes
   4  budget reached (--max-cost / --max-total-tokens); a rerun with a larger
      budget continues
+  6  storage: the checkpoint or OUTPUT could not be written (disk full,
+     read-only); answers received are kept, rerun once the disk is fixed
 """
 
 

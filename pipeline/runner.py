@@ -82,6 +82,7 @@ from .structured import (
 from .writer import OutputSpec, write_output
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ABORTED, EXIT_BUDGET = 0, 1, 2, 3, 4
+EXIT_STORAGE = 6  # the checkpoint or OUTPUT could not be written (disk full, read-only)
 _ONE_SAMPLE = [SampleRequest((0,))]  # the only request of a row without --n
 
 
@@ -326,6 +327,11 @@ class _Run:
         self.reporter = reporter
         self.buffer: list[RowResult] = []
         self.flush_lock = asyncio.Lock()
+        self._flushes: set[asyncio.Task[bool]] = set()  # flushes record() started
+        self._flusher_done = asyncio.Event()
+        self.storage_error: str | None = None  # the first failed checkpoint write
+        self.unsaved = 0  # answers that could not be written anywhere
+        self._open_keys: set[int] = set()  # keys of rows a worker holds, not yet recorded
         self.stopping = asyncio.Event()
         self.stopping_now = asyncio.Event()
         self.abort_reason: str | None = None
@@ -369,14 +375,21 @@ class _Run:
 
     def record(self, result: RowResult) -> None:
         self.buffer.append(result)
+        self._open_keys.discard(result.key)
         self.reporter.row_done(result)
         for key in self.plan.followers.pop(result.key, ()):
             self.record_copy(result, key)
-        if len(self.buffer) >= self.config.checkpoint_rows and not self._flush_scheduled:
+        if (
+            len(self.buffer) >= self.config.checkpoint_rows
+            and not self._flush_scheduled
+            and self.storage_error is None
+        ):
             # one flush at a time: while a part is being written, results keep collecting
             # for the next one (scheduling a flush per result would write tiny parts)
             self._flush_scheduled = True
-            asyncio.get_running_loop().create_task(self.flush())
+            task = asyncio.get_running_loop().create_task(self.flush())
+            self._flushes.add(task)  # awaited before the run ends: never dropped
+            task.add_done_callback(self._flushes.discard)
 
     def record_copy(self, result: RowResult, key: int) -> None:
         """A duplicate row gets its first row's result; it cost nothing itself."""
@@ -393,23 +406,89 @@ class _Run:
             )
         )
 
-    async def flush(self) -> None:
+    async def flush(self) -> bool:
+        """Write the buffered results as one part; False when the write failed.
+
+        Never cancelled half way (the flusher is stopped by an event, record()'s flushes are
+        awaited): a part write that went on in its thread after a cancel let the next flush
+        take the same part number and lose a part. A failed write puts its results back in
+        the buffer (nothing received is dropped) and stops the run.
+        """
         async with self.flush_lock:
             self._flush_scheduled = False
             if not self.buffer:
-                return
+                return True
             batch, self.buffer = self.buffer, []
             self._last_flush = time.monotonic()
-            await asyncio.to_thread(self.plan.checkpoint.write_part, batch)
+            try:
+                await asyncio.to_thread(self.plan.checkpoint.write_part, batch)
+            except Exception as exc:  # disk full, read-only, I/O error: all stop
+                self.buffer[:0] = batch
+                self._storage_failed(exc)
+                return False
+            return True
+
+    def storage_failed_at_end(self, exc: OSError, path: Path) -> None:
+        """OUTPUT or the manifest could not be written after every result was saved."""
+        if self.storage_error is None:
+            self.storage_error = f"{type(exc).__name__}: {exc}"
+            self.abort_kind = "storage"
+            self.abort_reason = self.abort_reason or f"storage: cannot write {path}"
+        self.reporter.error(
+            f"cannot write {path} ({type(exc).__name__}: {exc}); every result received is in "
+            "the checkpoint: free space or fix permissions, then rerun to write OUTPUT"
+        )
+
+    def _storage_failed(self, exc: Exception) -> None:
+        if self.storage_error is not None:
+            return
+        self.storage_error = f"{type(exc).__name__}: {exc}"
+        self.abort_kind = "storage"
+        self.reporter.error(
+            f"stopping the run: cannot write the checkpoint ({self.storage_error}). "
+            "Nothing more is sent; the answers received are kept in memory and written "
+            "when the run ends if the disk allows. Free space or fix permissions, then rerun."
+        )
+        self.stop(f"storage: checkpoint write failed: {self.storage_error}")
 
     async def flusher(self) -> None:
-        while True:
-            await asyncio.sleep(min(self.config.checkpoint_seconds, 0.5))
+        tick = min(self.config.checkpoint_seconds, 0.5)
+        while not self._flusher_done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flusher_done.wait(), tick)
             self.reporter.tick()
-            if self.buffer and (
-                time.monotonic() - self._last_flush >= self.config.checkpoint_seconds
+            if (
+                self.buffer
+                and self.storage_error is None
+                and time.monotonic() - self._last_flush >= self.config.checkpoint_seconds
             ):
                 await self.flush()
+
+    async def _last_flushes(self) -> None:
+        """Every result received reaches a part before the run says it is done."""
+        self._flusher_done.set()
+        while self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
+        if await self.flush() or not self.buffer:
+            return
+        # the checkpoint cannot be written: one more try in a moment, then the rescue place
+        await asyncio.sleep(min(self.config.grace, 1.0))
+        if await self.flush() or not self.buffer:
+            return
+        batch, self.buffer = self.buffer, []
+        try:
+            rescued = await asyncio.to_thread(self.plan.checkpoint.rescue_part, batch)
+        except Exception as exc:  # nowhere left to write
+            self.unsaved = len(batch)
+            self.reporter.error(
+                f"{len(batch)} answers received could not be saved anywhere "
+                f"({type(exc).__name__}: {exc}); a rerun sends those rows again"
+            )
+            return
+        self.reporter.error(
+            f"{len(batch)} answers received could not be written to the checkpoint; they "
+            f"were saved to {rescued} and the next run of this OUTPUT takes them from there"
+        )
 
     # -- sending --------------------------------------------------------------------------
 
@@ -459,9 +538,10 @@ class _Run:
                 offset += n
             finished = True
         finally:
-            # Sentinels only when the producer was not cancelled: after a cancel nobody
-            # reads the queue, and a put on a full queue would never return.
-            if finished or not self.stopping.is_set():
+            # Sentinels only when the producer ended by itself: after a cancel or an error
+            # nobody may read the queue, and a put on a full queue would never return
+            # (execute stops the workers then).
+            if finished:
                 for _ in range(workers):
                     await queue.put(None)
 
@@ -503,7 +583,27 @@ class _Run:
             row = await queue.get()
             if row is None or self.stopping.is_set():
                 return
-            await self.send_row(row, client)
+            keys = [key for _, key in row.wanted]
+            self._open_keys.update(keys)
+            try:
+                await self.send_row(row, client)
+            except Exception as exc:  # a row's failure is its own
+                self._row_failed(keys, exc)
+            self._open_keys.difference_update(keys)
+
+    def _row_failed(self, keys: list[int], exc: Exception) -> None:
+        """An unexpected exception while a row was handled ends that row as an error."""
+        message = str(exc) or repr(exc)
+        for key in keys:
+            if key in self._open_keys:
+                self.record(
+                    RowResult(
+                        key=key,
+                        status="error",
+                        error_type=type(exc).__name__,
+                        error_message=message[:2000],
+                    )
+                )
 
     # -- one row: request(s), answer checks and re-asks -------------------------------------
 
@@ -990,41 +1090,43 @@ class _Run:
         flusher = asyncio.create_task(self.flusher())
         workers = [asyncio.create_task(self.work(queue, client)) for _ in range(config.concurrency)]
         producer = asyncio.create_task(self.produce(queue, len(workers)))
+        producer.add_done_callback(self._producer_ended)
         remover = self._install_signals()
         deadline = asyncio.create_task(self._deadline()) if config.max_runtime else None
+        gather = asyncio.gather(*workers)
         try:
-            gather = asyncio.gather(*workers)
             stop_wait: asyncio.Future[Any] = asyncio.ensure_future(self.stopping.wait())
             waiting: list[asyncio.Future[Any]] = [gather, stop_wait]
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if self.stopping.is_set() and not gather.done():
+            if self.stopping.is_set() and not gather.done() and not self.hard_stop:
                 # requests in flight get the grace period, unless a hard stop comes first
-                if not self.hard_stop:
-                    now_wait: asyncio.Future[Any] = asyncio.ensure_future(self.stopping_now.wait())
-                    await asyncio.wait(
-                        [gather, now_wait],
-                        timeout=config.grace,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    now_wait.cancel()
-                for task in workers:
-                    task.cancel()
+                now_wait: asyncio.Future[Any] = asyncio.ensure_future(self.stopping_now.wait())
+                await asyncio.wait(
+                    [gather, now_wait], timeout=config.grace, return_when=asyncio.FIRST_COMPLETED
+                )
+                now_wait.cancel()
             stop_wait.cancel()
-            producer.cancel()
-            await asyncio.gather(gather, producer, stop_wait, return_exceptions=True)
-            if not producer.cancelled() and producer.exception() is not None:
-                raise producer.exception()  # type: ignore[misc]
         finally:
+            # whatever ended the wait (the end, a stop, a cancel from outside): no task is
+            # left running, and every result received is written before the run goes on
+            for task in (*workers, producer):
+                task.cancel()
+            await asyncio.gather(gather, producer, return_exceptions=True)
             remover()
             if deadline is not None:
                 deadline.cancel()
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
-            await self.flush()
+            await self._last_flushes()
+            await flusher
             if self.seams.transport is None:
                 with contextlib.suppress(Exception):
                     await client.aclose()
+        if not producer.cancelled() and producer.exception() is not None:
+            raise producer.exception()  # type: ignore[misc]
+
+    def _producer_ended(self, producer: asyncio.Task[None]) -> None:
+        """An input that fails while it is read stops the run (the error is raised after)."""
+        if not producer.cancelled() and producer.exception() is not None:
+            self.stop(f"input: {producer.exception()}", hard=True)
 
     async def _deadline(self) -> None:
         assert self.config.max_runtime is not None
@@ -1220,8 +1322,9 @@ async def run_async(
             full = checkpoint.load_index()
         else:
             full = plan.index
-        if checkpoint.parts_read:
-            checkpoint.save_index(full)  # the next run starts from it
+        if checkpoint.parts_read and run.storage_error is None:
+            with contextlib.suppress(OSError):  # a cache: the next run rebuilds it if missing
+                checkpoint.save_index(full)  # the next run starts from it
         # from here on only where each input row's result is matters (8 bytes a row and
         # unit): drop the index (41 bytes a key) once the counts are taken
         plan.index = ResultIndex.empty()
@@ -1233,27 +1336,39 @@ async def run_async(
         unchanged = (
             not todo and manifest.get("output_state") == state and checkpoint.output_is_ours()
         )
-        if not (run.hard_stop and run.abort_reason and run.abort_reason.startswith("interrupted")):
-            if not unchanged:
+        interrupted = (
+            run.hard_stop and run.abort_reason and run.abort_reason.startswith("interrupted")
+        )
+        # a checkpoint that cannot be written cannot feed OUTPUT: the old OUTPUT stays
+        if not interrupted and run.storage_error is None:
+            try:
+                if not unchanged:
 
-                def record_next(signature: dict[str, int] | None) -> None:
-                    manifest["output_signatures"] = [signature]
-                    checkpoint.write_manifest(manifest)
+                    def record_next(signature: dict[str, int] | None) -> None:
+                        manifest["output_signatures"] = [signature]
+                        checkpoint.write_manifest(manifest)
 
-                await asyncio.to_thread(
-                    write_output,
-                    plan.source,
-                    output_spec(config),
-                    places,
-                    checkpoint,
-                    output,
-                    record_next,
+                    await asyncio.to_thread(
+                        write_output,
+                        plan.source,
+                        output_spec(config),
+                        places,
+                        checkpoint,
+                        output,
+                        record_next,
+                    )
+                manifest.update(
+                    output_signature=file_signature(output),
+                    output_state=state,
+                    output_signatures=[],
                 )
-            manifest.update(
-                output_signature=file_signature(output), output_state=state, output_signatures=[]
-            )
+            except OSError as exc:
+                run.storage_failed_at_end(exc, output)
         manifest["running"] = False
-        checkpoint.write_manifest(manifest)
+        try:
+            checkpoint.write_manifest(manifest)
+        except OSError as exc:
+            run.storage_failed_at_end(exc, checkpoint.manifest_path)
         del places
         summary = _summarize(plan, counts, run, output, fingerprint, started)
         if output.exists() and (len(plan.models) > 1 or config.labels or config.score):
@@ -1313,6 +1428,8 @@ def _summarize(
     )
     if summary.aborted and run.abort_kind == "budget":
         summary.exit_code = EXIT_BUDGET
+    elif run.storage_error is not None:
+        summary.exit_code = EXIT_STORAGE
     elif summary.aborted:
         summary.exit_code = EXIT_ABORTED
     elif summary.error or summary.invalid or summary.pending:
