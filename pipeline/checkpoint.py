@@ -449,6 +449,10 @@ class Checkpoint:
 
     # -- rescue: answers the checkpoint could not take -------------------------------------
 
+    def holds_results(self) -> bool:
+        """Whether any result was saved here (in a part or the rescue place)."""
+        return bool(self._part_paths()) or any(self.rescue_dir().glob("part-*.parquet"))
+
     def rescue_dir(self) -> Path:
         """Where answers go when the checkpoint cannot be written: another filesystem,
         most often, and the same place for every run of this OUTPUT."""

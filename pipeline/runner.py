@@ -245,7 +245,7 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
             checkpoint.release_lock()
             checkpoint.acquire_lock()
             notes.append(f"--restart: the old checkpoint was moved to {backup}")
-        else:
+        elif checkpoint.holds_results():  # no result yet (a run that failed): nothing to mix
             checkpoint.check_fingerprint(config.fingerprint_parts(), FINGERPRINT_DEFAULTS)
         checkpoint.prepare()
         if new_pass is not None:
@@ -309,6 +309,34 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
     )
 
 
+class _FailFast:
+    """Tells a run whose first requests all fail the same way (a wrong --base-url path, a
+    host that does not resolve, a refused port, a server that answers 500 to everything)
+    from one where some rows fail: ``limit`` attempts in a row, none succeeded, one kind
+    and status. 429s say nothing about this (rate control handles them); the first answer
+    disarms it for the rest of the run."""
+
+    limit = 10
+
+    def __init__(self) -> None:
+        self.armed = True
+        self.failures = 0
+        self.signature: tuple[str, int | None] | None = None
+        self.tripped: tuple[str, int | None] | None = None  # the signature that stopped the run
+
+    def failed(self, exc: RequestError) -> bool:
+        """Count one failed attempt; True when the run should stop."""
+        if not self.armed or isinstance(exc, RateLimited):
+            return False
+        signature = (exc.kind, exc.status)
+        if self.signature is not None and signature != self.signature:
+            self.armed = False  # failures of several kinds: rows fail, not the setup
+            return False
+        self.signature = signature
+        self.failures += 1
+        return self.failures >= self.limit
+
+
 class _Run:
     """The sending phase of one run: workers, the part flusher, stop handling."""
 
@@ -332,6 +360,10 @@ class _Run:
         self.storage_error: str | None = None  # the first failed checkpoint write
         self.unsaved = 0  # answers that could not be written anywhere
         self._open_keys: set[int] = set()  # keys of rows a worker holds, not yet recorded
+        self.fail_fast = _FailFast()
+        # while nothing has succeeded, error rows wait here: if every request fails the same
+        # way the run stops and they stay pending (a rerun after the fix sends them)
+        self._on_probation: list[RowResult] = []
         self.stopping = asyncio.Event()
         self.stopping_now = asyncio.Event()
         self.abort_reason: str | None = None
@@ -374,8 +406,16 @@ class _Run:
     # -- results --------------------------------------------------------------------------
 
     def record(self, result: RowResult) -> None:
-        self.buffer.append(result)
         self._open_keys.discard(result.key)
+        if result.status == "error" and result.attempts:
+            if self.fail_fast.armed:
+                self._on_probation.append(result)
+                return
+            if self.fail_fast.tripped == (result.error_type, result.http_status):
+                return  # failed like every request before the stop: stays pending
+        elif self.fail_fast.armed:
+            self._end_probation()
+        self.buffer.append(result)
         self.reporter.row_done(result)
         for key in self.plan.followers.pop(result.key, ()):
             self.record_copy(result, key)
@@ -390,6 +430,32 @@ class _Run:
             task = asyncio.get_running_loop().create_task(self.flush())
             self._flushes.add(task)  # awaited before the run ends: never dropped
             task.add_done_callback(self._flushes.discard)
+
+    def _end_probation(self) -> None:
+        """Something succeeded (or the run ended without a verdict): the held errors are
+        ordinary row results."""
+        self.fail_fast.armed = False
+        held, self._on_probation = self._on_probation, []
+        for result in held:
+            self.record(result)
+
+    def _fail_fast(self, exc: RequestError) -> None:
+        """Every request so far failed the same way: stop, leaving those rows pending."""
+        self.fail_fast.armed = False
+        self.fail_fast.tripped = self.fail_fast.signature
+        if self.abort_kind is None:
+            self.abort_kind = "fatal"
+        self._open_keys.difference_update(r.key for r in self._on_probation)
+        self._on_probation = []
+        status = f" {exc.status}" if exc.status else ""
+        message = (
+            f"the first {self.fail_fast.failures} requests all failed the same way and none "
+            f"succeeded ({exc.kind}{status}: {exc.message}); check --base-url "
+            f"({self.config.base_url}), the network, the proxy and the server; those rows "
+            "stay pending"
+        )
+        self.reporter.error(f"stopping the run: {message}", http_status=exc.status)
+        self.stop(f"failing: {message}", hard=True)
 
     def record_copy(self, result: RowResult, key: int) -> None:
         """A duplicate row gets its first row's result; it cost nothing itself."""
@@ -466,6 +532,8 @@ class _Run:
 
     async def _last_flushes(self) -> None:
         """Every result received reaches a part before the run says it is done."""
+        if self._on_probation:
+            self._end_probation()  # a small job whose rows all failed: ordinary errors
         self._flusher_done.set()
         while self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
@@ -964,6 +1032,8 @@ class _Run:
             try:
                 completion = await client.send(body, request_id)
             except RequestError as exc:
+                if self.fail_fast.failed(exc) and not isinstance(exc, FatalError):
+                    self._fail_fast(exc)
                 await self.limits.finish(
                     chars=chars,
                     cost=cost,
