@@ -176,10 +176,11 @@ async def arun(
         try:
             summary = run_thread.result()
         except RunAborted as exc:
-            aborted = job.aborted(exc)
             if cancelled:
-                job.reporter.error(f"pipeline.arun cancelled: {aborted}")
+                aborted = job.aborted(exc, reason="pipeline.arun was cancelled")
+                job.reporter.error(str(aborted))
                 raise asyncio.CancelledError(str(aborted)) from aborted
+            aborted = job.aborted(exc)
             raise aborted from None
         if cancelled:  # the run ended before the stop reached it: its OUTPUT stays
             job.keep_temporary = True
@@ -359,9 +360,10 @@ class _Job:
         self.cleanup()
         return frame
 
-    def aborted(self, exc: RunAborted) -> RunAborted:
+    def aborted(self, exc: RunAborted, *, reason: str | None = None) -> RunAborted:
         """The error to raise for a run that stopped: where the completed rows are, and
-        ``.frame`` with them when OUTPUT was written (every stop but a second Ctrl-C)."""
+        ``.frame`` with them when OUTPUT was written (every stop but a second Ctrl-C).
+        ``reason`` replaces the run's own (a cancelled task, not a signal)."""
         summary: RunSummary | None = getattr(exc, "summary", None)
         self._write_summary(summary)
         frame = None
@@ -382,8 +384,10 @@ class _Job:
             )
         else:
             where = f"{done} kept in {self.output}: rerun with the same output= to continue"
-        frame_note = "; the rows so far are this error's .frame" if frame is not None else ""
-        reason = exc.reason.rstrip(".")
+        frame_note = (
+            "; the rows so far are in this RunAborted's .frame" if frame is not None else ""
+        )
+        reason = (reason or exc.reason).rstrip(".")
         error = RunAborted(f"run stopped: {reason}. {where}{frame_note}.", reason=exc.reason)
         error.summary = summary  # type: ignore[attr-defined]
         error.frame = frame  # type: ignore[attr-defined]
