@@ -141,6 +141,9 @@ def run(
         if aborted.reason == "interrupted by SIGINT":
             raise KeyboardInterrupt(str(aborted)) from aborted
         raise aborted from None
+    except KeyboardInterrupt:  # e.g. after the run had ended: a written OUTPUT is kept
+        job.keep_temporary = job.output.exists()
+        raise
     finally:
         job.cleanup()
 

@@ -1541,4 +1541,7 @@ def run_batch(
                 run.thread.join()
             except KeyboardInterrupt:  # raised by a SIGINT handler we could not replace
                 run.interrupt()
-    return run.result()
+    summary = run.result()
+    if run.interrupts:  # it came too late to stop the run (OUTPUT was being written)
+        raise KeyboardInterrupt(f"interrupted after the run had ended; {output} is complete")
+    return summary

@@ -8,11 +8,13 @@ OUTPUT's lock and raise, and a rerun in this process must resume without ``LockH
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,8 @@ import pandas as pd
 import pytest
 
 import pipeline
+from pipeline.checkpoint import Checkpoint
+from pipeline.runner import Seams
 from pipeline.simulator import SimulatorConfig, SimulatorThread
 
 ROWS = 400  # 4 in flight x 300 ms each: 30 s if the interrupt were ignored
@@ -102,3 +106,38 @@ def test_ctrl_c_in_a_running_event_loop_stops_keeps_rows_and_unlocks(
     assert summary["sent"] == ROWS - summary["resumed"]
     assert len(sim.simulator.requests) - sent_before == ROWS - summary["resumed"]
     assert (result["status"] == "ok").all()
+
+
+def test_a_keyboard_interrupt_while_waiting_for_the_run_thread_is_not_lost(
+    make_simulator: Callable[..., SimulatorThread], tmp_path: Path
+) -> None:
+    # Without signal handling (Seams.handle_signals=False) Python's own SIGINT handler raises
+    # KeyboardInterrupt in the waiting caller: the run it cannot stop finishes, unlocks, and
+    # the interrupt is raised then, naming the complete OUTPUT.
+    sim = make_simulator(latency_ms=100)
+    output = tmp_path / "o.parquet"
+    frame = pd.DataFrame({"prompt": [f"p{i}" for i in range(20)]})
+    config = pipeline.build_config(None, {"base_url": sim.base_url, "concurrency": 2})
+
+    def interrupt_once_sending() -> None:
+        for _ in range(600):
+            if sim.simulator.requests:
+                break
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    async def cell() -> None:
+        pipeline.run_batch(frame, output, config, Seams(handle_signals=False))
+
+    sender = threading.Thread(target=interrupt_once_sending)
+    sender.start()
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="is complete"):
+            loop.run_until_complete(cell())
+    finally:
+        loop.close()
+        sender.join()
+    assert not any(t.name == "pipeline-run" for t in threading.enumerate())
+    assert Checkpoint.lock_holder(output) is None
+    assert (pd.read_parquet(output)["status"] == "ok").all()
