@@ -191,7 +191,7 @@ async def arun(
                 f"pipeline.arun cancelled after the run ended; OUTPUT is {job.output}"
             )
             raise asyncio.CancelledError()
-        return job.result(summary)
+        return await asyncio.to_thread(job.result, summary)  # reading OUTPUT is no quick step
     finally:
         job.cleanup()
 
