@@ -34,7 +34,7 @@ from .config import RunConfig, build_config, did_you_mean, load_config_file
 from .errors import ConfigError, RunAborted
 from .progress import Reporter
 from .records import RunSummary
-from .runner import RunThread, Seams, run_batch
+from .runner import RunThread, Seams, run_batch, sigint_interrupts
 
 # What each option means, for help(pipeline.run); a test checks that every RunConfig field
 # has its line here.
@@ -166,16 +166,20 @@ async def arun(
 
     run_thread = RunThread(data, job.output, job.config, job.seams)
     try:
-        run_thread.start(on_done)
         cancelled = False
-        while not run_thread.done.is_set():
-            try:
-                await asyncio.shield(ended)
-            except asyncio.CancelledError:
-                # a cancelled task (SIGINT under asyncio.run) stops the run like Ctrl-C, then
-                # stays cancelled; cancelled again while it stops, it stops at once
-                cancelled = True
-                run_thread.interrupt()
+        # Ctrl-C stops the run itself: neither asyncio.run's handler (cancel the task) nor
+        # ipykernel's (cancel the cell, which ipykernel 7 delivers only once the awaited
+        # thing is done) would stop it before its end
+        with sigint_interrupts(run_thread):
+            run_thread.start(on_done)
+            while not run_thread.done.is_set():
+                try:
+                    await asyncio.shield(ended)
+                except asyncio.CancelledError:
+                    # a cancelled task stops the run like Ctrl-C, then stays cancelled;
+                    # cancelled again while it stops, it stops at once
+                    cancelled = True
+                    run_thread.interrupt()
         try:
             summary = run_thread.result()
         except RunAborted as exc:
@@ -184,13 +188,16 @@ async def arun(
                 job.reporter.error(str(aborted))
                 raise asyncio.CancelledError(str(aborted)) from aborted
             aborted = job.aborted(exc)
+            if aborted.reason == "interrupted by SIGINT":
+                raise KeyboardInterrupt(str(aborted)) from aborted
             raise aborted from None
-        if cancelled:  # the run ended before the stop reached it: its OUTPUT stays
+        if cancelled or run_thread.interrupts:  # too late to stop the run: OUTPUT stays
             job.keep_temporary = True
-            job.reporter.error(
-                f"pipeline.arun cancelled after the run ended; OUTPUT is {job.output}"
-            )
-            raise asyncio.CancelledError()
+            message = f"interrupted after the run had ended; {job.output} is complete"
+            if cancelled:
+                job.reporter.error(f"pipeline.arun: {message}")
+                raise asyncio.CancelledError(message)
+            raise KeyboardInterrupt(message)
         return await asyncio.to_thread(job.result, summary)  # reading OUTPUT is no quick step
     finally:
         job.cleanup()
@@ -222,8 +229,9 @@ deadline, SIGTERM), with ``.summary`` and ``.frame`` (the rows so far, or None).
 ``__cause__`` is that ``RunAborted``); a second Ctrl-C stops at once.
 
 ``run`` blocks its caller until the end; in a notebook or other async code use
-``await pipeline.arun(...)`` (same arguments), which keeps the event loop free; cancelling
-it stops the run the same way and raises ``CancelledError``.
+``await pipeline.arun(...)`` (same arguments), which keeps the event loop free. Ctrl-C
+stops it as above; cancelling its task stops the run the same way, then raises
+``CancelledError``.
 """
 
 
@@ -253,8 +261,9 @@ def _signature() -> inspect.Signature:
 run.__doc__ = _RUN_DOC + _options_doc()
 arun.__doc__ = (
     "``await pipeline.arun(data, output=None, **options)``: ``run`` for async code (see\n"
-    "help(pipeline.run)). The run goes to a worker thread, so the event loop stays free;\n"
-    "cancelling the task stops the run as Ctrl-C does, then raises CancelledError.\n"
+    "help(pipeline.run)). The run goes to a worker thread, so the event loop stays free.\n"
+    "Ctrl-C stops the run and raises KeyboardInterrupt, as for run; cancelling the task\n"
+    "stops it the same way, then raises CancelledError.\n"
 ) + _options_doc()
 run.__signature__ = arun.__signature__ = _signature()  # type: ignore[attr-defined]
 

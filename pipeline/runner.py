@@ -1504,20 +1504,38 @@ class RunThread:
         return outcome
 
 
+# The RunThreads that Ctrl-C stops now, and the SIGINT handler to put back after the last.
+_interruptible: list[RunThread] = []
+_sigint_before: list[Any] = []
+
+
+def _interrupt_runs(signum: int, frame: Any) -> None:
+    for run in list(_interruptible):
+        run.interrupt()
+
+
 @contextlib.contextmanager
-def _sigint_interrupts(run: RunThread, handle_signals: bool) -> Iterator[None]:
-    """While the caller waits for ``run``, Ctrl-C interrupts the run (and is not lost)."""
+def sigint_interrupts(run: RunThread, handle_signals: bool = True) -> Iterator[None]:
+    """While the caller waits for ``run``, Ctrl-C (SIGINT) interrupts the run, in place of
+    whatever the handler did before (raise, cancel a task): the run stops cleanly and the
+    caller raises once it has. Several runs at once are all interrupted; the previous
+    handler is back when the last one ends. Main thread only (where signals arrive)."""
     if not handle_signals or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, lambda signum, frame: run.interrupt())
+    if not _interruptible:
+        _sigint_before[:] = [signal.getsignal(signal.SIGINT)]
+        signal.signal(signal.SIGINT, _interrupt_runs)
+    _interruptible.append(run)
     try:
         yield
     finally:
-        signal.signal(
-            signal.SIGINT, previous if previous is not None else signal.default_int_handler
-        )
+        _interruptible.remove(run)
+        if not _interruptible:
+            previous = _sigint_before.pop() if _sigint_before else None
+            signal.signal(
+                signal.SIGINT, previous if previous is not None else signal.default_int_handler
+            )
 
 
 def run_batch(
@@ -1535,7 +1553,7 @@ def run_batch(
         return _run_in_new_loop(run_async(data, output, config, seams))
     run = RunThread(data, output, config, seams)
     run.start()
-    with _sigint_interrupts(run, seams.handle_signals if seams is not None else True):
+    with sigint_interrupts(run, seams.handle_signals if seams is not None else True):
         while not run.done.is_set():
             try:
                 run.thread.join()

@@ -93,8 +93,8 @@ def test_ctrl_c_in_a_running_event_loop_stops_keeps_rows_and_unlocks(
     assert outcome["raised"] == "KeyboardInterrupt", err
     assert outcome["run_thread_alive"] is False
     assert outcome["lock_holder"] is None
-    if mode != "arun":  # arun's cancellation becomes asyncio.run's bare KeyboardInterrupt
-        assert "are done and kept in" in outcome["message"]
+    assert "interrupted by SIGINT" in outcome["message"]
+    assert "are done and kept in" in outcome["message"]
 
     # the same call again, now with a fast server: no LockHeld, the kept rows are not resent
     sim.simulator.config = SimulatorConfig()
@@ -141,3 +141,29 @@ def test_a_keyboard_interrupt_while_waiting_for_the_run_thread_is_not_lost(
     assert not any(t.name == "pipeline-run" for t in threading.enumerate())
     assert Checkpoint.lock_holder(output) is None
     assert (pd.read_parquet(output)["status"] == "ok").all()
+
+
+def test_cancelling_an_arun_task_stops_the_run_and_keeps_its_rows(
+    make_simulator: Callable[..., SimulatorThread], tmp_path: Path
+) -> None:
+    sim = make_simulator(latency_ms=300)
+    output = tmp_path / "o.parquet"
+    frame = pd.DataFrame({"prompt": [f"p{i}" for i in range(40)]})  # 6 s at 2 in flight
+    options = {"base_url": sim.base_url, "concurrency": 2, "quiet": True}
+
+    async def cell() -> None:
+        run = asyncio.ensure_future(pipeline.arun(frame, output, **options))
+        for _ in range(600):
+            if len(sim.simulator.requests) >= 4:
+                break
+            await asyncio.sleep(0.01)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError, match="arun was cancelled"):
+            await run
+
+    asyncio.run(cell())
+    assert not any(t.name == "pipeline-run" for t in threading.enumerate())
+    assert Checkpoint.lock_holder(output) is None
+    sim.simulator.config = SimulatorConfig()
+    summary = pipeline.run(frame, output, **options).attrs["summary"]
+    assert 0 < summary["resumed"] < 40 and summary["sent"] == 40 - summary["resumed"]
