@@ -2,6 +2,9 @@
 
 import pipeline
 df = pipeline.run(frame, output="out.parquet", template="Label: {text}", concurrency=64)
+df = await pipeline.arun(frame, ...)  # in a notebook or other async code
+
+help(pipeline.run) lists every option.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -21,18 +24,25 @@ from .records import RunSummary
 from .runner import run_async, run_batch
 
 if TYPE_CHECKING:
-    from .api import run
+    from .api import arun, run
 
 __version__ = "0.1.0"
 
 
+_LAZY = ("arun", "run")
+
+
 def __getattr__(name: str) -> Any:
     # pandas is imported only when the DataFrame API is used: the CLI starts faster.
-    if name == "run":
-        from .api import run
+    if name in _LAZY:
+        from . import api
 
-        return run
+        return getattr(api, name)
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = [
@@ -46,6 +56,7 @@ __all__ = [
     "RunConfig",
     "RunSummary",
     "UsageError",
+    "arun",
     "build_config",
     "run",
     "run_async",

@@ -8,6 +8,7 @@ here (``resolve_api_key``) but never stored in the config, its fingerprint or an
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -345,6 +346,15 @@ def parse_param(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def did_you_mean(key: str) -> str:
+    """`` Did you mean a, b?`` naming the options close to an unknown ``key``, or ""."""
+    close = (
+        difflib.get_close_matches(key, _FIELDS, n=3)
+        or [k for k in _FIELDS if k.startswith(key[:4])][:3]
+    )
+    return f" Did you mean {', '.join(close)}?" if close else ""
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML config; unknown keys and wrong types are errors that name them."""
     path = Path(path)
@@ -364,10 +374,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     for raw_key, value in data.items():
         key = raw_key.replace("-", "_")
         if key not in _FIELDS and key not in EXTRA_KEYS:
-            close = [k for k in _FIELDS if k.startswith(key[:4])][:3]
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(
-                f"Config file {path}: unknown key '{raw_key}'.{hint} "
+                f"Config file {path}: unknown key '{raw_key}'.{did_you_mean(key)} "
                 "See configs/example.toml for every key."
             )
         values[key] = value
@@ -458,7 +466,7 @@ def build_config(
             params.update(value)
             continue
         if key not in _FIELDS:
-            raise ConfigError(f"Unknown option '{key}'.")
+            raise ConfigError(f"Unknown option '{key}'.{did_you_mean(key)}")
         value = _check_type(key, value, "option")
         if key in ("template", "system"):
             value = read_text_arg(value, option=f"--{key}")

@@ -21,7 +21,7 @@ import dataclasses
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,9 @@ class Seams:
     reporter: Reporter | None = None
     environ: dict[str, str] | None = None
     handle_signals: bool = True
+    # Where SIGINT reaches a run that is not on the main thread (``RunThread``): given the
+    # run's handler, deliver signals to it and return a function that stops delivering.
+    signals: Callable[[Callable[[int], None]], Callable[[], None]] | None = None
 
 
 @dataclass
@@ -1209,9 +1212,9 @@ class _Run:
         self.stop(f"deadline: --max-runtime {self.config.max_runtime:g}s reached")
 
     def _install_signals(self) -> Callable[[], None]:
-        if (
-            not self.seams.handle_signals
-            or threading.current_thread() is not threading.main_thread()
+        relayed = self.seams.signals
+        if not self.seams.handle_signals or (
+            relayed is None and threading.current_thread() is not threading.main_thread()
         ):
             return lambda: None
         loop = asyncio.get_running_loop()
@@ -1230,6 +1233,8 @@ class _Run:
                 self.reporter.note(f"{name} again: stopping now")
                 self.stop(f"interrupted by {name}", hard=True)
 
+        if relayed is not None:
+            return relayed(on_signal)
         installed = []
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -1607,27 +1612,141 @@ def estimate_job(data: Any, output: str | Path | None, config: RunConfig) -> tup
     return tuple(results)
 
 
+class RunThread:
+    """``run_async`` on its own loop in a worker thread, for callers whose thread already runs
+    an event loop (Jupyter, a coroutine): that loop stays free, and the run can still be stopped.
+
+    ``interrupt()``, from any thread, does what SIGINT does to a run on the main thread: the
+    first stops sending and gives requests in flight ``grace`` seconds, the next stops at
+    once; what is done is kept, OUTPUT is written (after the first) and the lock released,
+    and the run raises ``RunAborted``. An interrupt that comes before the run starts sending
+    takes effect when it does.
+    """
+
+    def __init__(
+        self, data: Any, output: str | Path, config: RunConfig, seams: Seams | None = None
+    ) -> None:
+        self._job = (
+            data,
+            output,
+            config,
+            dataclasses.replace(seams or Seams(), signals=self._listen),
+        )
+        self._guard = threading.Lock()
+        self._handler: tuple[asyncio.AbstractEventLoop, Callable[[int], None]] | None = None
+        self._waiting = 0  # interrupts that came while no handler listened
+        self._on_done: Callable[[], None] | None = None
+        self._outcome: RunSummary | BaseException | None = None
+        self.interrupts = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._target, name="pipeline-run")
+
+    def start(self, on_done: Callable[[], None] | None = None) -> None:
+        """Start the run; ``on_done`` is called from the run's thread when it has ended."""
+        self._on_done = on_done
+        self.thread.start()
+
+    def _target(self) -> None:
+        try:
+            self._outcome = _run_in_new_loop(run_async(*self._job))
+        except BaseException as exc:  # re-raised by result() in the caller's thread
+            self._outcome = exc
+        finally:
+            self.done.set()
+            if self._on_done is not None:
+                self._on_done()
+
+    def _listen(self, on_signal: Callable[[int], None]) -> Callable[[], None]:
+        # called on the run's loop while it sends (see _Run._install_signals)
+        with self._guard:
+            self._handler = (asyncio.get_running_loop(), on_signal)
+            waiting, self._waiting = min(self._waiting, 2), 0
+        for _ in range(waiting):
+            on_signal(signal.SIGINT)
+
+        def stop_listening() -> None:
+            with self._guard:
+                self._handler = None
+
+        return stop_listening
+
+    def interrupt(self) -> None:
+        """Stop the run as SIGINT would (see the class docstring); safe from any thread."""
+        with self._guard:
+            self.interrupts += 1
+            handler = self._handler
+            if handler is None:
+                self._waiting += 1
+                return
+        loop, on_signal = handler
+        with contextlib.suppress(RuntimeError):  # the loop has just closed: the run is over
+            loop.call_soon_threadsafe(on_signal, signal.SIGINT)
+
+    def result(self) -> RunSummary:
+        """The run's summary once ``done``; raises what the run raised."""
+        outcome = self._outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert outcome is not None, "result() before the run ended"
+        return outcome
+
+
+# The RunThreads that Ctrl-C stops now, and the SIGINT handler to put back after the last.
+_interruptible: list[RunThread] = []
+_sigint_before: list[Any] = []
+
+
+def _interrupt_runs(signum: int, frame: Any) -> None:
+    for run in list(_interruptible):
+        run.interrupt()
+
+
+@contextlib.contextmanager
+def sigint_interrupts(run: RunThread, handle_signals: bool = True) -> Iterator[None]:
+    """While the caller waits for ``run``, Ctrl-C (SIGINT) interrupts the run, in place of
+    whatever the handler did before (raise, cancel a task): the run stops cleanly and the
+    caller raises once it has. Several runs at once are all interrupted; the previous
+    handler is back when the last one ends. Main thread only (where signals arrive)."""
+    if not handle_signals or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if not _interruptible:
+        _sigint_before[:] = [signal.getsignal(signal.SIGINT)]
+        signal.signal(signal.SIGINT, _interrupt_runs)
+    _interruptible.append(run)
+    try:
+        yield
+    finally:
+        _interruptible.remove(run)
+        if not _interruptible:
+            previous = _sigint_before.pop() if _sigint_before else None
+            signal.signal(
+                signal.SIGINT, previous if previous is not None else signal.default_int_handler
+            )
+
+
 def run_batch(
     data: Any, output: str | Path, config: RunConfig, seams: Seams | None = None
 ) -> RunSummary:
-    """Synchronous wrapper around ``run_async``; works inside a running loop (notebooks) too."""
+    """Synchronous wrapper around ``run_async``; works inside a running loop (notebooks) too.
+
+    Inside a running loop the run goes to a ``RunThread`` and this call waits for it; Ctrl-C
+    (SIGINT) meanwhile stops it as on the command line (again: at once), and the interrupted
+    run raises ``RunAborted`` once it has kept what is done and released OUTPUT's lock.
+    """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return _run_in_new_loop(run_async(data, output, config, seams))
-    # A loop is running in this thread (Jupyter): run ours in a worker thread.
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["summary"] = _run_in_new_loop(run_async(data, output, config, seams))
-        except BaseException as exc:  # re-raised in the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name="pipeline-run")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    summary: RunSummary = box["summary"]
+    run = RunThread(data, output, config, seams)
+    run.start()
+    with sigint_interrupts(run, seams.handle_signals if seams is not None else True):
+        while not run.done.is_set():
+            try:
+                run.thread.join()
+            except KeyboardInterrupt:  # raised by a SIGINT handler we could not replace
+                run.interrupt()
+    summary = run.result()
+    if run.interrupts:  # it came too late to stop the run (OUTPUT was being written)
+        raise KeyboardInterrupt(f"interrupted after the run had ended; {output} is complete")
     return summary
