@@ -42,6 +42,7 @@ from .errors import (
     RateLimited,
     RequestError,
     RunAborted,
+    ServerSaysLater,
 )
 from .estimate import Estimate, Estimator
 from .keys import compute_keys, model_row_keys, sample_row_keys
@@ -82,6 +83,7 @@ from .structured import (
 from .writer import OutputSpec, write_output
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ABORTED, EXIT_BUDGET = 0, 1, 2, 3, 4
+EXIT_RETRY_LATER = 7  # the server asked to come back later than --max-retry-wait
 _ONE_SAMPLE = [SampleRequest((0,))]  # the only request of a row without --n
 
 
@@ -343,7 +345,9 @@ class _Run:
             max_pause=config.max_retry_wait,
             clock=seams.clock,
             sleep=seams.sleep,
+            on_change=lambda why, view: reporter.rate_changed(why, view),
         )
+        reporter.rate_view = self.limits.view
         self.policy = RetryPolicy(
             max_retries=config.max_retries,
             max_retry_wait=config.max_retry_wait,
@@ -562,6 +566,8 @@ class _Run:
 
     def _stop_for(self, exc: BudgetReached | FatalError) -> None:
         """A budget or a fatal error ends the run; what it interrupted stays pending."""
+        if isinstance(exc, ServerSaysLater) and self.abort_kind is None:
+            self.abort_kind = "retry_later"
         if isinstance(exc, BudgetReached):
             if self.abort_kind is None:
                 self.abort_kind = "budget"
@@ -843,6 +849,7 @@ class _Run:
                 status=error.status,
                 attempt=attempt,
                 wait=wait,
+                asked=error.retry_after,
             )
 
         chars = sum(len(str(m.get("content") or "")) for m in messages)
@@ -873,6 +880,8 @@ class _Run:
                     retry_after=exc.retry_after,
                     choices=choices,
                 )
+                if isinstance(exc, RateLimited) and self.limits.come_back_later:
+                    raise _come_back_later(exc, self.config.max_retry_wait) from exc
                 raise
             except BaseException:
                 await self.limits.finish(chars=chars, cost=cost, started=began, headers=None)
@@ -885,6 +894,7 @@ class _Run:
                 prompt_tokens=completion.usage.prompt_tokens,
                 completion_tokens=completion.usage.completion_tokens,
                 choices=choices,
+                answered=True,
             )
             return completion
 
@@ -1313,6 +1323,8 @@ def _summarize(
     )
     if summary.aborted and run.abort_kind == "budget":
         summary.exit_code = EXIT_BUDGET
+    elif summary.aborted and run.abort_kind == "retry_later":
+        summary.exit_code = EXIT_RETRY_LATER
     elif summary.aborted:
         summary.exit_code = EXIT_ABORTED
     elif summary.error or summary.invalid or summary.pending:
@@ -1320,6 +1332,19 @@ def _summarize(
     else:
         summary.exit_code = EXIT_OK
     return summary
+
+
+def _come_back_later(exc: RequestError, max_wait: float) -> ServerSaysLater:
+    """The error that ends a run whose server asks, again and again, to come back later."""
+    asked = exc.retry_after or 0.0
+    when = time.strftime("%H:%M:%S UTC", time.gmtime(time.time() + asked))
+    return ServerSaysLater(
+        f"the server answers 429 asking to come back in {asked:g} s (after {when}), "
+        f"longer than --max-retry-wait {max_wait:g} s, three times in a row; the rows not "
+        "done stay pending. Rerun the same command after that time to resume.",
+        status=exc.status,
+        retry_after=asked,
+    )
 
 
 def _run_in_new_loop(main: Coroutine[Any, Any, RunSummary]) -> RunSummary:
