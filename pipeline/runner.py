@@ -84,6 +84,7 @@ from .writer import OutputSpec, write_output
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ABORTED, EXIT_BUDGET = 0, 1, 2, 3, 4
 EXIT_RETRY_LATER = 7  # the server asked to come back later than --max-retry-wait
+WORKERS_PER_SLOT = 8  # rows in progress per request in flight (see _Run.execute)
 _ONE_SAMPLE = [SampleRequest((0,))]  # the only request of a row without --n
 
 
@@ -998,7 +999,12 @@ class _Run:
         queue: asyncio.Queue[PromptRow | None] = asyncio.Queue(maxsize=config.concurrency * 2)
         self._last_flush = time.monotonic()
         flusher = asyncio.create_task(self.flusher())
-        workers = [asyncio.create_task(self.work(queue, client)) for _ in range(config.concurrency)]
+        # more workers than --concurrency (Limits holds requests in flight to it): a row
+        # waiting out its Retry-After holds a worker but no slot, so the others keep going
+        workers = [
+            asyncio.create_task(self.work(queue, client))
+            for _ in range(config.concurrency * WORKERS_PER_SLOT)
+        ]
         producer = asyncio.create_task(self.produce(queue, len(workers)))
         remover = self._install_signals()
         deadline = asyncio.create_task(self._deadline()) if config.max_runtime else None
