@@ -31,6 +31,9 @@ Exit codes:
      --max-runtime); completed rows are kept and the same command resumes
   4  budget reached (--max-cost / --max-total-tokens); a rerun with a larger
      budget continues
+  7  the server answered 429 asking to come back later than --max-retry-wait,
+     three times in a row; the log says when; rows not done stay pending and the
+     same command resumes
 """
 
 

@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import io
 import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from pipeline import RunAborted, build_config, run_batch
 from pipeline.limits import Limits
+from pipeline.progress import Reporter
+from pipeline.records import RunSummary
+from pipeline.runner import EXIT_RETRY_LATER, Seams
+from pipeline.simulator import SimulatorThread, parse_rps_schedule
 
 
 class VirtualTime:
@@ -202,3 +210,93 @@ def test_two_processes_on_one_limit_share_it_without_starving() -> None:
     assert total >= 0.85 * 20
     for k in (0, 1):
         assert server.rate_between(5, both_running, client=k) >= total / 3
+
+
+# -- end to end, over real HTTP against the simulator ---------------------------------------
+
+
+def _pipeline(
+    sim: SimulatorThread,
+    tmp_path: Path,
+    prompts: list[str],
+    *,
+    fake_time: bool = True,
+    **options: object,
+) -> tuple[RunSummary, str, list[float]]:
+    """Run the prompts; (summary, log text, waits slept). Waits are recorded, not slept,
+    unless ``fake_time`` is False (then real time, for the rate a server enforces)."""
+    waits: list[float] = []
+    now = [1000.0]
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+        await asyncio.sleep(0)
+
+    log = io.StringIO()
+    reporter = Reporter(progress=False, stream=log)
+    seams = (
+        Seams(sleep=sleep, clock=lambda: now[0], reporter=reporter, handle_signals=False)
+        if fake_time
+        else Seams(reporter=reporter, handle_signals=False)
+    )
+    config = build_config(None, {"base_url": sim.base_url, "progress": False, **options})
+    data = pd.DataFrame({"prompt": prompts})
+    try:
+        summary = run_batch(data, tmp_path / "out.parquet", config, seams)
+    except RunAborted as exc:
+        summary = exc.summary  # type: ignore[attr-defined]
+    return summary, log.getvalue(), waits
+
+
+def test_a_429_makes_only_its_own_row_wait(simulator: SimulatorThread, tmp_path: Path) -> None:
+    prompts = ["slow [[sim:fail=1,status=429,retry_after=1]]"] + [f"row {i}" for i in range(40)]
+    summary, _, _ = _pipeline(simulator, tmp_path, prompts, fake_time=False, concurrency=4)
+    assert summary.ok == 41
+    texts = [
+        r.body["messages"][-1]["content"] if r.body else "" for r in simulator.simulator.requests
+    ]
+    first, retry = (i for i, text in enumerate(texts) if text.startswith("slow"))
+    # while the refused row waited out its Retry-After, the other rows went on
+    assert retry - first > 30
+
+
+def test_a_long_retry_after_is_announced_in_the_text_log(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    prompts = ["x [[sim:fail=1,status=429,retry_after=3600]]"]
+    summary, log, waits = _pipeline(simulator, tmp_path, prompts, max_retry_wait=120.0)
+    assert summary.ok == 1
+    assert waits == [120.0]
+    assert "row 0: HTTP 429, retry 1 in 120 s (the server asked 3600 s)" in log
+
+
+def test_a_server_that_says_come_back_in_an_hour_ends_the_run_cleanly(
+    make_simulator: Callable[..., SimulatorThread], tmp_path: Path
+) -> None:
+    sim = make_simulator(rate_429=1.0, retry_after_s=3600)
+    summary, log, waits = _pipeline(sim, tmp_path, [f"row {i}" for i in range(8)], concurrency=2)
+    assert summary.exit_code == EXIT_RETRY_LATER == 7
+    assert summary.pending == 8 and summary.ok == 0 and summary.error == 0
+    assert "come back in 3600 s" in log and "Rerun the same command" in log
+    assert len(sim.simulator.requests) <= 6  # not a crawl of 120-s waits, request by request
+    assert sum(waits) < 400
+
+
+def test_an_unannounced_limit_is_found_with_few_429s(
+    make_simulator: Callable[..., SimulatorThread], tmp_path: Path
+) -> None:
+    # 50 requests/s, a bucket of 5, 429 + Retry-After beyond it and no x-ratelimit headers
+    sim = make_simulator(rps_limit=50, rps_burst=5, record=True)
+    prompts = [f"row {i}" for i in range(200)]
+    summary, log, _ = _pipeline(sim, tmp_path, prompts, fake_time=False, concurrency=64)
+    assert summary.ok == 200
+    refused = len(sim.simulator.requests) - 200
+    assert refused <= 20  # a start-up burst and a few probes, not a storm
+    assert "rate control:" in log and "limit found" in log
+
+
+def test_the_simulator_schedule_changes_its_limit() -> None:
+    assert parse_rps_schedule("0:40, 10:10,20:40") == ((0, 40), (10, 10), (20, 40))
+    with pytest.raises(ValueError, match="0:40,10:10,20:40"):
+        parse_rps_schedule("0:40,ten:10")
