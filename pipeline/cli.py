@@ -194,7 +194,8 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option(
         "--adaptive/--no-adaptive",
         default=None,
-        help="Halve requests in flight on a 429 and grow back slowly. [default: on]",
+        help="Without --rpm/--tpm or rate-limit headers, find the server's limit from "
+        "its 429s and hold near it; start with 8 in flight. [default: on]",
     ),
     click.option("--timeout", type=float, help="Seconds per attempt. [default: 60]"),
     click.option(
