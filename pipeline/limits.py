@@ -111,36 +111,98 @@ class AdaptiveConcurrency:
         self.maximum = maximum
         self.limit = maximum if initial is None else max(1, min(initial, maximum))
         self.in_flight = 0
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     async def acquire(self) -> None:
-        # fast path without a lock: the common case is "under the limit"
-        while self.in_flight >= self.limit:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-        self.in_flight += 1
+        # First come, first served: a freed place is handed to the longest waiter, never
+        # taken by a newcomer (rows go out in input order, which the checkpoint relies on).
+        if self.in_flight < self.limit and not self._waiters:
+            self.in_flight += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                await self.release()  # the place was handed over as we were cancelled
+            else:
+                self._waiters.remove(waiter)
+            raise
 
     async def release(self) -> None:
+        while self._waiters and self.in_flight <= self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the place passes on: in_flight is unchanged
+                return
         self.in_flight -= 1
-        self._wake()
 
     def _wake(self) -> None:
-        free = self.limit - self.in_flight
-        while free > 0 and self._waiters:
-            waiter = self._waiters.pop(0)
+        while self._waiters and self.in_flight < self.limit:
+            waiter = self._waiters.popleft()
             if not waiter.done():
+                self.in_flight += 1
                 waiter.set_result(None)
-                free -= 1
 
     def on_success(self) -> None:
         if self.limit < self.maximum:
             self.limit += 1
             self._wake()
+
+
+class RowGate:
+    """At most ``limit`` rows in progress, not counting rows waiting out a retry.
+
+    A row waiting out its Retry-After (or backoff) is parked: its place goes to the next
+    row, as a plain client's retry waits outside its semaphore. Rows enter first come,
+    first served.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self.parked_rows = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def enter(self) -> None:
+        if self.active - self.parked_rows < self.limit and not self._waiters:
+            self.active += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.leave()  # the place was handed over as we were cancelled
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def leave(self) -> None:
+        self.active -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.active - self.parked_rows < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.active += 1
+                waiter.set_result(None)
+
+    def parked(self, sleep: Sleep) -> Sleep:
+        """``sleep`` for retry waits: the row is parked while it sleeps."""
+
+        async def parked_sleep(seconds: float) -> None:
+            self.parked_rows += 1
+            self._wake()
+            try:
+                await sleep(seconds)
+            finally:
+                self.parked_rows -= 1
+
+        return parked_sleep
 
 
 @dataclass

@@ -46,7 +46,7 @@ from .errors import (
 )
 from .estimate import Estimate, Estimator
 from .keys import compute_keys, model_row_keys, sample_row_keys
-from .limits import Budget, Limits
+from .limits import Budget, Limits, RowGate
 from .memory import map_large_blocks, release_memory
 from .pricing import PriceTable
 from .progress import Reporter
@@ -349,10 +349,11 @@ class _Run:
             on_change=lambda why, view: reporter.rate_changed(why, view),
         )
         reporter.rate_view = self.limits.view
+        self.rows = RowGate(config.concurrency)
         self.policy = RetryPolicy(
             max_retries=config.max_retries,
             max_retry_wait=config.max_retry_wait,
-            sleep=seams.sleep,
+            sleep=self.rows.parked(seams.sleep),
         )
         index = plan.index
         self.budget = Budget(
@@ -547,7 +548,17 @@ class _Run:
         )
 
     async def send_row(self, row: PromptRow, client: ChatClient) -> None:
-        """Every sample ``row`` still needs; each result is recorded when it is final."""
+        """Every sample ``row`` still needs; each result is recorded when it is final.
+
+        At most ``--concurrency`` rows are in progress, not counting rows waiting out a
+        retry: those leave their place to the next row (``RowGate``)."""
+        await self.rows.enter()
+        try:
+            await self._send_row(row, client)
+        finally:
+            self.rows.leave()
+
+    async def _send_row(self, row: PromptRow, client: ChatClient) -> None:
         model = row.model or self.config.model
         params, system_text = self._request_shape(model)
         messages = row.messages or []
@@ -869,6 +880,10 @@ class _Run:
 
         async def limited_send() -> Completion:
             cost, began = await self.limits.start(chars, choices)
+            if self.stopping.is_set():
+                # the run stopped while this row waited for a place: it stays pending
+                await self.limits.finish(chars=chars, cost=cost, started=began, headers=None)
+                raise asyncio.CancelledError
             try:
                 completion = await client.send(body, request_id)
             except RequestError as exc:
@@ -999,8 +1014,9 @@ class _Run:
         queue: asyncio.Queue[PromptRow | None] = asyncio.Queue(maxsize=config.concurrency * 2)
         self._last_flush = time.monotonic()
         flusher = asyncio.create_task(self.flusher())
-        # more workers than --concurrency (Limits holds requests in flight to it): a row
-        # waiting out its Retry-After holds a worker but no slot, so the others keep going
+        # more workers than --concurrency (RowGate and Limits hold rows in progress and
+        # requests in flight to it): a row waiting out its Retry-After holds a worker but
+        # no place, so the others keep going
         workers = [
             asyncio.create_task(self.work(queue, client))
             for _ in range(config.concurrency * WORKERS_PER_SLOT)
