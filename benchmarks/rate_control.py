@@ -345,7 +345,7 @@ def report(res: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="scattered,unknown,schedule,announced,two")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     chosen = args.only.split(",")
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -9,6 +9,8 @@ Small meters that stack, each separately testable with an injectable clock and s
   when the actual usage of a response differs from the estimate.
 - ``RateController``: finds a request-rate limit that nobody announces from 429s alone and
   holds sending near it; tells scattered 429s (noise) from overload (see its docstring).
+- ``RowGate``: at most ``--concurrency`` rows in progress, not counting rows waiting out a
+  retry (their place goes to the next row).
 - ``HeaderPacer``: reads ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` and mirrors
   the server's bucket in a ``RateMeter`` (its refill rate estimated from limit, remaining and
   reset), so that sending slows down before remaining reaches zero.
@@ -434,12 +436,17 @@ class RateController:
       answers to requests sent after it decide: if the share of 429s among them has not
       fallen (at least 3 and at least ``same_share`` of the share before), the cut is undone
       and that share becomes the noise floor; from then on a 429 counts only when the share
-      over the last ``window`` answers exceeds twice the floor plus 2 points.
+      over the last ``window`` answers exceeds twice the floor plus 2 points. A 429 while
+      sending above 1.05 x the rate that last got through needs no trial (probing explains
+      it). After a small overshoot the server's bucket is still empty for a moment: answers
+      to the next ~4 requests' worth of time after a cut are echoes too.
     - **Probe up, slowly then faster.** Between cuts the rate grows by ``probe`` per second,
       and that growth doubles every ``probe_doubling`` seconds without a cut (capped at
       ``probe_max`` per second): it stays near the rate that worked for a few seconds, and
-      follows a limit that went up within seconds. It does not grow while a trial runs, nor
-      beyond twice the rate requests are actually asking to start at.
+      follows a limit that went up within seconds. It grows at the slowest ``probe`` while a
+      trial runs, never beyond twice the rate requests are actually asking to start at, and
+      applies to the rate plus ``FAIR_SHARE_FLOOR``: processes sharing a limit then gain
+      alike in absolute terms and the smaller catches up (as in AIMD).
     """
 
     def __init__(

@@ -12,6 +12,7 @@ from pipeline.limits import (
     HeaderPacer,
     Limits,
     RateMeter,
+    RowGate,
     TokenEstimator,
     parse_duration,
     read_bucket,
@@ -282,3 +283,55 @@ def test_rpm_does_not_burst_at_start_up() -> None:
         return starts
 
     assert asyncio.run(main()) == pytest.approx([0.0, 0.01, 0.02, 0.03, 0.04])
+
+
+def test_a_freed_place_goes_to_the_longest_waiter_not_a_newcomer() -> None:
+    order: list[int] = []
+
+    async def main() -> None:
+        limit = AdaptiveConcurrency(1)
+        await limit.acquire()
+
+        async def row(i: int) -> None:
+            await limit.acquire()
+            order.append(i)
+            await limit.release()
+
+        waiting = [asyncio.ensure_future(row(i)) for i in range(3)]
+        await asyncio.sleep(0)
+        await limit.release()
+        late = asyncio.ensure_future(row(99))  # arrives as the place frees: it queues
+        await asyncio.gather(*waiting, late)
+
+    asyncio.run(main())
+    assert order == [0, 1, 2, 99]
+
+
+def test_a_row_waiting_to_retry_leaves_its_place_to_the_next_row() -> None:
+    async def main() -> list[str]:
+        gate = RowGate(1)
+        second_started = asyncio.Event()
+        events: list[str] = []
+
+        async def until_second_started(_seconds: float) -> None:
+            await second_started.wait()
+
+        parked_sleep = gate.parked(until_second_started)
+
+        async def first() -> None:
+            await gate.enter()
+            events.append("first sent, waits to retry")
+            await parked_sleep(30.0)  # ends only once the second row got the place
+            events.append("first retried")
+            gate.leave()
+
+        async def second() -> None:
+            await gate.enter()
+            events.append("second sent")
+            second_started.set()
+            gate.leave()
+
+        await asyncio.wait_for(asyncio.gather(first(), second()), timeout=5)
+        return events
+
+    assert asyncio.run(main()) == ["first sent, waits to retry", "second sent", "first retried"]
