@@ -11,6 +11,7 @@ from pipeline.limits import (
     AdaptiveConcurrency,
     HeaderPacer,
     Limits,
+    RateController,
     RateMeter,
     RowGate,
     TokenEstimator,
@@ -335,3 +336,34 @@ def test_a_row_waiting_to_retry_leaves_its_place_to_the_next_row() -> None:
         return events
 
     assert asyncio.run(main()) == ["first sent, waits to retry", "second sent", "first retried"]
+
+
+def test_noise_undoes_every_cut_it_caused_not_only_the_last() -> None:
+    """Scattered 429s can slip past one trial (too few of them by chance); when the next
+    trial recognises them as noise, the controller goes back to where it was before the
+    first of those cuts (here: not pacing at all), not to the rate after the first cut."""
+    t = FakeTime()
+    controller = RateController(clock=t.clock, sleep=t.sleep)
+
+    def answer(refused: bool) -> None:
+        t.now += 0.002
+        controller.observe(started=t.now, refused=refused)
+
+    for _ in range(20):
+        answer(False)
+    answer(True)  # the first 429: a cut, then a trial
+    assert controller.rate is not None
+    answer(True)  # one 429 in the trial, too few: judged a real limit (wrongly)
+    for _ in range(500):
+        if controller.trial is None:
+            break
+        answer(False)
+    assert controller.trial is None and controller.noise == 0
+    answer(True)  # another 429: a second cut, a second trial
+    assert controller.cuts == 2
+    for i in range(100):
+        answer(i % 12 == 0)  # 429s at the same share whatever the rate: noise
+        if controller.trial is None:
+            break
+    assert controller.noise > 0
+    assert controller.rate is None
