@@ -627,10 +627,12 @@ class RateController:
 
     def _looks_like_noise(self, trial: _Trial) -> bool:
         share = trial.refused / max(trial.answers, 1)
+        # about the same share as before the cut: not fewer (a limit left behind), and not
+        # many more either (a limit that just came down)
         return (
             trial.share_before < 0.3
             and trial.refused >= 3
-            and share >= self.same_share * trial.share_before
+            and self.same_share * trial.share_before <= share <= 3 * trial.share_before + 0.05
         )
 
     def _judge(self, now: float, trial: _Trial) -> None:
