@@ -33,6 +33,9 @@ Exit codes:
      budget continues
   6  storage: the checkpoint or OUTPUT could not be written (disk full,
      read-only); answers received are kept, rerun once the disk is fixed
+  7  the server answered 429 asking to come back later than --max-retry-wait,
+     three times in a row; the log says when; rows not done stay pending and the
+     same command resumes
 """
 
 
@@ -193,7 +196,8 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option(
         "--adaptive/--no-adaptive",
         default=None,
-        help="Halve requests in flight on a 429 and grow back slowly. [default: on]",
+        help="Without --rpm/--tpm or rate-limit headers, find the server's limit from "
+        "its 429s and hold near it; start with 8 in flight. [default: on]",
     ),
     click.option("--timeout", type=float, help="Seconds per attempt. [default: 60]"),
     click.option(
@@ -498,6 +502,11 @@ def status(output: Path, as_json: bool) -> None:
     help="Retry-After seconds sent with 429s.",
 )
 @click.option("--rps-limit", type=float, help="Requests/s enforced with 429s.")
+@click.option("--rps-burst", type=float, help="Bucket size of --rps-limit (default: 1 s worth).")
+@click.option(
+    "--rps-schedule",
+    help="Change the request limit at given seconds from the first request: 0:40,10:10,20:40.",
+)
 @click.option("--tpm-limit", type=int, help="Tokens/minute enforced with 429s.")
 @click.option("--rate-limit-headers", is_flag=True, help="Send x-ratelimit-* headers.")
 @click.option(
@@ -535,6 +544,8 @@ def simulate(
     rate_length: float,
     retry_after: float,
     rps_limit: float | None,
+    rps_burst: float | None,
+    rps_schedule: str | None,
     tpm_limit: int | None,
     rate_limit_headers: bool,
     seed: int | None,
@@ -548,8 +559,12 @@ def simulate(
     Answers are derived from the prompt, usage counts are honest, and faults can be injected.
     Prompts may also carry directives such as [[sim:status=503]] (see pipeline/simulator.py).
     """
-    from .simulator import SimulatorConfig, run_simulator
+    from .simulator import SimulatorConfig, parse_rps_schedule, run_simulator
 
+    try:
+        schedule = parse_rps_schedule(rps_schedule) if rps_schedule else ()
+    except ValueError as exc:
+        _fail(str(exc), EXIT_USAGE)
     config = SimulatorConfig(
         latency_ms=latency_ms,
         latency_jitter_ms=jitter_ms,
@@ -562,6 +577,8 @@ def simulate(
         rate_length=rate_length,
         retry_after_s=retry_after,
         rps_limit=rps_limit,
+        rps_burst=rps_burst,
+        rps_schedule=schedule,
         tpm_limit=tpm_limit,
         rate_limit_headers=rate_limit_headers,
         seed=seed,

@@ -26,6 +26,7 @@ whole run is decided by the exception's type (set from the HTTP status and the e
             ├── AuthenticationError     401
             ├── PermissionDenied        403 (AI/ML API: out of credits / spend limit)
             ├── QuotaExceeded           429 insufficient_quota
+            ├── ServerSaysLater         429s in a row with Retry-After beyond --max-retry-wait
             └── BudgetReached           the next request could cross --max-cost / tokens
 """
 
@@ -146,6 +147,13 @@ class PermissionDenied(FatalError):
 
 class QuotaExceeded(FatalError):
     """429 insufficient_quota: the account has no quota left."""
+
+
+class ServerSaysLater(FatalError):
+    """429s in a row ask to come back later than ``--max-retry-wait``: stop, rows stay pending.
+
+    ``retry_after`` is the longest wait asked (seconds); the run exits with code 7.
+    """
 
 
 class BudgetReached(FatalError):

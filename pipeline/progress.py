@@ -14,11 +14,17 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
 from .records import RowResult, RunSummary
+
+if TYPE_CHECKING:
+    from .limits import RateView
+
+# a retry wait at least this long gets its own log line in every format
+LONG_WAIT = 5.0
 
 
 class Reporter:
@@ -55,6 +61,8 @@ class Reporter:
         self.error_types: Counter[str] = Counter()
         self.started = clock()
         self._last_log = self.started
+        # what the rate controller believes (set by the runner); shown in progress and summary
+        self.rate_view: Callable[[], RateView] | None = None
 
     # -- output helpers -------------------------------------------------------------------
 
@@ -136,9 +144,25 @@ class Reporter:
             self.bar.update(1)
 
     def retry(
-        self, *, row_index: int, error: str, status: int | None, attempt: int, wait: float
+        self,
+        *,
+        row_index: int,
+        error: str,
+        status: int | None,
+        attempt: int,
+        wait: float,
+        asked: float | None = None,
     ) -> None:
         self.retries += 1
+        if wait >= LONG_WAIT and not self.json and not self.quiet:
+            capped = (
+                f" (the server asked {asked:g} s)" if asked is not None and asked > wait else ""
+            )
+            self._emit(
+                "retry",
+                f"row {row_index}: {f'HTTP {status}' if status else error}, retry {attempt} "
+                f"in {wait:.0f} s{capped}",
+            )
         if self.json and not self.quiet:
             self._emit(
                 "retry",
@@ -148,29 +172,45 @@ class Reporter:
                 http_status=status,
                 attempt=attempt,
                 wait_s=round(wait, 3),
+                **({"asked_s": asked} if asked is not None else {}),
+            )
+
+    def rate_changed(self, why: str, view: RateView) -> None:
+        """The rate controller changed its mind (a limit found, noise recognised, ...)."""
+        if not self.quiet:
+            self._emit(
+                "rate", f"rate control: {why}; {view.describe()}", reason=why, **view.as_dict()
             )
 
     def tick(self) -> None:
         """Called about twice a second: refresh the bar, or log a line every log_interval."""
         now = self.clock()
         if self.bar is not None:
-            self.bar.set_postfix(
+            rate = self.rate_view() if self.rate_view is not None else None
+            extra: dict[str, object] = {}
+            if rate is not None and rate.rate_limited:
+                extra["req_s"] = "free" if rate.rate is None else f"{rate.rate:.1f}"
+                extra["429s"] = rate.rate_limited
+            extra.update(
                 errors=self.errors,
                 tok_in=self.prompt_tokens,
                 tok_out=self.completion_tokens,
                 usd=f"{self.cost_usd:.4f}",
-                refresh=False,
             )
+            self.bar.set_postfix(extra, refresh=False)
             self.bar.refresh()
             return
         if now - self._last_log >= self.log_interval and not self.quiet:
             self._last_log = now
             elapsed = max(now - self.started, 1e-9)
+            rate = self.rate_view() if self.rate_view is not None else None
+            believed = {"rate_control": rate.as_dict()} if rate is not None else {}
             self._emit(
                 "progress",
                 f"{self.done} rows done this run ({self.ok} ok, {self.errors} error, "
                 f"{self.skipped} skipped), {self.done / elapsed:.1f} rows/s, {self.retries} "
-                f"retries, tokens in {self.prompt_tokens} out {self.completion_tokens}",
+                f"retries, tokens in {self.prompt_tokens} out {self.completion_tokens}"
+                + (f"; {rate.describe()}" if rate is not None and rate.rate_limited else ""),
                 done=self.done,
                 ok=self.ok,
                 error=self.errors,
@@ -179,6 +219,7 @@ class Reporter:
                 retries=self.retries,
                 prompt_tokens=self.prompt_tokens,
                 completion_tokens=self.completion_tokens,
+                **believed,
             )
 
     def note(self, text: str, **fields: Any) -> None:
@@ -195,10 +236,15 @@ class Reporter:
 
     def summary(self, summary: RunSummary) -> None:
         self.close()
+        rate = self.rate_view() if self.rate_view is not None else None
         if self.json:
-            self._emit("summary", "", **summary.as_dict())
+            believed = {"rate_control": rate.as_dict()} if rate is not None else {}
+            self._emit("summary", "", **summary.as_dict(), **believed)
             return
-        print(format_summary(summary), file=self.stream, flush=True)
+        text = format_summary(summary)
+        if rate is not None and rate.rate_limited:
+            text += f"\nrate control: {rate.describe()}"
+        print(text, file=self.stream, flush=True)
 
 
 def format_summary(s: RunSummary) -> str:

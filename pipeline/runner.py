@@ -42,10 +42,11 @@ from .errors import (
     RateLimited,
     RequestError,
     RunAborted,
+    ServerSaysLater,
 )
 from .estimate import Estimate, Estimator
 from .keys import compute_keys, model_row_keys, sample_row_keys
-from .limits import Budget, Limits
+from .limits import Budget, Limits, RowGate
 from .memory import map_large_blocks, release_memory
 from .pricing import PriceTable
 from .progress import Reporter
@@ -83,6 +84,8 @@ from .writer import OutputSpec, write_output
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ABORTED, EXIT_BUDGET = 0, 1, 2, 3, 4
 EXIT_STORAGE = 6  # the checkpoint or OUTPUT could not be written (disk full, read-only)
+EXIT_RETRY_LATER = 7  # the server asked to come back later than --max-retry-wait
+WORKERS_PER_SLOT = 8  # rows in progress per request in flight (see _Run.execute)
 _ONE_SAMPLE = [SampleRequest((0,))]  # the only request of a row without --n
 
 
@@ -384,11 +387,14 @@ class _Run:
             max_pause=config.max_retry_wait,
             clock=seams.clock,
             sleep=seams.sleep,
+            on_change=lambda why, view: reporter.rate_changed(why, view),
         )
+        reporter.rate_view = self.limits.view
+        self.rows = RowGate(config.concurrency)
         self.policy = RetryPolicy(
             max_retries=config.max_retries,
             max_retry_wait=config.max_retry_wait,
-            sleep=seams.sleep,
+            sleep=self.rows.parked(seams.sleep),
         )
         index = plan.index
         self.budget = Budget(
@@ -659,7 +665,8 @@ class _Run:
             try:
                 await self.send_row(row, client)
             except Exception as exc:  # a row's failure is its own
-                self._row_failed(keys, exc)
+                if not self.stopping.is_set():  # in a stop, the row just stays pending
+                    self._row_failed(keys, exc)
             self._open_keys.difference_update(keys)
 
     def _row_failed(self, keys: list[int], exc: Exception) -> None:
@@ -713,7 +720,17 @@ class _Run:
         )
 
     async def send_row(self, row: PromptRow, client: ChatClient) -> None:
-        """Every sample ``row`` still needs; each result is recorded when it is final."""
+        """Every sample ``row`` still needs; each result is recorded when it is final.
+
+        At most ``--concurrency`` rows are in progress, not counting rows waiting out a
+        retry: those leave their place to the next row (``RowGate``)."""
+        await self.rows.enter()
+        try:
+            await self._send_row(row, client)
+        finally:
+            self.rows.leave()
+
+    async def _send_row(self, row: PromptRow, client: ChatClient) -> None:
         model = row.model or self.config.model
         params, system_text = self._request_shape(model)
         messages = row.messages or []
@@ -733,6 +750,8 @@ class _Run:
 
     def _stop_for(self, exc: BudgetReached | FatalError) -> None:
         """A budget or a fatal error ends the run; what it interrupted stays pending."""
+        if isinstance(exc, ServerSaysLater) and self.abort_kind is None:
+            self.abort_kind = "retry_later"
         if isinstance(exc, BudgetReached):
             if self.abort_kind is None:
                 self.abort_kind = "budget"
@@ -1014,6 +1033,7 @@ class _Run:
                 status=error.status,
                 attempt=attempt,
                 wait=wait,
+                asked=error.retry_after,
             )
 
         chars = sum(len(str(m.get("content") or "")) for m in messages)
@@ -1032,6 +1052,10 @@ class _Run:
 
         async def limited_send() -> Completion:
             cost, began = await self.limits.start(chars, choices)
+            if self.stopping.is_set():
+                # the run stopped while this row waited for a place: it stays pending
+                await self.limits.finish(chars=chars, cost=cost, started=began, headers=None)
+                raise asyncio.CancelledError
             try:
                 completion = await client.send(body, request_id)
             except RequestError as exc:
@@ -1046,6 +1070,8 @@ class _Run:
                     retry_after=exc.retry_after,
                     choices=choices,
                 )
+                if isinstance(exc, RateLimited) and self.limits.come_back_later:
+                    raise _come_back_later(exc, self.config.max_retry_wait) from exc
                 raise
             except BaseException:
                 await self.limits.finish(chars=chars, cost=cost, started=began, headers=None)
@@ -1058,6 +1084,7 @@ class _Run:
                 prompt_tokens=completion.usage.prompt_tokens,
                 completion_tokens=completion.usage.completion_tokens,
                 choices=choices,
+                answered=True,
             )
             return completion
 
@@ -1161,7 +1188,13 @@ class _Run:
         queue: asyncio.Queue[PromptRow | None] = asyncio.Queue(maxsize=config.concurrency * 2)
         self._last_flush = time.monotonic()
         flusher = asyncio.create_task(self.flusher())
-        workers = [asyncio.create_task(self.work(queue, client)) for _ in range(config.concurrency)]
+        # more workers than --concurrency (RowGate and Limits hold rows in progress and
+        # requests in flight to it): a row waiting out its Retry-After holds a worker but
+        # no place, so the others keep going
+        workers = [
+            asyncio.create_task(self.work(queue, client))
+            for _ in range(config.concurrency * WORKERS_PER_SLOT)
+        ]
         producer = asyncio.create_task(self.produce(queue, len(workers)))
         producer.add_done_callback(self._producer_ended)
         remover = self._install_signals()
@@ -1505,6 +1538,8 @@ def _summarize(
         summary.exit_code = EXIT_BUDGET
     elif run.storage_error is not None:
         summary.exit_code = EXIT_STORAGE
+    elif summary.aborted and run.abort_kind == "retry_later":
+        summary.exit_code = EXIT_RETRY_LATER
     elif summary.aborted:
         summary.exit_code = EXIT_ABORTED
     elif summary.error or summary.invalid or summary.pending:
@@ -1512,6 +1547,19 @@ def _summarize(
     else:
         summary.exit_code = EXIT_OK
     return summary
+
+
+def _come_back_later(exc: RequestError, max_wait: float) -> ServerSaysLater:
+    """The error that ends a run whose server asks, again and again, to come back later."""
+    asked = exc.retry_after or 0.0
+    when = time.strftime("%H:%M:%S UTC", time.gmtime(time.time() + asked))
+    return ServerSaysLater(
+        f"the server answers 429 asking to come back in {asked:g} s (after {when}), "
+        f"longer than --max-retry-wait {max_wait:g} s, three times in a row; the rows not "
+        "done stay pending. Rerun the same command after that time to resume.",
+        status=exc.status,
+        retry_after=asked,
+    )
 
 
 def _run_in_new_loop(main: Coroutine[Any, Any, RunSummary]) -> RunSummary:
