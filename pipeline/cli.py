@@ -529,6 +529,7 @@ def run(
             config.summary_json,
         )
     if config.dry_run:
+        _refuse_run_only(no_progress)
         _estimate(input_path, output, config)
         return
     reporter = Reporter(
@@ -619,6 +620,17 @@ def estimate(
     figure. Duplicates and cached responses are counted apart. Exit 2 on bad input.
     Options that only shape a run (--restart, --grace, --log-format ...) are refused.
     """
+    _refuse_run_only(no_progress)
+    try:
+        config = _config_from_options(config_path, params, stop, no_progress, options)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+        return
+    _estimate(input_path, output, config, as_json=as_json, typical_completion=typical_completion)
+
+
+def _refuse_run_only(no_progress: bool | None) -> None:
+    """An estimate (``estimate``, ``run --dry-run``) given an option that only a run uses."""
     ctx = click.get_current_context()
     given = [
         name
@@ -629,22 +641,18 @@ def estimate(
         given.insert(0, "no_progress")
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        it = "it" if len(given) == 1 else "them"
         _fail(
-            f"{flags}: only `pipeline run` uses {'it' if len(given) == 1 else 'them'}; an "
-            "estimate sends nothing and writes nothing. Drop "
-            f"{'it' if len(given) == 1 else 'them'}.",
+            f"{flags}: only a `pipeline run` that sends uses {it}; an estimate sends "
+            f"nothing and writes nothing. Drop {it}.",
             EXIT_USAGE,
         )
-    try:
-        config = _config_from_options(config_path, params, stop, no_progress, options)
-    except ConfigError as exc:
-        _fail(str(exc), EXIT_USAGE)
-        return
-    _estimate(input_path, output, config, as_json=as_json, typical_completion=typical_completion)
 
 
-# job options that only change how a run runs, logs or reports: refused by `estimate`
+# job options that only change how a run runs, logs or reports: refused by an estimate
+# (--retry-failed too: an estimate counts a row with any result as done)
 _RUN_ONLY = (
+    "retry_failed",
     "restart",
     "overwrite",
     "summary_json",

@@ -361,13 +361,19 @@ def test_a_header_only_csv_says_0_rows(simulator: SimulatorThread, tmp_path: Pat
         ("--log-format", "json"),
         ("--quiet",),
         ("--no-progress",),
+        ("--retry-failed",),
     ],
 )
 def test_estimate_refuses_run_only_options(tmp_path: Path, extra: tuple[str, ...]) -> None:
-    result = cli("estimate", write_csv(tmp_path / "in.csv", ["a"]), *extra)
-    assert result.exit_code == 2
-    assert extra[0] in result.stderr and "pipeline run" in result.stderr
-    assert not (tmp_path / "s.json").exists()
+    source = write_csv(tmp_path / "in.csv", ["a"])
+    for command in (
+        ["estimate", source],
+        ["run", source, "-o", tmp_path / "o.parquet", "--dry-run"],
+    ):
+        result = cli(*command, *extra)
+        assert result.exit_code == 2, result.output
+        assert extra[0] in result.stderr and "pipeline run" in result.stderr
+        assert not (tmp_path / "s.json").exists()
 
 
 def test_estimate_note_names_the_option_that_refines_it(tmp_path: Path) -> None:
