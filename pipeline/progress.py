@@ -165,7 +165,7 @@ class Reporter:
                 errors=self.errors,
                 tok_in=self.prompt_tokens,
                 tok_out=self.completion_tokens,
-                usd=f"{self.cost_usd:.4f}",
+                usd="unknown" if self.unpriced else f"{self.cost_usd:.4f}",
                 refresh=False,
             )
             self.bar.refresh()

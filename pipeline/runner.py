@@ -1143,9 +1143,13 @@ class _Run:
             priced = self.plan.prices.cost(model, round(prompt), round(tokens - prompt))
             cost = priced or 0.0
         if not self.budget.reserve(cost, tokens):
+            worst = f"${cost:.4f}, " if self.budget.max_cost is not None else ""
             raise BudgetReached(
-                f"budget reached: {self.budget.describe()}; the next request could cross it. "
-                "Rerun with a larger budget to continue."
+                f"budget reached: {self.budget.describe()}; the next request could cross it "
+                f"(it reserves up to {worst}{tokens:,.0f} tokens: its prompt plus "
+                + ("--max-tokens" if self.config.max_tokens is not None else "a typical answer")
+                + f" x {choices} completion{'s' if choices != 1 else ''}). Rerun with a larger "
+                "budget to continue."
             )
         return (cost, tokens)
 

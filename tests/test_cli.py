@@ -278,6 +278,8 @@ def test_a_budget_stop_prints_its_reason_at_most_twice(
     assert result.exit_code == 4, result.output
     # once when the run stops, once in the summary (not a third time in the final line)
     assert result.stderr.count("budget reached") == 2, result.stderr
+    # and why a budget stops before anything was spent: what the next request reserves
+    assert "reserves up to $" in result.stderr and "900,0" in result.stderr, result.stderr
 
 
 def test_an_unpriced_model_reads_unknown_never_zero(
