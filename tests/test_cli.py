@@ -130,6 +130,13 @@ def test_the_readme_exit_code_table_is_the_code_table() -> None:
         assert f"`{reason}`" in documented[code], (code, documented[code])
 
 
+def test_the_runner_sets_the_codes_of_the_table() -> None:
+    from pipeline import errors, runner
+
+    for name in ("OK", "FAILED_ROWS", "USAGE", "ABORTED", "BUDGET", "STORAGE"):
+        assert getattr(runner, f"EXIT_{name}") == getattr(errors, f"EXIT_{name}"), name
+
+
 def test_max_runtime_and_a_bad_key_have_different_codes_and_reasons(
     make_simulator: Callable[..., SimulatorThread], tmp_path: Path
 ) -> None:
