@@ -57,6 +57,8 @@ class Reporter:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cost_usd = 0.0
+        self.unpriced = 0  # results of requests with no price: the cost is then unknown
+        self.todo = 0
         self.finish_reasons: Counter[str] = Counter()
         self.error_types: Counter[str] = Counter()
         self.started = clock()
@@ -73,8 +75,10 @@ class Reporter:
                 default=str,
                 ensure_ascii=False,
             )
-        else:
+        elif self.use_bar:
             line = f"pipeline: {text}"
+        else:  # a log file (cron, CI): every line says when
+            line = f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} pipeline: {text}"
         if self.bar is not None:
             self.bar.write(line, file=self.stream)
         else:
@@ -97,6 +101,7 @@ class Reporter:
         """``total`` counts results: ``input_rows`` x what ``per_row`` names (e.g. "2
         models x 3 samples"; empty when there is one result per input row)."""
         self.total = total
+        self.todo = todo
         self.started = self._last_log = self.clock()
         if not self.quiet:
             rows = input_rows if input_rows is not None else total
@@ -140,6 +145,8 @@ class Reporter:
             self.prompt_tokens += result.usage.prompt_tokens or 0
             self.completion_tokens += result.usage.completion_tokens or 0
         self.cost_usd += result.cost_usd or 0.0
+        if result.cost_usd is None and result.attempts and result.usage.total_tokens:
+            self.unpriced += 1
         if self.bar is not None:
             self.bar.update(1)
 
@@ -195,7 +202,7 @@ class Reporter:
                 errors=self.errors,
                 tok_in=self.prompt_tokens,
                 tok_out=self.completion_tokens,
-                usd=f"{self.cost_usd:.4f}",
+                usd="unknown" if self.unpriced else f"{self.cost_usd:.4f}",
             )
             self.bar.set_postfix(extra, refresh=False)
             self.bar.refresh()
@@ -203,22 +210,37 @@ class Reporter:
         if now - self._last_log >= self.log_interval and not self.quiet:
             self._last_log = now
             elapsed = max(now - self.started, 1e-9)
-            rate = self.rate_view() if self.rate_view is not None else None
-            believed = {"rate_control": rate.as_dict()} if rate is not None else {}
+            control = self.rate_view() if self.rate_view is not None else None
+            believed = {"rate_control": control.as_dict()} if control is not None else {}
+            speed = self.done / elapsed
+            pending = max(self.todo - self.done, 0)
+            eta = round(pending / speed) if speed > 0 else None
+            cost = None if self.unpriced else round(self.cost_usd, 6)
             self._emit(
                 "progress",
-                f"{self.done} rows done this run ({self.ok} ok, {self.errors} error, "
-                f"{self.skipped} skipped), {self.done / elapsed:.1f} rows/s, {self.retries} "
-                f"retries, tokens in {self.prompt_tokens} out {self.completion_tokens}"
-                + (f"; {rate.describe()}" if rate is not None and rate.rate_limited else ""),
+                f"{self.done} of {self.todo} to send done ({self.ok} ok, {self.errors} error, "
+                f"{self.skipped} skipped), {pending} pending, {speed:.1f} rows/s, ETA "
+                f"{_duration(eta)}, {self.retries} retries, tokens in {self.prompt_tokens} out "
+                f"{self.completion_tokens}, cost {_usd(cost)}"
+                + (
+                    f"; {control.describe()}"
+                    if control is not None and control.rate_limited
+                    else ""
+                ),
+                total=self.total,
+                todo=self.todo,
                 done=self.done,
+                pending=pending,
                 ok=self.ok,
                 error=self.errors,
                 skipped=self.skipped,
-                rows_per_s=round(self.done / elapsed, 2),
+                rows_per_s=round(speed, 2),
+                eta_s=eta,
                 retries=self.retries,
                 prompt_tokens=self.prompt_tokens,
                 completion_tokens=self.completion_tokens,
+                cost_usd=cost,
+                unpriced_results=self.unpriced,
                 **believed,
             )
 
@@ -247,6 +269,18 @@ class Reporter:
         print(text, file=self.stream, flush=True)
 
 
+def _usd(value: float | None) -> str:
+    return "unknown" if value is None else f"${value:.4f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 def format_summary(s: RunSummary) -> str:
     """The human summary printed at the end of a run."""
     lines = [
@@ -261,7 +295,13 @@ def format_summary(s: RunSummary) -> str:
         f"this run: {s.sent} sent ({s.retries} retries), {s.resumed} resumed from the checkpoint"
         + (f", {s.removed} left the input" if s.removed else ""),
         f"tokens this run: {s.prompt_tokens} in, {s.completion_tokens} out; "
-        f"cost ${s.cost_usd:.6f}"
+        + (
+            f"cost unknown: {s.unpriced} results of models with no price"
+            + (f" (the priced rest: ${s.cost_usd:.6f})" if s.cost_usd else "")
+            + "; add their prices with --prices FILE"
+            if s.unpriced
+            else f"cost ${s.cost_usd:.6f}"
+        )
         + (f"; {s.deduplicated} duplicates answered once" if s.deduplicated else "")
         + (f"; {s.cache_hits} from the cache" if s.cache_hits else ""),
         f"wall time: {s.wall_seconds:.1f}s",

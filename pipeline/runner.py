@@ -34,6 +34,13 @@ from .checkpoint import Checkpoint, ResultIndex, file_signature
 from .client import ChatClient, build_body, make_transport, parse_completion
 from .config import FINGERPRINT_DEFAULTS, RunConfig, resolve_api_key
 from .errors import (
+    EXIT_ABORTED,
+    EXIT_BUDGET,
+    EXIT_FAILED_ROWS,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RETRY_LATER,
+    EXIT_STORAGE,
     BudgetReached,
     ConfigError,
     FatalError,
@@ -43,6 +50,7 @@ from .errors import (
     RequestError,
     RunAborted,
     ServerSaysLater,
+    exit_reason,
 )
 from .estimate import Estimate, Estimator
 from .keys import compute_keys, model_row_keys, sample_row_keys
@@ -51,7 +59,7 @@ from .memory import map_large_blocks, release_memory
 from .pricing import PriceTable
 from .progress import Reporter
 from .prompts import PromptBuilder
-from .reader import InputSource, Resume, open_input
+from .reader import InputSource, Resume, delimiter_hint, open_input
 from .records import (
     RESULT_COLUMNS,
     STATUS_CODES,
@@ -82,9 +90,6 @@ from .structured import (
 )
 from .writer import OutputSpec, write_output
 
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ABORTED, EXIT_BUDGET = 0, 1, 2, 3, 4
-EXIT_STORAGE = 6  # the checkpoint or OUTPUT could not be written (disk full, read-only)
-EXIT_RETRY_LATER = 7  # the server asked to come back later than --max-retry-wait
 WORKERS_PER_SLOT = 8  # rows in progress per request in flight (see _Run.execute)
 _ONE_SAMPLE = [SampleRequest((0,))]  # the only request of a row without --n
 
@@ -151,24 +156,32 @@ def _check_output_path(output: Path, config: RunConfig, checkpoint: Checkpoint) 
 
 def open_job(data: Any, config: RunConfig) -> tuple[InputSource, PromptBuilder]:
     """The input and its prompt builder, with every column the options name checked."""
-    source = open_input(data, input_format=config.input_format, limit=config.limit)
+    source = open_input(
+        data, input_format=config.input_format, limit=config.limit, delimiter=config.delimiter
+    )
     schema = source.schema()
     columns = list(schema.names)
-    _check_added_columns(source, config)
-    kind, value = config.prompt_source
-    builder = PromptBuilder(
-        kind, value, system=config.system, columns=columns, source_name=source.name
-    )
-    if config.id_column is not None and config.id_column not in columns:
-        raise InputError(
-            f"{source.name} has no column '{config.id_column}' for --id-column "
-            f"(columns: {', '.join(columns)})."
+    try:
+        _check_added_columns(source, config)
+        kind, value = config.prompt_source
+        builder = PromptBuilder(
+            kind, value, system=config.system, columns=columns, source_name=source.name
         )
-    if config.expected_column is not None and config.expected_column not in columns:
-        raise InputError(
-            f"{source.name} has no column '{config.expected_column}' for --expected-column "
-            f"(columns: {', '.join(columns)})."
-        )
+        if config.id_column is not None and config.id_column not in columns:
+            raise InputError(
+                f"{source.name} has no column '{config.id_column}' for --id-column "
+                f"(columns: {', '.join(columns)})."
+            )
+        if config.expected_column is not None and config.expected_column not in columns:
+            raise InputError(
+                f"{source.name} has no column '{config.expected_column}' for --expected-column "
+                f"(columns: {', '.join(columns)})."
+            )
+    except InputError as exc:
+        hint = delimiter_hint(columns, config.delimiter)
+        if hint:
+            raise InputError(f"{exc} {hint}") from exc
+        raise
     return source, builder
 
 
@@ -1160,9 +1173,13 @@ class _Run:
             priced = self.plan.prices.cost(model, round(prompt), round(tokens - prompt))
             cost = priced or 0.0
         if not self.budget.reserve(cost, tokens):
+            worst = f"${cost:.4f}, " if self.budget.max_cost is not None else ""
             raise BudgetReached(
-                f"budget reached: {self.budget.describe()}; the next request could cross it. "
-                "Rerun with a larger budget to continue."
+                f"budget reached: {self.budget.describe()}; the next request could cross it "
+                f"(it reserves up to {worst}{tokens:,.0f} tokens: its prompt plus "
+                + ("--max-tokens" if self.config.max_tokens is not None else "a typical answer")
+                + f" x {choices} completion{'s' if choices != 1 else ''}). Rerun with a larger "
+                "budget to continue."
             )
         return (cost, tokens)
 
@@ -1242,6 +1259,7 @@ class _Run:
             f"--max-runtime {self.config.max_runtime:g}s reached: stopping; requests in "
             f"flight get {self.config.grace:g}s"
         )
+        self.abort_kind = self.abort_kind or "interrupted"
         self.stop(f"deadline: --max-runtime {self.config.max_runtime:g}s reached")
 
     def _install_signals(self) -> Callable[[], None]:
@@ -1256,6 +1274,7 @@ class _Run:
         def on_signal(signum: int) -> None:
             seen["count"] += 1
             name = signal.Signals(signum).name
+            self.abort_kind = self.abort_kind or "interrupted"
             if seen["count"] == 1:
                 self.reporter.note(
                     f"{name}: stopping; requests in flight get {self.config.grace:g}s "
@@ -1525,6 +1544,7 @@ def _summarize(
         deduplicated=run.deduplicated,
         cache_hits=run.cache_hits,
         cost_usd=rep.cost_usd,
+        unpriced=rep.unpriced,
         prompt_tokens=rep.prompt_tokens,
         completion_tokens=rep.completion_tokens,
         total_tokens=rep.prompt_tokens + rep.completion_tokens,
@@ -1540,12 +1560,15 @@ def _summarize(
         summary.exit_code = EXIT_STORAGE
     elif summary.aborted and run.abort_kind == "retry_later":
         summary.exit_code = EXIT_RETRY_LATER
+    elif summary.aborted and run.abort_kind == "interrupted":
+        summary.exit_code = EXIT_INTERRUPTED
     elif summary.aborted:
         summary.exit_code = EXIT_ABORTED
     elif summary.error or summary.invalid or summary.pending:
         summary.exit_code = EXIT_FAILED_ROWS
     else:
         summary.exit_code = EXIT_OK
+    summary.exit_reason = exit_reason(summary.exit_code)
     return summary
 
 
@@ -1572,7 +1595,13 @@ def _run_in_new_loop(main: Coroutine[Any, Any, RunSummary]) -> RunSummary:
         return runner.run(main)
 
 
-def estimate_job(data: Any, output: str | Path | None, config: RunConfig) -> tuple[Estimate, ...]:
+def estimate_job(
+    data: Any,
+    output: str | Path | None,
+    config: RunConfig,
+    *,
+    typical_completion: int | None = None,
+) -> tuple[Estimate, ...]:
     """What ``run`` would send and spend, one estimate per model, without sending anything
     or touching OUTPUT.
 
@@ -1645,7 +1674,9 @@ def estimate_job(data: Any, output: str | Path | None, config: RunConfig) -> tup
     prices = PriceTable.load(config.prices)
     results = []
     for estimator, model_done in zip(estimators, done, strict=True):
-        result = estimator.result(max_tokens=config.max_tokens, prices=prices)
+        result = estimator.result(
+            max_tokens=config.max_tokens, prices=prices, typical_completion=typical_completion
+        )
         notes = list(result.notes)
         if config.n > 1 and config.n_mode == "auto":
             notes.append(
