@@ -19,6 +19,7 @@ appends newer results). This module does not know how results are produced or as
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -97,6 +98,24 @@ def results_to_table(results: Sequence[RowResult]) -> pa.Table:
         for name, value in zip(PART_SCHEMA.names, values, strict=True):
             cols[name].append(value)
     return pa.table(cols, schema=PART_SCHEMA)
+
+
+def _valid_text(result: RowResult) -> RowResult:
+    """``result`` with every lone surrogate in its text replaced by U+FFFD."""
+
+    def valid(text: str | None) -> str | None:
+        if text is None:
+            return None
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+    return dataclasses.replace(
+        result,
+        completion=valid(result.completion),
+        error_message=valid(result.error_message),
+        response_model=valid(result.response_model),
+        response_id=valid(result.response_id),
+        finish_reason=valid(result.finish_reason),
+    )
 
 
 def row_result(record: dict[str, Any]) -> RowResult:
@@ -419,15 +438,15 @@ class Checkpoint:
             shutil.move(str(rescued), str(backup / "rescued"))
         return backup
 
-    def prepare(self) -> None:
+    def prepare(self) -> list[str]:
         """Create the directories, drop temp files of a crashed run, find the next part,
-        and take in the parts a run could only save to the rescue place."""
+        and take in the parts a run could only save to the rescue place. Returns notes."""
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.parts_dir.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
         seqs = [int(p.stem.split("-")[1]) for p in self._part_paths()]
         self._next_part = max(seqs, default=0) + 1
-        self._adopt_rescued()
+        return self._adopt_rescued()
 
     # -- parts ----------------------------------------------------------------------------
 
@@ -445,7 +464,11 @@ class Checkpoint:
         return path
 
     def _write_results(self, path: Path, results: Sequence[RowResult]) -> None:
-        atomic_write_table(path, results_to_table(results))
+        try:
+            table = results_to_table(results)
+        except UnicodeEncodeError:  # half a surrogate pair in an answer ("\\ud83d" in JSON)
+            table = results_to_table([_valid_text(r) for r in results])
+        atomic_write_table(path, table)
 
     # -- rescue: answers the checkpoint could not take -------------------------------------
 
@@ -454,36 +477,74 @@ class Checkpoint:
         return bool(self._part_paths()) or any(self.rescue_dir().glob("part-*.parquet"))
 
     def rescue_dir(self) -> Path:
-        """Where answers go when the checkpoint cannot be written: another filesystem,
-        most often, and the same place for every run of this OUTPUT."""
+        """Where answers go when the checkpoint cannot be written: most often another
+        filesystem; private to this user, and the same place for every run of this OUTPUT."""
         tag = hashlib.sha256(str(self.dir.resolve()).encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / "pipeline-rescue" / tag
+        return Path(tempfile.gettempdir()) / f"pipeline-rescue-{os.getuid()}" / tag
 
     def rescue_part(self, results: Sequence[RowResult]) -> Path:
-        """Save results that ``write_part`` could not write; returns the file."""
+        """Save results that ``write_part`` could not write; returns the file. Beside it,
+        what proves whose they are: this checkpoint, its job (fingerprint and creation
+        time in the manifest) and the last part written before them."""
         where = self.rescue_dir()
-        where.mkdir(parents=True, exist_ok=True)
+        where.parent.mkdir(mode=0o700, exist_ok=True)
+        where.mkdir(mode=0o700, exist_ok=True)
         path = where / f"part-{time.time_ns()}-{os.getpid()}.parquet"
         self._write_results(path, results)
-        (where / "checkpoint.txt").write_text(f"{self.dir.resolve()}\n")
+        manifest = self.read_manifest()
+        identity = {
+            "checkpoint": str(self.dir.resolve()),
+            "fingerprint": manifest.get("fingerprint"),
+            "created_at": manifest.get("created_at"),
+            "after_part": self._next_part - 1,
+        }
+        atomic_write_bytes(where / "identity.json", json.dumps(identity).encode())
         return path
 
-    def _adopt_rescued(self) -> None:
+    def _adopt_rescued(self) -> list[str]:
+        """Move rescued parts into ``parts/`` when they are provably this job's and nothing
+        was written since; otherwise set them aside in the checkpoint. Returns notes."""
         where = self.rescue_dir()
-        if not where.exists():
-            return
-        for rescued in sorted(where.glob("part-*.parquet")):
+        rescued = sorted(where.glob("part-*.parquet"))
+        if not rescued:
+            return []
+        problem = self._rescue_problem(where)
+        if problem is not None:
+            aside = self.dir / f"rescued-not-used-{time.strftime('%Y%m%d-%H%M%S')}"
+            shutil.move(str(where), str(aside))
+            return [f"answers rescued earlier were not used ({problem}); kept in {aside}"]
+        for part in rescued:
             with self._write_lock:
                 path = self.parts_dir / f"part-{self._next_part:06d}.parquet"
                 tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                shutil.copyfile(rescued, tmp)
+                shutil.copyfile(part, tmp)
                 with tmp.open("rb+") as fh:
                     os.fsync(fh.fileno())
                 os.replace(tmp, path)
                 _fsync_dir(path.parent)
                 self._next_part += 1
-            rescued.unlink()
+            part.unlink()
         shutil.rmtree(where, ignore_errors=True)
+        return [f"took in {len(rescued)} part(s) of answers rescued when the disk failed"]
+
+    def _rescue_problem(self, where: Path) -> str | None:
+        info = where.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            return f"{where} is not private to this user"
+        try:
+            identity = json.loads((where / "identity.json").read_text())
+        except (OSError, ValueError):
+            return "no readable identity.json beside them"
+        manifest = self.read_manifest()
+        if identity.get("checkpoint") != str(self.dir.resolve()):
+            return "they belong to another checkpoint"
+        if not manifest or any(
+            identity.get(name) != manifest.get(name) for name in ("fingerprint", "created_at")
+        ):
+            return "they belong to another job: the checkpoint was started again since"
+        if self._next_part - 1 != identity.get("after_part"):
+            return "parts were written since, so they are older than what is here"
+        return None
 
     def part_paths(self) -> list[Path]:
         return self._part_paths()

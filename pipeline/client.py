@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import errno
 import json
+import socket
+import sys
 import time
 from typing import Any
 
@@ -28,6 +31,7 @@ import httpx
 from .errors import (
     AuthenticationError,
     BadRequest,
+    ConnectFailed,
     MalformedResponse,
     PermissionDenied,
     QuotaExceeded,
@@ -153,12 +157,14 @@ class ChatClient:
         except TimeoutError:
             raise TransportError(f"no complete answer within {self.timeout:g}s") from None
         except (httpx.TransportError, httpx.DecodingError, OSError) as exc:
-            raise TransportError(self.redact(_describe(exc))) from None
+            failure = ConnectFailed if _no_connection(exc) else TransportError
+            raise failure(self.redact(_describe(exc))) from None
         except Exception as exc:
             # aiohttp errors the transport does not map (for example a dropped connection
             # mid-body) are network failures too.
             if type(exc).__module__.startswith("aiohttp"):
-                raise TransportError(self.redact(_describe(exc))) from None
+                failure = ConnectFailed if _no_connection(exc) else TransportError
+                raise failure(self.redact(_describe(exc))) from None
             raise
         if status == 200:
             return parse_completion(content, kept_headers(raw_headers))
@@ -173,6 +179,20 @@ class ChatClient:
 def build_body(model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> bytes:
     """The request body: model, messages and the other (set) parameters, as JSON bytes."""
     return json.dumps({"model": model, "messages": messages, **params}, ensure_ascii=False).encode()
+
+
+_NO_CONNECTION_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH}
+
+
+def _no_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` says no connection could be opened (refused, no such host,
+    unreachable), as opposed to one that broke or timed out."""
+    if isinstance(exc, httpx.ConnectError | socket.gaierror | ConnectionRefusedError):
+        return True
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is not None and isinstance(exc, aiohttp.ClientConnectorError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _NO_CONNECTION_ERRNOS
 
 
 def _describe(exc: BaseException) -> str:

@@ -18,10 +18,12 @@ whole run is decided by the exception's type (set from the HTTP status and the e
         │   ├── RateLimited             429 (not quota)
         │   ├── ServerError             408, 409, 5xx
         │   ├── TransportError          timeout, connection refused/reset/dropped
+        │   │   └── ConnectFailed           no connection: refused, DNS, unreachable
         │   └── MalformedResponse       200 whose body is not a valid completion
         ├── RowError                    not retried: the row ends with this error
         │   ├── BadRequest              400 (incl. context length), 404, 422, other 4xx
-        │   └── InvalidRow              the row's own data cannot make a request
+        │   ├── InvalidRow              the row's own data cannot make a request
+        │   └── UnexpectedError         any other exception of one attempt (a parser's)
         └── FatalError                  not retried: the whole run stops at once
             ├── AuthenticationError     401
             ├── PermissionDenied        403 (AI/ML API: out of credits / spend limit)
@@ -157,6 +159,14 @@ class TransportError(RetryableError):
     """No usable HTTP response: timeout, refused, reset or dropped connection."""
 
 
+class ConnectFailed(TransportError):
+    """No connection could be opened: refused, the host does not resolve, unreachable."""
+
+    @property
+    def kind(self) -> str:
+        return "TransportError"  # the error_type column keeps its name
+
+
 class MalformedResponse(RetryableError):
     """HTTP 200 whose body is not a valid chat completion."""
 
@@ -171,6 +181,20 @@ class BadRequest(RowError):
 
 class InvalidRow(RowError):
     """The row's own data cannot make a request (for example a malformed messages column)."""
+
+
+class UnexpectedError(RowError):
+    """An exception that no request error describes, raised while an attempt was made or
+    its answer read (a body that breaks the JSON parser, say): the row ends with it, under
+    the exception's own type name, and the run goes on."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(f"{type(exc).__name__}: {exc}"[:2000])
+        self.original = type(exc).__name__
+
+    @property
+    def kind(self) -> str:
+        return self.original
 
 
 class FatalError(RequestError):

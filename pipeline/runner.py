@@ -43,6 +43,7 @@ from .errors import (
     EXIT_STORAGE,
     BudgetReached,
     ConfigError,
+    ConnectFailed,
     FatalError,
     InputError,
     OutputError,
@@ -50,6 +51,7 @@ from .errors import (
     RequestError,
     RunAborted,
     ServerSaysLater,
+    UnexpectedError,
     exit_reason,
 )
 from .estimate import Estimate, Estimator
@@ -266,7 +268,7 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
             notes.append(f"--restart: the old checkpoint was moved to {backup}")
         elif checkpoint.holds_results():  # no result yet (a run that failed): nothing to mix
             checkpoint.check_fingerprint(config.fingerprint_parts(), FINGERPRINT_DEFAULTS)
-        checkpoint.prepare()
+        notes.extend(checkpoint.prepare())
         if new_pass is not None:
             checkpoint.save_key_pass(new_pass)
             del new_pass
@@ -286,7 +288,7 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
     for j, mkeys in enumerate(unit_keys):
         pos = index.lookup(mkeys)
         done = pos >= 0
-        if config.retry_failed:
+        if config.retry_failed and len(index.keys):
             status = index.status[np.maximum(pos, 0)]
             done &= (status != STATUS_CODES["error"]) & (status != STATUS_CODES["invalid"])
         present[pos[pos >= 0]] = True
@@ -328,12 +330,29 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
     )
 
 
+async def _uncancellable(step: Coroutine[Any, Any, None]) -> None:
+    """Run ``step`` to its end even if the caller is cancelled meanwhile (the cancel is
+    raised after): the last checkpoint writes must not be cut off."""
+    task = asyncio.ensure_future(step)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    task.result()
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 class _FailFast:
-    """Tells a run whose first requests all fail the same way (a wrong --base-url path, a
-    host that does not resolve, a refused port, a server that answers 500 to everything)
-    from one where some rows fail: ``limit`` attempts in a row, none succeeded, one kind
-    and status. 429s say nothing about this (rate control handles them); the first answer
-    disarms it for the rest of the run."""
+    """Tells a run whose first requests all fail the same way because of its setup (a wrong
+    --base-url path, a host that does not resolve, a refused port, a server that answers
+    500 to everything) from one where some rows fail: ``limit`` such attempts in a row, no
+    answer yet, one kind and status. Only failures that say "this address or server is
+    wrong" count (``counts``): not 429s (rate control), not timeouts (a cold start), not
+    400s (the rows' own content). The first answer disarms it for the rest of the run.
+    """
 
     limit = 10
 
@@ -343,17 +362,32 @@ class _FailFast:
         self.signature: tuple[str, int | None] | None = None
         self.tripped: tuple[str, int | None] | None = None  # the signature that stopped the run
 
+    @staticmethod
+    def counts(exc: RequestError) -> bool:
+        if isinstance(exc, ConnectFailed):
+            return True
+        return exc.status in (404, 405, 500, 501, 505) and not isinstance(exc, FatalError)
+
     def failed(self, exc: RequestError) -> bool:
         """Count one failed attempt; True when the run should stop."""
-        if not self.armed or isinstance(exc, RateLimited):
+        if not self.armed or not self.counts(exc):
             return False
         signature = (exc.kind, exc.status)
         if self.signature is not None and signature != self.signature:
-            self.armed = False  # failures of several kinds: rows fail, not the setup
+            self.armed = False  # two kinds of setup failure: rows fail, not the setup
             return False
         self.signature = signature
         self.failures += 1
         return self.failures >= self.limit
+
+    def holds(self, result: RowResult) -> bool:
+        """Whether ``result`` waits for the verdict: an error like the ones counted."""
+        return (
+            self.armed
+            and result.status == "error"
+            and self.signature is not None
+            and (result.error_type, result.http_status) == self.signature
+        )
 
 
 class _Run:
@@ -429,14 +463,12 @@ class _Run:
 
     def record(self, result: RowResult) -> None:
         self._open_keys.discard(result.key)
-        if result.status == "error" and result.attempts:
-            if self.fail_fast.armed:
+        if self.fail_fast.signature is not None and result.status == "error":
+            if self.fail_fast.holds(result):
                 self._on_probation.append(result)
                 return
             if self.fail_fast.tripped == (result.error_type, result.http_status):
                 return  # failed like every request before the stop: stays pending
-        elif self.fail_fast.armed:
-            self._end_probation()
         self.buffer.append(result)
         self.reporter.row_done(result)
         for key in self.plan.followers.pop(result.key, ()):
@@ -453,10 +485,13 @@ class _Run:
             self._flushes.add(task)  # awaited before the run ends: never dropped
             task.add_done_callback(self._flushes.discard)
 
+    def _answered(self) -> None:
+        """A 2xx came back: the setup works, the held errors are ordinary row results."""
+        if self.fail_fast.armed:
+            self.fail_fast.armed = False
+            self._end_probation()
+
     def _end_probation(self) -> None:
-        """Something succeeded (or the run ended without a verdict): the held errors are
-        ordinary row results."""
-        self.fail_fast.armed = False
         held, self._on_probation = self._on_probation, []
         for result in held:
             self.record(result)
@@ -467,7 +502,6 @@ class _Run:
         self.fail_fast.tripped = self.fail_fast.signature
         if self.abort_kind is None:
             self.abort_kind = "fatal"
-        self._open_keys.difference_update(r.key for r in self._on_probation)
         self._on_probation = []
         status = f" {exc.status}" if exc.status else ""
         message = (
@@ -555,6 +589,7 @@ class _Run:
     async def _last_flushes(self) -> None:
         """Every result received reaches a part before the run says it is done."""
         if self._on_probation:
+            self.fail_fast.armed = False
             self._end_probation()  # a small job whose rows all failed: ordinary errors
         self._flusher_done.set()
         while self._flushes:
@@ -684,6 +719,8 @@ class _Run:
 
     def _row_failed(self, keys: list[int], exc: Exception) -> None:
         """An unexpected exception while a row was handled ends that row as an error."""
+        while isinstance(exc, ExceptionGroup) and exc.exceptions:  # from a TaskGroup
+            exc = exc.exceptions[0]
         message = str(exc) or repr(exc)
         for key in keys:
             if key in self._open_keys:
@@ -754,12 +791,13 @@ class _Run:
         if len(requests) == 1:
             await self._send_samples(row, model, messages, params, requests[0], keys, client)
             return
-        await asyncio.gather(
-            *(
-                self._send_samples(row, model, messages, params, request, keys, client)
-                for request in requests
-            )
-        )
+        # a TaskGroup: if one request fails unexpectedly its siblings stop too, so the
+        # row is settled once (by the worker) and nothing outlives the run
+        async with asyncio.TaskGroup() as group:
+            for request in requests:
+                group.create_task(
+                    self._send_samples(row, model, messages, params, request, keys, client)
+                )
 
     def _stop_for(self, exc: BudgetReached | FatalError) -> None:
         """A budget or a fatal error ends the run; what it interrupted stays pending."""
@@ -875,7 +913,9 @@ class _Run:
                     shared=shared,
                 )
             )
-        await asyncio.gather(*pending)
+        async with asyncio.TaskGroup() as group:
+            for coroutine in pending:
+                group.create_task(coroutine)
 
     def _fill_missing(
         self,
@@ -1072,8 +1112,10 @@ class _Run:
             try:
                 completion = await client.send(body, request_id)
             except RequestError as exc:
-                if self.fail_fast.failed(exc) and not isinstance(exc, FatalError):
+                if self.fail_fast.failed(exc):
                     self._fail_fast(exc)
+                elif not self.fail_fast.armed and self._on_probation:
+                    self._end_probation()  # disarmed by a second kind of failure
                 await self.limits.finish(
                     chars=chars,
                     cost=cost,
@@ -1086,9 +1128,14 @@ class _Run:
                 if isinstance(exc, RateLimited) and self.limits.come_back_later:
                     raise _come_back_later(exc, self.config.max_retry_wait) from exc
                 raise
+            except Exception as exc:  # anything else ends this row, not the worker
+                await self.limits.finish(chars=chars, cost=cost, started=began, headers=None)
+                raise UnexpectedError(exc) from exc
             except BaseException:
                 await self.limits.finish(chars=chars, cost=cost, started=began, headers=None)
                 raise
+            if self.fail_fast.armed:
+                self._answered()
             await self.limits.finish(
                 chars=chars,
                 cost=cost,
@@ -1217,28 +1264,25 @@ class _Run:
         remover = self._install_signals()
         deadline = asyncio.create_task(self._deadline()) if config.max_runtime else None
         gather = asyncio.gather(*workers)
+        stop_wait: asyncio.Future[Any] = asyncio.ensure_future(self.stopping.wait())
+        now_wait: asyncio.Future[Any] = asyncio.ensure_future(self.stopping_now.wait())
         try:
-            stop_wait: asyncio.Future[Any] = asyncio.ensure_future(self.stopping.wait())
-            waiting: list[asyncio.Future[Any]] = [gather, stop_wait]
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([gather, stop_wait], return_when=asyncio.FIRST_COMPLETED)
             if self.stopping.is_set() and not gather.done() and not self.hard_stop:
                 # requests in flight get the grace period, unless a hard stop comes first
-                now_wait: asyncio.Future[Any] = asyncio.ensure_future(self.stopping_now.wait())
                 await asyncio.wait(
                     [gather, now_wait], timeout=config.grace, return_when=asyncio.FIRST_COMPLETED
                 )
-                now_wait.cancel()
-            stop_wait.cancel()
         finally:
             # whatever ended the wait (the end, a stop, a cancel from outside): no task is
             # left running, and every result received is written before the run goes on
-            for task in (*workers, producer):
+            for task in (*workers, producer, stop_wait, now_wait):
                 task.cancel()
             await asyncio.gather(gather, producer, return_exceptions=True)
             remover()
             if deadline is not None:
                 deadline.cancel()
-            await self._last_flushes()
+            await _uncancellable(self._last_flushes())
             await flusher
             if self.seams.transport is None:
                 with contextlib.suppress(Exception):

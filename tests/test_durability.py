@@ -144,7 +144,7 @@ class HostileServer:
                 body, buf = json.loads(buf[:length]), buf[length:]
                 self.requests += 1
                 prompt = body["messages"][-1]["content"]
-                if "bomb" in prompt:
+                if "bomb" in prompt or body.get("seed") == 8:
                     payload = b"[" * 200_000 + b"]" * 200_000
                 else:
                     payload = json.dumps(
@@ -203,6 +203,45 @@ def test_a_response_that_breaks_the_parser_fails_its_row_and_the_run_goes_on(
     assert (ok["completion"] == ANSWER + ok["prompt"]).all()
 
 
+def test_one_broken_sample_of_a_row_is_that_samples_error_and_the_others_are_kept(
+    hostile: HostileServer, tmp_path: Path
+) -> None:
+    # Before: the other samples went on unattended, were recorded twice (once as the
+    # broken sample's error), and the last row's answers were never saved.
+    frame = prompts(4)
+    out = tmp_path / "o.parquet"
+    summary = run(
+        frame, out, base_url=hostile.base_url, n=3, n_mode="seeds", seed=7, concurrency=2,
+        max_retries=0, samples="long",
+    )  # fmt: skip
+    assert (summary.ok, summary.error, summary.pending) == (8, 4, 0)
+    result = pd.read_parquet(out)
+    assert len(result) == 12
+    broken = result[result["sample"] == 1]
+    assert broken["error_type"].tolist() == ["RecursionError"] * 4
+    kept = result[result["sample"] != 1]
+    assert all(
+        c.startswith(ANSWER + p) for c, p in zip(kept["completion"], kept["prompt"], strict=True)
+    )
+    parts = pd.concat(
+        pd.read_parquet(p) for p in (tmp_path / "o.parquet.checkpoint" / "parts").glob("*.parquet")
+    )
+    assert parts["key"].is_unique  # each sample recorded once
+
+
+def test_half_a_surrogate_pair_in_an_answer_is_kept_with_a_replacement_character(
+    tmp_path: Path,
+) -> None:
+    frame = pd.DataFrame({"prompt": ["a", "b"]})
+    with SimulatorThread() as sim:
+        run(frame, tmp_path / "o.parquet", base_url=sim.base_url)
+    checkpoint = Checkpoint(tmp_path / "x.parquet")
+    checkpoint.prepare()
+    checkpoint.write_part([RowResult(key=1, status="ok", completion="cut emoji \ud83d here")])
+    stored = pd.read_parquet(next(checkpoint.parts_dir.glob("*.parquet")))
+    assert stored["completion"].tolist() == ["cut emoji \ufffd here"]
+
+
 # -- a checkpoint that cannot be written ------------------------------------------------------
 
 
@@ -247,13 +286,13 @@ def test_a_full_disk_stops_the_run_and_a_rerun_pays_for_nothing_twice(
         # it stopped at once: far from all 20,000 rows were sent
         assert first < 10_000
         # nothing received was thrown away: what the full disk could not take was rescued
-        assert list((rescue_place / "pipeline-rescue").rglob("part-*.parquet"))
+        assert list((rescue_place / "pipeline-rescue-0").rglob("part-*.parquet"))
         remount(small_disk, "size=64m")
         again = run(frame, out, base_url=sim.base_url, concurrency=16)
         assert again.exit_code == 0
         assert len(sim.simulator.requests) == 20_000  # each row sent exactly once
         assert_every_row_has_its_own_answer(out, frame)
-    assert not list((rescue_place / "pipeline-rescue").rglob("part-*.parquet"))
+    assert not list((rescue_place / "pipeline-rescue-0").rglob("part-*.parquet"))
 
 
 class LockDirectoryAt(Reporter):
@@ -301,6 +340,30 @@ def test_a_checkpoint_directory_turned_read_only_mid_run_keeps_every_answer(
         assert again.exit_code == 0
         assert len(sim.simulator.requests) == 6000  # each row sent exactly once
         assert_every_row_has_its_own_answer(out, frame)
+
+
+def test_rescued_answers_of_another_job_or_older_than_the_checkpoint_are_never_used(
+    tmp_path: Path, rescue_place: Path
+) -> None:
+    out = tmp_path / "o.parquet"
+    checkpoint = Checkpoint(out)
+    checkpoint.prepare()
+    checkpoint.write_manifest({"fingerprint": "job-1", "created_at": 1.0})
+    checkpoint.rescue_part([RowResult(key=1, status="ok", completion="job 1's answer")])
+    # the checkpoint was deleted and the job started again with other settings
+    shutil.rmtree(checkpoint.dir)
+    again = Checkpoint(out)
+    again.prepare()  # no manifest yet: nothing proves whose they are
+    assert again.part_paths() == []
+    assert list(again.dir.glob("rescued-not-used-*/part-*.parquet"))
+    # a rescue from before parts that were written since is older than they are
+    again.write_manifest({"fingerprint": "job-2", "created_at": 2.0})
+    again.rescue_part([RowResult(key=1, status="error", error_type="ServerError")])
+    again.write_part([RowResult(key=1, status="ok", completion="newer answer")])
+    third = Checkpoint(out)
+    notes = third.prepare()
+    assert [p.name for p in third.part_paths()] == ["part-000001.parquet"]
+    assert "older than what is here" in notes[0]
 
 
 def test_restart_takes_rescued_answers_away_with_the_old_checkpoint(

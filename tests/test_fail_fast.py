@@ -127,3 +127,40 @@ def test_a_small_job_whose_rows_all_fail_ends_with_error_rows(tmp_path: Path) ->
         )
     assert (summary.error, summary.pending, summary.exit_code) == (3, 0, 1)
     assert (pd.read_parquet(tmp_path / "o.parquet")["http_status"] == 404).all()
+
+
+def test_an_empty_first_row_or_samples_do_not_keep_a_wrong_url_from_stopping_the_run(
+    tmp_path: Path,
+) -> None:
+    # a skipped row and shared samples carry no attempt: they say nothing of the setup
+    with SimulatorThread() as sim:
+        wrong = sim.base_url.removesuffix("/v1") + "/api"
+        frame = pd.DataFrame({"prompt": ["", *(f"row {i}" for i in range(299))]})
+        skipped_first = run(frame, tmp_path / "a.parquet", base_url=wrong, concurrency=8)
+        samples = run(prompts(), tmp_path / "b.parquet", base_url=wrong, concurrency=8, n=3)
+    assert skipped_first.exit_code == EXIT_ABORTED and skipped_first.pending == 299
+    assert samples.exit_code == EXIT_ABORTED and samples.pending == 3 * ROWS
+
+
+def test_timeouts_of_a_cold_start_do_not_stop_the_run(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"prompt": [f"row {i} [[sim:fail=1,timeout]]" for i in range(40)]})
+    with SimulatorThread() as sim:
+        summary = run(
+            frame, tmp_path / "o.parquet", base_url=sim.base_url, concurrency=16, timeout=0.5,
+            max_retry_wait=0.05,
+        )  # fmt: skip
+    assert (summary.ok, summary.aborted) == (40, None)
+
+
+def test_rows_too_long_for_the_model_are_their_own_errors_not_a_setup_failure(
+    tmp_path: Path,
+) -> None:
+    frame = pd.DataFrame(
+        {
+            "prompt": [f"long {i} [[sim:context_length]]" for i in range(12)]
+            + [f"row {i}" for i in range(40)]
+        }
+    )
+    with SimulatorThread() as sim:
+        summary = run(frame, tmp_path / "o.parquet", base_url=sim.base_url, concurrency=4)
+    assert (summary.ok, summary.error, summary.pending, summary.exit_code) == (40, 12, 0, 1)
