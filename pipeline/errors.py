@@ -20,12 +20,14 @@ whole run is decided by the exception's type (set from the HTTP status and the e
         │   ├── TransportError          timeout, connection refused/reset/dropped
         │   └── MalformedResponse       200 whose body is not a valid completion
         ├── RowError                    not retried: the row ends with this error
-        │   ├── BadRequest              400 (incl. context length), 404, 422, other 4xx
-        │   └── InvalidRow              the row's own data cannot make a request
+        │   ├── BadRequest              400 (incl. context length), 404, 422, other 4xx, 3xx
+        │   ├── InvalidRow              the row's own data cannot make a request
+        │   └── ResponseTooLarge        body over --max-response-bytes (received or decoded)
         └── FatalError                  not retried: the whole run stops at once
             ├── AuthenticationError     401
             ├── PermissionDenied        403 (AI/ML API: out of credits / spend limit)
             ├── QuotaExceeded           429 insufficient_quota
+            ├── CertificateError        the server's TLS certificate fails verification
             └── BudgetReached           the next request could cross --max-cost / tokens
 """
 
@@ -132,6 +134,11 @@ class InvalidRow(RowError):
     """The row's own data cannot make a request (for example a malformed messages column)."""
 
 
+class ResponseTooLarge(RowError):
+    """The response body is over ``--max-response-bytes`` as received or as decoded (or
+    stacks more than two content codings); sent again it would be as large."""
+
+
 class FatalError(RequestError):
     """Every further row would fail the same way: stop the run."""
 
@@ -146,6 +153,11 @@ class PermissionDenied(FatalError):
 
 class QuotaExceeded(FatalError):
     """429 insufficient_quota: the account has no quota left."""
+
+
+class CertificateError(FatalError):
+    """The server's TLS certificate fails verification (untrusted, expired, wrong host):
+    every row would fail the same way, and retrying will not heal it."""
 
 
 class BudgetReached(FatalError):
