@@ -71,7 +71,7 @@ class RawServer:
 
     With ``tls`` (a server-side context) every accepted socket does a TLS handshake first;
     a failed one counts in ``handshakes_failed``. With ``stray``, those bytes follow each
-    answer 10 ms later, unasked for.
+    answer 5 ms later, unasked for.
     """
 
     def __init__(
@@ -129,7 +129,7 @@ class RawServer:
             try:
                 sock.sendall(self.answer(request))
                 if self.stray:
-                    time.sleep(0.01)
+                    time.sleep(0.005)
                     sock.sendall(self.stray)
             except OSError:
                 return
@@ -170,7 +170,7 @@ def test_a_stray_response_on_an_idle_connection_never_answers_the_next_request(
             answers.append(body)
             # the loop is busy (CPU work of the caller) as the stray response arrives: it
             # waits unread in the socket of the idle connection
-            time.sleep(0.1)  # noqa: ASYNC251 (blocking the loop is the point)
+            time.sleep(0.2)  # noqa: ASYNC251 (blocking the loop is the point)
         await transport.aclose()
         return answers
 
