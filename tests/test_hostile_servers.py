@@ -181,6 +181,31 @@ def test_a_stray_response_on_an_idle_connection_never_answers_the_next_request(
     assert server.connections == 6  # each connection with a stray answer was dropped
 
 
+def test_a_connection_handed_to_a_waiting_request_is_checked_for_a_stray_response_too(
+    run: Run,  # noqa: F811
+) -> None:
+    def answer(request: bytes) -> bytes:
+        return ok(b"answer " + header_value(request, b"X-N"))
+
+    async def scenario(url: str) -> list[bytes]:
+        # one connection, two requests: the second waits for the first one's connection,
+        # which is handed to it as the first answer completes
+        transport = Http11Transport(max_connections=1)
+
+        async def one(n: int) -> bytes:
+            _, _, body = await post(transport, url, headers=((b"X-N", b"%d" % n),))
+            time.sleep(0.2)  # noqa: ASYNC251 (busy while the stray answer arrives)
+            return body
+
+        answers = await asyncio.gather(one(0), one(1))
+        await transport.aclose()
+        return list(answers)
+
+    with RawServer(answer, stray=ok(b"stray")) as server:
+        url = server.base_url + "/chat/completions"
+        assert run(lambda: scenario(url)) == [b"answer 0", b"answer 1"]
+
+
 # -- item 4: memory bounded by --max-response-bytes ----------------------------------------------
 
 
