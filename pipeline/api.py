@@ -83,6 +83,8 @@ OPTION_HELP: dict[str, str] = {
     "max_retries": "retries per row after the first try.",
     "max_retry_wait": "longest wait between retries, in seconds.",
     "http_backend": "http11 | aiohttp | httpx: the HTTP client.",
+    "max_response_bytes": "cap on one response body, received or decoded (64 MiB); "
+    "a row over it fails with ResponseTooLarge.",
     "grace": "seconds requests in flight get after an interrupt (the next one stops at once).",
     "max_runtime": "stop cleanly after this long: seconds, '45m', '2h' or a timedelta.",
     "prices": "extra or overriding price table (TOML file).",

@@ -387,6 +387,12 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         "connection pool of aiohttp or httpx. [default: http11]",
     ),
     click.option(
+        "--max-response-bytes",
+        type=int,
+        help="Largest response body accepted, as received and as decoded; a larger one "
+        "(or a gzip bomb) fails its row. [default: 67108864, 64 MiB]",
+    ),
+    click.option(
         "--grace",
         type=float,
         help="Seconds requests in flight get to finish after SIGINT/SIGTERM. [default: 10]",

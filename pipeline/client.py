@@ -22,12 +22,14 @@ import email.utils
 import errno
 import json
 import socket
+import ssl
 import sys
 import time
 from typing import Any
 
 import httpx
 
+from . import errors
 from .errors import (
     AuthenticationError,
     BadRequest,
@@ -40,7 +42,12 @@ from .errors import (
     ServerError,
     TransportError,
 )
-from .http11 import Http11Transport
+from .http11 import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    CertificateNotTrusted,
+    Http11Transport,
+    ResponseTooLarge,
+)
 from .pricing import reported_cost
 from .records import Choice, Completion, Usage
 from .transport import AiohttpTransport
@@ -51,8 +58,14 @@ KEPT_HEADER_PREFIXES = (b"x-ratelimit-", b"x-aimlapi-")
 QUOTA_WORDS = ("insufficient_quota", "quota", "billing", "credit")
 
 
-def make_transport(backend: str, concurrency: int) -> httpx.AsyncBaseTransport:
-    """A pooled keep-alive transport whose pool fits ``concurrency`` requests in flight."""
+def make_transport(
+    backend: str, concurrency: int, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+) -> httpx.AsyncBaseTransport:
+    """A pooled keep-alive transport whose pool fits ``concurrency`` requests in flight.
+
+    ``max_response_bytes`` caps one response body in http11 and aiohttp; httpx's own
+    transport is capped by ``ChatClient`` as it reads the body.
+    """
     if backend == "httpx":
         limits = httpx.Limits(
             max_connections=concurrency,
@@ -61,9 +74,9 @@ def make_transport(backend: str, concurrency: int) -> httpx.AsyncBaseTransport:
         )
         return httpx.AsyncHTTPTransport(limits=limits, retries=0)
     if backend == "aiohttp":
-        return AiohttpTransport(max_connections=concurrency)
+        return AiohttpTransport(max_connections=concurrency, max_response_bytes=max_response_bytes)
     if backend == "http11":
-        return Http11Transport(max_connections=concurrency)
+        return Http11Transport(max_connections=concurrency, max_response_bytes=max_response_bytes)
     raise ValueError(f"unknown http_backend {backend!r}: http11, aiohttp or httpx")
 
 
@@ -77,9 +90,12 @@ class ChatClient:
         api_key: str | None,
         timeout: float,
         transport: httpx.AsyncBaseTransport,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         self.url = httpx.URL(base_url.rstrip("/") + "/chat/completions")
         self.timeout = timeout
+        # enforced here for transports that do not cap bodies themselves (httpx's own)
+        self.max_response_bytes = max_response_bytes
         self.transport = transport
         self._api_key = api_key
         headers = [
@@ -150,13 +166,23 @@ class ChatClient:
                 async with asyncio.timeout(self.timeout):
                     response = await self.transport.handle_async_request(request)
                     try:
-                        content = await response.aread()
+                        content = await read_capped(response, self.max_response_bytes)
                     finally:
                         await response.aclose()
                 status, raw_headers = response.status_code, response.headers.raw
         except TimeoutError:
             raise TransportError(f"no complete answer within {self.timeout:g}s") from None
+        except ResponseTooLarge as exc:
+            raise errors.ResponseTooLarge(self.redact(str(exc))) from None
         except (httpx.TransportError, httpx.DecodingError, OSError) as exc:
+            if _certificate_failure(exc):
+                raise errors.CertificateError(
+                    self.redact(
+                        f"{_describe(exc)}. Every request to {self.url.host} would "
+                        "fail the same way: fix the server's certificate, or trust its "
+                        "CA with SSL_CERT_FILE=/path/to/ca.pem"
+                    )
+                ) from None
             failure = ConnectFailed if _no_connection(exc) else TransportError
             raise failure(self.redact(_describe(exc))) from None
         except Exception as exc:
@@ -195,8 +221,52 @@ def _no_connection(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _NO_CONNECTION_ERRNOS
 
 
+async def read_capped(response: httpx.Response, limit: int) -> bytes:
+    """An httpx response's decoded body, refused (``ResponseTooLarge``) past ``limit`` bytes.
+
+    A Content-Length over the limit or more than two content codings is refused before
+    reading. httpx decodes each piece as it arrives, so a compressed piece may briefly
+    decode to more than the limit before the count sees it (one network read's worth).
+    """
+    length = response.headers.get("content-length", "")
+    if length.isascii() and length.isdigit() and int(length) > limit:
+        raise ResponseTooLarge(
+            f"response body (Content-Length {length[:20]}) over {limit:,} bytes; "
+            "raise --max-response-bytes if it is real"
+        )
+    codings = [c for c in response.headers.get("content-encoding", "").split(",") if c.strip()]
+    if len(codings) > 2:
+        raise ResponseTooLarge(f"{len(codings)} content codings stacked; at most 2")
+    chunks = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise ResponseTooLarge(
+                f"response body decoded over {limit:,} bytes; "
+                "raise --max-response-bytes if it is real"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _certificate_failure(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it was raised from) is a TLS certificate verification failure."""
+    seen = 0
+    error: BaseException | None = exc
+    while error is not None and seen < 8:
+        if isinstance(error, (CertificateNotTrusted, ssl.SSLCertVerificationError)):
+            return True
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return False
+
+
 def _describe(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc.__context__
+    # only an explicit cause (raise ... from): the implicit context may be any exception
+    # that happened to be handled around the event loop (for example the RuntimeError of
+    # "no running event loop"), which says nothing about this request
+    cause = exc.__cause__
     inner = cause if cause is not None and str(cause) else exc
     text = str(inner) or type(inner).__name__
     return f"{type(inner).__name__}: {text}"
@@ -365,6 +435,10 @@ def error_from_response(status: int, content: bytes, headers: httpx.Headers) -> 
         "type": err_type,
         "headers": kept_headers(headers.raw),
     }
+    if 300 <= status < 400:
+        location = headers.get("location")
+        if location:
+            text += f" (Location: {location[:300]}; set --base-url to where it points)"
     if status == 401:
         return AuthenticationError(text, **kwargs)
     if status == 403:

@@ -98,6 +98,7 @@ class RunConfig:
     max_retries: int = 5
     max_retry_wait: float = 120.0
     http_backend: str = "http11"
+    max_response_bytes: int = 64 * 1024 * 1024  # one response body, as received and decoded
     grace: float = 10.0
     max_runtime: float | None = None  # seconds; TOML/CLI accept "90s", "45m", "2h"
     # cost
@@ -236,6 +237,7 @@ _INT_FIELDS = {
     "checkpoint_rows",
     "max_total_tokens",
     "n",
+    "max_response_bytes",
 }
 _FLOAT_FIELDS = {
     "temperature",
@@ -532,6 +534,7 @@ def validate(config: RunConfig) -> None:
         (config.max_tokens is None or config.max_tokens >= 1, "--max-tokens: at least 1"),
         (1 <= config.concurrency <= 10_000, "--concurrency: 1 to 10000"),
         (config.timeout > 0, "--timeout: above 0 seconds"),
+        (config.max_response_bytes >= 1024, "--max-response-bytes: at least 1024"),
         (config.rpm is None or config.rpm > 0, "--rpm: above 0"),
         (config.max_cost is None or config.max_cost > 0, "--max-cost: above 0 USD"),
         (

@@ -12,23 +12,25 @@ whole run is decided by the exception's type (set from the HTTP status and the e
     │   └── OutputError                 OUTPUT exists and is not ours, fingerprint mismatch
     │       └── FingerprintMismatch
     ├── LockHeld                        exit 8: another live run owns this OUTPUT
-    ├── RunAborted                      exit 3/4/5/6: see EXIT_CODES; a rerun resumes
+    ├── RunAborted                      exit 3-7: see EXIT_CODES; a rerun resumes
     └── RequestError                    one attempt of one row failed
         ├── RetryableError              retried with backoff
         │   ├── RateLimited             429 (not quota)
         │   ├── ServerError             408, 409, 5xx
         │   ├── TransportError          timeout, connection refused/reset/dropped
-        │   │   └── ConnectFailed           no connection: refused, DNS, unreachable
+        │   │   └── ConnectFailed       no connection: refused, DNS, unreachable
         │   └── MalformedResponse       200 whose body is not a valid completion
         ├── RowError                    not retried: the row ends with this error
-        │   ├── BadRequest              400 (incl. context length), 404, 422, other 4xx
+        │   ├── BadRequest              400 (incl. context length), 404, 422, other 4xx, 3xx
         │   ├── InvalidRow              the row's own data cannot make a request
+        │   ├── ResponseTooLarge        body over --max-response-bytes (received or decoded)
         │   └── UnexpectedError         any other exception of one attempt (a parser's)
         └── FatalError                  not retried: the whole run stops at once
             ├── AuthenticationError     401
             ├── PermissionDenied        403 (AI/ML API: out of credits / spend limit)
             ├── QuotaExceeded           429 insufficient_quota
             ├── ServerSaysLater         429s in a row with Retry-After beyond --max-retry-wait
+            ├── CertificateError        the server's TLS certificate fails verification
             └── BudgetReached           the next request could cross --max-cost / tokens
 """
 
@@ -197,6 +199,11 @@ class UnexpectedError(RowError):
         return self.original
 
 
+class ResponseTooLarge(RowError):
+    """The response body is over ``--max-response-bytes`` as received or as decoded (or
+    stacks more than two content codings); sent again it would be as large."""
+
+
 class FatalError(RequestError):
     """Every further row would fail the same way: stop the run."""
 
@@ -218,6 +225,11 @@ class ServerSaysLater(FatalError):
 
     ``retry_after`` is the longest wait asked (seconds); the run exits with code 7.
     """
+
+
+class CertificateError(FatalError):
+    """The server's TLS certificate fails verification (untrusted, expired, wrong host):
+    every row would fail the same way, and retrying will not heal it."""
 
 
 class BudgetReached(FatalError):

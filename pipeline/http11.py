@@ -21,12 +21,17 @@ is one ``asyncio.Protocol`` that parses the response in ``data_received`` and co
 future; a request costs that future, one write and the parsing. Timeouts are enforced by
 one watchdog timer per pool, not a timer per request.
 
-Errors are httpx's: ``ConnectError`` / ``ConnectTimeout`` (no connection), ``PoolTimeout``
+Errors are httpx's: ``ConnectError`` / ``ConnectTimeout`` (no connection; a certificate
+that fails verification is ``CertificateNotTrusted``, a ``ConnectError``), ``PoolTimeout``
 (no free connection in time), ``ReadError`` (the connection failed or closed before the
 response was complete), ``ReadTimeout`` (no complete response in time),
-``RemoteProtocolError`` (not HTTP/1.x), ``DecodingError`` (a body that does not decode).
-The connection of a failed request is closed, never reused. Nothing here logs, and no
-error text carries a request header (the API key is one).
+``RemoteProtocolError`` (not HTTP/1.x, parsed strictly), ``ResponseTooLarge`` (a body over
+``max_response_bytes`` as received or as decoded, or more than two content codings),
+``DecodingError`` (a body that does not decode). The connection of a failed request is
+closed, never reused, and so is an idle connection that has bytes to read or was closed by
+the server: it is checked before each reuse (one ``poll``), so a stray response can never be
+taken for the answer to the next request. Nothing here logs, and no error text carries a
+request header (the API key is one).
 
 Not supported: HTTP proxies (``HTTP_PROXY`` is ignored), HTTP/2, pipelining, request
 bodies sent as a stream (they are read whole first), brotli/zstd content encodings in
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import select
 import socket
 import ssl
 import zlib
@@ -47,7 +53,14 @@ from typing import Any, cast
 import aiohappyeyeballs
 import httpx
 
-__all__ = ["Http11Transport", "RawHeaders", "Route"]
+__all__ = [
+    "DEFAULT_MAX_RESPONSE_BYTES",
+    "CertificateNotTrusted",
+    "Http11Transport",
+    "RawHeaders",
+    "ResponseTooLarge",
+    "Route",
+]
 
 RawHeaders = list[tuple[bytes, bytes]]
 # (status, raw headers, body as received, content-coding or None)
@@ -57,7 +70,12 @@ ACCEPT_ENCODING = b"gzip, deflate"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _MAX_HEAD_BYTES = 64 * 1024  # status line + headers of one response
 _MAX_LINE_BYTES = 8 * 1024  # one chunk-size or trailer line
+# Largest body accepted, as received and as decoded: a chat completion is rarely over a few MB,
+# and a gzip bomb or an endless body must not take the memory of the whole run.
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+_MAX_CODINGS = 2  # content codings stacked on one body ("gzip, gzip, ..." is a bomb)
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_DIGITS = re.compile(rb"[0-9]+")  # ASCII only: str.isdigit() also takes "1\u00b9"
 # RFC 8305: start the next address (alternating IPv6/IPv4) if one has not connected in 250 ms
 HAPPY_EYEBALLS_DELAY = 0.25
 # Request headers this module writes itself from the URL and the body.
@@ -73,6 +91,20 @@ class _ClosedBeforeResponse(httpx.ReadError):
     """The connection closed before any byte of the response arrived (maybe a stale one)."""
 
 
+class ResponseTooLarge(httpx.RemoteProtocolError):
+    """A body over the size cap (as received or decoded), or too many content codings."""
+
+
+class CertificateNotTrusted(httpx.ConnectError):
+    """The server's TLS certificate failed verification: it will fail the same way again."""
+
+
+def _too_large(limit: int, what: str) -> ResponseTooLarge:
+    return ResponseTooLarge(
+        f"response body {what} over {limit:,} bytes; raise --max-response-bytes if it is real"
+    )
+
+
 def _header_line(name: bytes, value: bytes) -> bytes:
     if b"\r" in name or b"\n" in name or b":" in name or b"\r" in value or b"\n" in value:
         # the header's value may be a secret: name it, never echo the value
@@ -80,33 +112,51 @@ def _header_line(name: bytes, value: bytes) -> bytes:
     return b"%s: %s\r\n" % (name, value)
 
 
-def decode_body(body: bytes, coding: bytes) -> bytes:
-    """Undo a ``Content-Encoding`` (gzip, x-gzip, deflate, identity; comma-separated)."""
-    for token in reversed(coding.split(b",")):
-        token = token.strip().lower()
+def decode_body(body: bytes, coding: bytes, limit: int = DEFAULT_MAX_RESPONSE_BYTES) -> bytes:
+    """Undo a ``Content-Encoding`` (gzip, x-gzip, deflate, identity; comma-separated).
+
+    At most two codings, and no step may decode to more than ``limit`` bytes
+    (``ResponseTooLarge``): zlib stops at ``limit`` + 1 bytes, so a bomb costs no more.
+    """
+    tokens = [t for t in (t.strip().lower() for t in coding.split(b",")) if t not in _IDENTITY]
+    if len(tokens) > _MAX_CODINGS:
+        raise ResponseTooLarge(
+            f"{len(tokens)} content codings stacked ({coding[:60]!r}); at most {_MAX_CODINGS}"
+        )
+    for token in reversed(tokens):
         try:
             if token in (b"gzip", b"x-gzip"):
-                body = _gunzip(body)
+                # RFC 1952 allows several gzip members in a row
+                body = _inflate(body, 16 + zlib.MAX_WBITS, limit, members=True)
             elif token == b"deflate":
                 try:
-                    body = zlib.decompress(body)
+                    body = _inflate(body, zlib.MAX_WBITS, limit)
                 except zlib.error:  # some servers send raw deflate without the zlib wrapper
-                    body = zlib.decompress(body, -zlib.MAX_WBITS)
-            elif token not in (b"identity", b""):
+                    body = _inflate(body, -zlib.MAX_WBITS, limit)
+            else:
                 raise httpx.DecodingError(f"unsupported Content-Encoding {token[:40]!r}")
         except zlib.error as exc:
             raise httpx.DecodingError(f"body does not decode as {token.decode()}: {exc}") from None
     return body
 
 
-def _gunzip(data: bytes) -> bytes:
-    # zlib with wbits 16+15 reads one gzip member; RFC 1952 allows several in a row.
+_IDENTITY = (b"identity", b"")
+
+
+def _inflate(data: bytes, wbits: int, limit: int, *, members: bool = False) -> bytes:
     out = []
+    size = 0
     while data:
-        decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        out.append(decoder.decompress(data))
+        decoder = zlib.decompressobj(wbits)
+        piece = decoder.decompress(data, limit + 1 - size)
+        size += len(piece)
+        if size > limit:
+            raise _too_large(limit, "decoded")
+        out.append(piece)
         if not decoder.eof:
-            raise zlib.error("truncated gzip stream")
+            raise zlib.error("truncated stream")
+        if not members:
+            break
         data = decoder.unused_data.lstrip(b"\x00")
     return b"".join(out)
 
@@ -138,12 +188,26 @@ class _Connection(asyncio.Protocol):
         self._coding: bytes | None = None
         self._chunks: list[bytes] = []
         self._head_only = False  # the request was a HEAD: its response has no body
+        self._limit = pool.max_response_bytes
+        self._body_bytes = 0  # of the response being read, as received (chunked, until close)
+        self._readable: Any = None  # () -> true when the socket has bytes or an EOF to read
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A cast, not isinstance: uvloop's transports do not subclass asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._readable = _readability_check(sock.fileno())
+
+    def has_unread(self) -> bool:
+        """True when the idle socket has bytes (or the server's EOF) that nobody read yet.
+
+        A busy loop may not have run our reader since a stray response or a close arrived;
+        sending on such a connection would take those bytes for the answer to our request.
+        """
+        return self._readable is not None and bool(self._readable())
 
     def data_received(self, data: bytes) -> None:
         if self._waiter is None:
@@ -156,6 +220,8 @@ class _Connection(asyncio.Protocol):
             self._parse()
         except httpx.TransportError as exc:
             self._fail(exc)
+        except Exception as exc:  # never out of a protocol callback: the request fails instead
+            self._fail(httpx.RemoteProtocolError(f"unparseable response: {type(exc).__name__}"))
 
     def eof_received(self) -> bool | None:
         self._end_of_stream(None)
@@ -264,8 +330,16 @@ class _Connection(asyncio.Protocol):
                 if end < 0:
                     if len(buffer) > _MAX_HEAD_BYTES:
                         raise httpx.RemoteProtocolError("response headers too large")
+                    if buffer[:5] != b"HTTP/"[: len(buffer)]:
+                        raise httpx.RemoteProtocolError(
+                            f"not an HTTP/1.x response: {bytes(buffer[:40])!r}"
+                        )
+                    if b"\n\n" in buffer:
+                        raise _bare_lf()
                     return
                 head = bytes(buffer[:end])
+                if head.count(b"\n") != head.count(b"\r\n"):
+                    raise _bare_lf()
                 del buffer[: end + 4]
                 self._parse_head(head)
             elif state == _LENGTH:
@@ -281,12 +355,17 @@ class _Connection(asyncio.Protocol):
                 if end < 0:
                     if len(buffer) > _MAX_LINE_BYTES:
                         raise httpx.RemoteProtocolError("chunk size line too long")
+                    if b"\n" in buffer:
+                        raise _bare_lf()
                     return
                 size_text = bytes(buffer[:end]).split(b";", 1)[0].strip()
                 del buffer[: end + 2]
                 if not _HEX.fullmatch(size_text):
                     raise httpx.RemoteProtocolError(f"bad chunk size {size_text[:20]!r}")
                 size = int(size_text, 16)
+                self._body_bytes += size + end + 2
+                if self._body_bytes > self._limit:
+                    raise _too_large(self._limit, "as received (chunked)")
                 if size == 0:
                     self._state = _TRAILERS
                 else:
@@ -313,8 +392,13 @@ class _Connection(asyncio.Protocol):
                 if end < 0:
                     if len(buffer) > _MAX_LINE_BYTES:
                         raise httpx.RemoteProtocolError("trailer line too long")
+                    if b"\n" in buffer:
+                        raise _bare_lf()
                     return
                 del buffer[: end + 2]
+                self._body_bytes += end + 2
+                if self._body_bytes > self._limit:
+                    raise _too_large(self._limit, "as received (chunked trailers)")
                 if end == 0:  # the empty line that ends the trailers (which we ignore)
                     body = b"".join(self._chunks)
                     self._chunks = []
@@ -322,6 +406,9 @@ class _Connection(asyncio.Protocol):
                     return
             else:  # _UNTIL_CLOSE: the body runs to the end of the stream
                 if buffer:
+                    self._body_bytes += len(buffer)
+                    if self._body_bytes > self._limit:
+                        raise _too_large(self._limit, "as received")
                     self._chunks.append(bytes(buffer))
                     buffer.clear()
                 return
@@ -345,12 +432,13 @@ class _Connection(asyncio.Protocol):
         coding: bytes | None = None
         reusable = version == b"HTTP/1.1"  # an HTTP/1.0 server closes after each response
         for line in lines[1:]:
+            if line[:1] in (b" ", b"\t") and headers:  # obsolete line folding
+                last_name, last_value = headers[-1]
+                headers[-1] = (last_name, last_value + b" " + line.strip())
+                continue
             name, colon, value = line.partition(b":")
-            if not colon:
-                if line[:1] in (b" ", b"\t") and headers:  # obsolete line folding
-                    last_name, last_value = headers[-1]
-                    headers[-1] = (last_name, last_value + b" " + line.strip())
-                    continue
+            if not colon or not name or name[-1] in _SPACE_OR_TAB:
+                # RFC 9112 5.1: no whitespace between a field name and its colon
                 raise httpx.RemoteProtocolError(f"malformed response header line {line[:40]!r}")
             value = value.strip()
             headers.append((name, value))
@@ -375,6 +463,7 @@ class _Connection(asyncio.Protocol):
         self._headers = headers
         self._coding = coding
         self._chunks = []
+        self._body_bytes = 0
         if status in (204, 304) or self._head_only:
             self._reusable = reusable
             self._state = _LENGTH
@@ -393,14 +482,35 @@ class _Connection(asyncio.Protocol):
                 if len(values) != 1:
                     raise httpx.RemoteProtocolError("conflicting Content-Length values")
                 text = values.pop()
-            if not text.isdigit():
-                raise httpx.RemoteProtocolError(f"bad Content-Length {text[:20]!r}")
-            self._remaining = int(text)
+            if not _DIGITS.fullmatch(digits := text.encode("latin-1")):
+                raise httpx.RemoteProtocolError(f"bad Content-Length {digits[:20]!r}")
+            # checked up front: a huge body is refused before any of it is buffered
+            if len(digits) > 19 or int(digits) > self._limit:
+                raise _too_large(self._limit, f"(Content-Length {digits[:20].decode()})")
+            self._remaining = int(digits)
             self._state = _LENGTH
             self._reusable = reusable
         else:
             self._state = _UNTIL_CLOSE
             self._reusable = False
+
+
+_SPACE_OR_TAB = b" \t"
+
+
+def _bare_lf() -> httpx.RemoteProtocolError:
+    # RFC 9112 2.2 lets a recipient accept a bare LF; refusing it at once is as valid and
+    # keeps one framing rule (CRLF) everywhere, instead of waiting for a CRLF till the timeout.
+    return httpx.RemoteProtocolError("response line ended by a bare LF, not CRLF")
+
+
+def _readability_check(fd: int) -> Any:
+    """A no-argument callable, true when ``fd`` has something to read (~0.5 us a call)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+        return lambda: poller.poll(0)
+    return lambda: select.select([fd], [], [], 0)[0]
 
 
 class _Pool:
@@ -421,8 +531,10 @@ class _Pool:
         max_connections: int,
         keepalive_expiry: float,
         ssl_context: ssl.SSLContext | None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         self.loop = loop
+        self.max_response_bytes = max_response_bytes
         self.host = host
         self.port = port
         self.tls = scheme == "https"
@@ -475,6 +587,9 @@ class _Pool:
                 self.discard(connection)
                 continue
             if self.loop.time() - connection.idle_since < self.keepalive_expiry:
+                if connection.has_unread():  # a stray response or the server's close
+                    connection._close(abort=True)
+                    continue
                 return connection
             # the most recent idle one has expired, so have all older ones
             connection._close()
@@ -512,7 +627,9 @@ class _Pool:
                     ) from None
                 raise
             if handed is not None and not handed.closed:
-                return handed
+                if not handed.has_unread():
+                    return handed
+                handed._close(abort=True)
             # a slot came free (or the handed connection died meanwhile): try again
 
     async def _connect(self, deadline: float | None, total: float | None) -> _Connection:
@@ -527,7 +644,7 @@ class _Pool:
             ) from None
         except ssl.SSLCertVerificationError as exc:
             self._slot_freed()
-            raise httpx.ConnectError(
+            raise CertificateNotTrusted(
                 f"TLS certificate of {self.host} not trusted: {exc.verify_message}"
             ) from None
         except OSError as exc:  # refused, unreachable, DNS failure, TLS handshake failure
@@ -690,7 +807,7 @@ class Route:
         data = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
         status, raw_headers, content, coding = await pool.exchange(data, total)
         if coding is not None:
-            content = decode_body(content, coding)
+            content = decode_body(content, coding, pool.max_response_bytes)
         return status, raw_headers, content
 
 
@@ -701,7 +818,11 @@ class Http11Transport(httpx.AsyncBaseTransport):
         max_connections: connections per origin, open or being opened.
         keepalive_expiry: seconds an idle connection is kept for reuse.
         ssl_context: for https; default ``ssl.create_default_context()`` (system CAs, or
-            ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set), ALPN ``http/1.1``.
+            ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set), ALPN ``http/1.1``, the host
+            checked against subjectAltName only (a certificate naming it only in its CN is
+            refused, as by urllib3 2 and browsers).
+        max_response_bytes: the largest body accepted, as received and as decoded by
+            ``fetch``; a larger one is ``ResponseTooLarge`` (a Content-Length over it at once).
     """
 
     def __init__(
@@ -710,9 +831,11 @@ class Http11Transport(httpx.AsyncBaseTransport):
         max_connections: int,
         keepalive_expiry: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        self.max_response_bytes = max_response_bytes
         self.max_connections = max_connections
         self.keepalive_expiry = keepalive_expiry
         self._ssl_context = ssl_context
@@ -736,7 +859,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
         """
         status, raw_headers, content, coding = await self._send(request, accept_encoding=True)
         if coding is not None:
-            content = decode_body(content, coding)
+            content = decode_body(content, coding, self.max_response_bytes)
         return status, raw_headers, content
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -779,6 +902,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
                 max_connections=self.max_connections,
                 keepalive_expiry=self.keepalive_expiry,
                 ssl_context=context,
+                max_response_bytes=self.max_response_bytes,
             )
         return pool
 
@@ -786,6 +910,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
         if self._ssl_context is None:
             # created once: loading the CA store takes milliseconds
             context = ssl.create_default_context()
+            context.hostname_checks_common_name = False
             context.set_alpn_protocols(["http/1.1"])
             self._ssl_context = context
         return self._ssl_context

@@ -1232,12 +1232,15 @@ class _Run:
 
     async def execute(self) -> None:
         config = self.config
-        transport = self.seams.transport or make_transport(config.http_backend, config.concurrency)
+        transport = self.seams.transport or make_transport(
+            config.http_backend, config.concurrency, config.max_response_bytes
+        )
         client = ChatClient(
             config.base_url,
             api_key=self.plan.api_key,
             timeout=config.timeout,
             transport=transport,
+            max_response_bytes=config.max_response_bytes,
         )
         if len(self.plan.copy_from):
             stored = self.plan.checkpoint.results_at(self.plan.index, self.plan.copy_from)
@@ -1859,7 +1862,12 @@ def run_batch(
     """
     try:
         asyncio.get_running_loop()
+        in_a_loop = True
     except RuntimeError:
+        in_a_loop = False
+    if not in_a_loop:
+        # outside the except block: run there, every exception of the run would carry
+        # "RuntimeError: no running event loop" as its context
         return _run_in_new_loop(run_async(data, output, config, seams))
     run = RunThread(data, output, config, seams)
     run.start()

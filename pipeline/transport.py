@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from .http11 import DEFAULT_MAX_RESPONSE_BYTES, CertificateNotTrusted, ResponseTooLarge
+
 if TYPE_CHECKING:
     import aiohttp
     from yarl import URL
@@ -33,11 +35,20 @@ _DESCRIBE_THE_WIRE = {b"content-encoding", b"content-length"}
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
-    """HTTP/1.1 keep-alive pool of at most ``max_connections``; bodies read whole."""
+    """HTTP/1.1 keep-alive pool of at most ``max_connections``; bodies read whole, up to
+    ``max_response_bytes`` (a Content-Length over it is refused at once, a longer or
+    compressed body is read in pieces and refused when the decoded bytes pass it)."""
 
-    def __init__(self, *, max_connections: int, keepalive_expiry: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        keepalive_expiry: float = 30.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
         self.max_connections = max_connections
         self.keepalive_expiry = keepalive_expiry
+        self.max_response_bytes = max_response_bytes
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
         self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
@@ -101,17 +112,45 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 allow_redirects=False,
                 timeout=timeout,
             ) as response:
-                content = await response.read()
+                content = await self._read(response)
                 status = response.status
                 raw_headers = response.raw_headers
         except TimeoutError as exc:
             raise httpx.ReadTimeout(f"timed out: {exc}", request=request) from exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise CertificateNotTrusted(
+                f"TLS certificate of {request.url.host} not trusted: {exc.certificate_error}",
+                request=request,
+            ) from exc
         except aiohttp.ClientConnectorError as exc:
             raise httpx.ConnectError(str(exc), request=request) from exc
         except (aiohttp.ClientError, OSError) as exc:
             text = str(exc) or type(exc).__name__
             raise httpx.ReadError(f"{type(exc).__name__}: {text}", request=request) from exc
         return status, list(raw_headers), content
+
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
+        """The body, decoded by aiohttp, at most ``max_response_bytes`` of it."""
+        limit = self.max_response_bytes
+        length = response.content_length
+        if length is not None and length > limit:
+            raise ResponseTooLarge(
+                f"response body (Content-Length {length}) over {limit:,} bytes; "
+                "raise --max-response-bytes if it is real"
+            )
+        if length is not None and "Content-Encoding" not in response.headers:
+            return await response.read()  # exactly Content-Length bytes: the fast path
+        chunks = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise ResponseTooLarge(
+                    f"response body decoded over {limit:,} bytes; "
+                    "raise --max-response-bytes if it is real"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def aclose(self) -> None:
         if self._session is not None:
