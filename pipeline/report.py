@@ -316,7 +316,7 @@ body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 
 h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; margin-top: 2rem; }
 table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 th, td { padding: 0.25rem 0.6rem; border-bottom: 1px solid #ddd; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
+th:first-child, td:first-child { text-align: left; white-space: nowrap; }
 th { background: #f4f4f4; }
 svg text { font-size: 12px; fill: #333; }
 svg .grid { stroke: #e3e3e3; }
@@ -329,7 +329,8 @@ dl.context dt { color: #666; } dl.context dd { margin: 0; white-space: pre-wrap;
        overflow-wrap: anywhere; }
 table.rows td { text-align: left; vertical-align: top; max-width: 22rem;
        overflow-wrap: anywhere; white-space: pre-wrap; }
-td.bad { background: #fdecea; } td.hit { background: #e8f5e9; } td.miss { background: #fdecea; }
+td.ci { white-space: nowrap; } td.bad { background: #fdecea; }
+td.hit { background: #e8f5e9; } td.miss { background: #fdecea; }
 table.confusion th, table.rows th { text-align: left; }
 figure { margin: 1rem 0; } figcaption { font-weight: 600; }
 .note { color: #777; }
@@ -448,10 +449,12 @@ def _disagreements(frame: pd.DataFrame, models: list[str], config: dict[str, Any
         answers = {_normal(by_model[m].get(answer)) for m in models if m in by_model}
         if len(models) > 1 and len(answers) > 1:
             flagged.setdefault(row, set())
+    heading = "Disagreements and wrong answers" if len(models) > 1 else "Wrong answers"
     if not flagged:
+        agree = "The models agree on every row, and no" if len(models) > 1 else "No"
         return (
-            '<h2>Disagreements and wrong answers</h2><p class="note">The models agree on '
-            "every row, and none is wrong, failed or invalid.</p>"
+            f'<h2>{heading}</h2><p class="note">{agree} answer is wrong (score 0), '
+            "invalid or failed.</p>"
         )
     shown = sorted(flagged)[:_SHOWN_ROWS]
     head = (
@@ -488,7 +491,7 @@ def _disagreements(frame: pd.DataFrame, models: list[str], config: dict[str, Any
         else ""
     )
     return (
-        f"<h2>Disagreements and wrong answers ({len(flagged)} rows)</h2>"
+        f"<h2>{heading} ({len(flagged)} rows)</h2>"
         f'<table class="rows"><thead><tr>{head}</tr></thead><tbody>{"".join(lines)}</tbody>'
         f"</table>{more}"
     )
