@@ -5,14 +5,18 @@ from __future__ import annotations
 import html
 import json
 import re
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import pipeline
 from pipeline.errors import OutputError
 from pipeline.report import (
     MODELS_METADATA_KEY,
@@ -23,6 +27,7 @@ from pipeline.report import (
     run_context,
     score_interval,
 )
+from pipeline.simulator import SimulatorThread
 
 # Two models over the same three input rows; "b" gets one invalid answer and one error.
 RESULTS: dict[str, dict[str, list[Any]]] = {
@@ -433,3 +438,48 @@ def test_latency_has_a_log_axis_that_shows_the_tail(tmp_path: Path) -> None:
     assert "latency, ms (log scale)" in page
     assert all(tick in page for tick in (">100 ms<", ">1 s<", ">10 s<"))
     assert "p99 30,000" in page
+
+
+def test_the_report_of_a_real_run_gives_its_context_confusion_and_wrong_rows(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    data = pd.DataFrame(
+        {
+            "q": ["first [[sim:label=yes]]", "second [[sim:label=no]]", "<b>third</b>"],
+            "gold": ["yes", "yes", "no"],
+        }
+    )
+    out = tmp_path / "o.parquet"
+    frame = pipeline.run(
+        data,
+        out,
+        base_url=simulator.base_url,
+        progress=False,
+        prompt_column="q",
+        labels="yes,no",
+        expected_column="gold",
+        score="exact",
+        model=["gpt-4o-mini", "gpt-4.1"],
+    )
+    fingerprint = frame.attrs["summary"]["fingerprint"]
+    third = frame["label"].tolist()[4:6]  # each model's pick for the third row (no rule)
+
+    report = subprocess.run(
+        [sys.executable, "-m", "pipeline", "report", str(out), "--html", str(tmp_path / "r.html")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    context = page[page.index('<dl class="context">') : page.index("</dl>")]
+    assert fingerprint in context and "exact against column &#x27;gold&#x27;" in context
+    assert "<dd>q</dd>" in context  # the prompt column
+    wrong = table_rows(page, "rows")
+    assert wrong[0][:3] == ["2", "second [[sim:label=no]]", "yes"]
+    assert ("<b>third</b>" in wrong[-1][1]) == (third != ["no", "no"]) and "<b>" not in page
+    start = page.index("<figcaption>gpt-4o-mini</figcaption>", page.index("Confusion"))
+    matrix = table_rows(page[start:], "confusion")
+    right = 1 if third[0] == "no" else 0
+    assert matrix == [["no", str(right), str(1 - right)], ["yes", "1", "1"]]
