@@ -6,42 +6,196 @@ Parses options, builds the config (defaults < ``--config`` TOML < options), call
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from .checkpoint import Checkpoint, checkpoint_dir
-from .config import RunConfig, build_config, load_config_file, parse_param
-from .errors import ConfigError, LockHeld, PipelineError, RunAborted, UsageError
+from .config import (
+    MAX_TOKENS_BOUND,
+    RunConfig,
+    build_config,
+    load_config_file,
+    parse_param,
+    split_models,
+)
+from .errors import (
+    EXIT_ABORTED,
+    EXIT_BUDGET,
+    EXIT_CODES,
+    EXIT_FAILED_ROWS,
+    EXIT_INTERRUPTED,
+    EXIT_LOCKED,
+    EXIT_OK,
+    EXIT_STORAGE,
+    EXIT_USAGE,
+    ConfigError,
+    LockHeld,
+    PipelineError,
+    RunAborted,
+    UsageError,
+    exit_reason,
+)
 from .estimate import estimate_total, format_total
 from .progress import Reporter
 from .records import RunSummary
-from .runner import EXIT_ABORTED, EXIT_USAGE, Seams, estimate_job, run_batch
+from .runner import Seams, estimate_job, run_batch
 
-EXIT_CODES_HELP = """\b
-Exit codes:
-  0  every row ok or skipped
-  1  finished, but some rows failed (status error or invalid)
-  2  usage, config or input error, or OUTPUT locked by another run: nothing was sent
-  3  aborted (401 bad key, 403 no credits, insufficient_quota, a signal, or
-     --max-runtime); completed rows are kept and the same command resumes
-  4  budget reached (--max-cost / --max-total-tokens); a rerun with a larger
-     budget continues
-  6  storage: the checkpoint or OUTPUT could not be written (disk full,
-     read-only); answers received are kept, rerun once the disk is fixed
-"""
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"  # the demo job and the price table
+
+EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(
+    f"  {code}  {name}: {meaning}" for code, (name, meaning) in EXIT_CODES.items()
+)
 
 
-def _fail(message: str, code: int) -> None:
-    click.echo(f"pipeline: error: {message}", err=True)
+def _wants_json(args: list[str]) -> bool:
+    """Did the command line ask for JSON logs (errors included)?"""
+    return any(
+        a == "--log-format=json" or (a == "--log-format" and b == "json")
+        for a, b in zip(args, [*args[1:], ""], strict=True)
+    )
+
+
+def _json_errors() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and (
+        ctx.params.get("log_format") == "json" or bool(ctx.find_root().meta.get("json_errors"))
+    )
+
+
+def _error_line(message: str, code: int) -> str:
+    if _json_errors():
+        return json.dumps(
+            {
+                "ts": round(time.time(), 3),
+                "event": "error",
+                "message": message,
+                "exit_code": code,
+                "exit_reason": exit_reason(code),
+            },
+            ensure_ascii=False,
+        )
+    return f"pipeline: error: {message}"
+
+
+def _fail(message: str, code: int, summary_json: str | None = None) -> NoReturn:
+    """One line on stderr (a JSON object under --log-format json), then exit ``code``.
+
+    With --summary-json the file gets ``{"exit_code", "exit_reason", "error"}``, so a cron
+    job reads why nothing ran from the same place as a run's figures."""
+    click.echo(_error_line(message, code), err=True)
+    if summary_json:
+        _write_json(
+            summary_json,
+            {"exit_code": code, "exit_reason": exit_reason(code), "error": message},
+        )
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Main(click.Group):
+    """The command group; with --log-format json its usage errors are JSON lines too."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        ctx = super().make_context(info_name, args, parent, **extra)
+        ctx.meta["json_errors"] = _wants_json(args)
+        return ctx
+
+    def main(self, args: Any = None, *rest: Any, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        if not _wants_json(argv) or extra.get("standalone_mode") is False:
+            return super().main(argv, *rest, **extra)
+        extra["standalone_mode"] = False
+        try:
+            code = super().main(argv, *rest, **extra)
+        except click.ClickException as exc:
+            click.echo(
+                json.dumps(
+                    {
+                        "ts": round(time.time(), 3),
+                        "event": "error",
+                        "message": exc.format_message(),
+                        "exit_code": EXIT_USAGE,
+                        "exit_reason": exit_reason(EXIT_USAGE),
+                    }
+                ),
+                err=True,
+            )
+            sys.exit(EXIT_USAGE)
+        except click.exceptions.Abort:
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+class _SectionedCommand(click.Command):
+    """``--help`` with the options in named sections (Click has no option groups)."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {title: [] for title in _SECTION_TITLES}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            title = _SECTIONS.get(param.name or "", "Other options")
+            sections.setdefault(title, []).append(record)
+        for title, records in sections.items():
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+
+
+_DELIMITER_NAMES = {"tab": "\t", "\\t": "\t", "semicolon": ";", "comma": ",", "pipe": "|"}
+
+_SECTION_TITLES = (
+    "Input and output",
+    "Prompt",
+    "Endpoint and request",
+    "Structured answers, labels and evaluation",
+    "Several models and samples",
+    "Concurrency, rate limits and retries",
+    "Cost and budget",
+    "Resume and reruns",
+    "Stopping (cron, CI)",
+    "Logging and progress",
+)
+_SECTIONS: dict[str, str] = {
+    name: title
+    for title, names in zip(
+        _SECTION_TITLES,
+        (
+            "input_path output config_path input_format delimiter id_column limit as_json",
+            "prompt_column template messages_column system",
+            "base_url api_key_env api_key_file temperature max_tokens top_p seed stop "
+            "response_format params http_backend timeout",
+            "json_schema schema_mode schema_prefix labels max_reasks expected_column score",
+            "model wide n samples n_mode",
+            "concurrency rpm tpm adaptive max_retries",
+            "max_cost max_total_tokens prices dedup cache dry_run typical_completion",
+            "overwrite restart retry_failed",
+            "grace max_runtime",
+            "no_progress log_interval log_format quiet summary_json help",
+        ),
+        strict=True,
+    )
+    for name in names.split()
+}
+
+
+@click.group(
+    cls=_Main,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(package_name="batch-prompt-pipeline")
 def main() -> None:
     """Push a table of prompts through an OpenAI-compatible chat API.
@@ -69,7 +223,8 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option(
         "--model",
         multiple=True,
-        help="Model name; repeat it to send every row to each model. [default: gpt-3.5-turbo]",
+        help="Model name; repeat it (or give a,b) to send every row to each model. "
+        "[default: gpt-3.5-turbo]",
     ),
     click.option(
         "--wide",
@@ -155,10 +310,29 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         help="Column holding a JSON list of {role, content} messages.",
     ),
     click.option("--system", metavar="TEXT|@FILE", help="System prompt sent before each prompt."),
-    click.option("--temperature", type=float),
-    click.option("--max-tokens", type=int),
-    click.option("--top-p", type=float),
-    click.option("--seed", type=int),
+    click.option(
+        "--temperature",
+        type=float,
+        help="Sampling temperature, 0 to 2 (0: the most likely answer). [default: the server's]",
+    ),
+    click.option(
+        "--max-tokens",
+        type=int,
+        help=f"Most completion tokens per answer, 1 to {MAX_TOKENS_BOUND:,}; also what "
+        "--max-cost reserves per request. [default: the server's]",
+    ),
+    click.option(
+        "--top-p",
+        type=float,
+        help="Nucleus sampling: keep the tokens within this probability mass, above 0 to 1. "
+        "[default: the server's]",
+    ),
+    click.option(
+        "--seed",
+        type=int,
+        help="Sampling seed, for answers that repeat where the server supports it (also the "
+        "base seed of --n-mode seeds).",
+    ),
     click.option("--stop", multiple=True, help="Stop sequence (repeatable)."),
     click.option(
         "--response-format",
@@ -179,8 +353,14 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     ),
     click.option(
         "--input-format",
-        type=click.Choice(["csv", "parquet", "jsonl"]),
-        help="Override the format given by the extension.",
+        type=click.Choice(["csv", "tsv", "parquet", "jsonl"]),
+        help="Override the format given by the extension (tsv: tab-separated CSV).",
+    ),
+    click.option(
+        "--delimiter",
+        metavar="CHAR",
+        callback=lambda _ctx, _param, value: _DELIMITER_NAMES.get(value, value),
+        help="CSV field separator, e.g. ';' or tab (also '\\t'). [default: ',', a tab for .tsv]",
     ),
     click.option("--concurrency", type=int, help="Max requests in flight. [default: 32]"),
     click.option("--rpm", type=float, help="Requests per minute to stay under (paced evenly)."),
@@ -193,7 +373,8 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option(
         "--adaptive/--no-adaptive",
         default=None,
-        help="Halve requests in flight on a 429 and grow back slowly. [default: on]",
+        help="Without --rpm/--tpm or rate-limit headers, find the server's limit from "
+        "its 429s and hold near it; start with 8 in flight. [default: on]",
     ),
     click.option("--timeout", type=float, help="Seconds per attempt. [default: 60]"),
     click.option(
@@ -213,7 +394,7 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option(
         "--max-runtime",
         metavar="DURATION",
-        help="Stop cleanly after this long (90s, 45m, 2h), like SIGTERM: exit 3, rerun resumes.",
+        help="Stop cleanly after this long (90s, 45m, 2h), like SIGTERM: exit 5, rerun resumes.",
     ),
     click.option("--limit", type=int, help="Only the first N rows (a smoke test)."),
     click.option(
@@ -265,7 +446,8 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         "--retry-failed",
         is_flag=True,
         default=None,
-        help="Send again the rows whose status is error; keep the rest.",
+        help="Send again the rows whose status is error or invalid (an answer that failed "
+        "its schema or labels); keep the rest.",
     ),
     click.option(
         "--summary-json",
@@ -295,7 +477,7 @@ def _config_from_options(
     options: dict[str, Any],
 ) -> RunConfig:
     file_values = load_config_file(config_path) if config_path else None
-    models = options.get("model") or ()
+    models = split_models(options.get("model") or ())
     options["model"] = None if not models else models[0] if len(models) == 1 else tuple(models)
     options["stop"] = stop
     options["progress"] = False if no_progress else None
@@ -304,14 +486,14 @@ def _config_from_options(
     return build_config(file_values, options, config_path=config_path)
 
 
-@main.command(epilog=EXIT_CODES_HELP)
+@main.command(cls=_SectionedCommand, epilog=EXIT_CODES_HELP)
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "-o",
     "--output",
     required=True,
     type=click.Path(path_type=Path),
-    help="Parquet file to write; its checkpoint is OUTPUT.checkpoint/ beside it.",
+    help="Parquet file to write (.parquet); its checkpoint is OUTPUT.checkpoint/ beside it.",
 )
 @click.option(
     "--dry-run",
@@ -333,12 +515,22 @@ def run(
 
     Rerunning the same command resumes: only rows without a result are sent.
     """
+    summary_json = options.get("summary_json")
     try:
         config = _config_from_options(config_path, params, stop, no_progress, options)
     except ConfigError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        _fail(str(exc), EXIT_USAGE, summary_json)
         return
+    if output.suffix.lower() not in PARQUET_SUFFIXES:
+        _fail(
+            f"-o {output}: OUTPUT is always a Parquet file; name it "
+            f"{output.with_suffix('.parquet')} (for CSV afterwards: "
+            "pandas.read_parquet(OUTPUT).to_csv(...)).",
+            EXIT_USAGE,
+            config.summary_json,
+        )
     if config.dry_run:
+        _refuse_run_only(no_progress)
         _estimate(input_path, output, config)
         return
     reporter = Reporter(
@@ -350,22 +542,52 @@ def run(
     summary: RunSummary | None = None
     try:
         summary = run_batch(input_path, output, config, Seams(reporter=reporter))
-    except (UsageError, LockHeld) as exc:
-        reporter.error(str(exc))
-        sys.exit(EXIT_USAGE)
+    except UsageError as exc:
+        _fail(str(exc), EXIT_USAGE, config.summary_json)
+    except LockHeld as exc:
+        _fail(str(exc), EXIT_LOCKED, config.summary_json)
     except RunAborted as exc:
         summary = getattr(exc, "summary", None)
         _write_summary(config.summary_json, summary)
-        reporter.error(str(exc))
-        sys.exit(summary.exit_code if summary is not None else EXIT_ABORTED)
+        if summary is None:
+            _fail(str(exc), EXIT_ABORTED, config.summary_json)
+            return
+        # the reason was printed when the run stopped and is in the summary: say what next
+        reporter.error(
+            f"exit {summary.exit_code} ({summary.exit_reason}): completed rows are kept; "
+            f"{_NEXT_STEP.get(summary.exit_code, 'rerun the same command to continue')}.",
+            exit_code=summary.exit_code,
+            exit_reason=summary.exit_reason,
+        )
+        sys.exit(summary.exit_code)
+    except OSError as exc:
+        # the output directory cannot be made or written (permissions, a file in the way)
+        _fail(_os_error_message(exc, output), EXIT_USAGE, config.summary_json)
     except PipelineError as exc:  # pragma: no cover - every subclass is handled above
-        reporter.error(str(exc))
-        sys.exit(EXIT_USAGE)
+        _fail(str(exc), EXIT_USAGE, config.summary_json)
+    if summary.rows_total == 0:
+        reporter.note(f"{input_path} has 0 rows (a header only?): nothing to send.")
     _write_summary(config.summary_json, summary)
     sys.exit(summary.exit_code)
 
 
-@main.command()
+PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+_NEXT_STEP = {
+    EXIT_ABORTED: "fix the cause above (key, credits, quota, --base-url), then rerun the "
+    "same command to continue",
+    EXIT_BUDGET: "rerun with a larger --max-cost / --max-total-tokens to continue",
+    EXIT_INTERRUPTED: "rerun the same command to continue",
+    EXIT_STORAGE: "free space or fix permissions, then rerun the same command",
+}
+
+
+def _os_error_message(exc: OSError, path: Path) -> str:
+    where = exc.filename or path
+    what = exc.strerror or type(exc).__name__
+    return f"cannot write {where} ({what}). Choose a writable place for -o, or fix its permissions."
+
+
+@main.command(cls=_SectionedCommand)
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "-o",
@@ -374,11 +596,19 @@ def run(
     help="Leave out the rows this OUTPUT's checkpoint already has.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+@click.option(
+    "--typical-completion",
+    type=click.IntRange(min=0),
+    metavar="TOKENS",
+    help="Completion tokens a typical answer has (e.g. completion_tokens / sent from an "
+    "earlier run's summary). [default: 200, or --max-tokens if lower]",
+)
 @job_options
 def estimate(
     input_path: Path,
     output: Path | None,
     as_json: bool,
+    typical_completion: int | None,
     config_path: str | None,
     params: tuple[str, ...],
     stop: tuple[str, ...],
@@ -389,20 +619,62 @@ def estimate(
 
     Completion tokens and cost are a range: 0 to --max-tokens per request, with a typical
     figure. Duplicates and cached responses are counted apart. Exit 2 on bad input.
+    Options that only shape a run (--restart, --grace, --log-format ...) are refused.
     """
+    _refuse_run_only(no_progress)
     try:
         config = _config_from_options(config_path, params, stop, no_progress, options)
     except ConfigError as exc:
         _fail(str(exc), EXIT_USAGE)
         return
-    _estimate(input_path, output, config, as_json=as_json)
+    _estimate(input_path, output, config, as_json=as_json, typical_completion=typical_completion)
+
+
+def _refuse_run_only(no_progress: bool | None) -> None:
+    """An estimate (``estimate``, ``run --dry-run``) given an option that only a run uses."""
+    ctx = click.get_current_context()
+    given = [
+        name
+        for name in _RUN_ONLY
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+    ]
+    if no_progress:
+        given.insert(0, "no_progress")
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        it = "it" if len(given) == 1 else "them"
+        _fail(
+            f"{flags}: only a `pipeline run` that sends uses {it}; an estimate sends "
+            f"nothing and writes nothing. Drop {it}.",
+            EXIT_USAGE,
+        )
+
+
+# job options that only change how a run runs, logs or reports: refused by an estimate
+# (--retry-failed too: an estimate counts a row with any result as done)
+_RUN_ONLY = (
+    "retry_failed",
+    "restart",
+    "overwrite",
+    "summary_json",
+    "grace",
+    "max_runtime",
+    "log_format",
+    "log_interval",
+    "quiet",
+)
 
 
 def _estimate(
-    input_path: Path, output: Path | None, config: RunConfig, *, as_json: bool = False
+    input_path: Path,
+    output: Path | None,
+    config: RunConfig,
+    *,
+    as_json: bool = False,
+    typical_completion: int | None = None,
 ) -> None:
     try:
-        results = estimate_job(input_path, output, config)
+        results = estimate_job(input_path, output, config, typical_completion=typical_completion)
     except UsageError as exc:
         _fail(str(exc), EXIT_USAGE)
         return
@@ -418,17 +690,29 @@ def _estimate(
 
 def _write_summary(path: str | None, summary: RunSummary | None) -> None:
     if path and summary is not None:
-        Path(path).write_text(json.dumps(summary.as_dict(), indent=2) + "\n", encoding="utf-8")
+        _write_json(path, summary.as_dict())
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    try:
+        Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        click.echo(
+            _error_line(f"--summary-json: {_os_error_message(exc, Path(path))}", EXIT_USAGE),
+            err=True,
+        )
 
 
 @main.command()
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
 def status(output: Path, as_json: bool) -> None:
-    """Rows total / ok / error / skipped / pending, tokens and fingerprint of OUTPUT's run.
+    """Rows total / ok / error / skipped / pending, tokens, cost and fingerprint of OUTPUT's run.
 
-    Works while a run is going (it reads the checkpoint) and after it.
-    Exit code 2 when OUTPUT has no checkpoint.
+    Works while a run is going (it reads the checkpoint) and after it. The exit code says
+    the state: 0 every row ok or skipped; 1 every row done, some error or invalid; 5 rows
+    pending and no run going (rerun to continue); 8 rows pending and a run going;
+    2 no checkpoint.
     """
     checkpoint = Checkpoint(output)
     if not checkpoint.exists():
@@ -463,17 +747,45 @@ def status(output: Path, as_json: bool) -> None:
         "running_by": holder,
         "output_written": checkpoint.output_is_ours(),
     }
+    unpriced = _unpriced_models(info["model"], manifest)
+    spent = float((index.cost_usd if among is None else index.cost_usd[among]).sum())
+    # unknown when a model has no price and no cost was reported: never a silent 0
+    info["cost_usd"] = None if unpriced and not spent else round(spent, 6)
+    info["unpriced_models"] = unpriced
+    if info["pending"]:
+        code = EXIT_LOCKED if holder else EXIT_INTERRUPTED
+    else:
+        code = EXIT_FAILED_ROWS if counts["error"] or counts["invalid"] else EXIT_OK
+    info["exit_code"], info["exit_reason"] = code, exit_reason(code)
     if as_json:
         click.echo(json.dumps(info))
-        return
+        sys.exit(code)
     click.echo(
         f"{output}: {total} rows | {counts['ok']} ok | {counts['error']} error | "
         f"{counts['invalid']} invalid | {counts['skipped']} skipped | "
         f"{info['pending']} pending\n"
-        f"tokens: {info['prompt_tokens']} in, {info['completion_tokens']} out\n"
-        f"fingerprint: {info['fingerprint']} (model {info['model']})\n"
+        f"tokens: {info['prompt_tokens']} in, {info['completion_tokens']} out; cost "
+        + (
+            f"unknown (no price for {', '.join(unpriced)})\n"
+            if info["cost_usd"] is None
+            else f"${spent:.6f}\n"
+        )
+        + f"fingerprint: {info['fingerprint']} (model {info['model']})\n"
         + (f"running: {holder}" if holder else "running: no")
     )
+    sys.exit(code)
+
+
+def _unpriced_models(model: Any, manifest: dict[str, Any]) -> list[str]:
+    """The run's models that the price table (and the run's --prices file) cannot price."""
+    from .pricing import PriceTable
+
+    models = model if isinstance(model, list) else [model] if model else []
+    try:
+        prices = PriceTable.load(manifest.get("config", {}).get("prices"))
+    except (PipelineError, OSError):
+        prices = PriceTable.load()
+    return [m for m in models if prices.resolve(str(m)) is None]
 
 
 @main.command()
@@ -498,6 +810,11 @@ def status(output: Path, as_json: bool) -> None:
     help="Retry-After seconds sent with 429s.",
 )
 @click.option("--rps-limit", type=float, help="Requests/s enforced with 429s.")
+@click.option("--rps-burst", type=float, help="Bucket size of --rps-limit (default: 1 s worth).")
+@click.option(
+    "--rps-schedule",
+    help="Change the request limit at given seconds from the first request: 0:40,10:10,20:40.",
+)
 @click.option("--tpm-limit", type=int, help="Tokens/minute enforced with 429s.")
 @click.option("--rate-limit-headers", is_flag=True, help="Send x-ratelimit-* headers.")
 @click.option(
@@ -535,6 +852,8 @@ def simulate(
     rate_length: float,
     retry_after: float,
     rps_limit: float | None,
+    rps_burst: float | None,
+    rps_schedule: str | None,
     tpm_limit: int | None,
     rate_limit_headers: bool,
     seed: int | None,
@@ -548,8 +867,44 @@ def simulate(
     Answers are derived from the prompt, usage counts are honest, and faults can be injected.
     Prompts may also carry directives such as [[sim:status=503]] (see pipeline/simulator.py).
     """
-    from .simulator import SimulatorConfig, run_simulator
+    from .simulator import SimulatorConfig, parse_rps_schedule, run_simulator
 
+    try:
+        schedule = parse_rps_schedule(rps_schedule) if rps_schedule else ()
+    except ValueError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    negative = [
+        f"--{name.replace('_', '-')} {value:g}"
+        for name, value in (
+            ("latency_ms", latency_ms),
+            ("jitter_ms", jitter_ms),
+            ("retry_after", retry_after),
+            ("rps_limit", rps_limit),
+            ("tpm_limit", tpm_limit),
+        )
+        if value is not None and value < 0
+    ]
+    shares = {
+        "rate_429": rate_429,
+        "rate_500": rate_500,
+        "rate_503": rate_503,
+        "rate_timeout": rate_timeout,
+        "rate_drop": rate_drop,
+        "rate_malformed": rate_malformed,
+        "rate_length": rate_length,
+        "wrong_rate": wrong_rate,
+    }
+    negative += [
+        f"--{name.replace('_', '-')} {value:g}"
+        for name, value in shares.items()
+        if not 0 <= value <= 1
+    ]
+    if negative:
+        _fail(
+            f"{', '.join(negative)}: times and limits are 0 or more, shares 0 to 1 "
+            "(e.g. --rate-429 0.05 answers 5% of requests with 429).",
+            EXIT_USAGE,
+        )
     config = SimulatorConfig(
         latency_ms=latency_ms,
         latency_jitter_ms=jitter_ms,
@@ -562,6 +917,8 @@ def simulate(
         rate_length=rate_length,
         retry_after_s=retry_after,
         rps_limit=rps_limit,
+        rps_burst=rps_burst,
+        rps_schedule=schedule,
         tpm_limit=tpm_limit,
         rate_limit_headers=rate_limit_headers,
         seed=seed,
@@ -571,7 +928,21 @@ def simulate(
         wrong_kind=wrong_kind,
         ignore_n=ignore_n,
     )
-    run_simulator(config, host=host, port=port)
+    try:
+        run_simulator(config, host=host, port=port)
+    except OSError as exc:
+        _fail(_bind_error(exc, host, port), EXIT_USAGE)
+
+
+def _bind_error(exc: OSError, host: str, port: int) -> str:
+    import errno
+
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"port {port} on {host} is already in use (another simulator or demo?). "
+            "Stop it, or pass --port N (--port 0 takes any free port)."
+        )
+    return f"cannot listen on {host}:{port} ({exc.strerror or exc}). Pass another --host/--port."
 
 
 @main.command()
@@ -581,28 +952,40 @@ def simulate(
 @click.option(
     "--input",
     "input_path",
-    default="data/sample.csv",
-    show_default=True,
     type=click.Path(path_type=Path),
+    help="Input table. [default: the packaged copy of data/sample.csv]",
 )
-@click.option("--config", "config_path", default="configs/demo.toml", show_default=True)
-def demo(output: Path, input_path: Path, config_path: str) -> None:
+@click.option(
+    "--config",
+    "config_path",
+    help="Job config. [default: the packaged copy of configs/demo.toml]",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    help="Simulator port (0: any free one). [default: the port of the config's base_url]",
+)
+def demo(output: Path, input_path: Path | None, config_path: str | None, port: int | None) -> None:
     """Start the simulator, run configs/demo.toml over data/sample.csv, print the summary.
 
-    The simulator adds latency and a few faults (429s, 500s) so that retries show.
+    Both files ship inside the package, so the demo works from any directory after any
+    install. The simulator adds latency and a few faults (429s, 500s) so that retries show.
     Run it twice: the second run resumes and sends nothing.
     """
     from urllib.parse import urlsplit
 
     from .simulator import SimulatorConfig, SimulatorThread
 
+    input_path = input_path or PACKAGE_DATA / "sample.csv"
+    config_path = config_path or str(PACKAGE_DATA / "demo.toml")
     try:
         file_values = load_config_file(config_path)
         config = build_config(file_values, {}, config_path=config_path)
     except ConfigError as exc:
         _fail(str(exc), EXIT_USAGE)
         return
-    port = urlsplit(config.base_url).port or 8000
+    if port is None:
+        port = urlsplit(config.base_url).port or 8000
     sim_config = SimulatorConfig(
         latency_ms=40.0,
         latency_jitter_ms=40.0,
@@ -612,18 +995,37 @@ def demo(output: Path, input_path: Path, config_path: str) -> None:
         seed=7,
         record=False,
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with SimulatorThread(sim_config, port=port) as sim:
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _fail(_os_error_message(exc, output), EXIT_USAGE)
+    sim = SimulatorThread(sim_config, port=port)
+    try:
+        sim.start()
+    except OSError as exc:
+        _fail(_bind_error(exc, "127.0.0.1", port), EXIT_USAGE)
+    try:
         click.echo(f"simulator listening on {sim.base_url}", err=True)
+        if sim.port != port:  # --port 0: the config's base_url points at the bound port
+            config = dataclasses.replace(config, base_url=sim.base_url)
         reporter = Reporter(progress=config.progress, log_interval=config.log_interval)
         try:
             summary = run_batch(input_path, output, config, Seams(reporter=reporter))
-        except (UsageError, LockHeld) as exc:
+        except UsageError as exc:
             _fail(str(exc), EXIT_USAGE)
             return
-        except RunAborted as exc:
-            _fail(str(exc), EXIT_ABORTED)
+        except LockHeld as exc:
+            _fail(str(exc), EXIT_LOCKED)
             return
+        except RunAborted as exc:
+            stopped = getattr(exc, "summary", None)
+            _fail(str(exc), stopped.exit_code if stopped is not None else EXIT_ABORTED)
+            return
+        except OSError as exc:
+            _fail(_os_error_message(exc, output), EXIT_USAGE)
+            return
+    finally:
+        sim.stop()
     click.echo(
         f"\nDone. Output: {output} (read it with pandas.read_parquet)."
         f"\nStatus any time: pipeline status {output}"
@@ -726,5 +1128,12 @@ def report(output: Path, html_path: Path | None, as_json: bool) -> None:
         click.echo(format_table(rows))
     if html_path is not None:
         page = render_html(rows, frame, context=run_context(output))
-        html_path.write_text(page, encoding="utf-8")
+        try:
+            html_path.write_text(page, encoding="utf-8")
+        except OSError as exc:
+            _fail(
+                f"--html {html_path}: cannot write it ({exc.strerror or exc}). Give a path in "
+                "an existing, writable directory.",
+                EXIT_USAGE,
+            )
         click.echo(f"wrote {html_path}", err=True)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ from .errors import ConfigError
 DEFAULT_BASE_URL = "https://api.aimlapi.com/v1"
 DEFAULT_MODEL = "gpt-3.5-turbo"
 DEFAULT_KEY_ENVS = ("AIMLAPI_API_KEY", "OPENAI_API_KEY")
+# No model answers more tokens than this: a larger --max-tokens is a typo (and would make a
+# budget reserve it for every request).
+MAX_TOKENS_BOUND = 1_000_000
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 # Body fields that have their own option; --param may not set them.
@@ -79,6 +83,7 @@ class RunConfig:
     # rows and I/O
     id_column: str | None = None
     input_format: str | None = None
+    delimiter: str | None = None  # CSV field separator; None: "," (a tab for .tsv / tsv)
     limit: int | None = None
     overwrite: bool = False
     restart: bool = False
@@ -279,6 +284,7 @@ _STR_FIELDS = {
     "score",
     "samples",
     "n_mode",
+    "delimiter",
 }
 # TOML keys that are not RunConfig fields but are accepted by load_config_file and
 # passed through untouched (the CLI reads them itself).
@@ -398,8 +404,8 @@ def _check_type(key: str, value: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise bad("true or false")
     elif key == "model" and isinstance(value, list | tuple):
-        if not all(isinstance(v, str) and v.strip() for v in value):
-            raise bad("a model name or a list of them")
+        if not all(isinstance(v, str) for v in value):
+            raise bad("a model name or a list of them")  # an empty name: validate() says so
         value = tuple(value)
     elif key in _STR_FIELDS:
         if not isinstance(value, str):
@@ -490,6 +496,12 @@ def build_config(
     return config
 
 
+def split_models(values: Iterable[str]) -> tuple[str, ...]:
+    """``--model a,b --model c`` -> ("a", "b", "c"): a comma separates models (no model id
+    holds one). An empty name stays, so that validation refuses it by name."""
+    return tuple(part.strip() for value in values for part in value.split(","))
+
+
 def validate(config: RunConfig) -> None:
     """Range and consistency checks that do not need the input file."""
     sources = [
@@ -539,8 +551,18 @@ def validate(config: RunConfig) -> None:
         ),
         (config.log_format in ("text", "json"), "--log-format: text or json"),
         (
-            config.input_format in (None, "csv", "parquet", "jsonl"),
-            "--input-format: csv, parquet or jsonl",
+            config.input_format in (None, "csv", "tsv", "parquet", "jsonl"),
+            "--input-format: csv, tsv, parquet or jsonl",
+        ),
+        (
+            config.max_tokens is None or config.max_tokens <= MAX_TOKENS_BOUND,
+            f"--max-tokens: at most {MAX_TOKENS_BOUND:,} (no model answers more; a budget "
+            "reserves --max-tokens for every request, so a huge value stops --max-cost at "
+            "once). Use the model's output limit, e.g. --max-tokens 4096",
+        ),
+        (
+            config.delimiter is None or len(config.delimiter) == 1,
+            "--delimiter: one character, e.g. ';' or '\\t' for a tab",
         ),
     ]
     for ok, rule in checks:
@@ -579,6 +601,11 @@ def _validate_answer_options(config: RunConfig) -> None:
         raise ConfigError(f"--schema-mode {config.schema_mode!r}: use auto, native or prompt.")
     if config.max_reasks < 0:
         raise ConfigError("Out of range: --max-reasks: 0 or more.")
+    if any(not m.strip() for m in config.all_models):
+        raise ConfigError(
+            f"--model {list(config.all_models)}: a model name cannot be empty. Give a name, "
+            f"e.g. --model {DEFAULT_MODEL}, or leave --model out for that default."
+        )
     if len(set(config.all_models)) != len(config.all_models):
         raise ConfigError(f"--model: the same model twice in {list(config.all_models)}.")
     if config.score is not None and config.expected_column is None:

@@ -11,8 +11,8 @@ whole run is decided by the exception's type (set from the HTTP status and the e
     │   ├── InputError                  missing column, bad template, malformed file, dup ids
     │   └── OutputError                 OUTPUT exists and is not ours, fingerprint mismatch
     │       └── FingerprintMismatch
-    ├── LockHeld                        exit 2: another live run owns this OUTPUT
-    ├── RunAborted                      exit 3: auth, quota or signal; a rerun resumes
+    ├── LockHeld                        exit 8: another live run owns this OUTPUT
+    ├── RunAborted                      exit 3/4/5/6: see EXIT_CODES; a rerun resumes
     └── RequestError                    one attempt of one row failed
         ├── RetryableError              retried with backoff
         │   ├── RateLimited             429 (not quota)
@@ -26,10 +26,51 @@ whole run is decided by the exception's type (set from the HTTP status and the e
             ├── AuthenticationError     401
             ├── PermissionDenied        403 (AI/ML API: out of credits / spend limit)
             ├── QuotaExceeded           429 insufficient_quota
+            ├── ServerSaysLater         429s in a row with Retry-After beyond --max-retry-wait
             └── BudgetReached           the next request could cross --max-cost / tokens
 """
 
 from __future__ import annotations
+
+# Exit codes of the CLI, one table (README "Exit codes" and `pipeline run --help` show it).
+# Each code has one meaning a cron job can act on; the summary JSON carries the reason too.
+EXIT_OK = 0
+EXIT_FAILED_ROWS = 1
+EXIT_USAGE = 2
+EXIT_ABORTED = 3
+EXIT_BUDGET = 4
+EXIT_INTERRUPTED = 5
+EXIT_STORAGE = 6
+EXIT_RETRY_LATER = 7
+EXIT_LOCKED = 8
+
+EXIT_CODES: dict[int, tuple[str, str]] = {
+    EXIT_OK: ("ok", "every row is ok or skipped"),
+    EXIT_FAILED_ROWS: ("failed_rows", "the run finished, but some rows failed (error or invalid)"),
+    EXIT_USAGE: ("usage", "usage, config or input error: nothing was sent; fix the command"),
+    EXIT_ABORTED: (
+        "fatal",
+        "stopped by an error every row would hit: 401 bad key, 403 no credits, "
+        "insufficient_quota, or every request failing the same way; fix it, then rerun",
+    ),
+    EXIT_BUDGET: ("budget", "budget reached (--max-cost, --max-total-tokens); rerun with more"),
+    EXIT_INTERRUPTED: (
+        "interrupted",
+        "stopped on purpose: SIGTERM/SIGINT or --max-runtime; rerun the same command to go on",
+    ),
+    EXIT_STORAGE: (
+        "storage",
+        "the checkpoint or OUTPUT could not be written (disk full, read-only, I/O error); "
+        "every answer received is kept; rerun once the disk is fixed",
+    ),
+    EXIT_RETRY_LATER: ("retry_later", "the server asked to come back later than --max-retry-wait"),
+    EXIT_LOCKED: ("locked", "another live run holds OUTPUT: nothing was sent; try again later"),
+}
+
+
+def exit_reason(code: int) -> str:
+    """The short name of an exit code (``exit_reason`` in the summary JSON)."""
+    return EXIT_CODES.get(code, ("unknown", ""))[0]
 
 
 class PipelineError(Exception):
@@ -146,6 +187,13 @@ class PermissionDenied(FatalError):
 
 class QuotaExceeded(FatalError):
     """429 insufficient_quota: the account has no quota left."""
+
+
+class ServerSaysLater(FatalError):
+    """429s in a row ask to come back later than ``--max-retry-wait``: stop, rows stay pending.
+
+    ``retry_after`` is the longest wait asked (seconds); the run exits with code 7.
+    """
 
 
 class BudgetReached(FatalError):

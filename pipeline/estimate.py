@@ -434,7 +434,8 @@ class Estimator:
         if typical_completion is None:
             notes.append(
                 f"typical assumes {typical} completion tokens a request; the real figure "
-                "depends on the prompt (pass a figure from an earlier run to refine it)"
+                "depends on the prompt (pass --typical-completion N, e.g. completion_tokens / sent "
+                "from an earlier run's summary, to refine it)"
             )
         if max_tokens is None:
             notes.append("no --max-tokens: completion tokens and cost have no upper bound")

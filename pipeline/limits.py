@@ -2,14 +2,15 @@
 
 Small meters that stack, each separately testable with an injectable clock and sleep:
 
-- ``AdaptiveConcurrency``: at most ``limit`` requests in flight; on a 429 the limit halves
-  (multiplicative decrease), and every ``limit`` successes it grows by one (additive
-  increase), never above ``--concurrency``.
+- ``AdaptiveConcurrency``: at most ``limit`` requests in flight; it starts at 8 and opens
+  by one per answer (slow start) up to ``--concurrency``.
 - ``RateMeter``: a token bucket (``rate`` units per second, ``burst`` capacity) for requests
   per minute (``--rpm``) or tokens per minute (``--tpm``); ``refund``/``charge`` correct it
   when the actual usage of a response differs from the estimate.
-- ``PauseGate``: a shared "nobody starts before T" used when any request gets a 429, so that
-  every worker waits out the Retry-After, not only the one that got it.
+- ``RateController``: finds a request-rate limit that nobody announces from 429s alone and
+  holds sending near it; tells scattered 429s (noise) from overload (see its docstring).
+- ``RowGate``: at most ``--concurrency`` rows in progress, not counting rows waiting out a
+  retry (their place goes to the next row).
 - ``HeaderPacer``: reads ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` and mirrors
   the server's bucket in a ``RateMeter`` (its refill rate estimated from limit, remaining and
   reset), so that sending slows down before remaining reaches zero.
@@ -23,13 +24,21 @@ Small meters that stack, each separately testable with an injectable clock and s
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from .config import parse_duration
 
 Clock = Callable[[], float]
+# requests in flight at the start of a run: the number then doubles per round trip
+SLOW_START = 8
+# cuts less than this many seconds apart are one series: noise undoes all of it
+SERIES_GAP = 5.0
+# requests/s added to the rate when its growth is computed (see RateController._grow)
+FAIR_SHARE_FLOOR = 5.0
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -92,63 +101,112 @@ class RateMeter:
         self.level = min(self.level, level)
 
 
-class PauseGate:
-    """Everyone waits until ``until`` (a clock time) before starting a request."""
-
-    def __init__(self, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:
-        self.clock = clock
-        self.sleep = sleep
-        self.until = 0.0
-
-    def pause(self, seconds: float) -> None:
-        self.until = max(self.until, self.clock() + seconds)
-
-    async def wait(self) -> None:
-        while True:
-            left = self.until - self.clock()
-            if left <= 0:
-                return
-            await self.sleep(left)
-
-
 class AdaptiveConcurrency:
-    """AIMD limit on requests in flight: halve on 429, +1 per ``limit`` successes."""
+    """A limit on requests in flight that starts small and opens up (slow start).
 
-    def __init__(self, maximum: int, *, minimum: int = 1) -> None:
+    It starts at ``initial`` and every answered request adds one place, up to ``maximum``:
+    the number in flight doubles per round trip, as in TCP's slow start. The first requests
+    of a run so never arrive as a burst of ``--concurrency`` at a server whose limit is
+    unknown (64 requests at once against a bucket of 5 would be 59 429s). It never shrinks:
+    the request rate, not the number in flight, is what ``RateController`` adjusts.
+    """
+
+    def __init__(self, maximum: int, *, initial: int | None = None) -> None:
         self.maximum = maximum
-        self.minimum = minimum
-        self.limit = float(maximum)
+        self.limit = maximum if initial is None else max(1, min(initial, maximum))
         self.in_flight = 0
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     async def acquire(self) -> None:
-        # fast path without a lock: the common case is "under the limit"
-        while self.in_flight >= int(self.limit):
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-        self.in_flight += 1
+        # First come, first served: a freed place is handed to the longest waiter, never
+        # taken by a newcomer (rows go out in input order, which the checkpoint relies on).
+        if self.in_flight < self.limit and not self._waiters:
+            self.in_flight += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                await self.release()  # the place was handed over as we were cancelled
+            else:
+                self._waiters.remove(waiter)
+            raise
 
     async def release(self) -> None:
-        self.in_flight -= 1
-        # wake as many waiters as there are free places
-        free = int(self.limit) - self.in_flight
-        while free > 0 and self._waiters:
-            waiter = self._waiters.pop(0)
+        while self._waiters and self.in_flight <= self.limit:
+            waiter = self._waiters.popleft()
             if not waiter.done():
+                waiter.set_result(None)  # the place passes on: in_flight is unchanged
+                return
+        self.in_flight -= 1
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_flight < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
                 waiter.set_result(None)
-                free -= 1
 
     def on_success(self) -> None:
         if self.limit < self.maximum:
-            self.limit = min(self.maximum, self.limit + 1.0 / max(self.limit, 1.0))
+            self.limit += 1
+            self._wake()
 
-    def on_rate_limited(self) -> None:
-        self.limit = max(float(self.minimum), self.limit / 2)
+
+class RowGate:
+    """At most ``limit`` rows in progress, not counting rows waiting out a retry.
+
+    A row waiting out its Retry-After (or backoff) is parked: its place goes to the next
+    row, as a plain client's retry waits outside its semaphore. Rows enter first come,
+    first served.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self.parked_rows = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def enter(self) -> None:
+        if self.active - self.parked_rows < self.limit and not self._waiters:
+            self.active += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.leave()  # the place was handed over as we were cancelled
+            elif waiter in self._waiters:  # _wake may have dropped it already
+                self._waiters.remove(waiter)
+            raise
+
+    def leave(self) -> None:
+        self.active -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.active - self.parked_rows < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.active += 1
+                waiter.set_result(None)
+
+    def parked(self, sleep: Sleep) -> Sleep:
+        """``sleep`` for retry waits: the row is parked while it sleeps."""
+
+        async def parked_sleep(seconds: float) -> None:
+            self.parked_rows += 1
+            self._wake()
+            try:
+                await sleep(seconds)
+            finally:
+                self.parked_rows -= 1
+
+        return parked_sleep
 
 
 @dataclass
@@ -309,8 +367,309 @@ class Budget:
         return "; ".join(parts)
 
 
+@dataclass(slots=True)
+class _Trial:
+    """The responses to requests sent after a cut, which tell overload from noise."""
+
+    previous_rate: float | None
+    previous_found: float | None
+    share_before: float
+    began: float
+    answers: int = 0
+    refused: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RateView:
+    """What the rate controller believes, for progress lines and the summary.
+
+    Fields: ``rate`` (requests/s it sends at, None while it has no reason to hold back),
+    ``limit_found`` (the request rate the server accepted when it last refused more),
+    ``noise`` (share of 429s that come whatever the rate), ``rate_limited`` (429s seen),
+    ``cuts`` (times it slowed down), ``long_waits`` (429s asking for more than the longest
+    wait a row may take).
+    """
+
+    rate: float | None
+    limit_found: float | None
+    noise: float
+    rate_limited: int
+    cuts: int
+    long_waits: int
+
+    def describe(self) -> str:
+        parts = [
+            f"sending at {self.rate:.1f} req/s" if self.rate is not None else "not rate-limited"
+        ]
+        if self.limit_found is not None:
+            parts.append(f"limit found ~{self.limit_found:.1f} req/s")
+        parts.append(f"{self.rate_limited} 429s, {self.cuts} slow-downs")
+        if self.noise:
+            parts.append(f"{self.noise:.0%} of answers 429 whatever the rate (treated as noise)")
+        if self.long_waits:
+            parts.append(f"{self.long_waits} 429s asking to come back much later")
+        return ", ".join(parts)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "rate_rps": None if self.rate is None else round(self.rate, 2),
+            "limit_found_rps": None if self.limit_found is None else round(self.limit_found, 2),
+            "noise_429_share": round(self.noise, 4),
+            "rate_limited": self.rate_limited,
+            "cuts": self.cuts,
+            "long_waits": self.long_waits,
+        }
+
+
+class RateController:
+    """Finds and holds a request-rate limit the server enforces but does not announce.
+
+    It sees only answers (200) and refusals (429) with the time their request started; 5xx
+    and transport errors say nothing about our rate and are left to the per-row retries.
+
+    - **Free until refused.** With no 429 seen it does not pace at all.
+    - **A cut per congestion event.** A 429 that counts (see noise) sets the rate to
+      ``backoff`` x what the server accepted over the last ``accept_window`` seconds (capped
+      by the rate it was sending at): under a real limit, what gets through *is* the limit.
+      429s of requests that started before the cut are echoes of the same event and are
+      not counted again.
+    - **Overload or noise.** A limit answers fewer 429s once we slow down; scattered 429s
+      come at the same share whatever the rate. After a cut, the next ``trial_answers``
+      answers to requests sent after it decide: if the share of 429s among them has not
+      fallen (at least 3 and at least ``same_share`` of the share before), the cut is undone
+      and that share becomes the noise floor; from then on a 429 counts only when the share
+      over the last ``window`` answers exceeds twice the floor plus 2 points. A 429 while
+      sending above 1.05 x the rate that last got through needs no trial (probing explains
+      it). After a small overshoot the server's bucket is still empty for a moment: answers
+      to the next ~4 requests' worth of time after a cut are echoes too.
+    - **Probe up, slowly then faster.** Between cuts the rate grows by ``probe`` per second,
+      and that growth doubles every ``probe_doubling`` seconds without a cut (capped at
+      ``probe_max`` per second): it stays near the rate that worked for a few seconds, and
+      follows a limit that went up within seconds. It grows at the slowest ``probe`` while a
+      trial runs, never beyond twice the rate requests are actually asking to start at, and
+      applies to the rate plus ``FAIR_SHARE_FLOOR``: processes sharing a limit then gain
+      alike in absolute terms and the smaller catches up (as in AIMD).
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        on_change: Callable[[str, RateView], None] | None = None,
+        backoff: float = 0.85,
+        probe: float = 0.01,
+        probe_doubling: float = 1.25,
+        probe_max: float = 1.0,
+        window: int = 100,
+        accept_window: float = 2.0,
+        trial_answers: int = 100,
+        trial_seconds: float = 3.0,
+        same_share: float = 0.6,
+        minimum_rate: float = 0.05,
+    ) -> None:
+        self.clock = clock
+        self.on_change = on_change
+        self.backoff = backoff
+        self.probe = probe
+        self.probe_doubling = probe_doubling
+        self.probe_max = probe_max
+        self.accept_window = accept_window
+        self.trial_answers = trial_answers
+        self.trial_seconds = trial_seconds
+        self.same_share = same_share
+        self.minimum_rate = minimum_rate
+        self.meter = RateMeter(1.0, burst=1.0, clock=clock, sleep=sleep)
+        self.rate: float | None = None
+        self.found: float | None = None
+        self.noise = 0.0
+        self.rate_limited = 0
+        self.cuts = 0
+        self.long_waits = 0
+        self.last_cut = self.settled = float("-inf")
+        self.before_series: tuple[float | None, float | None] = (None, None)
+        self.probe_since = clock()
+        self.grown_at = clock()
+        self.first_seen: float | None = None
+        self.trial: _Trial | None = None
+        self.recent: deque[bool] = deque(maxlen=window)  # True: a 429
+        self.accepted: deque[float] = deque()  # times of answers, the last accept_window s
+        self.asked: deque[float] = deque()  # times requests asked to start, same window
+        self._told_rate: float | None = None
+
+    def view(self) -> RateView:
+        return RateView(
+            self.rate, self.found, self.noise, self.rate_limited, self.cuts, self.long_waits
+        )
+
+    async def acquire(self) -> None:
+        """Wait until one more request may start at the held rate (at once when free)."""
+        now = self.clock()
+        self.asked.append(now)
+        self._trim(self.asked, now)
+        if self.rate is None:
+            return
+        self._grow(now)
+        await self.meter.acquire(1.0)
+
+    def observe(self, *, started: float, refused: bool) -> None:
+        """An answer (``refused`` False) or a 429 to a request that started at ``started``."""
+        now = self.clock()
+        if self.first_seen is None:
+            self.first_seen = now
+        self.recent.append(refused)
+        if refused:
+            self.rate_limited += 1
+        else:
+            self.accepted.append(now)
+            self._trim(self.accepted, now)
+        if started < self.settled:
+            # an echo of the event that caused the last cut, or a request sent while the
+            # server's bucket was still empty from it
+            return
+        trial = self.trial
+        if trial is not None:
+            trial.answers += 1
+            trial.refused += refused
+            if trial.refused >= 3 and trial.refused >= 0.3 * trial.answers:
+                self._cut(now, trial.refused / trial.answers, "still refused after slowing down")
+            elif (
+                trial.answers >= self.trial_answers
+                or now - trial.began >= self.trial_seconds
+                or (trial.answers >= 20 and self._looks_like_noise(trial))
+            ):
+                self._judge(now, trial)
+            return
+        if refused:
+            share = sum(self.recent) / len(self.recent)
+            if self.noise == 0.0 or share > 2 * self.noise + 0.02:
+                self._cut(now, share, "429 beyond the noise")
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _trim(self, times: deque[float], now: float) -> None:
+        while times and times[0] < now - self.accept_window:
+            times.popleft()
+
+    def _span(self, now: float) -> float:
+        """Seconds the accept/ask counts cover: the window, or less at the start of a run."""
+        seen = now - (self.first_seen if self.first_seen is not None else now)
+        return max(0.1, min(self.accept_window, seen))
+
+    def _through(self, now: float) -> float:
+        """Answers per second lately: over the window, or its last half if more (a limit
+        that just went up), at least one answer's worth (a 429 before any answer must not
+        stop sending), scaled up by the noise (those 429s were not the limit's)."""
+        self._trim(self.accepted, now)
+        span = self._span(now)
+        recent = sum(1 for t in self.accepted if t >= now - span / 2) / (span / 2)
+        through = max(len(self.accepted) / span, recent, 1.0 / span)
+        return through / max(0.5, 1.0 - self.noise)
+
+    def _set_rate(self, rate: float | None) -> None:
+        self.rate = rate
+        if rate is not None:
+            self.meter._refill()
+            self.meter.rate = rate
+            self.meter.level = min(self.meter.level, 1.0)
+
+    def _grow(self, now: float) -> None:
+        if self.rate is None:
+            self.grown_at = now
+            return
+        elapsed = now - self.grown_at
+        if elapsed <= 0:
+            return
+        self.grown_at = now
+        self._trim(self.asked, now)
+        asking = len(self.asked) / self._span(now)
+        if self.rate > 2 * asking:
+            return  # the held rate is not what slows us: growing it would mean nothing
+        quiet = now - self.probe_since
+        growth = min(self.probe_max, self.probe * 2 ** (quiet / self.probe_doubling))
+        if self.trial is not None:
+            growth = self.probe  # while a trial runs, only the slowest probe
+        # growth of rate + FAIR_SHARE_FLOOR, not of the rate alone: two processes on one
+        # limit then gain alike in absolute terms, and the smaller catches up (as in AIMD)
+        floor = FAIR_SHARE_FLOOR
+        self._set_rate((self.rate + floor) * math.exp(growth * elapsed) - floor)
+        self._tell("probing up")
+
+    def _cut(self, now: float, share: float, why: str) -> None:
+        through = self._through(now)
+        anchor = through if self.rate is None else min(self.rate, through)
+        trial = self.trial
+        if trial is not None and self.rate is not None:
+            # sent at ``rate`` since the last cut, a share got through: that is the limit
+            got_through = (trial.answers - trial.refused + 1) / (trial.answers + 1)
+            anchor = min(anchor, self.rate * got_through)
+        if now - self.last_cut > SERIES_GAP:
+            # the first cut of a series: what noise would have to undo, back to here
+            self.before_series = (self.rate, self.found)
+        undo_rate, undo_found = self.before_series
+        if self.trial is None:
+            # probing above the rate that last got through explains a 429: no need to ask
+            # whether it is noise
+            beyond = self.found is not None and (self.rate or 0.0) > 1.05 * self.found
+            self.trial = _Trial(undo_rate, undo_found, 1.0 if beyond else share, now)
+        else:  # still overloaded: the trial restarts from here
+            self.trial = _Trial(undo_rate, undo_found, 1.0, now)
+        self.found = max(through, self.minimum_rate)
+        self._set_rate(max(self.minimum_rate, self.backoff * anchor))
+        self.last_cut = self.probe_since = self.grown_at = now
+        assert self.rate is not None
+        # a small overshoot leaves the server's bucket empty for a moment: answers to the
+        # next few requests say nothing new (after a storm, they count at once)
+        small = self.trial.share_before < 0.3
+        self.settled = now + (min(1.0, 4.0 / self.rate) if small else 0.0)
+        self.cuts += 1
+        self._tell(why, force=self.cuts == 1)
+
+    def _looks_like_noise(self, trial: _Trial) -> bool:
+        share = trial.refused / max(trial.answers, 1)
+        # about the same share as before the cut: not fewer (a limit left behind), and not
+        # many more either (a limit that just came down)
+        return (
+            trial.share_before < 0.3
+            and trial.refused >= 3
+            and self.same_share * trial.share_before <= share <= 3 * trial.share_before + 0.05
+        )
+
+    def _judge(self, now: float, trial: _Trial) -> None:
+        self.trial = None
+        share = trial.refused / max(trial.answers, 1)
+        if self._looks_like_noise(trial):
+            # as many 429s at the lower rate: they were not about our rate
+            self.noise = share if self.noise == 0.0 else 0.7 * self.noise + 0.3 * share
+            self.found = trial.previous_found
+            self._set_rate(trial.previous_rate)
+            self._tell(
+                f"{share:.0%} of answers are 429 whatever the rate: noise, not a limit", force=True
+            )
+        elif trial.refused == 0:
+            self.noise *= 0.5
+
+    def _tell(self, why: str, *, force: bool = False) -> None:
+        """Log a change of mind: a new kind of decision, or the rate moved by 25%."""
+        told = self._told_rate
+        rate = self.rate
+        moved = (rate is None) != (told is None) or (
+            rate is not None and told is not None and abs(rate - told) > 0.25 * told
+        )
+        if not (force or moved):
+            return
+        self._told_rate = rate
+        if self.on_change is not None:
+            self.on_change(why, self.view())
+
+
 class Limits:
-    """All meters of one run, composed: ``start`` before a request, ``finish`` after it."""
+    """All meters of one run, composed: ``start`` before a request, ``finish`` after it.
+
+    The adaptive ``RateController`` paces only when no limit is announced: with ``--rpm`` /
+    ``--tpm`` or ``x-ratelimit-*`` headers those are followed exactly, as the server states
+    them. A 429 never pauses the other requests: its row waits out its own Retry-After.
+    """
 
     def __init__(
         self,
@@ -323,13 +682,14 @@ class Limits:
         max_pause: float = 120.0,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
+        on_change: Callable[[str, RateView], None] | None = None,
     ) -> None:
         self.clock = clock
         self.max_pause = max_pause
-        self.concurrency = AdaptiveConcurrency(concurrency)
-        self.last_decrease = float("-inf")
         self.adaptive = adaptive
-        self.gate = PauseGate(clock=clock, sleep=sleep)
+        self.concurrency = AdaptiveConcurrency(
+            concurrency, initial=SLOW_START if adaptive else None
+        )
         # burst of ~1 s for requests: even pacing, no start-up spike against the server's window
         self.requests = (
             RateMeter(rpm / 60.0, burst=max(1.0, rpm / 60.0), clock=clock, sleep=sleep)
@@ -348,7 +708,31 @@ class Limits:
         self.header_requests = HeaderPacer(clock=clock, sleep=sleep)
         self.header_tokens = HeaderPacer(clock=clock, sleep=sleep)
         self.estimator = TokenEstimator(max_tokens)
-        self.rate_limited = 0
+        self.controller = RateController(clock=clock, sleep=sleep, on_change=on_change)
+        self.long_refusals = 0  # 429s in a row asking for more than max_pause
+
+    @property
+    def rate_limited(self) -> int:
+        return self.controller.rate_limited
+
+    @property
+    def announced(self) -> bool:
+        """True when the user or the server states a limit (then it is followed as stated)."""
+        return (
+            self.requests is not None
+            or self.tokens is not None
+            or self.header_requests.active
+            or self.header_tokens.active
+        )
+
+    @property
+    def come_back_later(self) -> bool:
+        """Three 429s in a row, without an answer between, asked for more than ``max_pause``:
+        the server is closed for longer than a row may wait."""
+        return self.long_refusals >= 3
+
+    def view(self) -> RateView:
+        return self.controller.view()
 
     async def start(self, chars: int, choices: int = 1) -> tuple[float, float]:
         """Wait until a request of ``chars`` prompt characters and ``choices`` may go.
@@ -356,8 +740,6 @@ class Limits:
         Returns (token cost estimate, start time) to hand back to ``finish``.
         """
         cost = self.estimator.cost(chars, choices)
-        if self.gate.until > self.clock():
-            await self.gate.wait()
         await self.concurrency.acquire()
         try:
             if self.requests is not None:
@@ -368,8 +750,8 @@ class Limits:
                 await self.header_requests.acquire(1)
             if self.header_tokens.active:
                 await self.header_tokens.acquire(cost)
-            if self.gate.until > self.clock():
-                await self.gate.wait()
+            if self.adaptive and not self.announced:
+                await self.controller.acquire()
         except BaseException:
             await self.concurrency.release()
             raise
@@ -387,9 +769,15 @@ class Limits:
         rate_limited: bool = False,
         retry_after: float | None = None,
         choices: int = 1,
+        answered: bool | None = None,
     ) -> None:
-        """Account for a finished attempt: correct token use, read headers, adapt."""
+        """Account for a finished attempt: correct token use, read headers, adapt.
+
+        ``answered`` says the server answered (200); by default, when usage came back.
+        """
         await self.concurrency.release()
+        if answered is None:
+            answered = prompt_tokens is not None
         if headers:
             in_flight = self.concurrency.in_flight
             bucket = read_bucket(headers, "requests")
@@ -405,13 +793,14 @@ class Limits:
                 self.tokens.charge(actual - cost)
         elif self.tokens is not None and not rate_limited:
             self.tokens.refund(cost)  # nothing was generated: give the estimate back
-        if rate_limited:
-            self.rate_limited += 1
-            self.gate.pause(min(retry_after if retry_after is not None else 1.0, self.max_pause))
-            # One decrease per congestion event: 429s of requests that started before the
-            # last decrease are echoes of the same overload.
-            if self.adaptive and started > self.last_decrease:
-                self.concurrency.on_rate_limited()
-                self.last_decrease = self.clock()
-        elif prompt_tokens is not None and self.adaptive:
-            self.concurrency.on_success()
+        if rate_limited and retry_after is not None and retry_after > self.max_pause:
+            self.long_refusals += 1
+            self.controller.long_waits += 1
+        if self.adaptive and not self.announced and (rate_limited or answered):
+            self.controller.observe(started=started, refused=rate_limited)
+        elif rate_limited:
+            self.controller.rate_limited += 1  # counted for progress and the summary
+        if answered:
+            self.long_refusals = 0
+            if self.adaptive:
+                self.concurrency.on_success()

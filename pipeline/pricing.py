@@ -26,7 +26,9 @@ from typing import Any
 
 from .errors import ConfigError
 
-DEFAULT_PRICES_PATH = Path(__file__).resolve().parent.parent / "configs" / "prices.toml"
+# packaged with the code (configs/prices.toml at the top of the repository is the same file,
+# kept as the user-facing example; tests/test_packaging.py checks they are equal)
+DEFAULT_PRICES_PATH = Path(__file__).resolve().parent / "data" / "prices.toml"
 PER_TOKENS = 1_000_000  # prices are USD per this many tokens
 
 # cost_source values: where a row's cost_usd came from.

@@ -16,11 +16,17 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
 from .records import RowResult, RunSummary
+
+if TYPE_CHECKING:
+    from .limits import RateView
+
+# a retry wait at least this long gets its own log line in every format
+LONG_WAIT = 5.0
 
 
 class Reporter:
@@ -63,6 +69,8 @@ class Reporter:
         self.unit = "rows"  # what the bar counts: rows, or results (several per row)
         self.started = clock()
         self._last_log = self.started
+        # what the rate controller believes (set by the runner); shown in progress and summary
+        self.rate_view: Callable[[], RateView] | None = None
 
     # -- output helpers -------------------------------------------------------------------
 
@@ -73,8 +81,10 @@ class Reporter:
                 default=str,
                 ensure_ascii=False,
             )
-        else:
+        elif self.use_bar:
             line = f"pipeline: {text}"
+        else:  # a log file (cron, CI): every line says when
+            line = f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} pipeline: {text}"
         if self.bar is not None:
             self.bar.write(line, file=self.stream)
         else:
@@ -156,9 +166,25 @@ class Reporter:
             self.bar.update(1)
 
     def retry(
-        self, *, row_index: int, error: str, status: int | None, attempt: int, wait: float
+        self,
+        *,
+        row_index: int,
+        error: str,
+        status: int | None,
+        attempt: int,
+        wait: float,
+        asked: float | None = None,
     ) -> None:
         self.retries += 1
+        if wait >= LONG_WAIT and not self.json and not self.quiet:
+            capped = (
+                f" (the server asked {asked:g} s)" if asked is not None and asked > wait else ""
+            )
+            self._emit(
+                "retry",
+                f"row {row_index}: {f'HTTP {status}' if status else error}, retry {attempt} "
+                f"in {wait:.0f} s{capped}",
+            )
         if self.json and not self.quiet:
             self._emit(
                 "retry",
@@ -168,6 +194,14 @@ class Reporter:
                 http_status=status,
                 attempt=attempt,
                 wait_s=round(wait, 3),
+                **({"asked_s": asked} if asked is not None else {}),
+            )
+
+    def rate_changed(self, why: str, view: RateView) -> None:
+        """The rate controller changed its mind (a limit found, noise recognised, ...)."""
+        if not self.quiet:
+            self._emit(
+                "rate", f"rate control: {why}; {view.describe()}", reason=why, **view.as_dict()
             )
 
     def tick(self) -> None:
@@ -179,19 +213,38 @@ class Reporter:
         if now - self._last_log >= self.log_interval and not self.quiet:
             self._last_log = now
             elapsed = max(now - self.started, 1e-9)
+            control = self.rate_view() if self.rate_view is not None else None
+            believed = {"rate_control": control.as_dict()} if control is not None else {}
+            speed = self.done / elapsed
+            pending = max(self.todo - self.done, 0)
+            eta = round(pending / speed) if speed > 0 else None
+            cost = None if self.unpriced else round(self.cost_usd, 6)
             self._emit(
                 "progress",
-                f"{self.done} rows done this run ({self.ok} ok, {self.errors} error, "
-                f"{self.skipped} skipped), {self.done / elapsed:.1f} rows/s, {self.retries} "
-                f"retries, tokens in {self.prompt_tokens} out {self.completion_tokens}",
+                f"{self.done} of {self.todo} to send done ({self.ok} ok, {self.errors} error, "
+                f"{self.skipped} skipped), {pending} pending, {speed:.1f} rows/s, ETA "
+                f"{_duration(eta)}, {self.retries} retries, tokens in {self.prompt_tokens} out "
+                f"{self.completion_tokens}, cost {_usd(cost)}"
+                + (
+                    f"; {control.describe()}"
+                    if control is not None and control.rate_limited
+                    else ""
+                ),
+                total=self.total,
+                todo=self.todo,
                 done=self.done,
+                pending=pending,
                 ok=self.ok,
                 error=self.errors,
                 skipped=self.skipped,
-                rows_per_s=round(self.done / elapsed, 2),
+                rows_per_s=round(speed, 2),
+                eta_s=eta,
                 retries=self.retries,
                 prompt_tokens=self.prompt_tokens,
                 completion_tokens=self.completion_tokens,
+                cost_usd=cost,
+                unpriced_results=self.unpriced,
+                **believed,
             )
 
     def note(self, text: str, **fields: Any) -> None:
@@ -217,10 +270,15 @@ class Reporter:
 
     def summary(self, summary: RunSummary) -> None:
         self.close()
+        rate = self.rate_view() if self.rate_view is not None else None
         if self.json:
-            self._emit("summary", "", **summary.as_dict())
+            believed = {"rate_control": rate.as_dict()} if rate is not None else {}
+            self._emit("summary", "", **summary.as_dict(), **believed)
             return
-        print(format_summary(summary), file=self.stream, flush=True)
+        text = format_summary(summary)
+        if rate is not None and rate.rate_limited:
+            text += f"\nrate control: {rate.describe()}"
+        print(text, file=self.stream, flush=True)
 
     # -- the bar ----------------------------------------------------------------------------
 
@@ -247,8 +305,21 @@ class Reporter:
             in_flight=self.in_flight() if self.in_flight is not None else None,
             cost=None if self.unpriced else self.cost_usd,
             rate=self.done / elapsed if elapsed > 0 and self.done else None,
+            throttle=_throttle(self.rate_view() if self.rate_view is not None else None),
         )
         return width, _literal(left) + "{bar}" + _literal(right)
+
+
+def _usd(value: float | None) -> str:
+    return "unknown" if value is None else f"${value:.4f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 MIN_BAR = 10  # columns the bar itself keeps, whatever the width
@@ -279,12 +350,14 @@ def bar_text(
     in_flight: int | None = None,
     cost: float | None = None,
     rate: float | None = None,
+    throttle: str | None = None,
 ) -> tuple[str, str]:
     """The text left and right of the progress bar, fitted to ``width`` columns.
 
-    The counts and the cost always show; retries, requests in flight, the time left and
-    the rate follow while the line keeps ``MIN_BAR`` columns for the bar (they go from the
-    last); on a narrow terminal the unit goes first. ``cost`` None reads "cost unknown".
+    The counts and the cost always show; retries, what rate control does (``throttle``,
+    once the server has refused requests), requests in flight, the time left and the rate
+    follow while the line keeps ``MIN_BAR`` columns for the bar (they go from the last); on
+    a narrow terminal the unit goes first. ``cost`` None reads "cost unknown".
     """
     left = f"{unit} {done:>{len(str(todo))}}/{todo} |"
     counts = f"| ok {ok} err {errors}"
@@ -293,7 +366,7 @@ def bar_text(
     fields = [counts, "cost unknown" if cost is None else f"${cost:.4f}"]
     if len(left) + len("  ".join(fields)) + MIN_BAR > width:  # narrow: the numbers matter
         left = f"{done}/{todo} |"
-    optional = [f"{retries} retries"]
+    optional = [f"{retries} retries"] + ([throttle] if throttle else [])
     if in_flight is not None and done < todo:
         optional.append(f"{in_flight} in flight")
     if rate and done < todo:
@@ -305,6 +378,14 @@ def bar_text(
         else:
             break
     return left, "  ".join(fields)
+
+
+def _throttle(view: RateView | None) -> str | None:
+    """Rate control in a few words, once the server has answered 429: "429s 12 @3.1/s"."""
+    if view is None or not view.rate_limited:
+        return None
+    pace = "free" if view.rate is None else f"{view.rate:.1f}/s"
+    return f"429s {view.rate_limited} @{pace}"
 
 
 def _literal(text: str) -> str:
@@ -326,7 +407,13 @@ def format_summary(s: RunSummary) -> str:
         f"this run: {s.sent} sent ({s.retries} retries), {s.resumed} resumed from the checkpoint"
         + (f", {s.removed} left the input" if s.removed else ""),
         f"tokens this run: {s.prompt_tokens} in, {s.completion_tokens} out; "
-        f"cost ${s.cost_usd:.6f}"
+        + (
+            f"cost unknown: {s.unpriced} results of models with no price"
+            + (f" (the priced rest: ${s.cost_usd:.6f})" if s.cost_usd else "")
+            + "; add their prices with --prices FILE"
+            if s.unpriced
+            else f"cost ${s.cost_usd:.6f}"
+        )
         + (f"; {s.deduplicated} duplicates answered once" if s.deduplicated else "")
         + (f"; {s.cache_hits} from the cache" if s.cache_hits else ""),
         f"wall time: {s.wall_seconds:.1f}s",

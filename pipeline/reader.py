@@ -36,12 +36,12 @@ FORMATS[".ndjson"] = "jsonl"
 def detect_format(path: Path, input_format: str | None) -> str:
     """The input format from ``--input-format`` or the file extension."""
     if input_format:
-        return input_format
+        return "csv" if input_format == "tsv" else input_format
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise InputError(
             f"{path}: cannot tell the format from the extension '{path.suffix}'. "
-            "Use .csv, .parquet or .jsonl, or pass --input-format csv|parquet|jsonl."
+            "Use .csv, .tsv, .parquet or .jsonl, or pass --input-format csv|tsv|parquet|jsonl."
         )
     return fmt
 
@@ -63,6 +63,7 @@ class InputSource:
     path: Path | None = None
     table: pa.Table | None = None
     limit: int | None = None
+    delimiter: str | None = None  # CSV: None is "," (tab for .tsv)
     _schema: pa.Schema | None = field(default=None, repr=False)
     _csv_block: int = field(default=CSV_BLOCK_BYTES, repr=False)  # grows for long rows
     _quotes_checked: set[int] = field(default_factory=set, repr=False)  # start bytes
@@ -231,7 +232,9 @@ class InputSource:
         )
 
     def _csv_parse_options(self) -> pacsv.ParseOptions:
-        delimiter = "\t" if self.path is not None and self.path.suffix.lower() == ".tsv" else ","
+        delimiter = self.delimiter or (
+            "\t" if self.path is not None and self.path.suffix.lower() == ".tsv" else ","
+        )
         return pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
 
     def _csv_batches(self, columns: list[str] | None, byte: int = 0) -> Iterator[pa.RecordBatch]:
@@ -575,8 +578,29 @@ def _first_non_utf8_line(path: Path) -> int | None:
     return None
 
 
+def delimiter_hint(columns: list[str], delimiter: str | None) -> str:
+    """A hint when a CSV header read as one column looks separated by ';' or a tab."""
+    if delimiter is not None or len(columns) != 1:
+        return ""
+    for char, name, option in (
+        (";", "';'", "--delimiter ';'"),
+        ("\t", "tab", "--delimiter tab (or --input-format tsv)"),
+        ("|", "'|'", "--delimiter '|'"),
+    ):
+        if char in columns[0]:
+            return (
+                f"The header is one column holding {name} characters: the file looks "
+                f"{name}-separated; pass {option}."
+            )
+    return ""
+
+
 def open_input(
-    source: str | Path | Any, *, input_format: str | None = None, limit: int | None = None
+    source: str | Path | Any,
+    *,
+    input_format: str | None = None,
+    limit: int | None = None,
+    delimiter: str | None = None,
 ) -> InputSource:
     """A path (str/Path), a pandas DataFrame or a pyarrow Table -> InputSource."""
     if isinstance(source, pa.Table):
@@ -602,6 +626,8 @@ def open_input(
     fmt = detect_format(path, input_format)
     if path.stat().st_size == 0:
         raise InputError(f"Input file {path} is empty (0 bytes).")
-    src = InputSource(name=str(path), format=fmt, path=path, limit=limit)
+    if input_format == "tsv" and delimiter is None:
+        delimiter = "\t"
+    src = InputSource(name=str(path), format=fmt, path=path, limit=limit, delimiter=delimiter)
     src.schema()  # fail early on a malformed header / file
     return src

@@ -138,6 +138,8 @@ class RunSummary:
     fingerprint: str = ""
     exit_code: int = 0
     input_rows: int = 0
+    exit_reason: str = ""  # the exit code's name (errors.EXIT_CODES): ok, fatal, interrupted...
+    unpriced: int = 0  # results of requests whose model has no price: cost_usd is then unknown
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready view."""
@@ -156,7 +158,10 @@ class RunSummary:
             "retries": self.retries,
             "deduplicated": self.deduplicated,
             "cache_hits": self.cache_hits,
-            "cost_usd": round(self.cost_usd, 6),
+            # unknown (null) when a request's model has no price, never a silent 0
+            "cost_usd": None if self.unpriced else round(self.cost_usd, 6),
+            "cost_usd_priced": round(self.cost_usd, 6),
+            "unpriced_results": self.unpriced,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
@@ -169,6 +174,7 @@ class RunSummary:
             "models": list(self.models),
             "fingerprint": self.fingerprint,
             "exit_code": self.exit_code,
+            "exit_reason": self.exit_reason,
         }
 
 

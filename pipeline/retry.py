@@ -64,7 +64,8 @@ class RetryPolicy:
     max_retries: int = 5
     initial: float = 0.5
     max_backoff: float = 30.0
-    jitter: float = 1.0
+    # enough to spread rows that failed together; more would only lengthen the run's tail
+    jitter: float = 0.25
     max_retry_wait: float = 120.0
     sleep: Sleep = asyncio.sleep
     on_retry: OnRetry | None = None

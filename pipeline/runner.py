@@ -34,6 +34,13 @@ from .checkpoint import Checkpoint, ResultIndex, file_signature
 from .client import ChatClient, build_body, make_transport, parse_completion
 from .config import FINGERPRINT_DEFAULTS, RunConfig, resolve_api_key
 from .errors import (
+    EXIT_ABORTED,
+    EXIT_BUDGET,
+    EXIT_FAILED_ROWS,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RETRY_LATER,
+    EXIT_STORAGE,
     BudgetReached,
     ConfigError,
     FatalError,
@@ -42,15 +49,17 @@ from .errors import (
     RateLimited,
     RequestError,
     RunAborted,
+    ServerSaysLater,
+    exit_reason,
 )
 from .estimate import Estimate, Estimator
 from .keys import compute_keys, model_row_keys, sample_row_keys
-from .limits import Budget, Limits
+from .limits import Budget, Limits, RowGate
 from .memory import map_large_blocks, release_memory
 from .pricing import PriceTable
 from .progress import Reporter
 from .prompts import PromptBuilder
-from .reader import InputSource, Resume, open_input
+from .reader import InputSource, Resume, delimiter_hint, open_input
 from .records import (
     RESULT_COLUMNS,
     STATUS_CODES,
@@ -81,8 +90,7 @@ from .structured import (
 )
 from .writer import OutputSpec, write_output
 
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ABORTED, EXIT_BUDGET = 0, 1, 2, 3, 4
-EXIT_STORAGE = 6  # the checkpoint or OUTPUT could not be written (disk full, read-only)
+WORKERS_PER_SLOT = 8  # rows in progress per request in flight (see _Run.execute)
 _ONE_SAMPLE = [SampleRequest((0,))]  # the only request of a row without --n
 
 
@@ -148,24 +156,32 @@ def _check_output_path(output: Path, config: RunConfig, checkpoint: Checkpoint) 
 
 def open_job(data: Any, config: RunConfig) -> tuple[InputSource, PromptBuilder]:
     """The input and its prompt builder, with every column the options name checked."""
-    source = open_input(data, input_format=config.input_format, limit=config.limit)
+    source = open_input(
+        data, input_format=config.input_format, limit=config.limit, delimiter=config.delimiter
+    )
     schema = source.schema()
     columns = list(schema.names)
-    _check_added_columns(source, config)
-    kind, value = config.prompt_source
-    builder = PromptBuilder(
-        kind, value, system=config.system, columns=columns, source_name=source.name
-    )
-    if config.id_column is not None and config.id_column not in columns:
-        raise InputError(
-            f"{source.name} has no column '{config.id_column}' for --id-column "
-            f"(columns: {', '.join(columns)})."
+    try:
+        _check_added_columns(source, config)
+        kind, value = config.prompt_source
+        builder = PromptBuilder(
+            kind, value, system=config.system, columns=columns, source_name=source.name
         )
-    if config.expected_column is not None and config.expected_column not in columns:
-        raise InputError(
-            f"{source.name} has no column '{config.expected_column}' for --expected-column "
-            f"(columns: {', '.join(columns)})."
-        )
+        if config.id_column is not None and config.id_column not in columns:
+            raise InputError(
+                f"{source.name} has no column '{config.id_column}' for --id-column "
+                f"(columns: {', '.join(columns)})."
+            )
+        if config.expected_column is not None and config.expected_column not in columns:
+            raise InputError(
+                f"{source.name} has no column '{config.expected_column}' for --expected-column "
+                f"(columns: {', '.join(columns)})."
+            )
+    except InputError as exc:
+        hint = delimiter_hint(columns, config.delimiter)
+        if hint:
+            raise InputError(f"{exc} {hint}") from exc
+        raise
     return source, builder
 
 
@@ -384,11 +400,14 @@ class _Run:
             max_pause=config.max_retry_wait,
             clock=seams.clock,
             sleep=seams.sleep,
+            on_change=lambda why, view: reporter.rate_changed(why, view),
         )
+        reporter.rate_view = self.limits.view
+        self.rows = RowGate(config.concurrency)
         self.policy = RetryPolicy(
             max_retries=config.max_retries,
             max_retry_wait=config.max_retry_wait,
-            sleep=seams.sleep,
+            sleep=self.rows.parked(seams.sleep),
         )
         index = plan.index
         self.budget = Budget(
@@ -659,7 +678,8 @@ class _Run:
             try:
                 await self.send_row(row, client)
             except Exception as exc:  # a row's failure is its own
-                self._row_failed(keys, exc)
+                if not self.stopping.is_set():  # in a stop, the row just stays pending
+                    self._row_failed(keys, exc)
             self._open_keys.difference_update(keys)
 
     def _row_failed(self, keys: list[int], exc: Exception) -> None:
@@ -713,7 +733,17 @@ class _Run:
         )
 
     async def send_row(self, row: PromptRow, client: ChatClient) -> None:
-        """Every sample ``row`` still needs; each result is recorded when it is final."""
+        """Every sample ``row`` still needs; each result is recorded when it is final.
+
+        At most ``--concurrency`` rows are in progress, not counting rows waiting out a
+        retry: those leave their place to the next row (``RowGate``)."""
+        await self.rows.enter()
+        try:
+            await self._send_row(row, client)
+        finally:
+            self.rows.leave()
+
+    async def _send_row(self, row: PromptRow, client: ChatClient) -> None:
         model = row.model or self.config.model
         params, system_text = self._request_shape(model)
         messages = row.messages or []
@@ -733,6 +763,8 @@ class _Run:
 
     def _stop_for(self, exc: BudgetReached | FatalError) -> None:
         """A budget or a fatal error ends the run; what it interrupted stays pending."""
+        if isinstance(exc, ServerSaysLater) and self.abort_kind is None:
+            self.abort_kind = "retry_later"
         if isinstance(exc, BudgetReached):
             if self.abort_kind is None:
                 self.abort_kind = "budget"
@@ -1014,6 +1046,7 @@ class _Run:
                 status=error.status,
                 attempt=attempt,
                 wait=wait,
+                asked=error.retry_after,
             )
 
         chars = sum(len(str(m.get("content") or "")) for m in messages)
@@ -1032,6 +1065,10 @@ class _Run:
 
         async def limited_send() -> Completion:
             cost, began = await self.limits.start(chars, choices)
+            if self.stopping.is_set():
+                # the run stopped while this row waited for a place: it stays pending
+                await self.limits.finish(chars=chars, cost=cost, started=began, headers=None)
+                raise asyncio.CancelledError
             try:
                 completion = await client.send(body, request_id)
             except RequestError as exc:
@@ -1046,6 +1083,8 @@ class _Run:
                     retry_after=exc.retry_after,
                     choices=choices,
                 )
+                if isinstance(exc, RateLimited) and self.limits.come_back_later:
+                    raise _come_back_later(exc, self.config.max_retry_wait) from exc
                 raise
             except BaseException:
                 await self.limits.finish(chars=chars, cost=cost, started=began, headers=None)
@@ -1058,6 +1097,7 @@ class _Run:
                 prompt_tokens=completion.usage.prompt_tokens,
                 completion_tokens=completion.usage.completion_tokens,
                 choices=choices,
+                answered=True,
             )
             return completion
 
@@ -1133,9 +1173,13 @@ class _Run:
             priced = self.plan.prices.cost(model, round(prompt), round(tokens - prompt))
             cost = priced or 0.0
         if not self.budget.reserve(cost, tokens):
+            worst = f"${cost:.4f}, " if self.budget.max_cost is not None else ""
             raise BudgetReached(
-                f"budget reached: {self.budget.describe()}; the next request could cross it. "
-                "Rerun with a larger budget to continue."
+                f"budget reached: {self.budget.describe()}; the next request could cross it "
+                f"(it reserves up to {worst}{tokens:,.0f} tokens: its prompt plus "
+                + ("--max-tokens" if self.config.max_tokens is not None else "a typical answer")
+                + f" x {choices} completion{'s' if choices != 1 else ''}). Rerun with a larger "
+                "budget to continue."
             )
         return (cost, tokens)
 
@@ -1161,7 +1205,13 @@ class _Run:
         queue: asyncio.Queue[PromptRow | None] = asyncio.Queue(maxsize=config.concurrency * 2)
         self._last_flush = time.monotonic()
         flusher = asyncio.create_task(self.flusher())
-        workers = [asyncio.create_task(self.work(queue, client)) for _ in range(config.concurrency)]
+        # more workers than --concurrency (RowGate and Limits hold rows in progress and
+        # requests in flight to it): a row waiting out its Retry-After holds a worker but
+        # no place, so the others keep going
+        workers = [
+            asyncio.create_task(self.work(queue, client))
+            for _ in range(config.concurrency * WORKERS_PER_SLOT)
+        ]
         producer = asyncio.create_task(self.produce(queue, len(workers)))
         producer.add_done_callback(self._producer_ended)
         remover = self._install_signals()
@@ -1209,6 +1259,7 @@ class _Run:
             f"--max-runtime {self.config.max_runtime:g}s reached: stopping; requests in "
             f"flight get {self.config.grace:g}s"
         )
+        self.abort_kind = self.abort_kind or "interrupted"
         self.stop(f"deadline: --max-runtime {self.config.max_runtime:g}s reached")
 
     def _install_signals(self) -> Callable[[], None]:
@@ -1223,6 +1274,7 @@ class _Run:
         def on_signal(signum: int) -> None:
             seen["count"] += 1
             name = signal.Signals(signum).name
+            self.abort_kind = self.abort_kind or "interrupted"
             if seen["count"] == 1:
                 self.reporter.note(
                     f"{name}: stopping; requests in flight get {self.config.grace:g}s "
@@ -1493,6 +1545,7 @@ def _summarize(
         deduplicated=run.deduplicated,
         cache_hits=run.cache_hits,
         cost_usd=rep.cost_usd,
+        unpriced=rep.unpriced,
         prompt_tokens=rep.prompt_tokens,
         completion_tokens=rep.completion_tokens,
         total_tokens=rep.prompt_tokens + rep.completion_tokens,
@@ -1507,13 +1560,31 @@ def _summarize(
         summary.exit_code = EXIT_BUDGET
     elif run.storage_error is not None:
         summary.exit_code = EXIT_STORAGE
+    elif summary.aborted and run.abort_kind == "retry_later":
+        summary.exit_code = EXIT_RETRY_LATER
+    elif summary.aborted and run.abort_kind == "interrupted":
+        summary.exit_code = EXIT_INTERRUPTED
     elif summary.aborted:
         summary.exit_code = EXIT_ABORTED
     elif summary.error or summary.invalid or summary.pending:
         summary.exit_code = EXIT_FAILED_ROWS
     else:
         summary.exit_code = EXIT_OK
+    summary.exit_reason = exit_reason(summary.exit_code)
     return summary
+
+
+def _come_back_later(exc: RequestError, max_wait: float) -> ServerSaysLater:
+    """The error that ends a run whose server asks, again and again, to come back later."""
+    asked = exc.retry_after or 0.0
+    when = time.strftime("%H:%M:%S UTC", time.gmtime(time.time() + asked))
+    return ServerSaysLater(
+        f"the server answers 429 asking to come back in {asked:g} s (after {when}), "
+        f"longer than --max-retry-wait {max_wait:g} s, three times in a row; the rows not "
+        "done stay pending. Rerun the same command after that time to resume.",
+        status=exc.status,
+        retry_after=asked,
+    )
 
 
 def _run_in_new_loop(main: Coroutine[Any, Any, RunSummary]) -> RunSummary:
@@ -1526,7 +1597,13 @@ def _run_in_new_loop(main: Coroutine[Any, Any, RunSummary]) -> RunSummary:
         return runner.run(main)
 
 
-def estimate_job(data: Any, output: str | Path | None, config: RunConfig) -> tuple[Estimate, ...]:
+def estimate_job(
+    data: Any,
+    output: str | Path | None,
+    config: RunConfig,
+    *,
+    typical_completion: int | None = None,
+) -> tuple[Estimate, ...]:
     """What ``run`` would send and spend, one estimate per model, without sending anything
     or touching OUTPUT.
 
@@ -1599,7 +1676,9 @@ def estimate_job(data: Any, output: str | Path | None, config: RunConfig) -> tup
     prices = PriceTable.load(config.prices)
     results = []
     for estimator, model_done in zip(estimators, done, strict=True):
-        result = estimator.result(max_tokens=config.max_tokens, prices=prices)
+        result = estimator.result(
+            max_tokens=config.max_tokens, prices=prices, typical_completion=typical_completion
+        )
         notes = list(result.notes)
         if config.n > 1 and config.n_mode == "auto":
             notes.append(

@@ -75,11 +75,16 @@ errors included. Pipelined requests on one connection are answered in order.
 Rate limiting
 -------------
 ``rps_limit`` is a token bucket that refills at ``rps_limit`` requests/s and holds at most
-``max(1, rps_limit)``, i.e. a burst of one second's worth. ``tpm_limit`` is a token bucket of
-``tpm_limit`` tokens refilling at ``tpm_limit / 60`` per second, charged with prompt +
-completion tokens of each successful answer (an answer larger than the whole bucket always
-gets 429, as on OpenAI). A limited request gets 429 ``rate_limit_exceeded`` with
-``retry-after`` (whole seconds, rounded up, at least 1) and ``retry-after-ms`` (exact).
+``rps_burst`` (default ``max(1, rps_limit)``, a burst of one second's worth).
+``rps_schedule`` changes that rate during a run: ``((0, 40), (10, 10), (20, 40))`` is 40
+requests/s from the first chat request, 10 from 10 s after it, 40 again from 20 s (the
+bucket keeps its level across a change; the CLI spells it ``--rps-schedule 0:40,10:10,20:40``).
+Without ``rate_limit_headers`` such a limit is unannounced: only 429s tell it.
+``tpm_limit`` is a token bucket of ``tpm_limit`` tokens refilling at ``tpm_limit / 60`` per
+second, charged with prompt + completion tokens of each successful answer (an answer larger
+than the whole bucket always gets 429, as on OpenAI). A limited request gets 429
+``rate_limit_exceeded`` with ``retry-after`` (whole seconds, rounded up, at least 1) and
+``retry-after-ms`` (exact).
 With ``rate_limit_headers`` every chat reply carries
 ``x-ratelimit-{limit,remaining,reset}-requests`` (bucket size, whole tokens left, time until
 the bucket is full, as a Go duration like ``250ms``, ``1.5s`` or ``6m0s``; a nominal
@@ -231,6 +236,9 @@ class SimulatorConfig:
         rate_malformed: 200 with a truncated JSON body.
         rate_length: finish_reason "length" with the answer cut in half.
         rps_limit: requests/s token bucket (burst: one second's worth); excess gets 429.
+        rps_burst: the capacity of that bucket, when not one second's worth.
+        rps_schedule: (seconds since the first chat request, requests/s) pairs that change
+            the request limit during a run; the first applies from the start.
         tpm_limit: tokens/min token bucket charged with prompt + completion tokens.
         rate_limit_headers: send the x-ratelimit-* headers on chat replies.
         require_api_key: when set, anything but ``Authorization: Bearer <key>`` gets 401.
@@ -254,6 +262,8 @@ class SimulatorConfig:
     rate_malformed: float = 0.0
     rate_length: float = 0.0
     rps_limit: float | None = None
+    rps_burst: float | None = None
+    rps_schedule: tuple[tuple[float, float], ...] = ()
     tpm_limit: int | None = None
     rate_limit_headers: bool = False
     require_api_key: str | None = None
@@ -274,7 +284,18 @@ class SimulatorConfig:
         for name, value in (("latency_ms", self.latency_ms), ("retry_after_s", self.retry_after_s)):
             if value < 0:
                 raise ValueError(f"SimulatorConfig.{name}={value!r} must be >= 0")
-        for name, limit in (("rps_limit", self.rps_limit), ("tpm_limit", self.tpm_limit)):
+        for at, rate in self.rps_schedule:
+            if at < 0 or rate <= 0:
+                raise ValueError(
+                    f"SimulatorConfig.rps_schedule has ({at!r}, {rate!r}): "
+                    "times must be >= 0 and rates > 0"
+                )
+        limits = (
+            ("rps_limit", self.rps_limit),
+            ("rps_burst", self.rps_burst),
+            ("tpm_limit", self.tpm_limit),
+        )
+        for name, limit in limits:
             if limit is not None and limit <= 0:
                 raise ValueError(f"SimulatorConfig.{name}={limit!r} must be > 0 (or None)")
         if self.wrong_kind not in WRONG_KINDS:
@@ -313,6 +334,24 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: dict[str, Any] | None
+
+
+def parse_rps_schedule(text: str) -> tuple[tuple[float, float], ...]:
+    """``"0:40,10:10,20:40"`` -> ((0, 40), (10, 10), (20, 40)): seconds:requests per second."""
+    steps = []
+    for item in text.split(","):
+        at, sep, rate = item.partition(":")
+        try:
+            step = (float(at), float(rate))
+        except ValueError:
+            step = (-1.0, 0.0)
+        if not sep or step[0] < 0 or step[1] <= 0:
+            raise ValueError(
+                f"--rps-schedule {text!r}: {item!r} is not SECONDS:RATE; "
+                "write it like 0:40,10:10,20:40"
+            )
+        steps.append(step)
+    return tuple(sorted(steps))
 
 
 def format_go_duration(seconds: float) -> str:
@@ -643,6 +682,7 @@ class Simulator:
         self._rng = random.Random(config.seed)
         self._rps_bucket: _TokenBucket | None = None
         self._tpm_bucket: _TokenBucket | None = None
+        self._first_chat: float | None = None  # loop time of the first chat request
         self._sequence = 0
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -683,6 +723,7 @@ class Simulator:
         self._wrong_counts.clear()
         self._rps_bucket = None
         self._tpm_bucket = None
+        self._first_chat = None
         self._rng = random.Random(self.config.seed)
 
     # -- request handling -------------------------------------------------------------------
@@ -781,12 +822,15 @@ class Simulator:
             message = "The simulator does not implement streaming; send stream=false."
             return reply(400, _openai_error_body(400, message, param="stream"))
 
-        if config.rps_limit is not None:
-            wait = self._rps(config.rps_limit, now).take(1, now)
+        if self._first_chat is None:
+            self._first_chat = now
+        rps_limit = self._rps_limit(now)
+        if rps_limit is not None:
+            wait = self._rps(rps_limit, now).take(1, now)
             if wait > 0:
                 retry_after(wait, round_up=True)
                 message = (
-                    f"Rate limit reached for requests per second: limit {config.rps_limit:g}. "
+                    f"Rate limit reached for requests per second: limit {rps_limit:g}. "
                     f"Please try again in {format_go_duration(wait)}."
                 )
                 return reply(429, _openai_error_body(429, message))
@@ -931,11 +975,25 @@ class Simulator:
         data = b'{"id": "chatcmpl-sim", "object": "chat.completion", "choices": [{"ind'
         return reply(200, data, _WRITE, "malformed")
 
+    def _rps_limit(self, now: float) -> float | None:
+        """The request limit in force: the schedule's latest step, else ``rps_limit``."""
+        config = self.config
+        limit = config.rps_limit
+        since = now - (self._first_chat if self._first_chat is not None else now)
+        for at, rate in config.rps_schedule:
+            if since >= at:
+                limit = rate
+        return limit
+
     def _rps(self, limit: float, now: float) -> _TokenBucket:
         bucket = self._rps_bucket
-        if bucket is None or bucket.rate != limit:
-            capacity = max(1.0, limit)
+        capacity = self.config.rps_burst or max(1.0, limit)
+        if bucket is None:
             bucket = self._rps_bucket = _TokenBucket(limit, capacity, capacity, now)
+        elif bucket.rate != limit or bucket.capacity != capacity:
+            bucket._refill(now)  # what the old rate earned until now, then the new rate
+            bucket.rate, bucket.capacity = limit, capacity
+            bucket.tokens = min(bucket.tokens, capacity)
         return bucket
 
     def _tpm(self, limit: int, now: float) -> _TokenBucket:
@@ -945,8 +1003,9 @@ class Simulator:
         return bucket
 
     def _rate_limit_headers(self, config: SimulatorConfig, now: float) -> list[tuple[str, str]]:
-        if config.rps_limit is not None:
-            bucket = self._rps(config.rps_limit, now)
+        rps_limit = self._rps_limit(now)
+        if rps_limit is not None:
+            bucket = self._rps(rps_limit, now)
             reset = bucket.seconds_to_full(now)
             limit, remaining = int(bucket.capacity), int(bucket.tokens)
         else:

@@ -111,7 +111,7 @@ def test_scattered_failures_do_not_stop_a_run(tmp_path: Path) -> None:
 
 def test_429s_at_the_start_do_not_stop_a_run(tmp_path: Path) -> None:
     # an unannounced limit answers most of the first requests 429: that is rate, not setup
-    with SimulatorThread(SimulatorConfig(rate_429=0.9, retry_after_s=0.001, seed=3)) as sim:
+    with SimulatorThread(SimulatorConfig(rate_429=0.5, retry_after_s=0.001, seed=3)) as sim:
         summary = run(
             prompts(12), tmp_path / "o.parquet", base_url=sim.base_url, concurrency=12,
             max_retries=60, max_retry_wait=0.01,

@@ -573,7 +573,7 @@ def test_second_run_on_the_same_output_is_refused_at_once_naming_pid_and_host(
             timeout=60,
         )
 
-        assert second.returncode == 2, second.stderr
+        assert second.returncode == 8, second.stderr  # locked: apart from usage errors (2)
         assert f"pid {first.pid}" in second.stderr
         assert socket.gethostname() in second.stderr
         assert first.poll() is None, "refused while the first run was still going"

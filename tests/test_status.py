@@ -41,7 +41,13 @@ STATUS_KEYS = {
     "running",
     "running_by",
     "output_written",
+    "cost_usd",
+    "unpriced_models",
+    "exit_code",
+    "exit_reason",
 }
+# status exits with the state: 0 all ok/skipped, 1 some failed, 5 pending (stopped), 8 running
+STATE_CODES = {0, 1, 5, 8}
 
 
 def write_csv(path: Path, prompts: list[str]) -> Path:
@@ -68,8 +74,9 @@ def run_args(sim: SimulatorThread, source: Path, output: Path, *extra: Any) -> l
 
 def status_json(output: Path) -> dict[str, Any]:
     result = cli("status", output, "--json")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code in STATE_CODES, result.output
     info: dict[str, Any] = json.loads(result.stdout)
+    assert info["exit_code"] == result.exit_code
     return info
 
 
@@ -78,7 +85,7 @@ def try_status(output: Path) -> dict[str, Any] | None:
     result = cli("status", output, "--json")
     if result.exit_code == 2:
         return None
-    assert result.exit_code == 0, result.output
+    assert result.exit_code in STATE_CODES, result.output
     info: dict[str, Any] = json.loads(result.stdout)
     return info
 
@@ -159,6 +166,7 @@ def test_status_during_a_run_shows_progress_and_who_runs_it_then_the_stopped_sta
         assert info["rows_total"] == rows
         assert info["pending"] > 0
         assert info["running"] is True
+        assert (info["exit_code"], info["exit_reason"]) == (8, "locked")
         assert f"pid {proc.pid}" in info["running_by"]
         assert socket.gethostname() in info["running_by"]
         assert info["prompt_tokens"] > 0 and info["completion_tokens"] > 0
@@ -166,18 +174,19 @@ def test_status_during_a_run_shows_progress_and_who_runs_it_then_the_stopped_sta
     assert later["pending"] < early["pending"]
     assert later["prompt_tokens"] > early["prompt_tokens"]
 
-    assert text.returncode == 0, text.stderr
+    assert text.returncode == 8, text.stderr  # rows pending while a run holds OUTPUT
     assert f"{rows} rows" in text.stdout
     assert "pending" in text.stdout
     assert f"pid {proc.pid}" in text.stdout
 
-    # SIGTERM: the run stops (exit 3), keeps its rows, and status shows the stopped state
-    assert exit_code == 3, log.read_text()
+    # SIGTERM: the run stops (exit 5, interrupted), keeps its rows, and status shows it
+    assert exit_code == 5, log.read_text()
     after = status_json(output)
     assert after["running"] is False and after["running_by"] is None
     assert after["rows_total"] == rows
     assert after["ok"] >= later["ok"]
     assert after["pending"] > 0
+    assert (after["exit_code"], after["exit_reason"]) == (5, "interrupted")
     assert_adds_up(after)
     assert after["fingerprint"] == early["fingerprint"]
     assert after["fingerprint"] == json.loads(summary_path.read_text())["fingerprint"]
@@ -218,8 +227,12 @@ def test_status_after_a_run_counts_every_outcome_and_the_tokens(
     assert info["model"] == "gpt-3.5-turbo"
     assert info["output_written"] is True
 
+    assert (info["exit_code"], info["exit_reason"]) == (1, "failed_rows")
+    assert info["cost_usd"] > 0
+    assert info["cost_usd"] == pytest.approx(frame["cost_usd"].sum(), abs=1e-6)
     text = cli("status", output)
-    assert text.exit_code == 0
+    assert text.exit_code == 1  # every row done, some failed: not a clean 0
+    assert f"cost ${info['cost_usd']:.6f}" in text.stdout
     for piece in ("20 rows", "17 ok", "2 error", "1 skipped", "0 pending", info["fingerprint"]):
         assert piece in text.stdout, (piece, text.stdout)
     assert f"{info['prompt_tokens']} in" in text.stdout
