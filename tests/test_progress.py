@@ -92,7 +92,7 @@ def test_the_bar_fits_80_columns_counts_results_and_ends_with_the_summary_counts
     assert "ServerError, most often: HTTP 500" in text
 
 
-def test_a_wide_terminal_shows_retries_in_flight_time_left_and_rate() -> None:
+def test_a_wide_terminal_shows_retries_rate_control_in_flight_time_left_and_rate() -> None:
     left, right = bar_text(
         200,
         unit="rows",
@@ -104,9 +104,12 @@ def test_a_wide_terminal_shows_retries_in_flight_time_left_and_rate() -> None:
         in_flight=64,
         cost=1.25,
         rate=50.0,
+        throttle="429s 12 @3.1/s",
     )
     assert left == "rows  500/2000 |"
-    assert right == "| ok 480 err 20  $1.2500  31 retries  64 in flight  00:30 left  50.0/s"
+    assert right == (
+        "| ok 480 err 20  $1.2500  31 retries  429s 12 @3.1/s  64 in flight  00:30 left  50.0/s"
+    )
 
 
 @pytest.mark.parametrize("width", [80, 100])
