@@ -1120,7 +1120,7 @@ def report(output: Path, html_path: Path | None, as_json: bool) -> None:
     Works on any OUTPUT (one model, several models long or --wide).
     """
     from .errors import OutputError
-    from .report import comparison_table, format_table, load_output, render_html
+    from .report import comparison_table, format_table, load_output, render_html, run_context
 
     try:
         frame = load_output(output)
@@ -1133,8 +1133,9 @@ def report(output: Path, html_path: Path | None, as_json: bool) -> None:
     else:
         click.echo(format_table(rows))
     if html_path is not None:
+        page = render_html(rows, frame, context=run_context(output))
         try:
-            html_path.write_text(render_html(rows, frame), encoding="utf-8")
+            html_path.write_text(page, encoding="utf-8")
         except OSError as exc:
             _fail(
                 f"--html {html_path}: cannot write it ({exc.strerror or exc}). Give a path in "

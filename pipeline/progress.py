@@ -9,7 +9,9 @@ It never sees the API key: the config it logs is ``RunConfig.public_dict()``.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -52,6 +54,7 @@ class Reporter:
         self.done = 0
         self.ok = 0
         self.errors = 0
+        self.invalid = 0
         self.skipped = 0
         self.retries = 0
         self.prompt_tokens = 0
@@ -61,6 +64,9 @@ class Reporter:
         self.todo = 0
         self.finish_reasons: Counter[str] = Counter()
         self.error_types: Counter[str] = Counter()
+        self.error_messages: dict[str, Counter[str]] = {}  # per error type
+        self.in_flight: Callable[[], int] | None = None  # the runner's count of requests out
+        self.unit = "rows"  # what the bar counts: rows, or results (several per row)
         self.started = clock()
         self._last_log = self.started
         # what the rate controller believes (set by the runner); shown in progress and summary
@@ -120,14 +126,16 @@ class Reporter:
                 rows_resumed=resumed,
                 input_rows=rows,
             )
+        self.unit = "results" if per_row else "rows"
         if self.use_bar and todo:
+            width, bar_format = self._bar_format(todo)
+            # redrawn by tick() only (mininterval): each redraw fits the text to the width
             self.bar = tqdm(
                 total=todo,
                 file=self.stream,
-                unit="row",
-                dynamic_ncols=True,
-                smoothing=0.1,
-                desc="rows",
+                mininterval=float("inf"),
+                ncols=width,
+                bar_format=bar_format,
             )
 
     def row_done(self, result: RowResult) -> None:
@@ -138,7 +146,14 @@ class Reporter:
                 self.finish_reasons[result.finish_reason] += 1
         elif result.status == "error":
             self.errors += 1
-            self.error_types[result.error_type or "error"] += 1
+            kind = result.error_type or "error"
+            self.error_types[kind] += 1
+            messages = self.error_messages.setdefault(kind, Counter())
+            # a bounded sample: messages that name a row or a request id are each new
+            if result.error_message and (len(messages) < 100 or result.error_message in messages):
+                messages[result.error_message] += 1
+        elif result.status == "invalid":
+            self.invalid += 1
         else:
             self.skipped += 1
         if result.attempts:  # copies (dedup, cache) made no request and spent nothing
@@ -193,19 +208,7 @@ class Reporter:
         """Called about twice a second: refresh the bar, or log a line every log_interval."""
         now = self.clock()
         if self.bar is not None:
-            rate = self.rate_view() if self.rate_view is not None else None
-            extra: dict[str, object] = {}
-            if rate is not None and rate.rate_limited:
-                extra["req_s"] = "free" if rate.rate is None else f"{rate.rate:.1f}"
-                extra["429s"] = rate.rate_limited
-            extra.update(
-                errors=self.errors,
-                tok_in=self.prompt_tokens,
-                tok_out=self.completion_tokens,
-                usd="unknown" if self.unpriced else f"{self.cost_usd:.4f}",
-            )
-            self.bar.set_postfix(extra, refresh=False)
-            self.bar.refresh()
+            self._draw_bar()
             return
         if now - self._last_log >= self.log_interval and not self.quiet:
             self._last_log = now
@@ -253,8 +256,17 @@ class Reporter:
 
     def close(self) -> None:
         if self.bar is not None:
+            self._draw_bar()  # the last results, not those of the last tick
             self.bar.close()
             self.bar = None
+
+    def common_error_messages(self) -> dict[str, str]:
+        """Per error type, the message its errors gave most often this run."""
+        return {
+            kind: messages.most_common(1)[0][0]
+            for kind, messages in self.error_messages.items()
+            if messages
+        }
 
     def summary(self, summary: RunSummary) -> None:
         self.close()
@@ -268,6 +280,35 @@ class Reporter:
             text += f"\nrate control: {rate.describe()}"
         print(text, file=self.stream, flush=True)
 
+    # -- the bar ----------------------------------------------------------------------------
+
+    def _draw_bar(self) -> None:
+        assert self.bar is not None
+        self.bar.n = self.done
+        self.bar.ncols, self.bar.bar_format = self._bar_format(self.todo)
+        self.bar.refresh()
+
+    def _bar_format(self, todo: int) -> tuple[int, str]:
+        """The terminal's width, and a tqdm ``bar_format`` of the counts that fits it."""
+        width = terminal_columns(self.stream)
+        elapsed = self.clock() - self.started
+        left, right = bar_text(
+            width,
+            unit=self.unit,
+            done=self.done,
+            todo=todo,
+            ok=self.ok,
+            errors=self.errors,
+            invalid=self.invalid,
+            skipped=self.skipped,
+            retries=self.retries,
+            in_flight=self.in_flight() if self.in_flight is not None else None,
+            cost=None if self.unpriced else self.cost_usd,
+            rate=self.done / elapsed if elapsed > 0 and self.done else None,
+            throttle=_throttle(self.rate_view() if self.rate_view is not None else None),
+        )
+        return width, _literal(left) + "{bar}" + _literal(right)
+
 
 def _usd(value: float | None) -> str:
     return "unknown" if value is None else f"${value:.4f}"
@@ -279,6 +320,77 @@ def _duration(seconds: float | None) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+MIN_BAR = 10  # columns the bar itself keeps, whatever the width
+
+
+def terminal_columns(stream: TextIO) -> int:
+    """The width to draw in: ``COLUMNS`` when set, else the terminal's, else 80."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return 80
+
+
+def bar_text(
+    width: int,
+    *,
+    unit: str,
+    done: int,
+    todo: int,
+    ok: int,
+    errors: int,
+    invalid: int = 0,
+    skipped: int = 0,
+    retries: int = 0,
+    in_flight: int | None = None,
+    cost: float | None = None,
+    rate: float | None = None,
+    throttle: str | None = None,
+) -> tuple[str, str]:
+    """The text left and right of the progress bar, fitted to ``width`` columns.
+
+    The counts and the cost always show; retries, what rate control does (``throttle``,
+    once the server has refused requests), requests in flight, the time left and the rate
+    follow while the line keeps ``MIN_BAR`` columns for the bar (they go from the last); on
+    a narrow terminal the unit goes first. ``cost`` None reads "cost unknown".
+    """
+    left = f"{unit} {done:>{len(str(todo))}}/{todo} |"
+    counts = f"| ok {ok} err {errors}"
+    counts += f" invalid {invalid}" if invalid else ""
+    counts += f" skipped {skipped}" if skipped else ""
+    fields = [counts, "cost unknown" if cost is None else f"${cost:.4f}"]
+    if len(left) + len("  ".join(fields)) + MIN_BAR > width:  # narrow: the numbers matter
+        left = f"{done}/{todo} |"
+    optional = [f"{retries} retries"] + ([throttle] if throttle else [])
+    if in_flight is not None and done < todo:
+        optional.append(f"{in_flight} in flight")
+    if rate and done < todo:
+        optional.append(f"{tqdm.format_interval(max(todo - done, 0) / rate)} left")
+        optional.append(f"{rate:.1f}/s")
+    for text in optional:
+        if len(left) + len("  ".join([*fields, text])) + MIN_BAR <= width:
+            fields.append(text)
+        else:
+            break
+    return left, "  ".join(fields)
+
+
+def _throttle(view: RateView | None) -> str | None:
+    """Rate control in a few words, once the server has answered 429: "429s 12 @3.1/s"."""
+    if view is None or not view.rate_limited:
+        return None
+    pace = "free" if view.rate is None else f"{view.rate:.1f}/s"
+    return f"429s {view.rate_limited} @{pace}"
+
+
+def _literal(text: str) -> str:
+    """``text`` inside a tqdm bar_format (a str.format template)."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def format_summary(s: RunSummary) -> str:
@@ -312,6 +424,9 @@ def format_summary(s: RunSummary) -> str:
     if s.error_types:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(s.error_types.items()))
         lines.append(f"errors: {kinds}")
+        for kind, message in sorted(s.error_messages.items()):
+            shown = message if len(message) <= 160 else message[:157] + "..."
+            lines.append(f"  {kind}, most often: {shown}")
     answered = s.ok + s.invalid
     if s.invalid or s.labels:
         rate = s.invalid / answered if answered else 0.0

@@ -10,6 +10,7 @@ read. It knows nothing of prompts or requests.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,8 +164,9 @@ class InputSource:
                 break
             except pa.ArrowInvalid as exc:
                 if not self._grow_csv_block(exc, 0):
-                    raise self._csv_error(exc) from None
+                    raise self._csv_error(exc, 0) from None
         names = list(reader.schema.names)
+        self._check_last_cell(names[-1], 0)  # a header whose quote never closes
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise InputError(f"{self.name}: duplicate column names in the header: {dupes}.")
@@ -172,42 +174,62 @@ class InputSource:
 
     def _grow_csv_block(self, exc: Exception, byte: int) -> bool:
         """After pyarrow's "straddling object" error (a row longer than a block) in a read
-        from ``byte``: a 4x larger block for this and every later read, once the quotes
-        are known to close (else InputError); False when the error is another one or the
-        block is at its maximum."""
+        from ``byte``: a 4x larger block for this and every later read, once every quoted
+        cell from ``byte`` on is known to close (else InputError); False when the error is
+        another one or the block is at its maximum."""
         if "straddl" not in str(exc) or self._csv_block >= CSV_MAX_BLOCK_BYTES:
             return False
-        self._check_quotes_closed(byte)
+        self._check_quotes_close(byte)
         self._csv_block = min(self._csv_block * 4, CSV_MAX_BLOCK_BYTES)
         return True
 
-    def _check_quotes_closed(self, byte: int) -> None:
-        """Refuse a CSV whose quotes (from ``byte``, a row boundary) do not pair up.
-
-        Called before a block grows for a long row: pyarrow reads a quote that
-        never closes as one cell running to the end of the file (the rows after it silently
-        become part of that cell) once that rest fits in a block. Quotes pair up in valid
-        CSV (``""`` inside a quoted cell is a pair too), so an odd count means one never
-        closes. (A quote inside an unquoted cell, which pyarrow reads as a character, makes
-        the count odd too: the message says how to write it.) Once per source and start.
-        """
+    def _check_quotes_close(self, byte: int) -> None:
+        """Refuse a CSV with a quoted cell that never closes, scanning from ``byte`` (a row
+        boundary); once per source and start."""
         assert self.path is not None
         if byte in self._quotes_checked:
             return
-        count = 0
-        with self.path.open("rb") as fh:
-            fh.seek(byte)
-            while chunk := fh.read(1 << 24):
-                count += chunk.count(b'"')
-        if count % 2:
-            where = f" after byte {byte}" if byte else ""
-            raise InputError(
-                f"{self.name}: a quoted cell never closes (an odd number of '\"' characters"
-                f"{where}, and a row too long to be one). Close the quote, and write a quote "
-                'inside a cell as "" within a quoted cell; otherwise every row after it would '
-                "be read as part of that cell."
-            )
+        quote = unclosed_quote(self.path, byte, self._csv_parse_options().delimiter)
+        if quote is not None:
+            raise self._unclosed_quote_error(quote)
         self._quotes_checked.add(byte)
+
+    def _check_last_cell(self, value: str, byte: int) -> None:
+        """Refuse a CSV whose last cell, as pyarrow read it, is a quote that never closes.
+
+        pyarrow reads such a quote without an error when the text after it fits in a block
+        (else it fails on the long row, and ``_grow_csv_block`` scans): the cell then holds
+        the rest of the file, every row after it included. Then the file ends with a
+        delimiter or line end, a quote, and the cell's text written as in a quoted cell
+        (quotes doubled), with no closing quote: a test that reads only that tail. It holds
+        for no valid file (a valid quoted cell ends with its closing quote) except in a
+        rare coincidence, so a full scan confirms it and finds the line.
+        """
+        assert self.path is not None
+        tail = b'"' + value.encode("utf-8", "surrogatepass").replace(b'"', b'""')
+        size = self.path.stat().st_size
+        if len(tail) > size:
+            return
+        with self.path.open("rb") as fh:
+            fh.seek(max(size - len(tail) - 1, 0))
+            end = fh.read()
+        if not end.endswith(tail):
+            return
+        before = end[: len(end) - len(tail)]
+        delimiter = self._csv_parse_options().delimiter.encode()
+        if before and before not in (delimiter, b"\n", b"\r", b"\xbf"):  # \xbf: end of a BOM
+            return
+        self._check_quotes_close(byte)
+
+    def _unclosed_quote_error(self, quote: int) -> InputError:
+        assert self.path is not None
+        line, text = _line_at(self.path, quote)
+        return InputError(
+            f"{self.name}: line {line}: a quoted cell never closes (the quote in "
+            f"{text!r} opens a cell that runs to the end of the file, so every row after it "
+            "would be read as part of that cell). Close the quote, and write a quote inside a "
+            'cell as "" within a quoted cell.'
+        )
 
     def _csv_parse_options(self) -> pacsv.ParseOptions:
         delimiter = self.delimiter or (
@@ -241,9 +263,12 @@ class InputSource:
         names = self.schema().names
         # from a row boundary past the header: the column names are given, no header read
         read = pacsv.ReadOptions(block_size=self._csv_block, column_names=names if byte else None)
+        # the last column is read too: its last cell tells whether a quote never closed
+        last = names[-1]
+        include = columns if columns is None or last in columns else [*columns, last]
         convert = pacsv.ConvertOptions(
             column_types={n: pa.string() for n in names},
-            include_columns=columns,
+            include_columns=include,
             strings_can_be_null=False,
             quoted_strings_can_be_null=False,
             null_values=[],
@@ -261,14 +286,26 @@ class InputSource:
                     convert_options=convert,
                     parse_options=self._csv_parse_options(),
                 )
-                yield from reader
+                last_cell: str | None = None
+                for batch in reader:
+                    if batch.num_rows:
+                        last_cell = batch.column(last)[batch.num_rows - 1].as_py()
+                    yield batch if include is columns else batch.select(columns)
         except pa.ArrowInvalid as exc:
             if self._grow_csv_block(exc, byte):
                 raise _LongRow from None
-            raise self._csv_error(exc) from None
+            raise self._csv_error(exc, byte) from None
+        if last_cell is not None:
+            self._check_last_cell(last_cell, byte)
 
-    def _csv_error(self, exc: Exception) -> InputError:
+    def _csv_error(self, exc: Exception, byte: int) -> InputError:
         text = str(exc)
+        if self.path is not None and ("Expected" in text or "Empty CSV file" in text):
+            # a quote that never closes: a short row (in a column before the last), or a
+            # header with no end
+            quote = unclosed_quote(self.path, byte, self._csv_parse_options().delimiter)
+            if quote is not None:
+                return self._unclosed_quote_error(quote)
         if "Empty CSV file" in text:
             return InputError(f"{self.name} is empty: a CSV input needs a header row.")
         if "UTF8" in text or "UTF-8" in text:
@@ -416,6 +453,104 @@ def _jsonl_batch(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatc
             values = [_to_text(v) for v in values]
         arrays.append(pa.array(values, type=fld.type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+# A quoted cell in CSV as pyarrow reads it (RFC 4180): a quote opens a cell only as the first
+# character of a field (at the start of a line or after a delimiter; elsewhere it is a plain
+# character, as in 5" screen); inside, "" is a quote and a single quote closes the cell (what
+# follows it up to the delimiter is plain text). The scanner below follows this with regular
+# expressions, so that its loops run in C: one findall per chunk of the file.
+_QUOTE_SCAN_BYTES = 1 << 24
+
+
+def _quote_patterns(delimiter: str) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
+    """A quoted cell (group 1: its closing quote, or empty where the text scanned ends
+    first), and the rest of a quoted cell already open, up to its closing quote."""
+    field_start = rb"(?<![^" + re.escape(delimiter.encode()) + rb"\r\n])"
+    inside = rb'[^"]*+(?:""[^"]*+)*+'  # possessive: a "" is never split to close the cell
+    return re.compile(field_start + rb'"' + inside + rb'("|\Z)'), re.compile(inside + rb'"')
+
+
+def unclosed_quote(
+    path: Path, start: int = 0, delimiter: str = ",", *, chunk_bytes: int = _QUOTE_SCAN_BYTES
+) -> int | None:
+    """The byte offset of the quote that opens a cell and never closes in the CSV file
+    ``path``, read from ``start`` (a row boundary); None when every quoted cell closes.
+
+    Reads ``chunk_bytes`` at a time. A chunk is scanned up to its last byte that is not a
+    quote (a quote there may pair with the next chunk's first); a cell still open at that
+    point is followed into the next chunks by its own pattern.
+    """
+    cell, rest = _quote_patterns(delimiter)
+    with path.open("rb") as fh:
+        fh.seek(start)
+        if start == 0 and fh.read(3) != b"\xef\xbb\xbf":  # a UTF-8 BOM is not text
+            fh.seek(0)
+        base = fh.tell() - 1  # the file offset of buf[0]
+        buf = b"\n"  # the byte before: a row boundary, so the next byte starts a field
+        open_at: int | None = None  # a quote whose cell is still open at the end of buf
+        while True:
+            data = fh.read(chunk_bytes)
+            at_end = not data
+            buf += data
+            cut = len(buf)
+            if not at_end:
+                while cut > 1 and buf[cut - 1] == 0x22:  # hold back trailing quotes
+                    cut -= 1
+            pos = 1
+            if open_at is not None:
+                closed = rest.match(buf, pos, cut)
+                if closed is not None:
+                    pos, open_at = closed.end(), None
+            if open_at is None:
+                ends = cell.findall(buf, pos, cut)
+                if ends and ends[-1] == b"":  # the last quoted cell is open at the cut
+                    open_at = base + _last_odd_quote_run(buf, pos, cut)
+            if at_end:
+                return open_at
+            buf = buf[cut - 1 :]
+            base += cut - 1
+
+
+def _last_odd_quote_run(buf: bytes, lo: int, hi: int) -> int:
+    """Where the last run of an odd number of quotes in ``buf[lo:hi]`` starts.
+
+    When a quoted cell is still open at ``hi``, that is its opening quote: the runs inside
+    the cell are "" pairs (an odd run would close it), and the opening quote with the pairs
+    right after it is an odd run.
+    """
+    end = hi
+    while True:
+        last = buf.rfind(b'"', lo, end)
+        if last < 0:
+            raise ValueError("no odd run of quotes")
+        first = last
+        while first > lo and buf[first - 1] == 0x22:
+            first -= 1
+        if (last + 1 - first) % 2:
+            return first
+        end = first
+
+
+def _line_at(path: Path, offset: int) -> tuple[int, str]:
+    """The line number of byte ``offset`` and the start of that line (up to 60 characters)."""
+    lines = 1
+    line_start = 0
+    with path.open("rb") as fh:
+        done = 0
+        while done < offset:
+            data = fh.read(min(1 << 22, offset - done))
+            if not data:
+                break
+            lines += data.count(b"\n")
+            newline = data.rfind(b"\n")
+            if newline >= 0:
+                line_start = done + newline + 1
+            done += len(data)
+        fh.seek(line_start)
+        text = fh.read(min(offset - line_start + 40, 240)).split(b"\n")[0].rstrip(b"\r")
+    shown = text.decode("utf-8", "replace")
+    return lines, shown if len(shown) <= 60 else shown[:57] + "..."
 
 
 def _first_bad_csv_line(path: Path, delimiter: str) -> int | None:

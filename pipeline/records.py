@@ -131,6 +131,7 @@ class RunSummary:
     wall_seconds: float = 0.0
     finish_reasons: dict[str, int] = field(default_factory=dict)
     error_types: dict[str, int] = field(default_factory=dict)
+    error_messages: dict[str, str] = field(default_factory=dict)  # per type, the most common
     aborted: str | None = None
     labels: dict[str, int] = field(default_factory=dict)
     models: list[dict[str, Any]] = field(default_factory=list)
@@ -167,6 +168,7 @@ class RunSummary:
             "wall_seconds": round(self.wall_seconds, 3),
             "finish_reasons": dict(self.finish_reasons),
             "error_types": dict(self.error_types),
+            "error_messages": dict(self.error_messages),
             "aborted": self.aborted,
             "labels": dict(self.labels),
             "models": list(self.models),

@@ -1488,6 +1488,7 @@ async def run_async(
             ),
         )
         run = _Run(plan, config, seams, reporter, started)
+        reporter.in_flight = lambda: run.limits.concurrency.in_flight
         if todo:
             await run.execute()
             # the plan's index is out of date now: drop it before building the new one
@@ -1598,6 +1599,7 @@ def _summarize(
         wall_seconds=time.monotonic() - started,
         finish_reasons=dict(rep.finish_reasons),
         error_types=dict(rep.error_types),
+        error_messages=rep.common_error_messages(),
         aborted=run.abort_reason,
         fingerprint=fingerprint,
     )

@@ -223,9 +223,22 @@ BAD_INPUTS = [
                 + b"".join(b"%d,row %d\n" % (i, i) for i in range(3, 60_000))
             },
             ["in.csv"],
-            ["in.csv", "quoted cell never closes"],
+            ["in.csv", "line 3: a quoted cell never closes"],
         ),
         id="csv-quote-that-never-closes-is-not-read-as-one-long-cell",
+    ),
+    pytest.param(
+        BadInput(
+            {
+                "in.csv": b"id,prompt\n"
+                + b"".join(b"%d,row %d\n" % (i, i) for i in range(5))
+                + b'5,"oops\n'
+                + b"".join(b"%d,row %d\n" % (i, i) for i in range(6, 1000))
+            },
+            ["in.csv"],
+            ["in.csv", "line 7: a quoted cell never closes", '5,"oops'],
+        ),
+        id="csv-quote-that-never-closes-in-a-small-file",
     ),
     pytest.param(
         BadInput({"in.csv": b"prompt,status\nhi,new\n"}, ["in.csv"], ["in.csv", "'status'"]),

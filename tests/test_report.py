@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import pipeline
 from pipeline.errors import OutputError
 from pipeline.report import (
     MODELS_METADATA_KEY,
@@ -19,7 +24,10 @@ from pipeline.report import (
     format_table,
     load_output,
     render_html,
+    run_context,
+    score_interval,
 )
+from pipeline.simulator import SimulatorThread
 
 # Two models over the same three input rows; "b" gets one invalid answer and one error.
 RESULTS: dict[str, dict[str, list[Any]]] = {
@@ -269,3 +277,209 @@ def test_a_model_without_score_or_latency_still_gets_its_bar(tmp_path: Path) -> 
     assert len(elements.having("rect", "bar")) == 2
     assert len(elements.having("svg", "histogram")) == 1
     assert "no score" in page and "No answered rows" in page
+
+
+# -- what an evaluation needs: context, intervals, wrong rows, confusion, cost -----------------
+
+
+def write_manifest(output: Path, **config: Any) -> None:
+    directory = output.with_name(output.name + ".checkpoint")
+    directory.mkdir()
+    manifest = {
+        "input": "eval.csv",
+        "created_at": 1_700_000_000.0,  # 2023-11-14 22:13:20 UTC
+        "fingerprint": "00eb3719b970f5ba",
+        "config": {"models": ["gpt-a", "gpt-b"], "n": 1, **config},
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def evaluation_page(tmp_path: Path, results: dict[str, dict[str, list[Any]]] = RESULTS) -> str:
+    path = write_long(tmp_path / "long.parquet", results)
+    write_manifest(
+        path, template="Q: {text}", expected_column="expected", score="exact", labels=None
+    )
+    frame = load_output(path)
+    return render_html(comparison_table(frame), frame, context=run_context(path))
+
+
+def test_each_score_has_a_95_percent_interval_wilson_for_proportions(tmp_path: Path) -> None:
+    a, b = comparison_table(load_output(write_long(tmp_path / "long.parquet")))
+
+    # gpt-a: 2 right of 3; gpt-b: 1 of 2 (its error row has no score)
+    assert (a["score_ci_low"], a["score_ci_high"]) == pytest.approx((0.2077, 0.9385), abs=1e-4)
+    assert (b["score_ci_low"], b["score_ci_high"]) == pytest.approx((0.0945, 0.9055), abs=1e-4)
+    assert a["score_ci_method"] == b["score_ci_method"] == "Wilson"
+    (tmp_path / "page").mkdir()
+    page = evaluation_page(tmp_path / "page")
+    assert "0.208-0.939 (Wilson)" in page and "Wilson score interval" in page
+
+
+def test_scores_other_than_0_or_1_get_a_t_interval() -> None:
+    low, high, method = score_interval([0.5, 1.0, 0.75])
+    # mean 0.75, sd 0.25, n 3: t(0.975, 2 df) = 4.303
+    assert method == "t"
+    assert (low, high) == pytest.approx(
+        (0.75 - 4.303 * 0.25 / 3**0.5, 0.75 + 4.303 * 0.25 / 3**0.5)
+    )
+    assert score_interval([]) == (None, None, None)
+    assert score_interval([0.5]) == (None, None, None)
+
+
+def test_the_page_gives_the_runs_context(tmp_path: Path) -> None:
+    page = evaluation_page(tmp_path)
+    context = page[page.index('<dl class="context">') : page.index("</dl>")]
+
+    for text in (
+        "eval.csv",
+        "2023-11-14 22:13:20 UTC",
+        "gpt-a, gpt-b",
+        "Q: {text}",
+        "exact against column &#x27;expected&#x27;",
+        "00eb3719b970f5ba",
+    ):
+        assert text in context, text
+
+
+def test_without_a_checkpoint_the_page_says_the_context_is_unknown(tmp_path: Path) -> None:
+    path = write_long(tmp_path / "long.parquet")
+    context = run_context(path)
+    assert "written" in context and "no checkpoint manifest" in context["note"]
+
+
+def table_rows(page: str, css_class: str) -> list[list[str]]:
+    """The cells (text) of each body row of the first <table class=css_class>."""
+    start = page.index(f'<table class="{css_class}">')
+    table = page[start : page.index("</table>", start)]
+    body = table[table.index("<tbody>") :]
+    return [
+        [
+            html.unescape(re.sub(r"<[^>]+>", "", cell))
+            for cell in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row)
+        ]
+        for row in re.findall(r"<tr>(.*?)</tr>", body)
+    ]
+
+
+def test_rows_where_models_disagree_or_are_wrong_are_listed_with_each_answer(
+    tmp_path: Path,
+) -> None:
+    rows = table_rows(evaluation_page(tmp_path), "rows")
+
+    # row 1: both "yes", both right: left out; row 2: gpt-b invalid; row 3: gpt-a wrong,
+    # gpt-b failed. Columns: row, the prompt's column, expected, each model's answer.
+    assert rows == [
+        ["2", "q2", "no", "no", "maybe [invalid]"],
+        ["3", "q3", "no", "yes [wrong]", " [error]"],
+    ]
+
+
+def test_hostile_prompt_text_is_escaped_in_the_rows_table(tmp_path: Path) -> None:
+    path = tmp_path / "long.parquet"
+    hostile = '<img src=x onerror="alert(1)"></td></table><script>x</script>'
+    rows = [
+        {"text": hostile, "expected": "a", "model": m, "status": "ok", "completion": c}
+        for m, c in (("m1", "a"), ("m2", "b"))
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    write_manifest(path, prompt_column="text", expected_column="expected")
+    frame = load_output(path)
+    page = render_html(comparison_table(frame), frame, context=run_context(path))
+
+    assert "<img" not in page and "<script>" not in page
+    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;&lt;/td&gt;&lt;/table&gt;" in page
+    assert [row[1:] for row in table_rows(page, "rows")] == [[hostile, "a", "a", "b"]]
+
+
+def test_a_confusion_matrix_per_model_counts_expected_against_answered_labels(
+    tmp_path: Path,
+) -> None:
+    labelled = {
+        "gpt-a": {**RESULTS["gpt-a"], "label": ["yes", "no", "yes"]},
+        "gpt-b": {**RESULTS["gpt-b"], "label": ["yes", None, None]},
+    }
+    page = evaluation_page(tmp_path, labelled)
+    start = page.index("Confusion matrices")
+    first, second = (
+        table_rows(page[page.index(f"<figcaption>{m}</figcaption>", start) :], "confusion")
+        for m in ("gpt-a", "gpt-b")
+    )
+
+    assert first == [["no", "1", "1"], ["yes", "0", "1"]]  # columns: no, yes
+    assert second == [["no", "0", "0", "1", "1"], ["yes", "0", "1", "0", "0"]]
+    heads = page[page.index("<figcaption>gpt-b</figcaption>", start) :]
+    assert re.search(r"<th>no</th><th>yes</th><th>\(error\)</th><th>\(invalid\)</th>", heads)
+
+
+def test_cost_against_score_has_a_point_per_priced_model(tmp_path: Path) -> None:
+    page = evaluation_page(tmp_path)
+    points = parse(page).having("circle", "point")
+
+    assert len(points) == 1  # gpt-b has no cost: named below the chart instead
+    assert "No known cost, not drawn: gpt-b." in page
+
+
+def test_nothing_scored_draws_no_score_panel(tmp_path: Path) -> None:
+    unscored = {m: {k: v for k, v in r.items() if k != "score"} for m, r in RESULTS.items()}
+    page = page_of(tmp_path, unscored)
+
+    assert "Mean score" not in page and not parse(page).having("rect", "bar")
+    assert "Nothing was scored" in page
+
+
+def test_latency_has_a_log_axis_that_shows_the_tail(tmp_path: Path) -> None:
+    slow = {**RESULTS["gpt-b"], "status": ["ok"] * 3, "latency_ms": [1000.0, 1500.0, 30000.0]}
+    page = page_of(tmp_path, {"gpt-a": RESULTS["gpt-a"], "gpt-b": slow})
+    elements = parse(page)
+    bins = [t for t in elements.svg_titles if " ms: " in t and not t.endswith(": 0")]
+
+    # 100, 200, 300, 1000, 1500 and 30000 ms each in a bin of its own on the shared axis
+    assert len(bins) == 6
+    assert "latency, ms (log scale)" in page
+    assert all(tick in page for tick in (">100 ms<", ">1 s<", ">10 s<"))
+    assert "p99 30,000" in page
+
+
+def test_the_report_of_a_real_run_gives_its_context_confusion_and_wrong_rows(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    data = pd.DataFrame(
+        {
+            "q": ["first [[sim:label=yes]]", "second [[sim:label=no]]", "<b>third</b>"],
+            "gold": ["yes", "yes", "no"],
+        }
+    )
+    out = tmp_path / "o.parquet"
+    frame = pipeline.run(
+        data,
+        out,
+        base_url=simulator.base_url,
+        progress=False,
+        prompt_column="q",
+        labels="yes,no",
+        expected_column="gold",
+        score="exact",
+        model=["gpt-4o-mini", "gpt-4.1"],
+    )
+    fingerprint = frame.attrs["summary"]["fingerprint"]
+    third = frame["label"].tolist()[4:6]  # each model's pick for the third row (no rule)
+
+    report = subprocess.run(
+        [sys.executable, "-m", "pipeline", "report", str(out), "--html", str(tmp_path / "r.html")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    context = page[page.index('<dl class="context">') : page.index("</dl>")]
+    assert fingerprint in context and "exact against column &#x27;gold&#x27;" in context
+    assert "<dd>q</dd>" in context  # the prompt column
+    wrong = table_rows(page, "rows")
+    assert wrong[0][:3] == ["2", "second [[sim:label=no]]", "yes"]
+    assert ("<b>third</b>" in wrong[-1][1]) == (third != ["no", "no"]) and "<b>" not in page
+    start = page.index("<figcaption>gpt-4o-mini</figcaption>", page.index("Confusion"))
+    matrix = table_rows(page[start:], "confusion")
+    right = 1 if third[0] == "no" else 0
+    assert matrix == [["no", str(right), str(1 - right)], ["yes", "1", "1"]]
