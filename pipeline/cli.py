@@ -387,6 +387,13 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         "connection pool of aiohttp or httpx. [default: http11]",
     ),
     click.option(
+        "--proxy",
+        metavar="URL",
+        help="HTTP proxy for every request: http://[user:password@]host:port (CONNECT for "
+        "https); NO_PROXY still applies. '' or none: no proxy. [default: HTTPS_PROXY, "
+        "HTTP_PROXY, ALL_PROXY]",
+    ),
+    click.option(
         "--grace",
         type=float,
         help="Seconds requests in flight get to finish after SIGINT/SIGTERM. [default: 10]",

@@ -42,6 +42,7 @@ from .errors import (
 )
 from .http11 import Http11Transport
 from .pricing import reported_cost
+from .proxy import HttpxProxyRouter, ProxyRefused, ProxySettings, mask_credentials
 from .records import Choice, Completion, Usage
 from .transport import AiohttpTransport
 
@@ -51,19 +52,24 @@ KEPT_HEADER_PREFIXES = (b"x-ratelimit-", b"x-aimlapi-")
 QUOTA_WORDS = ("insufficient_quota", "quota", "billing", "credit")
 
 
-def make_transport(backend: str, concurrency: int) -> httpx.AsyncBaseTransport:
-    """A pooled keep-alive transport whose pool fits ``concurrency`` requests in flight."""
+def make_transport(
+    backend: str, concurrency: int, proxies: ProxySettings | None = None
+) -> httpx.AsyncBaseTransport:
+    """A pooled keep-alive transport whose pool fits ``concurrency`` requests in flight,
+    going through ``proxies`` (``proxy.settings_from``) where they say so."""
     if backend == "httpx":
         limits = httpx.Limits(
             max_connections=concurrency,
             max_keepalive_connections=concurrency,
             keepalive_expiry=30.0,
         )
+        if proxies is not None and (proxies.http or proxies.https):
+            return HttpxProxyRouter(proxies, httpx.AsyncHTTPTransport, limits=limits, retries=0)
         return httpx.AsyncHTTPTransport(limits=limits, retries=0)
     if backend == "aiohttp":
-        return AiohttpTransport(max_connections=concurrency)
+        return AiohttpTransport(max_connections=concurrency, proxies=proxies)
     if backend == "http11":
-        return Http11Transport(max_connections=concurrency)
+        return Http11Transport(max_connections=concurrency, proxies=proxies)
     raise ValueError(f"unknown http_backend {backend!r}: http11, aiohttp or httpx")
 
 
@@ -112,10 +118,11 @@ class ChatClient:
         await self.transport.aclose()
 
     def redact(self, text: str) -> str:
-        """Remove the API key from text that came from the server or a library."""
+        """Remove the API key and any URL's credentials (a proxy's) from text that came
+        from the server or a library."""
         if self._api_key and self._api_key in text:
             text = text.replace(self._api_key, "***")
-        return text
+        return mask_credentials(text)
 
     def _request(self, body: bytes, request_id: str) -> httpx.Request:
         # Host, Content-Length and a ByteStream given up front: httpx.Request then skips
@@ -156,6 +163,11 @@ class ChatClient:
                 status, raw_headers = response.status_code, response.headers.raw
         except TimeoutError:
             raise TransportError(f"no complete answer within {self.timeout:g}s") from None
+        except ProxyRefused as exc:
+            raise proxy_refusal(exc) from None
+        except httpx.ProxyError as exc:
+            # its own text names the proxy; the error it was raised from would not
+            raise TransportError(self.redact(f"ProxyError: {exc}")) from None
         except (httpx.TransportError, httpx.DecodingError, OSError) as exc:
             failure = ConnectFailed if _no_connection(exc) else TransportError
             raise failure(self.redact(_describe(exc))) from None
@@ -168,12 +180,30 @@ class ChatClient:
             raise
         if status == 200:
             return parse_completion(content, kept_headers(raw_headers))
+        if status == 407:
+            # only a proxy answers 407 (an http:// target's, through an absolute-form request)
+            raise AuthenticationError(
+                "HTTP 407 Proxy Authentication Required from the proxy: give its user name "
+                "and password in --proxy / HTTP_PROXY (http://user:password@host:port).",
+                status=status,
+            )
         raise self.redacted(error_from_response(status, content, httpx.Headers(raw_headers)))
 
     def redacted(self, error: RequestError) -> RequestError:
         error.message = self.redact(error.message)
         error.args = (error.message,)
         return error
+
+
+def proxy_refusal(exc: ProxyRefused) -> RequestError:
+    """A proxy that refuses CONNECT: 407 and 403 stop the run (every row would get the
+    same answer); other statuses (502: the proxy could not reach the API) are retried."""
+    message = mask_credentials(str(exc))
+    if exc.status == 407:
+        return AuthenticationError(message, status=exc.status)
+    if exc.status == 403:
+        return PermissionDenied(message, status=exc.status)
+    return TransportError(message, status=exc.status)
 
 
 def build_body(model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> bytes:

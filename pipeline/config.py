@@ -98,6 +98,8 @@ class RunConfig:
     max_retries: int = 5
     max_retry_wait: float = 120.0
     http_backend: str = "http11"
+    # http://[user:pass@]host:port for every request; None: HTTPS_PROXY etc.; "": none
+    proxy: str | None = None
     grace: float = 10.0
     max_runtime: float | None = None  # seconds; TOML/CLI accept "90s", "45m", "2h"
     # cost
@@ -185,6 +187,10 @@ class RunConfig:
         """The config as plain data for logs and manifests (holds no secret by construction)."""
         out = dataclasses.asdict(self)
         out["stop"] = list(self.stop)
+        if self.proxy:
+            from .proxy import mask_proxy_url
+
+            out["proxy"] = mask_proxy_url(self.proxy)
         return out
 
     @property
@@ -273,6 +279,7 @@ _STR_FIELDS = {
     "input_format",
     "summary_json",
     "http_backend",
+    "proxy",
     "log_format",
     "prices",
     "cache",
@@ -570,6 +577,10 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"Out of range: {rule}.")
     _validate_answer_options(config)
     _validate_samples(config)
+    if config.proxy is not None:
+        from .proxy import settings_from
+
+        settings_from(config.proxy, {})  # a ConfigError naming --proxy if it is no proxy URL
 
 
 def _validate_samples(config: RunConfig) -> None:

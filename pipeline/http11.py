@@ -28,7 +28,12 @@ response was complete), ``ReadTimeout`` (no complete response in time),
 The connection of a failed request is closed, never reused. Nothing here logs, and no
 error text carries a request header (the API key is one).
 
-Not supported: HTTP proxies (``HTTP_PROXY`` is ignored), HTTP/2, pipelining, request
+Proxies: given ``ProxySettings`` (``proxy.py``), a pool whose origin goes through a proxy
+opens each connection with a ``CONNECT`` tunnel (for http and https targets alike) and
+starts TLS over it with the target's host name; the proxy is named (credentials masked) in
+connect errors.
+
+Not supported: HTTP/2, pipelining, request
 bodies sent as a stream (they are read whole first), brotli/zstd content encodings in
 ``fetch`` (only gzip and deflate are asked for).
 """
@@ -46,6 +51,8 @@ from typing import Any, cast
 
 import aiohappyeyeballs
 import httpx
+
+from .proxy import Proxy, ProxySettings, open_tunnel
 
 __all__ = ["Http11Transport", "RawHeaders", "Route"]
 
@@ -421,8 +428,10 @@ class _Pool:
         max_connections: int,
         keepalive_expiry: float,
         ssl_context: ssl.SSLContext | None,
+        proxy: Proxy | None = None,
     ) -> None:
         self.loop = loop
+        self.proxy = proxy
         self.host = host
         self.port = port
         self.tls = scheme == "https"
@@ -522,8 +531,9 @@ class _Pool:
                 connection = await self._open()
         except TimeoutError:
             self._slot_freed()
+            via = f" through {self.proxy.described()}" if self.proxy is not None else ""
             raise httpx.ConnectTimeout(
-                f"could not connect to {self.host}:{self.port} within {total:g}s"
+                f"could not connect to {self.host}:{self.port}{via} within {total:g}s"
             ) from None
         except ssl.SSLCertVerificationError as exc:
             self._slot_freed()
@@ -550,10 +560,14 @@ class _Pool:
         # without it a host whose IPv6 route drops packets would hang every new connection
         # until the timeout. aiohappyeyeballs races the addresses and returns the socket.
         loop = self.loop
-        infos = await resolve(loop, self.host, self.port)
-        sock = await aiohappyeyeballs.start_connection(
-            infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1, loop=loop
-        )
+        proxy = self.proxy
+        if proxy is not None:
+            sock = await self._open_tunnel(proxy)
+        else:
+            infos = await resolve(loop, self.host, self.port)
+            sock = await aiohappyeyeballs.start_connection(
+                infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1, loop=loop
+            )
         try:
             _, connection = await loop.create_connection(
                 lambda: _Connection(self),
@@ -565,6 +579,37 @@ class _Pool:
             sock.close()  # the loop did not take it (as aiohttp does; see uvloop#653)
             raise
         return connection
+
+    async def _open_tunnel(self, proxy: Proxy) -> socket.socket:
+        """A socket to the proxy on which CONNECT to our origin succeeded (TLS comes next,
+        with the origin's host name). Errors name the proxy, never its credentials."""
+        loop = self.loop
+        failure: httpx.ProxyError | None = None
+        try:
+            infos = await resolve(loop, proxy.host, proxy.port)
+            sock = await aiohappyeyeballs.start_connection(
+                infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1, loop=loop
+            )
+        except OSError as exc:
+            failure = httpx.ProxyError(
+                f"cannot connect to {proxy.described()}: {type(exc).__name__}: {exc}"
+            )
+        if failure is not None:
+            raise failure
+        try:
+            await open_tunnel(loop, sock, proxy, self.host, self.port)
+        except OSError as exc:
+            failure = httpx.ProxyError(
+                f"{proxy.described()} dropped the connection during CONNECT to "
+                f"{self.host}:{self.port}: {type(exc).__name__}: {exc}"
+            )
+        except BaseException:
+            sock.close()
+            raise
+        if failure is not None:
+            sock.close()
+            raise failure
+        return sock
 
     def watch(self, total: float | None) -> None:
         """Make sure the watchdog runs while a request with this total timeout is in flight.
@@ -702,6 +747,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
         keepalive_expiry: seconds an idle connection is kept for reuse.
         ssl_context: for https; default ``ssl.create_default_context()`` (system CAs, or
             ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set), ALPN ``http/1.1``.
+        proxies: the proxy of each origin (``proxy.settings_from``); None: all direct.
     """
 
     def __init__(
@@ -710,12 +756,14 @@ class Http11Transport(httpx.AsyncBaseTransport):
         max_connections: int,
         keepalive_expiry: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
+        proxies: ProxySettings | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self.max_connections = max_connections
         self.keepalive_expiry = keepalive_expiry
         self._ssl_context = ssl_context
+        self.proxies = proxies
         self._pools: dict[tuple[str, str, int], _Pool] = {}
 
     def route(
@@ -779,6 +827,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
                 max_connections=self.max_connections,
                 keepalive_expiry=self.keepalive_expiry,
                 ssl_context=context,
+                proxy=self.proxies.for_url(scheme, host, port) if self.proxies else None,
             )
         return pool
 
