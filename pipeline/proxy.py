@@ -331,17 +331,23 @@ def _hint(status: int, proxy: Proxy) -> str:
     return ""
 
 
-def refused(exc: httpx.ProxyError, proxy: Proxy, target: str) -> httpx.ProxyError:
-    """httpx's or aiohttp's proxy failure as our error, naming the proxy (masked)."""
+def refused(
+    exc: httpx.ProxyError, proxy: Proxy, target: str, *, tunnel: bool = True
+) -> httpx.ProxyError:
+    """httpx's or aiohttp's proxy failure as our error, naming the proxy (masked).
+
+    ``tunnel``: the request was a CONNECT (an https target), else an absolute-form request.
+    """
     if isinstance(exc, ProxyRefused):
         return exc
     text = mask_credentials(str(exc))
+    what = f"CONNECT to {target}" if tunnel else f"a request to {target}"
     match = re.match(r"(\d{3})\b(.*)", text)
     if match is None:
-        return httpx.ProxyError(f"{proxy.described()} failed CONNECT to {target}: {text}")
+        return httpx.ProxyError(f"{proxy.described()} failed {what}: {text}")
     status = int(match.group(1))
     return ProxyRefused(
-        f"{proxy.described()} refused CONNECT to {target}: {status}{match.group(2)}".rstrip()
+        f"{proxy.described()} refused {what}: {status}{match.group(2)}".rstrip()
         + _hint(status, proxy),
         status=status,
     )
@@ -381,7 +387,7 @@ class HttpxProxyRouter(httpx.AsyncBaseTransport):
         default_port = 443 if request.url.scheme == "https" else 80
         target = f"{request.url.host}:{request.url.port or default_port}"
         try:
-            return await transport.handle_async_request(request)
+            response = await transport.handle_async_request(request)
         except httpx.ProxyError as exc:
             raise refused(exc, proxy, target) from None
         except httpx.ConnectTimeout:
@@ -393,6 +399,11 @@ class HttpxProxyRouter(httpx.AsyncBaseTransport):
                 f"cannot connect to {target} through {proxy.described()}: "
                 f"{mask_credentials(str(exc)) or type(exc).__name__}"
             ) from None
+        if response.status_code == 407:  # an absolute-form request (http target) refused
+            await response.aclose()
+            failure = httpx.ProxyError("407 Proxy Authentication Required")
+            raise refused(failure, proxy, target, tunnel=False)
+        return response
 
     async def aclose(self) -> None:
         for transport in [self._direct, *self._proxied.values()]:

@@ -131,6 +131,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             ) as response:
                 content = await response.read()
                 status = response.status
+                if status == 407 and proxy is not None:  # absolute-form (http target) refused
+                    failure = httpx.ProxyError(f"407 {response.reason or ''}")
+                    target = f"{request.url.host}:{request.url.port or 80}"
+                    raise refused(failure, proxy, target, tunnel=False)
                 raw_headers = response.raw_headers
         except TimeoutError as exc:
             raise httpx.ReadTimeout(f"timed out: {exc}", request=request) from exc

@@ -448,8 +448,10 @@ def test_no_proxy_sends_requests_direct(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scheme", ["https", "http"])
 def test_a_proxy_that_wants_credentials_stops_the_run_naming_it_without_the_password(
     backend: str,
+    scheme: str,
     simulator: SimulatorThread,
     make_proxy: Callable[..., ForwardingProxy],
     monkeypatch: pytest.MonkeyPatch,
@@ -457,12 +459,14 @@ def test_a_proxy_that_wants_credentials_stops_the_run_naming_it_without_the_pass
     tmp_path: Path,
 ) -> None:
     proxy = make_proxy(_upstream(simulator), auth=(USER, "the-right-one"))
-    monkeypatch.setenv("HTTPS_PROXY", f"http://{USER}:{SECRET}@127.0.0.1:{proxy.port}")
+    variable = f"{scheme.upper()}_PROXY"
+    monkeypatch.setenv(variable, f"http://{USER}:{SECRET}@127.0.0.1:{proxy.port}")
     with pytest.raises(RunAborted) as caught:
-        _run(tmp_path, "https://localhost:9/v1", backend)
+        _run(tmp_path, f"{scheme}://localhost:9/v1", backend)
     text = str(caught.value)
-    expected = f"proxy http://***@127.0.0.1:{proxy.port} (HTTPS_PROXY) refused CONNECT"
-    assert expected in text and "407" in text
+    expected = f"proxy http://***@127.0.0.1:{proxy.port} ({variable}) refused"
+    assert expected in text and "localhost:9: 407" in text
+    assert "check the user name and password" in text
     assert len(proxy.targets) <= 2  # the two in flight at most: not retried
     _assert_no_secret(tmp_path, capsys.readouterr())
     assert SECRET not in text
