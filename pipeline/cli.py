@@ -987,7 +987,8 @@ def demo(output: Path, input_path: Path | None, config_path: str | None, port: i
     config_path = config_path or str(PACKAGE_DATA / "demo.toml")
     try:
         file_values = load_config_file(config_path)
-        config = build_config(file_values, {}, config_path=config_path)
+        # the simulator runs in this process: never through a proxy of the environment
+        config = build_config(file_values, {"proxy": ""}, config_path=config_path)
     except ConfigError as exc:
         _fail(str(exc), EXIT_USAGE)
         return

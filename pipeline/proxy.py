@@ -96,11 +96,22 @@ class ProxySettings:
     Fields:
         http, https: the proxy for http:// and https:// targets, or None (direct).
         no_proxy: the ``NO_PROXY`` entries, lower-cased; ``("*",)`` bypasses every host.
+        unusable: (scheme, error) of a variable that names a proxy we cannot use.
     """
 
     http: Proxy | None = None
     https: Proxy | None = None
     no_proxy: tuple[str, ...] = ()
+    unusable: tuple[tuple[str, str], ...] = ()
+
+    def check(self, base_url: str) -> None:
+        """Raise the ConfigError of an unusable proxy variable (``socks5://``, no host)
+        that requests to ``base_url`` would go through; one they bypass is ignored."""
+        url = httpx.URL(base_url)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        for scheme, message in self.unusable:
+            if scheme == url.scheme and not bypasses(self.no_proxy, url.host, port):
+                raise ConfigError(message)
 
     def for_url(self, scheme: str, host: str, port: int) -> Proxy | None:
         """The proxy a request to ``scheme://host:port`` goes through, or None (direct)."""
@@ -138,16 +149,21 @@ def settings_from(
             return ProxySettings()
         parsed = parse_proxy_url(proxy, source=option)
         return ProxySettings(http=parsed, https=parsed, no_proxy=no_proxy)
-    found: dict[str, Proxy | None] = {}
+    found: dict[str, Proxy | str | None] = {}
     for scheme in ("http", "https", "all"):
         name = f"{scheme}_proxy"
         value = _env(environ, name)
         source = name if environ.get(name, "").strip() else name.upper()
-        found[scheme] = parse_proxy_url(value, source=source) if value else None
+        try:
+            found[scheme] = parse_proxy_url(value, source=source) if value else None
+        except ConfigError as exc:
+            found[scheme] = str(exc)  # an error only for a run whose requests would use it
+    chosen = {scheme: found[scheme] or found["all"] for scheme in ("http", "https")}
     return ProxySettings(
-        http=found["http"] or found["all"],
-        https=found["https"] or found["all"],
+        http=chosen["http"] if isinstance(chosen["http"], Proxy) else None,
+        https=chosen["https"] if isinstance(chosen["https"], Proxy) else None,
         no_proxy=no_proxy,
+        unusable=tuple((s, v) for s, v in chosen.items() if isinstance(v, str)),
     )
 
 

@@ -235,6 +235,7 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
     source, builder = open_job(data, config)
     api_key = resolve_api_key(config, seams.environ)
     proxies = settings_from(config.proxy, os.environ if seams.environ is None else seams.environ)
+    proxies.check(config.base_url)
     checkpoint = Checkpoint(output)
     # The key pass reads the whole input: a malformed row, bad bytes or a duplicate id is
     # found here, before the checkpoint is touched and before any request. What an earlier

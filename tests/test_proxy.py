@@ -119,9 +119,26 @@ def test_an_explicit_proxy_beats_the_environment_and_empty_turns_proxies_off() -
 
 @pytest.mark.parametrize("value", ["socks5://u:pw@h:1080", "https://u:pw@h:443", "http://"])
 def test_a_proxy_we_cannot_use_is_a_config_error_without_its_password(value: str) -> None:
+    settings = settings_from(None, {"HTTPS_PROXY": value, "NO_PROXY": "local.org"})
     with pytest.raises(ConfigError, match="HTTPS_PROXY") as caught:
-        settings_from(None, {"HTTPS_PROXY": value})
+        settings.check("https://api.org/v1")
     assert "pw" not in str(caught.value)
+    settings.check("https://local.org/v1")  # not used: no error
+    settings.check("http://api.org/v1")
+    with pytest.raises(ConfigError, match="--proxy") as caught:
+        settings_from(value, {})
+    assert "pw" not in str(caught.value)
+
+
+def test_a_run_whose_proxy_variable_is_unusable_stops_before_sending(
+    simulator: SimulatorThread, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("ALL_PROXY", f"socks5://{USER}:{SECRET}@127.0.0.1:1080")
+    with pytest.raises(ConfigError, match="ALL_PROXY: socks5:// proxies are not supported"):
+        _run(tmp_path, simulator.base_url, "http11")
+    assert simulator.simulator.stats["requests"] == 0
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert (_run(tmp_path, simulator.base_url, "http11")["status"] == "ok").all()
 
 
 def test_credentials_are_masked_in_any_text() -> None:
@@ -531,3 +548,25 @@ def test_the_proxy_option_beats_the_environment_and_empty_turns_it_off(
     out = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "b.parquet"), "--proxy", ""])
     assert out.exit_code == 0, out.output
     assert proxy.tunnels == tunnels  # direct
+
+
+def test_the_demo_never_sends_its_local_simulator_through_a_proxy(
+    closed_port: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # the simulator of the demo runs in-process: an HTTP_PROXY (here one that is not
+    # there) must not take its requests
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port}")
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    root = Path(__file__).parent.parent
+    config = (root / "configs" / "demo.toml").read_text()
+    (tmp_path / "demo.toml").write_text(config.replace("127.0.0.1:8765", f"127.0.0.1:{port}"))
+    data = tmp_path / "in.csv"
+    data.write_text("id,product,review\n" + "".join(f"{i},p{i},r{i}\n" for i in range(4)))
+    args = ["demo", "-o", str(tmp_path / "o.parquet"), "--input", str(data)]
+    out = CliRunner().invoke(main, [*args, "--config", str(tmp_path / "demo.toml")])
+    assert out.exit_code == 0, out.output
+    assert (pd.read_parquet(tmp_path / "o.parquet")["status"] == "ok").all()
+    assert "proxy" not in out.output
