@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import shutil
 import socket
 import ssl
@@ -570,3 +571,34 @@ def test_the_demo_never_sends_its_local_simulator_through_a_proxy(
     assert out.exit_code == 0, out.output
     assert (pd.read_parquet(tmp_path / "o.parquet")["status"] == "ok").all()
     assert "proxy" not in out.output
+
+
+def test_the_proxy_key_of_a_toml_config_is_used_and_masked_in_the_manifest(
+    simulator: SimulatorThread,
+    make_proxy: Callable[..., ForwardingProxy],
+    closed_port: int,
+    tmp_path: Path,
+) -> None:
+    proxy = make_proxy(_upstream(simulator), auth=(USER, SECRET))
+    config = tmp_path / "job.toml"
+    config.write_text(f'proxy = "http://{USER}:{SECRET}@127.0.0.1:{proxy.port}"\n')
+    result = _run(tmp_path, f"http://127.0.0.1:{closed_port}/v1", "http11", config=config)
+    assert (result["status"] == "ok").all()
+    assert proxy.tunnels >= 1 and set(proxy.auth_seen) == {BASIC}
+    manifest = json.loads((tmp_path / "o.parquet.checkpoint" / "manifest.json").read_text())
+    assert manifest["config"]["proxy"] == f"http://***@127.0.0.1:{proxy.port}"
+
+
+def test_a_proxy_that_never_answers_connect_is_named_in_the_timeout(
+    loop_thread: LoopThread, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads the CONNECT, answers nothing, until the client leaves
+        writer.close()
+
+    port = loop_thread.serve(silent)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+    result = _run(tmp_path, "https://localhost:9/v1", "http11", max_retries=0, timeout=0.5)
+    assert (result["status"] == "error").all()
+    for message in result["error_message"]:
+        assert f"through proxy http://127.0.0.1:{port} (HTTPS_PROXY) within 0.5s" in message
