@@ -602,3 +602,15 @@ def test_a_proxy_that_never_answers_connect_is_named_in_the_timeout(
     assert (result["status"] == "error").all()
     for message in result["error_message"]:
         assert f"through proxy http://127.0.0.1:{port} (HTTPS_PROXY) within 0.5s" in message
+
+
+def test_the_python_api_takes_proxy_as_an_option(
+    simulator: SimulatorThread,
+    make_proxy: Callable[..., ForwardingProxy],
+    closed_port: int,
+    tmp_path: Path,
+) -> None:
+    proxy = make_proxy(_upstream(simulator))
+    given = f"http://127.0.0.1:{proxy.port}"
+    result = _run(tmp_path, f"http://127.0.0.1:{closed_port}/v1", "httpx", proxy=given)
+    assert (result["status"] == "ok").all() and proxy.forwarded == len(PROMPTS)
