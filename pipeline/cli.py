@@ -177,7 +177,7 @@ _SECTIONS: dict[str, str] = {
             "input_path output config_path input_format delimiter id_column limit as_json",
             "prompt_column template messages_column system",
             "base_url api_key_env api_key_file temperature max_tokens top_p seed stop "
-            "response_format params http_backend timeout",
+            "response_format params http_backend proxy timeout",
             "json_schema schema_mode schema_prefix labels max_reasks expected_column score",
             "model wide n samples n_mode",
             "concurrency rpm tpm adaptive max_retries",
