@@ -614,3 +614,38 @@ def test_the_python_api_takes_proxy_as_an_option(
     given = f"http://127.0.0.1:{proxy.port}"
     result = _run(tmp_path, f"http://127.0.0.1:{closed_port}/v1", "httpx", proxy=given)
     assert (result["status"] == "ok").all() and proxy.forwarded == len(PROMPTS)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_http11_tunnels_on_either_event_loop(
+    loop_kind: str,
+    simulator: SimulatorThread,
+    make_proxy: Callable[..., ForwardingProxy],
+    closed_port: int,
+) -> None:
+    from pipeline.http11 import Http11Transport
+
+    proxy = make_proxy(_upstream(simulator), auth=(USER, SECRET))
+    settings = settings_from(f"http://{USER}:{SECRET}@127.0.0.1:{proxy.port}", {})
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+
+    async def scenario() -> list[int]:
+        transport = Http11Transport(max_connections=2, proxies=settings)
+        route = transport.route(
+            "POST",
+            f"http://127.0.0.1:{closed_port}/v1/chat/completions",
+            [(b"Content-Type", b"application/json")],
+        )
+        statuses = [(await route.fetch(body, total=5))[0] for _ in range(3)]
+        await transport.aclose()
+        return statuses
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            statuses = runner.run(scenario())
+    else:
+        statuses = asyncio.run(scenario())
+    assert statuses == [200, 200, 200]
+    assert proxy.tunnels == 1  # one tunnel, kept alive for the three requests
+    assert set(proxy.auth_seen) == {BASIC}
