@@ -132,6 +132,8 @@ class ProxySettings:
         proxy = self.for_httpx_url(url)
         if proxy is not None:
             return f"requests to {url.host} go through {proxy.described()}"
+        if (self.https if url.scheme == "https" else self.http) is None:
+            return None  # only the other scheme has a proxy
         return f"requests to {url.host} go direct: NO_PROXY matches it"
 
 

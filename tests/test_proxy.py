@@ -108,6 +108,17 @@ def test_lower_case_variables_win_and_all_proxy_fills_in() -> None:
     assert settings.for_url("https", "upper.org", 443) is not None
 
 
+def test_the_start_line_names_the_proxy_of_the_base_url_only() -> None:
+    settings = settings_from(None, {"HTTP_PROXY": "http://u:pw@p:1", "NO_PROXY": "local"})
+    assert settings.describe("http://api.org/v1") == (
+        "requests to api.org go through proxy http://***@p:1 (HTTP_PROXY)"
+    )
+    assert settings.describe("https://api.org/v1") is None  # no proxy for https
+    assert settings.describe("http://local:8000/v1") == (
+        "requests to local go direct: NO_PROXY matches it"
+    )
+
+
 def test_an_explicit_proxy_beats_the_environment_and_empty_turns_proxies_off() -> None:
     env = {"HTTPS_PROXY": "http://env:1", "NO_PROXY": "skip.org"}
     explicit = settings_from("http://u:p@given:8080", env)
