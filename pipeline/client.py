@@ -42,7 +42,13 @@ from .errors import (
 )
 from .http11 import Http11Transport
 from .pricing import reported_cost
-from .proxy import HttpxProxyRouter, ProxyRefused, ProxySettings, mask_credentials
+from .proxy import (
+    HttpxProxyRouter,
+    ProxyRefused,
+    ProxySettings,
+    ProxyUnreachable,
+    mask_credentials,
+)
 from .records import Choice, Completion, Usage
 from .transport import AiohttpTransport
 
@@ -167,7 +173,8 @@ class ChatClient:
             raise proxy_refusal(exc) from None
         except httpx.ProxyError as exc:
             # its own text names the proxy; the error it was raised from would not
-            raise TransportError(self.redact(f"ProxyError: {exc}")) from None
+            failure = ConnectFailed if isinstance(exc, ProxyUnreachable) else TransportError
+            raise failure(self.redact(f"{type(exc).__name__}: {exc}")) from None
         except (httpx.TransportError, httpx.DecodingError, OSError) as exc:
             failure = ConnectFailed if _no_connection(exc) else TransportError
             raise failure(self.redact(_describe(exc))) from None

@@ -52,7 +52,7 @@ from typing import Any, cast
 import aiohappyeyeballs
 import httpx
 
-from .proxy import Proxy, ProxySettings, open_tunnel
+from .proxy import Proxy, ProxySettings, ProxyUnreachable, open_tunnel
 
 __all__ = ["Http11Transport", "RawHeaders", "Route"]
 
@@ -591,7 +591,7 @@ class _Pool:
                 infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1, loop=loop
             )
         except OSError as exc:
-            failure = httpx.ProxyError(
+            failure = ProxyUnreachable(
                 f"cannot connect to {proxy.described()}: {type(exc).__name__}: {exc}"
             )
         if failure is not None:

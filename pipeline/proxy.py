@@ -46,6 +46,10 @@ class ProxyRefused(httpx.ProxyError):
         self.status = status
 
 
+class ProxyUnreachable(httpx.ProxyError):
+    """No connection to the proxy (refused, no such host, unreachable), or none through it."""
+
+
 @dataclass(frozen=True, slots=True)
 class Proxy:
     """One HTTP proxy.
@@ -413,7 +417,7 @@ class HttpxProxyRouter(httpx.AsyncBaseTransport):
                 f"could not connect to {target} through {proxy.described()} in time"
             ) from None
         except httpx.ConnectError as exc:
-            raise httpx.ProxyError(
+            raise ProxyUnreachable(
                 f"cannot connect to {target} through {proxy.described()}: "
                 f"{mask_credentials(str(exc)) or type(exc).__name__}"
             ) from None

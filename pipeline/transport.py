@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from .proxy import ProxySettings, refused
+from .proxy import ProxySettings, ProxyUnreachable, refused
 
 if TYPE_CHECKING:
     import aiohttp
@@ -146,7 +146,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             raise error from None
         except aiohttp.ClientProxyConnectionError as exc:
             assert proxy is not None
-            raise httpx.ProxyError(
+            raise ProxyUnreachable(
                 f"cannot connect to {proxy.described()}: {type(exc).__name__}: {exc}",
                 request=request,
             ) from None

@@ -660,3 +660,23 @@ def test_http11_tunnels_on_either_event_loop(
     assert statuses == [200, 200, 200]
     assert proxy.tunnels == 1  # one tunnel, kept alive for the three requests
     assert set(proxy.auth_seen) == {BASIC}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_run_whose_proxy_is_not_there_stops_early_naming_it(
+    backend: str, closed_port: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # every first attempt fails to reach the proxy: a setup failure, like a refused port
+    monkeypatch.setenv("HTTPS_PROXY", f"http://{USER}:{SECRET}@127.0.0.1:{closed_port}")
+    with pytest.raises(RunAborted) as caught:
+        pipeline.run(
+            pd.DataFrame({"prompt": [f"q{i}" for i in range(40)]}),
+            tmp_path / "o.parquet",
+            base_url="https://localhost:9/v1",
+            http_backend=backend,
+            concurrency=2,
+            progress=False,
+        )
+    text = str(caught.value)
+    assert f"proxy http://***@127.0.0.1:{closed_port} (HTTPS_PROXY)" in text, text
+    assert SECRET not in text
