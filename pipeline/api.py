@@ -85,6 +85,8 @@ OPTION_HELP: dict[str, str] = {
     "http_backend": "http11 | aiohttp | httpx: the HTTP client.",
     "max_response_bytes": "cap on one response body, received or decoded (64 MiB); "
     "a row over it fails with ResponseTooLarge.",
+    "proxy": "http://[user:password@]host:port for every request; '' for none; "
+    "default: HTTPS_PROXY / HTTP_PROXY / ALL_PROXY (NO_PROXY applies).",
     "grace": "seconds requests in flight get after an interrupt (the next one stops at once).",
     "max_runtime": "stop cleanly after this long: seconds, '45m', '2h' or a timedelta.",
     "prices": "extra or overriding price table (TOML file).",

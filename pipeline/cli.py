@@ -177,7 +177,7 @@ _SECTIONS: dict[str, str] = {
             "input_path output config_path input_format delimiter id_column limit as_json",
             "prompt_column template messages_column system",
             "base_url api_key_env api_key_file temperature max_tokens top_p seed stop "
-            "response_format params http_backend timeout max_response_bytes",
+            "response_format params http_backend proxy timeout max_response_bytes",
             "json_schema schema_mode schema_prefix labels max_reasks expected_column score",
             "model wide n samples n_mode",
             "concurrency rpm tpm adaptive max_retries",
@@ -391,6 +391,13 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         type=int,
         help="Largest response body accepted, as received and as decoded; a larger one "
         "(or a gzip bomb) fails its row. [default: 67108864, 64 MiB]",
+    ),
+    click.option(
+        "--proxy",
+        metavar="URL",
+        help="HTTP proxy for every request: http://[user:password@]host:port (CONNECT for "
+        "https); NO_PROXY still applies. '' or none: no proxy. [default: HTTPS_PROXY, "
+        "HTTP_PROXY, ALL_PROXY]",
     ),
     click.option(
         "--grace",
@@ -986,7 +993,8 @@ def demo(output: Path, input_path: Path | None, config_path: str | None, port: i
     config_path = config_path or str(PACKAGE_DATA / "demo.toml")
     try:
         file_values = load_config_file(config_path)
-        config = build_config(file_values, {}, config_path=config_path)
+        # the simulator runs in this process: never through a proxy of the environment
+        config = build_config(file_values, {"proxy": ""}, config_path=config_path)
     except ConfigError as exc:
         _fail(str(exc), EXIT_USAGE)
         return

@@ -49,6 +49,13 @@ from .http11 import (
     ResponseTooLarge,
 )
 from .pricing import reported_cost
+from .proxy import (
+    HttpxProxyRouter,
+    ProxyRefused,
+    ProxySettings,
+    ProxyUnreachable,
+    mask_credentials,
+)
 from .records import Choice, Completion, Usage
 from .transport import AiohttpTransport
 
@@ -59,9 +66,13 @@ QUOTA_WORDS = ("insufficient_quota", "quota", "billing", "credit")
 
 
 def make_transport(
-    backend: str, concurrency: int, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    backend: str,
+    concurrency: int,
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    proxies: ProxySettings | None = None,
 ) -> httpx.AsyncBaseTransport:
-    """A pooled keep-alive transport whose pool fits ``concurrency`` requests in flight.
+    """A pooled keep-alive transport whose pool fits ``concurrency`` requests in flight,
+    going through ``proxies`` (``proxy.settings_from``) where they say so.
 
     ``max_response_bytes`` caps one response body in http11 and aiohttp; httpx's own
     transport is capped by ``ChatClient`` as it reads the body.
@@ -72,11 +83,17 @@ def make_transport(
             max_keepalive_connections=concurrency,
             keepalive_expiry=30.0,
         )
+        if proxies is not None and (proxies.http or proxies.https):
+            return HttpxProxyRouter(proxies, httpx.AsyncHTTPTransport, limits=limits, retries=0)
         return httpx.AsyncHTTPTransport(limits=limits, retries=0)
     if backend == "aiohttp":
-        return AiohttpTransport(max_connections=concurrency, max_response_bytes=max_response_bytes)
+        return AiohttpTransport(
+            max_connections=concurrency, max_response_bytes=max_response_bytes, proxies=proxies
+        )
     if backend == "http11":
-        return Http11Transport(max_connections=concurrency, max_response_bytes=max_response_bytes)
+        return Http11Transport(
+            max_connections=concurrency, max_response_bytes=max_response_bytes, proxies=proxies
+        )
     raise ValueError(f"unknown http_backend {backend!r}: http11, aiohttp or httpx")
 
 
@@ -128,10 +145,11 @@ class ChatClient:
         await self.transport.aclose()
 
     def redact(self, text: str) -> str:
-        """Remove the API key from text that came from the server or a library."""
+        """Remove the API key and any URL's credentials (a proxy's) from text that came
+        from the server or a library."""
         if self._api_key and self._api_key in text:
             text = text.replace(self._api_key, "***")
-        return text
+        return mask_credentials(text)
 
     def _request(self, body: bytes, request_id: str) -> httpx.Request:
         # Host, Content-Length and a ByteStream given up front: httpx.Request then skips
@@ -174,6 +192,12 @@ class ChatClient:
             raise TransportError(f"no complete answer within {self.timeout:g}s") from None
         except ResponseTooLarge as exc:
             raise errors.ResponseTooLarge(self.redact(str(exc))) from None
+        except ProxyRefused as exc:
+            raise proxy_refusal(exc) from None
+        except httpx.ProxyError as exc:
+            # its own text names the proxy; the error it was raised from would not
+            failure = ConnectFailed if isinstance(exc, ProxyUnreachable) else TransportError
+            raise failure(self.redact(f"{type(exc).__name__}: {exc}")) from None
         except (httpx.TransportError, httpx.DecodingError, OSError) as exc:
             if _certificate_failure(exc):
                 raise errors.CertificateError(
@@ -194,12 +218,30 @@ class ChatClient:
             raise
         if status == 200:
             return parse_completion(content, kept_headers(raw_headers))
+        if status == 407:
+            # only a proxy answers 407 (an http:// target's, through an absolute-form request)
+            raise AuthenticationError(
+                "HTTP 407 Proxy Authentication Required from the proxy: give its user name "
+                "and password in --proxy / HTTP_PROXY (http://user:password@host:port).",
+                status=status,
+            )
         raise self.redacted(error_from_response(status, content, httpx.Headers(raw_headers)))
 
     def redacted(self, error: RequestError) -> RequestError:
         error.message = self.redact(error.message)
         error.args = (error.message,)
         return error
+
+
+def proxy_refusal(exc: ProxyRefused) -> RequestError:
+    """A proxy that refuses CONNECT: 407 and 403 stop the run (every row would get the
+    same answer); other statuses (502: the proxy could not reach the API) are retried."""
+    message = mask_credentials(str(exc))
+    if exc.status == 407:
+        return AuthenticationError(message, status=exc.status)
+    if exc.status == 403:
+        return PermissionDenied(message, status=exc.status)
+    return TransportError(message, status=exc.status)
 
 
 def build_body(model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> bytes:

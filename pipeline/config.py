@@ -99,6 +99,8 @@ class RunConfig:
     max_retry_wait: float = 120.0
     http_backend: str = "http11"
     max_response_bytes: int = 64 * 1024 * 1024  # one response body, as received and decoded
+    # http://[user:pass@]host:port for every request; None: HTTPS_PROXY etc.; "": none
+    proxy: str | None = None
     grace: float = 10.0
     max_runtime: float | None = None  # seconds; TOML/CLI accept "90s", "45m", "2h"
     # cost
@@ -186,6 +188,10 @@ class RunConfig:
         """The config as plain data for logs and manifests (holds no secret by construction)."""
         out = dataclasses.asdict(self)
         out["stop"] = list(self.stop)
+        if self.proxy:
+            from .proxy import mask_proxy_url
+
+            out["proxy"] = mask_proxy_url(self.proxy)
         return out
 
     @property
@@ -275,6 +281,7 @@ _STR_FIELDS = {
     "input_format",
     "summary_json",
     "http_backend",
+    "proxy",
     "log_format",
     "prices",
     "cache",
@@ -573,6 +580,10 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"Out of range: {rule}.")
     _validate_answer_options(config)
     _validate_samples(config)
+    if config.proxy is not None:
+        from .proxy import settings_from
+
+        settings_from(config.proxy, {})  # a ConfigError naming --proxy if it is no proxy URL
 
 
 def _validate_samples(config: RunConfig) -> None:

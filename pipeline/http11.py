@@ -33,7 +33,12 @@ the server: it is checked before each reuse (one ``poll``), so a stray response 
 taken for the answer to the next request. Nothing here logs, and no error text carries a
 request header (the API key is one).
 
-Not supported: HTTP proxies (``HTTP_PROXY`` is ignored), HTTP/2, pipelining, request
+Proxies: given ``ProxySettings`` (``proxy.py``), a pool whose origin goes through a proxy
+opens each connection with a ``CONNECT`` tunnel (for http and https targets alike) and
+starts TLS over it with the target's host name; the proxy is named (credentials masked) in
+connect errors.
+
+Not supported: HTTP/2, pipelining, request
 bodies sent as a stream (they are read whole first), brotli/zstd content encodings in
 ``fetch`` (only gzip and deflate are asked for).
 """
@@ -52,6 +57,8 @@ from typing import Any, cast
 
 import aiohappyeyeballs
 import httpx
+
+from .proxy import Proxy, ProxySettings, ProxyUnreachable, open_tunnel
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
@@ -532,9 +539,11 @@ class _Pool:
         keepalive_expiry: float,
         ssl_context: ssl.SSLContext | None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        proxy: Proxy | None = None,
     ) -> None:
         self.loop = loop
         self.max_response_bytes = max_response_bytes
+        self.proxy = proxy
         self.host = host
         self.port = port
         self.tls = scheme == "https"
@@ -639,8 +648,9 @@ class _Pool:
                 connection = await self._open()
         except TimeoutError:
             self._slot_freed()
+            via = f" through {self.proxy.described()}" if self.proxy is not None else ""
             raise httpx.ConnectTimeout(
-                f"could not connect to {self.host}:{self.port} within {total:g}s"
+                f"could not connect to {self.host}:{self.port}{via} within {total:g}s"
             ) from None
         except ssl.SSLCertVerificationError as exc:
             self._slot_freed()
@@ -667,10 +677,14 @@ class _Pool:
         # without it a host whose IPv6 route drops packets would hang every new connection
         # until the timeout. aiohappyeyeballs races the addresses and returns the socket.
         loop = self.loop
-        infos = await resolve(loop, self.host, self.port)
-        sock = await aiohappyeyeballs.start_connection(
-            infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1, loop=loop
-        )
+        proxy = self.proxy
+        if proxy is not None:
+            sock = await self._open_tunnel(proxy)
+        else:
+            infos = await resolve(loop, self.host, self.port)
+            sock = await aiohappyeyeballs.start_connection(
+                infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1, loop=loop
+            )
         try:
             _, connection = await loop.create_connection(
                 lambda: _Connection(self),
@@ -682,6 +696,37 @@ class _Pool:
             sock.close()  # the loop did not take it (as aiohttp does; see uvloop#653)
             raise
         return connection
+
+    async def _open_tunnel(self, proxy: Proxy) -> socket.socket:
+        """A socket to the proxy on which CONNECT to our origin succeeded (TLS comes next,
+        with the origin's host name). Errors name the proxy, never its credentials."""
+        loop = self.loop
+        failure: httpx.ProxyError | None = None
+        try:
+            infos = await resolve(loop, proxy.host, proxy.port)
+            sock = await aiohappyeyeballs.start_connection(
+                infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1, loop=loop
+            )
+        except OSError as exc:
+            failure = ProxyUnreachable(
+                f"cannot connect to {proxy.described()}: {type(exc).__name__}: {exc}"
+            )
+        if failure is not None:
+            raise failure
+        try:
+            await open_tunnel(loop, sock, proxy, self.host, self.port)
+        except OSError as exc:
+            failure = httpx.ProxyError(
+                f"{proxy.described()} dropped the connection during CONNECT to "
+                f"{self.host}:{self.port}: {type(exc).__name__}: {exc}"
+            )
+        except BaseException:
+            sock.close()
+            raise
+        if failure is not None:
+            sock.close()
+            raise failure
+        return sock
 
     def watch(self, total: float | None) -> None:
         """Make sure the watchdog runs while a request with this total timeout is in flight.
@@ -823,6 +868,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
             refused, as by urllib3 2 and browsers).
         max_response_bytes: the largest body accepted, as received and as decoded by
             ``fetch``; a larger one is ``ResponseTooLarge`` (a Content-Length over it at once).
+        proxies: the proxy of each origin (``proxy.settings_from``); None: all direct.
     """
 
     def __init__(
@@ -832,6 +878,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
         keepalive_expiry: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        proxies: ProxySettings | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -839,6 +886,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
         self.max_connections = max_connections
         self.keepalive_expiry = keepalive_expiry
         self._ssl_context = ssl_context
+        self.proxies = proxies
         self._pools: dict[tuple[str, str, int], _Pool] = {}
 
     def route(
@@ -903,6 +951,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
                 keepalive_expiry=self.keepalive_expiry,
                 ssl_context=context,
                 max_response_bytes=self.max_response_bytes,
+                proxy=self.proxies.for_url(scheme, host, port) if self.proxies else None,
             )
         return pool
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import signal
 import threading
 import time
@@ -61,6 +62,7 @@ from .memory import map_large_blocks, release_memory
 from .pricing import PriceTable
 from .progress import Reporter
 from .prompts import PromptBuilder
+from .proxy import ProxySettings, settings_from
 from .reader import InputSource, Resume, delimiter_hint, open_input
 from .records import (
     RESULT_COLUMNS,
@@ -140,6 +142,7 @@ class _Plan:
     removed: int
     api_key: str | None
     notes: list[str] = field(default_factory=list)
+    proxies: ProxySettings = field(default_factory=ProxySettings)
 
 
 def _check_output_path(output: Path, config: RunConfig, checkpoint: Checkpoint) -> None:
@@ -231,6 +234,8 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
     """Everything that can fail before a request is sent (raises UsageError / LockHeld)."""
     source, builder = open_job(data, config)
     api_key = resolve_api_key(config, seams.environ)
+    proxies = settings_from(config.proxy, os.environ if seams.environ is None else seams.environ)
+    proxies.check(config.base_url)
     checkpoint = Checkpoint(output)
     # The key pass reads the whole input: a malformed row, bad bytes or a duplicate id is
     # found here, before the checkpoint is touched and before any request. What an earlier
@@ -326,7 +331,8 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
         resumed=int(done_all.sum()),
         removed=int((~present).sum()),
         api_key=api_key,
-        notes=notes,
+        notes=[*notes, *filter(None, [proxies.describe(config.base_url)])],
+        proxies=proxies,
     )
 
 
@@ -1233,7 +1239,7 @@ class _Run:
     async def execute(self) -> None:
         config = self.config
         transport = self.seams.transport or make_transport(
-            config.http_backend, config.concurrency, config.max_response_bytes
+            config.http_backend, config.concurrency, config.max_response_bytes, self.plan.proxies
         )
         client = ChatClient(
             config.base_url,

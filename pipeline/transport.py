@@ -14,15 +14,21 @@ the httpx interface at a fraction of the cost (see benchmarks/). The default tra
 
 aiohttp is imported on first use, not with this module: it takes ~0.15 s to import, and
 runs on the default transport never need it.
+
+Proxies: given ``ProxySettings`` (``proxy.py``), each request names its proxy to aiohttp
+(``proxy=``; credentials sent as a ``Proxy-Authorization`` header, not in the URL), so
+``NO_PROXY`` is matched as in the other backends; aiohttp's own ``trust_env`` stays off.
 """
 
 from __future__ import annotations
 
+import ssl
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from .http11 import DEFAULT_MAX_RESPONSE_BYTES, CertificateNotTrusted, ResponseTooLarge
+from .proxy import ProxySettings, ProxyUnreachable, refused
 
 if TYPE_CHECKING:
     import aiohttp
@@ -45,8 +51,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         max_connections: int,
         keepalive_expiry: float = 30.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        proxies: ProxySettings | None = None,
     ) -> None:
         self.max_connections = max_connections
+        self.proxies = proxies
         self.keepalive_expiry = keepalive_expiry
         self.max_response_bytes = max_response_bytes
         self._session: aiohttp.ClientSession | None = None
@@ -59,6 +67,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             import aiohttp
 
             connector = aiohttp.TCPConnector(
+                # made now, not at aiohttp's import: SSL_CERT_FILE / SSL_CERT_DIR set by then
+                # count (a company proxy's CA is often given that way), as with http11
+                ssl=ssl.create_default_context(),
                 limit=self.max_connections,
                 limit_per_host=self.max_connections,
                 keepalive_timeout=self.keepalive_expiry,
@@ -103,6 +114,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             for k, v in request.headers.raw
             if k.lower() not in _SET_BY_AIOHTTP
         }
+        proxy = self.proxies.for_httpx_url(request.url) if self.proxies else None
+        proxy_args: dict[str, Any] = {}
+        if proxy is not None:
+            proxy_args["proxy"] = proxy.url
+            if proxy.authorization is not None:
+                authorization = {"Proxy-Authorization": proxy.authorization.decode("ascii")}
+                if request.url.scheme == "https":
+                    proxy_args["proxy_headers"] = authorization  # on the CONNECT
+                else:
+                    headers.update(authorization)  # on the absolute-form request itself
         try:
             async with self._get_session().request(
                 request.method,
@@ -111,9 +132,14 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 data=request.read() or None,
                 allow_redirects=False,
                 timeout=timeout,
+                **proxy_args,
             ) as response:
                 content = await self._read(response)
                 status = response.status
+                if status == 407 and proxy is not None:  # absolute-form (http target) refused
+                    failure = httpx.ProxyError(f"407 {response.reason or ''}")
+                    target = f"{request.url.host}:{request.url.port or 80}"
+                    raise refused(failure, proxy, target, tunnel=False)
                 raw_headers = response.raw_headers
         except TimeoutError as exc:
             raise httpx.ReadTimeout(f"timed out: {exc}", request=request) from exc
@@ -122,6 +148,18 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 f"TLS certificate of {request.url.host} not trusted: {exc.certificate_error}",
                 request=request,
             ) from exc
+        except aiohttp.ClientHttpProxyError as exc:
+            assert proxy is not None
+            default_port = 443 if request.url.scheme == "https" else 80
+            target = f"{request.url.host}:{request.url.port or default_port}"
+            error = refused(httpx.ProxyError(f"{exc.status} {exc.message}"), proxy, target)
+            raise error from None
+        except aiohttp.ClientProxyConnectionError as exc:
+            assert proxy is not None
+            raise ProxyUnreachable(
+                f"cannot connect to {proxy.described()}: {type(exc).__name__}: {exc}",
+                request=request,
+            ) from None
         except aiohttp.ClientConnectorError as exc:
             raise httpx.ConnectError(str(exc), request=request) from exc
         except (aiohttp.ClientError, OSError) as exc:
