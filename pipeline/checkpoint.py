@@ -4,7 +4,12 @@ Layout of ``OUTPUT.checkpoint/``::
 
     manifest.json        fingerprint (and its parts), config, input, row count, output signature
     lock                 flock()ed by the live run; holds its pid and host
-    parts/part-NNNNNN.parquet   results as they complete: key + result columns
+    parts/part-NNNNNN-CCCCCCCC.parquet   results as they complete: key + result columns;
+                         CCCCCCCC is the CRC-32 of the file's bytes, and the Parquet
+                         metadata names the job (fingerprint, job id). Older parts are
+                         named part-NNNNNN.parquet and carry neither.
+    quarantine/          parts found damaged (checksum, unreadable, empty) or foreign (another
+                         job's): set aside, never read; their rows are sent again
 
 and, only when the checkpoint could not be written (disk full, read-only), the answers that
 were received but not saved, as parts under ``$TMPDIR/pipeline-rescue/<checkpoint hash>/``;
@@ -25,12 +30,14 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
 import threading
 import time
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,12 +165,25 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written temp file
+        raise
     _fsync_dir(path.parent)
+
+
+PART_NAME = re.compile(r"part-(\d{6,})(?:-([0-9a-f]{8}))?\.parquet")
+
+
+def part_number(path: Path) -> int | None:
+    """The number of a part file, or None when the name is not a part's."""
+    match = PART_NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else None
 
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:
@@ -285,6 +305,36 @@ class ResultIndex(ResultLocations):
         )
 
 
+def _checksum_problem(path: Path, data: bytes) -> str | None:
+    match = PART_NAME.fullmatch(path.name)
+    if match is None or match.group(2) is None:
+        return None  # an older part: no checksum to compare
+    if f"{zlib.crc32(data):08x}" != match.group(2):
+        return "its bytes do not match the checksum in its name"
+    return None
+
+
+def _part_problem(path: Path) -> tuple[str | None, dict[bytes, bytes] | None]:
+    """(what is wrong with the part file, or None; its Parquet key-value metadata)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}", None
+    if not data:
+        return "empty file", None
+    problem = _checksum_problem(path, data)
+    if problem is not None:
+        return problem, None
+    try:
+        meta = pq.read_metadata(pa.BufferReader(data))
+        names = meta.schema.to_arrow_schema().names
+    except Exception as exc:  # pyarrow raises several types for a damaged footer
+        return f"not a readable Parquet file ({type(exc).__name__})", None
+    if names != PART_SCHEMA.names:
+        return "not a checkpoint part (other columns)", None
+    return None, dict(meta.metadata or {})
+
+
 class Checkpoint:
     """The checkpoint directory of one OUTPUT."""
 
@@ -296,6 +346,10 @@ class Checkpoint:
         self._lock_file: IO[str] | None = None
         self._next_part = 1
         self._write_lock = threading.Lock()  # a part number is taken by one write only
+        self._paths: dict[int, Path] = {}  # part number -> file
+        # what every part written carries: {"fingerprint": ..., "job": ...} (set by the run)
+        self.identity: dict[str, str] | None = None
+        self.job_id: str | None = None  # the job the parts prove when manifest.json is gone
         self.parts_read = 0  # parts the last load_index read beyond the saved index
 
     # -- manifest -------------------------------------------------------------------------
@@ -438,43 +492,138 @@ class Checkpoint:
             shutil.move(str(rescued), str(backup / "rescued"))
         return backup
 
-    def prepare(self) -> list[str]:
-        """Create the directories, drop temp files of a crashed run, find the next part,
-        and take in the parts a run could only save to the rescue place. Returns notes."""
+    def prepare(self, fingerprint: str | None = None) -> list[str]:
+        """Under the run lock: create the directories, drop temp files of crashed runs,
+        set aside damaged or foreign parts, find the next part, and take in the parts a run
+        could only save to the rescue place. Returns notes for the user.
+
+        ``fingerprint`` is this run's: without ``manifest.json`` the parts must prove it.
+        """
         self.parts_dir.mkdir(parents=True, exist_ok=True)
-        for tmp in self.parts_dir.glob(".*.tmp"):
+        for tmp in [
+            *self.parts_dir.glob(".*.tmp"),
+            *self.dir.glob(".*.tmp"),
+            *self.output.parent.glob(f".{self.output.name}.*.tmp"),  # OUTPUT's, if killed
+        ]:
             tmp.unlink(missing_ok=True)
-        seqs = [int(p.stem.split("-")[1]) for p in self._part_paths()]
-        self._next_part = max(seqs, default=0) + 1
-        return self._adopt_rescued()
+        notes = self._verify_parts(fingerprint)
+        self._next_part = max(self._paths, default=0) + 1
+        return notes + self._adopt_rescued()
+
+    # -- integrity: every part is checked before a run uses it ----------------------------
+
+    def _verify_parts(self, fingerprint: str | None) -> list[str]:
+        """Set aside every part that is damaged or not this job's (see ``quarantine/``)."""
+        manifest = self.read_manifest()
+        found: list[tuple[Path, str | None, dict[bytes, bytes] | None]] = []
+        for path in self._part_paths():
+            problem, metadata = _part_problem(path)
+            found.append((path, problem, metadata))
+        strays = [p.name for p in self.parts_dir.glob("*.parquet") if part_number(p) is None]
+        if manifest:
+            expected = (manifest.get("fingerprint"), manifest.get("job_id"))
+        else:
+            expected = self._job_from_parts(found, fingerprint)
+        bad: list[tuple[Path, str]] = []
+        for path, problem, metadata in found:
+            if problem is None and metadata and b"bpp.fingerprint" in metadata:
+                part_fp = metadata[b"bpp.fingerprint"].decode()
+                part_job = metadata.get(b"bpp.job", b"").decode()
+                if part_fp != expected[0] or (expected[1] and part_job != expected[1]):
+                    problem = "another job's part (other settings or another run's job id)"
+            if problem is not None:
+                bad.append((path, problem))
+        notes = [f"ignored files in {self.parts_dir} that are not parts: {', '.join(strays)}"]
+        notes = notes if strays else []
+        if bad:
+            aside = self.dir / "quarantine"
+            aside.mkdir(exist_ok=True)
+            for path, _ in bad:
+                os.replace(path, aside / path.name)
+            _fsync_dir(self.parts_dir)
+            listed = "; ".join(f"{path.name}: {problem}" for path, problem in bad[:3])
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            notes.append(
+                f"set aside {len(bad)} checkpoint part(s) in {aside} ({listed}{more}); "
+                "their rows are sent again"
+            )
+            self._part_paths()  # forget them
+        return notes
+
+    def _job_from_parts(
+        self,
+        found: list[tuple[Path, str | None, dict[bytes, bytes] | None]],
+        fingerprint: str | None,
+    ) -> tuple[str | None, str | None]:
+        """Without manifest.json, the job is the one the newest sound part names, and its
+        settings must be this run's; parts that cannot say (older format) refuse the run."""
+        sound = [(path, meta) for path, problem, meta in found if problem is None]
+        if not sound or fingerprint is None:  # nothing to prove, or no run to prove it to
+            return (fingerprint, None)
+        legacy = [path for path, meta in sound if meta is None or b"bpp.fingerprint" not in meta]
+        if legacy:
+            raise OutputError(
+                f"{self.manifest_path} is missing and {len(legacy)} checkpoint part(s) of an "
+                "older format cannot prove the settings they were made with. Restore "
+                "manifest.json, or add --restart to start over (the old checkpoint is kept)."
+            )
+        meta = sound[-1][1]
+        assert meta is not None
+        part_fp = meta[b"bpp.fingerprint"].decode()
+        if part_fp != fingerprint:
+            raise FingerprintMismatch(
+                f"{self.output}: manifest.json is missing, and the checkpoint's parts were "
+                f"made with other settings that change responses (fingerprint {part_fp}, "
+                f"this run {fingerprint}). Run with the old settings to resume, or add "
+                "--restart to start over (the old checkpoint is kept as a backup)."
+            )
+        self.job_id = meta.get(b"bpp.job", b"").decode() or None
+        return (part_fp, self.job_id)
 
     # -- parts ----------------------------------------------------------------------------
 
     def _part_paths(self) -> list[Path]:
-        if not self.parts_dir.exists():
-            return []
-        return sorted(self.parts_dir.glob("part-*.parquet"))
+        """The part files in number order (strays with other names are not parts)."""
+        paths: dict[int, Path] = {}
+        if self.parts_dir.exists():
+            for path in self.parts_dir.glob("part-*.parquet"):
+                number = part_number(path)
+                if number is not None:
+                    paths[number] = path
+        self._paths = dict(sorted(paths.items()))
+        return list(self._paths.values())
 
     def write_part(self, results: Sequence[RowResult]) -> Path:
-        """Persist results crash-safely as the next part (thread-safe)."""
+        """Persist results crash-safely as the next part (thread-safe); the file's name
+        carries the CRC-32 of its bytes."""
+        data = self._encode(results)
         with self._write_lock:
-            path = self.parts_dir / f"part-{self._next_part:06d}.parquet"
-            self._write_results(path, results)
+            number = self._next_part
+            path = self.parts_dir / f"part-{number:06d}-{zlib.crc32(data):08x}.parquet"
+            atomic_write_bytes(path, data)
+            self._paths[number] = path
             self._next_part += 1
         return path
 
-    def _write_results(self, path: Path, results: Sequence[RowResult]) -> None:
+    def _encode(self, results: Sequence[RowResult]) -> bytes:
+        """A part's bytes: the results, and the job's identity in the Parquet metadata."""
         try:
             table = results_to_table(results)
         except UnicodeEncodeError:  # half a surrogate pair in an answer ("\\ud83d" in JSON)
             table = results_to_table([_valid_text(r) for r in results])
-        atomic_write_table(path, table)
+        if self.identity:
+            table = table.replace_schema_metadata(
+                {f"bpp.{name}": value for name, value in self.identity.items()}
+            )
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        return bytes(sink.getvalue())
 
     # -- rescue: answers the checkpoint could not take -------------------------------------
 
     def holds_results(self) -> bool:
         """Whether any result was saved here (in a part or the rescue place)."""
-        return bool(self._part_paths()) or any(self.rescue_dir().glob("part-*.parquet"))
+        return bool(self._part_paths()) or any(self.rescue_dir().glob("rescued-*.parquet"))
 
     def rescue_dir(self) -> Path:
         """Where answers go when the checkpoint cannot be written: most often another
@@ -489,8 +638,8 @@ class Checkpoint:
         where = self.rescue_dir()
         where.parent.mkdir(mode=0o700, exist_ok=True)
         where.mkdir(mode=0o700, exist_ok=True)
-        path = where / f"part-{time.time_ns()}-{os.getpid()}.parquet"
-        self._write_results(path, results)
+        path = where / f"rescued-{time.time_ns()}-{os.getpid()}.parquet"
+        atomic_write_bytes(path, self._encode(results))
         manifest = self.read_manifest()
         identity = {
             "checkpoint": str(self.dir.resolve()),
@@ -505,7 +654,7 @@ class Checkpoint:
         """Move rescued parts into ``parts/`` when they are provably this job's and nothing
         was written since; otherwise set them aside in the checkpoint. Returns notes."""
         where = self.rescue_dir()
-        rescued = sorted(where.glob("part-*.parquet"))
+        rescued = sorted(where.glob("rescued-*.parquet"))
         if not rescued:
             return []
         problem = self._rescue_problem(where)
@@ -514,14 +663,12 @@ class Checkpoint:
             shutil.move(str(where), str(aside))
             return [f"answers rescued earlier were not used ({problem}); kept in {aside}"]
         for part in rescued:
+            data = part.read_bytes()
             with self._write_lock:
-                path = self.parts_dir / f"part-{self._next_part:06d}.parquet"
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                shutil.copyfile(part, tmp)
-                with tmp.open("rb+") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-                _fsync_dir(path.parent)
+                number = self._next_part
+                path = self.parts_dir / f"part-{number:06d}-{zlib.crc32(data):08x}.parquet"
+                atomic_write_bytes(path, data)
+                self._paths[number] = path
                 self._next_part += 1
             part.unlink()
         shutil.rmtree(where, ignore_errors=True)
@@ -550,7 +697,18 @@ class Checkpoint:
         return self._part_paths()
 
     def read_part(self, number: int) -> pa.Table:
-        return pq.read_table(self.parts_dir / f"part-{number:06d}.parquet", schema=PART_SCHEMA)
+        """Part ``number``, its checksum verified."""
+        if number not in self._paths:
+            self._part_paths()
+        path = self._paths[number]
+        data = path.read_bytes()
+        problem = _checksum_problem(path, data)
+        if problem is not None:
+            raise OutputError(
+                f"checkpoint part {path} is damaged ({problem}) since this run started; "
+                "rerun: the part is set aside and its rows are sent again"
+            )
+        return pq.read_table(pa.BufferReader(data), schema=PART_SCHEMA)
 
     def write_keys(self, keys: np.ndarray) -> None:
         """Record the current input's row keys, for ``pipeline status``."""
@@ -626,7 +784,7 @@ class Checkpoint:
         part and row follow from its position and need no array until the end.
         """
         paths = self._part_paths()
-        numbers = [int(p.stem.split("-")[1]) for p in paths]
+        numbers = list(self._paths)
         base = self._saved_index(numbers)
         covered = base.covers if base is not None else 0
         new = [
@@ -686,7 +844,8 @@ class Checkpoint:
 
     def save_index(self, index: ResultIndex) -> None:
         """Keep ``index`` (built from every part there is now) for the next ``load_index``."""
-        numbers = [int(p.stem.split("-")[1]) for p in self._part_paths()]
+        self._part_paths()
+        numbers = list(self._paths)
         if not numbers:
             return
         meta = {"version": FORMAT_VERSION, "covers": max(numbers), "parts": len(numbers)}

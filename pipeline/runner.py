@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,6 +231,20 @@ def _check_added_columns(source: InputSource, config: RunConfig) -> None:
         )
 
 
+def _removed_since_last_run(
+    checkpoint: Checkpoint, present: np.ndarray, unit_keys: list[np.ndarray]
+) -> int:
+    """Results whose rows left the input since the last run (not those that left before:
+    their results stay in the checkpoint, and counting them again said "8 left" for 5)."""
+    absent = int((~present).sum())
+    if not absent:
+        return 0  # the usual resume: nothing to compare
+    last = checkpoint.read_keys()
+    if last is None:
+        return absent
+    return int((~np.isin(last, np.concatenate(unit_keys))).sum())
+
+
 def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
     """Everything that can fail before a request is sent (raises UsageError / LockHeld)."""
     source, builder = open_job(data, config)
@@ -266,14 +281,14 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
     if note:
         notes.append(note)
     try:
-        if config.restart and checkpoint.exists():
+        if config.restart and checkpoint.dir.exists():
             backup = checkpoint.set_aside()
             checkpoint.release_lock()
             checkpoint.acquire_lock()
             notes.append(f"--restart: the old checkpoint was moved to {backup}")
         elif checkpoint.holds_results():  # no result yet (a run that failed): nothing to mix
             checkpoint.check_fingerprint(config.fingerprint_parts(), FINGERPRINT_DEFAULTS)
-        notes.extend(checkpoint.prepare())
+        notes.extend(checkpoint.prepare(config.fingerprint()))
         if new_pass is not None:
             checkpoint.save_key_pass(new_pass)
             del new_pass
@@ -329,7 +344,7 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
         copy_from=np.array(copy_from, dtype=np.int64),
         copy_to=np.array(copy_to, dtype=np.uint64),
         resumed=int(done_all.sum()),
-        removed=int((~present).sum()),
+        removed=_removed_since_last_run(checkpoint, present, unit_keys),
         api_key=api_key,
         notes=[*notes, *filter(None, [proxies.describe(config.base_url)])],
         proxies=proxies,
@@ -1474,8 +1489,12 @@ async def run_async(
             input=plan.source.name,
             rows_total=len(plan.keys) * len(plan.unit_keys),
             created_at=manifest.get("created_at", time.time()),
+            # what each part names as its job (with the fingerprint): a part of another
+            # job, or of this checkpoint before a --restart, is never used
+            job_id=manifest.get("job_id") or checkpoint.job_id or uuid.uuid4().hex,
             running=True,
         )
+        checkpoint.identity = {"fingerprint": fingerprint, "job": manifest["job_id"]}
         checkpoint.write_manifest(manifest)
         checkpoint.write_keys(np.concatenate(plan.unit_keys))
         todo = int(plan.todo.sum())

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from pipeline.checkpoint import Checkpoint
+from pipeline.checkpoint import Checkpoint, part_number
 from pipeline.config import RunConfig
 from pipeline.errors import RunAborted
 from pipeline.progress import Reporter
@@ -286,13 +286,13 @@ def test_a_full_disk_stops_the_run_and_a_rerun_pays_for_nothing_twice(
         # it stopped at once: far from all 20,000 rows were sent
         assert first < 10_000
         # nothing received was thrown away: what the full disk could not take was rescued
-        assert list((rescue_place / "pipeline-rescue-0").rglob("part-*.parquet"))
+        assert list((rescue_place / "pipeline-rescue-0").rglob("rescued-*.parquet"))
         remount(small_disk, "size=64m")
         again = run(frame, out, base_url=sim.base_url, concurrency=16)
         assert again.exit_code == 0
         assert len(sim.simulator.requests) == 20_000  # each row sent exactly once
         assert_every_row_has_its_own_answer(out, frame)
-    assert not list((rescue_place / "pipeline-rescue-0").rglob("part-*.parquet"))
+    assert not list((rescue_place / "pipeline-rescue-0").rglob("rescued-*.parquet"))
 
 
 class LockDirectoryAt(Reporter):
@@ -355,14 +355,14 @@ def test_rescued_answers_of_another_job_or_older_than_the_checkpoint_are_never_u
     again = Checkpoint(out)
     again.prepare()  # no manifest yet: nothing proves whose they are
     assert again.part_paths() == []
-    assert list(again.dir.glob("rescued-not-used-*/part-*.parquet"))
+    assert list(again.dir.glob("rescued-not-used-*/rescued-*.parquet"))
     # a rescue from before parts that were written since is older than they are
     again.write_manifest({"fingerprint": "job-2", "created_at": 2.0})
     again.rescue_part([RowResult(key=1, status="error", error_type="ServerError")])
     again.write_part([RowResult(key=1, status="ok", completion="newer answer")])
     third = Checkpoint(out)
     notes = third.prepare()
-    assert [p.name for p in third.part_paths()] == ["part-000001.parquet"]
+    assert [part_number(p) for p in third.part_paths()] == [1]
     assert "older than what is here" in notes[0]
 
 
@@ -373,7 +373,7 @@ def test_restart_takes_rescued_answers_away_with_the_old_checkpoint(
     checkpoint.prepare()
     checkpoint.rescue_part([RowResult(key=1, status="ok", completion="old settings")])
     backup = checkpoint.set_aside()
-    assert backup is not None and list((backup / "rescued").glob("part-*.parquet"))
+    assert backup is not None and list((backup / "rescued").glob("rescued-*.parquet"))
     fresh = Checkpoint(tmp_path / "o.parquet")
     fresh.prepare()
     assert fresh.part_paths() == []
