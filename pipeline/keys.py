@@ -85,6 +85,9 @@ def _hash_batch(batch: pa.RecordBatch) -> np.ndarray:
     return out
 
 
+_ID_AND_CONTENT = np.uint64(0x6A09E667F3BCC908)  # sets id+content keys apart from the rest
+
+
 def _mix(values: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser: spreads (content ^ occurrence) over all 64 bits."""
     z = values.astype(np.uint64)
@@ -218,8 +221,14 @@ def compute_keys(
     id_column: str | None,
     content_columns: list[str],
     previous: KeyPass | None = None,
+    ids_only: bool = False,
 ) -> RowKeys:
-    """Keys (from ``id_column`` or the content) and duplicate groups of every input row.
+    """Keys and duplicate groups of every input row.
+
+    A row's key is made from its content (with its occurrence among equal rows), or with
+    ``id_column`` from its id and its content: an edited prompt is a new key, so its old
+    answer is never taken for the new prompt. ``ids_only`` is the older scheme (the id
+    alone), kept for checkpoints made with it.
 
     ``previous`` is an earlier run's ``KeyPass`` of the same file: what it still describes
     is reused, not read again (see ``KeyPass``).
@@ -238,6 +247,7 @@ def compute_keys(
     if path is not None and stat is not None and previous is not None:
         if previous.params == params and previous.stat == stat:
             return _row_keys(
+                ids_only,
                 source, id_column, previous.content, previous.ids, previous, reused=previous.rows
             )
         if (
@@ -270,7 +280,7 @@ def compute_keys(
                 ids=ids,
             )
     reused = start.row if start is not None else 0
-    return _row_keys(source, id_column, content, ids, key_pass, reused=reused)
+    return _row_keys(ids_only, source, id_column, content, ids, key_pass, reused=reused)
 
 
 def _key_pass(
@@ -303,6 +313,7 @@ def _key_pass(
 
 
 def _row_keys(
+    ids_only: bool,
     source: InputSource,
     id_column: str | None,
     content: np.ndarray,
@@ -326,7 +337,8 @@ def _row_keys(
             f"{_name_ids(source, id_column, ids, dup_keys)}. Ids must be unique; "
             "deduplicate the input or choose another --id-column."
         )
-    return RowKeys(keys=ids, first=first, key_pass=key_pass, reused=reused)
+    keys = ids if ids_only else _mix(ids ^ _mix(content ^ _ID_AND_CONTENT))
+    return RowKeys(keys=keys, first=first, key_pass=key_pass, reused=reused)
 
 
 def _name_ids(source: InputSource, id_column: str, keys: np.ndarray, dups: set[int]) -> str:

@@ -141,6 +141,7 @@ class _Plan:
     copy_to: np.ndarray  # the duplicates' keys, aligned with copy_from
     resumed: int
     removed: int
+    ids_only: bool  # --id-column rows keyed by id alone (a checkpoint of key scheme 1)
     api_key: str | None
     notes: list[str] = field(default_factory=list)
     proxies: ProxySettings = field(default_factory=ProxySettings)
@@ -231,6 +232,18 @@ def _check_added_columns(source: InputSource, config: RunConfig) -> None:
         )
 
 
+KEY_SCHEME = 2  # 2: with --id-column a row's key is made of its id and its content
+
+
+def _ids_only_keys(checkpoint: Checkpoint, config: RunConfig) -> bool:
+    """Whether this checkpoint keys --id-column rows by their id alone (made before key
+    scheme 2): it keeps that scheme, or every row would be sent again."""
+    if config.id_column is None or config.restart:
+        return False
+    manifest = checkpoint.read_manifest()
+    return bool(manifest) and manifest.get("key_scheme", 1) < KEY_SCHEME
+
+
 def _removed_since_last_run(
     checkpoint: Checkpoint, present: np.ndarray, unit_keys: list[np.ndarray]
 ) -> int:
@@ -256,8 +269,13 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
     # found here, before the checkpoint is touched and before any request. What an earlier
     # run's pass saw of the same bytes is reused rather than read again.
     previous = checkpoint.load_key_pass()
+    ids_only = _ids_only_keys(checkpoint, config)
     row_keys = compute_keys(
-        source, id_column=config.id_column, content_columns=builder.columns, previous=previous
+        source,
+        id_column=config.id_column,
+        content_columns=builder.columns,
+        previous=previous,
+        ids_only=ids_only,
     )
     new_pass = row_keys.key_pass if row_keys.key_pass is not previous else None
     del previous
@@ -286,6 +304,12 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
             checkpoint.release_lock()
             checkpoint.acquire_lock()
             notes.append(f"--restart: the old checkpoint was moved to {backup}")
+        if ids_only:
+            notes.append(
+                f"{checkpoint.dir} keys --id-column rows by their id alone (an older version "
+                "made it): a prompt edited since its answer keeps that answer; --restart "
+                "starts over with keys that follow the prompt"
+            )
         elif checkpoint.holds_results():  # no result yet (a run that failed): nothing to mix
             checkpoint.check_fingerprint(config.fingerprint_parts(), FINGERPRINT_DEFAULTS)
         notes.extend(checkpoint.prepare(config.fingerprint()))
@@ -345,6 +369,7 @@ def plan_run(data: Any, output: Path, config: RunConfig, seams: Seams) -> _Plan:
         copy_to=np.array(copy_to, dtype=np.uint64),
         resumed=int(done_all.sum()),
         removed=_removed_since_last_run(checkpoint, present, unit_keys),
+        ids_only=ids_only,
         api_key=api_key,
         notes=[*notes, *filter(None, [proxies.describe(config.base_url)])],
         proxies=proxies,
@@ -1492,6 +1517,7 @@ async def run_async(
             # what each part names as its job (with the fingerprint): a part of another
             # job, or of this checkpoint before a --restart, is never used
             job_id=manifest.get("job_id") or checkpoint.job_id or uuid.uuid4().hex,
+            key_scheme=1 if plan.ids_only else KEY_SCHEME,
             running=True,
         )
         checkpoint.identity = {"fingerprint": fingerprint, "job": manifest["job_id"]}
@@ -1689,6 +1715,7 @@ def estimate_job(
         id_column=config.id_column,
         content_columns=builder.columns,
         previous=checkpoint.load_key_pass() if checkpoint is not None else None,
+        ids_only=checkpoint is not None and _ids_only_keys(checkpoint, config),
     )
     models = config.all_models
     model_keys = (

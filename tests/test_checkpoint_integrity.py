@@ -188,3 +188,39 @@ def test_rows_that_left_the_input_are_counted_once(
     assert run(prompts(17), out, base_url=simulator.base_url).removed == 3
     assert run(prompts(12), out, base_url=simulator.base_url).removed == 5
     assert run(prompts(12), out, base_url=simulator.base_url).removed == 0
+
+
+def test_with_an_id_column_an_edited_prompt_is_sent_again(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    frame, out = prompts(800), tmp_path / "o.parquet"
+    run(frame, out, base_url=simulator.base_url, id_column="id")
+    edited = frame.copy()
+    edited.loc[[5, 400, 799], "prompt"] = ["edited 5", "edited 400", "edited 799"]
+    before = len(simulator.simulator.requests)
+    summary = run(edited, out, base_url=simulator.base_url, id_column="id")
+    assert len(simulator.simulator.requests) - before == 3
+    assert summary.exit_code == 0
+    assert_every_row_has_its_own_answer(out, edited)
+    # another file with the same ids: every row is new
+    other = prompts(800, "other")
+    run(other, out, base_url=simulator.base_url, id_column="id")
+    assert len(simulator.simulator.requests) - before == 3 + 800
+    assert_every_row_has_its_own_answer(out, other)
+
+
+def test_a_checkpoint_keyed_by_ids_alone_keeps_its_keys(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    # a checkpoint of the older key scheme (its manifest has no key_scheme) resumes as before
+    frame, out = prompts(100), tmp_path / "o.parquet"
+    checkpoint = Checkpoint(out)
+    checkpoint.dir.mkdir()
+    checkpoint.write_manifest({})
+    reporter = Notes()
+    run(frame, out, reporter, base_url=simulator.base_url, id_column="id")
+    assert any("id alone" in n for n in reporter.notes)
+    before = len(simulator.simulator.requests)
+    again = run(frame, out, base_url=simulator.base_url, id_column="id")
+    assert len(simulator.simulator.requests) == before and again.exit_code == 0
+    assert Checkpoint(out).read_manifest()["key_scheme"] == 1
