@@ -38,7 +38,7 @@ import threading
 import time
 import zipfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -305,6 +305,10 @@ class ResultIndex(ResultLocations):
         )
 
 
+def _names_digest(paths: Iterable[Path]) -> str:
+    return hashlib.sha256("\n".join(p.name for p in paths).encode()).hexdigest()
+
+
 def _checksum_problem(path: Path, data: bytes) -> str | None:
     match = PART_NAME.fullmatch(path.name)
     if match is None or match.group(2) is None:
@@ -507,7 +511,10 @@ class Checkpoint:
         ]:
             tmp.unlink(missing_ok=True)
         notes = self._verify_parts(fingerprint)
-        self._next_part = max(self._paths, default=0) + 1
+        # never a number used before, not even by a part set aside: a saved index or a
+        # rescue names parts by number
+        used = [part_number(p) for p in (self.dir / "quarantine").glob("part-*.parquet")]
+        self._next_part = max([*self._paths, *(n for n in used if n is not None)], default=0) + 1
         return notes + self._adopt_rescued()
 
     # -- integrity: every part is checked before a run uses it ----------------------------
@@ -785,7 +792,7 @@ class Checkpoint:
         """
         paths = self._part_paths()
         numbers = list(self._paths)
-        base = self._saved_index(numbers)
+        base = self._saved_index()
         covered = base.covers if base is not None else 0
         new = [
             (path, number) for path, number in zip(paths, numbers, strict=True) if number > covered
@@ -848,11 +855,16 @@ class Checkpoint:
         numbers = list(self._paths)
         if not numbers:
             return
-        meta = {"version": FORMAT_VERSION, "covers": max(numbers), "parts": len(numbers)}
+        meta = {
+            "version": FORMAT_VERSION,
+            "covers": max(numbers),
+            "parts": len(numbers),
+            "names": _names_digest(self._paths.values()),
+        }
         arrays = {name: getattr(index, name) for name in _INDEX_ARRAYS}
         _save_arrays(self.dir / "index.npz", meta, arrays)
 
-    def _saved_index(self, numbers: list[int]) -> _SavedIndex | None:
+    def _saved_index(self) -> _SavedIndex | None:
         """The saved index, if it covers exactly the parts numbered up to its ``covers``."""
         loaded = _load_arrays(self.dir / "index.npz")
         if loaded is None:
@@ -863,8 +875,11 @@ class Checkpoint:
         covers = meta.get("covers")
         if meta.get("version") != FORMAT_VERSION or not isinstance(covers, int):
             return None
-        # parts are never removed: the same count up to `covers` means the same parts
-        if sum(1 for n in numbers if n <= covers) != meta.get("parts"):
+        # the very files it was built from: a part set aside (quarantine/) or one written
+        # since under another name makes it stale (a part number is never used twice, and
+        # the name carries the part's checksum)
+        covered = [path for n, path in self._paths.items() if n <= covers]
+        if len(covered) != meta.get("parts") or _names_digest(covered) != meta.get("names"):
             return None
         if len({len(a) for a in arrays.values()}) != 1:
             return None

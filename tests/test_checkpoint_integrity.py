@@ -224,3 +224,25 @@ def test_a_checkpoint_keyed_by_ids_alone_keeps_its_keys(
     again = run(frame, out, base_url=simulator.base_url, id_column="id")
     assert len(simulator.simulator.requests) == before and again.exit_code == 0
     assert Checkpoint(out).read_manifest()["key_scheme"] == 1
+
+
+def test_the_rerun_after_its_last_part_was_set_aside_puts_every_answer_on_its_row(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    # Before: the resent rows' new part took the number of the part set aside, the saved
+    # index (which covered that number) was taken as valid, and rows got other rows' answers.
+    out = tmp_path / "o.parquet"
+    frame = prompts(30)
+    for rows in (10, 20, 30):
+        run(frame[:rows], out, base_url=simulator.base_url, concurrency=8)
+    last = parts_of(out)[-1]
+    pristine = last.read_bytes()
+    for position in (40, len(pristine) // 2, len(pristine) - 30):
+        damaged = bytearray(pristine)
+        damaged[position] ^= 0xFF
+        last.write_bytes(bytes(damaged))
+        summary = run(frame, out, base_url=simulator.base_url, concurrency=8)
+        assert summary.exit_code == 0
+        assert_every_row_has_its_own_answer(out, frame)
+        last = parts_of(out)[-1]
+        pristine = last.read_bytes()
