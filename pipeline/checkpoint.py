@@ -305,6 +305,18 @@ class ResultIndex(ResultLocations):
         )
 
 
+def _rows_of(path: Path) -> int:
+    """A part's row count; a part that cannot say is named (a run sets it aside first, but
+    ``pipeline status`` reads the checkpoint as it is)."""
+    try:
+        return int(pq.read_metadata(path).num_rows)
+    except Exception as exc:  # pyarrow raises several types for a damaged footer
+        raise OutputError(
+            f"checkpoint part {path} is damaged ({type(exc).__name__}); the next "
+            "`pipeline run` of this OUTPUT sets it aside and sends its rows again"
+        ) from None
+
+
 def _names_digest(paths: Iterable[Path]) -> str:
     return hashlib.sha256("\n".join(p.name for p in paths).encode()).hexdigest()
 
@@ -800,7 +812,7 @@ class Checkpoint:
         self.parts_read = len(new)
         if not new:
             return ResultIndex.empty() if base is None else ResultIndex(**base.arrays)
-        sizes = np.array([pq.read_metadata(path).num_rows for path, _ in new], dtype=np.int64)
+        sizes = np.array([_rows_of(path) for path, _ in new], dtype=np.int64)
         n_base = 0 if base is None else len(base.arrays["keys"])
         total = n_base + int(sizes.sum())
         columns = {name: np.empty(total, dtype=dtype) for name, dtype in _FILLED.items()}

@@ -37,6 +37,7 @@ from .errors import (
     EXIT_USAGE,
     ConfigError,
     LockHeld,
+    OutputError,
     PipelineError,
     RunAborted,
     UsageError,
@@ -730,8 +731,11 @@ def status(output: Path, as_json: bool) -> None:
     checkpoint = Checkpoint(output)
     if not checkpoint.exists():
         _fail(f"no checkpoint for {output} (looked for {checkpoint_dir(output)}).", EXIT_USAGE)
-    manifest = checkpoint.read_manifest()
-    index = checkpoint.load_index()
+    try:
+        manifest = checkpoint.read_manifest()
+        index = checkpoint.load_index()
+    except OutputError as exc:
+        _fail(str(exc), EXIT_USAGE)
     keys = checkpoint.read_keys()
     # count the rows of the current input only (results of rows that left it are kept
     # in the checkpoint but are not in OUTPUT)

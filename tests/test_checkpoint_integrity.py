@@ -246,3 +246,20 @@ def test_the_rerun_after_its_last_part_was_set_aside_puts_every_answer_on_its_ro
         assert_every_row_has_its_own_answer(out, frame)
         last = parts_of(out)[-1]
         pristine = last.read_bytes()
+
+
+def test_status_names_a_damaged_part_instead_of_a_traceback(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    out = tmp_path / "o.parquet"
+    run(prompts(20), out, base_url=simulator.base_url)
+    part = parts_of(out)[0]
+    part.write_bytes(part.read_bytes()[:-10])  # the footer is gone
+    (Checkpoint(out).dir / "index.npz").unlink()
+    result = CliRunner().invoke(main, ["status", str(out)])
+    assert result.exit_code == 2
+    assert part.name in result.output and "sets it aside" in result.output
