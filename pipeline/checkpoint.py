@@ -615,7 +615,10 @@ class Checkpoint:
     def write_part(self, results: Sequence[RowResult]) -> Path:
         """Persist results crash-safely as the next part (thread-safe); the file's name
         carries the CRC-32 of its bytes."""
-        data = self._encode(results)
+        return self._store_part(self._encode(results))
+
+    def _store_part(self, data: bytes) -> Path:
+        """Write a part's bytes under the next number (taken by this write only)."""
         with self._write_lock:
             number = self._next_part
             path = self.parts_dir / f"part-{number:06d}-{zlib.crc32(data):08x}.parquet"
@@ -682,13 +685,7 @@ class Checkpoint:
             shutil.move(str(where), str(aside))
             return [f"answers rescued earlier were not used ({problem}); kept in {aside}"]
         for part in rescued:
-            data = part.read_bytes()
-            with self._write_lock:
-                number = self._next_part
-                path = self.parts_dir / f"part-{number:06d}-{zlib.crc32(data):08x}.parquet"
-                atomic_write_bytes(path, data)
-                self._paths[number] = path
-                self._next_part += 1
+            self._store_part(part.read_bytes())
             part.unlink()
         shutil.rmtree(where, ignore_errors=True)
         return [f"took in {len(rescued)} part(s) of answers rescued when the disk failed"]

@@ -9,6 +9,11 @@ from typing import Any
 
 import pytest
 
+from pipeline.config import RunConfig
+from pipeline.errors import RunAborted
+from pipeline.progress import Reporter
+from pipeline.records import RunSummary
+from pipeline.runner import Seams, run_async
 from pipeline.simulator import SimulatorConfig, SimulatorThread
 
 
@@ -45,3 +50,18 @@ def request_schema() -> dict[str, Any]:
     post = spec["paths"]["/v1/chat/completions"]["post"]
     schema: dict[str, Any] = post["requestBody"]["content"]["application/json"]["schema"]
     return schema
+
+
+def run_job(
+    data: Any, output: Path, reporter: Reporter | None = None, **options: Any
+) -> RunSummary:
+    """One run in this process, quiet, no signal handlers; the summary even when the run
+    stopped (``RunAborted``): what a CLI run would report."""
+    import asyncio
+
+    seams = Seams(reporter=reporter or Reporter(progress=False, quiet=True), handle_signals=False)
+    try:
+        return asyncio.run(run_async(data, output, RunConfig(progress=False, **options), seams))
+    except RunAborted as exc:
+        summary: RunSummary = exc.summary  # type: ignore[attr-defined]
+        return summary

@@ -3,20 +3,18 @@ sent again; never used. Every run's rows are checked against their own prompts."
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+from conftest import run_job as run
 
 from pipeline.checkpoint import Checkpoint
-from pipeline.config import RunConfig
-from pipeline.errors import FingerprintMismatch, OutputError, RunAborted
+from pipeline.errors import FingerprintMismatch, OutputError
 from pipeline.progress import Reporter
-from pipeline.records import RowResult, RunSummary
-from pipeline.runner import Seams, run_async
+from pipeline.records import RowResult
 from pipeline.simulator import SimulatorThread
 
 ANSWER = "Simulated answer to: "
@@ -29,17 +27,6 @@ class Notes(Reporter):
 
     def note(self, text: str, **fields: Any) -> None:
         self.notes.append(text)
-
-
-def run(
-    frame: pd.DataFrame, output: Path, reporter: Reporter | None = None, **options: Any
-) -> RunSummary:
-    seams = Seams(reporter=reporter or Reporter(progress=False, quiet=True), handle_signals=False)
-    try:
-        return asyncio.run(run_async(frame, output, RunConfig(progress=False, **options), seams))
-    except RunAborted as exc:
-        summary: RunSummary = exc.summary  # type: ignore[attr-defined]
-        return summary
 
 
 def prompts(n: int, word: str = "row") -> pd.DataFrame:

@@ -7,7 +7,6 @@ answer, a repeated request or an answer on the wrong row all fail.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import socket
@@ -21,13 +20,12 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from conftest import run_job as run
 
 from pipeline.checkpoint import Checkpoint, part_number
-from pipeline.config import RunConfig
-from pipeline.errors import RunAborted
 from pipeline.progress import Reporter
-from pipeline.records import RowResult, RunSummary
-from pipeline.runner import EXIT_STORAGE, Seams, run_async
+from pipeline.records import RowResult
+from pipeline.runner import EXIT_STORAGE
 from pipeline.simulator import SimulatorConfig, SimulatorThread
 
 ANSWER = "Simulated answer to: "
@@ -35,18 +33,6 @@ ANSWER = "Simulated answer to: "
 
 def prompts(n: int) -> pd.DataFrame:
     return pd.DataFrame({"prompt": [f"row {i}" for i in range(n)]})
-
-
-def run(
-    frame: pd.DataFrame, output: Path, reporter: Reporter | None = None, **options: Any
-) -> RunSummary:
-    config = RunConfig(progress=False, **options)
-    seams = Seams(reporter=reporter or Reporter(progress=False, quiet=True), handle_signals=False)
-    try:
-        return asyncio.run(run_async(frame, output, config, seams))
-    except RunAborted as exc:
-        summary: RunSummary = exc.summary  # type: ignore[attr-defined]
-        return summary
 
 
 def assert_every_row_has_its_own_answer(output: Path, frame: pd.DataFrame) -> None:

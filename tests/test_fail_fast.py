@@ -3,19 +3,16 @@ leaves those rows pending; a run where only some requests fail goes on."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+from conftest import run_job as run
 
-from pipeline.config import RunConfig
-from pipeline.errors import RunAborted
 from pipeline.progress import Reporter
-from pipeline.records import RunSummary
-from pipeline.runner import EXIT_ABORTED, Seams, run_async
+from pipeline.runner import EXIT_ABORTED
 from pipeline.simulator import SimulatorConfig, SimulatorThread
 
 ROWS = 300
@@ -32,18 +29,6 @@ class Errors(Reporter):
 
     def error(self, message: str, **fields: Any) -> None:
         self.messages.append(message)
-
-
-def run(
-    frame: pd.DataFrame, output: Path, reporter: Reporter | None = None, **options: Any
-) -> RunSummary:
-    config = RunConfig(progress=False, **options)
-    seams = Seams(reporter=reporter or Reporter(progress=False, quiet=True), handle_signals=False)
-    try:
-        return asyncio.run(run_async(frame, output, config, seams))
-    except RunAborted as exc:
-        summary: RunSummary = exc.summary  # type: ignore[attr-defined]
-        return summary
 
 
 def refused_port() -> int:
