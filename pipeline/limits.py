@@ -461,7 +461,7 @@ class RateController:
         probe_max: float = 1.0,
         window: int = 100,
         accept_window: float = 2.0,
-        trial_answers: int = 100,
+        trial_answers: int = 150,
         trial_seconds: float = 3.0,
         same_share: float = 0.6,
         minimum_rate: float = 0.05,
