@@ -436,7 +436,7 @@ class RateController:
       answers to requests sent after it decide: if the share of 429s among them has not
       fallen (at least 3 and at least ``same_share`` of the share before), the cut is undone
       and that share becomes the noise floor; from then on a 429 counts only when the share
-      over the last ``window`` answers exceeds twice the floor plus 2 points. A 429 while
+      over the last ``window`` (300) answers exceeds twice the floor plus 2 points. A 429 while
       sending above 1.05 x the rate that last got through needs no trial (probing explains
       it). After a small overshoot the server's bucket is still empty for a moment: answers
       to the next ~4 requests' worth of time after a cut are echoes too.
@@ -459,7 +459,7 @@ class RateController:
         probe: float = 0.01,
         probe_doubling: float = 1.25,
         probe_max: float = 1.0,
-        window: int = 100,
+        window: int = 300,
         accept_window: float = 2.0,
         trial_answers: int = 150,
         trial_seconds: float = 3.0,
