@@ -35,8 +35,6 @@ from .config import parse_duration
 Clock = Callable[[], float]
 # requests in flight at the start of a run: the number then doubles per round trip
 SLOW_START = 8
-# cuts less than this many seconds apart are one series: noise undoes all of it
-SERIES_GAP = 5.0
 # requests/s added to the rate when its growth is computed (see RateController._grow)
 FAIR_SHARE_FLOOR = 5.0
 Sleep = Callable[[float], Awaitable[None]]
@@ -438,7 +436,7 @@ class RateController:
       answers to requests sent after it decide: if the share of 429s among them has not
       fallen (at least 3 and at least ``same_share`` of the share before), the cut is undone
       and that share becomes the noise floor; from then on a 429 counts only when the share
-      over the last ``window`` answers exceeds twice the floor plus 2 points. A 429 while
+      over the last ``window`` (300) answers exceeds twice the floor plus 2 points. A 429 while
       sending above 1.05 x the rate that last got through needs no trial (probing explains
       it). After a small overshoot the server's bucket is still empty for a moment: answers
       to the next ~4 requests' worth of time after a cut are echoes too.
@@ -461,9 +459,9 @@ class RateController:
         probe: float = 0.01,
         probe_doubling: float = 1.25,
         probe_max: float = 1.0,
-        window: int = 100,
+        window: int = 300,
         accept_window: float = 2.0,
-        trial_answers: int = 100,
+        trial_answers: int = 150,
         trial_seconds: float = 3.0,
         same_share: float = 0.6,
         minimum_rate: float = 0.05,
@@ -487,7 +485,7 @@ class RateController:
         self.cuts = 0
         self.long_waits = 0
         self.last_cut = self.settled = float("-inf")
-        self.before_series: tuple[float | None, float | None] = (None, None)
+        self.overloaded = False  # a cut did not stop the 429s: a real limit was met
         self.probe_since = clock()
         self.grown_at = clock()
         self.first_seen: float | None = None
@@ -603,17 +601,18 @@ class RateController:
             # sent at ``rate`` since the last cut, a share got through: that is the limit
             got_through = (trial.answers - trial.refused + 1) / (trial.answers + 1)
             anchor = min(anchor, self.rate * got_through)
-        if now - self.last_cut > SERIES_GAP:
-            # the first cut of a series: what noise would have to undo, back to here
-            self.before_series = (self.rate, self.found)
-        undo_rate, undo_found = self.before_series
+        self.overloaded = self.overloaded or share >= 0.3
+        # what noise would undo: back to not pacing at all while no overload was ever seen
+        # (a first trial may have missed scattered 429s by chance), else the last rate
+        undo_rate, undo_found = (self.rate, self.found) if self.overloaded else (None, None)
         if self.trial is None:
             # probing above the rate that last got through explains a 429: no need to ask
             # whether it is noise
             beyond = self.found is not None and (self.rate or 0.0) > 1.05 * self.found
             self.trial = _Trial(undo_rate, undo_found, 1.0 if beyond else share, now)
         else:  # still overloaded: the trial restarts from here
-            self.trial = _Trial(undo_rate, undo_found, 1.0, now)
+            self.overloaded = True
+            self.trial = _Trial(self.trial.previous_rate, self.trial.previous_found, 1.0, now)
         self.found = max(through, self.minimum_rate)
         self._set_rate(max(self.minimum_rate, self.backoff * anchor))
         self.last_cut = self.probe_since = self.grown_at = now

@@ -1151,10 +1151,11 @@ class _Run:
 
         async def limited_send() -> Completion:
             cost, began = await self.limits.start(chars, choices)
-            if self.stopping.is_set():
-                # the run stopped while this row waited for a place: it stays pending
+            if self.hard_stop:
+                # the run stopped at once while this row waited for a place: it stays
+                # pending; execute() cancels this worker with the others
                 await self.limits.finish(chars=chars, cost=cost, started=began, headers=None)
-                raise asyncio.CancelledError
+                await asyncio.Event().wait()
             try:
                 completion = await client.send(body, request_id)
             except RequestError as exc:
