@@ -248,7 +248,12 @@ def compute_keys(
         if previous.params == params and previous.stat == stat:
             return _row_keys(
                 ids_only,
-                source, id_column, previous.content, previous.ids, previous, reused=previous.rows
+                source,
+                id_column,
+                previous.content,
+                previous.ids,
+                previous,
+                reused=previous.rows,
             )
         if (
             previous.params == params
