@@ -148,7 +148,10 @@ class _SectionedCommand(click.Command):
             record = param.get_help_record(ctx)
             if record is None:
                 continue
-            title = _SECTIONS.get(param.name or "", "Other options")
+            # the help option's name differs between Click versions ("help", then
+            # "_click_default_help" in 8.5): known by its flag
+            name = "help" if "--help" in param.opts else (param.name or "")
+            title = _SECTIONS.get(name, "Other options")
             sections.setdefault(title, []).append(record)
         for title, records in sections.items():
             if records:
