@@ -19,6 +19,11 @@ import time
 import aiohttp
 
 
+def read_prompts(path: str) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [row["prompt"] for row in csv.DictReader(fh)]
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("input")
@@ -28,8 +33,7 @@ async def main() -> None:
     parser.add_argument("--max-attempts", type=int, default=30)
     args = parser.parse_args()
     started = time.monotonic()
-    with open(args.input, newline="", encoding="utf-8") as fh:
-        prompts = [row["prompt"] for row in csv.DictReader(fh)]
+    prompts = read_prompts(args.input)
     url = args.base_url.rstrip("/") + "/chat/completions"
     slots = asyncio.Semaphore(args.concurrency)
     counts = {"ok": 0, "requests": 0, "429": 0, "5xx": 0}
