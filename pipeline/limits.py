@@ -128,7 +128,7 @@ class AdaptiveConcurrency:
         except BaseException:
             if waiter.done() and not waiter.cancelled():
                 await self.release()  # the place was handed over as we were cancelled
-            else:
+            elif waiter in self._waiters:  # release may have dropped it already
                 self._waiters.remove(waiter)
             raise
 

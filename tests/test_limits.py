@@ -367,3 +367,35 @@ def test_noise_undoes_every_cut_it_caused_not_only_the_last() -> None:
             break
     assert controller.noise > 0
     assert controller.rate is None
+
+
+@pytest.mark.parametrize("gate", ["in flight", "rows"])
+def test_a_waiter_cancelled_as_its_place_frees_up_is_just_cancelled(gate: str) -> None:
+    # Before: the freed place dropped the cancelled waiter from the queue, the waiter then
+    # tried to remove itself and raised ValueError, which a worker took for its row's
+    # error (73 rows of a stopped run ended as "ValueError" instead of pending).
+    from pipeline.limits import AdaptiveConcurrency, RowGate
+
+    async def scenario() -> BaseException | None:
+        if gate == "in flight":
+            limiter = AdaptiveConcurrency(1)
+            enter, leave = limiter.acquire, limiter.release
+        else:
+            rows = RowGate(1)
+
+            async def leave_rows() -> None:
+                rows.leave()
+
+            enter, leave = rows.enter, leave_rows
+        await enter()
+        waiting = asyncio.ensure_future(enter())
+        await asyncio.sleep(0)  # it waits for the place
+        waiting.cancel()
+        await leave()  # the place frees up before the cancelled waiter runs again
+        try:
+            await waiting
+        except BaseException as exc:
+            return exc
+        return None
+
+    assert isinstance(asyncio.run(scenario()), asyncio.CancelledError)
