@@ -305,6 +305,11 @@ class ResultIndex(ResultLocations):
         )
 
 
+def _identified(metadata: dict[bytes, bytes] | None) -> bool:
+    """Whether a part's metadata names its job (parts of this version do)."""
+    return bool(metadata) and b"bpp.fingerprint" in (metadata or {})
+
+
 def _rows_of(path: Path) -> int:
     """A part's row count; a part that cannot say is named (a run sets it aside first, but
     ``pipeline status`` reads the checkpoint as it is)."""
@@ -366,6 +371,7 @@ class Checkpoint:
         # what every part written carries: {"fingerprint": ..., "job": ...} (set by the run)
         self.identity: dict[str, str] | None = None
         self.job_id: str | None = None  # the job the parts prove when manifest.json is gone
+        self.legacy_upto = 0  # parts of the older format are taken up to this number
         self.parts_read = 0  # parts the last load_index read beyond the saved index
 
     # -- manifest -------------------------------------------------------------------------
@@ -543,13 +549,25 @@ class Checkpoint:
             expected = (manifest.get("fingerprint"), manifest.get("job_id"))
         else:
             expected = self._job_from_parts(found, fingerprint)
+        # parts of the older format (no checksum, no job) are taken unverified only up to
+        # the last one the checkpoint had when this version first ran it
+        if manifest and not manifest.get("job_id"):
+            self.legacy_upto = max(
+                (part_number(path) or 0 for path, _, meta in found if not _identified(meta)),
+                default=0,
+            )
+        else:
+            self.legacy_upto = int(manifest.get("legacy_upto", 0))
         bad: list[tuple[Path, str]] = []
         for path, problem, metadata in found:
-            if problem is None and metadata and b"bpp.fingerprint" in metadata:
+            if problem is None and _identified(metadata):
+                assert metadata is not None
                 part_fp = metadata[b"bpp.fingerprint"].decode()
                 part_job = metadata.get(b"bpp.job", b"").decode()
                 if part_fp != expected[0] or (expected[1] and part_job != expected[1]):
                     problem = "another job's part (other settings or another run's job id)"
+            elif problem is None and manifest and (part_number(path) or 0) > self.legacy_upto:
+                problem = "a part of the older format added after this checkpoint was upgraded"
             if problem is not None:
                 bad.append((path, problem))
         notes = [f"ignored files in {self.parts_dir} that are not parts: {', '.join(strays)}"]

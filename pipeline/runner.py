@@ -1519,6 +1519,7 @@ async def run_async(
             # job, or of this checkpoint before a --restart, is never used
             job_id=manifest.get("job_id") or checkpoint.job_id or uuid.uuid4().hex,
             key_scheme=1 if plan.ids_only else KEY_SCHEME,
+            legacy_upto=checkpoint.legacy_upto,
             running=True,
         )
         checkpoint.identity = {"fingerprint": fingerprint, "job": manifest["job_id"]}

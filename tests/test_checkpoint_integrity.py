@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from conftest import run_job as run
 
-from pipeline.checkpoint import Checkpoint
+from pipeline.checkpoint import Checkpoint, part_number
 from pipeline.errors import FingerprintMismatch, OutputError
 from pipeline.progress import Reporter
 from pipeline.records import RowResult
@@ -250,3 +251,40 @@ def test_status_names_a_damaged_part_instead_of_a_traceback(
     result = CliRunner().invoke(main, ["status", str(out)])
     assert result.exit_code == 2
     assert part.name in result.output and "sets it aside" in result.output
+
+
+def make_older_format(out: Path) -> None:
+    """What the previous version left: parts named without a checksum and without a job in
+    their metadata, a manifest without job_id, no saved index."""
+    checkpoint = Checkpoint(out)
+    for path in checkpoint.part_paths():
+        table = pq.read_table(path).replace_schema_metadata(None)
+        pq.write_table(table, path.parent / f"part-{part_number(path):06d}.parquet")
+        path.unlink()
+    manifest = checkpoint.read_manifest()
+    for name in ("job_id", "legacy_upto", "key_scheme"):
+        manifest.pop(name, None)
+    checkpoint.write_manifest(manifest)
+    (checkpoint.dir / "index.npz").unlink(missing_ok=True)
+
+
+def test_older_format_parts_resume_and_one_copied_in_later_is_set_aside(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    frame, out = prompts(300), tmp_path / "o.parquet"
+    run(frame, out, base_url=simulator.base_url, checkpoint_rows=100)
+    make_older_format(out)
+    before = len(simulator.simulator.requests)
+    assert run(frame, out, base_url=simulator.base_url).exit_code == 0
+    assert len(simulator.simulator.requests) == before  # resumed, nothing sent
+    # another job's part of the older format, copied in after the upgrade
+    other = tmp_path / "other.parquet"
+    run(prompts(300), other, base_url=simulator.base_url, system="Be brief")
+    make_older_format(other)
+    foreign = Checkpoint(other).part_paths()[0]
+    shutil.copy(foreign, Checkpoint(out).parts_dir / "part-000050.parquet")
+    reporter = Notes()
+    summary = run(frame, out, reporter, base_url=simulator.base_url)
+    assert summary.exit_code == 0
+    assert any("older format added after" in n for n in reporter.notes)
+    assert_every_row_has_its_own_answer(out, frame)
