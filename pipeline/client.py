@@ -47,6 +47,7 @@ from .http11 import (
     CertificateNotTrusted,
     Http11Transport,
     ResponseTooLarge,
+    join_capped,
 )
 from .pricing import reported_cost
 from .proxy import (
@@ -279,17 +280,7 @@ async def read_capped(response: httpx.Response, limit: int) -> bytes:
     codings = [c for c in response.headers.get("content-encoding", "").split(",") if c.strip()]
     if len(codings) > 2:
         raise ResponseTooLarge(f"{len(codings)} content codings stacked; at most 2")
-    chunks = []
-    size = 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > limit:
-            raise ResponseTooLarge(
-                f"response body decoded over {limit:,} bytes; "
-                "raise --max-response-bytes if it is real"
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await join_capped(response.aiter_bytes(), limit)
 
 
 def _certificate_failure(exc: BaseException) -> bool:

@@ -52,7 +52,7 @@ import socket
 import ssl
 import zlib
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, cast
 
 import aiohappyeyeballs
@@ -67,6 +67,7 @@ __all__ = [
     "RawHeaders",
     "ResponseTooLarge",
     "Route",
+    "join_capped",
 ]
 
 RawHeaders = list[tuple[bytes, bytes]]
@@ -100,6 +101,22 @@ class _ClosedBeforeResponse(httpx.ReadError):
 
 class ResponseTooLarge(httpx.RemoteProtocolError):
     """A body over the size cap (as received or decoded), or too many content codings."""
+
+
+async def join_capped(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """A body read piece by piece (as decoded by httpx or aiohttp), refused with
+    ``ResponseTooLarge`` as soon as it passes ``limit`` bytes."""
+    pieces = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise ResponseTooLarge(
+                f"response body decoded over {limit:,} bytes; "
+                "raise --max-response-bytes if it is real"
+            )
+        pieces.append(chunk)
+    return b"".join(pieces)
 
 
 class CertificateNotTrusted(httpx.ConnectError):

@@ -27,7 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from .http11 import DEFAULT_MAX_RESPONSE_BYTES, CertificateNotTrusted, ResponseTooLarge
+from .http11 import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    CertificateNotTrusted,
+    ResponseTooLarge,
+    join_capped,
+)
 from .proxy import ProxySettings, ProxyUnreachable, refused
 
 if TYPE_CHECKING:
@@ -178,17 +183,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             )
         if length is not None and "Content-Encoding" not in response.headers:
             return await response.read()  # exactly Content-Length bytes: the fast path
-        chunks = []
-        size = 0
-        async for chunk in response.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise ResponseTooLarge(
-                    f"response body decoded over {limit:,} bytes; "
-                    "raise --max-response-bytes if it is real"
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await join_capped(response.content.iter_any(), limit)
 
     async def aclose(self) -> None:
         if self._session is not None:
