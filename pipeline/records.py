@@ -88,6 +88,14 @@ class Completion:
 
 
 @dataclass(frozen=True, slots=True)
+class Cost:
+    """What a request or a result cost in USD, and where the figure comes from."""
+
+    usd: float | None  # None: unknown (no price for the model)
+    source: str | None  # reported | table | cache | dedup | shared | mixed; None: unknown
+
+
+@dataclass(frozen=True, slots=True)
 class RowResult:
     """The outcome of one row: what goes into the output's result columns."""
 

@@ -1,0 +1,429 @@
+"""Planning: everything decided before the first request, and every usage error found then.
+
+``plan_run`` opens the input and checks the prompt source and the columns the options name,
+resolves the API key and proxies, locks OUTPUT's checkpoint, checks its fingerprint, computes
+every row's key and finds which (row, model, sample) units still need a result and which of
+them are sent (``--dedup`` sends one row per distinct prompt). It sends nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cache import ResponseCache
+from .checkpoint import Checkpoint, ResultIndex
+from .client import build_body
+from .config import FINGERPRINT_DEFAULTS, RunConfig, resolve_api_key
+from .errors import ConfigError, InputError, OutputError
+from .estimate import Estimate, Estimator
+from .keys import RowKeys, compute_keys, model_row_keys, sample_row_keys
+from .memory import release_memory
+from .pricing import PriceTable
+from .prompts import PromptBuilder
+from .proxy import ProxySettings, settings_from
+from .reader import InputSource, Resume, delimiter_hint, open_input
+from .records import RESULT_COLUMNS, STATUS_CODES, WIDE_SEPARATOR
+from .samples import SAMPLE_COLUMN, SampleRequest, plan_requests
+from .scoring import make_scorer
+from .structured import load_labels, load_schema, schema_columns
+from .writer import OutputSpec
+
+
+@dataclass
+class Plan:
+    """What a run works on, decided before any request."""
+
+    source: InputSource
+    builder: PromptBuilder
+    checkpoint: Checkpoint
+    keys: np.ndarray  # per input row
+    resume_from: Resume | None  # where reading may start: the rows before need nothing
+    models: tuple[str, ...]
+    model_keys: tuple[np.ndarray, ...]  # per model: the key of (row, model), i.e. of sample 0
+    # per unit u = model * n + sample: the key of (row, model, sample); one unit per model
+    # when n == 1
+    unit_keys: tuple[np.ndarray, ...]
+    todo: np.ndarray  # bool [row, unit]: needs a result
+    send: np.ndarray  # bool [row, unit]: needs a request (todo, not a duplicate)
+    index: ResultIndex
+    prices: PriceTable
+    followers: dict[int, list[int]]  # leader key -> keys of its duplicates sent with it
+    copy_from: np.ndarray  # index positions of done leaders whose duplicates need a copy
+    copy_to: np.ndarray  # the duplicates' keys, aligned with copy_from
+    resumed: int
+    removed: int
+    ids_only: bool  # --id-column rows keyed by id alone (a checkpoint of key scheme 1)
+    api_key: str | None
+    notes: list[str] = field(default_factory=list)
+    proxies: ProxySettings = field(default_factory=ProxySettings)
+
+
+def _check_output_path(output: Path, config: RunConfig, checkpoint: Checkpoint) -> None:
+    if output.is_dir():
+        raise OutputError(f"-o {output} is a directory; give a file name like results.parquet.")
+    if not output.parent.exists():
+        raise OutputError(
+            f"-o {output}: the directory {output.parent} does not exist. Create it first."
+        )
+    if output.exists() and not config.overwrite and not checkpoint.output_is_ours():
+        raise OutputError(
+            f"{output} already exists and was not written by an earlier run of this "
+            "checkpoint. Refusing to replace it: pass --overwrite, or choose another -o."
+        )
+
+
+def open_job(data: Any, config: RunConfig) -> tuple[InputSource, PromptBuilder]:
+    """The input and its prompt builder, with every column the options name checked."""
+    source = open_input(
+        data, input_format=config.input_format, limit=config.limit, delimiter=config.delimiter
+    )
+    schema = source.schema()
+    columns = list(schema.names)
+    try:
+        _check_added_columns(source, config)
+        kind, value = config.prompt_source
+        builder = PromptBuilder(
+            kind, value, system=config.system, columns=columns, source_name=source.name
+        )
+        if config.id_column is not None and config.id_column not in columns:
+            raise InputError(
+                f"{source.name} has no column '{config.id_column}' for --id-column "
+                f"(columns: {', '.join(columns)})."
+            )
+        if config.expected_column is not None and config.expected_column not in columns:
+            raise InputError(
+                f"{source.name} has no column '{config.expected_column}' for --expected-column "
+                f"(columns: {', '.join(columns)})."
+            )
+    except InputError as exc:
+        hint = delimiter_hint(columns, config.delimiter)
+        if hint:
+            raise InputError(f"{exc} {hint}") from exc
+        raise
+    return source, builder
+
+
+def _check_added_columns(source: InputSource, config: RunConfig) -> None:
+    """Refuse, before any request, an input column that OUTPUT would add again (a Parquet
+    file cannot hold two columns of one name), naming the option that adds it."""
+    schema = source.schema()
+    columns = list(schema.names)
+    spec = output_spec(config)
+    added = spec.schema_for(schema).names[len(columns) :]
+    schema_names = (
+        {n for n, _ in schema_columns(spec.schema, spec.schema_prefix)} if spec.schema else set()
+    )
+    seen = set(columns)
+    for column in added:
+        if column not in seen:
+            seen.add(column)
+            continue
+        where = "the input already has" if column in columns else "OUTPUT already has"
+        # with --wide the schema's columns sit in each model's group: {model}__{column}
+        own = column.split(WIDE_SEPARATOR, 1)[-1] if config.wide else column
+        if own in schema_names:
+            raise ConfigError(
+                f"--json-schema {config.json_schema}: its property would become the column "
+                f"'{column}', which {where}. Set --schema-prefix (e.g. "
+                "--schema-prefix answer_) so that the schema's columns get their own names."
+            )
+        if column in RESULT_COLUMNS:
+            because = "which OUTPUT adds for every result (is this an earlier output?)"
+        elif column == SAMPLE_COLUMN:
+            because = "which --samples long adds; or use --samples list"
+        elif column == "model":
+            because = "which OUTPUT adds when several models run (--model given more than once)"
+        elif column in ("label", "score"):
+            because = f"which --{'labels' if column == 'label' else 'score'} adds"
+        else:
+            because = "which --wide adds (model name + '__' + result column)"
+        raise InputError(
+            f"{source.name} already has a column '{column}', {because}. Rename or drop it in the "
+            "input."
+        )
+
+
+KEY_SCHEME = 2  # 2: with --id-column a row's key is made of its id and its content
+
+
+def _ids_only_keys(checkpoint: Checkpoint, config: RunConfig) -> bool:
+    """Whether this checkpoint keys --id-column rows by their id alone (made before key
+    scheme 2): it keeps that scheme, or every row would be sent again."""
+    if config.id_column is None or config.restart:
+        return False
+    manifest = checkpoint.read_manifest()
+    return bool(manifest) and manifest.get("key_scheme", 1) < KEY_SCHEME
+
+
+def _removed_since_last_run(
+    checkpoint: Checkpoint, present: np.ndarray, unit_keys: list[np.ndarray]
+) -> int:
+    """Results whose rows left the input since the last run (not those that left before:
+    their results stay in the checkpoint, and counting them again said "8 left" for 5)."""
+    absent = int((~present).sum())
+    if not absent:
+        return 0  # the usual resume: nothing to compare
+    last = checkpoint.read_keys()
+    if last is None:
+        return absent
+    return int((~np.isin(last, np.concatenate(unit_keys))).sum())
+
+
+def plan_run(data: Any, output: Path, config: RunConfig, environ: dict[str, str] | None) -> Plan:
+    """Everything that can fail before a request is sent (raises UsageError / LockHeld)."""
+    source, builder = open_job(data, config)
+    api_key = resolve_api_key(config, environ)
+    proxies = settings_from(config.proxy, os.environ if environ is None else environ)
+    proxies.check(config.base_url)
+    checkpoint = Checkpoint(output)
+    # The key pass reads the whole input: a malformed row, bad bytes or a duplicate id is
+    # found here, before the checkpoint is touched and before any request. What an earlier
+    # run's pass saw of the same bytes is reused rather than read again.
+    previous = checkpoint.load_key_pass()
+    ids_only = _ids_only_keys(checkpoint, config)
+    row_keys = compute_keys(
+        source,
+        id_column=config.id_column,
+        content_columns=builder.columns,
+        previous=previous,
+        ids_only=ids_only,
+    )
+    new_pass = row_keys.key_pass if row_keys.key_pass is not previous else None
+    del previous
+    release_memory()  # the pass's read buffers and sort temporaries
+    keys = row_keys.keys
+    models = config.all_models
+    model_keys = [keys] if len(models) == 1 else [model_row_keys(keys, m) for m in models]
+    unit_keys = [sample_row_keys(mk, s) for mk in model_keys for s in range(config.n)]
+    prices = PriceTable.load(config.prices)
+    for model in models:
+        if config.max_cost is not None and prices.price(model) is None:
+            raise ConfigError(
+                f"--max-cost needs a price for model '{model}', and the price table has "
+                "none. Add it in a file given with --prices (see configs/prices.toml), or use "
+                "--max-total-tokens."
+            )
+    _check_output_path(output, config, checkpoint)
+    index, notes = _open_checkpoint(checkpoint, config, ids_only, new_pass)
+    del new_pass
+    work = _what_to_send(index, row_keys, unit_keys, config)
+    needed = np.flatnonzero(work.send.any(axis=1))
+    release_memory()  # the lookups' temporaries
+    return Plan(
+        source=source,
+        builder=builder,
+        checkpoint=checkpoint,
+        keys=keys,
+        resume_from=row_keys.resume_point(int(needed[0])) if len(needed) else None,
+        models=models,
+        model_keys=tuple(model_keys),
+        unit_keys=tuple(unit_keys),
+        todo=work.todo,
+        send=work.send,
+        index=index,
+        prices=prices,
+        followers=work.followers,
+        copy_from=np.array(work.copy_from, dtype=np.int64),
+        copy_to=np.array(work.copy_to, dtype=np.uint64),
+        resumed=int((~work.todo).sum()),
+        removed=_removed_since_last_run(checkpoint, work.present, unit_keys),
+        ids_only=ids_only,
+        api_key=api_key,
+        notes=[*notes, *filter(None, [proxies.describe(config.base_url)])],
+        proxies=proxies,
+    )
+
+
+def _open_checkpoint(
+    checkpoint: Checkpoint, config: RunConfig, ids_only: bool, new_pass: Any
+) -> tuple[ResultIndex, list[str]]:
+    """Lock the checkpoint, set it aside on --restart, check its fingerprint, take what an
+    earlier run left (rescued parts), and load its index of results."""
+    notes: list[str] = []
+    note = checkpoint.acquire_lock()
+    if note:
+        notes.append(note)
+    try:
+        if config.restart and checkpoint.dir.exists():
+            backup = checkpoint.set_aside()
+            checkpoint.release_lock()
+            checkpoint.acquire_lock()
+            notes.append(f"--restart: the old checkpoint was moved to {backup}")
+        if ids_only:
+            notes.append(
+                f"{checkpoint.dir} keys --id-column rows by their id alone (an older version "
+                "made it): a prompt edited since its answer keeps that answer; --restart "
+                "starts over with keys that follow the prompt"
+            )
+        elif checkpoint.holds_results():  # no result yet (a run that failed): nothing to mix
+            checkpoint.check_fingerprint(config.fingerprint_parts(), FINGERPRINT_DEFAULTS)
+        notes.extend(checkpoint.prepare(config.fingerprint()))
+        if new_pass is not None:
+            checkpoint.save_key_pass(new_pass)
+        index = checkpoint.load_index()
+        release_memory()
+    except BaseException:
+        checkpoint.release_lock()
+        raise
+    return index, notes
+
+
+@dataclass
+class _Work:
+    """Which units need a result (``todo``) and which of them are sent (``send``)."""
+
+    todo: np.ndarray
+    send: np.ndarray
+    present: np.ndarray  # per index position: its key is one of this input's units
+    followers: dict[int, list[int]] = field(default_factory=dict)
+    copy_from: list[int] = field(default_factory=list)
+    copy_to: list[int] = field(default_factory=list)
+
+
+def _what_to_send(
+    index: ResultIndex, row_keys: RowKeys, unit_keys: list[np.ndarray], config: RunConfig
+) -> _Work:
+    n = len(row_keys.keys)
+    todo = np.zeros((n, len(unit_keys)), dtype=bool)
+    work = _Work(todo=todo, send=np.zeros_like(todo), present=np.zeros(len(index.keys), bool))
+    duplicate = row_keys.first != np.arange(n)
+    for j, mkeys in enumerate(unit_keys):
+        pos = index.lookup(mkeys)
+        done = pos >= 0
+        if config.retry_failed and len(index.keys):
+            status = index.status[np.maximum(pos, 0)]
+            done &= (status != STATUS_CODES["error"]) & (status != STATUS_CODES["invalid"])
+        work.present[pos[pos >= 0]] = True
+        todo[:, j] = ~done
+        work.send[:, j] = ~done
+        if config.dedup:
+            # a later row with the same prompt is not sent: it gets its first row's result
+            for i in np.nonzero(~done & duplicate)[0]:
+                leader = int(row_keys.first[i])
+                work.send[i, j] = False
+                if not done[leader]:
+                    work.followers.setdefault(int(mkeys[leader]), []).append(int(mkeys[i]))
+                else:
+                    work.copy_from.append(int(pos[leader]))
+                    work.copy_to.append(int(mkeys[i]))
+    return work
+
+
+def output_spec(config: RunConfig) -> OutputSpec:
+    """OUTPUT's shape under ``config``."""
+    return OutputSpec(
+        models=config.all_models,
+        wide=config.wide,
+        schema=load_schema(config.json_schema) if config.json_schema else None,
+        schema_prefix=config.schema_prefix,
+        labels=tuple(load_labels(config.labels)) if config.labels else None,
+        scorer=make_scorer(config.score) if config.score else None,
+        expected_column=config.expected_column,
+        n=config.n,
+        samples=config.samples,
+    )
+
+
+def estimate_job(
+    data: Any,
+    output: str | Path | None,
+    config: RunConfig,
+    *,
+    typical_completion: int | None = None,
+) -> tuple[Estimate, ...]:
+    """What ``run`` would send and spend, one estimate per model, without sending anything
+    or touching OUTPUT.
+
+    Rows that OUTPUT's checkpoint already has for a model are left out of that model's
+    estimate; duplicates (``dedup``) and responses in ``cache`` are counted apart.
+    """
+    source, builder = open_job(data, config)
+    checkpoint = Checkpoint(Path(output)) if output is not None else None
+    row_keys = compute_keys(
+        source,
+        id_column=config.id_column,
+        content_columns=builder.columns,
+        previous=checkpoint.load_key_pass() if checkpoint is not None else None,
+        ids_only=checkpoint is not None and _ids_only_keys(checkpoint, config),
+    )
+    models = config.all_models
+    model_keys = (
+        [row_keys.keys] if len(models) == 1 else [model_row_keys(row_keys.keys, m) for m in models]
+    )
+    done = [np.zeros(len(row_keys), dtype=bool) for _ in models]
+    if checkpoint is not None and checkpoint.exists():
+        index = checkpoint.load_index()
+        for j, mkeys in enumerate(model_keys):
+            # a row is done for a model when every one of its samples is
+            missing = np.zeros(len(row_keys), dtype=bool)
+            for sample in range(config.n):
+                missing |= index.lookup(sample_row_keys(mkeys, sample)) < 0
+            done[j] = ~missing
+    requests = plan_requests(
+        range(config.n),
+        n=config.n,
+        native=config.n_mode != "seeds",
+        base_seed=config.base_seed,
+    )
+    cache = ResponseCache(config.cache) if config.cache else None
+    estimators = [
+        Estimator(
+            model=model,
+            dedup=config.dedup,
+            cached=_cached_for(cache, config, model, requests),
+            samples=config.n,
+            native=config.n_mode != "seeds",
+        )
+        for model in models
+    ]
+    offset = 0
+    for batch in source.iter_batches(columns=builder.columns):
+        n = batch.num_rows
+        for estimator, model_done in zip(estimators, done, strict=True):
+            where = np.nonzero(~model_done[offset : offset + n])[0]
+            rows = builder.build(batch.take(where), row_keys.keys[offset + where], offset + where)
+            estimator.add(row.messages for row in rows)
+        offset += n
+    prices = PriceTable.load(config.prices)
+    results = []
+    for estimator, model_done in zip(estimators, done, strict=True):
+        result = estimator.result(
+            max_tokens=config.max_tokens, prices=prices, typical_completion=typical_completion
+        )
+        notes = list(result.notes)
+        if config.n > 1 and config.n_mode == "auto":
+            notes.append(
+                f"--n {config.n} with --n-mode auto: counted as one request a row (the API's "
+                f"n); a server that ignores n gets {config.n} requests a row, each with the "
+                "prompt"
+            )
+        already = int(model_done.sum())
+        if already:
+            notes.append(f"{already} rows already done in {output} not counted")
+        results.append(dataclasses.replace(result, notes=tuple(notes)))
+    return tuple(results)
+
+
+def _cached_for(
+    cache: ResponseCache | None, config: RunConfig, model: str, requests: list[SampleRequest]
+) -> Callable[[Any], bool] | None:
+    """Whether every request of a row to ``model`` is in the cache (None: no cache)."""
+    if cache is None:
+        return None
+    params = config.body_params()
+
+    def cached(messages: Any) -> bool:
+        for request in requests:
+            body = build_body(model, list(messages), {**params, **request.params})
+            if not cache.contains(cache.key(config.base_url, body)):
+                return False
+        return True
+
+    return cached
