@@ -23,9 +23,9 @@ import pytest
 from conftest import run_job as run
 
 from pipeline.checkpoint import Checkpoint, part_number
+from pipeline.errors import EXIT_STORAGE
 from pipeline.progress import Reporter
 from pipeline.records import RowResult
-from pipeline.runner import EXIT_STORAGE
 from pipeline.simulator import SimulatorConfig, SimulatorThread
 
 ANSWER = "Simulated answer to: "

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from conftest import run_job as run
 
+from pipeline.errors import EXIT_ABORTED
 from pipeline.progress import Reporter
-from pipeline.runner import EXIT_ABORTED
 from pipeline.simulator import SimulatorConfig, SimulatorThread
 
 ROWS = 300

@@ -22,10 +22,11 @@ import pandas as pd
 import pytest
 
 from pipeline import RunAborted, build_config, run_batch
+from pipeline.errors import EXIT_RETRY_LATER
 from pipeline.limits import Limits
 from pipeline.progress import Reporter
 from pipeline.records import RunSummary
-from pipeline.runner import EXIT_RETRY_LATER, Seams
+from pipeline.runner import Seams
 from pipeline.simulator import SimulatorThread, parse_rps_schedule
 
 

@@ -1,0 +1,139 @@
+"""The run's record in its checkpoint manifest, and OUTPUT written at the end of a run.
+
+``start_manifest`` marks the run as running and records the keys of every unit (so that the
+next run can tell rows removed from the input); ``finish_output`` writes OUTPUT from the
+checkpoint, every input row in input order (``writer.write_output``), unless nothing changed
+since the last OUTPUT, the user stopped hard, or the checkpoint could not be written, and
+records OUTPUT's signature and shape in the manifest. It sends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import ResultIndex, file_signature
+from .config import RunConfig
+from .memory import release_memory
+from .planning import KEY_SCHEME, Plan, output_spec
+from .recording import Recorder
+from .stopping import Stop
+from .writer import write_output
+
+
+def start_manifest(plan: Plan, config: RunConfig) -> dict[str, Any]:
+    """The manifest as this run starts (``running``), with the keys of every unit."""
+    checkpoint = plan.checkpoint
+    manifest = checkpoint.read_manifest()
+    fingerprint = config.fingerprint()
+    manifest.update(
+        fingerprint=fingerprint,
+        fingerprint_parts=config.fingerprint_parts(),
+        config=config.public_dict(),
+        input=plan.source.name,
+        rows_total=len(plan.keys) * len(plan.unit_keys),
+        created_at=manifest.get("created_at", time.time()),
+        # what each part names as its job (with the fingerprint): a part of another job,
+        # or of this checkpoint before a --restart, is never used
+        job_id=manifest.get("job_id") or checkpoint.job_id or uuid.uuid4().hex,
+        key_scheme=1 if plan.ids_only else KEY_SCHEME,
+        legacy_upto=checkpoint.legacy_upto,
+        running=True,
+    )
+    checkpoint.identity = {"fingerprint": fingerprint, "job": manifest["job_id"]}
+    checkpoint.write_manifest(manifest)
+    checkpoint.write_keys(np.concatenate(plan.unit_keys))
+    return manifest
+
+
+async def finish_output(
+    plan: Plan,
+    config: RunConfig,
+    output: Path,
+    manifest: dict[str, Any],
+    recorder: Recorder,
+    stop: Stop,
+    todo: int,
+) -> tuple[dict[str, int], int]:
+    """Write OUTPUT from the checkpoint (unless nothing changed, the user stopped hard, or
+    the checkpoint cannot be written) and the final manifest; returns the status counts."""
+    checkpoint = plan.checkpoint
+    full = checkpoint.load_index() if todo else plan.index
+    if checkpoint.parts_read and recorder.storage_error is None:
+        with contextlib.suppress(OSError):  # a cache: the next run rebuilds it if missing
+            checkpoint.save_index(full)  # the next run starts from it
+    # from here on only where each input row's result is matters (8 bytes a row and unit):
+    # drop the index (41 bytes a key) once the counts are taken
+    plan.index = ResultIndex.empty()
+    counts = full.counts_of(plan.unit_keys)
+    places = full.places(plan.unit_keys)
+    del full
+    release_memory()
+    state = output_state(plan, config)
+    unchanged = not todo and manifest.get("output_state") == state and checkpoint.output_is_ours()
+    # a checkpoint that cannot be written cannot feed OUTPUT: the old OUTPUT stays
+    if not stop.skips_output and recorder.storage_error is None:
+        try:
+            if not unchanged:
+
+                def record_next(signature: dict[str, int] | None) -> None:
+                    manifest["output_signatures"] = [signature]
+                    checkpoint.write_manifest(manifest)
+
+                await asyncio.to_thread(
+                    write_output,
+                    plan.source,
+                    output_spec(config),
+                    places,
+                    checkpoint,
+                    output,
+                    record_next,
+                )
+            manifest.update(
+                output_signature=file_signature(output),
+                output_state=state,
+                output_signatures=[],
+            )
+        except OSError as exc:
+            recorder.storage_failed_at_end(exc, output)
+    manifest["running"] = False
+    try:
+        checkpoint.write_manifest(manifest)
+    except OSError as exc:
+        recorder.storage_failed_at_end(exc, checkpoint.manifest_path)
+    return counts
+
+
+def output_state(plan: Plan, config: RunConfig) -> dict[str, Any]:
+    parts = plan.checkpoint.part_paths()
+    source_sig = file_signature(plan.source.path) if plan.source.path else None
+    return {
+        "input": plan.source.name,
+        "input_signature": source_sig,
+        "limit": config.limit,
+        "last_part": parts[-1].name if parts else None,
+        "rows": len(plan.keys),
+        "models": list(plan.models),
+        **_output_shape(config),
+    }
+
+
+def _output_shape(config: RunConfig) -> dict[str, Any]:
+    """The options that shape OUTPUT without changing a response: a change rewrites OUTPUT
+    even when nothing is sent. Only those not at their default, so that the state of a run
+    that sets none stays what it was."""
+    shape = {
+        "wide": config.wide,
+        "samples": config.samples if config.n > 1 else "list",
+        "score": config.score,
+        "expected_column": config.expected_column,
+        "schema_prefix": config.schema_prefix,
+    }
+    defaults = {"wide": False, "samples": "list", "score": None, "expected_column": None}
+    return {name: value for name, value in shape.items() if value != defaults.get(name, "")}
