@@ -47,6 +47,7 @@ EXIT_INTERRUPTED = 5
 EXIT_STORAGE = 6
 EXIT_RETRY_LATER = 7
 EXIT_LOCKED = 8
+EXIT_BATCHES_RUNNING = 9
 
 EXIT_CODES: dict[int, tuple[str, str]] = {
     EXIT_OK: ("ok", "every row is ok or skipped"),
@@ -69,6 +70,11 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     ),
     EXIT_RETRY_LATER: ("retry_later", "the server asked to come back later than --max-retry-wait"),
     EXIT_LOCKED: ("locked", "another live run holds OUTPUT: nothing was sent; try again later"),
+    EXIT_BATCHES_RUNNING: (
+        "batches_running",
+        "--batch --no-wait: batches are still running at the provider; run the same command "
+        "again later to collect them",
+    ),
 }
 
 

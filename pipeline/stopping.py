@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from .errors import (
     EXIT_ABORTED,
+    EXIT_BATCHES_RUNNING,
     EXIT_BUDGET,
     EXIT_INTERRUPTED,
     EXIT_RETRY_LATER,
@@ -34,6 +35,7 @@ class StopKind(enum.Enum):
     FATAL = "fatal"  # 401/403/quota, a setup that fails every request, a bad input read
     RETRY_LATER = "retry_later"  # the server asks, again and again, to come back much later
     STORAGE = "storage"  # the checkpoint or OUTPUT cannot be written
+    BATCHES_RUNNING = "batches_running"  # --batch --no-wait: submitted, not all finished
 
     @property
     def exit_code(self) -> int:
@@ -47,6 +49,7 @@ _EXIT_CODES = {
     StopKind.FATAL: EXIT_ABORTED,
     StopKind.RETRY_LATER: EXIT_RETRY_LATER,
     StopKind.STORAGE: EXIT_STORAGE,
+    StopKind.BATCHES_RUNNING: EXIT_BATCHES_RUNNING,
 }
 
 

@@ -1,0 +1,401 @@
+"""``BatchExecutor``: the engine's asks answered through a provider's Batch API.
+
+It writes the asks into part files (``parts``), then drives each part through the journal's
+steps (``journal``): upload, create (tagged with job, part and attempt in its metadata),
+poll, download the output and error files, merge. Merging records a result for every line
+the engine asked for, in the checkpoint (``Results.flush`` makes them durable) before the
+journal says ``merged``; lines that expired, were cancelled by the provider, failed with a
+429/5xx or are missing go into a new part, up to ``max_rounds`` rounds, then become errors.
+
+A rerun of a killed or ``--no-wait`` run replays the journal: asks whose lines sit in an
+open part wait for that part instead of being submitted again; a create announced without
+its id is looked for by its tag before anything is created again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+
+from ..asks import Ask, RequestShape
+from ..config import RunConfig
+from ..planning import Plan
+from ..progress import Reporter
+from ..records import RowResult
+from ..samples import plan_requests
+from ..stopping import Stop, StopKind
+from .journal import Journal, PartState
+from .lines import Outcome, parse_results
+from .openai import AmbiguousCreate, OpenAIBatches, TokenLimit
+from .parts import ENDPOINT, PartCaps, PartWriter, WrittenPart, read_lines, request_line
+
+TERMINAL = frozenset({"completed", "expired", "cancelled", "failed"})
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """How batch mode cuts, waits and resubmits."""
+
+    wait: bool = True  # False (--no-wait): submit, collect what is ready, stop
+    poll_interval: float = 30.0  # the first wait between polls; x1.5 up to max_poll_interval
+    max_poll_interval: float = 600.0
+    caps: PartCaps = field(default_factory=PartCaps)
+    max_rounds: int = 3  # submissions of one line (expired, missing, 429/5xx lines go again)
+    price_factor: float = 0.5  # the batch price as a share of the price table's
+
+
+class DurableResults(Protocol):
+    """What the batch executor needs of the recorder: record, and make durable."""
+
+    def record(self, result: RowResult) -> None: ...
+
+    async def flush(self) -> bool: ...
+
+
+class BatchExecutor:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        plan: Plan,
+        shape: RequestShape,
+        reporter: Reporter,
+        options: BatchOptions,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self.plan = plan
+        self.shape = shape
+        self.reporter = reporter
+        self.options = options
+        self.directory = plan.checkpoint.dir / "batch"
+        self.journal = Journal(self.directory)
+        self._transport = transport
+        self.sent = 0  # lines submitted by this run
+        self.cache_hits = 0
+
+    # -- the asks into parts ------------------------------------------------------------------
+
+    async def execute(self, asks: AsyncIterator[Ask], results: DurableResults, stop: Stop) -> None:
+        parts = self.journal.replay()
+        awaiting = await asyncio.to_thread(self._open_lines, parts)
+        wanted: set[int] = set()
+        writer = PartWriter(self.directory, max(parts, default=0) + 1, self.options.caps)
+        async for ask in asks:
+            if stop.is_set():
+                return
+            for key, line in self._lines(ask):
+                wanted.add(key)
+                if key not in awaiting:
+                    writer.add(ask.model, line)
+        for written in await asyncio.to_thread(writer.finish):
+            self._add_part(parts, written, round_=1)
+        if not any(p.open for p in parts.values()):
+            return
+        client = OpenAIBatches(
+            self.config.base_url,
+            self.plan.api_key,
+            self._transport or httpx.AsyncHTTPTransport(retries=0),
+            timeout=max(self.config.timeout, 600.0),
+        )
+        try:
+            await self._drive(parts, wanted, results, stop, client)
+        finally:
+            await client.aclose()
+
+    def _lines(self, ask: Ask) -> list[tuple[int, bytes]]:
+        """One request line per sample (seeded, as ``--n-mode seeds`` would send them)."""
+        samples = [sample for sample, _ in ask.samples]
+        keys = ask.keys
+        if self.config.n == 1:
+            return [(keys[0], request_line(keys[0], ask.model, ask.messages, ask.params))]
+        requests = plan_requests(
+            samples, n=self.config.n, native=False, base_seed=self.config.base_seed
+        )
+        return [
+            (
+                keys[r.samples[0]],
+                request_line(
+                    keys[r.samples[0]], ask.model, ask.messages, {**ask.params, **r.params}
+                ),
+            )
+            for r in requests
+        ]
+
+    def _open_lines(self, parts: dict[int, PartState]) -> dict[int, int]:
+        """Result key -> the open part whose lines hold it."""
+        awaiting: dict[int, int] = {}
+        for state in parts.values():
+            if state.open and not state.cancelled:
+                for key, _ in read_lines(self.directory / state.file):
+                    awaiting[key] = state.part
+        return awaiting
+
+    def _add_part(self, parts: dict[int, PartState], written: WrittenPart, round_: int) -> None:
+        number = int(written.name.split("-")[1].split(".")[0])
+        self.journal.append(
+            "part",
+            number,
+            model=written.model,
+            file=written.name,
+            lines=written.lines,
+            round=round_,
+        )
+        parts[number] = PartState(
+            number, model=written.model, file=written.name, lines=written.lines, round=round_
+        )
+        self.sent += written.lines
+        self.reporter.note(
+            f"batch part {number}: {written.lines} requests to {written.model}"
+            + (f" (round {round_}: lines sent again)" if round_ > 1 else "")
+        )
+
+    # -- driving the parts ----------------------------------------------------------------------
+
+    async def _drive(
+        self,
+        parts: dict[int, PartState],
+        wanted: set[int],
+        results: DurableResults,
+        stop: Stop,
+        client: OpenAIBatches,
+    ) -> None:
+        interval = self.options.poll_interval
+        while not stop.is_set():
+            changed = False
+            for state in [p for p in parts.values() if p.open and not p.cancelled]:
+                if stop.is_set():
+                    return
+                changed |= await self._advance(state, client)
+                if state.status is not None:
+                    await self._merge(state, parts, wanted, results, client)
+                    changed = True
+            if not any(p.open and not p.cancelled for p in parts.values()):
+                return
+            if not self.options.wait:
+                running = [p for p in parts.values() if p.open and not p.cancelled]
+                stop.request(
+                    StopKind.BATCHES_RUNNING,
+                    f"batches running: {len(running)} part(s) not finished "
+                    f"({', '.join(p.batch_id or f'part {p.part}' for p in running[:5])}); "
+                    "rerun the same command to collect them",
+                )
+                return
+            interval = self.options.poll_interval if changed else interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.stopping.wait(), interval)
+            if not changed:
+                interval = min(interval * 1.5, self.options.max_poll_interval)
+
+    async def _advance(self, state: PartState, client: OpenAIBatches) -> bool:
+        """Upload, create, or poll ``state``'s batch one step; True when something changed."""
+        journal = self.journal
+        if state.file_id is None:
+            journal.append("upload", state.part)
+            state.file_id = await client.upload(self.directory / state.file)
+            journal.append("uploaded", state.part, file_id=state.file_id)
+        if state.batch_id is None:
+            return await self._create(state, client)
+        batch = await client.get(state.batch_id)
+        status = str(batch.get("status", "")).lower()
+        if status not in TERMINAL:
+            return False
+        if status == "failed" and _token_limited(batch):
+            # the enqueued-token limit: create again later, without spending a round
+            journal.append("requeue", state.part)
+            state.batch_id, state.status = None, None
+            return True
+        journal.append(
+            "ended",
+            state.part,
+            status=status,
+            output_file_id=batch.get("output_file_id"),
+            error_file_id=batch.get("error_file_id"),
+            errors=((batch.get("errors") or {}).get("data") or [])[:100],
+        )
+        state.status = status
+        state.output_file_id = batch.get("output_file_id")
+        state.error_file_id = batch.get("error_file_id")
+        state.errors = ((batch.get("errors") or {}).get("data") or [])[:100]
+        counts = batch.get("request_counts") or {}
+        self.reporter.note(
+            f"batch {state.batch_id} (part {state.part}) {status}: "
+            f"{counts.get('completed', '?')} completed, {counts.get('failed', '?')} failed "
+            f"of {counts.get('total', state.lines)}"
+        )
+        return True
+
+    async def _create(self, state: PartState, client: OpenAIBatches) -> bool:
+        journal = self.journal
+        if state.creating is not None:
+            # a create announced without its answer (a kill, a lost response): find it
+            found = await client.find(self._tag(state, state.attempt))
+            if found is not None:
+                journal.append("created", state.part, batch_id=found["id"])
+                state.batch_id, state.creating = str(found["id"]), None
+                self.reporter.note(f"batch part {state.part}: found batch {found['id']} by its tag")
+                return True
+        attempt = state.attempt + 1
+        t0 = time.time()
+        journal.append("create", state.part, attempt=attempt, t0=t0)
+        state.attempt, state.creating = attempt, t0
+        try:
+            batch = await client.create(state.file_id or "", ENDPOINT, self._tag(state, attempt))
+        except AmbiguousCreate as exc:
+            self.reporter.note(
+                f"batch part {state.part}: {exc}; looking for it before creating again"
+            )
+            return False  # next cycle: found by its tag, or created as the next attempt
+        except TokenLimit as exc:
+            self.reporter.note(f"batch part {state.part}: {exc}; waiting for running batches")
+            return False
+        journal.append("created", state.part, batch_id=batch["id"])
+        state.batch_id, state.creating = str(batch["id"]), None
+        self.reporter.note(f"batch part {state.part}: batch {batch['id']} created")
+        return True
+
+    def _tag(self, state: PartState, attempt: int) -> dict[str, str]:
+        job = (self.plan.checkpoint.identity or {}).get("job", "")
+        return {"bpp_job": str(job), "bpp_part": str(state.part), "bpp_attempt": str(attempt)}
+
+    # -- merging a finished part ----------------------------------------------------------------
+
+    async def _merge(
+        self,
+        state: PartState,
+        parts: dict[int, PartState],
+        wanted: set[int],
+        results: DurableResults,
+        client: OpenAIBatches,
+    ) -> None:
+        chunks: list[bytes] = []
+        for suffix, file_id in (("output", state.output_file_id), ("errors", state.error_file_id)):
+            if file_id:
+                dest = self.directory / f"{state.file}.{suffix}"
+                await client.download(file_id, dest)
+                chunks.append(await asyncio.to_thread(dest.read_bytes))
+        parsed = parse_results(chunks)
+        if state.status == "failed":
+            self.reporter.error(
+                f"batch {state.batch_id} (part file {state.file}) failed validation: "
+                + "; ".join(
+                    f"line {e.get('line')}: {e.get('code')}: {e.get('message')}"
+                    for e in state.errors[:5]
+                    if isinstance(e, dict)
+                )
+                + "; its rows are errors (rerun with --retry-failed after fixing them)"
+            )
+        elsewhere = {
+            key
+            for key, part in (await asyncio.to_thread(self._open_lines, parts)).items()
+            if part != state.part
+        }
+        again: list[bytes] = []
+        for key, line in await asyncio.to_thread(
+            lambda: list(read_lines(self.directory / state.file))
+        ):
+            if key not in wanted or key in elsewhere:
+                continue  # done already, or waiting in a newer part
+            outcome = parsed.outcomes.get(key)
+            if state.status == "failed":
+                results.record(self._validation_failed(key, state))
+            elif outcome is None or outcome.retryable:
+                if state.round < self.options.max_rounds:
+                    again.append(line)
+                else:
+                    results.record(self._given_up(key, outcome, state))
+            else:
+                results.record(self._result(outcome, state))
+        if again:
+            writer = PartWriter(self.directory, max(parts) + 1, self.options.caps)
+            for line in again:
+                writer.add(state.model, line)
+            for written in await asyncio.to_thread(writer.finish):
+                self._add_part(parts, written, round_=state.round + 1)
+        if not await results.flush():
+            return  # the checkpoint cannot be written: the run stops; a rerun merges again
+        self.journal.append("merged", state.part)
+        state.merged = True
+
+    def _result(self, outcome: Outcome, state: PartState) -> RowResult:
+        if outcome.completion is None:
+            return RowResult(
+                key=outcome.key,
+                status="error",
+                error_type=outcome.error_type,
+                error_message=outcome.message,
+                http_status=outcome.status,
+                attempts=state.round,
+            )
+        completion = outcome.completion
+        text, finish_reason = completion.text, completion.finish_reason
+        usage = completion.usage
+        usd = self.plan.prices.cost(
+            state.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+        )
+        result = RowResult(
+            key=outcome.key,
+            status="ok",
+            completion=text,
+            finish_reason=finish_reason,
+            usage=usage,
+            response_model=completion.model,
+            response_id=completion.response_id,
+            http_status=200,
+            attempts=state.round,
+            cost_usd=None if usd is None else usd * self.options.price_factor,
+            cost_source=None if usd is None else "batch",
+        )
+        parsed = self.shape.check(text, finish_reason)
+        if parsed is None or parsed.ok:
+            return result
+        return dataclasses.replace(
+            result,
+            status="invalid",
+            error_type="TruncatedAnswer" if parsed.truncated else "InvalidAnswer",
+            error_message=parsed.error,
+        )
+
+    def _given_up(self, key: int, outcome: Outcome | None, state: PartState) -> RowResult:
+        why = "missing from the batch's output and error files"
+        if outcome is not None:
+            why = f"{outcome.error_type}: {outcome.message}"
+        return RowResult(
+            key=key,
+            status="error",
+            error_type=outcome.error_type if outcome is not None else "BatchLineMissing",
+            error_message=f"{why} (after {state.round} batch submissions)",
+            http_status=outcome.status if outcome is not None else None,
+            attempts=state.round,
+        )
+
+    def _validation_failed(self, key: int, state: PartState) -> RowResult:
+        described = "; ".join(
+            f"line {e.get('line')}: {e.get('code')}: {e.get('message')}"
+            for e in state.errors[:5]
+            if isinstance(e, dict)
+        )
+        return RowResult(
+            key=key,
+            status="error",
+            error_type="BatchValidationFailed",
+            error_message=(
+                f"batch {state.batch_id} (part file {state.file}) failed validation: "
+                f"{described or 'no details'}"
+            ),
+            attempts=state.round,
+        )
+
+
+def _token_limited(batch: dict[str, Any]) -> bool:
+    errors = (batch.get("errors") or {}).get("data") or []
+    return any(isinstance(e, dict) and e.get("code") == "token_limit_exceeded" for e in errors)

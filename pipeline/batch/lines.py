@@ -1,0 +1,116 @@
+"""Result lines of a batch -> one ``Outcome`` per ``custom_id``.
+
+Both files are read whenever present: the output file (answers) and the error file. Each
+line is matched by ``custom_id`` only (the order is the provider's). The shapes accepted:
+
+- an answer: ``response.status_code == 200``, the chat completion in ``response.body``;
+- an HTTP error: ``response.status_code != 200`` with ``response.body.error`` (OpenAI puts
+  it there and leaves the top-level ``error`` null) or, from ``vllm run-batch``, a null body
+  and ``error`` as a string or an object;
+- a line that never ran: ``response: null`` and ``error.code`` such as ``batch_expired``.
+
+Expired, cancelled and timed-out lines, 429s and 5xx may be sent again (``retryable``);
+other errors are the row's result. Lines of unknown or repeated ids are counted and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from ..client import error_from_response, parse_completion
+from ..errors import RequestError, RetryableError
+from ..records import Completion
+from .parts import key_of
+
+RETRY_CODES = frozenset({"batch_expired", "batch_cancelled", "request_timeout"})
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a batch says of one line."""
+
+    key: int
+    completion: Completion | None = None  # set for an answer
+    status: int | None = None  # the line's HTTP status, when it ran
+    error_type: str | None = None
+    message: str | None = None
+    retryable: bool = False
+
+
+@dataclass
+class Parsed:
+    outcomes: dict[int, Outcome]
+    unknown: int = 0  # lines whose custom_id is not one of ours
+    repeated: int = 0  # lines of an id already seen (the first wins)
+
+
+def parse_results(chunks: Iterable[bytes]) -> Parsed:
+    """Every line of the output and error files (in any order) -> outcomes by key."""
+    parsed = Parsed({})
+    for chunk in chunks:
+        for raw in chunk.splitlines():
+            if not raw.strip():
+                continue
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                parsed.unknown += 1
+                continue
+            key = key_of(str(line.get("custom_id", ""))) if isinstance(line, dict) else None
+            if key is None:
+                parsed.unknown += 1
+            elif key in parsed.outcomes:
+                parsed.repeated += 1
+            else:
+                parsed.outcomes[key] = outcome(key, line)
+    return parsed
+
+
+def outcome(key: int, line: dict[str, Any]) -> Outcome:
+    response = line.get("response")
+    error = line.get("error")
+    if not isinstance(response, dict):
+        code, message = _error_fields(error)
+        return Outcome(
+            key, error_type=code or "BatchLineError", message=message, retryable=code in RETRY_CODES
+        )
+    status = response.get("status_code")
+    body = response.get("body")
+    if status == 200 and isinstance(body, dict):
+        try:
+            return Outcome(key, completion=parse_completion(json.dumps(body).encode()), status=200)
+        except RequestError as exc:
+            return Outcome(key, status=200, error_type=exc.kind, message=exc.message)
+    if not isinstance(status, int):
+        code, message = _error_fields(error)
+        return Outcome(key, error_type=code or "BatchLineError", message=message)
+    if isinstance(body, dict):
+        content = json.dumps(body).encode()
+    else:  # vllm run-batch: a null body, the error in ``error`` (a string or an object)
+        code, message = _error_fields(error)
+        content = json.dumps({"error": {"message": message, "code": code}}).encode()
+    # the same error, kind and message as an online request answered with this status
+    error_like = error_from_response(status, content, httpx.Headers())
+    return Outcome(
+        key,
+        status=status,
+        error_type=error_like.kind,
+        message=error_like.message,
+        retryable=isinstance(error_like, RetryableError),
+    )
+
+
+def _error_fields(error: Any) -> tuple[str | None, str | None]:
+    """(code, message) of an error object or string."""
+    if isinstance(error, str):
+        return None, error
+    if isinstance(error, dict):
+        code = error.get("code") or error.get("type")
+        message = error.get("message")
+        return (str(code) if code else None), (str(message) if message else None)
+    return None, None

@@ -1,0 +1,198 @@
+"""The OpenAI Files + Batches dialect (OpenAI, Azure, Groq, DeepInfra, the simulator).
+
+``upload`` (``POST /files``, purpose ``batch``), ``create`` (``POST /batches`` with our
+metadata tag), ``find`` (``GET /batches`` pages: the batch a create made even when its answer
+was lost), ``get``, ``download`` (``GET /files/{id}/content``) and ``cancel``. Reads and
+uploads are retried (an upload sent twice leaves an orphan file, nothing worse); a create is
+never retried blindly: an answer that may hide a created batch (a timeout, a reset, a 5xx)
+raises ``AmbiguousCreate``, and the executor looks for the batch by its tag first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ..errors import FatalError
+
+Sleep = Callable[[float], Awaitable[None]]
+TRANSIENT = (httpx.TransportError,)
+
+
+class BatchAPIError(FatalError):
+    """The Batch API refused a call, or kept failing it."""
+
+
+class AmbiguousCreate(BatchAPIError):
+    """A create whose outcome is unknown: the batch may exist."""
+
+
+class TokenLimit(BatchAPIError):
+    """The provider's enqueued-token limit: wait for running batches, then create again."""
+
+
+class OpenAIBatches:
+    """One provider's Files + Batches endpoints under ``base_url`` (``.../v1``)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        transport: httpx.AsyncBaseTransport,
+        *,
+        timeout: float = 600.0,
+        sleep: Sleep = asyncio.sleep,
+        attempts: int = 5,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), headers=headers, transport=transport, timeout=timeout
+        )
+        self.sleep = sleep
+        self.attempts = attempts
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def upload(self, path: Path) -> str:
+        """The id of ``path`` uploaded as a batch input file."""
+
+        async def call() -> httpx.Response:
+            content = await asyncio.to_thread(path.read_bytes)
+            files = {"file": (path.name, content, "application/jsonl")}
+            return await self.http.post("/files", data={"purpose": "batch"}, files=files)
+
+        data = await self._retried(call, f"upload {path.name}")
+        return str(data["id"])
+
+    async def create(self, file_id: str, endpoint: str, metadata: dict[str, str]) -> dict[str, Any]:
+        body = {
+            "input_file_id": file_id,
+            "endpoint": endpoint,
+            "completion_window": "24h",
+            "metadata": metadata,
+        }
+        try:
+            response = await self.http.post("/batches", json=body)
+        except httpx.TransportError as exc:
+            raise AmbiguousCreate(f"create batch: {type(exc).__name__}: {exc}") from exc
+        if response.status_code >= 500 or response.status_code in (408, 409):
+            raise AmbiguousCreate(f"create batch: HTTP {response.status_code}")
+        if response.status_code != 200:
+            message = _message(response)
+            if "enqueued token limit" in message.lower() or "token_limit" in message.lower():
+                raise TokenLimit(f"create batch: {message}", status=response.status_code)
+            raise BatchAPIError(
+                f"create batch: HTTP {response.status_code}: {message}",
+                status=response.status_code,
+            )
+        return _json(response, "create batch")
+
+    async def find(self, metadata: dict[str, str]) -> dict[str, Any] | None:
+        """The batch whose metadata holds every pair of ``metadata``, or None."""
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": 100}
+            if after:
+                params["after"] = after
+            page = await self._retried(partial(self.http.get, "/batches", params=params), "list")
+            for batch in page.get("data") or []:
+                tags = batch.get("metadata") or {}
+                if all(tags.get(k) == v for k, v in metadata.items()):
+                    return dict(batch)
+            if not page.get("has_more") or not page.get("data"):
+                return None
+            after = page.get("last_id") or page["data"][-1]["id"]
+
+    async def get(self, batch_id: str) -> dict[str, Any]:
+        return await self._retried(lambda: self.http.get(f"/batches/{batch_id}"), "get batch")
+
+    async def cancel(self, batch_id: str) -> dict[str, Any]:
+        return await self._retried(
+            lambda: self.http.post(f"/batches/{batch_id}/cancel"), "cancel batch"
+        )
+
+    async def download(self, file_id: str, dest: Path) -> None:
+        """``file_id``'s content to ``dest`` (temp, fsync, rename)."""
+        for attempt in range(self.attempts):
+            try:
+                async with self.http.stream("GET", f"/files/{file_id}/content") as response:
+                    if response.status_code != 200:
+                        await response.aread()
+                        raise _status_error(response, f"download {file_id}")
+                    tmp = dest.with_name(dest.name + ".tmp")
+                    fh = await asyncio.to_thread(open, tmp, "wb")
+                    try:
+                        async for chunk in response.aiter_bytes():
+                            fh.write(chunk)
+                        fh.flush()
+                        await asyncio.to_thread(os.fsync, fh.fileno())
+                    finally:
+                        fh.close()
+                    os.replace(tmp, dest)
+                    return
+            except (httpx.TransportError, _Transient) as exc:
+                if attempt + 1 == self.attempts:
+                    raise BatchAPIError(f"download {file_id}: {exc}") from exc
+                await self.sleep(2.0**attempt)
+
+    async def _retried(
+        self, call: Callable[[], Awaitable[httpx.Response]], what: str
+    ) -> dict[str, Any]:
+        for attempt in range(self.attempts):
+            try:
+                response = await call()
+                if response.status_code == 200:
+                    return _json(response, what)
+                raise _status_error(response, what)
+            except (httpx.TransportError, _Transient) as exc:
+                if attempt + 1 == self.attempts:
+                    raise BatchAPIError(f"{what}: {exc}") from exc
+                wait = getattr(exc, "retry_after", None) or 2.0**attempt
+                await self.sleep(min(wait, 60.0))
+        raise AssertionError("unreachable")
+
+
+class _Transient(Exception):
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _status_error(response: httpx.Response, what: str) -> Exception:
+    message = f"{what}: HTTP {response.status_code}: {_message(response)}"
+    if response.status_code == 429 or response.status_code >= 500:
+        try:
+            retry_after: float | None = float(response.headers.get("retry-after", ""))
+        except ValueError:
+            retry_after = None
+        return _Transient(message, retry_after)
+    return BatchAPIError(message, status=response.status_code)
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:300]
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])
+    return json.dumps(data)[:300]
+
+
+def _json(response: httpx.Response, what: str) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError as exc:
+        raise BatchAPIError(f"{what}: the answer is not JSON") from exc
+    if not isinstance(data, dict):
+        raise BatchAPIError(f"{what}: the answer is not a JSON object")
+    return data
