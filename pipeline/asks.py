@@ -141,7 +141,7 @@ async def produce(
         batch = await asyncio.to_thread(next, batches, None)
         if batch is None:
             break
-        for row, model in _units(plan, n, batch, offset):
+        for row, model in units(plan, n, batch, offset):
             if row.messages is None:
                 for _, key in row.wanted:
                     results.record(unsent_result(row, key))
@@ -155,7 +155,7 @@ async def produce(
     await asks.close()
 
 
-def _units(plan: Plan, n: int, batch: Any, offset: int) -> Iterator[tuple[PromptRow, str]]:
+def units(plan: Plan, n: int, batch: Any, offset: int) -> Iterator[tuple[PromptRow, str]]:
     """(row as sent to a model, the model) for every row of ``batch`` that needs a request,
     in input order."""
     need = plan.send[offset : offset + batch.num_rows]

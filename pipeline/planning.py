@@ -241,6 +241,48 @@ def plan_run(data: Any, output: Path, config: RunConfig, environ: dict[str, str]
     )
 
 
+def read_plan(data: Any, config: RunConfig, output: Path | None = None) -> Plan:
+    """The plan of a run of ``config`` over ``data`` without running it: nothing is locked
+    or written, OUTPUT's checkpoint (when given and present) is only read. For exports."""
+    source, builder = open_job(data, config)
+    checkpoint = Checkpoint(output if output is not None else Path(source.name + ".unused"))
+    known = output is not None and checkpoint.exists()
+    row_keys = compute_keys(
+        source,
+        id_column=config.id_column,
+        content_columns=builder.columns,
+        previous=checkpoint.load_key_pass() if known else None,
+        ids_only=known and _ids_only_keys(checkpoint, config),
+    )
+    keys = row_keys.keys
+    models = config.all_models
+    model_keys = [keys] if len(models) == 1 else [model_row_keys(keys, m) for m in models]
+    unit_keys = [sample_row_keys(mk, s) for mk in model_keys for s in range(config.n)]
+    index = checkpoint.load_index() if known else ResultIndex.empty()
+    work = _what_to_send(index, row_keys, unit_keys, config)
+    return Plan(
+        source=source,
+        builder=builder,
+        checkpoint=checkpoint,
+        keys=keys,
+        resume_from=None,
+        models=models,
+        model_keys=tuple(model_keys),
+        unit_keys=tuple(unit_keys),
+        todo=work.todo,
+        send=work.send,
+        index=index,
+        prices=PriceTable.load(config.prices),
+        followers=work.followers,
+        copy_from=np.array(work.copy_from, dtype=np.int64),
+        copy_to=np.array(work.copy_to, dtype=np.uint64),
+        resumed=int((~work.todo).sum()),
+        removed=0,
+        ids_only=False,
+        api_key=None,
+    )
+
+
 def _open_checkpoint(
     checkpoint: Checkpoint, config: RunConfig, ids_only: bool, new_pass: Any
 ) -> tuple[ResultIndex, list[str]]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -28,13 +27,12 @@ from ..asks import Ask, RequestShape
 from ..config import RunConfig
 from ..planning import Plan
 from ..progress import Reporter
-from ..records import RowResult
-from ..samples import plan_requests
+from ..records import Cost, RowResult
 from ..stopping import Stop, StopKind
 from .journal import Journal, PartState
-from .lines import Outcome, parse_results
+from .lines import Outcome, parse_results, row_result
 from .openai import AmbiguousCreate, OpenAIBatches, TokenLimit
-from .parts import ENDPOINT, PartCaps, PartWriter, WrittenPart, read_lines, request_line
+from .parts import ENDPOINT, PartCaps, PartWriter, WrittenPart, ask_lines, read_lines
 
 TERMINAL = frozenset({"completed", "expired", "cancelled", "failed"})
 
@@ -93,7 +91,7 @@ class BatchExecutor:
         async for ask in asks:
             if stop.is_set():
                 return
-            for key, line in self._lines(ask):
+            for key, line in ask_lines(ask, self.config.n, self.config.base_seed):
                 wanted.add(key)
                 if key not in awaiting:
                     writer.add(ask.model, line)
@@ -111,25 +109,6 @@ class BatchExecutor:
             await self._drive(parts, wanted, results, stop, client)
         finally:
             await client.aclose()
-
-    def _lines(self, ask: Ask) -> list[tuple[int, bytes]]:
-        """One request line per sample (seeded, as ``--n-mode seeds`` would send them)."""
-        samples = [sample for sample, _ in ask.samples]
-        keys = ask.keys
-        if self.config.n == 1:
-            return [(keys[0], request_line(keys[0], ask.model, ask.messages, ask.params))]
-        requests = plan_requests(
-            samples, n=self.config.n, native=False, base_seed=self.config.base_seed
-        )
-        return [
-            (
-                keys[r.samples[0]],
-                request_line(
-                    keys[r.samples[0]], ask.model, ask.messages, {**ask.params, **r.params}
-                ),
-            )
-            for r in requests
-        ]
 
     def _open_lines(self, parts: dict[int, PartState]) -> dict[int, int]:
         """Result key -> the open part whose lines hold it."""
@@ -327,43 +306,16 @@ class BatchExecutor:
         state.merged = True
 
     def _result(self, outcome: Outcome, state: PartState) -> RowResult:
-        if outcome.completion is None:
-            return RowResult(
-                key=outcome.key,
-                status="error",
-                error_type=outcome.error_type,
-                error_message=outcome.message,
-                http_status=outcome.status,
-                attempts=state.round,
-            )
+        cost = Cost(None, None)
         completion = outcome.completion
-        text, finish_reason = completion.text, completion.finish_reason
-        usage = completion.usage
-        usd = self.plan.prices.cost(
-            state.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
-        )
-        result = RowResult(
-            key=outcome.key,
-            status="ok",
-            completion=text,
-            finish_reason=finish_reason,
-            usage=usage,
-            response_model=completion.model,
-            response_id=completion.response_id,
-            http_status=200,
-            attempts=state.round,
-            cost_usd=None if usd is None else usd * self.options.price_factor,
-            cost_source=None if usd is None else "batch",
-        )
-        parsed = self.shape.check(text, finish_reason)
-        if parsed is None or parsed.ok:
-            return result
-        return dataclasses.replace(
-            result,
-            status="invalid",
-            error_type="TruncatedAnswer" if parsed.truncated else "InvalidAnswer",
-            error_message=parsed.error,
-        )
+        if completion is not None:
+            usage = completion.usage
+            usd = self.plan.prices.cost(
+                state.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+            )
+            if usd is not None:
+                cost = Cost(usd * self.options.price_factor, "batch")
+        return row_result(outcome, attempts=state.round, cost=cost, shape=self.shape)
 
     def _given_up(self, key: int, outcome: Outcome | None, state: PartState) -> RowResult:
         why = "missing from the batch's output and error files"

@@ -22,9 +22,10 @@ from typing import Any
 
 import httpx
 
+from ..asks import RequestShape
 from ..client import error_from_response, parse_completion
 from ..errors import RequestError, RetryableError
-from ..records import Completion
+from ..records import Completion, Cost, RowResult
 from .parts import key_of
 
 RETRY_CODES = frozenset({"batch_expired", "batch_cancelled", "request_timeout"})
@@ -114,3 +115,40 @@ def _error_fields(error: Any) -> tuple[str | None, str | None]:
         message = error.get("message")
         return (str(code) if code else None), (str(message) if message else None)
     return None, None
+
+
+def row_result(outcome: Outcome, *, attempts: int, cost: Cost, shape: RequestShape) -> RowResult:
+    """The result of a line that ran: an answer (checked against the schema or labels; a
+    batch cannot re-ask) or the line's error."""
+    completion = outcome.completion
+    if completion is None:
+        return RowResult(
+            key=outcome.key,
+            status="error",
+            error_type=outcome.error_type,
+            error_message=outcome.message,
+            http_status=outcome.status,
+            attempts=attempts,
+        )
+    text, finish_reason = completion.text, completion.finish_reason
+    parsed = shape.check(text, finish_reason)
+    invalid = parsed is not None and not parsed.ok
+    return RowResult(
+        key=outcome.key,
+        status="invalid" if invalid else "ok",
+        completion=text,
+        finish_reason=finish_reason,
+        usage=completion.usage,
+        response_model=completion.model,
+        response_id=completion.response_id,
+        http_status=200,
+        attempts=attempts,
+        cost_usd=cost.usd,
+        cost_source=cost.source,
+        error_type=(
+            ("TruncatedAnswer" if parsed.truncated else "InvalidAnswer")
+            if invalid and parsed is not None
+            else None
+        ),
+        error_message=parsed.error if invalid and parsed is not None else None,
+    )

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ..asks import Ask
 from ..records import Message, request_id_of
+from ..samples import plan_requests
 
 ENDPOINT = "/v1/chat/completions"
 MAX_REQUESTS = 50_000  # OpenAI's cap per batch
@@ -50,6 +52,22 @@ def request_line(key: int, model: str, messages: list[Message], params: dict[str
     body = {"model": model, "messages": messages, **params}
     line = {"custom_id": custom_id(key), "method": "POST", "url": ENDPOINT, "body": body}
     return json.dumps(line, ensure_ascii=False).encode() + b"\n"
+
+
+def ask_lines(ask: Ask, n: int, base_seed: int) -> list[tuple[int, bytes]]:
+    """(result key, request line) of every sample ``ask`` needs: one line each, seeded as
+    ``--n-mode seeds`` sends them when ``n`` > 1 (a batch cannot find out whether the
+    server honours ``n``)."""
+    keys = ask.keys
+    if n == 1:
+        return [(keys[0], request_line(keys[0], ask.model, ask.messages, ask.params))]
+    samples = [sample for sample, _ in ask.samples]
+    lines = []
+    for request in plan_requests(samples, n=n, native=False, base_seed=base_seed):
+        key = keys[request.samples[0]]
+        params = {**ask.params, **request.params}
+        lines.append((key, request_line(key, ask.model, ask.messages, params)))
+    return lines
 
 
 @dataclass
