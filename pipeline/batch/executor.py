@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import httpx
 
@@ -29,12 +29,11 @@ from ..planning import Plan
 from ..progress import Reporter
 from ..records import Cost, RowResult
 from ..stopping import Stop, StopKind
+from .dialect import TERMINAL, BatchView, Dialect
 from .journal import Journal, PartState
-from .lines import Outcome, parse_results, row_result
-from .openai import AmbiguousCreate, OpenAIBatches, TokenLimit
+from .lines import Outcome, row_result
+from .openai import AmbiguousCreate, BatchAPIError, OpenAIBatches, OpenAIDialect, TokenLimit
 from .parts import ENDPOINT, PartCaps, PartWriter, WrittenPart, ask_lines, read_lines
-
-TERMINAL = frozenset({"completed", "expired", "cancelled", "failed"})
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,7 @@ class BatchExecutor:
         options: BatchOptions,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        dialect: Callable[[], Dialect] | None = None,
     ) -> None:
         self.config = config
         self.plan = plan
@@ -78,6 +78,7 @@ class BatchExecutor:
         self.directory = plan.checkpoint.dir / "batch"
         self.journal = Journal(self.directory)
         self._transport = transport
+        self._make_dialect = dialect
         self.sent = 0  # lines submitted by this run
         self.cache_hits = 0
 
@@ -99,16 +100,27 @@ class BatchExecutor:
             self._add_part(parts, written, round_=1)
         if not any(p.open for p in parts.values()):
             return
-        client = OpenAIBatches(
+        dialect = self._dialect()
+        try:
+            await self._drive(parts, wanted, results, stop, dialect)
+        except BatchAPIError as exc:
+            # what is merged is kept; open parts stay in the journal for the next run
+            self.reporter.error(f"stopping the run: {exc.message}", http_status=exc.status)
+            stop.request(StopKind.FATAL, f"batch: {exc.message}")
+        finally:
+            await dialect.aclose()
+
+    def _dialect(self) -> Dialect:
+        if self._make_dialect is not None:
+            return self._make_dialect()
+        transport = self._transport or httpx.AsyncHTTPTransport(retries=0)
+        api = OpenAIBatches(
             self.config.base_url,
             self.plan.api_key,
-            self._transport or httpx.AsyncHTTPTransport(retries=0),
+            transport,
             timeout=max(self.config.timeout, 600.0),
         )
-        try:
-            await self._drive(parts, wanted, results, stop, client)
-        finally:
-            await client.aclose()
+        return OpenAIDialect(api, ENDPOINT)
 
     def _open_lines(self, parts: dict[int, PartState]) -> dict[int, int]:
         """Result key -> the open part whose lines hold it."""
@@ -146,7 +158,7 @@ class BatchExecutor:
         wanted: set[int],
         results: DurableResults,
         stop: Stop,
-        client: OpenAIBatches,
+        client: Dialect,
     ) -> None:
         interval = self.options.poll_interval
         while not stop.is_set():
@@ -175,20 +187,19 @@ class BatchExecutor:
             if not changed:
                 interval = min(interval * 1.5, self.options.max_poll_interval)
 
-    async def _advance(self, state: PartState, client: OpenAIBatches) -> bool:
+    async def _advance(self, state: PartState, client: Dialect) -> bool:
         """Upload, create, or poll ``state``'s batch one step; True when something changed."""
         journal = self.journal
-        if state.file_id is None:
+        if client.uploads and state.file_id is None:
             journal.append("upload", state.part)
             state.file_id = await client.upload(self.directory / state.file)
             journal.append("uploaded", state.part, file_id=state.file_id)
         if state.batch_id is None:
             return await self._create(state, client)
-        batch = await client.get(state.batch_id)
-        status = str(batch.get("status", "")).lower()
-        if status not in TERMINAL:
+        view = await client.view(state.batch_id)
+        if view.status not in TERMINAL:
             return False
-        if status == "failed" and _token_limited(batch):
+        if view.status == "failed" and view.token_limited:
             # the enqueued-token limit: create again later, without spending a round
             journal.append("requeue", state.part)
             state.batch_id, state.status = None, None
@@ -196,50 +207,58 @@ class BatchExecutor:
         journal.append(
             "ended",
             state.part,
-            status=status,
-            output_file_id=batch.get("output_file_id"),
-            error_file_id=batch.get("error_file_id"),
-            errors=((batch.get("errors") or {}).get("data") or [])[:100],
+            status=view.status,
+            output_file_id=view.output_ref,
+            error_file_id=view.error_ref,
+            errors=view.errors,
         )
-        state.status = status
-        state.output_file_id = batch.get("output_file_id")
-        state.error_file_id = batch.get("error_file_id")
-        state.errors = ((batch.get("errors") or {}).get("data") or [])[:100]
-        counts = batch.get("request_counts") or {}
+        state.status, state.errors = view.status, view.errors
+        state.output_file_id, state.error_file_id = view.output_ref, view.error_ref
         self.reporter.note(
-            f"batch {state.batch_id} (part {state.part}) {status}: "
-            f"{counts.get('completed', '?')} completed, {counts.get('failed', '?')} failed "
-            f"of {counts.get('total', state.lines)}"
+            f"batch {state.batch_id} (part {state.part}) {view.status}: "
+            f"{_count(view.completed)} completed, {_count(view.failed)} failed "
+            f"of {view.total if view.total is not None else state.lines}"
         )
         return True
 
-    async def _create(self, state: PartState, client: OpenAIBatches) -> bool:
+    async def _create(self, state: PartState, client: Dialect) -> bool:
         journal = self.journal
         if state.creating is not None:
-            # a create announced without its answer (a kill, a lost response): find it
+            # a create announced without its answer (a kill, a lost response)
+            if not client.finds:
+                raise BatchAPIError(
+                    f"batch part {state.part} ({state.file}): a create was sent and its answer "
+                    "never saved, and this provider's batches cannot be found by a tag; "
+                    "the batch may exist (and be billed). Check the provider's console; "
+                    "--restart sends everything again"
+                )
             found = await client.find(self._tag(state, state.attempt))
             if found is not None:
-                journal.append("created", state.part, batch_id=found["id"])
-                state.batch_id, state.creating = str(found["id"]), None
-                self.reporter.note(f"batch part {state.part}: found batch {found['id']} by its tag")
+                journal.append("created", state.part, batch_id=found)
+                state.batch_id, state.creating = found, None
+                self.reporter.note(f"batch part {state.part}: found batch {found} by its tag")
                 return True
         attempt = state.attempt + 1
         t0 = time.time()
         journal.append("create", state.part, attempt=attempt, t0=t0)
         state.attempt, state.creating = attempt, t0
         try:
-            batch = await client.create(state.file_id or "", ENDPOINT, self._tag(state, attempt))
+            batch_id = await client.create(
+                self.directory / state.file, state.file_id, self._tag(state, attempt)
+            )
         except AmbiguousCreate as exc:
             self.reporter.note(
                 f"batch part {state.part}: {exc}; looking for it before creating again"
             )
             return False  # next cycle: found by its tag, or created as the next attempt
         except TokenLimit as exc:
+            journal.append("refused", state.part)
+            state.creating = None
             self.reporter.note(f"batch part {state.part}: {exc}; waiting for running batches")
             return False
-        journal.append("created", state.part, batch_id=batch["id"])
-        state.batch_id, state.creating = str(batch["id"]), None
-        self.reporter.note(f"batch part {state.part}: batch {batch['id']} created")
+        journal.append("created", state.part, batch_id=batch_id)
+        state.batch_id, state.creating = batch_id, None
+        self.reporter.note(f"batch part {state.part}: batch {batch_id} created")
         return True
 
     def _tag(self, state: PartState, attempt: int) -> dict[str, str]:
@@ -254,15 +273,11 @@ class BatchExecutor:
         parts: dict[int, PartState],
         wanted: set[int],
         results: DurableResults,
-        client: OpenAIBatches,
+        client: Dialect,
     ) -> None:
-        chunks: list[bytes] = []
-        for suffix, file_id in (("output", state.output_file_id), ("errors", state.error_file_id)):
-            if file_id:
-                dest = self.directory / f"{state.file}.{suffix}"
-                await client.download(file_id, dest)
-                chunks.append(await asyncio.to_thread(dest.read_bytes))
-        parsed = parse_results(chunks)
+        view = BatchView(state.status or "", state.output_file_id, state.error_file_id)
+        paths = await client.fetch(view, self.directory / state.file)
+        parsed = client.parse([await asyncio.to_thread(p.read_bytes) for p in paths])
         if state.status == "failed":
             self.reporter.error(
                 f"batch {state.batch_id} (part file {state.file}) failed validation: "
@@ -348,6 +363,5 @@ class BatchExecutor:
         )
 
 
-def _token_limited(batch: dict[str, Any]) -> bool:
-    errors = (batch.get("errors") or {}).get("data") or []
-    return any(isinstance(e, dict) and e.get("code") == "token_limit_exceeded" for e in errors)
+def _count(value: int | None) -> str:
+    return "?" if value is None else str(value)

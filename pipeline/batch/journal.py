@@ -104,6 +104,8 @@ def _apply(state: PartState, event: dict[str, Any]) -> None:
         state.output_file_id = event.get("output_file_id")
         state.error_file_id = event.get("error_file_id")
         state.errors = event.get("errors") or []
+    elif kind == "refused":  # a create refused outright: nothing was created
+        state.creating = None
     elif kind == "requeue":  # refused for the enqueued-token limit: create again
         state.batch_id, state.status, state.creating = None, None, None
     elif kind == "merged":

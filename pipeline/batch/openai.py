@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 
 from ..errors import FatalError
+from .dialect import TERMINAL, BatchView
+from .lines import Parsed, parse_results
 
 Sleep = Callable[[float], Awaitable[None]]
 TRANSIENT = (httpx.TransportError,)
@@ -196,3 +198,61 @@ def _json(response: httpx.Response, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BatchAPIError(f"{what}: the answer is not a JSON object")
     return data
+
+
+class OpenAIDialect:
+    """The executor's view of ``OpenAIBatches`` (see ``dialect.Dialect``)."""
+
+    uploads = True
+    finds = True
+
+    def __init__(self, api: OpenAIBatches, endpoint: str) -> None:
+        self.api = api
+        self.endpoint = endpoint
+
+    async def upload(self, path: Path) -> str:
+        return await self.api.upload(path)
+
+    async def create(self, path: Path, file_id: str | None, tag: dict[str, str]) -> str:
+        batch = await self.api.create(file_id or "", self.endpoint, tag)
+        return str(batch["id"])
+
+    async def find(self, tag: dict[str, str]) -> str | None:
+        found = await self.api.find(tag)
+        return None if found is None else str(found["id"])
+
+    async def view(self, batch_id: str) -> BatchView:
+        batch = await self.api.get(batch_id)
+        status = str(batch.get("status", "")).lower()
+        errors = list(((batch.get("errors") or {}).get("data") or [])[:100])
+        counts = batch.get("request_counts") or {}
+        return BatchView(
+            status=status if status in TERMINAL else "running",
+            output_ref=batch.get("output_file_id"),
+            error_ref=batch.get("error_file_id"),
+            errors=errors,
+            completed=counts.get("completed"),
+            failed=counts.get("failed"),
+            total=counts.get("total"),
+            token_limited=any(
+                isinstance(e, dict) and e.get("code") == "token_limit_exceeded" for e in errors
+            ),
+        )
+
+    async def fetch(self, view: BatchView, dest: Path) -> list[Path]:
+        paths = []
+        for suffix, ref in (("output", view.output_ref), ("errors", view.error_ref)):
+            if ref:
+                path = dest.with_name(f"{dest.name}.{suffix}")
+                await self.api.download(ref, path)
+                paths.append(path)
+        return paths
+
+    def parse(self, chunks: Sequence[bytes]) -> Parsed:
+        return parse_results(chunks)
+
+    async def cancel(self, batch_id: str) -> None:
+        await self.api.cancel(batch_id)
+
+    async def aclose(self) -> None:
+        await self.api.aclose()
