@@ -9,9 +9,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from pipeline.batch.anthropic import outcome as anthropic_outcome
+from pipeline.batch.anthropic import to_params
 from pipeline.batch.journal import Journal
 from pipeline.batch.lines import parse_results
 from pipeline.batch.parts import PartCaps, PartWriter, custom_id, key_of, read_lines, request_line
+from pipeline.errors import ConfigError
 
 KEY = 0x1234ABCD5678EF00
 BODY = {
@@ -102,3 +107,50 @@ def test_the_journal_replays_each_part_to_its_last_step_and_ignores_a_torn_line(
     assert parts[1].batch_id is None and parts[1].attempt == 1 and parts[1].open
     assert parts[2].round == 2 and parts[2].file_id is None
     assert journal.next_part() == 3
+
+
+def test_an_openai_body_becomes_anthropic_messages_parameters() -> None:
+    body = {
+        "model": "claude-3-5-haiku",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Capital of France?"},
+        ],
+        "temperature": 0.1,
+        "stop": "\n",
+    }
+    assert to_params(body) == {
+        "model": "claude-3-5-haiku",
+        "max_tokens": 1024,
+        "system": "Be brief.",
+        "messages": [{"role": "user", "content": "Capital of France?"}],
+        "temperature": 0.1,
+        "stop_sequences": ["\n"],
+    }
+
+
+def test_an_anthropic_batch_refuses_before_sending_what_messages_cannot_carry() -> None:
+    body = {"model": "claude", "messages": [], "response_format": {"type": "json_object"}}
+    with pytest.raises(ConfigError, match="response_format"):
+        to_params(body)
+
+
+def test_anthropic_result_lines_map_to_the_same_outcomes() -> None:
+    succeeded = {
+        "type": "succeeded",
+        "message": {
+            "id": "msg_1",
+            "model": "claude",
+            "content": [{"type": "text", "text": "Paris"}],
+            "stop_reason": "max_tokens",
+            "usage": {"input_tokens": 9, "output_tokens": 1},
+        },
+    }
+    errored = {"type": "errored", "error": {"type": "error", "error": {
+        "type": "invalid_request_error", "message": "bad"}}}  # fmt: skip
+    ok = anthropic_outcome(KEY, succeeded)
+    assert ok.completion is not None and ok.completion.text == "Paris"
+    assert ok.completion.finish_reason == "length" and ok.completion.usage.total_tokens == 10
+    bad = anthropic_outcome(KEY, errored)
+    assert (bad.error_type, bad.message, bad.retryable) == ("invalid_request_error", "bad", False)
+    assert anthropic_outcome(KEY, {"type": "expired"}).retryable

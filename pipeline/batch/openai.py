@@ -71,7 +71,7 @@ class OpenAIBatches:
             files = {"file": (path.name, content, "application/jsonl")}
             return await self.http.post("/files", data={"purpose": "batch"}, files=files)
 
-        data = await self._retried(call, f"upload {path.name}")
+        data = await self.retried(call, f"upload {path.name}")
         return str(data["id"])
 
     async def create(self, file_id: str, endpoint: str, metadata: dict[str, str]) -> dict[str, Any]:
@@ -104,7 +104,7 @@ class OpenAIBatches:
             params: dict[str, Any] = {"limit": 100}
             if after:
                 params["after"] = after
-            page = await self._retried(partial(self.http.get, "/batches", params=params), "list")
+            page = await self.retried(partial(self.http.get, "/batches", params=params), "list")
             for batch in page.get("data") or []:
                 tags = batch.get("metadata") or {}
                 if all(tags.get(k) == v for k, v in metadata.items()):
@@ -114,21 +114,25 @@ class OpenAIBatches:
             after = page.get("last_id") or page["data"][-1]["id"]
 
     async def get(self, batch_id: str) -> dict[str, Any]:
-        return await self._retried(lambda: self.http.get(f"/batches/{batch_id}"), "get batch")
+        return await self.retried(lambda: self.http.get(f"/batches/{batch_id}"), "get batch")
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
-        return await self._retried(
+        return await self.retried(
             lambda: self.http.post(f"/batches/{batch_id}/cancel"), "cancel batch"
         )
 
     async def download(self, file_id: str, dest: Path) -> None:
         """``file_id``'s content to ``dest`` (temp, fsync, rename)."""
+        await self.download_url(f"/files/{file_id}/content", dest)
+
+    async def download_url(self, url: str, dest: Path) -> None:
+        """The body of ``GET url`` (under ``base_url``, or absolute) to ``dest``."""
         for attempt in range(self.attempts):
             try:
-                async with self.http.stream("GET", f"/files/{file_id}/content") as response:
+                async with self.http.stream("GET", url) as response:
                     if response.status_code != 200:
                         await response.aread()
-                        raise _status_error(response, f"download {file_id}")
+                        raise _status_error(response, f"download {url}")
                     tmp = dest.with_name(dest.name + ".tmp")
                     fh = await asyncio.to_thread(open, tmp, "wb")
                     try:
@@ -142,10 +146,10 @@ class OpenAIBatches:
                     return
             except (httpx.TransportError, _Transient) as exc:
                 if attempt + 1 == self.attempts:
-                    raise BatchAPIError(f"download {file_id}: {exc}") from exc
+                    raise BatchAPIError(f"download {url}: {exc}") from exc
                 await self.sleep(2.0**attempt)
 
-    async def _retried(
+    async def retried(
         self, call: Callable[[], Awaitable[httpx.Response]], what: str
     ) -> dict[str, Any]:
         for attempt in range(self.attempts):

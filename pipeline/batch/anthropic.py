@@ -1,0 +1,189 @@
+"""The Anthropic Message Batches dialect (Anthropic; the AI/ML API's batches for Claude).
+
+Requests go inline (``POST /messages/batches`` with ``requests[{custom_id, params}]``), each
+OpenAI chat body translated to Messages parameters (``to_params``: system messages become
+``system``, ``stop`` becomes ``stop_sequences``, ``max_tokens`` is required). A batch cannot
+carry a tag, so a create whose answer was lost cannot be found again (``finds = False``):
+the executor stops there rather than guess. Results are JSONL lines ``{custom_id, result:
+{type: succeeded | errored | canceled | expired}}``, read into the same ``Outcome``s as the
+OpenAI dialect's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ..errors import ConfigError
+from ..records import Choice, Completion, Usage
+from .dialect import BatchView
+from .lines import Outcome, Parsed
+from .openai import AmbiguousCreate, BatchAPIError, OpenAIBatches, TokenLimit
+from .parts import key_of
+
+DEFAULT_MAX_TOKENS = 1024  # Messages needs one; an OpenAI body may leave it out
+_UNSUPPORTED = ("response_format", "seed", "n", "logprobs", "tools", "tool_choice")
+_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
+
+
+def to_params(body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI chat body as Anthropic Messages parameters; ConfigError for what has no
+    equivalent (before anything is sent)."""
+    present = [name for name in _UNSUPPORTED if body.get(name) is not None]
+    if present:
+        raise ConfigError(
+            f"--batch-dialect anthropic cannot send {', '.join(present)} (no Messages "
+            "equivalent); drop those options, or use --schema-mode prompt for a schema."
+        )
+    system = [str(m.get("content") or "") for m in body["messages"] if m.get("role") == "system"]
+    params: dict[str, Any] = {
+        "model": body["model"],
+        "max_tokens": body.get("max_tokens") or DEFAULT_MAX_TOKENS,
+        "messages": [
+            {"role": m["role"], "content": m.get("content") or ""}
+            for m in body["messages"]
+            if m.get("role") != "system"
+        ],
+    }
+    if system:
+        params["system"] = "\n\n".join(system)
+    for name in ("temperature", "top_p"):
+        if body.get(name) is not None:
+            params[name] = body[name]
+    stop = body.get("stop")
+    if stop:
+        params["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    return params
+
+
+class AnthropicDialect:
+    """See the module docstring and ``dialect.Dialect``."""
+
+    uploads = False
+    finds = False
+
+    def __init__(self, base_url: str, api_key: str | None, transport: httpx.AsyncBaseTransport):
+        headers = {"anthropic-version": "2023-06-01"}
+        if api_key:
+            headers |= {"x-api-key": api_key, "Authorization": f"Bearer {api_key}"}
+        self.api = OpenAIBatches(base_url, None, transport)
+        self.api.http.headers.update(headers)
+
+    async def upload(self, path: Path) -> str:
+        raise AssertionError("the anthropic dialect sends its requests inline")
+
+    async def create(self, path: Path, file_id: str | None, tag: dict[str, str]) -> str:
+        requests = []
+        for raw in (await asyncio.to_thread(path.read_bytes)).splitlines():
+            if raw.strip():
+                line = json.loads(raw)
+                requests.append({"custom_id": line["custom_id"], "params": to_params(line["body"])})
+        try:
+            response = await self.api.http.post("/messages/batches", json={"requests": requests})
+        except httpx.TransportError as exc:
+            raise AmbiguousCreate(f"create batch: {type(exc).__name__}: {exc}") from exc
+        if response.status_code >= 500 or response.status_code in (408, 409):
+            raise AmbiguousCreate(f"create batch: HTTP {response.status_code}")
+        if response.status_code == 429:
+            raise TokenLimit(f"create batch: HTTP 429: {response.text[:200]}", status=429)
+        if response.status_code != 200:
+            raise BatchAPIError(
+                f"create batch: HTTP {response.status_code}: {response.text[:300]}",
+                status=response.status_code,
+            )
+        return str(response.json()["id"])
+
+    async def find(self, tag: dict[str, str]) -> str | None:
+        return None
+
+    async def view(self, batch_id: str) -> BatchView:
+        batch = await self.api.retried(
+            lambda: self.api.http.get(f"/messages/batches/{batch_id}"), "get batch"
+        )
+        counts = batch.get("request_counts") or {}
+        if batch.get("processing_status") != "ended":
+            return BatchView("running")
+        cancelled = batch.get("cancel_initiated_at") is not None
+        failed = sum(int(counts.get(k) or 0) for k in ("errored", "canceled", "expired"))
+        return BatchView(
+            "cancelled" if cancelled else "completed",
+            output_ref=batch.get("results_url") or f"/messages/batches/{batch_id}/results",
+            completed=counts.get("succeeded"),
+            failed=failed,
+            total=sum(int(v or 0) for v in counts.values()),
+        )
+
+    async def fetch(self, view: BatchView, dest: Path) -> list[Path]:
+        if not view.output_ref:
+            return []
+        path = dest.with_name(f"{dest.name}.results")
+        await self.api.download_url(view.output_ref, path)
+        return [path]
+
+    def parse(self, chunks: Sequence[bytes]) -> Parsed:
+        parsed = Parsed({})
+        for chunk in chunks:
+            for raw in chunk.splitlines():
+                if not raw.strip():
+                    continue
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    parsed.unknown += 1
+                    continue
+                key = key_of(str(line.get("custom_id", ""))) if isinstance(line, dict) else None
+                if key is None:
+                    parsed.unknown += 1
+                elif key in parsed.outcomes:
+                    parsed.repeated += 1
+                else:
+                    parsed.outcomes[key] = outcome(key, line.get("result") or {})
+        return parsed
+
+    async def cancel(self, batch_id: str) -> None:
+        await self.api.retried(
+            lambda: self.api.http.post(f"/messages/batches/{batch_id}/cancel"), "cancel batch"
+        )
+
+    async def aclose(self) -> None:
+        await self.api.aclose()
+
+
+def outcome(key: int, result: dict[str, Any]) -> Outcome:
+    """One result line's ``result`` as an ``Outcome``."""
+    kind = result.get("type")
+    if kind == "succeeded":
+        message = result.get("message") or {}
+        text = "".join(
+            block.get("text", "")
+            for block in message.get("content") or []
+            if isinstance(block, dict) and block.get("type") == "text"
+        )
+        usage = message.get("usage") or {}
+        prompt, answer = usage.get("input_tokens"), usage.get("output_tokens")
+        completion = Completion(
+            choices=(Choice(text, _FINISH.get(str(message.get("stop_reason")), "stop")),),
+            usage=Usage(
+                prompt_tokens=prompt,
+                completion_tokens=answer,
+                total_tokens=(prompt or 0) + (answer or 0) if prompt is not None else None,
+                cached_tokens=usage.get("cache_read_input_tokens"),
+            ),
+            model=message.get("model"),
+            response_id=message.get("id"),
+        )
+        return Outcome(key, completion=completion, status=200)
+    if kind == "errored":
+        error = (result.get("error") or {}).get("error") or result.get("error") or {}
+        return Outcome(
+            key,
+            error_type=str(error.get("type") or "errored"),
+            message=str(error.get("message") or "errored"),
+        )
+    # canceled (by the provider) or expired: it never ran; it may be sent again
+    return Outcome(key, error_type=f"batch_{kind}", message=f"the line was {kind}", retryable=True)
