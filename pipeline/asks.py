@@ -54,6 +54,10 @@ class Results(Protocol):
 
     def record(self, result: RowResult) -> None: ...
 
+    async def flush(self) -> bool:
+        """Write what was recorded to the checkpoint now; False when it cannot be."""
+        ...
+
 
 class AskStream:
     """A bounded stream of asks that several workers may iterate at once (``async for``)."""

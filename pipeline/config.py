@@ -110,6 +110,12 @@ class RunConfig:
     dedup: bool = True  # rows with the same prompt are sent once
     cache: str | None = None  # response cache directory shared across runs and outputs
     dry_run: bool = False  # only estimate; send nothing
+    # batch mode: answers through the provider's Batch API (pipeline/batch/)
+    batch: bool = False
+    batch_dialect: str | None = None  # openai | anthropic; None: from the base URL
+    batch_max_requests: int | None = None  # lines per batch; None: the provider's cap
+    poll_interval: float = 30.0  # seconds before the first poll; x1.5 while nothing changes
+    wait: bool = True  # False (--no-wait): submit, collect what is ready, exit 9
     # checkpoints and progress
     checkpoint_seconds: float = 2.0
     checkpoint_rows: int = 2000
@@ -244,6 +250,7 @@ _INT_FIELDS = {
     "max_total_tokens",
     "n",
     "max_response_bytes",
+    "batch_max_requests",
 }
 _FLOAT_FIELDS = {
     "temperature",
@@ -256,6 +263,7 @@ _FLOAT_FIELDS = {
     "rpm",
     "tpm",
     "max_cost",
+    "poll_interval",
 }
 _BOOL_FIELDS = {
     "overwrite",
@@ -267,6 +275,8 @@ _BOOL_FIELDS = {
     "dedup",
     "dry_run",
     "wide",
+    "batch",
+    "wait",
 }
 _STR_FIELDS = {
     "base_url",
@@ -294,6 +304,7 @@ _STR_FIELDS = {
     "samples",
     "n_mode",
     "delimiter",
+    "batch_dialect",
 }
 # TOML keys that are not RunConfig fields but are accepted by load_config_file and
 # passed through untouched (the CLI reads them itself).

@@ -97,15 +97,7 @@ async def run_async(
             grace=config.grace,
         )
         shape = RequestShape(config)
-        executor = seams.executor or OnlineExecutor(
-            config,
-            plan,
-            shape,
-            reporter,
-            transport=seams.transport,
-            sleep=seams.sleep,
-            clock=seams.clock,
-        )
+        executor = seams.executor or _executor(config, plan, shape, reporter, seams)
         if todo:
             await engine.send(
                 plan,
@@ -144,6 +136,25 @@ async def run_async(
     if summary.aborted:
         raise_aborted(summary)
     return summary
+
+
+def _executor(
+    config: RunConfig, plan: Plan, shape: RequestShape, reporter: Reporter, seams: Seams
+) -> Executor:
+    """How this run obtains its answers: the provider's Batch API or one request each."""
+    if config.batch:
+        from .batch.executor import make_batch_executor
+
+        return make_batch_executor(config, plan, shape, reporter, seams.transport)
+    return OnlineExecutor(
+        config,
+        plan,
+        shape,
+        reporter,
+        transport=seams.transport,
+        sleep=seams.sleep,
+        clock=seams.clock,
+    )
 
 
 def _announce(

@@ -19,21 +19,23 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from urllib.parse import urlsplit
 
 import httpx
 
-from ..asks import Ask, RequestShape
+from ..asks import Ask, RequestShape, Results
 from ..config import RunConfig
+from ..errors import ConfigError
 from ..planning import Plan
 from ..progress import Reporter
 from ..records import Cost, RowResult
 from ..stopping import Stop, StopKind
+from .anthropic import AnthropicDialect, to_params
 from .dialect import TERMINAL, BatchView, Dialect
 from .journal import Journal, PartState
 from .lines import Outcome, row_result
 from .openai import AmbiguousCreate, BatchAPIError, OpenAIBatches, OpenAIDialect, TokenLimit
-from .parts import ENDPOINT, PartCaps, PartWriter, WrittenPart, ask_lines, read_lines
+from .parts import ENDPOINT, MAX_REQUESTS, PartCaps, PartWriter, WrittenPart, ask_lines, read_lines
 
 
 @dataclass(frozen=True)
@@ -46,14 +48,6 @@ class BatchOptions:
     caps: PartCaps = field(default_factory=PartCaps)
     max_rounds: int = 3  # submissions of one line (expired, missing, 429/5xx lines go again)
     price_factor: float = 0.5  # the batch price as a share of the price table's
-
-
-class DurableResults(Protocol):
-    """What the batch executor needs of the recorder: record, and make durable."""
-
-    def record(self, result: RowResult) -> None: ...
-
-    async def flush(self) -> bool: ...
 
 
 class BatchExecutor:
@@ -84,7 +78,7 @@ class BatchExecutor:
 
     # -- the asks into parts ------------------------------------------------------------------
 
-    async def execute(self, asks: AsyncIterator[Ask], results: DurableResults, stop: Stop) -> None:
+    async def execute(self, asks: AsyncIterator[Ask], results: Results, stop: Stop) -> None:
         parts = self.journal.replay()
         awaiting = await asyncio.to_thread(self._open_lines, parts)
         wanted: set[int] = set()
@@ -156,7 +150,7 @@ class BatchExecutor:
         self,
         parts: dict[int, PartState],
         wanted: set[int],
-        results: DurableResults,
+        results: Results,
         stop: Stop,
         client: Dialect,
     ) -> None:
@@ -272,7 +266,7 @@ class BatchExecutor:
         state: PartState,
         parts: dict[int, PartState],
         wanted: set[int],
-        results: DurableResults,
+        results: Results,
         client: Dialect,
     ) -> None:
         view = BatchView(state.status or "", state.output_file_id, state.error_file_id)
@@ -365,3 +359,53 @@ class BatchExecutor:
 
 def _count(value: int | None) -> str:
     return "?" if value is None else str(value)
+
+
+def dialect_for(config: RunConfig) -> str:
+    """``--batch-dialect``, or the one the base URL's provider speaks."""
+    if config.batch_dialect is not None:
+        return config.batch_dialect
+    host = (urlsplit(config.base_url).hostname or "").lower()
+    return "anthropic" if host.endswith(("anthropic.com", "aimlapi.com")) else "openai"
+
+
+def make_batch_executor(
+    config: RunConfig,
+    plan: Plan,
+    shape: RequestShape,
+    reporter: Reporter,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> BatchExecutor:
+    """The batch executor for ``config``, or a ConfigError saying why this run cannot go
+    through a Batch API (before anything is sent; never a silent fall back to online)."""
+    dialect = dialect_for(config)
+    if dialect not in ("openai", "anthropic"):
+        raise ConfigError(f"--batch-dialect {dialect!r}: use openai or anthropic.")
+    if config.max_cost is not None or config.max_total_tokens is not None:
+        raise ConfigError(
+            "--batch with --max-cost/--max-total-tokens is not supported yet: a batch is "
+            "paid when it runs, so the budget would have to hold before each part is "
+            "created. Run without the budget (pipeline estimate --batch shows the cost)."
+        )
+    if dialect == "anthropic":
+        host = (urlsplit(config.base_url).hostname or "").lower()
+        for model in plan.models:
+            if host.endswith("aimlapi.com") and not model.lower().startswith(
+                ("claude", "anthropic/")
+            ):
+                raise ConfigError(
+                    f"--batch: the AI/ML API batches Claude models only, not '{model}'. "
+                    "Send it online (without --batch), or choose a Claude model."
+                )
+            to_params({"model": model, "messages": [], **shape.of(model)[0]})  # refuses early
+    caps = PartCaps(requests=config.batch_max_requests or MAX_REQUESTS)
+    options = BatchOptions(wait=config.wait, poll_interval=config.poll_interval, caps=caps)
+
+    def make() -> Dialect:
+        http = transport or httpx.AsyncHTTPTransport(retries=0)
+        if dialect == "anthropic":
+            return AnthropicDialect(config.base_url, plan.api_key, http)
+        api = OpenAIBatches(config.base_url, plan.api_key, http, timeout=max(config.timeout, 600))
+        return OpenAIDialect(api, ENDPOINT)
+
+    return BatchExecutor(config, plan, shape, reporter, options, dialect=make)
