@@ -1,0 +1,147 @@
+"""Batch mode (``--batch``) against a Files + Batches server on 127.0.0.1 (tests/batch_server.py):
+the same OUTPUT as an online run, parts cut by count, lines that expire sent again, failures
+as error rows, ``--no-wait`` exits 9 and a rerun collects, and a create whose answer is lost
+(a kill, a dropped connection) is found by its tag instead of being created twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+from batch_server import BatchServer, Faults
+from conftest import run_job
+
+from pipeline.errors import EXIT_BATCHES_RUNNING, EXIT_FAILED_ROWS, EXIT_OK
+
+FAST = {"batch": True, "poll_interval": 0.01}
+
+
+def _input(path: Path, count: int = 30) -> Path:
+    prompts = [f"item {i % 25}" for i in range(count)]  # the last 5 repeat the first 5
+    pd.DataFrame({"prompt": prompts}).to_csv(path, index=False)
+    return path
+
+
+def _compare(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.drop(columns=["latency_ms", "cost_usd", "cost_source", "response_id"])
+
+
+def test_a_batch_run_writes_the_output_of_an_online_run(tmp_path: Path) -> None:
+    data = _input(tmp_path / "in.csv")
+    with BatchServer() as server:
+        online = run_job(data, tmp_path / "online.parquet", base_url=server.base_url)
+        summary = run_job(
+            data, tmp_path / "batch.parquet", base_url=server.base_url,
+            batch_max_requests=10, **FAST,
+        )  # fmt: skip
+        assert len(server.creates) == 3  # 25 distinct prompts in parts of at most 10
+    assert online.exit_code == summary.exit_code == EXIT_OK
+    assert (summary.ok, summary.deduplicated) == (30, 5)
+    batch = pd.read_parquet(tmp_path / "batch.parquet")
+    pd.testing.assert_frame_equal(
+        _compare(batch), _compare(pd.read_parquet(tmp_path / "online.parquet"))
+    )
+    first = batch[batch["cost_source"] != "dedup"]
+    assert (first["cost_source"] == "batch").all()  # the batch price, not the online one
+
+
+def test_expired_lines_are_sent_again_in_a_new_part_and_end_ok(tmp_path: Path) -> None:
+    data = _input(tmp_path / "in.csv")
+    with BatchServer(Faults(expire_prompts={"item 3", "item 7"})) as server:
+        summary = run_job(data, tmp_path / "out.parquet", base_url=server.base_url, **FAST)
+        assert len(server.creates) == 2  # the first part, then the two expired lines
+        second = json.loads(
+            server.files[server.batches[list(server.batches)[-1]]["input_file_id"]].splitlines()[0]
+        )
+    assert summary.exit_code == EXIT_OK and summary.ok == 30
+    assert second["body"]["messages"][-1]["content"] in {"item 3", "item 7"}
+    frame = pd.read_parquet(tmp_path / "out.parquet")
+    assert (frame["completion"] == "Simulated answer to: " + frame["prompt"]).all()
+
+
+def test_lines_that_fail_every_round_end_as_error_rows_with_their_status(tmp_path: Path) -> None:
+    data = _input(tmp_path / "in.csv", 5)
+    with BatchServer(Faults(fail_all=True)) as server:
+        summary = run_job(data, tmp_path / "out.parquet", base_url=server.base_url, **FAST)
+        assert len(server.creates) == 3  # a 500 line may be sent again: 3 rounds
+    assert summary.exit_code == EXIT_FAILED_ROWS and summary.error == 5
+    frame = pd.read_parquet(tmp_path / "out.parquet")
+    assert (frame["http_status"] == 500).all() and (frame["attempts"] == 3).all()
+    assert frame["error_message"].str.contains("server error").all()
+
+
+def test_a_batch_that_fails_validation_fails_its_rows_loudly_naming_the_line(
+    tmp_path: Path,
+) -> None:
+    data = _input(tmp_path / "in.csv", 5)
+    with BatchServer(Faults(invalid=True)) as server:
+        summary = run_job(data, tmp_path / "out.parquet", base_url=server.base_url, **FAST)
+    assert summary.exit_code == EXIT_FAILED_ROWS and summary.error == 5
+    frame = pd.read_parquet(tmp_path / "out.parquet")
+    assert frame["error_message"].str.contains("line 2: invalid_request").all()
+
+
+def test_no_wait_exits_9_with_rows_pending_and_a_rerun_collects_without_resubmitting(
+    tmp_path: Path,
+) -> None:
+    data = _input(tmp_path / "in.csv")
+    output = tmp_path / "out.parquet"
+    with BatchServer(Faults(polls_running=2)) as server:
+        first = run_job(data, output, base_url=server.base_url, wait=False, **FAST)
+        assert first.exit_code == EXIT_BATCHES_RUNNING and first.pending == 30
+        assert (pd.read_parquet(output)["status"] == "pending").all()
+        second = run_job(data, output, base_url=server.base_url, wait=False, **FAST)
+        assert second.exit_code == EXIT_BATCHES_RUNNING  # still running (2 polls say so)
+        third = run_job(data, output, base_url=server.base_url, wait=False, **FAST)
+        assert third.exit_code == EXIT_OK and third.ok == 30
+        assert len(server.creates) == 1  # one batch, collected by the third run
+        assert server.lines_answered == 25
+
+
+def test_a_create_whose_answer_is_lost_is_found_by_its_tag_not_created_again(
+    tmp_path: Path,
+) -> None:
+    data = _input(tmp_path / "in.csv")
+    with BatchServer(Faults(drop_create=True)) as server:
+        summary = run_job(data, tmp_path / "out.parquet", base_url=server.base_url, **FAST)
+        assert len(server.creates) == 1
+    assert summary.exit_code == EXIT_OK and summary.ok == 30
+
+
+def test_a_run_killed_while_its_create_is_in_flight_resumes_with_one_batch(
+    tmp_path: Path,
+) -> None:
+    data = _input(tmp_path / "in.csv")
+    output = tmp_path / "out.parquet"
+    held = threading.Event()
+    with BatchServer(Faults(hold_create=held)) as server:
+        code = (
+            "import sys; from pipeline import run_batch; from pipeline.config import RunConfig; "
+            f"run_batch({str(data)!r}, {str(output)!r}, RunConfig(progress=False, "
+            f"base_url={server.base_url!r}, batch=True, poll_interval=0.01))"
+        )
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        child = subprocess.Popen([sys.executable, "-c", code], env=env)
+        deadline = time.monotonic() + 30
+        while not server.creates and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.creates, "the run never created its batch"
+        child.send_signal(signal.SIGKILL)  # the batch exists; the run never learned its id
+        child.wait(10)
+        held.set()
+        server.faults.hold_create = None
+
+        summary = run_job(data, output, base_url=server.base_url, **FAST)
+        assert len(server.creates) == 1  # found by its tag: not created (or paid) twice
+        assert server.lines_answered == 25
+    assert summary.exit_code == EXIT_OK and summary.ok == 30
+    frame = pd.read_parquet(output)
+    assert (frame["completion"] == "Simulated answer to: " + frame["prompt"]).all()
