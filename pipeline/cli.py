@@ -27,6 +27,7 @@ from .config import (
 )
 from .errors import (
     EXIT_ABORTED,
+    EXIT_BATCHES_RUNNING,
     EXIT_BUDGET,
     EXIT_CODES,
     EXIT_FAILED_ROWS,
@@ -170,6 +171,7 @@ _SECTION_TITLES = (
     "Concurrency, rate limits and retries",
     "Cost and budget",
     "Resume and reruns",
+    "Batch API (half price, within 24 h)",
     "Stopping (cron, CI)",
     "Logging and progress",
 )
@@ -187,6 +189,7 @@ _SECTIONS: dict[str, str] = {
             "concurrency rpm tpm adaptive max_retries",
             "max_cost max_total_tokens prices dedup cache dry_run typical_completion",
             "overwrite restart retry_failed",
+            "batch batch_dialect batch_max_requests poll_interval wait",
             "grace max_runtime",
             "no_progress log_interval log_format quiet summary_json help",
         ),
@@ -442,6 +445,39 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         help="Response cache shared across runs and outputs (keyed by URL + body).",
     ),
     click.option(
+        "--batch",
+        is_flag=True,
+        default=None,
+        help="Send the rows through the provider's Batch API instead of one request each "
+        "(about half the price; results within 24 h). Same OUTPUT, resumable; exit 9 with "
+        "--no-wait while batches run.",
+    ),
+    click.option(
+        "--batch-dialect",
+        type=click.Choice(["openai", "anthropic"]),
+        help="openai: /files + /batches (OpenAI, Azure, Groq, DeepInfra); anthropic: "
+        "/messages/batches (Anthropic; the AI/ML API for Claude). [default: from --base-url]",
+    ),
+    click.option(
+        "--batch-max-requests",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="Requests per batch (one model each; bytes stay under 190 MB). [default: 50000]",
+    ),
+    click.option(
+        "--poll-interval",
+        type=float,
+        metavar="SECONDS",
+        help="First wait between polls of running batches; x1.5 while nothing changes, up "
+        "to 10 min. [default: 30]",
+    ),
+    click.option(
+        "--wait/--no-wait",
+        default=None,
+        help="--batch: wait for the batches to finish, or submit, collect what is ready, "
+        "write OUTPUT and exit 9 (run again later to collect). [default: wait]",
+    ),
+    click.option(
         "--no-progress",
         is_flag=True,
         default=None,
@@ -595,6 +631,8 @@ _NEXT_STEP = {
     EXIT_BUDGET: "rerun with a larger --max-cost / --max-total-tokens to continue",
     EXIT_INTERRUPTED: "rerun the same command to continue",
     EXIT_STORAGE: "free space or fix permissions, then rerun the same command",
+    EXIT_BATCHES_RUNNING: "batches are still running: run the same command again later to "
+    "collect them",
 }
 
 
@@ -670,6 +708,10 @@ def _refuse_run_only(no_progress: bool | None) -> None:
 # job options that only change how a run runs, logs or reports: refused by an estimate
 # (--retry-failed too: an estimate counts a row with any result as done)
 _RUN_ONLY = (
+    "batch_dialect",
+    "batch_max_requests",
+    "poll_interval",
+    "wait",
     "retry_failed",
     "restart",
     "overwrite",
@@ -1158,3 +1200,6 @@ def report(output: Path, html_path: Path | None, as_json: bool) -> None:
                 EXIT_USAGE,
             )
         click.echo(f"wrote {html_path}", err=True)
+
+
+from . import cli_batch  # noqa: E402,F401  (registers `pipeline batch`; it imports this module)

@@ -176,10 +176,18 @@ def _removed_since_last_run(
     return int((~np.isin(last, np.concatenate(unit_keys))).sum())
 
 
-def plan_run(data: Any, output: Path, config: RunConfig, environ: dict[str, str] | None) -> Plan:
-    """Everything that can fail before a request is sent (raises UsageError / LockHeld)."""
+def plan_run(
+    data: Any,
+    output: Path,
+    config: RunConfig,
+    environ: dict[str, str] | None,
+    *,
+    sends: bool = True,
+) -> Plan:
+    """Everything that can fail before a request is sent (raises UsageError / LockHeld).
+    ``sends=False`` (an executor that sends nothing, e.g. an import) needs no API key."""
     source, builder = open_job(data, config)
-    api_key = resolve_api_key(config, environ)
+    api_key = resolve_api_key(config, environ) if sends else None
     proxies = settings_from(config.proxy, os.environ if environ is None else environ)
     proxies.check(config.base_url)
     checkpoint = Checkpoint(output)
@@ -449,6 +457,8 @@ def estimate_job(
         already = int(model_done.sum())
         if already:
             notes.append(f"{already} rows already done in {output} not counted")
+        if config.batch:
+            result = _at_batch_price(result, notes)
         results.append(dataclasses.replace(result, notes=tuple(notes)))
     return tuple(results)
 
@@ -469,3 +479,24 @@ def _cached_for(
         return True
 
     return cached
+
+
+BATCH_PRICE_FACTOR = 0.5  # batch mode's price as a share of the online price table's
+
+
+def _at_batch_price(result: Estimate, notes: list[str]) -> Estimate:
+    """``result`` priced as batch mode bills it (see ``batch.executor.BatchOptions``)."""
+
+    def half(cost: float | None) -> float | None:
+        return None if cost is None else cost * BATCH_PRICE_FACTOR
+
+    notes.append(
+        f"--batch: costs at {BATCH_PRICE_FACTOR:.0%} of the price table (the Batch APIs' "
+        "discount; check your provider's)"
+    )
+    return dataclasses.replace(
+        result,
+        cost_low=half(result.cost_low),
+        cost_high=half(result.cost_high),
+        cost_typical=half(result.cost_typical),
+    )

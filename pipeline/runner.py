@@ -78,7 +78,7 @@ async def run_async(
     reporter = seams.reporter or Reporter(
         progress=config.progress, log_interval=config.log_interval
     )
-    plan = plan_run(data, output, config, seams.environ)
+    plan = plan_run(data, output, config, seams.environ, sends=seams.executor is None)
     checkpoint = plan.checkpoint
     try:
         for note in plan.notes:

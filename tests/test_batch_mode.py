@@ -16,9 +16,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from batch_server import BatchServer, Faults
+from batch_server import BatchServer, Faults, answer
+from click.testing import CliRunner
 from conftest import run_job
 
+from pipeline.cli import main
 from pipeline.errors import EXIT_BATCHES_RUNNING, EXIT_FAILED_ROWS, EXIT_OK
 
 FAST = {"batch": True, "poll_interval": 0.01}
@@ -143,5 +145,40 @@ def test_a_run_killed_while_its_create_is_in_flight_resumes_with_one_batch(
         assert len(server.creates) == 1  # found by its tag: not created (or paid) twice
         assert server.lines_answered == 25
     assert summary.exit_code == EXIT_OK and summary.ok == 30
+    frame = pd.read_parquet(output)
+    assert (frame["completion"] == "Simulated answer to: " + frame["prompt"]).all()
+
+
+def test_the_command_line_batch_run_exits_9_then_0_and_its_help_is_true(tmp_path: Path) -> None:
+    data = _input(tmp_path / "in.csv")
+    output = tmp_path / "out.parquet"
+    with BatchServer(Faults(polls_running=1)) as server:
+        args = ["run", str(data), "-o", str(output), "--base-url", server.base_url]
+        args += ["--batch", "--poll-interval", "0.01", "--no-progress"]
+        first = CliRunner().invoke(main, [*args, "--no-wait"])
+        assert first.exit_code == EXIT_BATCHES_RUNNING, first.output
+        assert "run the same command again later" in first.stderr
+        second = CliRunner().invoke(main, args)
+        assert second.exit_code == EXIT_OK, second.output
+        assert len(server.creates) == 1
+    assert (pd.read_parquet(output)["status"] == "ok").all()
+
+
+def test_the_command_line_exports_and_imports_openai_batch_files(tmp_path: Path) -> None:
+    data = _input(tmp_path / "in.csv", 6)
+    requests = tmp_path / "requests.jsonl"
+    exported = CliRunner().invoke(main, ["batch", "export", str(data), "-o", str(requests)])
+    assert exported.exit_code == 0 and "6 requests" in exported.output
+    results = tmp_path / "results.jsonl"
+    with open(results, "w") as fh:
+        for raw in requests.read_text().splitlines():
+            line = json.loads(raw)
+            body = {"status_code": 200, "body": answer(line["body"])}
+            fh.write(json.dumps({"custom_id": line["custom_id"], "response": body}) + "\n")
+    output = tmp_path / "out.parquet"
+    imported = CliRunner().invoke(
+        main, ["batch", "import", str(data), "-o", str(output), "--results", str(results)]
+    )
+    assert imported.exit_code == EXIT_OK, imported.output
     frame = pd.read_parquet(output)
     assert (frame["completion"] == "Simulated answer to: " + frame["prompt"]).all()

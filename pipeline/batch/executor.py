@@ -26,7 +26,7 @@ import httpx
 from ..asks import Ask, RequestShape, Results
 from ..config import RunConfig
 from ..errors import ConfigError
-from ..planning import Plan
+from ..planning import BATCH_PRICE_FACTOR, Plan
 from ..progress import Reporter
 from ..records import Cost, RowResult
 from ..stopping import Stop, StopKind
@@ -47,7 +47,7 @@ class BatchOptions:
     max_poll_interval: float = 600.0
     caps: PartCaps = field(default_factory=PartCaps)
     max_rounds: int = 3  # submissions of one line (expired, missing, 429/5xx lines go again)
-    price_factor: float = 0.5  # the batch price as a share of the price table's
+    price_factor: float = BATCH_PRICE_FACTOR  # the batch price as a share of the table's
 
 
 class BatchExecutor:

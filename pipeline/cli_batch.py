@@ -1,0 +1,136 @@
+"""``pipeline batch ...``: OpenAI Batch JSONL in and out (``batch.interchange``).
+
+``export`` writes the Batch input file of the rows a run would send; ``import`` records
+result files (OpenAI output and error files, or ``vllm run-batch`` output) into OUTPUT.
+Both take the job options of ``pipeline run`` (prompt, model, request options), so that the
+bodies, and the row keys in ``custom_id``, are those of the run. Formatting only: the work
+is the library's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .batch.interchange import export_requests, import_results
+from .cli import (
+    _config_from_options,
+    _fail,
+    _os_error_message,
+    _SectionedCommand,
+    _write_summary,
+    job_options,
+    main,
+)
+from .errors import (
+    EXIT_ABORTED,
+    EXIT_LOCKED,
+    EXIT_USAGE,
+    ConfigError,
+    LockHeld,
+    RunAborted,
+    UsageError,
+)
+from .records import RunSummary
+
+
+@main.group()
+def batch() -> None:
+    """OpenAI Batch JSONL: export the requests of a run, import results made elsewhere."""
+
+
+@batch.command("export", cls=_SectionedCommand)
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "destination",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The Batch input file to write (.jsonl): one request line per result.",
+)
+@click.option(
+    "--skip-done",
+    "done_output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="OUTPUT",
+    help="Leave out the rows this OUTPUT's checkpoint already has.",
+)
+@job_options
+def export_command(
+    input_path: Path,
+    destination: Path,
+    done_output: Path | None,
+    config_path: str | None,
+    params: tuple[str, ...],
+    stop: tuple[str, ...],
+    no_progress: bool | None,
+    **options: Any,
+) -> None:
+    """Write the OpenAI Batch input file for the rows of INPUT that still need an answer.
+
+    custom_id is the row's result key; each body is exactly what `pipeline run` sends with
+    the same options (one line per sample with --n, seeded). Duplicates are exported once.
+    """
+    try:
+        config = _config_from_options(config_path, params, stop, no_progress, options)
+        count = export_requests(input_path, destination, config, output=done_output)
+    except UsageError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except OSError as exc:
+        _fail(_os_error_message(exc, destination), EXIT_USAGE)
+    click.echo(f"{destination}: {count} requests")
+
+
+@batch.command("import", cls=_SectionedCommand)
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="OUTPUT (.parquet): its checkpoint gets every matching line.",
+)
+@click.option(
+    "--results",
+    "results",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="An output or error file (OpenAI Batch, or vllm run-batch); repeatable.",
+)
+@job_options
+def import_command(
+    input_path: Path,
+    output: Path,
+    results: tuple[Path, ...],
+    config_path: str | None,
+    params: tuple[str, ...],
+    stop: tuple[str, ...],
+    no_progress: bool | None,
+    **options: Any,
+) -> None:
+    """Record the result lines that match rows of INPUT into OUTPUT, and write OUTPUT.
+
+    Lines are matched by custom_id (as `pipeline batch export` writes it). Rows without a
+    usable line (missing, expired) stay pending: `pipeline run` with the same options then
+    sends only those. Exit codes as `pipeline run`.
+    """
+    try:
+        config = _config_from_options(config_path, params, stop, no_progress, options)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    try:
+        summary = import_results(input_path, output, config, results)
+    except UsageError as exc:
+        _fail(str(exc), EXIT_USAGE, config.summary_json)
+    except LockHeld as exc:
+        _fail(str(exc), EXIT_LOCKED, config.summary_json)
+    except RunAborted as exc:
+        aborted: RunSummary | None = getattr(exc, "summary", None)
+        _write_summary(config.summary_json, aborted)
+        raise SystemExit(aborted.exit_code if aborted is not None else EXIT_ABORTED) from None
+    _write_summary(config.summary_json, summary)
+    raise SystemExit(summary.exit_code)
