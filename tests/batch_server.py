@@ -28,6 +28,7 @@ class Faults:
     expire_prompts: set[str] = field(default_factory=set)  # expire once each
     fail_all: bool = False  # every line an HTTP 500 error (output_file_id null)
     invalid: bool = False  # validation fails (status failed, errors.data)
+    delay: float = 0.0  # seconds before every answer (a slow provider: room to kill a client)
 
 
 class BatchServer:
@@ -42,6 +43,7 @@ class BatchServer:
         self._expired: set[str] = set()
         server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         server.daemon_threads = True
+        server.handle_error = lambda request, address: None  # type: ignore[method-assign]  # a killed client's broken pipe
         self.httpd = server
         self.base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
         self._thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -164,6 +166,7 @@ class BatchServer:
                 self.wfile.write(raw)
 
             def do_POST(self) -> None:
+                time.sleep(server.faults.delay)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 path = urlsplit(self.path).path
                 if path == "/v1/files":
@@ -184,6 +187,7 @@ class BatchServer:
                     self._reply(404, {"error": {"message": f"no {path}"}})
 
             def do_GET(self) -> None:
+                time.sleep(server.faults.delay)
                 split = urlsplit(self.path)
                 parts = split.path.strip("/").split("/")
                 if split.path == "/v1/batches":

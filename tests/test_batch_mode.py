@@ -182,3 +182,51 @@ def test_the_command_line_exports_and_imports_openai_batch_files(tmp_path: Path)
     assert imported.exit_code == EXIT_OK, imported.output
     frame = pd.read_parquet(output)
     assert (frame["completion"] == "Simulated answer to: " + frame["prompt"]).all()
+
+
+def _kill_after_journal_lines(data: Path, output: Path, base_url: str, lines: int) -> int:
+    """Run the job in a child process and SIGKILL it once the journal has ``lines`` lines
+    (the server answers slowly: the child is then waiting on its next remote call)."""
+    code = (
+        "from pipeline import run_batch; from pipeline.config import RunConfig; "
+        f"run_batch({str(data)!r}, {str(output)!r}, RunConfig(progress=False, "
+        f"base_url={base_url!r}, batch=True, poll_interval=0.01))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    journal = output.with_name(output.name + ".checkpoint") / "batch" / "batches.jsonl"
+    child = subprocess.Popen([sys.executable, "-c", code], env=env)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            if journal.exists() and journal.read_text().count("\n") >= lines:
+                break
+            time.sleep(0.005)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    return journal.read_text().count("\n") if journal.exists() else 0
+
+
+def test_kill_9_after_each_journal_step_then_a_rerun_finishes_every_row_once_one_batch(
+    tmp_path: Path,
+) -> None:
+    data = _input(tmp_path / "in.csv", 12)
+    # one part: part, upload, uploaded, create, created, ended, merged; "uploaded" and the
+    # create intent are written back to back, every other step is followed by a remote call
+    killed_at = set()
+    for step in range(1, 7):
+        output = tmp_path / f"out-{step}.parquet"
+        with BatchServer(Faults(delay=0.15, polls_running=1)) as server:
+            written = _kill_after_journal_lines(data, output, server.base_url, step)
+            assert step <= written < 7  # killed after that step, before the run ended
+            killed_at.add(written)
+            server.faults.delay = 0.0
+            summary = run_job(data, output, base_url=server.base_url, **FAST)
+            tags = [(c["bpp_part"], c["bpp_attempt"]) for c in server.creates]
+            assert len(tags) == len(set(tags)), f"step {step}: a part created twice: {tags}"
+            assert len(server.creates) == 1, f"step {step}: {server.creates}"
+            assert server.lines_answered == 12, f"step {step}: lines paid {server.lines_answered}"
+        assert summary.exit_code == EXIT_OK and summary.ok == 12, f"step {step}"
+        frame = pd.read_parquet(output)
+        assert (frame["completion"] == "Simulated answer to: " + frame["prompt"]).all()
+    assert killed_at >= {1, 2, 4, 5, 6}  # between each step and the next remote call
