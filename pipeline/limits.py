@@ -375,6 +375,7 @@ class _Trial:
     began: float
     answers: int = 0
     refused: int = 0
+    watching: bool = False  # no cut came before it (see RateController, "watch")
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,6 +420,9 @@ class RateView:
         }
 
 
+NOISE_TRACKING = 0.002  # per answer: how fast the noise floor follows the share of 429s
+
+
 class RateController:
     """Finds and holds a request-rate limit the server enforces but does not announce.
 
@@ -426,6 +430,10 @@ class RateController:
     and transport errors say nothing about our rate and are left to the per-row retries.
 
     - **Free until refused.** With no 429 seen it does not pace at all.
+    - **Watch a first scattered 429.** A first 429 after at least ``watch_after`` answers,
+      at a share under ``watch_share``, starts a trial without a cut: if the share holds
+      it is noise (no slow-down at all), if it climbs the trial cuts (a limit answers a
+      burst of 429s at once, and that is cut at once).
     - **A cut per congestion event.** A 429 that counts (see noise) sets the rate to
       ``backoff`` x what the server accepted over the last ``accept_window`` seconds (capped
       by the rate it was sending at): under a real limit, what gets through *is* the limit.
@@ -465,6 +473,8 @@ class RateController:
         trial_seconds: float = 3.0,
         same_share: float = 0.6,
         minimum_rate: float = 0.05,
+        watch_share: float = 0.2,
+        watch_after: int = 5,
     ) -> None:
         self.clock = clock
         self.on_change = on_change
@@ -477,6 +487,8 @@ class RateController:
         self.trial_seconds = trial_seconds
         self.same_share = same_share
         self.minimum_rate = minimum_rate
+        self.watch_share = watch_share
+        self.watch_after = watch_after
         self.meter = RateMeter(1.0, burst=1.0, clock=clock, sleep=sleep)
         self.rate: float | None = None
         self.found: float | None = None
@@ -534,13 +546,23 @@ class RateController:
             elif (
                 trial.answers >= self.trial_answers
                 or now - trial.began >= self.trial_seconds
-                or (trial.answers >= 20 and self._looks_like_noise(trial))
+                # a watch costs nothing (no cut): it waits for the full sample
+                or (trial.answers >= 20 and not trial.watching and self._looks_like_noise(trial))
             ):
                 self._judge(now, trial)
             return
+        if self.noise > 0.0:
+            # the floor follows the noise slowly (~500 answers): a first estimate is from a
+            # small sample, and a limit's climb outpaces it (the window is 300 answers)
+            self.noise += NOISE_TRACKING * (refused - self.noise)
         if refused:
             share = sum(self.recent) / len(self.recent)
-            if self.noise == 0.0 or share > 2 * self.noise + 0.02:
+            if self._first_and_scattered(share):
+                # watch before slowing down: scattered 429s keep this share at any rate,
+                # a limit's climb as we go on (then the trial cuts)
+                self.trial = _Trial(self.rate, self.found, share, now, watching=True)
+                self._tell("a few scattered 429s: watching before slowing down", force=True)
+            elif self.noise == 0.0 or share > 2 * self.noise + 0.02:
                 self._cut(now, share, "429 beyond the noise")
 
     # -- internals ----------------------------------------------------------------------------
@@ -624,21 +646,36 @@ class RateController:
         self.cuts += 1
         self._tell(why, force=self.cuts == 1)
 
+    def _first_and_scattered(self, share: float) -> bool:
+        """A first 429 among many answers, before any cut or noise verdict: as likely
+        noise as a limit, and slowing down for noise is what costs (a limit answers a
+        burst of 429s at once, which is cut at once)."""
+        return (
+            self.cuts == 0
+            and self.noise == 0.0
+            and self.rate is None
+            and len(self.recent) >= self.watch_after
+            and share < self.watch_share
+        )
+
     def _looks_like_noise(self, trial: _Trial) -> bool:
         share = trial.refused / max(trial.answers, 1)
         # about the same share as before the cut: not fewer (a limit left behind), and not
         # many more either (a limit that just came down)
-        return (
-            trial.share_before < 0.3
-            and trial.refused >= 3
-            and self.same_share * trial.share_before <= share <= 3 * trial.share_before + 0.05
-        )
+        # (not fewer counts only after a cut: while watching, fewer 429s say "no limit" too)
+        lowest = 0.0 if trial.watching else self.same_share * trial.share_before
+        highest = 3 * trial.share_before + 0.05
+        if trial.watching:  # nothing was cut: a share above watch_share is a limit's
+            highest = min(highest, self.watch_share)
+        return trial.share_before < 0.3 and trial.refused >= 3 and lowest <= share <= highest
 
     def _judge(self, now: float, trial: _Trial) -> None:
         self.trial = None
         share = trial.refused / max(trial.answers, 1)
         if self._looks_like_noise(trial):
             # as many 429s at the lower rate: they were not about our rate
+            if trial.watching:  # nothing was cut: every recent answer saw the same noise
+                share = sum(self.recent) / len(self.recent)
             self.noise = share if self.noise == 0.0 else 0.7 * self.noise + 0.3 * share
             self.found = trial.previous_found
             self._set_rate(trial.previous_rate)

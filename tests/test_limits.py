@@ -349,7 +349,7 @@ def test_noise_undoes_every_cut_it_caused_not_only_the_last() -> None:
         t.now += 0.002
         controller.observe(started=t.now, refused=refused)
 
-    for _ in range(20):
+    for _ in range(4):  # few answers yet (a 429 in 5 is no scatter): cut at once, not watched
         answer(False)
     answer(True)  # the first 429: a cut, then a trial
     assert controller.rate is not None
@@ -367,6 +367,35 @@ def test_noise_undoes_every_cut_it_caused_not_only_the_last() -> None:
             break
     assert controller.noise > 0
     assert controller.rate is None
+
+
+def test_scattered_429s_after_many_answers_never_slow_the_run_down() -> None:
+    """A first 429 among many answers is watched, not cut: at a steady small share it is
+    noise and the rate was never held (before: a cut to 85% of what got through, and ~2 s
+    at a fraction of the server's speed until a trial undid it)."""
+    t = FakeTime()
+    controller = RateController(clock=t.clock, sleep=t.sleep)
+    for i in range(400):
+        t.now += 0.002
+        controller.observe(started=t.now, refused=i > 40 and i % 16 == 0)
+        assert controller.rate is None, f"held a rate after answer {i}"
+    assert controller.cuts == 0 and controller.noise > 0
+
+
+def test_a_first_429_watched_is_cut_once_the_429s_climb() -> None:
+    """Watching a first 429 does not hide a limit: when the share climbs, the trial cuts."""
+    t = FakeTime()
+    controller = RateController(clock=t.clock, sleep=t.sleep)
+    for _ in range(40):
+        t.now += 0.002
+        controller.observe(started=t.now, refused=False)
+    t.now += 0.002
+    controller.observe(started=t.now, refused=True)
+    assert controller.trial is not None and controller.rate is None  # watching
+    for i in range(12):
+        t.now += 0.002
+        controller.observe(started=t.now, refused=i % 2 == 0)  # half refused: a limit
+    assert controller.cuts >= 1 and controller.rate is not None
 
 
 @pytest.mark.parametrize("gate", ["in flight", "rows"])
