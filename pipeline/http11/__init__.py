@@ -7,7 +7,8 @@ it raises httpx's errors, which the adapter in ``pipeline/transport.py`` maps in
 
 Layers, one module each (as httpcore cuts them): ``transport.py`` (``Http11Transport``,
 ``Route``: requests encoded, a pool per origin), ``pool.py`` (connections of one origin:
-open, reuse, wait, time out), ``connection.py`` (one connection: write a request, parse its
+count, reuse, wait, time out), ``connect.py`` (a new connection's socket: DNS, Happy
+Eyeballs, proxy tunnel), ``connection.py`` (one connection: write a request, parse its
 response strictly), ``decoding.py`` (gzip/deflate and the body size cap), ``errors.py``.
 This package only re-exports their public names.
 
@@ -50,10 +51,10 @@ bodies sent as a stream (they are read whole first), brotli/zstd content encodin
 ``fetch`` (only gzip and deflate are asked for).
 """
 
+from .connect import resolve
 from .connection import RawHeaders
 from .decoding import DEFAULT_MAX_RESPONSE_BYTES, decode_body, join_capped
 from .errors import CertificateNotTrusted, ResponseTooLarge
-from .pool import resolve
 from .transport import Http11Transport, Route
 
 __all__ = [

@@ -1,30 +1,25 @@
 """A keep-alive pool of HTTP/1.1 connections to one origin (scheme, host, port).
 
-Owns opening connections (DNS through ``resolve``, Happy Eyeballs, TLS, a CONNECT tunnel
-through a proxy), handing idle ones out (checked for unread bytes first), waiting for a
-free slot, the total timeout of each request (one watchdog timer per pool) and closing
-expired ones. It does not parse responses (``connection.py``) or build requests
+Owns counting and opening connections (the socket from ``connect.py``, then TLS), handing
+idle ones out (checked for unread bytes first), waiting for a free slot, the total timeout
+of each request (one watchdog timer per pool) and closing expired ones. It does not resolve
+or tunnel (``connect.py``), parse responses (``connection.py``) or build requests
 (``transport.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 from collections import deque
-from typing import Any
 
-import aiohappyeyeballs
 import httpx
 
-from ..proxy import Proxy, ProxyUnreachable, open_tunnel
+from ..proxy import Proxy
+from .connect import open_socket
 from .connection import Connection, Response
 from .decoding import DEFAULT_MAX_RESPONSE_BYTES
 from .errors import CertificateNotTrusted, ClosedBeforeResponse
-
-# RFC 8305: start the next address (alternating IPv6/IPv4) if one has not connected in 250 ms
-HAPPY_EYEBALLS_DELAY = 0.25
 
 
 class Pool:
@@ -180,18 +175,8 @@ class Pool:
         return connection
 
     async def _open(self) -> Connection:
-        # Happy Eyeballs by hand: uvloop's create_connection has no happy_eyeballs_delay, and
-        # without it a host whose IPv6 route drops packets would hang every new connection
-        # until the timeout. aiohappyeyeballs races the addresses and returns the socket.
         loop = self.loop
-        proxy = self.proxy
-        if proxy is not None:
-            sock = await self._open_tunnel(proxy)
-        else:
-            infos = await resolve(loop, self.host, self.port)
-            sock = await aiohappyeyeballs.start_connection(
-                infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1, loop=loop
-            )
+        sock = await open_socket(loop, self.host, self.port, self.proxy)
         try:
             _, connection = await loop.create_connection(
                 lambda: Connection(self),
@@ -203,37 +188,6 @@ class Pool:
             sock.close()  # the loop did not take it (as aiohttp does; see uvloop#653)
             raise
         return connection
-
-    async def _open_tunnel(self, proxy: Proxy) -> socket.socket:
-        """A socket to the proxy on which CONNECT to our origin succeeded (TLS comes next,
-        with the origin's host name). Errors name the proxy, never its credentials."""
-        loop = self.loop
-        failure: httpx.ProxyError | None = None
-        try:
-            infos = await resolve(loop, proxy.host, proxy.port)
-            sock = await aiohappyeyeballs.start_connection(
-                infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1, loop=loop
-            )
-        except OSError as exc:
-            failure = ProxyUnreachable(
-                f"cannot connect to {proxy.described()}: {type(exc).__name__}: {exc}"
-            )
-        if failure is not None:
-            raise failure
-        try:
-            await open_tunnel(loop, sock, proxy, self.host, self.port)
-        except OSError as exc:
-            failure = httpx.ProxyError(
-                f"{proxy.described()} dropped the connection during CONNECT to "
-                f"{self.host}:{self.port}: {type(exc).__name__}: {exc}"
-            )
-        except BaseException:
-            sock.close()
-            raise
-        if failure is not None:
-            sock.close()
-            raise failure
-        return sock
 
     def watch(self, total: float | None) -> None:
         """Make sure the watchdog runs while a request with this total timeout is in flight.
@@ -323,11 +277,3 @@ class Pool:
             if not waiter.done():
                 waiter.set_exception(httpx.PoolTimeout("the transport was closed"))
         self._waiters.clear()
-
-
-async def resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[tuple[Any, ...]]:
-    """The addresses to try for ``host:port`` (``getaddrinfo``; a seam for tests)."""
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    if not infos:
-        raise OSError(f"{host} has no address")
-    return list(infos)
