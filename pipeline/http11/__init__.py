@@ -8,9 +8,9 @@ it raises httpx's errors, which the adapter in ``pipeline/transport.py`` maps in
 Layers, one module each (as httpcore cuts them): ``transport.py`` (``Http11Transport``,
 ``Route``: requests encoded, a pool per origin), ``pool.py`` (connections of one origin:
 count, reuse, wait, time out), ``connect.py`` (a new connection's socket: DNS, Happy
-Eyeballs, proxy tunnel), ``connection.py`` (one connection: write a request, parse its
-response strictly), ``decoding.py`` (gzip/deflate and the body size cap), ``errors.py``.
-This package only re-exports their public names.
+Eyeballs, proxy tunnel), ``connection.py`` (one connection: write a request, complete its
+future), ``parser.py`` (the strict response parser), ``decoding.py`` (gzip/deflate and
+the body size cap), ``errors.py``. This package only re-exports their public names.
 
 Two ways in:
 
