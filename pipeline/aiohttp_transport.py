@@ -1,8 +1,9 @@
 """An httpx transport over one aiohttp connection pool (``http_backend = "aiohttp"``).
 
 Owns the socket layer and nothing else: it takes an ``httpx.Request`` and returns an
-``httpx.Response`` whose body is already read, so the client code stays plain httpx (and
-tests can hand it ``httpx.MockTransport`` instead).
+``httpx.Response`` whose body is already read (``fetch``: just status, headers and body).
+It raises httpx's errors; ``transport.AiohttpRoute``, the client's adapter for it, maps
+those and aiohttp's own into ``pipeline.errors``.
 
 Why not httpx's own transport: with hundreds of requests in flight httpcore's pool opens
 and drops connections (encode/httpcore#1035) and its per-request CPU cost caps a core at a
