@@ -1,64 +1,48 @@
-"""One chat-completion attempt: build the body, POST it through httpx, parse, map status -> error.
+"""One chat-completion attempt: build the body, POST it, parse, map status -> error.
 
-Owns the wire: URL, headers, the transport and its connection pool, response and error-body
-parsing (OpenAI's ``{"error": {...}}`` and the AI/ML API's flat ``{message, statusCode, ...}``),
-and Retry-After. It does not retry or pace: it raises a typed ``RequestError`` and lets
-``retry.py`` and ``limits.py`` decide.
+Owns what is said on the wire: URL, headers, response and error-body parsing (OpenAI's
+``{"error": {...}}`` and the AI/ML API's flat ``{message, statusCode, ...}``), the HTTP
+status -> error mapping and Retry-After. It does not retry or pace: it raises a typed
+``RequestError`` and lets ``retry.py`` and ``limits.py`` decide. It does not hold
+connections or know a backend's exceptions: ``make_transport`` builds the pool, and
+``ChatClient`` sends through the one ``transport.Route`` interface (an adapter per backend
+that raises only our errors), so ``send`` has one path whatever the backend.
 
 Speed: ``httpx.AsyncClient.send`` costs more CPU per request than the whole rest of the
 pipeline, so it is never used. The default transport, ``http11.Http11Transport`` (one
 keep-alive pool sized to ``--concurrency``), takes a pre-encoded request template for our
 one URL: a request is then the body, two headers and one write, with no ``httpx.Request``
-or ``httpx.Response`` built. ``http_backend = "aiohttp"`` uses ``transport.AiohttpTransport``
-(an aiohttp pool, fed ``httpx.Request`` objects), ``"httpx"`` httpx's own
-``AsyncHTTPTransport``. Tests inject any ``httpx.AsyncBaseTransport`` (for example
-``httpx.MockTransport``), which goes through the standard interface.
+or ``httpx.Response`` built. ``http_backend = "aiohttp"`` uses
+``aiohttp_transport.AiohttpTransport`` (an aiohttp pool, fed ``httpx.Request`` objects),
+``"httpx"`` httpx's own ``AsyncHTTPTransport``. Tests inject any ``httpx.AsyncBaseTransport``
+(for example ``httpx.MockTransport``) or a ``transport.Route`` of their own.
 """
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
-import errno
 import json
-import socket
-import ssl
-import sys
 import time
 from typing import Any
 
 import httpx
 
-from . import errors
+from .aiohttp_transport import AiohttpTransport
 from .errors import (
     AuthenticationError,
     BadRequest,
-    ConnectFailed,
     MalformedResponse,
     PermissionDenied,
     QuotaExceeded,
     RateLimited,
     RequestError,
     ServerError,
-    TransportError,
 )
-from .http11 import (
-    DEFAULT_MAX_RESPONSE_BYTES,
-    CertificateNotTrusted,
-    Http11Transport,
-    ResponseTooLarge,
-    join_capped,
-)
+from .http11 import DEFAULT_MAX_RESPONSE_BYTES, Http11Transport
 from .pricing import reported_cost
-from .proxy import (
-    HttpxProxyRouter,
-    ProxyRefused,
-    ProxySettings,
-    ProxyUnreachable,
-    mask_credentials,
-)
+from .proxy import HttpxProxyRouter, ProxySettings, mask_credentials
 from .records import Choice, Completion, Usage
-from .transport import AiohttpTransport
+from .transport import Route, route_to
 
 USER_AGENT = "batch-prompt-pipeline/0.1"
 # Response headers worth keeping: rate-limit state and the AI/ML API's cost accounting.
@@ -107,13 +91,11 @@ class ChatClient:
         *,
         api_key: str | None,
         timeout: float,
-        transport: httpx.AsyncBaseTransport,
+        transport: httpx.AsyncBaseTransport | Route,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         self.url = httpx.URL(base_url.rstrip("/") + "/chat/completions")
         self.timeout = timeout
-        # enforced here for transports that do not cap bodies themselves (httpx's own)
-        self.max_response_bytes = max_response_bytes
         self.transport = transport
         self._api_key = api_key
         headers = [
@@ -123,27 +105,14 @@ class ChatClient:
         ]
         if api_key:
             headers.append(("Authorization", f"Bearer {api_key}"))
-        self._headers = [(b"Host", self.url.netloc)] + [
+        fixed = [(b"Host", self.url.netloc)] + [
             (k.encode("ascii"), v.encode("latin-1")) for k, v in headers
         ]
-        # "total" is read by AiohttpTransport.fetch; httpx's transports ignore it
-        self._timeouts = {
-            "connect": timeout,
-            "read": timeout,
-            "write": timeout,
-            "pool": timeout,
-            "total": timeout,
-        }
-        self._route = None
-        self._fetch = None
-        if isinstance(transport, Http11Transport):
-            # request line and fixed headers encoded once; gzip/deflate asked for and decoded
-            self._route = transport.route("POST", self.url, self._headers)
-        elif isinstance(transport, AiohttpTransport):
-            self._fetch = transport.fetch
+        # one adapter, chosen once: send has one path whatever the backend
+        self.route = route_to(transport, self.url, fixed, max_response_bytes=max_response_bytes)
 
     async def aclose(self) -> None:
-        await self.transport.aclose()
+        await self.route.aclose()
 
     def redact(self, text: str) -> str:
         """Remove the API key and any URL's credentials (a proxy's) from text that came
@@ -152,73 +121,17 @@ class ChatClient:
             text = text.replace(self._api_key, "***")
         return mask_credentials(text)
 
-    def _request(self, body: bytes, request_id: str) -> httpx.Request:
-        # Host, Content-Length and a ByteStream given up front: httpx.Request then skips
-        # its header preparation, a third of its cost.
-        return httpx.Request(
-            "POST",
-            self.url,
-            headers=[
-                *self._headers,
-                (b"X-Client-Request-Id", request_id.encode("ascii")),
-                (b"Content-Length", b"%d" % len(body)),
-            ],
-            stream=httpx.ByteStream(body),
-            extensions={"timeout": self._timeouts},
-        )
-
     async def send(self, body: bytes, request_id: str) -> Completion:
         """One attempt. Returns the parsed completion or raises a ``RequestError``."""
         try:
-            if self._route is not None:
-                # the default transport: a total timeout, the body read whole and decoded
-                status, raw_headers, content = await self._route.fetch(
-                    body,
-                    ((b"X-Client-Request-Id", request_id.encode("ascii")),),
-                    total=self.timeout,
-                )
-            elif self._fetch is not None:
-                # aiohttp: the same, fed an httpx.Request
-                status, raw_headers, content = await self._fetch(self._request(body, request_id))
-            else:
-                request = self._request(body, request_id)
-                async with asyncio.timeout(self.timeout):
-                    response = await self.transport.handle_async_request(request)
-                    try:
-                        content = await read_capped(response, self.max_response_bytes)
-                    finally:
-                        await response.aclose()
-                status, raw_headers = response.status_code, response.headers.raw
-        except TimeoutError:
-            raise TransportError(f"no complete answer within {self.timeout:g}s") from None
-        except ResponseTooLarge as exc:
-            raise errors.ResponseTooLarge(self.redact(str(exc))) from None
-        except ProxyRefused as exc:
-            raise proxy_refusal(exc) from None
-        except httpx.ProxyError as exc:
-            # its own text names the proxy; the error it was raised from would not
-            failure = ConnectFailed if isinstance(exc, ProxyUnreachable) else TransportError
-            raise failure(self.redact(f"{type(exc).__name__}: {exc}")) from None
-        except (httpx.TransportError, httpx.DecodingError, OSError) as exc:
-            if _certificate_failure(exc):
-                raise errors.CertificateError(
-                    self.redact(
-                        f"{_describe(exc)}. Every request to {self.url.host} would "
-                        "fail the same way: fix the server's certificate, or trust its "
-                        "CA with SSL_CERT_FILE=/path/to/ca.pem"
-                    )
-                ) from None
-            failure = ConnectFailed if _no_connection(exc) else TransportError
-            raise failure(self.redact(_describe(exc))) from None
-        except Exception as exc:
-            # aiohttp errors the transport does not map (for example a dropped connection
-            # mid-body) are network failures too.
-            if type(exc).__module__.startswith("aiohttp"):
-                failure = ConnectFailed if _no_connection(exc) else TransportError
-                raise failure(self.redact(_describe(exc))) from None
-            raise
+            response = await self.route.post(
+                body, ((b"X-Client-Request-Id", request_id.encode("ascii")),), total=self.timeout
+            )
+        except RequestError as exc:
+            raise self.redacted(exc) from None
+        status = response.status
         if status == 200:
-            return parse_completion(content, kept_headers(raw_headers))
+            return parse_completion(response.body, kept_headers(response.headers))
         if status == 407:
             # only a proxy answers 407 (an http:// target's, through an absolute-form request)
             raise AuthenticationError(
@@ -226,7 +139,9 @@ class ChatClient:
                 "and password in --proxy / HTTP_PROXY (http://user:password@host:port).",
                 status=status,
             )
-        raise self.redacted(error_from_response(status, content, httpx.Headers(raw_headers)))
+        raise self.redacted(
+            error_from_response(status, response.body, httpx.Headers(response.headers))
+        )
 
     def redacted(self, error: RequestError) -> RequestError:
         error.message = self.redact(error.message)
@@ -234,75 +149,9 @@ class ChatClient:
         return error
 
 
-def proxy_refusal(exc: ProxyRefused) -> RequestError:
-    """A proxy that refuses CONNECT: 407 and 403 stop the run (every row would get the
-    same answer); other statuses (502: the proxy could not reach the API) are retried."""
-    message = mask_credentials(str(exc))
-    if exc.status == 407:
-        return AuthenticationError(message, status=exc.status)
-    if exc.status == 403:
-        return PermissionDenied(message, status=exc.status)
-    return TransportError(message, status=exc.status)
-
-
 def build_body(model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> bytes:
     """The request body: model, messages and the other (set) parameters, as JSON bytes."""
     return json.dumps({"model": model, "messages": messages, **params}, ensure_ascii=False).encode()
-
-
-_NO_CONNECTION_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH}
-
-
-def _no_connection(exc: BaseException) -> bool:
-    """Whether ``exc`` says no connection could be opened (refused, no such host,
-    unreachable), as opposed to one that broke or timed out."""
-    if isinstance(exc, httpx.ConnectError | socket.gaierror | ConnectionRefusedError):
-        return True
-    aiohttp = sys.modules.get("aiohttp")
-    if aiohttp is not None and isinstance(exc, aiohttp.ClientConnectorError):
-        return True
-    return isinstance(exc, OSError) and exc.errno in _NO_CONNECTION_ERRNOS
-
-
-async def read_capped(response: httpx.Response, limit: int) -> bytes:
-    """An httpx response's decoded body, refused (``ResponseTooLarge``) past ``limit`` bytes.
-
-    A Content-Length over the limit or more than two content codings is refused before
-    reading. httpx decodes each piece as it arrives, so a compressed piece may briefly
-    decode to more than the limit before the count sees it (one network read's worth).
-    """
-    length = response.headers.get("content-length", "")
-    if length.isascii() and length.isdigit() and int(length) > limit:
-        raise ResponseTooLarge(
-            f"response body (Content-Length {length[:20]}) over {limit:,} bytes; "
-            "raise --max-response-bytes if it is real"
-        )
-    codings = [c for c in response.headers.get("content-encoding", "").split(",") if c.strip()]
-    if len(codings) > 2:
-        raise ResponseTooLarge(f"{len(codings)} content codings stacked; at most 2")
-    return await join_capped(response.aiter_bytes(), limit)
-
-
-def _certificate_failure(exc: BaseException) -> bool:
-    """True when ``exc`` (or what it was raised from) is a TLS certificate verification failure."""
-    seen = 0
-    error: BaseException | None = exc
-    while error is not None and seen < 8:
-        if isinstance(error, (CertificateNotTrusted, ssl.SSLCertVerificationError)):
-            return True
-        error = error.__cause__ or error.__context__
-        seen += 1
-    return False
-
-
-def _describe(exc: BaseException) -> str:
-    # only an explicit cause (raise ... from): the implicit context may be any exception
-    # that happened to be handled around the event loop (for example the RuntimeError of
-    # "no running event loop"), which says nothing about this request
-    cause = exc.__cause__
-    inner = cause if cause is not None and str(cause) else exc
-    text = str(inner) or type(inner).__name__
-    return f"{type(inner).__name__}: {text}"
 
 
 def kept_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:

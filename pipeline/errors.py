@@ -124,7 +124,8 @@ class RequestError(PipelineError):
 
     Fields: ``status`` (HTTP status or None), ``code``/``type`` (from the error body),
     ``retry_after`` (seconds the server asked us to wait, or None), ``headers`` (the
-    rate-limit and accounting headers of the response, if any).
+    rate-limit and accounting headers of the response, if any), ``attempts`` (how many
+    attempts the row made before this error ended it: 1 until ``retry.py`` says more).
     """
 
     def __init__(
@@ -136,9 +137,11 @@ class RequestError(PipelineError):
         type: str | None = None,
         retry_after: float | None = None,
         headers: dict[str, str] | None = None,
+        attempts: int = 1,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.attempts = attempts
         self.headers = headers or {}
         self.status = status
         self.code = code

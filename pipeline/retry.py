@@ -48,10 +48,6 @@ class wait_retry_after(wait_base):
         return float(self.fallback(retry_state))
 
 
-class RetriesExhausted(Exception):
-    """Internal: carries the last error and how many attempts were made."""
-
-
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """How many times and how long to retry one row.
@@ -109,18 +105,18 @@ class RetryPolicy:
         """Run ``attempt`` with retries; returns (result, attempts made).
 
         ``on_retry`` (else the policy's own) hears of each retry before its wait. Raises the
-        last ``RequestError`` with an ``attempts`` attribute when it gives up.
+        last ``RequestError``, its ``attempts`` field set, when it gives up.
         """
         notify = on_retry or self.on_retry
         try:
             return await attempt(), 1
         except RetryableError as exc:
             if self.max_retries == 0:
-                exc.attempts = 1  # type: ignore[attr-defined]
+                exc.attempts = 1
                 raise
             first_error = exc
         except RequestError as exc:
-            exc.attempts = 1  # type: ignore[attr-defined]
+            exc.attempts = 1
             raise
         wait = self.first_wait(first_error)
         if notify is not None:
@@ -133,6 +129,6 @@ class RetryPolicy:
                     attempts += 1
                     result = await attempt()
         except RequestError as exc:
-            exc.attempts = attempts  # type: ignore[attr-defined]
+            exc.attempts = attempts
             raise
         return result, attempts

@@ -1,191 +1,276 @@
-"""An httpx transport over one aiohttp connection pool (``http_backend = "aiohttp"``).
+"""The one interface ``ChatClient`` sends through, and an adapter per HTTP backend.
 
-Owns the socket layer and nothing else: it takes an ``httpx.Request`` and returns an
-``httpx.Response`` whose body is already read, so the client code stays plain httpx (and
-tests can hand it ``httpx.MockTransport`` instead).
+Owns ``Route`` (a protocol: ``post(body, headers, total=seconds) -> RawResponse``, raising only
+``pipeline.errors.RequestError``), ``RawResponse`` (status, raw headers, decoded body),
+``route_to`` (the adapter for a transport, chosen once per client) and the mapping of each
+backend's own exceptions into our error tree:
 
-Why not httpx's own transport: with hundreds of requests in flight httpcore's pool opens
-and drops connections (encode/httpcore#1035) and its per-request CPU cost caps a core at a
-few thousand requests/s. Why not the httpx-aiohttp package: it streams the body through
-httpx's iterator machinery, which costs more CPU than the whole rest of our pipeline for
-small JSON answers. Reading the body in one go and building the response from bytes keeps
-the httpx interface at a fraction of the cost (see benchmarks/). The default transport,
-``http11.Http11Transport``, costs a fraction again; this one stays as a fallback.
+- ``Http11Route``: the built-in ``http11.Http11Transport`` through its pre-encoded
+  ``http11.Route`` (the default and the hot path);
+- ``AiohttpRoute``: ``aiohttp_transport.AiohttpTransport``, fed an ``httpx.Request``;
+- ``HttpxRoute``: any ``httpx.AsyncBaseTransport`` (httpx's own, ``httpx.MockTransport``
+  in tests, ``proxy.HttpxProxyRouter``), its body read here up to the size cap.
 
-aiohttp is imported on first use, not with this module: it takes ~0.15 s to import, and
-runs on the default transport never need it.
-
-Proxies: given ``ProxySettings`` (``proxy.py``), each request names its proxy to aiohttp
-(``proxy=``; credentials sent as a ``Proxy-Authorization`` header, not in the URL), so
-``NO_PROXY`` is matched as in the other backends; aiohttp's own ``trust_env`` stays off.
+A test may hand ``ChatClient`` its own ``Route`` (an object with ``post`` and ``aclose``)
+instead of a transport. This module does not build bodies, parse answers or map HTTP
+statuses (``client.py``), and does not retry (``retry.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import socket
 import ssl
-from typing import TYPE_CHECKING, Any
+import sys
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 import httpx
 
-from .http11 import (
-    DEFAULT_MAX_RESPONSE_BYTES,
-    CertificateNotTrusted,
-    ResponseTooLarge,
-    join_capped,
-)
-from .proxy import ProxySettings, ProxyUnreachable, refused
+from . import errors
+from .aiohttp_transport import AiohttpTransport
+from .errors import AuthenticationError, ConnectFailed, PermissionDenied, RequestError
+from .http11 import CertificateNotTrusted, Http11Transport, ResponseTooLarge, join_capped
+from .proxy import ProxyRefused, ProxyUnreachable, mask_credentials
 
-if TYPE_CHECKING:
-    import aiohttp
-    from yarl import URL
+__all__ = [
+    "AiohttpRoute",
+    "AiohttpTransport",
+    "Http11Route",
+    "HttpxRoute",
+    "RawHeaders",
+    "RawResponse",
+    "Route",
+    "read_capped",
+    "route_to",
+]
 
-# aiohttp derives these from the URL and the body itself
-_SET_BY_AIOHTTP = {b"host", b"content-length"}
-# response headers about the encoded bytes on the wire, not the decoded body we return
-_DESCRIBE_THE_WIRE = {b"content-encoding", b"content-length"}
+RawHeaders = Sequence[tuple[bytes, bytes]]
+# what a backend raises for a failed attempt: httpx's errors (which the http11 and aiohttp
+# transports raise too), OSError, and the attempt's own timeout
+_FAILURES = (TimeoutError, httpx.TransportError, httpx.DecodingError, OSError)
 
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """HTTP/1.1 keep-alive pool of at most ``max_connections``; bodies read whole, up to
-    ``max_response_bytes`` (a Content-Length over it is refused at once, a longer or
-    compressed body is read in pieces and refused when the decoded bytes pass it)."""
+class RawResponse(NamedTuple):
+    """One HTTP answer: status, raw headers and the body, already decoded."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+class Route(Protocol):
+    """POSTs to one URL with fixed headers; every failure is a ``RequestError``."""
+
+    async def post(self, body: bytes, headers: RawHeaders, *, total: float) -> RawResponse:
+        """Send ``body`` with the route's headers plus ``headers``, within ``total`` seconds."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def route_to(
+    transport: httpx.AsyncBaseTransport | Route,
+    url: httpx.URL,
+    headers: RawHeaders,
+    *,
+    max_response_bytes: int,
+) -> Route:
+    """The adapter that sends through ``transport`` to ``url`` (a ``Route`` is its own)."""
+    if isinstance(transport, Http11Transport):
+        return Http11Route(transport, url, headers)
+    if isinstance(transport, AiohttpTransport):
+        return AiohttpRoute(transport, url, headers)
+    if isinstance(transport, httpx.AsyncBaseTransport):
+        return HttpxRoute(transport, url, headers, max_response_bytes=max_response_bytes)
+    return transport
+
+
+class Http11Route:
+    """The built-in transport: request line and fixed headers encoded once; gzip/deflate
+    asked for and decoded; one total timeout."""
+
+    def __init__(self, transport: Http11Transport, url: httpx.URL, headers: RawHeaders) -> None:
+        self.transport = transport
+        self.host = url.host
+        self._route = transport.route("POST", url, headers)
+
+    async def post(self, body: bytes, headers: RawHeaders, *, total: float) -> RawResponse:
+        try:
+            status, raw_headers, content = await self._route.fetch(body, headers, total=total)
+        except _FAILURES as exc:
+            raise from_httpx_error(exc, self.host, total) from None
+        return RawResponse(status, raw_headers, content)
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+class _RequestRoute:
+    """What the aiohttp and httpx adapters share: an ``httpx.Request`` per POST."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, url: httpx.URL, headers: RawHeaders):
+        self.transport = transport
+        self.url = url
+        self.host = url.host
+        self._headers = list(headers)
+        self._timeouts: dict[str, float] = {}
+
+    def request(self, body: bytes, headers: RawHeaders, timeout: float) -> httpx.Request:
+        if self._timeouts.get("total") != timeout:
+            # "total" is read by AiohttpTransport.fetch; httpx's transports ignore it
+            self._timeouts = dict.fromkeys(("connect", "read", "write", "pool", "total"), timeout)
+        # Host, Content-Length and a ByteStream given up front: httpx.Request then skips
+        # its header preparation, a third of its cost.
+        return httpx.Request(
+            "POST",
+            self.url,
+            headers=[*self._headers, *headers, (b"Content-Length", b"%d" % len(body))],
+            stream=httpx.ByteStream(body),
+            extensions={"timeout": self._timeouts},
+        )
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+class AiohttpRoute(_RequestRoute):
+    """``http_backend = "aiohttp"``: the body read whole and decoded by aiohttp."""
+
+    transport: AiohttpTransport
+
+    async def post(self, body: bytes, headers: RawHeaders, *, total: float) -> RawResponse:
+        import aiohttp  # loaded by the transport already; not at this module's import
+
+        try:
+            status, raw_headers, content = await self.transport.fetch(
+                self.request(body, headers, total)
+            )
+        except _FAILURES as exc:
+            raise from_httpx_error(exc, self.host, total) from None
+        except (aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError) as exc:
+            # what the transport does not map (a connection dropped mid-body, say)
+            failure = ConnectFailed if _no_connection(exc) else errors.TransportError
+            raise failure(mask_credentials(_describe(exc))) from None
+        return RawResponse(status, raw_headers, content)
+
+
+class HttpxRoute(_RequestRoute):
+    """Any ``httpx.AsyncBaseTransport``: the body read here, refused past the cap."""
 
     def __init__(
         self,
+        transport: httpx.AsyncBaseTransport,
+        url: httpx.URL,
+        headers: RawHeaders,
         *,
-        max_connections: int,
-        keepalive_expiry: float = 30.0,
-        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-        proxies: ProxySettings | None = None,
+        max_response_bytes: int,
     ) -> None:
-        self.max_connections = max_connections
-        self.proxies = proxies
-        self.keepalive_expiry = keepalive_expiry
+        super().__init__(transport, url, headers)
         self.max_response_bytes = max_response_bytes
-        self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, URL] = {}
-        self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        # created lazily: a ClientSession belongs to the running event loop
-        if self._session is None:
-            import aiohttp
-
-            connector = aiohttp.TCPConnector(
-                # made now, not at aiohttp's import: SSL_CERT_FILE / SSL_CERT_DIR set by then
-                # count (a company proxy's CA is often given that way), as with http11
-                ssl=ssl.create_default_context(),
-                limit=self.max_connections,
-                limit_per_host=self.max_connections,
-                keepalive_timeout=self.keepalive_expiry,
-                ttl_dns_cache=300,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
-            )
-        return self._session
-
-    def _url(self, url: httpx.URL) -> URL:
-        key = str(url)
-        cached = self._urls.get(key)
-        if cached is None:
-            from yarl import URL
-
-            cached = self._urls[key] = URL(key, encoded=True)
-        return cached
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        status, raw_headers, content = await self.fetch(request)
-        # aiohttp has decoded the body already: httpx must not decode it again
-        headers = [(k, v) for k, v in raw_headers if k.lower() not in _DESCRIBE_THE_WIRE]
-        return httpx.Response(status, headers=headers, content=content, request=request)
-
-    async def fetch(self, request: httpx.Request) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        """Send ``request``; return (status, raw headers, body).
-
-        The client's hot path: it skips building an ``httpx.Response`` (about half of
-        httpx's CPU cost per request). ``timeout["total"]`` bounds the whole attempt.
-        """
-        import aiohttp
-
-        timeouts: dict[str, Any] = request.extensions.get("timeout", {})
-        total = timeouts.get("total", timeouts.get("read"))
-        timeout = self._timeouts.get(total)
-        if timeout is None:
-            # one timer per request (total) instead of four: timers cost CPU per request
-            timeout = self._timeouts[total] = aiohttp.ClientTimeout(total=total)
-        headers = {
-            k.decode("latin-1"): v.decode("latin-1")
-            for k, v in request.headers.raw
-            if k.lower() not in _SET_BY_AIOHTTP
-        }
-        proxy = self.proxies.for_httpx_url(request.url) if self.proxies else None
-        proxy_args: dict[str, Any] = {}
-        if proxy is not None:
-            proxy_args["proxy"] = proxy.url
-            if proxy.authorization is not None:
-                authorization = {"Proxy-Authorization": proxy.authorization.decode("ascii")}
-                if request.url.scheme == "https":
-                    proxy_args["proxy_headers"] = authorization  # on the CONNECT
-                else:
-                    headers.update(authorization)  # on the absolute-form request itself
+    async def post(self, body: bytes, headers: RawHeaders, *, total: float) -> RawResponse:
+        request = self.request(body, headers, total)
         try:
-            async with self._get_session().request(
-                request.method,
-                self._url(request.url),
-                headers=headers,
-                data=request.read() or None,
-                allow_redirects=False,
-                timeout=timeout,
-                **proxy_args,
-            ) as response:
-                content = await self._read(response)
-                status = response.status
-                if status == 407 and proxy is not None:  # absolute-form (http target) refused
-                    failure = httpx.ProxyError(f"407 {response.reason or ''}")
-                    target = f"{request.url.host}:{request.url.port or 80}"
-                    raise refused(failure, proxy, target, tunnel=False)
-                raw_headers = response.raw_headers
-        except TimeoutError as exc:
-            raise httpx.ReadTimeout(f"timed out: {exc}", request=request) from exc
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise CertificateNotTrusted(
-                f"TLS certificate of {request.url.host} not trusted: {exc.certificate_error}",
-                request=request,
-            ) from exc
-        except aiohttp.ClientHttpProxyError as exc:
-            assert proxy is not None
-            default_port = 443 if request.url.scheme == "https" else 80
-            target = f"{request.url.host}:{request.url.port or default_port}"
-            error = refused(httpx.ProxyError(f"{exc.status} {exc.message}"), proxy, target)
-            raise error from None
-        except aiohttp.ClientProxyConnectionError as exc:
-            assert proxy is not None
-            raise ProxyUnreachable(
-                f"cannot connect to {proxy.described()}: {type(exc).__name__}: {exc}",
-                request=request,
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise httpx.ConnectError(str(exc), request=request) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            text = str(exc) or type(exc).__name__
-            raise httpx.ReadError(f"{type(exc).__name__}: {text}", request=request) from exc
-        return status, list(raw_headers), content
+            async with asyncio.timeout(total):
+                response = await self.transport.handle_async_request(request)
+                try:
+                    content = await read_capped(response, self.max_response_bytes)
+                finally:
+                    await response.aclose()
+        except _FAILURES as exc:
+            raise from_httpx_error(exc, self.host, total) from None
+        return RawResponse(response.status_code, response.headers.raw, content)
 
-    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
-        """The body, decoded by aiohttp, at most ``max_response_bytes`` of it."""
-        limit = self.max_response_bytes
-        length = response.content_length
-        if length is not None and length > limit:
-            raise ResponseTooLarge(
-                f"response body (Content-Length {length}) over {limit:,} bytes; "
-                "raise --max-response-bytes if it is real"
+
+async def read_capped(response: httpx.Response, limit: int) -> bytes:
+    """An httpx response's decoded body, refused (``ResponseTooLarge``) past ``limit`` bytes.
+
+    A Content-Length over the limit or more than two content codings is refused before
+    reading. httpx decodes each piece as it arrives, so a compressed piece may briefly
+    decode to more than the limit before the count sees it (one network read's worth).
+    """
+    length = response.headers.get("content-length", "")
+    if length.isascii() and length.isdigit() and int(length) > limit:
+        raise ResponseTooLarge(
+            f"response body (Content-Length {length[:20]}) over {limit:,} bytes; "
+            "raise --max-response-bytes if it is real"
+        )
+    codings = [c for c in response.headers.get("content-encoding", "").split(",") if c.strip()]
+    if len(codings) > 2:
+        raise ResponseTooLarge(f"{len(codings)} content codings stacked; at most 2")
+    return await join_capped(response.aiter_bytes(), limit)
+
+
+def from_httpx_error(exc: BaseException, host: str, timeout: float) -> RequestError:
+    """An httpx-family error (which the http11 and aiohttp transports raise too), an
+    ``OSError`` or the attempt's timeout, as our error. Texts keep proxy credentials
+    masked; ``ChatClient`` removes the API key as well."""
+    if isinstance(exc, TimeoutError):
+        return errors.TransportError(f"no complete answer within {timeout:g}s")
+    if isinstance(exc, ResponseTooLarge):
+        return errors.ResponseTooLarge(mask_credentials(str(exc)))
+    if isinstance(exc, ProxyRefused):
+        return proxy_refusal(exc)
+    if isinstance(exc, httpx.ProxyError):
+        # its own text names the proxy; the error it was raised from would not
+        failure = ConnectFailed if isinstance(exc, ProxyUnreachable) else errors.TransportError
+        return failure(mask_credentials(f"{type(exc).__name__}: {exc}"))
+    if _certificate_failure(exc):
+        return errors.CertificateError(
+            mask_credentials(
+                f"{_describe(exc)}. Every request to {host} would "
+                "fail the same way: fix the server's certificate, or trust its "
+                "CA with SSL_CERT_FILE=/path/to/ca.pem"
             )
-        if length is not None and "Content-Encoding" not in response.headers:
-            return await response.read()  # exactly Content-Length bytes: the fast path
-        return await join_capped(response.content.iter_any(), limit)
+        )
+    failure = ConnectFailed if _no_connection(exc) else errors.TransportError
+    return failure(mask_credentials(_describe(exc)))
 
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+
+def proxy_refusal(exc: ProxyRefused) -> RequestError:
+    """A proxy that refuses CONNECT: 407 and 403 stop the run (every row would get the
+    same answer); other statuses (502: the proxy could not reach the API) are retried."""
+    message = mask_credentials(str(exc))
+    if exc.status == 407:
+        return AuthenticationError(message, status=exc.status)
+    if exc.status == 403:
+        return PermissionDenied(message, status=exc.status)
+    return errors.TransportError(message, status=exc.status)
+
+
+_NO_CONNECTION_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH}
+
+
+def _no_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` says no connection could be opened (refused, no such host,
+    unreachable), as opposed to one that broke or timed out."""
+    if isinstance(exc, httpx.ConnectError | socket.gaierror | ConnectionRefusedError):
+        return True
+    aiohttp = sys.modules.get("aiohttp")  # loaded only when that backend was used
+    if aiohttp is not None and isinstance(exc, aiohttp.ClientConnectorError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _NO_CONNECTION_ERRNOS
+
+
+def _certificate_failure(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it was raised from) is a TLS certificate verification failure."""
+    seen = 0
+    error: BaseException | None = exc
+    while error is not None and seen < 8:
+        if isinstance(error, (CertificateNotTrusted, ssl.SSLCertVerificationError)):
+            return True
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    # only an explicit cause (raise ... from): the implicit context may be any exception
+    # that happened to be handled around the event loop (for example the RuntimeError of
+    # "no running event loop"), which says nothing about this request
+    cause = exc.__cause__
+    inner = cause if cause is not None and str(cause) else exc
+    text = str(inner) or type(inner).__name__
+    return f"{type(inner).__name__}: {text}"

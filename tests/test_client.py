@@ -13,6 +13,7 @@ import pytest
 
 from pipeline import errors
 from pipeline.client import ChatClient, error_from_response, parse_completion, parse_retry_after
+from pipeline.transport import RawHeaders, RawResponse
 
 SEED_RESPONSE = {
     "id": "chatcmpl-BKKS4Aulz4SaVm81hHo7HMKEcQmtk",
@@ -271,3 +272,53 @@ def test_each_request_carries_the_client_request_id_and_json_body() -> None:
     assert request.headers["x-client-request-id"] == "bpp-00ff"
     assert request.headers["content-type"] == "application/json"
     assert "authorization" not in request.headers
+
+
+class FakeRoute:
+    """A whole backend for ChatClient: answers from a list, records what it was sent."""
+
+    def __init__(self, *answers: RawResponse | errors.RequestError) -> None:
+        self.answers = list(answers)
+        self.sent: list[tuple[bytes, dict[bytes, bytes], float]] = []
+        self.closed = False
+
+    async def post(self, body: bytes, headers: RawHeaders, *, total: float) -> RawResponse:
+        self.sent.append((body, dict(headers), total))
+        answer = self.answers.pop(0)
+        if isinstance(answer, errors.RequestError):
+            raise answer
+        return answer
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def test_any_route_is_a_backend_and_its_errors_reach_the_caller_without_the_key() -> None:
+    ok = json.dumps({"choices": [{"message": {"content": "hi"}}]}).encode()
+    route = FakeRoute(
+        RawResponse(200, [(b"x-ratelimit-remaining-requests", b"9")], ok),
+        errors.ConnectFailed("refused while sending sk-secret"),
+        RawResponse(503, [(b"retry-after", b"2")], b'{"error": {"message": "busy"}}'),
+    )
+    client = ChatClient("http://api.test/v1", api_key="sk-secret", timeout=7, transport=route)
+
+    async def scenario() -> None:
+        completion = await client.send(b"{}", "row-1")
+        assert completion.choices[0].text == "hi"
+        assert completion.headers == {"x-ratelimit-remaining-requests": "9"}
+        with pytest.raises(errors.ConnectFailed) as failed:
+            await client.send(b"{}", "row-2")
+        assert "sk-secret" not in str(failed.value)
+        with pytest.raises(errors.ServerError) as busy:
+            await client.send(b"{}", "row-3")
+        assert busy.value.retry_after == 2
+        await client.aclose()
+
+    asyncio.run(scenario())
+    assert [headers[b"X-Client-Request-Id"] for _, headers, _ in route.sent] == [
+        b"row-1",
+        b"row-2",
+        b"row-3",
+    ]
+    assert {total for _, _, total in route.sent} == {7}
+    assert route.closed

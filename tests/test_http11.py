@@ -850,7 +850,7 @@ def test_an_address_that_does_not_answer_does_not_hold_up_the_next(
                 tcp = (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "")
                 return [(*tcp, black_hole), (*tcp, ("127.0.0.1", port))]
 
-            monkeypatch.setattr(http11, "resolve", two_addresses)
+            monkeypatch.setattr(http11.connect, "resolve", two_addresses)
             transport = Http11Transport(max_connections=1)
             started = time.monotonic()
             assert (await post(transport, server.url, total=5))[2] == OK_JSON

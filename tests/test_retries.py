@@ -14,8 +14,9 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from pipeline import RunAborted, build_config, run_batch
+from pipeline import RunAborted, build_config, errors, run_batch
 from pipeline.progress import Reporter
+from pipeline.retry import RetryPolicy
 from pipeline.runner import Seams
 from pipeline.simulator import SimulatorThread
 
@@ -198,3 +199,21 @@ def test_backoff_grows_exponentially_and_is_capped(simulator: SimulatorThread, t
     for k, wait in enumerate(spy.waits):
         base = 0.5 * 2**k
         assert base <= wait <= min(base + 1.0, 30.0) + 1e-9
+
+
+def test_a_request_error_says_how_many_attempts_its_row_made() -> None:
+    assert errors.BadRequest("HTTP 400").attempts == 1
+    failures = 0
+
+    async def always_busy() -> None:
+        nonlocal failures
+        failures += 1
+        raise errors.ServerError("HTTP 503", status=503)
+
+    async def no_wait(_: float) -> None:
+        return None
+
+    policy = RetryPolicy(max_retries=3, sleep=no_wait)
+    with pytest.raises(errors.ServerError) as exhausted:
+        asyncio.run(policy.call(always_busy))
+    assert exhausted.value.attempts == failures == 4
