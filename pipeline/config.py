@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .durations import parse_duration
 from .errors import ConfigError
 
 DEFAULT_BASE_URL = "https://api.aimlapi.com/v1"
@@ -205,28 +206,6 @@ class RunConfig:
         """True when the base URL points at this machine (no API key needed)."""
         host = urlsplit(self.base_url).hostname or ""
         return host in LOCAL_HOSTS
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
-_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-
-
-def parse_duration(text: str) -> float | None:
-    """Go-style durations of ``x-ratelimit-reset-*``: ``1s``, ``6m0s``, ``12ms``, ``0.5``."""
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        return max(0.0, float(text))  # a bare number means seconds
-    except ValueError:
-        pass
-    pos, total = 0, 0.0
-    for match in _DURATION.finditer(text):
-        if match.start() != pos:
-            return None
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        pos = match.end()
-    return total if pos == len(text) and pos > 0 else None
 
 
 # The value of a fingerprint part that is left out when it has it (see fingerprint_parts).

@@ -19,7 +19,7 @@ from .cache import ResponseCache
 from .client import ChatClient, build_body, parse_completion
 from .config import RunConfig
 from .errors import BudgetReached, RateLimited, RequestError, ServerSaysLater, UnexpectedError
-from .limits import Budget, Limits
+from .limits import Budget, Limits, Outcome
 from .pricing import PriceTable
 from .progress import Reporter
 from .records import Completion, Cost, Message
@@ -149,45 +149,39 @@ class Exchange:
         self, body: Any, request_id: str, chars: int, choices: int
     ) -> Completion:
         limits = self.limits
-        cost, began = await limits.start(chars, choices)
-        if self.stop.hard:
-            # the run stopped at once while this request waited for a place: it stays
-            # pending; the engine cancels the executor
-            await limits.finish(chars=chars, cost=cost, started=began, headers=None)
-            await asyncio.Event().wait()
         try:
-            completion = await self.client.send(body, request_id)
-        except RequestError as exc:
-            self.watch.failed(exc)
-            await limits.finish(
-                chars=chars,
-                cost=cost,
-                started=began,
-                headers=exc.headers,
-                rate_limited=isinstance(exc, RateLimited),
-                retry_after=exc.retry_after,
-                choices=choices,
-            )
-            if isinstance(exc, RateLimited) and limits.come_back_later:
+            async with limits.slot(limits.ticket(chars, choices)) as slot:
+                if self.stop.hard:
+                    # the run stopped at once while this request waited for a place: it
+                    # stays pending; the engine cancels the executor
+                    await asyncio.Event().wait()
+                try:
+                    completion = await self.client.send(body, request_id)
+                except RequestError as exc:
+                    self.watch.failed(exc)
+                    slot.done(
+                        Outcome(
+                            headers=exc.headers,
+                            rate_limited=isinstance(exc, RateLimited),
+                            retry_after=exc.retry_after,
+                        )
+                    )
+                    raise
+                except Exception as exc:  # anything else ends this row, not the worker
+                    raise UnexpectedError(exc) from exc
+                slot.done(
+                    Outcome(
+                        headers=completion.headers,
+                        prompt_tokens=completion.usage.prompt_tokens,
+                        completion_tokens=completion.usage.completion_tokens,
+                        answered=True,
+                    )
+                )
+        except RateLimited as exc:
+            if limits.come_back_later:
                 raise _come_back_later(exc, self.config.max_retry_wait) from exc
             raise
-        except Exception as exc:  # anything else ends this row, not the worker
-            await limits.finish(chars=chars, cost=cost, started=began, headers=None)
-            raise UnexpectedError(exc) from exc
-        except BaseException:
-            await limits.finish(chars=chars, cost=cost, started=began, headers=None)
-            raise
         self.watch.answered()
-        await limits.finish(
-            chars=chars,
-            cost=cost,
-            started=began,
-            headers=completion.headers,
-            prompt_tokens=completion.usage.prompt_tokens,
-            completion_tokens=completion.usage.completion_tokens,
-            choices=choices,
-            answered=True,
-        )
         return completion
 
     def cost(self, completion: Completion, model: str) -> Cost:

@@ -7,15 +7,17 @@ import itertools
 
 import pytest
 
+from pipeline.durations import parse_duration
 from pipeline.limits import (
     AdaptiveConcurrency,
     HeaderPacer,
     Limits,
+    Outcome,
     RateController,
     RateMeter,
     RowGate,
+    Ticket,
     TokenEstimator,
-    parse_duration,
     read_bucket,
 )
 
@@ -217,17 +219,13 @@ def test_a_429_does_not_hold_back_the_other_requests() -> None:
 
     async def main() -> list[float]:
         limits = Limits(concurrency=16, clock=t.clock, sleep=t.sleep)
-        cost, began = await limits.start(10)
-        await limits.finish(
-            chars=10, cost=cost, started=began, headers=None, rate_limited=True, retry_after=30.0
-        )
+        async with limits.slot(limits.ticket(10)) as slot:
+            slot.done(Outcome(rate_limited=True, retry_after=30.0))
         starts = []
         for _ in range(3):
-            cost, began = await limits.start(10)
-            starts.append(t.now)
-            await limits.finish(
-                chars=10, cost=cost, started=began, headers=None, prompt_tokens=3, answered=True
-            )
+            async with limits.slot(limits.ticket(10)) as slot:
+                starts.append(t.now)
+                slot.done(Outcome(prompt_tokens=3, answered=True))
         return starts
 
     assert asyncio.run(main())[0] == 0.0
@@ -243,16 +241,9 @@ def test_rpm_and_tpm_stack_the_slower_one_wins() -> None:
         )
         starts = []
         for _ in range(11):
-            cost, began = await limits.start(100)  # 25 prompt + 25 completion tokens
-            starts.append(t.now)
-            await limits.finish(
-                chars=100,
-                cost=cost,
-                started=began,
-                headers=None,
-                prompt_tokens=25,
-                completion_tokens=25,
-            )
+            async with limits.slot(limits.ticket(100)) as slot:  # 25 prompt + 25 completion
+                starts.append(t.now)
+                slot.done(Outcome(prompt_tokens=25, completion_tokens=25, answered=True))
         return starts
 
     starts = asyncio.run(main())
@@ -271,16 +262,9 @@ def test_rpm_does_not_burst_at_start_up() -> None:
         limits = Limits(concurrency=64, rpm=6000, clock=t.clock, sleep=t.sleep)  # 100/s
         starts = []
         for _ in range(5):
-            cost, began = await limits.start(10)
-            starts.append(t.now)
-            await limits.finish(
-                chars=10,
-                cost=cost,
-                started=began,
-                headers=None,
-                prompt_tokens=1,
-                completion_tokens=1,
-            )
+            async with limits.slot(limits.ticket(10)) as slot:
+                starts.append(t.now)
+                slot.done(Outcome(prompt_tokens=1, completion_tokens=1, answered=True))
         return starts
 
     assert asyncio.run(main()) == pytest.approx([0.0, 0.01, 0.02, 0.03, 0.04])
@@ -428,3 +412,50 @@ def test_a_waiter_cancelled_as_its_place_frees_up_is_just_cancelled(gate: str) -
         return None
 
     assert isinstance(asyncio.run(scenario()), asyncio.CancelledError)
+
+
+class SpyMeter:
+    """A meter that only counts: requests between started and finished, and the outcomes."""
+
+    def __init__(self) -> None:
+        self.going: set[int] = set()  # id() of the tickets started and not finished
+        self.most = 0
+        self.outcomes: list[Outcome] = []
+
+    async def wait(self, ticket: Ticket) -> None:
+        pass
+
+    def started(self, ticket: Ticket) -> None:
+        self.going.add(id(ticket))
+        self.most = max(self.most, len(self.going))
+
+    def finished(self, ticket: Ticket, outcome: Outcome) -> None:
+        self.going.discard(id(ticket))
+        self.outcomes.append(outcome)
+
+
+def test_stacked_meters_hold_requests_in_flight_to_the_limit_and_see_every_outcome() -> None:
+    """The meter protocol: one more meter is one object in ``Limits.meters``; it sees each
+    request start and finish, with the outcome the engine gave (none for a request that
+    raised), and never more in flight than the concurrency meter before it allows."""
+    t = FakeTime()
+    spy = SpyMeter()
+
+    async def main() -> None:
+        limits = Limits(concurrency=5, adaptive=False, clock=t.clock, sleep=t.sleep)
+        limits.meters.append(spy)
+
+        async def request(i: int) -> None:
+            async with limits.slot(limits.ticket(10)) as slot:
+                await asyncio.sleep(0)
+                if i % 10 == 9:
+                    raise ValueError("a request of ours that failed")
+                slot.done(Outcome(answered=True, prompt_tokens=3))
+
+        results = await asyncio.gather(*(request(i) for i in range(50)), return_exceptions=True)
+        assert sum(isinstance(r, ValueError) for r in results) == 5
+
+    asyncio.run(main())
+    assert spy.most == 5 and not spy.going
+    assert len(spy.outcomes) == 50
+    assert sum(o.answered for o in spy.outcomes) == 45  # the 5 that raised: no outcome

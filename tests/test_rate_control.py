@@ -23,7 +23,7 @@ import pytest
 
 from pipeline import RunAborted, build_config, run_batch
 from pipeline.errors import EXIT_RETRY_LATER
-from pipeline.limits import Limits
+from pipeline.limits import Limits, Outcome
 from pipeline.progress import Reporter
 from pipeline.records import RunSummary
 from pipeline.runner import Seams
@@ -124,20 +124,18 @@ async def _client(
     async def worker() -> None:
         for _ in todo:
             for _attempt in range(1000):
-                cost, began = await limits.start(10)
-                ok = server.answer(vt.now, client)
-                await vt.sleep(round_trip)
-                await limits.finish(
-                    chars=10,
-                    cost=cost,
-                    started=began,
-                    headers=None,
-                    prompt_tokens=3 if ok else None,
-                    completion_tokens=2 if ok else None,
-                    rate_limited=not ok,
-                    retry_after=None if ok else 1.0,
-                    answered=ok,
-                )
+                async with limits.slot(limits.ticket(10)) as slot:
+                    ok = server.answer(vt.now, client)
+                    await vt.sleep(round_trip)
+                    slot.done(
+                        Outcome(
+                            prompt_tokens=3 if ok else None,
+                            completion_tokens=2 if ok else None,
+                            rate_limited=not ok,
+                            retry_after=None if ok else 1.0,
+                            answered=ok,
+                        )
+                    )
                 if ok:
                     break
                 await vt.sleep(1.0)  # the row's own Retry-After, holding no slot
@@ -303,3 +301,18 @@ def test_the_simulator_schedule_changes_its_limit() -> None:
     assert parse_rps_schedule("0:40, 10:10,20:40") == ((0, 40), (10, 10), (20, 40))
     with pytest.raises(ValueError, match="0:40,10:10,20:40"):
         parse_rps_schedule("0:40,ten:10")
+
+
+def test_a_limit_that_comes_down_after_noise_was_found_is_still_followed() -> None:
+    """Scattered 429s first (a noise floor), then a limit drops under the sending rate: its
+    429s are cut, not taken for more noise (a floor that followed every 429 ran away to 90%
+    and sent at 1,000 req/s against a limit of 10)."""
+
+    def schedule(t: float) -> float | None:
+        return None if t < 0.5 else 10.0  # no limit for the first 3,000 or so answers
+
+    server = ScriptedServer(rate=schedule, burst=5, noise=0.05)
+    limits = _run(server, 3500)
+    assert server.refused_share(0, 0.5) < 0.15  # the noise phase happened
+    assert server.rate_between(10, 30) == pytest.approx(10, rel=0.2)
+    assert limits.view().noise < 0.15

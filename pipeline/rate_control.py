@@ -1,0 +1,354 @@
+"""``RateController``: finds and holds a request-rate limit that nobody announces, from 429s
+alone, and tells scattered 429s (noise) from overload (see its docstring). ``RateView`` is
+what it believes, for progress lines and the summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .meters import Clock, RateMeter, Sleep
+
+# requests/s added to the rate when its growth is computed (see RateController._grow)
+FAIR_SHARE_FLOOR = 5.0
+
+
+@dataclass(slots=True)
+class _Trial:
+    """The responses to requests sent after a cut, which tell overload from noise."""
+
+    previous_rate: float | None
+    previous_found: float | None
+    share_before: float
+    began: float
+    answers: int = 0
+    refused: int = 0
+    watching: bool = False  # no cut came before it (see RateController, "watch")
+
+
+@dataclass(frozen=True, slots=True)
+class RateView:
+    """What the rate controller believes, for progress lines and the summary.
+
+    Fields: ``rate`` (requests/s it sends at, None while it has no reason to hold back),
+    ``limit_found`` (the request rate the server accepted when it last refused more),
+    ``noise`` (share of 429s that come whatever the rate), ``rate_limited`` (429s seen),
+    ``cuts`` (times it slowed down), ``long_waits`` (429s asking for more than the longest
+    wait a row may take).
+    """
+
+    rate: float | None
+    limit_found: float | None
+    noise: float
+    rate_limited: int
+    cuts: int
+    long_waits: int
+
+    def describe(self) -> str:
+        parts = [
+            f"sending at {self.rate:.1f} req/s" if self.rate is not None else "not rate-limited"
+        ]
+        if self.limit_found is not None:
+            parts.append(f"limit found ~{self.limit_found:.1f} req/s")
+        parts.append(f"{self.rate_limited} 429s, {self.cuts} slow-downs")
+        if self.noise:
+            parts.append(f"{self.noise:.0%} of answers 429 whatever the rate (treated as noise)")
+        if self.long_waits:
+            parts.append(f"{self.long_waits} 429s asking to come back much later")
+        return ", ".join(parts)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "rate_rps": None if self.rate is None else round(self.rate, 2),
+            "limit_found_rps": None if self.limit_found is None else round(self.limit_found, 2),
+            "noise_429_share": round(self.noise, 4),
+            "rate_limited": self.rate_limited,
+            "cuts": self.cuts,
+            "long_waits": self.long_waits,
+        }
+
+
+NOISE_TRACKING = 0.0005  # per answer (~2,000 answers): slow beside the 300-answer window, so
+# the window's share outruns the floor it is compared with when a limit brings 429s
+
+
+class RateController:
+    """Finds and holds a request-rate limit the server enforces but does not announce.
+
+    It sees only answers (200) and refusals (429) with the time their request started; 5xx
+    and transport errors say nothing about our rate and are left to the per-row retries.
+
+    - **Free until refused.** With no 429 seen it does not pace at all.
+    - **Watch a first scattered 429.** A first 429 after at least ``watch_after`` answers,
+      at a share under ``watch_share``, starts a trial without a cut: if the share holds
+      it is noise (no slow-down at all), if it climbs the trial cuts (a limit answers a
+      burst of 429s at once, and that is cut at once).
+    - **A cut per congestion event.** A 429 that counts (see noise) sets the rate to
+      ``backoff`` x what the server accepted over the last ``accept_window`` seconds (capped
+      by the rate it was sending at): under a real limit, what gets through *is* the limit.
+      429s of requests that started before the cut are echoes of the same event and are
+      not counted again.
+    - **Overload or noise.** A limit answers fewer 429s once we slow down; scattered 429s
+      come at the same share whatever the rate. After a cut, the next ``trial_answers``
+      answers to requests sent after it decide: if the share of 429s among them has not
+      fallen (at least 3 and at least ``same_share`` of the share before), the cut is undone
+      and that share becomes the noise floor; from then on a 429 counts only when the share
+      over the last ``window`` (300) answers exceeds twice the floor plus 2 points. A 429 while
+      sending above 1.05 x the rate that last got through needs no trial (probing explains
+      it). After a small overshoot the server's bucket is still empty for a moment: answers
+      to the next ~4 requests' worth of time after a cut are echoes too.
+    - **Probe up, slowly then faster.** Between cuts the rate grows by ``probe`` per second,
+      and that growth doubles every ``probe_doubling`` seconds without a cut (capped at
+      ``probe_max`` per second): it stays near the rate that worked for a few seconds, and
+      follows a limit that went up within seconds. It grows at the slowest ``probe`` while a
+      trial runs, never beyond twice the rate requests are actually asking to start at, and
+      applies to the rate plus ``FAIR_SHARE_FLOOR``: processes sharing a limit then gain
+      alike in absolute terms and the smaller catches up (as in AIMD).
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        on_change: Callable[[str, RateView], None] | None = None,
+        backoff: float = 0.85,
+        probe: float = 0.01,
+        probe_doubling: float = 1.25,
+        probe_max: float = 1.0,
+        window: int = 300,
+        accept_window: float = 2.0,
+        trial_answers: int = 150,
+        trial_seconds: float = 3.0,
+        same_share: float = 0.6,
+        minimum_rate: float = 0.05,
+        watch_share: float = 0.2,
+        watch_after: int = 5,
+    ) -> None:
+        self.clock = clock
+        self.on_change = on_change
+        self.backoff = backoff
+        self.probe = probe
+        self.probe_doubling = probe_doubling
+        self.probe_max = probe_max
+        self.accept_window = accept_window
+        self.trial_answers = trial_answers
+        self.trial_seconds = trial_seconds
+        self.same_share = same_share
+        self.minimum_rate = minimum_rate
+        self.watch_share = watch_share
+        self.watch_after = watch_after
+        self.meter = RateMeter(1.0, burst=1.0, clock=clock, sleep=sleep)
+        self.rate: float | None = None
+        self.found: float | None = None
+        self.noise = 0.0
+        self.rate_limited = 0
+        self.cuts = 0
+        self.long_waits = 0
+        self.last_cut = self.settled = float("-inf")
+        self.overloaded = False  # a cut did not stop the 429s: a real limit was met
+        self.probe_since = clock()
+        self.grown_at = clock()
+        self.first_seen: float | None = None
+        self.trial: _Trial | None = None
+        self.recent: deque[bool] = deque(maxlen=window)  # True: a 429
+        self.accepted: deque[float] = deque()  # times of answers, the last accept_window s
+        self.asked: deque[float] = deque()  # times requests asked to start, same window
+        self._told_rate: float | None = None
+
+    def view(self) -> RateView:
+        return RateView(
+            self.rate, self.found, self.noise, self.rate_limited, self.cuts, self.long_waits
+        )
+
+    async def acquire(self) -> None:
+        """Wait until one more request may start at the held rate (at once when free)."""
+        now = self.clock()
+        self.asked.append(now)
+        self._trim(self.asked, now)
+        if self.rate is None:
+            return
+        self._grow(now)
+        await self.meter.acquire(1.0)
+
+    def observe(self, *, started: float, refused: bool) -> None:
+        """An answer (``refused`` False) or a 429 to a request that started at ``started``."""
+        now = self.clock()
+        if self.first_seen is None:
+            self.first_seen = now
+        self.recent.append(refused)
+        if refused:
+            self.rate_limited += 1
+        else:
+            self.accepted.append(now)
+            self._trim(self.accepted, now)
+        if started < self.settled:
+            # an echo of the event that caused the last cut, or a request sent while the
+            # server's bucket was still empty from it
+            return
+        trial = self.trial
+        if trial is not None:
+            trial.answers += 1
+            trial.refused += refused
+            if trial.refused >= 3 and trial.refused >= 0.3 * trial.answers:
+                self._cut(now, trial.refused / trial.answers, "still refused after slowing down")
+            elif (
+                trial.answers >= self.trial_answers
+                or now - trial.began >= self.trial_seconds
+                # a watch costs nothing (no cut): it waits for the full sample
+                or (trial.answers >= 20 and not trial.watching and self._looks_like_noise(trial))
+            ):
+                self._judge(now, trial)
+            return
+        share = sum(self.recent) / len(self.recent)
+        if self.noise > 0.0 and share <= 2 * self.noise + 0.02:
+            # while the share stays in the noise's range the floor follows it slowly (~2,000
+            # answers): a first estimate comes from a small sample. Above the range it holds
+            # still, so a limit's 429s cannot drag it up (they are cut instead).
+            self.noise += NOISE_TRACKING * (refused - self.noise)
+        if refused:
+            if self._first_and_scattered(share):
+                # watch before slowing down: scattered 429s keep this share at any rate,
+                # a limit's climb as we go on (then the trial cuts)
+                self.trial = _Trial(self.rate, self.found, share, now, watching=True)
+                self._tell("a few scattered 429s: watching before slowing down", force=True)
+            elif self.noise == 0.0 or share > 2 * self.noise + 0.02:
+                self._cut(now, share, "429 beyond the noise")
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _trim(self, times: deque[float], now: float) -> None:
+        while times and times[0] < now - self.accept_window:
+            times.popleft()
+
+    def _span(self, now: float) -> float:
+        """Seconds the accept/ask counts cover: the window, or less at the start of a run."""
+        seen = now - (self.first_seen if self.first_seen is not None else now)
+        return max(0.1, min(self.accept_window, seen))
+
+    def _through(self, now: float) -> float:
+        """Answers per second lately: over the window, or its last half if more (a limit
+        that just went up), at least one answer's worth (a 429 before any answer must not
+        stop sending), scaled up by the noise (those 429s were not the limit's)."""
+        self._trim(self.accepted, now)
+        span = self._span(now)
+        recent = sum(1 for t in self.accepted if t >= now - span / 2) / (span / 2)
+        through = max(len(self.accepted) / span, recent, 1.0 / span)
+        return through / max(0.5, 1.0 - self.noise)
+
+    def _set_rate(self, rate: float | None) -> None:
+        self.rate = rate
+        if rate is not None:
+            self.meter._refill()
+            self.meter.rate = rate
+            self.meter.level = min(self.meter.level, 1.0)
+
+    def _grow(self, now: float) -> None:
+        if self.rate is None:
+            self.grown_at = now
+            return
+        elapsed = now - self.grown_at
+        if elapsed <= 0:
+            return
+        self.grown_at = now
+        self._trim(self.asked, now)
+        asking = len(self.asked) / self._span(now)
+        if self.rate > 2 * asking:
+            return  # the held rate is not what slows us: growing it would mean nothing
+        quiet = now - self.probe_since
+        growth = min(self.probe_max, self.probe * 2 ** (quiet / self.probe_doubling))
+        if self.trial is not None:
+            growth = self.probe  # while a trial runs, only the slowest probe
+        # growth of rate + FAIR_SHARE_FLOOR, not of the rate alone: two processes on one
+        # limit then gain alike in absolute terms, and the smaller catches up (as in AIMD)
+        floor = FAIR_SHARE_FLOOR
+        self._set_rate((self.rate + floor) * math.exp(growth * elapsed) - floor)
+        self._tell("probing up")
+
+    def _cut(self, now: float, share: float, why: str) -> None:
+        through = self._through(now)
+        anchor = through if self.rate is None else min(self.rate, through)
+        trial = self.trial
+        if trial is not None and self.rate is not None:
+            # sent at ``rate`` since the last cut, a share got through: that is the limit
+            got_through = (trial.answers - trial.refused + 1) / (trial.answers + 1)
+            anchor = min(anchor, self.rate * got_through)
+        self.overloaded = self.overloaded or share >= 0.3
+        # what noise would undo: back to not pacing at all while no overload was ever seen
+        # (a first trial may have missed scattered 429s by chance), else the last rate
+        undo_rate, undo_found = (self.rate, self.found) if self.overloaded else (None, None)
+        if self.trial is None:
+            # probing above the rate that last got through explains a 429: no need to ask
+            # whether it is noise
+            beyond = self.found is not None and (self.rate or 0.0) > 1.05 * self.found
+            self.trial = _Trial(undo_rate, undo_found, 1.0 if beyond else share, now)
+        else:  # still overloaded: the trial restarts from here
+            self.overloaded = True
+            self.trial = _Trial(self.trial.previous_rate, self.trial.previous_found, 1.0, now)
+        self.found = max(through, self.minimum_rate)
+        self._set_rate(max(self.minimum_rate, self.backoff * anchor))
+        self.last_cut = self.probe_since = self.grown_at = now
+        assert self.rate is not None
+        # a small overshoot leaves the server's bucket empty for a moment: answers to the
+        # next few requests say nothing new (after a storm, they count at once)
+        small = self.trial.share_before < 0.3
+        self.settled = now + (min(1.0, 4.0 / self.rate) if small else 0.0)
+        self.cuts += 1
+        self._tell(why, force=self.cuts == 1)
+
+    def _first_and_scattered(self, share: float) -> bool:
+        """A first 429 among many answers, before any cut or noise verdict: as likely
+        noise as a limit, and slowing down for noise is what costs (a limit answers a
+        burst of 429s at once, which is cut at once)."""
+        return (
+            self.cuts == 0
+            and self.noise == 0.0
+            and self.rate is None
+            and len(self.recent) >= self.watch_after
+            and share < self.watch_share
+        )
+
+    def _looks_like_noise(self, trial: _Trial) -> bool:
+        share = trial.refused / max(trial.answers, 1)
+        # about the same share as before the cut: not fewer (a limit left behind), and not
+        # many more either (a limit that just came down)
+        # (not fewer counts only after a cut: while watching, fewer 429s say "no limit" too)
+        lowest = 0.0 if trial.watching else self.same_share * trial.share_before
+        highest = 3 * trial.share_before + 0.05
+        if trial.watching:  # nothing was cut: a share above watch_share is a limit's
+            highest = min(highest, self.watch_share)
+        return trial.share_before < 0.3 and trial.refused >= 3 and lowest <= share <= highest
+
+    def _judge(self, now: float, trial: _Trial) -> None:
+        self.trial = None
+        share = trial.refused / max(trial.answers, 1)
+        if self._looks_like_noise(trial):
+            # as many 429s at the lower rate: they were not about our rate
+            if trial.watching:  # nothing was cut: every recent answer saw the same noise
+                share = sum(self.recent) / len(self.recent)
+            self.noise = share if self.noise == 0.0 else 0.7 * self.noise + 0.3 * share
+            self.found = trial.previous_found
+            self._set_rate(trial.previous_rate)
+            self._tell(
+                f"{share:.0%} of answers are 429 whatever the rate: noise, not a limit", force=True
+            )
+        elif trial.refused == 0:
+            self.noise *= 0.5
+
+    def _tell(self, why: str, *, force: bool = False) -> None:
+        """Log a change of mind: a new kind of decision, or the rate moved by 25%."""
+        told = self._told_rate
+        rate = self.rate
+        moved = (rate is None) != (told is None) or (
+            rate is not None and told is not None and abs(rate - told) > 0.25 * told
+        )
+        if not (force or moved):
+            return
+        self._told_rate = rate
+        if self.on_change is not None:
+            self.on_change(why, self.view())
