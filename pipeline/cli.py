@@ -16,7 +16,6 @@ from typing import Any, NoReturn
 
 import click
 
-from .checkpoint import Checkpoint, checkpoint_dir
 from .config import (
     MAX_TOKENS_BOUND,
     RunConfig,
@@ -29,10 +28,8 @@ from .errors import (
     EXIT_ABORTED,
     EXIT_BUDGET,
     EXIT_CODES,
-    EXIT_FAILED_ROWS,
     EXIT_INTERRUPTED,
     EXIT_LOCKED,
-    EXIT_OK,
     EXIT_STORAGE,
     EXIT_USAGE,
     ConfigError,
@@ -47,6 +44,7 @@ from .estimate import estimate_total, format_total
 from .progress import Reporter
 from .records import RunSummary
 from .runner import Seams, estimate_job, run_batch
+from .status import run_status
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"  # the demo job and the price table
 
@@ -731,81 +729,28 @@ def status(output: Path, as_json: bool) -> None:
     pending and no run going (rerun to continue); 8 rows pending and a run going;
     2 no checkpoint.
     """
-    checkpoint = Checkpoint(output)
-    if not checkpoint.exists():
-        _fail(f"no checkpoint for {output} (looked for {checkpoint_dir(output)}).", EXIT_USAGE)
     try:
-        manifest = checkpoint.read_manifest()
-        index = checkpoint.load_index()
+        state = run_status(output)
     except OutputError as exc:
         _fail(str(exc), EXIT_USAGE)
-    keys = checkpoint.read_keys()
-    # count the rows of the current input only (results of rows that left it are kept
-    # in the checkpoint but are not in OUTPUT)
-    among = None
-    if keys is not None:
-        pos = index.lookup(keys)
-        among = pos[pos >= 0]
-    counts = index.counts(among)
-    total = len(keys) if keys is not None else int(manifest.get("rows_total", len(index.keys)))
-    done = sum(counts.values())
-    holder = Checkpoint.lock_holder(output)
-    info = {
-        "output": str(output),
-        "rows_total": total,
-        **counts,
-        "pending": max(total - done, 0),
-        "prompt_tokens": int(
-            (index.prompt_tokens if among is None else index.prompt_tokens[among]).sum()
-        ),
-        "completion_tokens": int(
-            (index.completion_tokens if among is None else index.completion_tokens[among]).sum()
-        ),
-        "fingerprint": manifest.get("fingerprint"),
-        "model": manifest.get("fingerprint_parts", {}).get("model"),
-        "running": holder is not None,
-        "running_by": holder,
-        "output_written": checkpoint.output_is_ours(),
-    }
-    unpriced = _unpriced_models(info["model"], manifest)
-    spent = float((index.cost_usd if among is None else index.cost_usd[among]).sum())
-    # unknown when a model has no price and no cost was reported: never a silent 0
-    info["cost_usd"] = None if unpriced and not spent else round(spent, 6)
-    info["unpriced_models"] = unpriced
-    if info["pending"]:
-        code = EXIT_LOCKED if holder else EXIT_INTERRUPTED
-    else:
-        code = EXIT_FAILED_ROWS if counts["error"] or counts["invalid"] else EXIT_OK
-    info["exit_code"], info["exit_reason"] = code, exit_reason(code)
     if as_json:
-        click.echo(json.dumps(info))
-        sys.exit(code)
+        click.echo(json.dumps(state.as_dict()))
+        sys.exit(state.exit_code)
+    counts = state.counts
     click.echo(
-        f"{output}: {total} rows | {counts['ok']} ok | {counts['error']} error | "
+        f"{output}: {state.rows_total} rows | {counts['ok']} ok | {counts['error']} error | "
         f"{counts['invalid']} invalid | {counts['skipped']} skipped | "
-        f"{info['pending']} pending\n"
-        f"tokens: {info['prompt_tokens']} in, {info['completion_tokens']} out; cost "
+        f"{state.pending} pending\n"
+        f"tokens: {state.prompt_tokens} in, {state.completion_tokens} out; cost "
         + (
-            f"unknown (no price for {', '.join(unpriced)})\n"
-            if info["cost_usd"] is None
-            else f"${spent:.6f}\n"
+            f"unknown (no price for {', '.join(state.unpriced_models)})\n"
+            if state.cost_usd is None
+            else f"${state.spent_usd:.6f}\n"
         )
-        + f"fingerprint: {info['fingerprint']} (model {info['model']})\n"
-        + (f"running: {holder}" if holder else "running: no")
+        + f"fingerprint: {state.fingerprint} (model {state.model})\n"
+        + (f"running: {state.running_by}" if state.running else "running: no")
     )
-    sys.exit(code)
-
-
-def _unpriced_models(model: Any, manifest: dict[str, Any]) -> list[str]:
-    """The run's models that the price table (and the run's --prices file) cannot price."""
-    from .pricing import PriceTable
-
-    models = model if isinstance(model, list) else [model] if model else []
-    try:
-        prices = PriceTable.load(manifest.get("config", {}).get("prices"))
-    except (PipelineError, OSError):
-        prices = PriceTable.load()
-    return [m for m in models if prices.resolve(str(m)) is None]
+    sys.exit(state.exit_code)
 
 
 @main.command()
