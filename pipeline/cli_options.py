@@ -6,12 +6,27 @@ names an option accepts. Does not build the config or run anything (``cli.py`` d
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from .config import MAX_TOKENS_BOUND
+from .config import MAX_TOKENS_BOUND, RunConfig
+
+_RUN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+
+
+def default_of(name: str, note: str = "") -> str:
+    """``[default: ...]`` for a help text, read from the ``RunConfig`` field ``name``."""
+    value = _RUN_DEFAULTS[name]
+    if isinstance(value, bool):
+        shown = "on" if value else "off"
+    elif isinstance(value, float) and value.is_integer():
+        shown = str(int(value))
+    else:
+        shown = str(value)
+    return f"[default: {shown}{note}]"
 
 
 class SectionedCommand(click.Command):
@@ -85,12 +100,12 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         type=click.Path(dir_okay=False),
         help="TOML file; any option below can be set there. Options beat the file.",
     ),
-    click.option("--base-url", help="API base URL. [default: https://api.aimlapi.com/v1]"),
+    click.option("--base-url", help="API base URL. " + default_of("base_url")),
     click.option(
         "--model",
         multiple=True,
         help="Model name; repeat it (or give a,b) to send every row to each model. "
-        "[default: gpt-3.5-turbo]",
+        + default_of("model"),
     ),
     click.option(
         "--wide",
@@ -108,7 +123,7 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         "--schema-mode",
         type=click.Choice(["auto", "native", "prompt"]),
         help="native: response_format json_schema; prompt: json_object + the schema in the "
-        "system prompt; auto: native where the model supports it. [default: auto]",
+        "system prompt; auto: native where the model supports it. " + default_of("schema_mode"),
     ),
     click.option("--schema-prefix", metavar="TEXT", help="Prefix of the schema's columns."),
     click.option(
@@ -120,7 +135,7 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         "--max-reasks",
         type=int,
         help="Re-ask an answer that does not parse/validate this often, then status "
-        "invalid. [default: 2]",
+        "invalid. " + default_of("max_reasks"),
     ),
     click.option("--expected-column", metavar="COL", help="Column with the right answers."),
     click.option(
@@ -135,7 +150,7 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         type=int,
         metavar="K",
         help="K samples per row: the API's n where the server honours it, else K requests "
-        "with seeds base+0..K-1 (see --n-mode). [default: 1]",
+        "with seeds base+0..K-1 (see --n-mode). " + default_of("n"),
     ),
     click.option(
         "--samples",
@@ -143,14 +158,14 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         help="With --n: list keeps one output row per input row, completion, finish_reason, "
         "label, schema and score columns as lists, tokens and cost summed; long gives one "
         "row per sample with a sample column (0..K-1), usage and cost on the first sample "
-        "of each request. [default: list]",
+        "of each request. " + default_of("samples"),
     ),
     click.option(
         "--n-mode",
         type=click.Choice(["auto", "native", "seeds"]),
         help="auto: send n, and for a model whose server answers fewer choices than asked "
         "fill in and go on with seeds; native: always n; seeds: one request per sample with "
-        "seed base+sample (base: --seed, else 1). [default: auto]",
+        "seed base+sample (base: --seed, else 1). " + default_of("n_mode"),
     ),
     click.option(
         "--api-key-env",
@@ -228,7 +243,9 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         callback=lambda _ctx, _param, value: _DELIMITER_NAMES.get(value, value),
         help="CSV field separator, e.g. ';' or tab (also '\\t'). [default: ',', a tab for .tsv]",
     ),
-    click.option("--concurrency", type=int, help="Max requests in flight. [default: 32]"),
+    click.option(
+        "--concurrency", type=int, help="Max requests in flight. " + default_of("concurrency")
+    ),
     click.option("--rpm", type=float, help="Requests per minute to stay under (paced evenly)."),
     click.option(
         "--tpm",
@@ -240,23 +257,25 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         "--adaptive/--no-adaptive",
         default=None,
         help="Without --rpm/--tpm or rate-limit headers, find the server's limit from "
-        "its 429s and hold near it; start with 8 in flight. [default: on]",
+        "its 429s and hold near it; start with 8 in flight. " + default_of("adaptive"),
     ),
-    click.option("--timeout", type=float, help="Seconds per attempt. [default: 60]"),
+    click.option("--timeout", type=float, help="Seconds per attempt. " + default_of("timeout")),
     click.option(
-        "--max-retries", type=int, help="Retries per row after the first try. [default: 5]"
+        "--max-retries",
+        type=int,
+        help="Retries per row after the first try. " + default_of("max_retries"),
     ),
     click.option(
         "--http-backend",
         type=click.Choice(["http11", "aiohttp", "httpx"]),
         help="HTTP client: http11 (built in, the fastest; HTTP/1.1 keep-alive, TLS), or the "
-        "connection pool of aiohttp or httpx. [default: http11]",
+        "connection pool of aiohttp or httpx. " + default_of("http_backend"),
     ),
     click.option(
         "--max-response-bytes",
         type=int,
         help="Largest response body accepted, as received and as decoded; a larger one "
-        "(or a gzip bomb) fails its row. [default: 67108864, 64 MiB]",
+        "(or a gzip bomb) fails its row. " + default_of("max_response_bytes", ", 64 MiB"),
     ),
     click.option(
         "--proxy",
@@ -268,7 +287,8 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option(
         "--grace",
         type=float,
-        help="Seconds requests in flight get to finish after SIGINT/SIGTERM. [default: 10]",
+        help="Seconds requests in flight get to finish after SIGINT/SIGTERM. "
+        + default_of("grace"),
     ),
     click.option(
         "--max-runtime",
@@ -296,7 +316,7 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option(
         "--dedup/--no-dedup",
         default=None,
-        help="Send rows with identical prompts once and copy the result. [default: on]",
+        help="Send rows with identical prompts once and copy the result. " + default_of("dedup"),
     ),
     click.option(
         "--cache",
@@ -337,12 +357,13 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         "--log-interval",
         type=float,
         metavar="SECONDS",
-        help="Seconds between progress log lines when there is no bar. [default: 10]",
+        help="Seconds between progress log lines when there is no bar. "
+        + default_of("log_interval"),
     ),
     click.option(
         "--log-format",
         type=click.Choice(["text", "json"]),
-        help="json: one JSON object per log line on stderr. [default: text]",
+        help="json: one JSON object per log line on stderr. " + default_of("log_format"),
     ),
     click.option("--quiet", is_flag=True, default=None, help="Print only errors and the summary."),
 ]
