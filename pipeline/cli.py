@@ -1,7 +1,10 @@
 """The ``pipeline`` command: a thin shell over the library.
 
-Parses options, builds the config (defaults < ``--config`` TOML < options), calls
-``run_batch``, and maps the error tree to messages and exit codes. No logic of its own.
+Owns the ``run``, ``estimate`` and ``status`` commands: parses options, builds the config
+(defaults < ``--config`` TOML < options), calls the library (``run_batch``, ``estimate_job``,
+``run_status``), formats, and maps the error tree to exit codes. No logic of its own. The job
+option table is in ``cli_options``, error output and the root group in ``cli_shell``, the
+``simulate``/``demo``/``cache``/``report`` commands in ``cli_tools``.
 """
 
 from __future__ import annotations

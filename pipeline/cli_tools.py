@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -114,44 +115,28 @@ def simulate(
     Answers are derived from the prompt, usage counts are honest, and faults can be injected.
     Prompts may also carry directives such as [[sim:status=503]] (see pipeline/simulator.py).
     """
-    from .simulator import SimulatorConfig, parse_rps_schedule, run_simulator
+    from .simulator import SimulatorConfig, run_simulator
 
-    try:
-        schedule = parse_rps_schedule(rps_schedule) if rps_schedule else ()
-    except ValueError as exc:
-        fail(str(exc), EXIT_USAGE)
-    negative = [
-        f"--{name.replace('_', '-')} {value:g}"
-        for name, value in (
-            ("latency_ms", latency_ms),
-            ("jitter_ms", jitter_ms),
-            ("retry_after", retry_after),
-            ("rps_limit", rps_limit),
-            ("tpm_limit", tpm_limit),
-        )
-        if value is not None and value < 0
-    ]
-    shares = {
-        "rate_429": rate_429,
-        "rate_500": rate_500,
-        "rate_503": rate_503,
-        "rate_timeout": rate_timeout,
-        "rate_drop": rate_drop,
-        "rate_malformed": rate_malformed,
-        "rate_length": rate_length,
-        "wrong_rate": wrong_rate,
-    }
-    negative += [
-        f"--{name.replace('_', '-')} {value:g}"
-        for name, value in shares.items()
-        if not 0 <= value <= 1
-    ]
-    if negative:
-        fail(
-            f"{', '.join(negative)}: times and limits are 0 or more, shares 0 to 1 "
-            "(e.g. --rate-429 0.05 answers 5% of requests with 429).",
-            EXIT_USAGE,
-        )
+    schedule = _schedule(rps_schedule)
+    _refuse_bad_numbers(
+        {
+            "latency_ms": latency_ms,
+            "jitter_ms": jitter_ms,
+            "retry_after": retry_after,
+            "rps_limit": rps_limit,
+            "tpm_limit": tpm_limit,
+        },
+        {
+            "rate_429": rate_429,
+            "rate_500": rate_500,
+            "rate_503": rate_503,
+            "rate_timeout": rate_timeout,
+            "rate_drop": rate_drop,
+            "rate_malformed": rate_malformed,
+            "rate_length": rate_length,
+            "wrong_rate": wrong_rate,
+        },
+    )
     config = SimulatorConfig(
         latency_ms=latency_ms,
         latency_jitter_ms=jitter_ms,
@@ -179,6 +164,36 @@ def simulate(
         run_simulator(config, host=host, port=port)
     except OSError as exc:
         fail(_bind_error(exc, host, port), EXIT_USAGE)
+
+
+def _schedule(text: str | None) -> Any:
+    """``--rps-schedule`` parsed (exit 2 when it does not parse); () without it."""
+    from .simulator import parse_rps_schedule
+
+    try:
+        return parse_rps_schedule(text) if text else ()
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def _refuse_bad_numbers(amounts: dict[str, float | int | None], shares: dict[str, float]) -> None:
+    """Exit 2 naming every negative time or limit and every share outside 0 to 1."""
+    negative = [
+        f"--{name.replace('_', '-')} {value:g}"
+        for name, value in amounts.items()
+        if value is not None and value < 0
+    ]
+    negative += [
+        f"--{name.replace('_', '-')} {value:g}"
+        for name, value in shares.items()
+        if not 0 <= value <= 1
+    ]
+    if negative:
+        fail(
+            f"{', '.join(negative)}: times and limits are 0 or more, shares 0 to 1 "
+            "(e.g. --rate-429 0.05 answers 5% of requests with 429).",
+            EXIT_USAGE,
+        )
 
 
 def _bind_error(exc: OSError, host: str, port: int) -> str:
