@@ -22,6 +22,7 @@ from .errors import (
 )
 from .records import RunSummary
 from .runner import run_async, run_batch
+from .status import RunStatus, run_status
 
 if TYPE_CHECKING:
     from .api import arun, run
@@ -54,6 +55,7 @@ __all__ = [
     "PipelineError",
     "RunAborted",
     "RunConfig",
+    "RunStatus",
     "RunSummary",
     "UsageError",
     "arun",
@@ -61,4 +63,5 @@ __all__ = [
     "run",
     "run_async",
     "run_batch",
+    "run_status",
 ]

@@ -373,7 +373,7 @@ class _Job:
 
     def result(self, summary: RunSummary) -> pd.DataFrame:
         """The run's OUTPUT as the DataFrame the caller gets."""
-        self._write_summary(summary)
+        self.write_summary(summary)
         frame = self.read_output()
         attrs = summary.as_dict()
         if self.temporary is not None:
@@ -387,7 +387,7 @@ class _Job:
         ``.frame`` with them when OUTPUT was written (every stop but a second Ctrl-C).
         ``reason`` replaces the run's own (a cancelled task, not a signal)."""
         summary: RunSummary | None = getattr(exc, "summary", None)
-        self._write_summary(summary)
+        self.write_summary(summary)
         frame = None
         if self.output.exists() and _signature_of(self.output) != self.output_before:
             frame = self.read_output()
@@ -431,7 +431,7 @@ class _Job:
                 return pd.concat([base, added], axis=1)
         return table.to_pandas(types_mapper=_NULLABLE.get)
 
-    def _write_summary(self, summary: RunSummary | None) -> None:
+    def write_summary(self, summary: RunSummary | None) -> None:
         if self.config.summary_json and summary is not None:
             Path(self.config.summary_json).write_text(
                 json.dumps(summary.as_dict(), indent=2) + "\n", encoding="utf-8"

@@ -1,24 +1,32 @@
 """The ``pipeline`` command: a thin shell over the library.
 
-Parses options, builds the config (defaults < ``--config`` TOML < options), calls
-``run_batch``, and maps the error tree to messages and exit codes. No logic of its own.
+Owns the ``run``, ``estimate`` and ``status`` commands: parses options, builds the config
+(defaults < ``--config`` TOML < options), calls the library (``run_batch``, ``estimate_job``,
+``run_status``), formats, and maps the error tree to exit codes. No logic of its own. The job
+option table is in ``cli_options``, error output and the root group in ``cli_shell``, the
+``simulate``/``demo``/``cache``/``report`` commands in ``cli_tools``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
-from .checkpoint import Checkpoint, checkpoint_dir
+from .cli_options import SectionedCommand, job_options
+from .cli_shell import (
+    EXIT_CODES_HELP,
+    MainGroup,
+    fail,
+    os_error_message,
+    write_json,
+)
+from .cli_tools import PACKAGE_DATA as PACKAGE_DATA
+from .cli_tools import cache, demo, report, simulate
 from .config import (
-    MAX_TOKENS_BOUND,
     RunConfig,
     build_config,
     load_config_file,
@@ -29,11 +37,8 @@ from .errors import (
     EXIT_ABORTED,
     EXIT_BATCHES_RUNNING,
     EXIT_BUDGET,
-    EXIT_CODES,
-    EXIT_FAILED_ROWS,
     EXIT_INTERRUPTED,
     EXIT_LOCKED,
-    EXIT_OK,
     EXIT_STORAGE,
     EXIT_USAGE,
     ConfigError,
@@ -42,165 +47,16 @@ from .errors import (
     PipelineError,
     RunAborted,
     UsageError,
-    exit_reason,
 )
 from .estimate import estimate_total, format_total
 from .progress import Reporter
 from .records import RunSummary
 from .runner import Seams, estimate_job, run_batch
-
-PACKAGE_DATA = Path(__file__).resolve().parent / "data"  # the demo job and the price table
-
-EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(
-    f"  {code}  {name}: {meaning}" for code, (name, meaning) in EXIT_CODES.items()
-)
-
-
-def _wants_json(args: list[str]) -> bool:
-    """Did the command line ask for JSON logs (errors included)?"""
-    return any(
-        a == "--log-format=json" or (a == "--log-format" and b == "json")
-        for a, b in zip(args, [*args[1:], ""], strict=True)
-    )
-
-
-def _json_errors() -> bool:
-    ctx = click.get_current_context(silent=True)
-    return ctx is not None and (
-        ctx.params.get("log_format") == "json" or bool(ctx.find_root().meta.get("json_errors"))
-    )
-
-
-def _error_line(message: str, code: int) -> str:
-    if _json_errors():
-        return json.dumps(
-            {
-                "ts": round(time.time(), 3),
-                "event": "error",
-                "message": message,
-                "exit_code": code,
-                "exit_reason": exit_reason(code),
-            },
-            ensure_ascii=False,
-        )
-    return f"pipeline: error: {message}"
-
-
-def _fail(message: str, code: int, summary_json: str | None = None) -> NoReturn:
-    """One line on stderr (a JSON object under --log-format json), then exit ``code``.
-
-    With --summary-json the file gets ``{"exit_code", "exit_reason", "error"}``, so a cron
-    job reads why nothing ran from the same place as a run's figures."""
-    click.echo(_error_line(message, code), err=True)
-    if summary_json:
-        _write_json(
-            summary_json,
-            {"exit_code": code, "exit_reason": exit_reason(code), "error": message},
-        )
-    sys.exit(code)
-
-
-class _Main(click.Group):
-    """The command group; with --log-format json its usage errors are JSON lines too."""
-
-    def make_context(
-        self,
-        info_name: str | None,
-        args: list[str],
-        parent: click.Context | None = None,
-        **extra: Any,
-    ) -> click.Context:
-        ctx = super().make_context(info_name, args, parent, **extra)
-        ctx.meta["json_errors"] = _wants_json(args)
-        return ctx
-
-    def main(self, args: Any = None, *rest: Any, **extra: Any) -> Any:
-        argv = list(sys.argv[1:] if args is None else args)
-        if not _wants_json(argv) or extra.get("standalone_mode") is False:
-            return super().main(argv, *rest, **extra)
-        extra["standalone_mode"] = False
-        try:
-            code = super().main(argv, *rest, **extra)
-        except click.ClickException as exc:
-            click.echo(
-                json.dumps(
-                    {
-                        "ts": round(time.time(), 3),
-                        "event": "error",
-                        "message": exc.format_message(),
-                        "exit_code": EXIT_USAGE,
-                        "exit_reason": exit_reason(EXIT_USAGE),
-                    }
-                ),
-                err=True,
-            )
-            sys.exit(EXIT_USAGE)
-        except click.exceptions.Abort:
-            sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)
-
-
-class _SectionedCommand(click.Command):
-    """``--help`` with the options in named sections (Click has no option groups)."""
-
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        sections: dict[str, list[tuple[str, str]]] = {title: [] for title in _SECTION_TITLES}
-        for param in self.get_params(ctx):
-            record = param.get_help_record(ctx)
-            if record is None:
-                continue
-            # the help option's name differs between Click versions ("help", then
-            # "_click_default_help" in 8.5): known by its flag
-            name = "help" if "--help" in param.opts else (param.name or "")
-            title = _SECTIONS.get(name, "Other options")
-            sections.setdefault(title, []).append(record)
-        for title, records in sections.items():
-            if records:
-                with formatter.section(title):
-                    formatter.write_dl(records)
-
-
-_DELIMITER_NAMES = {"tab": "\t", "\\t": "\t", "semicolon": ";", "comma": ",", "pipe": "|"}
-
-_SECTION_TITLES = (
-    "Input and output",
-    "Prompt",
-    "Endpoint and request",
-    "Structured answers, labels and evaluation",
-    "Several models and samples",
-    "Concurrency, rate limits and retries",
-    "Cost and budget",
-    "Resume and reruns",
-    "Batch API (half price, within 24 h)",
-    "Stopping (cron, CI)",
-    "Logging and progress",
-)
-_SECTIONS: dict[str, str] = {
-    name: title
-    for title, names in zip(
-        _SECTION_TITLES,
-        (
-            "input_path output config_path input_format delimiter id_column limit as_json",
-            "prompt_column template messages_column system",
-            "base_url api_key_env api_key_file temperature max_tokens top_p seed stop "
-            "response_format params http_backend proxy timeout max_response_bytes",
-            "json_schema schema_mode schema_prefix labels max_reasks expected_column score",
-            "model wide n samples n_mode",
-            "concurrency rpm tpm adaptive max_retries",
-            "max_cost max_total_tokens prices dedup cache dry_run typical_completion",
-            "overwrite restart retry_failed",
-            "batch batch_dialect batch_max_requests poll_interval wait",
-            "grace max_runtime",
-            "no_progress log_interval log_format quiet summary_json help",
-        ),
-        strict=True,
-    )
-    for name in names.split()
-}
+from .status import run_status
 
 
 @click.group(
-    cls=_Main,
+    cls=MainGroup,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(package_name="batch-prompt-pipeline")
@@ -212,317 +68,7 @@ def main() -> None:
     """
 
 
-def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The options shared by ``run`` and ``estimate`` (everything but -o and --dry-run)."""
-    for option in reversed(_JOB_OPTIONS):
-        command = option(command)
-    return command
-
-
-_JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
-    click.option(
-        "--config",
-        "config_path",
-        type=click.Path(dir_okay=False),
-        help="TOML file; any option below can be set there. Options beat the file.",
-    ),
-    click.option("--base-url", help="API base URL. [default: https://api.aimlapi.com/v1]"),
-    click.option(
-        "--model",
-        multiple=True,
-        help="Model name; repeat it (or give a,b) to send every row to each model. "
-        "[default: gpt-3.5-turbo]",
-    ),
-    click.option(
-        "--wide",
-        is_flag=True,
-        default=None,
-        help="Several models: one output row per input row, a column group per model "
-        "({model}__completion, ...) instead of one row per (row, model).",
-    ),
-    click.option(
-        "--json-schema",
-        metavar="FILE",
-        help="JSON Schema of the answer: validated, its top-level properties become columns.",
-    ),
-    click.option(
-        "--schema-mode",
-        type=click.Choice(["auto", "native", "prompt"]),
-        help="native: response_format json_schema; prompt: json_object + the schema in the "
-        "system prompt; auto: native where the model supports it. [default: auto]",
-    ),
-    click.option("--schema-prefix", metavar="TEXT", help="Prefix of the schema's columns."),
-    click.option(
-        "--labels",
-        metavar="a,b,c|@FILE",
-        help="Single-label classification: the answer must be one label; a label column.",
-    ),
-    click.option(
-        "--max-reasks",
-        type=int,
-        help="Re-ask an answer that does not parse/validate this often, then status "
-        "invalid. [default: 2]",
-    ),
-    click.option("--expected-column", metavar="COL", help="Column with the right answers."),
-    click.option(
-        "--score",
-        metavar="SPEC",
-        help="exact | contains | regex | json-field=PATH: a score column per row and model "
-        "(per sample with --n).",
-    ),
-    click.option(
-        "--n",
-        "n",
-        type=int,
-        metavar="K",
-        help="K samples per row: the API's n where the server honours it, else K requests "
-        "with seeds base+0..K-1 (see --n-mode). [default: 1]",
-    ),
-    click.option(
-        "--samples",
-        type=click.Choice(["list", "long"]),
-        help="With --n: list keeps one output row per input row, completion, finish_reason, "
-        "label, schema and score columns as lists, tokens and cost summed; long gives one "
-        "row per sample with a sample column (0..K-1), usage and cost on the first sample "
-        "of each request. [default: list]",
-    ),
-    click.option(
-        "--n-mode",
-        type=click.Choice(["auto", "native", "seeds"]),
-        help="auto: send n, and for a model whose server answers fewer choices than asked "
-        "fill in and go on with seeds; native: always n; seeds: one request per sample with "
-        "seed base+sample (base: --seed, else 1). [default: auto]",
-    ),
-    click.option(
-        "--api-key-env",
-        metavar="NAME",
-        help="Variable holding the API key. [default: AIMLAPI_API_KEY, then "
-        "OPENAI_API_KEY; none needed for localhost]",
-    ),
-    click.option("--api-key-file", metavar="FILE", help="Read the API key from this file instead."),
-    click.option(
-        "--prompt-column",
-        metavar="COL",
-        help="Column holding the prompt text. "
-        "[default: prompt, when no other prompt source is given]",
-    ),
-    click.option(
-        "--template",
-        metavar="TEXT|@FILE",
-        help="Prompt template with {column} placeholders ({{ }} for literal braces).",
-    ),
-    click.option(
-        "--messages-column",
-        metavar="COL",
-        help="Column holding a JSON list of {role, content} messages.",
-    ),
-    click.option("--system", metavar="TEXT|@FILE", help="System prompt sent before each prompt."),
-    click.option(
-        "--temperature",
-        type=float,
-        help="Sampling temperature, 0 to 2 (0: the most likely answer). [default: the server's]",
-    ),
-    click.option(
-        "--max-tokens",
-        type=int,
-        help=f"Most completion tokens per answer, 1 to {MAX_TOKENS_BOUND:,}; also what "
-        "--max-cost reserves per request. [default: the server's]",
-    ),
-    click.option(
-        "--top-p",
-        type=float,
-        help="Nucleus sampling: keep the tokens within this probability mass, above 0 to 1. "
-        "[default: the server's]",
-    ),
-    click.option(
-        "--seed",
-        type=int,
-        help="Sampling seed, for answers that repeat where the server supports it (also the "
-        "base seed of --n-mode seeds).",
-    ),
-    click.option("--stop", multiple=True, help="Stop sequence (repeatable)."),
-    click.option(
-        "--response-format",
-        metavar="json_object|@schema.json",
-        help="json_object, or a JSON Schema file sent as json_schema.",
-    ),
-    click.option(
-        "--param",
-        "params",
-        multiple=True,
-        metavar="KEY=JSON",
-        help="Any other body field, e.g. --param presence_penalty=0.5 (repeatable).",
-    ),
-    click.option(
-        "--id-column",
-        metavar="COL",
-        help="Column with a unique row id (else keys derive from row content).",
-    ),
-    click.option(
-        "--input-format",
-        type=click.Choice(["csv", "tsv", "parquet", "jsonl"]),
-        help="Override the format given by the extension (tsv: tab-separated CSV).",
-    ),
-    click.option(
-        "--delimiter",
-        metavar="CHAR",
-        callback=lambda _ctx, _param, value: _DELIMITER_NAMES.get(value, value),
-        help="CSV field separator, e.g. ';' or tab (also '\\t'). [default: ',', a tab for .tsv]",
-    ),
-    click.option("--concurrency", type=int, help="Max requests in flight. [default: 32]"),
-    click.option("--rpm", type=float, help="Requests per minute to stay under (paced evenly)."),
-    click.option(
-        "--tpm",
-        type=float,
-        help="Tokens per minute to stay under (prompt estimate + max_tokens or the "
-        "mean completion, corrected with actual usage).",
-    ),
-    click.option(
-        "--adaptive/--no-adaptive",
-        default=None,
-        help="Without --rpm/--tpm or rate-limit headers, find the server's limit from "
-        "its 429s and hold near it; start with 8 in flight. [default: on]",
-    ),
-    click.option("--timeout", type=float, help="Seconds per attempt. [default: 60]"),
-    click.option(
-        "--max-retries", type=int, help="Retries per row after the first try. [default: 5]"
-    ),
-    click.option(
-        "--http-backend",
-        type=click.Choice(["http11", "aiohttp", "httpx"]),
-        help="HTTP client: http11 (built in, the fastest; HTTP/1.1 keep-alive, TLS), or the "
-        "connection pool of aiohttp or httpx. [default: http11]",
-    ),
-    click.option(
-        "--max-response-bytes",
-        type=int,
-        help="Largest response body accepted, as received and as decoded; a larger one "
-        "(or a gzip bomb) fails its row. [default: 67108864, 64 MiB]",
-    ),
-    click.option(
-        "--proxy",
-        metavar="URL",
-        help="HTTP proxy for every request: http://[user:password@]host:port (CONNECT for "
-        "https); NO_PROXY still applies. '' or none: no proxy. [default: HTTPS_PROXY, "
-        "HTTP_PROXY, ALL_PROXY]",
-    ),
-    click.option(
-        "--grace",
-        type=float,
-        help="Seconds requests in flight get to finish after SIGINT/SIGTERM. [default: 10]",
-    ),
-    click.option(
-        "--max-runtime",
-        metavar="DURATION",
-        help="Stop cleanly after this long (90s, 45m, 2h), like SIGTERM: exit 5, rerun resumes.",
-    ),
-    click.option("--limit", type=int, help="Only the first N rows (a smoke test)."),
-    click.option(
-        "--max-cost",
-        type=float,
-        metavar="USD",
-        help="Stop before the next request could push OUTPUT's spend past this (exit 4).",
-    ),
-    click.option(
-        "--max-total-tokens",
-        type=int,
-        metavar="N",
-        help="Stop before the next request could push OUTPUT's tokens past this (exit 4).",
-    ),
-    click.option(
-        "--prices",
-        metavar="FILE",
-        help="Extra or overriding price table (TOML, like configs/prices.toml).",
-    ),
-    click.option(
-        "--dedup/--no-dedup",
-        default=None,
-        help="Send rows with identical prompts once and copy the result. [default: on]",
-    ),
-    click.option(
-        "--cache",
-        metavar="DIR",
-        help="Response cache shared across runs and outputs (keyed by URL + body).",
-    ),
-    click.option(
-        "--batch",
-        is_flag=True,
-        default=None,
-        help="Send the rows through the provider's Batch API instead of one request each "
-        "(about half the price; results within 24 h). Same OUTPUT, resumable; exit 9 with "
-        "--no-wait while batches run.",
-    ),
-    click.option(
-        "--batch-dialect",
-        type=click.Choice(["openai", "anthropic"]),
-        help="openai: /files + /batches (OpenAI, Azure, Groq, DeepInfra); anthropic: "
-        "/messages/batches (Anthropic; the AI/ML API for Claude). [default: from --base-url]",
-    ),
-    click.option(
-        "--batch-max-requests",
-        type=click.IntRange(min=1),
-        metavar="N",
-        help="Requests per batch (one model each; bytes stay under 190 MB). [default: 50000]",
-    ),
-    click.option(
-        "--poll-interval",
-        type=float,
-        metavar="SECONDS",
-        help="First wait between polls of running batches; x1.5 while nothing changes, up "
-        "to 10 min. [default: 30]",
-    ),
-    click.option(
-        "--wait/--no-wait",
-        default=None,
-        help="--batch: wait for the batches to finish, or submit, collect what is ready, "
-        "write OUTPUT and exit 9 (run again later to collect). [default: wait]",
-    ),
-    click.option(
-        "--no-progress",
-        is_flag=True,
-        default=None,
-        help="No progress bar; a log line every 10 s instead.",
-    ),
-    click.option(
-        "--overwrite",
-        is_flag=True,
-        default=None,
-        help="Replace an OUTPUT that this tool's checkpoint did not write.",
-    ),
-    click.option(
-        "--restart",
-        is_flag=True,
-        default=None,
-        help="Start over: move the old checkpoint aside and send every row.",
-    ),
-    click.option(
-        "--retry-failed",
-        is_flag=True,
-        default=None,
-        help="Send again the rows whose status is error or invalid (an answer that failed "
-        "its schema or labels); keep the rest.",
-    ),
-    click.option(
-        "--summary-json",
-        type=click.Path(dir_okay=False),
-        help="Also write the end-of-run summary to this JSON file.",
-    ),
-    click.option(
-        "--log-interval",
-        type=float,
-        metavar="SECONDS",
-        help="Seconds between progress log lines when there is no bar. [default: 10]",
-    ),
-    click.option(
-        "--log-format",
-        type=click.Choice(["text", "json"]),
-        help="json: one JSON object per log line on stderr. [default: text]",
-    ),
-    click.option("--quiet", is_flag=True, default=None, help="Print only errors and the summary."),
-]
-
-
-def _config_from_options(
+def config_from_options(
     config_path: str | None,
     params: tuple[str, ...],
     stop: tuple[str, ...],
@@ -539,7 +85,7 @@ def _config_from_options(
     return build_config(file_values, options, config_path=config_path)
 
 
-@main.command(cls=_SectionedCommand, epilog=EXIT_CODES_HELP)
+@main.command(cls=SectionedCommand, epilog=EXIT_CODES_HELP)
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "-o",
@@ -570,12 +116,12 @@ def run(
     """
     summary_json = options.get("summary_json")
     try:
-        config = _config_from_options(config_path, params, stop, no_progress, options)
+        config = config_from_options(config_path, params, stop, no_progress, options)
     except ConfigError as exc:
-        _fail(str(exc), EXIT_USAGE, summary_json)
+        fail(str(exc), EXIT_USAGE, summary_json)
         return
     if output.suffix.lower() not in PARQUET_SUFFIXES:
-        _fail(
+        fail(
             f"-o {output}: OUTPUT is always a Parquet file; name it "
             f"{output.with_suffix('.parquet')} (for CSV afterwards: "
             "pandas.read_parquet(OUTPUT).to_csv(...)).",
@@ -596,14 +142,14 @@ def run(
     try:
         summary = run_batch(input_path, output, config, Seams(reporter=reporter))
     except UsageError as exc:
-        _fail(str(exc), EXIT_USAGE, config.summary_json)
+        fail(str(exc), EXIT_USAGE, config.summary_json)
     except LockHeld as exc:
-        _fail(str(exc), EXIT_LOCKED, config.summary_json)
+        fail(str(exc), EXIT_LOCKED, config.summary_json)
     except RunAborted as exc:
         summary = getattr(exc, "summary", None)
-        _write_summary(config.summary_json, summary)
+        write_summary(config.summary_json, summary)
         if summary is None:
-            _fail(str(exc), EXIT_ABORTED, config.summary_json)
+            fail(str(exc), EXIT_ABORTED, config.summary_json)
             return
         # the reason was printed when the run stopped and is in the summary: say what next
         reporter.error(
@@ -615,12 +161,12 @@ def run(
         sys.exit(summary.exit_code)
     except OSError as exc:
         # the output directory cannot be made or written (permissions, a file in the way)
-        _fail(_os_error_message(exc, output), EXIT_USAGE, config.summary_json)
+        fail(os_error_message(exc, output), EXIT_USAGE, config.summary_json)
     except PipelineError as exc:  # pragma: no cover - every subclass is handled above
-        _fail(str(exc), EXIT_USAGE, config.summary_json)
+        fail(str(exc), EXIT_USAGE, config.summary_json)
     if summary.rows_total == 0:
         reporter.note(f"{input_path} has 0 rows (a header only?): nothing to send.")
-    _write_summary(config.summary_json, summary)
+    write_summary(config.summary_json, summary)
     sys.exit(summary.exit_code)
 
 
@@ -636,13 +182,7 @@ _NEXT_STEP = {
 }
 
 
-def _os_error_message(exc: OSError, path: Path) -> str:
-    where = exc.filename or path
-    what = exc.strerror or type(exc).__name__
-    return f"cannot write {where} ({what}). Choose a writable place for -o, or fix its permissions."
-
-
-@main.command(cls=_SectionedCommand)
+@main.command(cls=SectionedCommand)
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "-o",
@@ -678,9 +218,9 @@ def estimate(
     """
     _refuse_run_only(no_progress)
     try:
-        config = _config_from_options(config_path, params, stop, no_progress, options)
+        config = config_from_options(config_path, params, stop, no_progress, options)
     except ConfigError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
         return
     _estimate(input_path, output, config, as_json=as_json, typical_completion=typical_completion)
 
@@ -698,7 +238,7 @@ def _refuse_run_only(no_progress: bool | None) -> None:
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         it = "it" if len(given) == 1 else "them"
-        _fail(
+        fail(
             f"{flags}: only a `pipeline run` that sends uses {it}; an estimate sends "
             f"nothing and writes nothing. Drop {it}.",
             EXIT_USAGE,
@@ -735,7 +275,7 @@ def _estimate(
     try:
         results = estimate_job(input_path, output, config, typical_completion=typical_completion)
     except UsageError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
         return
     if len(results) == 1:
         click.echo(json.dumps(results[0].as_dict()) if as_json else results[0].format())
@@ -747,19 +287,9 @@ def _estimate(
         click.echo("\n" + format_total(estimate_total(results)))
 
 
-def _write_summary(path: str | None, summary: RunSummary | None) -> None:
+def write_summary(path: str | None, summary: RunSummary | None) -> None:
     if path and summary is not None:
-        _write_json(path, summary.as_dict())
-
-
-def _write_json(path: str, data: dict[str, Any]) -> None:
-    try:
-        Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    except OSError as exc:
-        click.echo(
-            _error_line(f"--summary-json: {_os_error_message(exc, Path(path))}", EXIT_USAGE),
-            err=True,
-        )
+        write_json(path, summary.as_dict())
 
 
 @main.command()
@@ -773,433 +303,32 @@ def status(output: Path, as_json: bool) -> None:
     pending and no run going (rerun to continue); 8 rows pending and a run going;
     2 no checkpoint.
     """
-    checkpoint = Checkpoint(output)
-    if not checkpoint.exists():
-        _fail(f"no checkpoint for {output} (looked for {checkpoint_dir(output)}).", EXIT_USAGE)
     try:
-        manifest = checkpoint.read_manifest()
-        index = checkpoint.load_index()
+        state = run_status(output)
     except OutputError as exc:
-        _fail(str(exc), EXIT_USAGE)
-    keys = checkpoint.read_keys()
-    # count the rows of the current input only (results of rows that left it are kept
-    # in the checkpoint but are not in OUTPUT)
-    among = None
-    if keys is not None:
-        pos = index.lookup(keys)
-        among = pos[pos >= 0]
-    counts = index.counts(among)
-    total = len(keys) if keys is not None else int(manifest.get("rows_total", len(index.keys)))
-    done = sum(counts.values())
-    holder = Checkpoint.lock_holder(output)
-    info = {
-        "output": str(output),
-        "rows_total": total,
-        **counts,
-        "pending": max(total - done, 0),
-        "prompt_tokens": int(
-            (index.prompt_tokens if among is None else index.prompt_tokens[among]).sum()
-        ),
-        "completion_tokens": int(
-            (index.completion_tokens if among is None else index.completion_tokens[among]).sum()
-        ),
-        "fingerprint": manifest.get("fingerprint"),
-        "model": manifest.get("fingerprint_parts", {}).get("model"),
-        "running": holder is not None,
-        "running_by": holder,
-        "output_written": checkpoint.output_is_ours(),
-    }
-    unpriced = _unpriced_models(info["model"], manifest)
-    spent = float((index.cost_usd if among is None else index.cost_usd[among]).sum())
-    # unknown when a model has no price and no cost was reported: never a silent 0
-    info["cost_usd"] = None if unpriced and not spent else round(spent, 6)
-    info["unpriced_models"] = unpriced
-    if info["pending"]:
-        code = EXIT_LOCKED if holder else EXIT_INTERRUPTED
-    else:
-        code = EXIT_FAILED_ROWS if counts["error"] or counts["invalid"] else EXIT_OK
-    info["exit_code"], info["exit_reason"] = code, exit_reason(code)
+        fail(str(exc), EXIT_USAGE)
     if as_json:
-        click.echo(json.dumps(info))
-        sys.exit(code)
+        click.echo(json.dumps(state.as_dict()))
+        sys.exit(state.exit_code)
+    counts = state.counts
     click.echo(
-        f"{output}: {total} rows | {counts['ok']} ok | {counts['error']} error | "
+        f"{output}: {state.rows_total} rows | {counts['ok']} ok | {counts['error']} error | "
         f"{counts['invalid']} invalid | {counts['skipped']} skipped | "
-        f"{info['pending']} pending\n"
-        f"tokens: {info['prompt_tokens']} in, {info['completion_tokens']} out; cost "
+        f"{state.pending} pending\n"
+        f"tokens: {state.prompt_tokens} in, {state.completion_tokens} out; cost "
         + (
-            f"unknown (no price for {', '.join(unpriced)})\n"
-            if info["cost_usd"] is None
-            else f"${spent:.6f}\n"
+            f"unknown (no price for {', '.join(state.unpriced_models)})\n"
+            if state.cost_usd is None
+            else f"${state.spent_usd:.6f}\n"
         )
-        + f"fingerprint: {info['fingerprint']} (model {info['model']})\n"
-        + (f"running: {holder}" if holder else "running: no")
+        + f"fingerprint: {state.fingerprint} (model {state.model})\n"
+        + (f"running: {state.running_by}" if state.running else "running: no")
     )
-    sys.exit(code)
+    sys.exit(state.exit_code)
 
 
-def _unpriced_models(model: Any, manifest: dict[str, Any]) -> list[str]:
-    """The run's models that the price table (and the run's --prices file) cannot price."""
-    from .pricing import PriceTable
-
-    models = model if isinstance(model, list) else [model] if model else []
-    try:
-        prices = PriceTable.load(manifest.get("config", {}).get("prices"))
-    except (PipelineError, OSError):
-        prices = PriceTable.load()
-    return [m for m in models if prices.resolve(str(m)) is None]
-
-
-@main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--latency-ms", default=0.0, show_default=True, type=float)
-@click.option("--jitter-ms", default=0.0, show_default=True, type=float)
-@click.option("--rate-429", default=0.0, type=float, help="Share of requests answered 429.")
-@click.option("--rate-500", default=0.0, type=float)
-@click.option("--rate-503", default=0.0, type=float)
-@click.option("--rate-timeout", default=0.0, type=float, help="Share never answered.")
-@click.option("--rate-drop", default=0.0, type=float, help="Share whose connection is dropped.")
-@click.option("--rate-malformed", default=0.0, type=float, help="Share answered with bad JSON.")
-@click.option(
-    "--rate-length", default=0.0, type=float, help="Share cut short with finish_reason length."
-)
-@click.option(
-    "--retry-after",
-    default=1.0,
-    show_default=True,
-    type=float,
-    help="Retry-After seconds sent with 429s.",
-)
-@click.option("--rps-limit", type=float, help="Requests/s enforced with 429s.")
-@click.option("--rps-burst", type=float, help="Bucket size of --rps-limit (default: 1 s worth).")
-@click.option(
-    "--rps-schedule",
-    help="Change the request limit at given seconds from the first request: 0:40,10:10,20:40.",
-)
-@click.option("--tpm-limit", type=int, help="Tokens/minute enforced with 429s.")
-@click.option("--rate-limit-headers", is_flag=True, help="Send x-ratelimit-* headers.")
-@click.option(
-    "--wrong-rate", default=0.0, type=float, help="Share of label/JSON answers that are wrong."
-)
-@click.option(
-    "--wrong-kind",
-    type=click.Choice(["invalid", "different"]),
-    default="invalid",
-    show_default=True,
-    help="invalid: unusable answer; different: well-formed, wrong.",
-)
-@click.option(
-    "--ignore-n",
-    is_flag=True,
-    help="Answer with one choice whatever n asks (like llama.cpp), to try --n-mode auto.",
-)
-@click.option("--seed", type=int, help="Seed for the fault draws.")
-@click.option(
-    "--request-log",
-    type=click.Path(dir_okay=False),
-    help="Append each received request as a JSON line.",
-)
-def simulate(
-    host: str,
-    port: int,
-    latency_ms: float,
-    jitter_ms: float,
-    rate_429: float,
-    rate_500: float,
-    rate_503: float,
-    rate_timeout: float,
-    rate_drop: float,
-    rate_malformed: float,
-    rate_length: float,
-    retry_after: float,
-    rps_limit: float | None,
-    rps_burst: float | None,
-    rps_schedule: str | None,
-    tpm_limit: int | None,
-    rate_limit_headers: bool,
-    seed: int | None,
-    request_log: str | None,
-    wrong_rate: float,
-    wrong_kind: str,
-    ignore_n: bool,
-) -> None:
-    """Serve a local OpenAI-compatible chat API for demos, tests and benchmarks.
-
-    Answers are derived from the prompt, usage counts are honest, and faults can be injected.
-    Prompts may also carry directives such as [[sim:status=503]] (see pipeline/simulator.py).
-    """
-    from .simulator import SimulatorConfig, parse_rps_schedule, run_simulator
-
-    try:
-        schedule = parse_rps_schedule(rps_schedule) if rps_schedule else ()
-    except ValueError as exc:
-        _fail(str(exc), EXIT_USAGE)
-    negative = [
-        f"--{name.replace('_', '-')} {value:g}"
-        for name, value in (
-            ("latency_ms", latency_ms),
-            ("jitter_ms", jitter_ms),
-            ("retry_after", retry_after),
-            ("rps_limit", rps_limit),
-            ("tpm_limit", tpm_limit),
-        )
-        if value is not None and value < 0
-    ]
-    shares = {
-        "rate_429": rate_429,
-        "rate_500": rate_500,
-        "rate_503": rate_503,
-        "rate_timeout": rate_timeout,
-        "rate_drop": rate_drop,
-        "rate_malformed": rate_malformed,
-        "rate_length": rate_length,
-        "wrong_rate": wrong_rate,
-    }
-    negative += [
-        f"--{name.replace('_', '-')} {value:g}"
-        for name, value in shares.items()
-        if not 0 <= value <= 1
-    ]
-    if negative:
-        _fail(
-            f"{', '.join(negative)}: times and limits are 0 or more, shares 0 to 1 "
-            "(e.g. --rate-429 0.05 answers 5% of requests with 429).",
-            EXIT_USAGE,
-        )
-    config = SimulatorConfig(
-        latency_ms=latency_ms,
-        latency_jitter_ms=jitter_ms,
-        rate_429=rate_429,
-        rate_500=rate_500,
-        rate_503=rate_503,
-        rate_timeout=rate_timeout,
-        rate_drop=rate_drop,
-        rate_malformed=rate_malformed,
-        rate_length=rate_length,
-        retry_after_s=retry_after,
-        rps_limit=rps_limit,
-        rps_burst=rps_burst,
-        rps_schedule=schedule,
-        tpm_limit=tpm_limit,
-        rate_limit_headers=rate_limit_headers,
-        seed=seed,
-        record=False,
-        request_log=request_log,
-        wrong_rate=wrong_rate,
-        wrong_kind=wrong_kind,
-        ignore_n=ignore_n,
-    )
-    try:
-        run_simulator(config, host=host, port=port)
-    except OSError as exc:
-        _fail(_bind_error(exc, host, port), EXIT_USAGE)
-
-
-def _bind_error(exc: OSError, host: str, port: int) -> str:
-    import errno
-
-    if exc.errno == errno.EADDRINUSE:
-        return (
-            f"port {port} on {host} is already in use (another simulator or demo?). "
-            "Stop it, or pass --port N (--port 0 takes any free port)."
-        )
-    return f"cannot listen on {host}:{port} ({exc.strerror or exc}). Pass another --host/--port."
-
-
-@main.command()
-@click.option(
-    "--output", "-o", default="out/demo.parquet", show_default=True, type=click.Path(path_type=Path)
-)
-@click.option(
-    "--input",
-    "input_path",
-    type=click.Path(path_type=Path),
-    help="Input table. [default: the packaged copy of data/sample.csv]",
-)
-@click.option(
-    "--config",
-    "config_path",
-    help="Job config. [default: the packaged copy of configs/demo.toml]",
-)
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    help="Simulator port (0: any free one). [default: the port of the config's base_url]",
-)
-def demo(output: Path, input_path: Path | None, config_path: str | None, port: int | None) -> None:
-    """Start the simulator, run configs/demo.toml over data/sample.csv, print the summary.
-
-    Both files ship inside the package, so the demo works from any directory after any
-    install. The simulator adds latency and a few faults (429s, 500s) so that retries show.
-    Run it twice: the second run resumes and sends nothing.
-    """
-    from urllib.parse import urlsplit
-
-    from .simulator import SimulatorConfig, SimulatorThread
-
-    input_path = input_path or PACKAGE_DATA / "sample.csv"
-    config_path = config_path or str(PACKAGE_DATA / "demo.toml")
-    try:
-        file_values = load_config_file(config_path)
-        # the simulator runs in this process: never through a proxy of the environment
-        config = build_config(file_values, {"proxy": ""}, config_path=config_path)
-    except ConfigError as exc:
-        _fail(str(exc), EXIT_USAGE)
-        return
-    if port is None:
-        port = urlsplit(config.base_url).port or 8000
-    sim_config = SimulatorConfig(
-        latency_ms=40.0,
-        latency_jitter_ms=40.0,
-        rate_429=0.03,
-        rate_500=0.02,
-        retry_after_s=0.2,
-        seed=7,
-        record=False,
-    )
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        _fail(_os_error_message(exc, output), EXIT_USAGE)
-    sim = SimulatorThread(sim_config, port=port)
-    try:
-        sim.start()
-    except OSError as exc:
-        _fail(_bind_error(exc, "127.0.0.1", port), EXIT_USAGE)
-    try:
-        click.echo(f"simulator listening on {sim.base_url}", err=True)
-        if sim.port != port:  # --port 0: the config's base_url points at the bound port
-            config = dataclasses.replace(config, base_url=sim.base_url)
-        reporter = Reporter(progress=config.progress, log_interval=config.log_interval)
-        try:
-            summary = run_batch(input_path, output, config, Seams(reporter=reporter))
-        except UsageError as exc:
-            _fail(str(exc), EXIT_USAGE)
-            return
-        except LockHeld as exc:
-            _fail(str(exc), EXIT_LOCKED)
-            return
-        except RunAborted as exc:
-            stopped = getattr(exc, "summary", None)
-            _fail(str(exc), stopped.exit_code if stopped is not None else EXIT_ABORTED)
-            return
-        except OSError as exc:
-            _fail(_os_error_message(exc, output), EXIT_USAGE)
-            return
-    finally:
-        sim.stop()
-    click.echo(
-        f"\nDone. Output: {output} (read it with pandas.read_parquet)."
-        f"\nStatus any time: pipeline status {output}"
-    )
-    sys.exit(summary.exit_code)
-
-
-@main.group()
-def cache() -> None:
-    """Inspect or trim a response cache made by `run --cache DIR`."""
-
-
-@cache.command("stats")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
-def cache_stats(directory: Path, as_json: bool) -> None:
-    """Entries, bytes and the age range of the cache in DIRECTORY."""
-    from .cache import ResponseCache
-
-    if not directory.exists():
-        _fail(f"no cache at {directory}.", EXIT_USAGE)
-    stats = ResponseCache(directory).stats()
-    if as_json:
-        click.echo(json.dumps(stats, default=str))
-        return
-    click.echo(f"{directory}: {stats['entries']} entries, {stats['bytes']:,} bytes")
-    for name in ("oldest", "newest"):
-        if stats.get(name):
-            click.echo(f"{name}: {_ctime(stats[name])}")
-
-
-@cache.command("prune")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--older-than",
-    metavar="DURATION",
-    help="Remove entries not used for this long (30d, 12h, 90m).",
-)
-@click.option(
-    "--max-size",
-    metavar="BYTES",
-    type=int,
-    help="Then remove the least recently used until the cache fits.",
-)
-def cache_prune(directory: Path, older_than: str | None, max_size: int | None) -> None:
-    """Remove old entries (by last use) from the cache in DIRECTORY."""
-    from .cache import ResponseCache
-    from .config import parse_duration
-
-    if older_than is None and max_size is None:
-        _fail("say what to remove: --older-than DURATION and/or --max-size BYTES.", EXIT_USAGE)
-    seconds = None
-    if older_than is not None:
-        text = older_than.strip()
-        if text.endswith("d") and text[:-1].replace(".", "", 1).isdigit():
-            seconds = float(text[:-1]) * 86400
-        else:
-            seconds = parse_duration(text)
-        if seconds is None:
-            _fail(f"--older-than {older_than!r}: use a duration like 30d, 12h or 90m.", EXIT_USAGE)
-    result = ResponseCache(directory).prune(older_than_seconds=seconds, max_bytes=max_size)
-    click.echo(
-        f"removed {result['removed']} entries ({result['removed_bytes']:,} bytes); "
-        f"{result['entries']} entries ({result['bytes']:,} bytes) left"
-    )
-
-
-def _ctime(value: float) -> str:
-    import time
-
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
-
-
-@main.command()
-@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--html",
-    "html_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write the comparison as one self-contained HTML page.",
-)
-@click.option("--json", "as_json", is_flag=True, help="The table as JSON, for scripts.")
-def report(output: Path, html_path: Path | None, as_json: bool) -> None:
-    """Compare the models of OUTPUT: rows, score, tokens, cost, latency percentiles.
-
-    Works on any OUTPUT (one model, several models long or --wide).
-    """
-    from .errors import OutputError
-    from .report import comparison_table, format_table, load_output, render_html, run_context
-
-    try:
-        frame = load_output(output)
-    except OutputError as exc:
-        _fail(str(exc), EXIT_USAGE)
-        return
-    rows = comparison_table(frame)
-    if as_json:
-        click.echo(json.dumps(rows, default=str))
-    else:
-        click.echo(format_table(rows))
-    if html_path is not None:
-        page = render_html(rows, frame, context=run_context(output))
-        try:
-            html_path.write_text(page, encoding="utf-8")
-        except OSError as exc:
-            _fail(
-                f"--html {html_path}: cannot write it ({exc.strerror or exc}). Give a path in "
-                "an existing, writable directory.",
-                EXIT_USAGE,
-            )
-        click.echo(f"wrote {html_path}", err=True)
+for _command in (simulate, demo, cache, report):
+    main.add_command(_command)
 
 
 from . import cli_batch  # noqa: E402,F401  (registers `pipeline batch`; it imports this module)

@@ -15,15 +15,9 @@ from typing import Any
 import click
 
 from .batch.interchange import export_requests, import_results
-from .cli import (
-    _config_from_options,
-    _fail,
-    _os_error_message,
-    _SectionedCommand,
-    _write_summary,
-    job_options,
-    main,
-)
+from .cli import config_from_options, main, write_summary
+from .cli_options import SectionedCommand, job_options
+from .cli_shell import fail, os_error_message
 from .errors import (
     EXIT_ABORTED,
     EXIT_LOCKED,
@@ -41,7 +35,7 @@ def batch() -> None:
     """OpenAI Batch JSONL: export the requests of a run, import results made elsewhere."""
 
 
-@batch.command("export", cls=_SectionedCommand)
+@batch.command("export", cls=SectionedCommand)
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "-o",
@@ -75,16 +69,16 @@ def export_command(
     the same options (one line per sample with --n, seeded). Duplicates are exported once.
     """
     try:
-        config = _config_from_options(config_path, params, stop, no_progress, options)
+        config = config_from_options(config_path, params, stop, no_progress, options)
         count = export_requests(input_path, destination, config, output=done_output)
     except UsageError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     except OSError as exc:
-        _fail(_os_error_message(exc, destination), EXIT_USAGE)
+        fail(os_error_message(exc, destination), EXIT_USAGE)
     click.echo(f"{destination}: {count} requests")
 
 
-@batch.command("import", cls=_SectionedCommand)
+@batch.command("import", cls=SectionedCommand)
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "-o",
@@ -119,18 +113,18 @@ def import_command(
     sends only those. Exit codes as `pipeline run`.
     """
     try:
-        config = _config_from_options(config_path, params, stop, no_progress, options)
+        config = config_from_options(config_path, params, stop, no_progress, options)
     except ConfigError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     try:
         summary = import_results(input_path, output, config, results)
     except UsageError as exc:
-        _fail(str(exc), EXIT_USAGE, config.summary_json)
+        fail(str(exc), EXIT_USAGE, config.summary_json)
     except LockHeld as exc:
-        _fail(str(exc), EXIT_LOCKED, config.summary_json)
+        fail(str(exc), EXIT_LOCKED, config.summary_json)
     except RunAborted as exc:
         aborted: RunSummary | None = getattr(exc, "summary", None)
-        _write_summary(config.summary_json, aborted)
+        write_summary(config.summary_json, aborted)
         raise SystemExit(aborted.exit_code if aborted is not None else EXIT_ABORTED) from None
-    _write_summary(config.summary_json, summary)
+    write_summary(config.summary_json, summary)
     raise SystemExit(summary.exit_code)

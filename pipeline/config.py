@@ -1,8 +1,9 @@
 """The frozen run configuration: defaults < TOML file < CLI/keyword options, and its fingerprint.
 
 Owns option names, types, ranges, ``@FILE`` expansion and the fingerprint of everything that
-determines a response. It reads no input data and sends nothing; the API key is looked up
-here (``resolve_api_key``) but never stored in the config, its fingerprint or any output.
+determines a response. It reads no input data and sends nothing. The API key is looked up
+in ``credentials.py`` (``resolve_api_key``, re-exported here) and never stored in the config,
+its fingerprint or any output.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import os
 import re
 import tomllib
 from collections.abc import Iterable
@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .credentials import DEFAULT_KEY_ENVS as DEFAULT_KEY_ENVS
+from .credentials import resolve_api_key as resolve_api_key
 from .durations import parse_duration
 from .errors import ConfigError
 
 DEFAULT_BASE_URL = "https://api.aimlapi.com/v1"
 DEFAULT_MODEL = "gpt-3.5-turbo"
-DEFAULT_KEY_ENVS = ("AIMLAPI_API_KEY", "OPENAI_API_KEY")
 # No model answers more tokens than this: a larger --max-tokens is a typo (and would make a
 # budget reserve it for every request).
 MAX_TOKENS_BOUND = 1_000_000
@@ -623,34 +624,3 @@ def _validate_answer_options(config: RunConfig) -> None:
         load_labels(config.labels)
     if config.score is not None:
         make_scorer(config.score)
-
-
-def resolve_api_key(config: RunConfig, environ: dict[str, str] | None = None) -> str | None:
-    """The API key from the environment (or ``api_key_file``); None is fine for localhost.
-
-    Raises ConfigError naming the variable to set when a remote base URL has no key.
-    """
-    env = os.environ if environ is None else environ
-    if config.api_key_file:
-        try:
-            key = Path(config.api_key_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"--api-key-file {config.api_key_file}: cannot read it ({exc.strerror})."
-            ) from None
-        if key:
-            return key
-        raise ConfigError(f"--api-key-file {config.api_key_file} is empty.")
-    names = (config.api_key_env,) if config.api_key_env else DEFAULT_KEY_ENVS
-    for name in names:
-        key = env.get(name, "").strip()
-        if key:
-            return key
-    if config.is_local:
-        return None
-    wanted = " or ".join(names)
-    raise ConfigError(
-        f"No API key: set {wanted} in the environment (or name another variable with "
-        f"--api-key-env, or a file with --api-key-file). {config.base_url} is not local, "
-        "so a key is required."
-    )

@@ -399,3 +399,16 @@ def test_run_help_groups_the_options_and_describes_each() -> None:
         assert len(line.split(None, 2)) == 3, line
     assert "error or invalid" in " ".join(text.split())  # what --retry-failed resends
     assert "Other options" not in text
+
+
+def test_help_defaults_are_read_from_the_run_config_fields() -> None:
+    import dataclasses
+
+    from pipeline.cli_options import default_of
+    from pipeline.config import RunConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    assert default_of("concurrency") == f"[default: {defaults['concurrency']}]"
+    assert default_of("timeout") == f"[default: {int(defaults['timeout'])}]"
+    assert default_of("dedup") == "[default: on]"
+    assert default_of("model") == f"[default: {defaults['model']}]"

@@ -280,3 +280,27 @@ def test_status_of_an_output_without_a_checkpoint_exits_2_saying_where_it_looked
     result = cli("status", tmp_path / "never.parquet")
     assert result.exit_code == 2
     assert "never.parquet.checkpoint" in result.stderr
+
+
+def test_run_status_is_the_library_record_the_cli_formats(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    import pipeline
+    from pipeline.errors import OutputError
+
+    source = write_csv(tmp_path / "in.csv", ["a", "b [[sim:status=400]]", ""])
+    output = tmp_path / "out.parquet"
+    assert cli(*run_args(simulator, source, output)).exit_code == 1
+
+    state = pipeline.run_status(output)
+    assert isinstance(state, pipeline.RunStatus)
+    assert (state.rows_total, state.counts["ok"], state.counts["error"], state.pending) == (
+        3,
+        1,
+        1,
+        0,
+    )
+    assert (state.exit_code, state.exit_reason, state.running) == (1, "failed_rows", False)
+    assert state.as_dict() == status_json(output)
+    with pytest.raises(OutputError, match=r"never\.parquet\.checkpoint"):
+        pipeline.run_status(tmp_path / "never.parquet")
