@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from .atomic import atomic_write
+
 KEY_VERSION = b"bpp-cache-v1"
 MAGIC = b"BPPCACHE1\n"
 SUFFIX = ".bin"
@@ -178,19 +180,12 @@ class ResponseCache:
         self._ensure_root()
         path.parent.mkdir(mode=0o700, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
+        # No directory fsync: after a power cut an entry may be missing, never half there.
+        with atomic_write(path, temp=tmp, sync_dir=False):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
             os.utime(tmp, (created, created))  # an entry's age runs on the cache's clock
-            # No directory fsync: after a power cut an entry may be missing, never half there.
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
 
     def stats(self) -> dict[str, Any]:
         """entries, bytes, oldest/newest (last use, epoch seconds) and temporary files."""

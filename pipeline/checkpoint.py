@@ -10,13 +10,20 @@ Layout of ``OUTPUT.checkpoint/``::
                          named part-NNNNNN.parquet and carry neither.
     quarantine/          parts found damaged (checksum, unreadable, empty) or foreign (another
                          job's): set aside, never read; their rows are sent again
+    index.npz            a cache of the result index (row key -> part, row) and the parts it
+                         covers; rebuilt from the parts when missing, damaged or stale
+    input-keys.npz       a cache of the input's key pass (keys.KeyPass), keyed by the input's
+                         stat and digest; recomputed when it does not match
+    keys.npy             the current input's row keys, for ``pipeline status`` only
+    rescued-not-used-*/  rescued answers that did not fit this checkpoint: kept, never read
+    .*.tmp               a write in progress (removed by the next run)
 
 and, only when the checkpoint could not be written (disk full, read-only), the answers that
 were received but not saved, as parts under ``$TMPDIR/pipeline-rescue/<checkpoint hash>/``;
 the next run of this OUTPUT moves them into ``parts/`` before it sends anything.
 
-Every file is written to a temporary name, fsynced, renamed into place, and the directory
-fsynced, so a crash at any instant leaves either the old or the new file, never half of one.
+Every file is written through ``atomic.atomic_write`` (temporary name, fsync, rename, directory
+fsync), so a crash at any instant leaves either the old or the new file, never half of one.
 A row's result is the one in the highest-numbered part holding its key (``--retry-failed``
 appends newer results). This module does not know how results are produced or assembled.
 """
@@ -47,6 +54,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import atomic_write, fsync_dir, write_bytes
 from .errors import FingerprintMismatch, LockHeld, OutputError
 from .keys import KeyPass, stable_argsort
 from .records import STATUS_CODES, RowResult, Usage
@@ -155,26 +163,8 @@ def checkpoint_dir(output: Path) -> Path:
     return output.with_name(output.name + ".checkpoint")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written temp file
-        raise
-    _fsync_dir(path.parent)
+    write_bytes(path, data)
 
 
 PART_NAME = re.compile(r"part-(\d{6,})(?:-([0-9a-f]{8}))?\.parquet")
@@ -187,16 +177,8 @@ def part_number(path: Path) -> int | None:
 
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_write(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        with tmp.open("rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written temp file
-        raise
-    _fsync_dir(path.parent)
 
 
 def file_signature(path: Path) -> dict[str, int] | None:
@@ -577,7 +559,7 @@ class Checkpoint:
             aside.mkdir(exist_ok=True)
             for path, _ in bad:
                 os.replace(path, aside / path.name)
-            _fsync_dir(self.parts_dir)
+            fsync_dir(self.parts_dir)
             listed = "; ".join(f"{path.name}: {problem}" for path, problem in bad[:3])
             more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
             notes.append(
@@ -747,12 +729,8 @@ class Checkpoint:
     def write_keys(self, keys: np.ndarray) -> None:
         """Record the current input's row keys, for ``pipeline status``."""
         path = self.dir / "keys.npy"
-        tmp = path.with_name(f".keys.{os.getpid()}.tmp")
-        with tmp.open("wb") as fh:
+        with atomic_write(path) as tmp, tmp.open("wb") as fh:
             np.save(fh, keys.astype(np.uint64), allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
 
     def read_keys(self) -> np.ndarray | None:
         try:
@@ -963,13 +941,9 @@ KEY_PASS_VERSION = 1
 
 def _save_arrays(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     """An .npz of ``arrays`` plus ``meta`` as JSON, written atomically (temp, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     encoded = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    with tmp.open("wb") as fh:
+    with atomic_write(path) as tmp, tmp.open("wb") as fh:
         np.savez(fh, meta=encoded, **arrays)  # type: ignore[arg-type]
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _load_arrays(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:

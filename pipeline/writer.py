@@ -10,7 +10,6 @@ over OUTPUT: a failure here leaves the previous OUTPUT untouched.
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .checkpoint import RESULT_SCHEMA, Checkpoint, RowPlaces, _fsync_dir, file_signature
+from .atomic import atomic_write
+from .checkpoint import RESULT_SCHEMA, Checkpoint, RowPlaces, file_signature
+from .config import RunConfig
 from .memory import release_memory
 from .reader import InputSource
 from .records import MODELS_METADATA_KEY, WIDE_SEPARATOR
@@ -32,7 +33,15 @@ from .samples import (
     list_fields,
     stack_samples,
 )
-from .structured import answer_columns, match_label, parse_answer, schema_columns
+from .scoring import make_scorer
+from .structured import (
+    answer_columns,
+    load_labels,
+    load_schema,
+    match_label,
+    parse_answer,
+    schema_columns,
+)
 
 PART_CACHE = 8
 
@@ -236,63 +245,71 @@ def write_output(
     """
     schema = spec.schema_for(source.schema())
     parts = _PartCache(checkpoint)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     offset = 0
     models = spec.models
-    try:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            for batch in source.iter_batches():
-                if offset:
-                    # each batch's temporaries (parts read, takes, encoders: ~15 MB) stay
-                    # with the allocators when freed: hand them back, keep the footprint
-                    # flat (measured on 1M CSV rows: peak 269 -> 253 MB for +0.7 s)
-                    release_memory()
-                n = batch.num_rows
-                expected = (
-                    batch.column(spec.expected_column).to_pylist()
-                    if spec.expected_column is not None
-                    else None
-                )
-                rows = slice(offset, offset + n)
-                groups = [
-                    spec.results(places, m, rows, parts, expected).columns
-                    for m in range(len(models))
+    hook = None if before_replace is None else lambda tmp: before_replace(file_signature(tmp))
+    with (
+        atomic_write(output, before_replace=hook) as tmp,
+        pq.ParquetWriter(tmp, schema, compression="zstd") as writer,
+    ):
+        for batch in source.iter_batches():
+            if offset:
+                # each batch's temporaries (parts read, takes, encoders: ~15 MB) stay
+                # with the allocators when freed: hand them back, keep the footprint
+                # flat (measured on 1M CSV rows: peak 269 -> 253 MB for +0.7 s)
+                release_memory()
+            n = batch.num_rows
+            expected = (
+                batch.column(spec.expected_column).to_pylist()
+                if spec.expected_column is not None
+                else None
+            )
+            rows = slice(offset, offset + n)
+            groups = [
+                spec.results(places, m, rows, parts, expected).columns for m in range(len(models))
+            ]
+            offset += n
+            inputs: list[Any] = list(batch.columns)
+            per_row = spec.n if spec.long_samples else 1
+            if per_row > 1:
+                # each input row once per sample, then the sample number
+                repeat = pa.array(np.repeat(np.arange(n), per_row))
+                inputs = [column.take(repeat) for column in inputs]
+                inputs.append(pa.array(np.tile(np.arange(per_row, dtype=np.int64), n)))
+            if len(models) == 1:
+                columns = [*inputs, *groups[0]]
+                out = _table(columns, schema)
+            elif spec.wide:
+                out = _table(inputs + [c for g in groups for c in g], schema)
+            else:
+                # one row per (input row, model[, sample]), row-major
+                lead, tail = (inputs[:-1], inputs[-1:]) if per_row > 1 else (inputs, [])
+                rows = n * per_row
+                pieces = [
+                    _table([*lead, pa.array([m] * rows, pa.string()), *tail, *g], schema)
+                    for m, g in zip(models, groups, strict=True)
                 ]
-                offset += n
-                inputs: list[Any] = list(batch.columns)
-                per_row = spec.n if spec.long_samples else 1
-                if per_row > 1:
-                    # each input row once per sample, then the sample number
-                    repeat = pa.array(np.repeat(np.arange(n), per_row))
-                    inputs = [column.take(repeat) for column in inputs]
-                    inputs.append(pa.array(np.tile(np.arange(per_row, dtype=np.int64), n)))
-                if len(models) == 1:
-                    columns = [*inputs, *groups[0]]
-                    out = _table(columns, schema)
-                elif spec.wide:
-                    out = _table(inputs + [c for g in groups for c in g], schema)
-                else:
-                    # one row per (input row, model[, sample]), row-major
-                    lead, tail = (inputs[:-1], inputs[-1:]) if per_row > 1 else (inputs, [])
-                    rows = n * per_row
-                    pieces = [
-                        _table([*lead, pa.array([m] * rows, pa.string()), *tail, *g], schema)
-                        for m, g in zip(models, groups, strict=True)
-                    ]
-                    stacked = pa.concat_tables(pieces)
-                    order = np.arange(rows * len(models)).reshape(len(models), n, per_row)
-                    out = stacked.take(pa.array(order.transpose(1, 0, 2).ravel()))
-                writer.write_table(out)
-        with tmp.open("rb+") as fh:
-            os.fsync(fh.fileno())
-        if before_replace is not None:
-            before_replace(file_signature(tmp))
-        os.replace(tmp, output)
-        _fsync_dir(output.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+                stacked = pa.concat_tables(pieces)
+                order = np.arange(rows * len(models)).reshape(len(models), n, per_row)
+                out = stacked.take(pa.array(order.transpose(1, 0, 2).ravel()))
+            writer.write_table(out)
 
 
 def _table(columns: list[Any], schema: pa.Schema) -> pa.Table:
     arrays = [c if isinstance(c, pa.ChunkedArray) else pa.chunked_array([c]) for c in columns]
     return pa.Table.from_arrays(arrays, names=schema.names).cast(schema)
+
+
+def output_spec(config: RunConfig) -> OutputSpec:
+    """OUTPUT's shape under ``config``."""
+    return OutputSpec(
+        models=config.all_models,
+        wide=config.wide,
+        schema=load_schema(config.json_schema) if config.json_schema else None,
+        schema_prefix=config.schema_prefix,
+        labels=tuple(load_labels(config.labels)) if config.labels else None,
+        scorer=make_scorer(config.score) if config.score else None,
+        expected_column=config.expected_column,
+        n=config.n,
+        samples=config.samples,
+    )
