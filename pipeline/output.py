@@ -21,10 +21,10 @@ import numpy as np
 from .checkpoint import ResultIndex, file_signature
 from .config import RunConfig
 from .memory import release_memory
-from .planning import KEY_SCHEME, Plan, output_spec
+from .planning import KEY_SCHEME, Plan
 from .recording import Recorder
 from .stopping import Stop
-from .writer import write_output
+from .writer import output_spec, write_output
 
 
 def start_manifest(plan: Plan, config: RunConfig) -> dict[str, Any]:

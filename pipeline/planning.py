@@ -31,9 +31,8 @@ from .proxy import ProxySettings, settings_from
 from .reader import InputSource, Resume, delimiter_hint, open_input
 from .records import RESULT_COLUMNS, STATUS_CODES, WIDE_SEPARATOR
 from .samples import SAMPLE_COLUMN, SampleRequest, plan_requests
-from .scoring import make_scorer
-from .structured import load_labels, load_schema, schema_columns
-from .writer import OutputSpec
+from .structured import schema_columns
+from .writer import output_spec
 
 
 @dataclass
@@ -364,21 +363,6 @@ def _what_to_send(
                     work.copy_from.append(int(pos[leader]))
                     work.copy_to.append(int(mkeys[i]))
     return work
-
-
-def output_spec(config: RunConfig) -> OutputSpec:
-    """OUTPUT's shape under ``config``."""
-    return OutputSpec(
-        models=config.all_models,
-        wide=config.wide,
-        schema=load_schema(config.json_schema) if config.json_schema else None,
-        schema_prefix=config.schema_prefix,
-        labels=tuple(load_labels(config.labels)) if config.labels else None,
-        scorer=make_scorer(config.score) if config.score else None,
-        expected_column=config.expected_column,
-        n=config.n,
-        samples=config.samples,
-    )
 
 
 def estimate_job(

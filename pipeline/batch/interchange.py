@@ -11,12 +11,12 @@ without a usable line stay pending, so a following ``pipeline run`` sends only t
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..asks import Ask, RequestShape, Results, units
+from ..atomic import atomic_write
 from ..config import RunConfig
 from ..planning import read_plan
 from ..records import Cost, RunSummary
@@ -36,9 +36,8 @@ def export_requests(
     plan = read_plan(data, config, Path(output) if output is not None else None)
     shape = RequestShape(config)
     destination = Path(destination)
-    tmp = destination.with_name(f".{destination.name}.tmp")
     count = 0
-    with open(tmp, "wb") as fh:
+    with atomic_write(destination) as tmp, open(tmp, "wb") as fh:
         offset = 0
         for batch in plan.source.iter_batches(columns=plan.builder.columns):
             for row, model in units(plan, config.n, batch, offset):
@@ -48,9 +47,6 @@ def export_requests(
                     fh.write(line)
                     count += 1
             offset += batch.num_rows
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, destination)
     return count
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from ..atomic import atomic_write
 from ..errors import FatalError
 from .dialect import TERMINAL, BatchView
 from .lines import Parsed, parse_results
@@ -122,7 +122,7 @@ class OpenAIBatches:
         )
 
     async def download(self, file_id: str, dest: Path) -> None:
-        """``file_id``'s content to ``dest`` (temp, fsync, rename)."""
+        """``file_id``'s content to ``dest`` (written atomically)."""
         await self.download_url(f"/files/{file_id}/content", dest)
 
     async def download_url(self, url: str, dest: Path) -> None:
@@ -133,16 +133,13 @@ class OpenAIBatches:
                     if response.status_code != 200:
                         await response.aread()
                         raise _status_error(response, f"download {url}")
-                    tmp = dest.with_name(dest.name + ".tmp")
-                    fh = await asyncio.to_thread(open, tmp, "wb")
-                    try:
-                        async for chunk in response.aiter_bytes():
-                            fh.write(chunk)
-                        fh.flush()
-                        await asyncio.to_thread(os.fsync, fh.fileno())
-                    finally:
-                        fh.close()
-                    os.replace(tmp, dest)
+                    with atomic_write(dest) as tmp:
+                        fh = await asyncio.to_thread(open, tmp, "wb")
+                        try:
+                            async for chunk in response.aiter_bytes():
+                                fh.write(chunk)
+                        finally:
+                            fh.close()
                     return
             except (httpx.TransportError, _Transient) as exc:
                 if attempt + 1 == self.attempts:

@@ -5,19 +5,19 @@ A line is ``{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body
 is exactly what an online run sends for the same row. ``custom_id`` is the result key in the
 form the online run sends as ``X-Client-Request-Id`` (``bpp-`` + 16 hex digits): it matches
 every provider's rule (``^[A-Za-z0-9_-]{1,64}$``) and is unique by construction (one line per
-result key). A part file is complete on disk (temp, fsync, rename) before the journal names it.
+result key). A part file is complete on disk (``atomic.atomic_write``) before the journal names it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from ..asks import Ask
+from ..atomic import atomic_write
 from ..records import Message, request_id_of
 from ..samples import plan_requests
 
@@ -115,16 +115,10 @@ class PartWriter:
 
     def _close(self, model: str) -> None:
         fh, tmp, count, _ = self._open.pop(model)
-        fh.flush()
-        os.fsync(fh.fileno())
         fh.close()
         name = f"part-{self._numbers[model]:06d}.jsonl"
-        os.replace(tmp, self.directory / name)
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with atomic_write(self.directory / name, temp=tmp):
+            pass  # written line by line already: fsync, rename, fsync the directory
         self.written.append(WrittenPart(name, model, count))
 
 
