@@ -48,11 +48,6 @@ class PromptRow:
     samples: tuple[tuple[int, int], ...] = ()
 
     @property
-    def request_id(self) -> str:
-        """The ``X-Client-Request-Id`` header value: 1-128 chars of [A-Za-z0-9._:-]."""
-        return request_id_of(self.key)
-
-    @property
     def wanted(self) -> tuple[tuple[int, int], ...]:
         """(sample index, result key) of every sample this row is sent for."""
         return self.samples or ((0, self.key),)
