@@ -11,6 +11,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+# A quoted cell in CSV as pyarrow reads it (RFC 4180): a quote opens a cell only as the first
+# character of a field (at the start of a line or after a delimiter; elsewhere it is a plain
+# character, as in 5" screen); inside, "" is a quote and a single quote closes the cell (what
+# follows it up to the delimiter is plain text). The scanner below follows this with regular
+# expressions, so that its loops run in C: one findall per chunk of the file.
+
 _QUOTE_SCAN_BYTES = 1 << 24
 
 

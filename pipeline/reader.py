@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from .csv_scan import first_bad_csv_line, first_non_utf8_line, line_at, unclosed_quote
 from .errors import InputError
+from .jsonl_schema import json_kind, jsonl_batch, unify_kinds
 
 BATCH_ROWS = 8192
 # pyarrow's streaming CSV reader parses ahead of its consumer, a handful of blocks: with 1 MiB
@@ -360,10 +361,10 @@ class InputSource:
         for _, row in self._jsonl_rows():
             rows += 1
             for key, value in row.items():
-                kinds.setdefault(key, set()).add(_json_kind(value))
+                kinds.setdefault(key, set()).add(json_kind(value))
         if rows == 0:
             raise InputError(f"{self.name} is empty: no JSON lines.")
-        return pa.schema([(name, _unify_kinds(k)) for name, k in kinds.items()])
+        return pa.schema([(name, unify_kinds(k)) for name, k in kinds.items()])
 
     def _jsonl_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
         schema = self.schema()
@@ -373,10 +374,10 @@ class InputSource:
         for _, row in self._jsonl_rows():
             buffer.append(row)
             if len(buffer) >= BATCH_ROWS:
-                yield _jsonl_batch(buffer, schema)
+                yield jsonl_batch(buffer, schema)
                 buffer = []
         if buffer:
-            yield _jsonl_batch(buffer, schema)
+            yield jsonl_batch(buffer, schema)
 
 
 class _LongRow(Exception):
@@ -412,54 +413,6 @@ def _combined(batches: list[pa.RecordBatch]) -> list[pa.RecordBatch]:
     return (
         chunks if sum(c.num_rows for c in chunks) == sum(b.num_rows for b in batches) else (batches)
     )
-
-
-def _json_kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "str"
-    return "nested"
-
-
-def _unify_kinds(kinds: set[str]) -> pa.DataType:
-    kinds = kinds - {"null"}
-    if kinds == {"bool"}:
-        return pa.bool_()
-    if kinds == {"int"}:
-        return pa.int64()
-    if kinds and kinds <= {"int", "float"}:
-        return pa.float64()
-    return pa.string()  # text, nested values as JSON text, or a mix
-
-
-def _to_text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _jsonl_batch(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatch:
-    arrays = []
-    for fld in schema:
-        values = [row.get(fld.name) for row in rows]
-        if pa.types.is_string(fld.type):
-            values = [_to_text(v) for v in values]
-        arrays.append(pa.array(values, type=fld.type))
-    return pa.RecordBatch.from_arrays(arrays, schema=schema)
-
-
-# A quoted cell in CSV as pyarrow reads it (RFC 4180): a quote opens a cell only as the first
-# character of a field (at the start of a line or after a delimiter; elsewhere it is a plain
-# character, as in 5" screen); inside, "" is a quote and a single quote closes the cell (what
-# follows it up to the delimiter is plain text). The scanner below follows this with regular
-# expressions, so that its loops run in C: one findall per chunk of the file.
 
 
 def delimiter_hint(columns: list[str], delimiter: str | None) -> str:
