@@ -487,22 +487,3 @@ class Estimator:
             notes=tuple(notes),
             samples_per_row=self.samples,
         )
-
-
-def estimate(
-    requests: Iterable[Sequence[Message] | None],
-    *,
-    model: str,
-    max_tokens: int | None,
-    prices: PriceTable,
-    typical_completion: int | None = None,
-    dedup: bool = True,
-    cached: Callable[[Sequence[Message]], bool] | None = None,
-    tokenizer: str = "auto",
-) -> Estimate:
-    """Estimate a run over ``requests`` (each row's messages, or None for a row not sent)."""
-    estimator = Estimator(model=model, dedup=dedup, cached=cached, tokenizer=tokenizer)
-    estimator.add(requests)
-    return estimator.result(
-        max_tokens=max_tokens, prices=prices, typical_completion=typical_completion
-    )

@@ -25,15 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .records import COST_REPORTED, COST_TABLE, Cost  # cost_source values, defined in records
 
 # packaged with the code (configs/prices.toml at the top of the repository is the same file,
 # kept as the user-facing example; tests/test_packaging.py checks they are equal)
 DEFAULT_PRICES_PATH = Path(__file__).resolve().parent / "data" / "prices.toml"
 PER_TOKENS = 1_000_000  # prices are USD per this many tokens
 
-# cost_source values: where a row's cost_usd came from.
-COST_REPORTED = "reported"  # the server said what it charged
-COST_TABLE = "table"  # usage x the price table
 
 USD_SPENT_HEADER = "x-aimlapi-usd-spent"
 
@@ -322,22 +320,20 @@ def row_cost(
     prompt_tokens: int | None,
     completion_tokens: int | None,
     cached_tokens: int | None = None,
-    headers: Mapping[str, str] | None = None,
-    body: Mapping[str, Any] | None = None,
+    reported: float | None = None,
     response_model: str | None = None,
-) -> tuple[float | None, str | None]:
-    """(cost_usd, cost_source) of one answered row.
+) -> Cost:
+    """What one answered row cost: the one cost rule of the run.
 
-    The server-reported spend when there is one (``"reported"``); else usage priced by the
-    table under the requested ``model``, or under ``response_model`` when only that one has a
-    price (``"table"``); else ``(None, None)``.
+    The server-reported spend ``reported`` when there is one (:data:`COST_REPORTED`); else
+    usage priced by the table under the requested ``model``, or under ``response_model`` when
+    only that one has a price (:data:`COST_TABLE`); else ``Cost(None, None)``.
     """
-    reported = reported_cost(headers or {}, body)
     if reported is not None:
-        return reported, COST_REPORTED
+        return Cost(reported, COST_REPORTED)
     for name in (model, response_model):
         if name:
             cost = prices.cost(name, prompt_tokens, completion_tokens, cached_tokens)
             if cost is not None:
-                return cost, COST_TABLE
-    return None, None
+                return Cost(cost, COST_TABLE)
+    return Cost(None, None)

@@ -10,7 +10,6 @@ read. It knows nothing of prompts or requests.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from .csv_scan import first_bad_csv_line, first_non_utf8_line, line_at, unclosed_quote
 from .errors import InputError
+from .jsonl_schema import json_kind, jsonl_batch, unify_kinds
 
 BATCH_ROWS = 8192
 # pyarrow's streaming CSV reader parses ahead of its consumer, a handful of blocks: with 1 MiB
@@ -223,7 +224,7 @@ class InputSource:
 
     def _unclosed_quote_error(self, quote: int) -> InputError:
         assert self.path is not None
-        line, text = _line_at(self.path, quote)
+        line, text = line_at(self.path, quote)
         return InputError(
             f"{self.name}: line {line}: a quoted cell never closes (the quote in "
             f"{text!r} opens a cell that runs to the end of the file, so every row after it "
@@ -309,14 +310,14 @@ class InputSource:
         if "Empty CSV file" in text:
             return InputError(f"{self.name} is empty: a CSV input needs a header row.")
         if "UTF8" in text or "UTF-8" in text:
-            where = _first_non_utf8_line(self.path) if self.path else None
+            where = first_non_utf8_line(self.path) if self.path else None
             at = f" at line {where}" if where else ""
             return InputError(
                 f"{self.name}: bytes that are not UTF-8{at}. Re-encode the file as UTF-8 "
                 "(for example: iconv -f latin1 -t utf-8 in.csv > out.csv)."
             )
         where = (
-            _first_bad_csv_line(self.path, self._csv_parse_options().delimiter)
+            first_bad_csv_line(self.path, self._csv_parse_options().delimiter)
             if (self.path is not None and "Expected" in text)
             else None
         )
@@ -360,10 +361,10 @@ class InputSource:
         for _, row in self._jsonl_rows():
             rows += 1
             for key, value in row.items():
-                kinds.setdefault(key, set()).add(_json_kind(value))
+                kinds.setdefault(key, set()).add(json_kind(value))
         if rows == 0:
             raise InputError(f"{self.name} is empty: no JSON lines.")
-        return pa.schema([(name, _unify_kinds(k)) for name, k in kinds.items()])
+        return pa.schema([(name, unify_kinds(k)) for name, k in kinds.items()])
 
     def _jsonl_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
         schema = self.schema()
@@ -373,10 +374,10 @@ class InputSource:
         for _, row in self._jsonl_rows():
             buffer.append(row)
             if len(buffer) >= BATCH_ROWS:
-                yield _jsonl_batch(buffer, schema)
+                yield jsonl_batch(buffer, schema)
                 buffer = []
         if buffer:
-            yield _jsonl_batch(buffer, schema)
+            yield jsonl_batch(buffer, schema)
 
 
 class _LongRow(Exception):
@@ -412,170 +413,6 @@ def _combined(batches: list[pa.RecordBatch]) -> list[pa.RecordBatch]:
     return (
         chunks if sum(c.num_rows for c in chunks) == sum(b.num_rows for b in batches) else (batches)
     )
-
-
-def _json_kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "str"
-    return "nested"
-
-
-def _unify_kinds(kinds: set[str]) -> pa.DataType:
-    kinds = kinds - {"null"}
-    if kinds == {"bool"}:
-        return pa.bool_()
-    if kinds == {"int"}:
-        return pa.int64()
-    if kinds and kinds <= {"int", "float"}:
-        return pa.float64()
-    return pa.string()  # text, nested values as JSON text, or a mix
-
-
-def _to_text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _jsonl_batch(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatch:
-    arrays = []
-    for fld in schema:
-        values = [row.get(fld.name) for row in rows]
-        if pa.types.is_string(fld.type):
-            values = [_to_text(v) for v in values]
-        arrays.append(pa.array(values, type=fld.type))
-    return pa.RecordBatch.from_arrays(arrays, schema=schema)
-
-
-# A quoted cell in CSV as pyarrow reads it (RFC 4180): a quote opens a cell only as the first
-# character of a field (at the start of a line or after a delimiter; elsewhere it is a plain
-# character, as in 5" screen); inside, "" is a quote and a single quote closes the cell (what
-# follows it up to the delimiter is plain text). The scanner below follows this with regular
-# expressions, so that its loops run in C: one findall per chunk of the file.
-_QUOTE_SCAN_BYTES = 1 << 24
-
-
-def _quote_patterns(delimiter: str) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
-    """A quoted cell (group 1: its closing quote, or empty where the text scanned ends
-    first), and the rest of a quoted cell already open, up to its closing quote."""
-    field_start = rb"(?<![^" + re.escape(delimiter.encode()) + rb"\r\n])"
-    inside = rb'[^"]*+(?:""[^"]*+)*+'  # possessive: a "" is never split to close the cell
-    return re.compile(field_start + rb'"' + inside + rb'("|\Z)'), re.compile(inside + rb'"')
-
-
-def unclosed_quote(
-    path: Path, start: int = 0, delimiter: str = ",", *, chunk_bytes: int = _QUOTE_SCAN_BYTES
-) -> int | None:
-    """The byte offset of the quote that opens a cell and never closes in the CSV file
-    ``path``, read from ``start`` (a row boundary); None when every quoted cell closes.
-
-    Reads ``chunk_bytes`` at a time. A chunk is scanned up to its last byte that is not a
-    quote (a quote there may pair with the next chunk's first); a cell still open at that
-    point is followed into the next chunks by its own pattern.
-    """
-    cell, rest = _quote_patterns(delimiter)
-    with path.open("rb") as fh:
-        fh.seek(start)
-        if start == 0 and fh.read(3) != b"\xef\xbb\xbf":  # a UTF-8 BOM is not text
-            fh.seek(0)
-        base = fh.tell() - 1  # the file offset of buf[0]
-        buf = b"\n"  # the byte before: a row boundary, so the next byte starts a field
-        open_at: int | None = None  # a quote whose cell is still open at the end of buf
-        while True:
-            data = fh.read(chunk_bytes)
-            at_end = not data
-            buf += data
-            cut = len(buf)
-            if not at_end:
-                while cut > 1 and buf[cut - 1] == 0x22:  # hold back trailing quotes
-                    cut -= 1
-            pos = 1
-            if open_at is not None:
-                closed = rest.match(buf, pos, cut)
-                if closed is not None:
-                    pos, open_at = closed.end(), None
-            if open_at is None:
-                ends = cell.findall(buf, pos, cut)
-                if ends and ends[-1] == b"":  # the last quoted cell is open at the cut
-                    open_at = base + _last_odd_quote_run(buf, pos, cut)
-            if at_end:
-                return open_at
-            buf = buf[cut - 1 :]
-            base += cut - 1
-
-
-def _last_odd_quote_run(buf: bytes, lo: int, hi: int) -> int:
-    """Where the last run of an odd number of quotes in ``buf[lo:hi]`` starts.
-
-    When a quoted cell is still open at ``hi``, that is its opening quote: the runs inside
-    the cell are "" pairs (an odd run would close it), and the opening quote with the pairs
-    right after it is an odd run.
-    """
-    end = hi
-    while True:
-        last = buf.rfind(b'"', lo, end)
-        if last < 0:
-            raise ValueError("no odd run of quotes")
-        first = last
-        while first > lo and buf[first - 1] == 0x22:
-            first -= 1
-        if (last + 1 - first) % 2:
-            return first
-        end = first
-
-
-def _line_at(path: Path, offset: int) -> tuple[int, str]:
-    """The line number of byte ``offset`` and the start of that line (up to 60 characters)."""
-    lines = 1
-    line_start = 0
-    with path.open("rb") as fh:
-        done = 0
-        while done < offset:
-            data = fh.read(min(1 << 22, offset - done))
-            if not data:
-                break
-            lines += data.count(b"\n")
-            newline = data.rfind(b"\n")
-            if newline >= 0:
-                line_start = done + newline + 1
-            done += len(data)
-        fh.seek(line_start)
-        text = fh.read(min(offset - line_start + 40, 240)).split(b"\n")[0].rstrip(b"\r")
-    shown = text.decode("utf-8", "replace")
-    return lines, shown if len(shown) <= 60 else shown[:57] + "..."
-
-
-def _first_bad_csv_line(path: Path, delimiter: str) -> int | None:
-    """The line where the first record with the wrong number of fields ends (slow path)."""
-    import csv
-
-    with path.open(encoding="utf-8", errors="replace", newline="") as fh:
-        reader = csv.reader(fh, delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            return None
-        for record in reader:
-            if record and len(record) != len(header):
-                return reader.line_num
-    return None
-
-
-def _first_non_utf8_line(path: Path) -> int | None:
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return lineno
-    return None
 
 
 def delimiter_hint(columns: list[str], delimiter: str | None) -> str:

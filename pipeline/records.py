@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 Status = Literal["ok", "error", "skipped", "invalid"]
 Message = dict[str, Any]
+
+# cost_source values: where a row's cost_usd came from (None: no price known). The one
+# place these strings are defined; pricing, runner and samples use them.
+COST_REPORTED: Final = "reported"  # the server said what it charged
+COST_TABLE: Final = "table"  # usage x the price table
+COST_DEDUP: Final = "dedup"  # copied from the identical row that was sent
+COST_CACHE: Final = "cache"  # answered from the response cache
+COST_SHARED: Final = "shared"  # a later sample of one request; the first carries the cost
+COST_SOURCES: Final = (COST_REPORTED, COST_TABLE, COST_DEDUP, COST_CACHE, COST_SHARED)
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """What one answered row cost: ``usd`` and where that figure came from.
+
+    ``Cost(None, None)`` means no price is known.
+    """
+
+    usd: float | None = None
+    source: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,11 +46,6 @@ class PromptRow:
     model: str | None = None  # None: the run's only model
     # (sample index, result key) of each sample to produce; () means sample 0 under ``key``
     samples: tuple[tuple[int, int], ...] = ()
-
-    @property
-    def request_id(self) -> str:
-        """The ``X-Client-Request-Id`` header value: 1-128 chars of [A-Za-z0-9._:-]."""
-        return request_id_of(self.key)
 
     @property
     def wanted(self) -> tuple[tuple[int, int], ...]:

@@ -11,7 +11,7 @@ import json
 import math
 import sys
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -20,16 +20,37 @@ from pipeline.estimate import (
     APPROXIMATION,
     DEFAULT_TYPICAL_COMPLETION,
     ApproxCounter,
+    Estimate,
     Estimator,
     TiktokenCounter,
     count_prompt_tokens,
     encoding_name,
-    estimate,
     request_identity,
     token_counter,
 )
 from pipeline.pricing import PriceTable
 from pipeline.records import Message
+
+
+# pipeline.estimate.estimate was used only by these tests; the runner and the CLI drive
+# Estimator directly, so the same few lines live here now.
+def estimate(
+    requests: Iterable[Sequence[Message] | None],
+    *,
+    model: str,
+    max_tokens: int | None,
+    prices: PriceTable,
+    typical_completion: int | None = None,
+    dedup: bool = True,
+    cached: Callable[[Sequence[Message]], bool] | None = None,
+    tokenizer: str = "auto",
+) -> Estimate:
+    estimator = Estimator(model=model, dedup=dedup, cached=cached, tokenizer=tokenizer)
+    estimator.add(requests)
+    return estimator.result(
+        max_tokens=max_tokens, prices=prices, typical_completion=typical_completion
+    )
+
 
 SYSTEM = {"role": "system", "content": "Answer with one word."}
 

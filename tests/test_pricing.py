@@ -23,6 +23,7 @@ from pipeline.pricing import (
     reported_cost,
     row_cost,
 )
+from pipeline.records import Cost
 
 REQUIRED_MODELS = (
     "gpt-3.5-turbo",
@@ -244,11 +245,11 @@ def test_row_cost_says_where_the_figure_comes_from(prices: PriceTable) -> None:
         model="gpt-4o-mini",
         prompt_tokens=1000,
         completion_tokens=500,
-        headers={"x-aimlapi-usd-spent": "0.001"},
+        reported=reported_cost({"x-aimlapi-usd-spent": "0.001"}, None),
     )
-    assert reported == (pytest.approx(0.001), COST_REPORTED)
+    assert reported == Cost(pytest.approx(0.001), COST_REPORTED)
     table = row_cost(prices, model="gpt-4o-mini", prompt_tokens=1000, completion_tokens=500)
-    assert table == (pytest.approx(0.00045), COST_TABLE)
+    assert table == Cost(pytest.approx(0.00045), COST_TABLE)
     # priced by the model the server says it used when the requested one has no price
     by_response = row_cost(
         prices,
@@ -257,8 +258,8 @@ def test_row_cost_says_where_the_figure_comes_from(prices: PriceTable) -> None:
         prompt_tokens=1000,
         completion_tokens=500,
     )
-    assert by_response == (pytest.approx(0.00045), COST_TABLE)
-    assert row_cost(prices, model="x", prompt_tokens=1, completion_tokens=1) == (None, None)
+    assert by_response == Cost(pytest.approx(0.00045), COST_TABLE)
+    assert row_cost(prices, model="x", prompt_tokens=1, completion_tokens=1) == Cost(None, None)
 
 
 def test_price_arithmetic_is_per_million_tokens() -> None:
