@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 from .atomic import atomic_write, fsync_dir, write_bytes
 from .errors import FingerprintMismatch, LockHeld, OutputError
 from .keys import KeyPass, stable_argsort
-from .records import STATUS_CODES, RowResult, Usage
+from .records import COST_CACHE, COST_DEDUP, STATUS_CODES, RowResult, Usage
 
 FORMAT_VERSION = 2  # 2: parts carry cost_usd and cost_source
 
@@ -892,7 +892,7 @@ class Checkpoint:
 
 
 INDEX_COLUMNS = ("key", "status", "prompt_tokens", "completion_tokens", "cost_usd", "cost_source")
-_NOT_SPENT = pa.array(["dedup", "cache"])  # cost sources of results that no request paid for
+_NOT_SPENT = pa.array([COST_DEDUP, COST_CACHE])  # cost sources of results that no request paid for
 _INDEX_ARRAYS = ("keys", "part", "row", "status", "prompt_tokens", "completion_tokens", "cost_usd")
 # the columns load_index fills from the parts, and their types (a request's tokens fit int32)
 _FILLED = {

@@ -20,13 +20,13 @@ from .client import ChatClient, build_body, parse_completion
 from .config import RunConfig
 from .errors import BudgetReached, RateLimited, RequestError, ServerSaysLater, UnexpectedError
 from .limits import Budget, Limits, Outcome
-from .pricing import PriceTable
+from .pricing import PriceTable, row_cost
 from .progress import Reporter
-from .records import Completion, Cost, Message
+from .records import COST_CACHE, Completion, Cost, Message
 from .retry import RetryPolicy
 from .stopping import Stop
 
-CACHED = Cost(0.0, "cache")
+CACHED = Cost(0.0, COST_CACHE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,18 +186,16 @@ class Exchange:
 
     def cost(self, completion: Completion, model: str) -> Cost:
         """The server's figure when it reports one, else the price table's."""
-        if completion.reported_cost is not None:
-            return Cost(completion.reported_cost, "reported")
         usage = completion.usage
-        for name in (model, completion.model):
-            if name is None:
-                continue
-            usd = self.prices.cost(
-                name, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
-            )
-            if usd is not None:
-                return Cost(usd, "table")
-        return Cost(None, None)
+        return row_cost(
+            self.prices,
+            model=model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            reported=completion.reported_cost,
+            response_model=completion.model,
+        )
 
     def _reserve(self, chars: int, model: str, choices: int = 1) -> tuple[float, float] | None:
         """Hold the worst case of one request (``choices`` completions) against the budget,

@@ -30,7 +30,7 @@ from .failfast import FailFast
 from .limits import Budget, Limits, RowGate
 from .planning import Plan
 from .progress import Reporter
-from .records import Choice, Completion, Cost, RowResult, Usage, request_id_of
+from .records import COST_MIXED, Choice, Completion, Cost, RowResult, Usage, request_id_of
 from .retry import RetryPolicy
 from .samples import SHARED, SampleRequest, plan_requests
 from .stopping import Stop, StopKind
@@ -452,5 +452,5 @@ def _sum_cost(spent: list[Reply], shared: bool) -> Cost:
     if any(c.usd is None for c in costs):
         return Cost(None, None)
     sources = {c.source for c in costs}
-    source = sources.pop() if len(sources) == 1 else "mixed"
+    source = sources.pop() if len(sources) == 1 else COST_MIXED
     return Cost(sum(c.usd for c in costs if c.usd is not None), source)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint
 from .progress import Reporter
-from .records import RowResult
+from .records import COST_DEDUP, RowResult
 from .stopping import Stop, StopKind
 
 
@@ -86,7 +86,7 @@ class Recorder:
                 latency_ms=None,
                 # marked whatever its status: budgets and status count no tokens for it
                 cost_usd=0.0,
-                cost_source="dedup",
+                cost_source=COST_DEDUP,
             )
         )
 

@@ -15,7 +15,19 @@ COST_TABLE: Final = "table"  # usage x the price table
 COST_DEDUP: Final = "dedup"  # copied from the identical row that was sent
 COST_CACHE: Final = "cache"  # answered from the response cache
 COST_SHARED: Final = "shared"  # a later sample of one request; the first carries the cost
-COST_SOURCES: Final = (COST_REPORTED, COST_TABLE, COST_DEDUP, COST_CACHE, COST_SHARED)
+COST_MIXED: Final = "mixed"  # re-asks of one sample priced from different sources
+COST_BATCH: Final = "batch"  # usage x the price table x the Batch API's discount
+COST_IMPORTED: Final = "imported"  # a result file made elsewhere (pipeline batch import)
+COST_SOURCES: Final = (
+    COST_REPORTED,
+    COST_TABLE,
+    COST_DEDUP,
+    COST_CACHE,
+    COST_SHARED,
+    COST_MIXED,
+    COST_BATCH,
+    COST_IMPORTED,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,14 +112,6 @@ class Completion:
     @property
     def finish_reason(self) -> str | None:
         return self.choices[0].finish_reason
-
-
-@dataclass(frozen=True, slots=True)
-class Cost:
-    """What a request or a result cost in USD, and where the figure comes from."""
-
-    usd: float | None  # None: unknown (no price for the model)
-    source: str | None  # reported | table | cache | dedup | shared | mixed; None: unknown
 
 
 @dataclass(frozen=True, slots=True)

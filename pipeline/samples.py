@@ -29,6 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .records import COST_SHARED
+
 SAMPLE_COLUMN = "sample"
 LAYOUTS = ("list", "long")
 N_MODES = ("auto", "native", "seeds")
@@ -37,7 +39,7 @@ N_MODES = ("auto", "native", "seeds")
 MAX_NATIVE_N = 128
 # The provider's schema wants seed >= 1, so the default base is 1, not 0.
 DEFAULT_BASE_SEED = 1
-SHARED = "shared"
+SHARED = COST_SHARED
 
 # Result columns folded by sum / max / first non-null in the list layout.
 _SUMMED = (

@@ -28,7 +28,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..planning import BATCH_PRICE_FACTOR, Plan
 from ..progress import Reporter
-from ..records import Cost, RowResult
+from ..records import COST_BATCH, Cost, RowResult
 from ..stopping import Stop, StopKind
 from .anthropic import AnthropicDialect, to_params
 from .dialect import TERMINAL, BatchView, Dialect
@@ -323,7 +323,7 @@ class BatchExecutor:
                 state.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
             )
             if usd is not None:
-                cost = Cost(usd * self.options.price_factor, "batch")
+                cost = Cost(usd * self.options.price_factor, COST_BATCH)
         return row_result(outcome, attempts=state.round, cost=cost, shape=self.shape)
 
     def _given_up(self, key: int, outcome: Outcome | None, state: PartState) -> RowResult:

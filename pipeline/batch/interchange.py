@@ -19,12 +19,12 @@ from ..asks import Ask, RequestShape, Results, units
 from ..atomic import atomic_write
 from ..config import RunConfig
 from ..planning import read_plan
-from ..records import Cost, RunSummary
+from ..records import COST_IMPORTED, Cost, RunSummary
 from ..stopping import Stop
 from .lines import Parsed, parse_results, row_result
 from .parts import ask_lines
 
-IMPORTED = Cost(None, "imported")  # what another tool's run cost is not known here
+IMPORTED = Cost(None, COST_IMPORTED)  # what another tool's run cost is not known here
 
 
 def export_requests(
