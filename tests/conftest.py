@@ -1,8 +1,14 @@
-"""Shared fixtures: simulator servers on free ports, stopped after each test."""
+"""Shared test helpers and fixtures: simulator servers on free ports (stopped after each
+test), the provider's request schema, an in-process run (``run_job``), and the CLI as a real
+subprocess without API-key variables (``KEY_VARS``, ``env_without_keys``, ``run_cli``).
+Does not hold assertions or test data of any one module."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -65,3 +71,35 @@ def run_job(
     except RunAborted as exc:
         summary: RunSummary = exc.summary  # type: ignore[attr-defined]
         return summary
+
+
+KEY_VARS = ("AIMLAPI_API_KEY", "OPENAI_API_KEY")
+
+
+def env_without_keys(**extra: str) -> dict[str, str]:
+    """This process's environment without the API-key variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in KEY_VARS}
+    env.update(extra)
+    return env
+
+
+def run_pipeline(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, command: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m pipeline ARGS`` (or ``command ARGS``) as a real process in ``cwd``, without
+    API-key variables unless ``env`` is given."""
+    return subprocess.run(
+        [*(command or [sys.executable, "-m", "pipeline"]), *args],
+        cwd=cwd,
+        env=env if env is not None else env_without_keys(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def run_cli(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, command: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``pipeline run ARGS --no-progress`` as a real process (see ``run_pipeline``)."""
+    return run_pipeline(cwd, "run", *args, "--no-progress", env=env, command=command)

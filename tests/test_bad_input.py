@@ -12,38 +12,18 @@ import hashlib
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import env_without_keys, run_cli
 
 from pipeline.simulator import SimulatorThread
 
-KEY_VARS = ("AIMLAPI_API_KEY", "OPENAI_API_KEY")
 OLD_MTIME_NS = 1_600_000_000_000_000_000  # 2020-09-13: "an old file" that must keep its mtime
 JUNK_OUTPUT = b"a results file from somewhere else; keep me\n"
-
-
-def env_without_keys(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in KEY_VARS}
-    env.update(extra)
-    return env
-
-
-def run_cli(
-    cwd: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", *args, "--no-progress"],
-        cwd=cwd,
-        env=env if env is not None else env_without_keys(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def snapshot(directory: Path) -> dict[str, tuple[int, int, str]]:

@@ -8,34 +8,18 @@ null; ``--stop`` can be given several times.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 import pandas as pd
 import pytest
+from conftest import run_cli
 
 import pipeline
 from pipeline.cli import run as run_command
 from pipeline.config import load_config_file
 from pipeline.simulator import SimulatorThread
-
-KEY_VARS = ("AIMLAPI_API_KEY", "OPENAI_API_KEY")
-
-
-def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in KEY_VARS}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", *args, "--no-progress"],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def only_body(sim: SimulatorThread) -> dict[str, Any]:

@@ -9,10 +9,7 @@ reason and never sent. Exit code 0 means every row is ok or skipped, 1 that some
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +17,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_cli
 
 import pipeline
 from pipeline.simulator import SimulatorThread
 
-KEY_VARS = ("AIMLAPI_API_KEY", "OPENAI_API_KEY")
 RESULT_COLUMNS = [
     "completion",
     "finish_reason",
@@ -45,20 +42,6 @@ RESULT_COLUMNS = [
     "cost_source",
 ]
 ANSWER = "Simulated answer to: "
-
-
-def run_cli(
-    cwd: Path, *args: str, command: list[str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in KEY_VARS}
-    return subprocess.run(
-        [*(command or [sys.executable, "-m", "pipeline"]), "run", *args, "--no-progress"],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def sent_prompts(sim: SimulatorThread) -> list[str]:

@@ -10,9 +10,6 @@ error and is never sent; a row with nothing to say is skipped and never sent.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +17,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_cli
 
 import pipeline
 from pipeline.simulator import SimulatorThread
-
-KEY_VARS = ("AIMLAPI_API_KEY", "OPENAI_API_KEY")
-
-
-def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in KEY_VARS}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", *args, "--no-progress"],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def sent_messages(sim: SimulatorThread) -> list[list[dict[str, Any]]]:

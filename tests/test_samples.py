@@ -7,9 +7,6 @@ Everything goes over real HTTP to the simulator on 127.0.0.1.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_pipeline as run_cli
 
 import pipeline
 from pipeline.pricing import PriceTable
@@ -43,18 +41,6 @@ def prompt_of(body: dict[str, Any]) -> str:
 def run(sim: SimulatorThread, out: Path, data: pd.DataFrame = ROWS, **options: Any) -> pd.DataFrame:
     opts: dict[str, Any] = {"prompt_column": "q", "id_column": "id", **options}
     return pipeline.run(data, out, base_url=sim.base_url, progress=False, **opts)
-
-
-def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("AIMLAPI_API_KEY", "OPENAI_API_KEY")}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def recording_transport(usages: list[dict[str, Any]]) -> httpx.MockTransport:
