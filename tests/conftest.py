@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -86,15 +85,39 @@ def env_without_keys(**extra: str) -> dict[str, str]:
 def run_pipeline(
     cwd: Path, *args: str, env: dict[str, str] | None = None, command: list[str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m pipeline ARGS`` (or ``command ARGS``) as a real process in ``cwd``, without
-    API-key variables unless ``env`` is given."""
-    return subprocess.run(
-        [*(command or [sys.executable, "-m", "pipeline"]), *args],
-        cwd=cwd,
-        env=env if env is not None else env_without_keys(),
-        capture_output=True,
-        text=True,
-        timeout=60,
+    """``pipeline ARGS`` in ``cwd`` without API-key variables unless ``env`` is given: in
+    this process through Click's runner (the same code as the installed command, minus the
+    interpreter start-up), or as a real process when ``command`` names the entry point."""
+    if command is not None:
+        return subprocess.run(
+            [*command, *args],
+            cwd=cwd,
+            env=env if env is not None else env_without_keys(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    return _in_process(cwd, list(args), env if env is not None else env_without_keys())
+
+
+def _in_process(
+    cwd: Path, args: list[str], env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    # the environment exactly as given: variables it lacks are unset for the call
+    changes: dict[str, str | None] = {k: None for k in os.environ if k not in env}
+    changes.update(env)
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(main, args, env=changes, catch_exceptions=False)
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(
+        ["pipeline", *args], result.exit_code, result.stdout, result.stderr
     )
 
 
