@@ -375,7 +375,8 @@ def report(output: Path, html_path: Path | None, as_json: bool) -> None:
 
     Works on any OUTPUT (one model, several models long or --wide).
     """
-    from .report import comparison_table, format_table, load_output, render_html, run_context
+    from .report import comparison_table, format_table, load_output, run_context
+    from .report_html import render_html
 
     try:
         frame = load_output(output)

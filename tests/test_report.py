@@ -23,10 +23,10 @@ from pipeline.report import (
     comparison_table,
     format_table,
     load_output,
-    render_html,
     run_context,
     score_interval,
 )
+from pipeline.report_html import render_html
 from pipeline.simulator import SimulatorThread
 
 # Two models over the same three input rows; "b" gets one invalid answer and one error.
