@@ -18,17 +18,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from .config import RunConfig
+from .labels import label_instruction, load_labels, parse_label
 from .planning import Plan
 from .records import Message, PromptRow, RowResult
 from .stopping import Stop
 from .structured import (
     ParsedAnswer,
     add_system_text,
-    label_instruction,
-    load_labels,
     load_schema,
     parse_answer,
-    parse_label,
     plan_schema_request,
 )
 

@@ -178,7 +178,8 @@ class RunConfig:
         if self.n != 1:  # left out at 1, so that runs without samples keep their fingerprint
             parts["n"] = self.n
         if self.json_schema is not None or self.labels is not None:
-            from .structured import load_labels, load_schema
+            from .labels import load_labels
+            from .structured import load_schema
 
             parts["answer_format"] = {
                 "json_schema": load_schema(self.json_schema) if self.json_schema else None,
@@ -615,8 +616,9 @@ def _validate_answer_options(config: RunConfig) -> None:
         raise ConfigError(f"--model: the same model twice in {list(config.all_models)}.")
     if config.score is not None and config.expected_column is None:
         raise ConfigError("--score needs --expected-column COL (the right answers).")
+    from .labels import load_labels
     from .scoring import make_scorer
-    from .structured import load_labels, load_schema
+    from .structured import load_schema
 
     if config.json_schema is not None:
         load_schema(config.json_schema)

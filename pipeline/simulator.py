@@ -29,7 +29,7 @@ Answers are deterministic. The request picks one of four answer modes, first mat
 - **json_object**: ``{"type": "json_object"}`` without that marker: ``{"answer": "<text>"}``
   where <text> is the text-mode answer.
 - **labels**: a system (or developer) message has a line ``Labels: a | b | c`` (the line
-  ``pipeline.structured.label_instruction`` ends with). The answer is one label, chosen
+  ``pipeline.labels.label_instruction`` ends with). The answer is one label, chosen
   by a hash of the conversation.
 - **text**: ``"Simulated answer to: "`` plus the first 200 characters of the last user message
   (string content or its text parts joined by a space).

@@ -3,7 +3,7 @@
 This module owns the pure rules of a labeling run: how a JSON Schema is asked for (the
 request's ``response_format`` and any system-prompt text), which typed columns its top-level
 properties become, how an answer is parsed and validated, the message that re-asks for a
-corrected answer, and the same for a single-label classification (``--labels``). It does no
+corrected answer (single-label classification, ``--labels``, is ``labels.py``'s). It does no
 I/O besides reading a schema or labels file, and it does not send anything: the runner
 decides when to re-ask and what to write.
 
@@ -12,15 +12,13 @@ in kind (a test holds the two in step):
 
 - prompt-mode schema: a message containing :data:`SCHEMA_PROMPT_MARKER` followed by the schema
   as JSON;
-- labels: a system message with a line ``Labels: a | b | c`` (:data:`LABELS_MARKER`).
+- labels: a system message with a line ``Labels: a | b | c`` (``labels.LABELS_MARKER``).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import string
-import unicodedata
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +31,8 @@ from .errors import ConfigError
 SchemaMode = Literal["auto", "native", "prompt"]
 
 SCHEMA_PROMPT_MARKER = "Answer with a JSON object that conforms to this JSON Schema:"
-LABELS_MARKER = "Labels:"
-LABEL_SEPARATOR = " | "
 
 # A re-ask or a column never needs more of an answer than this to show what went wrong.
-_SNIPPET_CHARS = 80
 _MESSAGE_CHARS = 200
 _MAX_ERRORS_SHOWN = 3
 # How many "{" of a prose answer are tried as the start of the object (bounds the work).
@@ -85,7 +80,7 @@ def load_schema(path: str | Path) -> dict[str, Any]:
     except jsonschema.SchemaError as exc:
         location = _json_path(exc.absolute_path)
         raise ConfigError(
-            f"{where}: not a valid JSON Schema: {_shorten(exc.message)} (at {location} "
+            f"{where}: not a valid JSON Schema: {shorten(exc.message)} (at {location} "
             "in the schema). Check it with any JSON Schema validator."
         ) from None
     if schema.get("type") != "object" and not isinstance(schema.get("properties"), dict):
@@ -413,7 +408,7 @@ def parse_answer(
     errors = sorted(_validator(schema).iter_errors(value), key=relevance, reverse=True)
     if errors:
         shown = "; ".join(
-            f"at {_json_path(e.absolute_path)}: {_shorten(e.message)}"
+            f"at {_json_path(e.absolute_path)}: {shorten(e.message)}"
             for e in errors[:_MAX_ERRORS_SHOWN]
         )
         more = len(errors) - _MAX_ERRORS_SHOWN
@@ -455,134 +450,7 @@ def reask_messages(
     ]
 
 
-# -- labels --------------------------------------------------------------------------------
-
-# Stripped from both ends of an answer and a label before comparing: whitespace, ASCII
-# punctuation (incl. quotes, markdown * and _, brackets) and typographic quotes.
-_SURROUNDING = string.whitespace + string.punctuation + "\u2018\u2019\u201c\u201d\u00ab\u00bb"
-# "Label: positive" and the like: one of these words, a colon or equals sign, the label.
-_LABEL_LEAD = re.compile(
-    r"(?:the\s+)?(?:label|answer|category|class|classification|sentiment)\s*[:=]\s*(.+)",
-    re.IGNORECASE | re.DOTALL,
-)
-
-
-def normalize_label(text: str) -> str:
-    """Case-folded, NFKC, inner whitespace collapsed, surrounding space/punctuation stripped."""
-    folded = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(folded.split()).strip(_SURROUNDING)
-
-
-def load_labels(value: str) -> list[str]:
-    """``--labels``: ``"a,b,c"``, or ``"@FILE"`` with one label per line (blank lines ignored).
-
-    ConfigError on an empty label, fewer than two labels, labels equal after normalisation
-    (case, surrounding punctuation), or a label containing ``|`` (the separator of the
-    instruction's label line).
-    """
-    where = f"--labels {value!r}"
-    if value.startswith("@"):
-        path = Path(value[1:])
-        where = f"--labels {value}"
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise ConfigError(f"{where}: the file {path} does not exist.") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{where}: cannot read {path} as UTF-8 text ({exc}).") from None
-        labels = [line.strip() for line in lines if line.strip()]
-    else:
-        labels = [item.strip() for item in value.split(",")]
-        for number, label in enumerate(labels, 1):
-            if not label:
-                raise ConfigError(
-                    f"{where}: label {number} is empty. Separate labels with single commas, "
-                    "or use @FILE with one label per line."
-                )
-    if len(labels) < 2:
-        raise ConfigError(f"{where}: a classification needs at least two labels.")
-    seen: dict[str, str] = {}
-    for label in labels:
-        if "|" in label:
-            raise ConfigError(f"{where}: the label {label!r} contains '|', which is reserved.")
-        key = normalize_label(label)
-        if not key:
-            raise ConfigError(f"{where}: the label {label!r} has no letters or digits.")
-        if key in seen:
-            raise ConfigError(
-                f"{where}: the labels {seen[key]!r} and {label!r} are the same once case and "
-                "surrounding punctuation are ignored, so answers could not tell them apart."
-            )
-        seen[key] = label
-    return labels
-
-
-def label_instruction(labels: Sequence[str]) -> str:
-    """Text to add to the system prompt of a classification run (ends in the labels line)."""
-    return (
-        "Classify the input into exactly one of the labels below. Answer with the label "
-        "only: no explanation and no other text.\n"
-        f"{LABELS_MARKER} {LABEL_SEPARATOR.join(labels)}"
-    )
-
-
-def match_label(text: str | None, labels: Sequence[str]) -> str | None:
-    """The label ``text`` answers, or None.
-
-    The answer must equal one label after :func:`normalize_label` (so ``" Positive."``,
-    ``'"positive"'`` and ``"**POSITIVE**"`` all give ``"positive"``), optionally after a lead
-    such as ``"Label:"``, ``"Answer:"``, ``"Category:"``, ``"Class:"`` or ``"Sentiment:"``.
-    A sentence that merely mentions a label ("The answer is positive", "not positive") is
-    no match: guessing there would misread negations and answers naming two labels.
-    """
-    if text is None:
-        return None
-    by_key = {normalize_label(label): label for label in labels}
-    found = by_key.get(normalize_label(text))
-    if found is not None:
-        return found
-    lead = _LABEL_LEAD.fullmatch(text.strip())
-    if lead is not None:
-        return by_key.get(normalize_label(lead.group(1)))
-    return None
-
-
-def parse_label(
-    text: str | None, labels: Sequence[str], *, finish_reason: str | None = None
-) -> ParsedAnswer:
-    """:func:`match_label` as a :class:`ParsedAnswer` (values ``{"label": ...}``) with an error
-    a model can act on: the labels to choose from, and which ones it named if several."""
-    label = match_label(text, labels)
-    if label is not None:
-        return ParsedAnswer(True, {"label": label})
-    listed = ", ".join(labels)
-    if text is None or not text.strip():
-        error = f"The answer is empty. Answer with exactly one of these labels: {listed}."
-    else:
-        named = [label for label in labels if _mentions(text, label)]
-        snippet = _shorten(text.strip(), _SNIPPET_CHARS)
-        if len(named) > 1:
-            error = (
-                f"The answer {snippet!r} names more than one label ({', '.join(named)}). "
-                f"Answer with exactly one of: {listed}."
-            )
-        else:
-            error = (
-                f"The answer {snippet!r} is not one of the labels. Answer with exactly one "
-                f"of: {listed}."
-            )
-    if finish_reason == "length":
-        error = f"The answer was cut off at the token limit (finish_reason length). {error}"
-        return ParsedAnswer(False, {"label": None}, error, truncated=True)
-    return ParsedAnswer(False, {"label": None}, error)
-
-
-def _mentions(text: str, label: str) -> bool:
-    key = re.escape(normalize_label(label))
-    return re.search(rf"(?<!\w){key}(?!\w)", normalize_label(text)) is not None
-
-
-# -- small helpers -------------------------------------------------------------------------
+# -- small helpers ---------------------------------------------------------------------------
 
 
 def _json_type_name(value: Any) -> str:
@@ -609,13 +477,11 @@ def _json_path(parts: Any) -> str:
     return path
 
 
-def _shorten(text: str, limit: int = _MESSAGE_CHARS) -> str:
+def shorten(text: str, limit: int = _MESSAGE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 __all__ = [
-    "LABELS_MARKER",
-    "LABEL_SEPARATOR",
     "SCHEMA_PROMPT_MARKER",
     "ParsedAnswer",
     "SchemaMode",
@@ -624,15 +490,11 @@ __all__ = [
     "answer_columns",
     "extract_json_object",
     "is_strict_schema",
-    "label_instruction",
-    "load_labels",
     "load_schema",
-    "match_label",
-    "normalize_label",
     "parse_answer",
-    "parse_label",
     "plan_schema_request",
     "reask_messages",
     "schema_columns",
+    "shorten",
     "supports_native_schema",
 ]

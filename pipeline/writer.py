@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from .atomic import atomic_write
 from .checkpoint import RESULT_SCHEMA, Checkpoint, RowPlaces, file_signature
 from .config import RunConfig
+from .labels import load_labels, match_label
 from .memory import release_memory
 from .reader import InputSource
 from .records import MODELS_METADATA_KEY, WIDE_SEPARATOR
@@ -36,9 +37,7 @@ from .samples import (
 from .scoring import make_scorer
 from .structured import (
     answer_columns,
-    load_labels,
     load_schema,
-    match_label,
     parse_answer,
     schema_columns,
 )

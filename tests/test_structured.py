@@ -17,17 +17,13 @@ import pyarrow as pa
 import pytest
 
 from pipeline.errors import ConfigError
+from pipeline.labels import LABELS_MARKER, label_instruction, load_labels, match_label, parse_label
 from pipeline.simulator import SimulatorThread
 from pipeline.structured import (
-    LABELS_MARKER,
     add_system_text,
     answer_columns,
-    label_instruction,
-    load_labels,
     load_schema,
-    match_label,
     parse_answer,
-    parse_label,
     plan_schema_request,
     reask_messages,
     schema_columns,
