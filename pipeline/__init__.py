@@ -9,7 +9,7 @@ help(pipeline.run) lists every option.
 
 from typing import TYPE_CHECKING, Any
 
-from .config import RunConfig, build_config
+from .config import RunConfig
 from .errors import (
     ConfigError,
     FingerprintMismatch,
@@ -22,6 +22,7 @@ from .errors import (
 )
 from .records import RunSummary
 from .runner import run_async, run_batch
+from .settings import build_config
 from .status import RunStatus, run_status
 
 if TYPE_CHECKING:

@@ -30,11 +30,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import RunConfig, build_config, did_you_mean, load_config_file
+from .config import RunConfig
 from .errors import ConfigError, RunAborted
 from .progress import Reporter
 from .records import RunSummary
 from .runner import RunThread, Seams, run_batch, sigint_interrupts
+from .settings import build_config, did_you_mean, load_config_file
 
 # What each option means, for help(pipeline.run); a test checks that every RunConfig field
 # has its line here.

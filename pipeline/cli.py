@@ -26,13 +26,7 @@ from .cli_shell import (
 )
 from .cli_tools import PACKAGE_DATA as PACKAGE_DATA
 from .cli_tools import cache, demo, report, simulate
-from .config import (
-    RunConfig,
-    build_config,
-    load_config_file,
-    parse_param,
-    split_models,
-)
+from .config import RunConfig
 from .errors import (
     EXIT_ABORTED,
     EXIT_BATCHES_RUNNING,
@@ -52,6 +46,7 @@ from .estimate import estimate_total, format_total
 from .progress import Reporter
 from .records import RunSummary
 from .runner import Seams, estimate_job, run_batch
+from .settings import build_config, load_config_file, parse_param, split_models
 from .status import run_status
 
 

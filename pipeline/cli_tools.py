@@ -16,10 +16,6 @@ from typing import Any
 import click
 
 from .cli_shell import fail, os_error_message
-from .config import (
-    build_config,
-    load_config_file,
-)
 from .errors import (
     EXIT_ABORTED,
     EXIT_LOCKED,
@@ -32,6 +28,7 @@ from .errors import (
 )
 from .progress import Reporter
 from .runner import Seams, run_batch
+from .settings import build_config, load_config_file
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"  # the demo job and the price table
 
@@ -336,7 +333,7 @@ def cache_stats(directory: Path, as_json: bool) -> None:
 def cache_prune(directory: Path, older_than: str | None, max_size: int | None) -> None:
     """Remove old entries (by last use) from the cache in DIRECTORY."""
     from .cache import ResponseCache
-    from .config import parse_duration
+    from .durations import parse_duration
 
     if older_than is None and max_size is None:
         fail("say what to remove: --older-than DURATION and/or --max-size BYTES.", EXIT_USAGE)

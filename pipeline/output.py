@@ -20,6 +20,8 @@ import numpy as np
 
 from .checkpoint import ResultIndex, file_signature
 from .config import RunConfig
+from .fingerprint import fingerprint as fingerprint_of_config
+from .fingerprint import fingerprint_parts
 from .memory import release_memory
 from .planning import KEY_SCHEME, Plan
 from .recording import Recorder
@@ -31,10 +33,10 @@ def start_manifest(plan: Plan, config: RunConfig) -> dict[str, Any]:
     """The manifest as this run starts (``running``), with the keys of every unit."""
     checkpoint = plan.checkpoint
     manifest = checkpoint.read_manifest()
-    fingerprint = config.fingerprint()
+    fingerprint = fingerprint_of_config(config)
     manifest.update(
         fingerprint=fingerprint,
-        fingerprint_parts=config.fingerprint_parts(),
+        fingerprint_parts=fingerprint_parts(config),
         config=config.public_dict(),
         input=plan.source.name,
         rows_total=len(plan.keys) * len(plan.unit_keys),

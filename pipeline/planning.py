@@ -20,9 +20,11 @@ import numpy as np
 from .cache import ResponseCache
 from .checkpoint import Checkpoint, ResultIndex
 from .client import build_body
-from .config import FINGERPRINT_DEFAULTS, RunConfig, resolve_api_key
+from .config import RunConfig
+from .credentials import resolve_api_key
 from .errors import ConfigError, InputError, OutputError
 from .estimate import Estimate, Estimator
+from .fingerprint import FINGERPRINT_DEFAULTS, fingerprint, fingerprint_parts
 from .keys import RowKeys, compute_keys, model_row_keys, sample_row_keys
 from .memory import release_memory
 from .pricing import PriceTable
@@ -312,8 +314,8 @@ def _open_checkpoint(
                 "starts over with keys that follow the prompt"
             )
         elif checkpoint.holds_results():  # no result yet (a run that failed): nothing to mix
-            checkpoint.check_fingerprint(config.fingerprint_parts(), FINGERPRINT_DEFAULTS)
-        notes.extend(checkpoint.prepare(config.fingerprint()))
+            checkpoint.check_fingerprint(fingerprint_parts(config), FINGERPRINT_DEFAULTS)
+        notes.extend(checkpoint.prepare(fingerprint(config)))
         if new_pass is not None:
             checkpoint.save_key_pass(new_pass)
         index = checkpoint.load_index()

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .config import DEFAULT_BASE_SEED
 from .records import COST_SHARED
 
 SAMPLE_COLUMN = "sample"
@@ -38,7 +39,6 @@ N_MODES = ("auto", "native", "seeds")
 # refuses more than 128. Seeds mode sends no n, so it has no such cap.
 MAX_NATIVE_N = 128
 # The provider's schema wants seed >= 1, so the default base is 1, not 0.
-DEFAULT_BASE_SEED = 1
 SHARED = COST_SHARED
 
 # Result columns folded by sum / max / first non-null in the list layout.

@@ -18,7 +18,7 @@ from conftest import run_cli
 
 import pipeline
 from pipeline.cli import run as run_command
-from pipeline.config import load_config_file
+from pipeline.settings import load_config_file
 from pipeline.simulator import SimulatorThread
 
 

@@ -20,6 +20,7 @@ import pytest
 from conftest import run_pipeline as run_cli
 
 import pipeline
+from pipeline.fingerprint import fingerprint
 from pipeline.pricing import PriceTable
 from pipeline.records import RESULT_COLUMNS
 from pipeline.simulator import SimulatorThread
@@ -193,7 +194,7 @@ def test_n_1_changes_nothing_in_bodies_columns_or_fingerprint(
     assert sorted(map(str, bodies(simulator))) == sorted(map(str, plain_bodies))
     assert all(set(b) == {"model", "messages"} for b in plain_bodies)
     config = pipeline.build_config(options={"n": 1, "samples": "long", "n_mode": "seeds"})
-    assert config.fingerprint() == pipeline.build_config().fingerprint()
+    assert fingerprint(config) == fingerprint(pipeline.build_config())
     # and a checkpoint made without --n resumes with --n 1: nothing to send
     simulator.simulator.reset()
     again = run(simulator, plain, n=1)
