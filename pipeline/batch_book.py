@@ -254,13 +254,13 @@ class BatchBook:
         end = t0 + span
         if now < validated and batch.cancel_at is None:
             return Phase("validating", t0, now, False)
-        if batch.errors:
-            return Phase("failed", validated, validated, True)
-        if batch.cancel_at is not None:
+        if batch.cancel_at is not None:  # only ever set while validating or in progress
             over = batch.cancel_at + self.config.cancel_seconds
             if now < over:
                 return Phase("cancelling", batch.cancel_at, batch.cancel_at, False)
             return Phase("cancelled", over, batch.cancel_at, True)
+        if batch.errors:
+            return Phase("failed", validated, validated, True)
         if now < finalizing:
             return Phase("in_progress", validated, now, False)
         if batch.expiring:

@@ -19,7 +19,9 @@ line}]``, lines numbered from 1): ``empty_file``, ``too_many_tasks``, ``invalid_
 ``url_mismatch``, ``model_mismatch``, ``duplicate_custom_id``. Output lines: success in the
 output file; HTTP errors in the error file with ``response.body.error`` and top-level
 ``error`` null (the documented discrepancy); expired lines ``response: null, error:
-{code: "batch_expired"}``. Lines a cancel stopped appear in neither file. A file is null
+{code: "batch_expired"}``. Lines a cancel stopped appear in neither file. ``request_counts``:
+``total`` is 0 while validating, ``completed`` counts success lines, ``failed`` HTTP-error
+and expired lines. A file is null
 when it would be empty (so an all-failed batch has ``output_file_id`` null).
 """
 

@@ -610,3 +610,12 @@ def test_message_batch_faults_fail_all_drop_and_token_limit() -> None:
         status == 400
         and "Enqueued token limit reached for claude-sonnet-4" in (body["error"]["message"])
     )
+
+
+def test_cancel_while_validating_ends_cancelled_even_for_an_invalid_file() -> None:
+    service, clock = make(batch_seconds=100)
+    batch = create(service, upload(service, [line("a", "x"), line("a", "y")])["id"])[1]
+    clock.now += 5
+    cancelling = call(service, "POST", f"/v1/batches/{batch['id']}/cancel")[1]
+    assert cancelling["status"] == "cancelled" and cancelling["in_progress_at"] is None
+    assert cancelling["output_file_id"] is None and cancelling["error_file_id"] is None
