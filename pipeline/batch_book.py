@@ -68,8 +68,9 @@ class BatchSimConfig:
             but get no reply: ``handle`` returns ``DROPPED`` and the server closes the
             connection without a response.
         enqueued_token_limit: per model, the estimated prompt tokens of its non-terminal
-            batches; a create that would pass it is refused with 400 "Enqueued token limit
-            reached for <model> ...". None: no limit.
+            batches; a create that would pass it is refused with "Enqueued token limit
+            reached for <model> ..." (OpenAI: 400, code ``token_limit_exceeded``; Anthropic:
+            429 ``rate_limit_error``). None: no limit.
 
     Per-line scripting, by text anywhere in the line's request body (the prompt, usually):
     ``[batch:expire]`` (the line expires) and ``[batch:httpNNN]`` (the line is an HTTP NNN

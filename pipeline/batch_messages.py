@@ -156,8 +156,8 @@ class MessageBatches:
         ]
         model = str(lines[0].body.get("model"))
         refusal = self.book.refusal(model, sum(estimate_tokens(line.body) for line in lines))
-        if refusal is not None:
-            return anthropic_error(400, refusal)
+        if refusal is not None:  # Anthropic's batch queue limits are rate limits: 429
+            return anthropic_error(429, refusal)
         batch = self.book.add(self.book.next_id("msgbatch_sim"), "anthropic", lines)
         if self.book.drop_this_create():
             return 0, [], b""

@@ -606,10 +606,8 @@ def test_message_batch_faults_fail_all_drop_and_token_limit() -> None:
     service, _ = make(batch_seconds=10, enqueued_token_limit=3)
     assert call(service, "POST", "/v1/messages/batches", reqs)[0] == 200
     status, body = call(service, "POST", "/v1/messages/batches", reqs)
-    assert (
-        status == 400
-        and "Enqueued token limit reached for claude-sonnet-4" in (body["error"]["message"])
-    )
+    assert status == 429 and body["error"]["type"] == "rate_limit_error"
+    assert "Enqueued token limit reached for claude-sonnet-4" in body["error"]["message"]
 
 
 def test_cancel_while_validating_ends_cancelled_even_for_an_invalid_file() -> None:
