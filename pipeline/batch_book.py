@@ -106,6 +106,7 @@ class SimBatch:
     lines: list[SimLine]
     model: str
     tokens: int
+    finish_order: list[int]  # line indexes in the order they finish
     finish_rank: list[int]  # line index -> position in finish order
     expiring: frozenset[int]
     endpoint: str = ""
@@ -115,6 +116,7 @@ class SimBatch:
     cancel_at: float | None = None
     outcomes: dict[int, tuple[str, int, dict[str, Any]]] = field(default_factory=dict)
     files: tuple[str | None, str | None] | None = None  # (output, error) once terminal
+    final: list[tuple[int, str, int, dict[str, Any]]] | None = None  # outcomes once terminal
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,8 +231,9 @@ class BatchBook:
         )
         model = str(lines[0].body.get("model", "")) if lines else ""
         tokens = sum(estimate_tokens(line.body) for line in lines)
+        now = self.clock()
         batch = SimBatch(
-            batch_id, dialect, self.clock(), lines, model, tokens, rank, expiring, **fields
+            batch_id, dialect, now, lines, model, tokens, order, rank, expiring, **fields
         )
         self.batches[batch_id] = batch
         self.counters["batches_created"] += 1
@@ -287,11 +290,13 @@ class BatchBook:
         Finished lines are answered (once: results are memoized); at a terminal state the
         lines that did not finish are ``expired`` (expired batch) or ``canceled`` (cancelled).
         """
+        if batch.final is not None:
+            return batch.final
         phase = self.phase(batch, now)
         if phase.status in ("validating", "failed"):
             return []
         found: list[tuple[int, str, int, dict[str, Any]]] = []
-        for index in sorted(range(len(batch.lines)), key=batch.finish_rank.__getitem__):
+        for index in batch.finish_order:
             at = self.finish_time(batch, index)
             if at is not None and at <= phase.done_by:
                 found.append((index, *self._result(batch, index)))
@@ -299,6 +304,8 @@ class BatchBook:
                 found.append((index, EXPIRED, 0, {}))
             elif phase.status == "cancelled":
                 found.append((index, CANCELED, 0, {}))
+        if phase.terminal:
+            batch.final = found  # a terminal batch never changes: later reads are O(1)
         return found
 
     def _result(self, batch: SimBatch, index: int) -> tuple[str, int, dict[str, Any]]:

@@ -111,6 +111,15 @@ class BatchService:
         self.messages = MessageBatches(self.book)
 
     @property
+    def config(self) -> BatchSimConfig:
+        """The behaviour in force; may be replaced at any time (read per request)."""
+        return self.book.config
+
+    @config.setter
+    def config(self, config: BatchSimConfig) -> None:
+        self.book.config = config
+
+    @property
     def counters(self) -> Any:
         return self.book.counters
 
