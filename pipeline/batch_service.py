@@ -3,9 +3,9 @@
 This module owns ``BatchService``, which the simulator's request handler calls for every
 request before its own routes: ``handle`` answers ``/v1/files*`` and ``/v1/batches*``
 (OpenAI) itself, hands ``/v1/messages/batches*`` (Anthropic) to ``pipeline.batch_messages``
-and returns None for any other path. It parses multipart uploads, validates creates and
-batch input files the way OpenAI does, and renders Batch, File and list objects and the
-output / error file lines. It does not own the batch timeline, line outcomes, faults or
+and returns None for any other path. It parses multipart uploads and renders Batch, File
+and list objects and the output / error file lines. It does not own the checks of creates
+and input files (``pipeline.batch_input``), the batch timeline, line outcomes, faults or
 counters (``pipeline.batch_book``) nor any socket: the simulator turns the returned
 ``(status, headers, body)`` into an HTTP response, and ``DROPPED`` into a connection closed
 without a reply.
@@ -14,15 +14,15 @@ OpenAI endpoints: ``POST /v1/files`` (multipart: ``purpose``, ``file``), ``GET /
 (``?purpose=``), ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``, ``DELETE
 /v1/files/{id}``, ``POST /v1/batches``, ``GET /v1/batches`` (``?limit=&after=``, newest
 first), ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``. An unknown file or
-batch is 404. Input-file validation (``failed`` with ``errors.data[{code, message, param,
-line}]``, lines numbered from 1): ``empty_file``, ``too_many_tasks``, ``invalid_json_line``,
-``url_mismatch``, ``model_mismatch``, ``duplicate_custom_id``. Output lines: success in the
-output file; HTTP errors in the error file with ``response.body.error`` and top-level
-``error`` null (the documented discrepancy); expired lines ``response: null, error:
-{code: "batch_expired"}``. Lines a cancel stopped appear in neither file. ``request_counts``:
-``total`` is 0 while validating, ``completed`` counts success lines, ``failed`` HTTP-error
-and expired lines. A file is null
-when it would be empty (so an all-failed batch has ``output_file_id`` null).
+batch is 404. A create with a bad body is 400; an input file that fails validation makes a
+batch that ends ``failed`` with ``errors.data`` (see ``pipeline.batch_input``).
+
+Output lines: success in the output file; HTTP errors in the error file with
+``response.body.error`` and top-level ``error`` null (the documented discrepancy); expired
+lines ``response: null, error: {code: "batch_expired"}``. Lines a cancel stopped appear in
+neither file. A file is null when it would be empty (so an all-failed batch has
+``output_file_id`` null). ``request_counts``: ``total`` is 0 while validating,
+``completed`` counts success lines, ``failed`` HTTP-error and expired lines.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from pipeline.batch_book import (
     SimLine,
     estimate_tokens,
 )
+from pipeline.batch_input import create_problem, read_input
 from pipeline.batch_messages import MessageBatches
 
 __all__ = ["DROPPED", "BatchService", "BatchSimConfig", "Reply"]
@@ -53,15 +54,6 @@ Reply = tuple[int, list[tuple[str, str]], bytes]
 #: The reply of a create whose response is lost: close the connection without answering.
 DROPPED: Reply = (0, [], b"")
 
-ENDPOINTS = frozenset(
-    {
-        "/v1/responses",
-        "/v1/chat/completions",
-        "/v1/embeddings",
-        "/v1/completions",
-        "/v1/moderations",
-    }
-)
 FILE_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
 _JSON = [("content-type", "application/json")]
 _EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
@@ -244,7 +236,7 @@ class BatchService:
             return openai_error(400, "We could not parse the JSON body of your request.")
         if not isinstance(request, dict):
             return openai_error(400, "The body must be a JSON object.")
-        problem = _create_problem(request)
+        problem = create_problem(request)
         if problem is not None:
             return openai_error(400, problem[1], param=problem[0])
         record = self.files.get(request["input_file_id"])
@@ -254,7 +246,9 @@ class BatchService:
         if record["purpose"] != "batch":
             message = f"File {record['id']} has purpose '{record['purpose']}'; it must be 'batch'."
             return openai_error(400, message, param="input_file_id")
-        lines, errors = self._read_input(record["_content"], request["endpoint"])
+        lines, errors = read_input(
+            record["_content"], request["endpoint"], self.book.config.max_requests
+        )
         if lines and not errors:
             refusal = self.book.refusal(str(lines[0].body.get("model")), _tokens(lines))
             if refusal is not None:
@@ -271,48 +265,6 @@ class BatchService:
         if self.book.drop_this_create():
             return DROPPED
         return json_reply(200, self._batch_object(batch))
-
-    def _read_input(
-        self, content: bytes, endpoint: str
-    ) -> tuple[list[SimLine], list[dict[str, Any]]]:
-        """The lines of a batch input file, or the validation errors that fail the batch."""
-        texts = content.decode("utf-8", errors="replace").splitlines()
-        while texts and not texts[-1].strip():
-            texts.pop()
-        if not texts:
-            return [], [_line_error("empty_file", "The input file is empty.", None)]
-        limit = self.book.config.max_requests
-        if len(texts) > limit:
-            message = f"The batch input file has {len(texts)} requests; the limit is {limit}."
-            return [], [_line_error("too_many_tasks", message, None)]
-        lines: list[SimLine] = []
-        errors: list[dict[str, Any]] = []
-        seen: dict[str, int] = {}
-        model: str | None = None
-        for number, text in enumerate(texts, start=1):
-            item = _json_line(text)
-            if item is None:
-                message = "This line is not parseable as valid JSON or lacks custom_id, url, body."
-                errors.append(_line_error("invalid_json_line", message, None, number))
-                continue
-            custom_id, body = str(item["custom_id"]), item["body"]
-            if item["url"] != endpoint:
-                message = f"The url '{item['url']}' does not match the batch endpoint '{endpoint}'."
-                errors.append(_line_error("url_mismatch", message, "url", number))
-            line_model = body.get("model")
-            model = line_model if model is None else model
-            if line_model != model:
-                message = f"The model '{line_model}' differs from the file's model '{model}'."
-                errors.append(_line_error("model_mismatch", message, "body.model", number))
-            if custom_id in seen:
-                message = (
-                    f"The custom_id '{custom_id}' on line {number} is a duplicate of "
-                    f"another request (line {seen[custom_id]})."
-                )
-                errors.append(_line_error("duplicate_custom_id", message, "custom_id", number))
-            seen.setdefault(custom_id, number)
-            lines.append(SimLine(custom_id, body, text))
-        return lines, errors
 
     def _list(self, query: dict[str, str]) -> Reply:
         try:
@@ -435,56 +387,8 @@ def _page(data: list[dict[str, Any]], *, has_more: bool) -> dict[str, Any]:
     }
 
 
-def _line_error(
-    code: str, message: str, param: str | None, line: int | None = None
-) -> dict[str, Any]:
-    return {"code": code, "message": message, "param": param, "line": line}
-
-
-def _json_line(text: str) -> dict[str, Any] | None:
-    """A parsed input line with custom_id, url and an object body, else None."""
-    try:
-        item = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(item, dict) or not isinstance(item.get("body"), dict):
-        return None
-    if not isinstance(item.get("custom_id"), str) or not isinstance(item.get("url"), str):
-        return None
-    return item
-
-
 def _tokens(lines: list[SimLine]) -> int:
     return sum(estimate_tokens(line.body) for line in lines)
-
-
-def _create_problem(request: dict[str, Any]) -> tuple[str, str] | None:
-    """(param, message) of the first thing wrong with a create body, as OpenAI words it."""
-    for name in ("input_file_id", "endpoint", "completion_window"):
-        if not isinstance(request.get(name), str):
-            return name, f"Missing required parameter: '{name}'."
-    if request["endpoint"] not in ENDPOINTS:
-        return (
-            "endpoint",
-            f"Invalid endpoint '{request['endpoint']}'; use one of {sorted(ENDPOINTS)}.",
-        )
-    if request["completion_window"] != "24h":
-        return "completion_window", "Invalid completion_window: only '24h' is supported."
-    metadata = request.get("metadata")
-    if metadata is None:
-        return None
-    if not isinstance(metadata, dict):
-        return "metadata", "metadata must be an object of string keys and values."
-    if len(metadata) > 16:
-        return "metadata", f"metadata has {len(metadata)} pairs; at most 16 are allowed."
-    for key, value in metadata.items():
-        if not isinstance(value, str):
-            return "metadata", f"metadata value of '{key}' must be a string."
-        if len(key) > 64:
-            return "metadata", f"metadata key '{key[:20]}...' is longer than 64 characters."
-        if len(value) > 512:
-            return "metadata", f"metadata value of '{key}' is longer than 512 characters."
-    return None
 
 
 def _usage(bodies: list[dict[str, Any]]) -> dict[str, Any]:
