@@ -81,7 +81,14 @@ PACKAGE_DATA = Path(__file__).resolve().parent / "data"  # the demo job and the 
 @click.option(
     "--request-log",
     type=click.Path(dir_okay=False),
-    help="Append each received request as a JSON line.",
+    help="Append each received request (chat, files and batches) as a JSON line.",
+)
+@click.option(
+    "--batch-seconds",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Batch API: a batch completes this many seconds after it is created (a day in S s).",
 )
 def simulate(
     host: str,
@@ -106,12 +113,14 @@ def simulate(
     wrong_rate: float,
     wrong_kind: str,
     ignore_n: bool,
+    batch_seconds: float,
 ) -> None:
     """Serve a local OpenAI-compatible chat API for demos, tests and benchmarks.
 
     Answers are derived from the prompt, usage counts are honest, and faults can be injected.
     Prompts may also carry directives such as [[sim:status=503]] (see pipeline/simulator.py).
     """
+    from .batch_service import BatchSimConfig
     from .simulator import SimulatorConfig, run_simulator
 
     schedule = _schedule(rps_schedule)
@@ -122,6 +131,7 @@ def simulate(
             "retry_after": retry_after,
             "rps_limit": rps_limit,
             "tpm_limit": tpm_limit,
+            "batch_seconds": batch_seconds,
         },
         {
             "rate_429": rate_429,
@@ -156,6 +166,7 @@ def simulate(
         wrong_rate=wrong_rate,
         wrong_kind=wrong_kind,
         ignore_n=ignore_n,
+        batch=BatchSimConfig(batch_seconds=batch_seconds),
     )
     try:
         run_simulator(config, host=host, port=port)

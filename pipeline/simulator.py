@@ -170,10 +170,12 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import IO, Any, cast
+
+from pipeline.batch_service import DROPPED, BatchService, BatchSimConfig
 
 __all__ = [
     "RecordedRequest",
@@ -273,6 +275,7 @@ class SimulatorConfig:
     wrong_rate: float = 0.0
     wrong_kind: str = "invalid"
     ignore_n: bool = False
+    batch: BatchSimConfig = field(default_factory=BatchSimConfig)
 
     def __post_init__(self) -> None:
         for name in (*_RATE_FIELDS, "wrong_rate"):
@@ -689,6 +692,7 @@ class Simulator:
         self._connections: set[_Connection] = set()
         self._log_file: IO[str] | None = None
         self._log_path: str | None = None
+        self.batches = BatchService(self.answer_chat, time.time, config.batch)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen on ``host:port`` (0 picks a free port) and return the bound port."""
@@ -725,6 +729,7 @@ class Simulator:
         self._tpm_bucket = None
         self._first_chat = None
         self._rng = random.Random(self.config.seed)
+        self.batches = BatchService(self.answer_chat, time.time, self.config.batch)
 
     # -- request handling -------------------------------------------------------------------
 
@@ -735,6 +740,22 @@ class Simulator:
         self.stats["http_requests"] += 1
         assert self._loop is not None
         now = self._loop.time()
+        target, path = path, path.split("?", 1)[0]
+        config = self.config
+        if config.request_log and not (path in CHAT_PATHS and method == "POST"):
+            self._write_log(config.request_log, time.time(), None, None, method, path)
+        self.batches.config = config.batch
+        batch_reply = self.batches.handle(method, target, headers, body)
+        if batch_reply is not None:
+            status, reply_headers, payload = batch_reply
+            if batch_reply == DROPPED:
+                return _Reply(now, _DROP, b"", True)
+            content_type = dict(reply_headers).get("content-type", "application/json")
+            extra = [(k, v) for k, v in reply_headers if k != "content-type"]
+            data = _http_response(
+                status, payload, extra, keep_alive=keep_alive, content_type=content_type
+            )
+            return _Reply(now, _WRITE, data, not keep_alive)
         if path in CHAT_PATHS and method == "POST":
             return self._chat(path, headers, body, keep_alive, now)
         if method == "GET" and path == "/health":
@@ -775,7 +796,7 @@ class Simulator:
         if config.record:
             self.requests.append(RecordedRequest(wall_time, path, headers, body))
         if config.request_log:
-            self._write_log(config.request_log, wall_time, body, client_request_id)
+            self._write_log(config.request_log, wall_time, body, client_request_id, "POST", path)
 
         reply_headers = [("x-inference-id", f"sim-inference-{sequence}")]
         if client_request_id and _CLIENT_REQUEST_ID.fullmatch(client_request_id):
@@ -902,6 +923,38 @@ class Simulator:
             stats["length"] += 1
         return reply(200, payload)
 
+    def answer_chat(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A batch line's answer: the online answer, without transport faults, limits or delay.
+
+        Directive faults that are HTTP statuses (``status=S``, ``quota``, ``context_length``)
+        answer that status and OpenAI error body; the transport ones (timeout, drop,
+        malformed) cannot happen inside a batch and are ignored.
+        """
+        problem = _validation_problem(body)
+        if problem is not None:
+            return 400, _loads(_openai_error_body(400, f"Body validation error! {problem}"))
+        messages: list[Any] = body["messages"]
+        texts = [_message_text(message) for message in messages]
+        try:
+            directive = _parse_directives(texts)
+        except _DirectiveError as exc:
+            return 400, _loads(_openai_error_body(400, f"simulator directive: {exc}"))
+        if directive is not None and directive.fault in ("status", "aimlapi", "quota"):
+            replies: list[tuple[int, bytes]] = []
+
+            def capture(status: int, payload: bytes, *_: Any, **__: Any) -> _Reply:
+                replies.append((status, payload))
+                return _Reply(0.0, _WRITE)
+
+            self._directive_fault(directive, directive.fault, "/v1/chat/completions", capture)
+            status, payload = replies[0]
+            return status, _loads(payload)
+        self._sequence += 1
+        answers = self._answers(body, messages, texts, directive)
+        length = directive is not None and directive.length
+        completion, _ = _completion(body, texts, answers, self._sequence, time.time(), length)
+        return 200, completion
+
     def _answers(
         self,
         body: dict[str, Any],
@@ -1026,7 +1079,13 @@ class Simulator:
         return headers
 
     def _write_log(
-        self, path: str, wall_time: float, body: dict[str, Any] | None, client_id: str | None
+        self,
+        path: str,
+        wall_time: float,
+        body: dict[str, Any] | None,
+        client_id: str | None,
+        method: str,
+        request_path: str,
     ) -> None:
         if self._log_path != path:
             if self._log_file is not None:
@@ -1034,7 +1093,8 @@ class Simulator:
             self._log_file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in stop()
             self._log_path = path
         assert self._log_file is not None
-        line = _dumps({"t": wall_time, "body": body, "client_request_id": client_id})
+        record = {"t": wall_time, "method": method, "path": request_path, "body": body}
+        line = _dumps(record | {"client_request_id": client_id})
         # Flushed per line: tests tail this file from another process while the run is live.
         self._log_file.write(line.decode() + "\n")
         self._log_file.flush()
@@ -1445,7 +1505,7 @@ class _Connection(asyncio.Protocol):
             keep_alive = "keep-alive" in connection
         else:
             keep_alive = "close" not in connection
-        return method, target.split("?", 1)[0], headers, length, keep_alive
+        return method, target, headers, length, keep_alive
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer a request we cannot even parse, then close (after earlier replies)."""
