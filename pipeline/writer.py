@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_write
-from .checkpoint import RESULT_SCHEMA, Checkpoint, RowPlaces, file_signature
+from .checkpoint import Checkpoint, RowPlaces, file_signature
 from .config import RunConfig
 from .labels import load_labels, match_label
 from .memory import release_memory
@@ -34,6 +34,7 @@ from .samples import (
     list_fields,
     stack_samples,
 )
+from .schema import RESULT_SCHEMA
 from .scoring import make_scorer
 from .structured import (
     answer_columns,
