@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,7 +78,15 @@ NOTHING = Outcome()  # no answer at all (cancelled, an exception of ours)
 
 
 class Meter(Protocol):
-    """One limit on requests (see the module docstring)."""
+    """One limit on requests (see the module docstring). ``waits`` and ``starts`` say
+    whether ``wait`` and ``started`` do anything now (skipped otherwise: a few microseconds
+    a request that a meter with nothing to do should not cost)."""
+
+    @property
+    def waits(self) -> bool: ...
+
+    @property
+    def starts(self) -> bool: ...
 
     async def wait(self, ticket: Ticket) -> None:
         """Return when ``ticket``'s request may start as far as this meter is concerned."""
@@ -92,6 +99,8 @@ class Meter(Protocol):
 
 class _InFlight:
     """``AdaptiveConcurrency`` as a meter: a place held from ``wait`` to ``finished``."""
+
+    waits, starts = True, False
 
     def __init__(self, limit: AdaptiveConcurrency, adaptive: bool) -> None:
         self.limit = limit
@@ -111,6 +120,8 @@ class _InFlight:
 
 class _Bucket:
     """``--rpm`` (a request each) or ``--tpm`` (the ticket's tokens, corrected by usage)."""
+
+    waits, starts = True, False
 
     def __init__(self, meter: RateMeter, per_token: bool) -> None:
         self.meter = meter
@@ -134,6 +145,12 @@ class _Bucket:
 
 class _Headers:
     """The server's ``x-ratelimit-*-{requests,tokens}`` bucket mirrored (once announced)."""
+
+    starts = False
+
+    @property
+    def waits(self) -> bool:
+        return self.pacer.active
 
     def __init__(self, pacer: HeaderPacer, kind: str, in_flight: AdaptiveConcurrency) -> None:
         self.pacer = pacer
@@ -159,6 +176,8 @@ class _Headers:
 class _Estimates:
     """Calibrates the token estimator on actual usage."""
 
+    waits, starts = False, False
+
     def __init__(self, estimator: TokenEstimator) -> None:
         self.estimator = estimator
 
@@ -179,12 +198,18 @@ class _Adaptive:
     """The rate controller, for a run whose limit nobody announces; it counts every 429 and
     the long Retry-Afters that say "come back later"."""
 
+    starts = False
+
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.controller = limits.controller
 
     def _on(self) -> bool:
         return self.limits.adaptive and not self.limits.announced
+
+    @property
+    def waits(self) -> bool:
+        return self._on()
 
     async def wait(self, ticket: Ticket) -> None:
         if self._on():
@@ -207,14 +232,42 @@ class _Adaptive:
 
 
 class Slot:
-    """A request's place, held by ``Limits.slot``; ``done`` says how the request ended."""
+    """A request's place (``Limits.slot``): ``async with`` waits for every meter, and on
+    leaving tells each how the request ended (``done``; nothing when the block raised
+    before saying). A plain class, not a generator: it runs once per request."""
 
-    def __init__(self, ticket: Ticket) -> None:
+    __slots__ = ("clock", "meters", "outcome", "ticket")
+
+    def __init__(self, meters: list[Meter], ticket: Ticket, clock: Clock) -> None:
+        self.meters = meters
         self.ticket = ticket
+        self.clock = clock
         self.outcome = NOTHING
 
     def done(self, outcome: Outcome) -> None:
         self.outcome = outcome
+
+    async def __aenter__(self) -> Slot:
+        ticket, waited = self.ticket, 0
+        try:
+            for meter in self.meters:
+                if meter.waits:
+                    await meter.wait(ticket)
+                waited += 1
+        except BaseException:
+            for meter in self.meters[:waited]:
+                meter.finished(ticket, NOTHING)
+            raise
+        self.ticket = ticket = Ticket(ticket.chars, ticket.choices, ticket.tokens, self.clock())
+        for meter in self.meters:
+            if meter.starts:
+                meter.started(ticket)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        ticket, outcome = self.ticket, self.outcome
+        for meter in self.meters:
+            meter.finished(ticket, outcome)
 
 
 class Limits:
@@ -294,28 +347,9 @@ class Limits:
         """A request of ``chars`` prompt characters asking for ``choices`` completions."""
         return Ticket(chars, choices, self.estimator.cost(chars, choices))
 
-    @asynccontextmanager
-    async def slot(self, ticket: Ticket) -> AsyncIterator[Slot]:
-        """Wait until every meter lets ``ticket`` go; on leaving, each learns the outcome
-        given to ``Slot.done`` (none when the block raised before saying)."""
-        waited: list[Meter] = []
-        try:
-            for meter in self.meters:
-                await meter.wait(ticket)
-                waited.append(meter)
-        except BaseException:
-            for meter in waited:
-                meter.finished(ticket, NOTHING)
-            raise
-        ticket = Ticket(ticket.chars, ticket.choices, ticket.tokens, self.clock())
-        for meter in self.meters:
-            meter.started(ticket)
-        held = Slot(ticket)
-        try:
-            yield held
-        finally:
-            for meter in self.meters:
-                meter.finished(ticket, held.outcome)
+    def slot(self, ticket: Ticket) -> Slot:
+        """``async with limits.slot(ticket) as slot``: see ``Slot``."""
+        return Slot(self.meters, ticket, self.clock)
 
 
 def _rate_meter(per_minute: float | None, clock: Clock, sleep: Sleep) -> RateMeter | None:

@@ -417,6 +417,8 @@ def test_a_waiter_cancelled_as_its_place_frees_up_is_just_cancelled(gate: str) -
 class SpyMeter:
     """A meter that only counts: requests between started and finished, and the outcomes."""
 
+    waits, starts = False, True
+
     def __init__(self) -> None:
         self.going: set[int] = set()  # id() of the tickets started and not finished
         self.most = 0
