@@ -157,6 +157,7 @@ class RateController:
         self.first_seen: float | None = None
         self.trial: _Trial | None = None
         self.recent: deque[bool] = deque(maxlen=window)  # True: a 429
+        self.recent_refused = 0  # 429s in ``recent`` (kept as it goes: read every answer)
         self.accepted: deque[float] = deque()  # times of answers, the last accept_window s
         self.asked: deque[float] = deque()  # times requests asked to start, same window
         self._told_rate: float | None = None
@@ -181,7 +182,11 @@ class RateController:
         now = self.clock()
         if self.first_seen is None:
             self.first_seen = now
-        self.recent.append(refused)
+        recent = self.recent
+        if len(recent) == recent.maxlen and recent[0]:
+            self.recent_refused -= 1  # the oldest leaves the window
+        recent.append(refused)
+        self.recent_refused += refused
         if refused:
             self.rate_limited += 1
         else:
@@ -205,7 +210,7 @@ class RateController:
             ):
                 self._judge(now, trial)
             return
-        share = sum(self.recent) / len(self.recent)
+        share = self.recent_refused / len(recent)
         if self.noise > 0.0 and share <= 2 * self.noise + 0.02:
             # while the share stays in the noise's range the floor follows it slowly (~2,000
             # answers): a first estimate comes from a small sample. Above the range it holds
@@ -330,7 +335,7 @@ class RateController:
         if self._looks_like_noise(trial):
             # as many 429s at the lower rate: they were not about our rate
             if trial.watching:  # nothing was cut: every recent answer saw the same noise
-                share = sum(self.recent) / len(self.recent)
+                share = self.recent_refused / len(recent)
             self.noise = share if self.noise == 0.0 else 0.7 * self.noise + 0.3 * share
             self.found = trial.previous_found
             self._set_rate(trial.previous_rate)
