@@ -335,7 +335,7 @@ class RateController:
         if self._looks_like_noise(trial):
             # as many 429s at the lower rate: they were not about our rate
             if trial.watching:  # nothing was cut: every recent answer saw the same noise
-                share = self.recent_refused / len(recent)
+                share = self.recent_refused / len(self.recent)
             self.noise = share if self.noise == 0.0 else 0.7 * self.noise + 0.3 * share
             self.found = trial.previous_found
             self._set_rate(trial.previous_rate)
