@@ -7,7 +7,7 @@ corrected answer (single-label classification, ``--labels``, is ``labels.py``'s)
 I/O besides reading a schema or labels file, and it does not send anything: the runner
 decides when to re-ask and what to write.
 
-Two texts here are a contract with ``pipeline/simulator.py``, which recognises them to answer
+Two texts here are a contract with ``pipeline/simulator/``, which recognises them to answer
 in kind (a test holds the two in step):
 
 - prompt-mode schema: a message containing :data:`SCHEMA_PROMPT_MARKER` followed by the schema
