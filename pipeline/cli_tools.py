@@ -118,7 +118,8 @@ def simulate(
     """Serve a local OpenAI-compatible chat API for demos, tests and benchmarks.
 
     Answers are derived from the prompt, usage counts are honest, and faults can be injected.
-    Prompts may also carry directives such as [[sim:status=503]] (see pipeline/simulator/__init__.py).
+    Prompts may also carry directives such as [[sim:status=503]] (grammar: the docstring of
+    pipeline/simulator/__init__.py).
     """
     from .batch_service import BatchSimConfig
     from .simulator import SimulatorConfig, run_simulator
