@@ -33,6 +33,27 @@ from .settings import build_config, load_config_file
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"  # the demo job and the price table
 
 
+# simulate's options that must not be negative, and those that are shares (0 to 1)
+_NON_NEGATIVE = (
+    "latency_ms",
+    "jitter_ms",
+    "retry_after",
+    "rps_limit",
+    "tpm_limit",
+    "batch_seconds",
+)
+_SHARES = (
+    "rate_429",
+    "rate_500",
+    "rate_503",
+    "rate_timeout",
+    "rate_drop",
+    "rate_malformed",
+    "rate_length",
+    "wrong_rate",
+)
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -118,32 +139,15 @@ def simulate(
     """Serve a local OpenAI-compatible chat API for demos, tests and benchmarks.
 
     Answers are derived from the prompt, usage counts are honest, and faults can be injected.
-    Prompts may also carry directives such as [[sim:status=503]] (grammar: the docstring of
-    pipeline/simulator/__init__.py).
+    Prompts may carry directives such as [[sim:status=503]] (see pipeline/simulator/).
     """
     from .batch_service import BatchSimConfig
     from .simulator import SimulatorConfig, run_simulator
 
     schedule = _schedule(rps_schedule)
+    given = locals()
     _refuse_bad_numbers(
-        {
-            "latency_ms": latency_ms,
-            "jitter_ms": jitter_ms,
-            "retry_after": retry_after,
-            "rps_limit": rps_limit,
-            "tpm_limit": tpm_limit,
-            "batch_seconds": batch_seconds,
-        },
-        {
-            "rate_429": rate_429,
-            "rate_500": rate_500,
-            "rate_503": rate_503,
-            "rate_timeout": rate_timeout,
-            "rate_drop": rate_drop,
-            "rate_malformed": rate_malformed,
-            "rate_length": rate_length,
-            "wrong_rate": wrong_rate,
-        },
+        {name: given[name] for name in _NON_NEGATIVE}, {name: given[name] for name in _SHARES}
     )
     config = SimulatorConfig(
         latency_ms=latency_ms,
@@ -171,7 +175,7 @@ def simulate(
     )
     try:
         run_simulator(config, host=host, port=port)
-    except OSError as exc:
+    except OSError as exc:  # the address is taken or not ours
         fail(_bind_error(exc, host, port), EXIT_USAGE)
 
 
