@@ -8,7 +8,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import (
     ANSWER_PREFIX,
@@ -19,6 +19,10 @@ from .config import (
     count_tokens,
     dumps,
 )
+
+if TYPE_CHECKING:  # the app passes itself: its config, random draws and counters
+    from .app import Simulator
+    from .directives import Directives
 
 
 def last_user_text(messages: list[Any], texts: list[str]) -> str:
@@ -305,3 +309,47 @@ def completion_body(
         },
     }
     return completion, total_tokens
+
+
+def choose_answers(
+    simulator: Simulator,
+    body: dict[str, Any],
+    messages: list[Any],
+    texts: list[str],
+    directive: Directives | None,
+) -> list[str]:
+    """The content of each choice: right, or wrong as the config and directives say."""
+    config = simulator.config
+    mode = answer_mode(body, messages, texts)
+    choices = 1 if config.ignore_n else int(body.get("n") or 1)
+    if mode is TEXT_MODE and directive is None and config.wrong_rate == 0:
+        # The hot path of throughput benchmarks: no hashing.
+        source, seed = last_user_text(messages, texts), body.get("seed")
+        return [right_answer(mode, None, source, seed, 0, c)[0] for c in range(choices)]
+
+    conversation = conversation_key(messages, texts)
+    seed = body.get("seed")
+    fixed = directive.answer if directive is not None else None
+    kind = (directive.wrong_kind if directive is not None else None) or config.wrong_kind
+    forced = False
+    prose = False
+    if directive is not None and directive.wrong:
+        simulator.wrong_counts[conversation] += 1
+        count = simulator.wrong_counts[conversation]
+        forced = directive.wrong_first is None or count <= directive.wrong_first
+        prose = count % 2 == 1
+    source = last_user_text(messages, texts)
+    answers = []
+    for choice in range(choices):
+        draw = draw_number(conversation, seed, choice)
+        answer, variant = right_answer(mode, fixed, source, seed, draw, choice)
+        wrong, choice_prose = forced, prose
+        if config.wrong_rate > 0:
+            roll = simulator.rng.random()  # drawn for every choice, so a seed replays
+            if not wrong and roll < config.wrong_rate:
+                wrong, choice_prose = True, roll < config.wrong_rate / 2
+        if wrong:
+            answer = wrong_answer(mode, kind, answer, variant, choice_prose)
+            simulator.stats["wrong"] += 1
+        answers.append(answer)
+    return answers

@@ -4,8 +4,6 @@ Batch APIs), applies faults, rate limits and latency, records and logs requests.
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import math
 import random
 import time
 from collections import Counter
@@ -15,15 +13,9 @@ from typing import IO, Any
 from pipeline.batch_service import DROPPED, BatchService
 
 from .answers import (
-    TEXT_MODE,
-    answer_mode,
+    choose_answers,
     completion_body,
-    conversation_key,
-    draw_number,
-    last_user_text,
-    right_answer,
     validation_problem,
-    wrong_answer,
 )
 from .config import (
     CHAT_PATHS,
@@ -35,7 +27,6 @@ from .config import (
     TokenBucket,
     dumps,
     format_go_duration,
-    format_seconds,
     loads,
     message_text,
 )
@@ -52,6 +43,7 @@ from .directives import (
     openai_error_body,
     parse_directives,
 )
+from .response import ChatResponse
 from .server import Connection
 
 
@@ -69,8 +61,8 @@ class Simulator:
         self.requests: list[RecordedRequest] = []
         self.stats: Counter[str] = Counter()
         self._attempts: Counter[str] = Counter()  # fail=N bookkeeping per distinct prompt
-        self._wrong_counts: Counter[str] = Counter()  # wrong=N bookkeeping per conversation
-        self._rng = random.Random(config.seed)
+        self.wrong_counts: Counter[str] = Counter()  # wrong=N bookkeeping per conversation
+        self.rng = random.Random(config.seed)
         self._rps_bucket: TokenBucket | None = None
         self._tpm_bucket: TokenBucket | None = None
         self._first_chat: float | None = None  # loop time of the first chat request
@@ -112,11 +104,11 @@ class Simulator:
         self.requests.clear()
         self.stats.clear()
         self._attempts.clear()
-        self._wrong_counts.clear()
+        self.wrong_counts.clear()
         self._rps_bucket = None
         self._tpm_bucket = None
         self._first_chat = None
-        self._rng = random.Random(self.config.seed)
+        self.rng = random.Random(self.config.seed)
         self.batches = BatchService(self.answer_chat, time.time, self.config.batch)
 
     # -- request handling -------------------------------------------------------------------
@@ -167,13 +159,44 @@ class Simulator:
     def _chat(
         self, path: str, headers: dict[str, str], raw: bytes, keep_alive: bool, now: float
     ) -> Reply:
-        config = self.config
-        stats = self.stats
-        stats["requests"] += 1
+        self.stats["requests"] += 1
         self._sequence += 1
-        sequence = self._sequence
         wall_time = time.time()
+        body = self._receive(path, headers, raw, wall_time)
+        out = self._response(headers, now, wall_time, keep_alive)
+        refused = self._refusal(path, headers, body, now, out)
+        if refused is not None or body is None:
+            return refused or out.reply(400, openai_error_body(400))
+        messages: list[Any] = body["messages"]
+        texts = [message_text(message) for message in messages]
+        try:
+            directive = parse_directives(texts)
+        except DirectiveError as exc:
+            return out.reply(400, openai_error_body(400, f"simulator directive: {exc}"))
+        force_length = False
+        if directive is not None:
+            out.delay_ms += directive.sleep_ms
+            force_length = directive.length
+            fault = self._directive_due(directive, texts)
+            if fault is not None:
+                if directive.retry_after is not None:
+                    out.retry_after(directive.retry_after, as_date=directive.retry_after_date)
+                return self._directive_fault(directive, fault, path, out.reply)
+        faulty = self._random_fault(out)
+        if isinstance(faulty, Reply):
+            return faulty
+        malformed, force_length = faulty[0], force_length or faulty[1]
+        answers = choose_answers(self, body, messages, texts, directive)
+        completion, total_tokens = completion_body(
+            body, texts, answers, self._sequence, wall_time, force_length
+        )
+        return self._deliver(completion, total_tokens, malformed, now, out)
 
+    def _receive(
+        self, path: str, headers: dict[str, str], raw: bytes, wall_time: float
+    ) -> dict[str, Any] | None:
+        """The body as JSON (None when it is not an object), recorded and logged."""
+        config = self.config
         body: dict[str, Any] | None
         try:
             parsed = loads(raw)
@@ -185,131 +208,123 @@ class Simulator:
             self.requests.append(RecordedRequest(wall_time, path, headers, body))
         if config.request_log:
             self._write_log(config.request_log, wall_time, body, client_request_id, "POST", path)
+        return body
 
-        reply_headers = [("x-inference-id", f"sim-inference-{sequence}")]
+    def _response(
+        self, headers: dict[str, str], now: float, wall_time: float, keep_alive: bool
+    ) -> ChatResponse:
+        config = self.config
+        reply_headers = [("x-inference-id", f"sim-inference-{self._sequence}")]
+        client_request_id = headers.get("x-client-request-id")
         if client_request_id and CLIENT_REQUEST_ID.fullmatch(client_request_id):
             reply_headers.append(("x-client-request-id", client_request_id))
-
         # Always one draw (two with jitter) per request, so a seed replays the same faults.
-        roll = self._rng.random()
+        roll = self.rng.random()
         delay_ms = config.latency_ms
         if config.latency_jitter_ms:
-            delay_ms += self._rng.uniform(-config.latency_jitter_ms, config.latency_jitter_ms)
+            delay_ms += self.rng.uniform(-config.latency_jitter_ms, config.latency_jitter_ms)
+        return ChatResponse(self, reply_headers, roll, delay_ms, now, wall_time, keep_alive)
 
-        def reply(
-            status: int, payload: bytes, action: int = WRITE, outcome: str | None = None
-        ) -> Reply:
-            if config.rate_limit_headers:
-                reply_headers.extend(self._rate_limit_headers(config, now))
-            stats[outcome or ("ok" if status == 200 else str(status))] += 1
-            data = http_response(status, payload, reply_headers, keep_alive=keep_alive)
-            return Reply(now + max(0.0, delay_ms) / 1000, action, data, not keep_alive)
-
-        def retry_after(seconds: float, *, as_date: bool = False, round_up: bool = False) -> None:
-            if as_date:
-                # Rounded up: an HTTP date has whole seconds and must not promise too early.
-                value = email.utils.formatdate(math.ceil(wall_time + seconds), usegmt=True)
-                reply_headers.append(("retry-after", value))
-                return  # no retry-after-ms, which clients prefer, so the date form gets exercised
-            value = str(max(1, math.ceil(seconds))) if round_up else format_seconds(seconds)
-            reply_headers.append(("retry-after", value))
-            reply_headers.append(("retry-after-ms", format_seconds(round(seconds * 1000, 3))))
-
-        expected_auth = config.require_api_key
+    def _refusal(
+        self,
+        path: str,
+        headers: dict[str, str],
+        body: dict[str, Any] | None,
+        now: float,
+        out: ChatResponse,
+    ) -> Reply | None:
+        """401 for a wrong key, 400 for a body the API refuses, 429 beyond --rps-limit."""
+        expected_auth = self.config.require_api_key
         if expected_auth is not None and headers.get("authorization") != f"Bearer {expected_auth}":
             message = (
                 "You didn't provide an API key."
                 if "authorization" not in headers
                 else "Incorrect API key provided."
             )
-            return reply(401, openai_error_body(401, message))
-
+            return out.reply(401, openai_error_body(401, message))
         problem = validation_problem(body)
         if problem is not None or body is None:
-            return reply(400, aimlapi_error_body(400, path, f"Body validation error! {problem}"))
+            return out.reply(
+                400, aimlapi_error_body(400, path, f"Body validation error! {problem}")
+            )
         if body.get("stream") is True:
             message = "The simulator does not implement streaming; send stream=false."
-            return reply(400, openai_error_body(400, message, param="stream"))
-
+            return out.reply(400, openai_error_body(400, message, param="stream"))
         if self._first_chat is None:
             self._first_chat = now
         rps_limit = self._rps_limit(now)
         if rps_limit is not None:
             wait = self._rps(rps_limit, now).take(1, now)
             if wait > 0:
-                retry_after(wait, round_up=True)
+                out.retry_after(wait, round_up=True)
                 message = (
                     f"Rate limit reached for requests per second: limit {rps_limit:g}. "
                     f"Please try again in {format_go_duration(wait)}."
                 )
-                return reply(429, openai_error_body(429, message))
+                return out.reply(429, openai_error_body(429, message))
+        return None
 
-        messages: list[Any] = body["messages"]
-        texts = [message_text(message) for message in messages]
-        try:
-            directive = parse_directives(texts)
-        except DirectiveError as exc:
-            return reply(400, openai_error_body(400, f"simulator directive: {exc}"))
+    def _directive_due(self, directive: Directives, texts: list[str]) -> str | None:
+        """The directive's fault, unless ``fail=N`` says this prompt has failed enough."""
+        fault = directive.fault
+        if fault is not None and directive.fail is not None:
+            prompt_key = "\x00".join(texts)
+            self._attempts[prompt_key] += 1
+            if self._attempts[prompt_key] > directive.fail:
+                fault = None
+        return fault
 
-        force_length = False
-        if directive is not None:
-            delay_ms += directive.sleep_ms
-            force_length = directive.length
-            fault = directive.fault
-            if fault is not None and directive.fail is not None:
-                prompt_key = "\x00".join(texts)
-                self._attempts[prompt_key] += 1
-                if self._attempts[prompt_key] > directive.fail:
-                    fault = None
-            if fault is not None:
-                if directive.retry_after is not None:
-                    retry_after(directive.retry_after, as_date=directive.retry_after_date)
-                return self._directive_fault(directive, fault, path, reply)
-
-        # Random faults: the rates laid end to end on one draw (see module docstring).
+    def _random_fault(self, out: ChatResponse) -> Reply | tuple[bool, bool]:
+        """A random fault's reply, or (malformed, force_length) for the answer: the rates
+        laid end to end on one draw (see the package docstring)."""
+        config, roll = self.config, out.roll
         threshold = config.rate_429
         if roll < threshold:
-            retry_after(config.retry_after_s)
-            return reply(429, openai_error_body(429))
+            out.retry_after(config.retry_after_s)
+            return out.reply(429, openai_error_body(429))
         threshold += config.rate_500
         if roll < threshold:
-            return reply(500, openai_error_body(500))
+            return out.reply(500, openai_error_body(500))
         threshold += config.rate_503
         if roll < threshold:
-            return reply(503, openai_error_body(503))
+            return out.reply(503, openai_error_body(503))
         threshold += config.rate_timeout
         if roll < threshold:
-            return reply(200, b"", STALL, "timeout")
+            return out.reply(200, b"", STALL, "timeout")
         threshold += config.rate_drop
         if roll < threshold:
-            return reply(200, b"", DROP, "drop")
+            return out.reply(200, b"", DROP, "drop")
         threshold += config.rate_malformed
         malformed = roll < threshold
         threshold += config.rate_length
-        force_length = force_length or (not malformed and roll < threshold)
+        return malformed, not malformed and roll < threshold
 
-        answers = self._answers(body, messages, texts, directive)
-        completion, total_tokens = completion_body(
-            body, texts, answers, sequence, wall_time, force_length
-        )
-
-        if config.tpm_limit is not None:
-            wait = self._tpm(config.tpm_limit, now).take(total_tokens, now)
+    def _deliver(
+        self,
+        completion: dict[str, Any],
+        total_tokens: int,
+        malformed: bool,
+        now: float,
+        out: ChatResponse,
+    ) -> Reply:
+        """The answer, unless --tpm-limit refuses it; a malformed one is cut in half."""
+        tpm_limit = self.config.tpm_limit
+        if tpm_limit is not None:
+            wait = self._tpm(tpm_limit, now).take(total_tokens, now)
             if wait > 0:
-                retry_after(wait, round_up=True)
+                out.retry_after(wait, round_up=True)
                 message = (
-                    f"Rate limit reached for tokens per min (TPM): limit {config.tpm_limit}, "
+                    f"Rate limit reached for tokens per min (TPM): limit {tpm_limit}, "
                     f"requested {total_tokens}. Please try again in {format_go_duration(wait)}."
                 )
-                return reply(429, openai_error_body(429, message))
-
+                return out.reply(429, openai_error_body(429, message))
         payload = dumps(completion)
         if malformed:
             # Any strict prefix of a JSON object is invalid JSON, yet the HTTP framing is valid.
-            return reply(200, payload[: len(payload) // 2], WRITE, "malformed")
+            return out.reply(200, payload[: len(payload) // 2], WRITE, "malformed")
         if completion["choices"][0]["finish_reason"] == "length":
-            stats["length"] += 1
-        return reply(200, payload)
+            self.stats["length"] += 1
+        return out.reply(200, payload)
 
     def answer_chat(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """A batch line's answer: the online answer, without transport faults, limits or delay.
@@ -338,53 +353,10 @@ class Simulator:
             status, payload = replies[0]
             return status, loads(payload)
         self._sequence += 1
-        answers = self._answers(body, messages, texts, directive)
+        answers = choose_answers(self, body, messages, texts, directive)
         length = directive is not None and directive.length
         completion, _ = completion_body(body, texts, answers, self._sequence, time.time(), length)
         return 200, completion
-
-    def _answers(
-        self,
-        body: dict[str, Any],
-        messages: list[Any],
-        texts: list[str],
-        directive: Directives | None,
-    ) -> list[str]:
-        """The content of each choice: right, or wrong as the config and directives say."""
-        config = self.config
-        mode = answer_mode(body, messages, texts)
-        choices = 1 if config.ignore_n else int(body.get("n") or 1)
-        if mode is TEXT_MODE and directive is None and config.wrong_rate == 0:
-            # The hot path of throughput benchmarks: no hashing.
-            source, seed = last_user_text(messages, texts), body.get("seed")
-            return [right_answer(mode, None, source, seed, 0, c)[0] for c in range(choices)]
-
-        conversation = conversation_key(messages, texts)
-        seed = body.get("seed")
-        fixed = directive.answer if directive is not None else None
-        kind = (directive.wrong_kind if directive is not None else None) or config.wrong_kind
-        forced = False
-        prose = False
-        if directive is not None and directive.wrong:
-            self._wrong_counts[conversation] += 1
-            count = self._wrong_counts[conversation]
-            forced = directive.wrong_first is None or count <= directive.wrong_first
-            prose = count % 2 == 1
-        source = last_user_text(messages, texts)
-        answers = []
-        for choice in range(choices):
-            draw = draw_number(conversation, seed, choice)
-            answer, variant = right_answer(mode, fixed, source, seed, draw, choice)
-            wrong, choice_prose = forced, prose
-            if config.wrong_rate > 0:
-                roll = self._rng.random()  # drawn for every choice, so a seed replays
-                if not wrong and roll < config.wrong_rate:
-                    wrong, choice_prose = True, roll < config.wrong_rate / 2
-            if wrong:
-                answer = wrong_answer(mode, kind, answer, variant, choice_prose)
-                self.stats["wrong"] += 1
-            answers.append(answer)
-        return answers
 
     def _directive_fault(
         self, directive: Directives, fault: str, path: str, reply: Callable[..., Reply]
@@ -443,7 +415,7 @@ class Simulator:
             bucket = self._tpm_bucket = TokenBucket(limit / 60, limit, limit, now)
         return bucket
 
-    def _rate_limit_headers(self, config: SimulatorConfig, now: float) -> list[tuple[str, str]]:
+    def rate_limit_headers(self, config: SimulatorConfig, now: float) -> list[tuple[str, str]]:
         rps_limit = self._rps_limit(now)
         if rps_limit is not None:
             bucket = self._rps(rps_limit, now)
