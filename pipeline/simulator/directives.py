@@ -55,8 +55,8 @@ def _number_value(key: str, value: str) -> float:
     return number
 
 
-def parse_directives(texts: list[str]) -> Directives | None:
-    """Merge every ``[[sim:...]]`` found in ``texts``; None if there is none."""
+def _directive_items(texts: list[str]) -> dict[str, str]:
+    """Every ``key=value`` of every ``[[sim:...]]`` in ``texts`` (an ``answer=`` verbatim)."""
     items: dict[str, str] = {}
 
     def add_items(content: str) -> None:
@@ -79,6 +79,12 @@ def parse_directives(texts: list[str]) -> Directives | None:
         if answer is not None and found is not None:
             add_items(found.group("items") or "")
             items["answer"] = answer  # verbatim: surrounding spaces are part of the answer
+    return items
+
+
+def parse_directives(texts: list[str]) -> Directives | None:
+    """Merge every ``[[sim:...]]`` found in ``texts``; None if there is none."""
+    items = _directive_items(texts)
     if not items:
         return None
 
