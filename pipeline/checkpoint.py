@@ -16,6 +16,7 @@ Layout of ``OUTPUT.checkpoint/``::
                          stat and digest; recomputed when it does not match
     keys.npy             the current input's row keys, for ``pipeline status`` only
     rescued-not-used-*/  rescued answers that did not fit this checkpoint: kept, never read
+    batch/               batch mode only: batches.jsonl (the journal) and part files, results
     .*.tmp               a write in progress (removed by the next run)
 
 and, only when the checkpoint could not be written (disk full, read-only), the answers that
@@ -25,43 +26,46 @@ the next run of this OUTPUT moves them into ``parts/`` before it sends anything.
 Every file is written through ``atomic.atomic_write`` (temporary name, fsync, rename, directory
 fsync), so a crash at any instant leaves either the old or the new file, never half of one.
 A row's result is the one in the highest-numbered part holding its key (``--retry-failed``
-appends newer results). This module does not know how results are produced or assembled.
+appends newer results). Helpers: ``part_files`` (names, checks), ``lock``, ``result_index``
+and ``saved_arrays`` (the .npz files). It does not know how results are produced or assembled.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
-import socket
 import tempfile
 import threading
 import time
-import zipfile
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_write, fsync_dir, write_bytes
-from .errors import FingerprintMismatch, LockHeld, OutputError
-from .keys import KeyPass, stable_argsort
-from .records import COST_CACHE, COST_DEDUP, STATUS_CODES, RowResult
+from .errors import FingerprintMismatch, OutputError
+from .keys import KeyPass
+from .lock import RunLock, lock_holder
+from .part_files import checksum_problem, identified, part_problem
+from .part_files import part_number as part_number
+from .records import RowResult
+from .result_index import (
+    ResultIndex,
+    build_index,
+    save_index,
+    saved_index,
+)
+from .saved_arrays import load_key_pass as read_key_pass
+from .saved_arrays import save_key_pass as write_key_pass
+from .schema import FORMAT_VERSION, results_to_table, row_result, valid_text
 from .schema import PART_SCHEMA as PART_SCHEMA
 from .schema import RESULT_SCHEMA as RESULT_SCHEMA
-from .schema import results_to_table, row_result, valid_text
-
-FORMAT_VERSION = 2  # 2: parts carry cost_usd and cost_source
 
 
 def checkpoint_dir(output: Path) -> Path:
@@ -70,15 +74,6 @@ def checkpoint_dir(output: Path) -> Path:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     write_bytes(path, data)
-
-
-PART_NAME = re.compile(r"part-(\d{6,})(?:-([0-9a-f]{8}))?\.parquet")
-
-
-def part_number(path: Path) -> int | None:
-    """The number of a part file, or None when the name is not a part's."""
-    match = PART_NAME.fullmatch(path.name)
-    return int(match.group(1)) if match else None
 
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:
@@ -94,155 +89,6 @@ def file_signature(path: Path) -> dict[str, int] | None:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-LOOKUP_CHUNK = 1 << 16
-
-
-@dataclass
-class ResultLocations:
-    """Where the latest result of every key in the checkpoint is, sorted by key.
-
-    ``part`` and ``row`` locate the result; ``status`` holds ``STATUS_CODES``. Assembling
-    OUTPUT needs less: ``places`` gives part and row aligned with the input's keys.
-    """
-
-    keys: np.ndarray
-    part: np.ndarray
-    row: np.ndarray
-    status: np.ndarray
-
-    def lookup(self, keys: np.ndarray) -> np.ndarray:
-        """Position in this index of each key, or -1 when it has no result."""
-        if len(self.keys) == 0:
-            return np.full(len(keys), -1, dtype=np.int64)
-        if len(keys) > 4096:
-            # sorted queries walk the index in order: ~4x faster than random probes at 1M
-            order = np.argsort(keys)
-            pos = np.empty(len(keys), dtype=np.int64)
-            pos[order] = np.searchsorted(self.keys, keys[order])
-        else:
-            pos = np.searchsorted(self.keys, keys)
-        pos = np.minimum(pos, len(self.keys) - 1)
-        found = self.keys[pos] == keys
-        return np.where(found, pos, -1).astype(np.int64)
-
-    def counts(self, among: np.ndarray | None = None) -> dict[str, int]:
-        """ok / error / skipped counts, of all keys or of the index positions ``among``."""
-        status = self.status if among is None else self.status[among]
-        return {name: int((status == code).sum()) for name, code in STATUS_CODES.items()}
-
-    def places(self, key_arrays: Sequence[np.ndarray]) -> RowPlaces:
-        """Where the result of each of ``key_arrays``'s keys is, aligned with them (a chunk
-        at a time): all that assembling OUTPUT needs, 8 bytes a key instead of 17."""
-        part, row = [], []
-        for keys in key_arrays:
-            part.append(np.full(len(keys), -1, dtype=np.int32))
-            row.append(np.zeros(len(keys), dtype=np.int32))
-            for start in range(0, len(keys), LOOKUP_CHUNK):
-                pos = self.lookup(keys[start : start + LOOKUP_CHUNK])
-                have = np.flatnonzero(pos >= 0)
-                part[-1][start + have] = self.part[pos[have]]
-                row[-1][start + have] = self.row[pos[have]]
-        return RowPlaces(tuple(part), tuple(row))
-
-    def counts_of(self, key_arrays: Sequence[np.ndarray]) -> tuple[dict[str, int], int]:
-        """(status counts, keys without a result) over ``key_arrays``, a chunk at a time so
-        that a million keys need no million-entry temporaries."""
-        counts = dict.fromkeys(STATUS_CODES, 0)
-        missing = 0
-        for keys in key_arrays:
-            for start in range(0, len(keys), LOOKUP_CHUNK):
-                pos = self.lookup(keys[start : start + LOOKUP_CHUNK])
-                found = pos[pos >= 0]
-                missing += len(pos) - len(found)
-                for name, count in self.counts(found).items():
-                    counts[name] += count
-        return counts, missing
-
-
-@dataclass(frozen=True)
-class RowPlaces:
-    """Per key array given to ``ResultLocations.places`` (one per model and sample), the
-    part and row of each key's result, aligned with the keys; part -1: no result."""
-
-    part: tuple[np.ndarray, ...]
-    row: tuple[np.ndarray, ...]
-
-
-@dataclass
-class ResultIndex(ResultLocations):
-    """``ResultLocations`` plus what each key's result spent, for budgets and ``status``:
-    tokens and cost, both 0 for a result that no request paid for (a dedup copy, a cached
-    answer), whose OUTPUT row still shows the usage of the answer it got."""
-
-    prompt_tokens: np.ndarray
-    completion_tokens: np.ndarray
-    cost_usd: np.ndarray
-
-    @classmethod
-    def empty(cls) -> ResultIndex:
-        z = np.zeros(0, dtype=np.int64)
-        return cls(
-            np.zeros(0, dtype=np.uint64),
-            z,
-            z,
-            np.zeros(0, dtype=np.int8),
-            z,
-            z,
-            np.zeros(0, dtype=np.float64),
-        )
-
-
-def _identified(metadata: dict[bytes, bytes] | None) -> bool:
-    """Whether a part's metadata names its job (parts of this version do)."""
-    return bool(metadata) and b"bpp.fingerprint" in (metadata or {})
-
-
-def _rows_of(path: Path) -> int:
-    """A part's row count; a part that cannot say is named (a run sets it aside first, but
-    ``pipeline status`` reads the checkpoint as it is)."""
-    try:
-        return int(pq.read_metadata(path).num_rows)
-    except Exception as exc:  # pyarrow raises several types for a damaged footer
-        raise OutputError(
-            f"checkpoint part {path} is damaged ({type(exc).__name__}); the next "
-            "`pipeline run` of this OUTPUT sets it aside and sends its rows again"
-        ) from None
-
-
-def _names_digest(paths: Iterable[Path]) -> str:
-    return hashlib.sha256("\n".join(p.name for p in paths).encode()).hexdigest()
-
-
-def _checksum_problem(path: Path, data: bytes) -> str | None:
-    match = PART_NAME.fullmatch(path.name)
-    if match is None or match.group(2) is None:
-        return None  # an older part: no checksum to compare
-    if f"{zlib.crc32(data):08x}" != match.group(2):
-        return "its bytes do not match the checksum in its name"
-    return None
-
-
-def _part_problem(path: Path) -> tuple[str | None, dict[bytes, bytes] | None]:
-    """(what is wrong with the part file, or None; its Parquet key-value metadata)."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return f"unreadable: {exc.strerror or exc}", None
-    if not data:
-        return "empty file", None
-    problem = _checksum_problem(path, data)
-    if problem is not None:
-        return problem, None
-    try:
-        meta = pq.read_metadata(pa.BufferReader(data))
-        names = meta.schema.to_arrow_schema().names
-    except Exception as exc:  # pyarrow raises several types for a damaged footer
-        return f"not a readable Parquet file ({type(exc).__name__})", None
-    if names != PART_SCHEMA.names:
-        return "not a checkpoint part (other columns)", None
-    return None, dict(meta.metadata or {})
-
-
 class Checkpoint:
     """The checkpoint directory of one OUTPUT."""
 
@@ -251,7 +97,7 @@ class Checkpoint:
         self.dir = checkpoint_dir(output)
         self.parts_dir = self.dir / "parts"
         self.manifest_path = self.dir / "manifest.json"
-        self._lock_file: IO[str] | None = None
+        self._lock = RunLock(self.dir / "lock", output)
         self._next_part = 1
         self._write_lock = threading.Lock()  # a part number is taken by one write only
         self._paths: dict[int, Path] = {}  # part number -> file
@@ -297,54 +143,15 @@ class Checkpoint:
 
     def acquire_lock(self) -> str | None:
         """Take the run lock. Returns a note when a dead run's lock was taken over."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fh = (self.dir / "lock").open("a+", encoding="utf-8")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown process"
-            fh.close()
-            raise LockHeld(
-                f"Another run is writing {self.output} ({holder}). Wait for it to finish, "
-                "or stop it; two runs on one OUTPUT would send rows twice."
-            ) from None
-        fh.seek(0)
-        previous = fh.read().strip()
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on host {socket.gethostname()} since {time.ctime()}\n")
-        fh.flush()
-        self._lock_file = fh
-        if previous:
-            return f"took over the lock left by a run that is gone ({previous})"
-        return None
+        return self._lock.acquire()
 
     def release_lock(self) -> None:
-        if self._lock_file is not None:
-            with contextlib.suppress(OSError):
-                self._lock_file.seek(0)
-                self._lock_file.truncate()
-                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
-            self._lock_file.close()
-            self._lock_file = None
+        self._lock.release()
 
     @staticmethod
     def lock_holder(output: Path) -> str | None:
         """Who holds the lock of OUTPUT's checkpoint now, or None."""
-        path = checkpoint_dir(output) / "lock"
-        if not path.exists():
-            return None
-        with path.open("a+", encoding="utf-8") as fh:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                fh.seek(0)
-                return fh.read().strip() or "unknown process"
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        return None
+        return lock_holder(checkpoint_dir(output) / "lock")
 
     # -- starting -------------------------------------------------------------------------
 
@@ -429,7 +236,7 @@ class Checkpoint:
         manifest = self.read_manifest()
         found: list[tuple[Path, str | None, dict[bytes, bytes] | None]] = []
         for path in self._part_paths():
-            problem, metadata = _part_problem(path)
+            problem, metadata = part_problem(path)
             found.append((path, problem, metadata))
         strays = [p.name for p in self.parts_dir.glob("*.parquet") if part_number(p) is None]
         if manifest:
@@ -440,14 +247,14 @@ class Checkpoint:
         # the last one the checkpoint had when this version first ran it
         if manifest and not manifest.get("job_id"):
             self.legacy_upto = max(
-                (part_number(path) or 0 for path, _, meta in found if not _identified(meta)),
+                (part_number(path) or 0 for path, _, meta in found if not identified(meta)),
                 default=0,
             )
         else:
             self.legacy_upto = int(manifest.get("legacy_upto", 0))
         bad: list[tuple[Path, str]] = []
         for path, problem, metadata in found:
-            if problem is None and _identified(metadata):
+            if problem is None and identified(metadata):
                 assert metadata is not None
                 part_fp = metadata[b"bpp.fingerprint"].decode()
                 part_job = metadata.get(b"bpp.job", b"").decode()
@@ -623,7 +430,7 @@ class Checkpoint:
             self._part_paths()
         path = self._paths[number]
         data = path.read_bytes()
-        problem = _checksum_problem(path, data)
+        problem = checksum_problem(path, data)
         if problem is not None:
             raise OutputError(
                 f"checkpoint part {path} is damaged ({problem}) since this run started; "
@@ -656,38 +463,11 @@ class Checkpoint:
 
     def save_key_pass(self, key_pass: KeyPass) -> None:
         """Keep the input's key pass (see ``keys.KeyPass``) for the next run."""
-        meta = {
-            "version": KEY_PASS_VERSION,
-            "params": key_pass.params,
-            "stat": key_pass.stat,
-            "sha256": key_pass.sha256,
-            "ends_with_newline": key_pass.ends_with_newline,
-        }
-        arrays = {"content": key_pass.content}
-        if key_pass.ids is not None:
-            arrays["ids"] = key_pass.ids
-        _save_arrays(self.dir / "input-keys.npz", meta, arrays)
+        write_key_pass(self.dir / "input-keys.npz", key_pass)
 
     def load_key_pass(self) -> KeyPass | None:
         """The saved key pass, or None when there is none or it is unreadable."""
-        loaded = _load_arrays(self.dir / "input-keys.npz")
-        if loaded is None or loaded[0].get("version") != KEY_PASS_VERSION:
-            return None
-        meta, arrays = loaded
-        content, ids = arrays.get("content"), arrays.get("ids")
-        if content is None or (ids is not None and len(ids) != len(content)):
-            return None
-        try:
-            return KeyPass(
-                params=meta["params"],
-                stat=meta["stat"],
-                sha256=meta["sha256"],
-                ends_with_newline=bool(meta["ends_with_newline"]),
-                content=content.astype(np.uint64, copy=False),
-                ids=None if ids is None else ids.astype(np.uint64, copy=False),
-            )
-        except KeyError:
-            return None
+        return read_key_pass(self.dir / "input-keys.npz")
 
     def load_index(self) -> ResultIndex:
         """The latest result per key over all parts.
@@ -702,7 +482,7 @@ class Checkpoint:
         """
         paths = self._part_paths()
         numbers = list(self._paths)
-        base = self._saved_index()
+        base = saved_index(self.dir / "index.npz", dict(self._paths))
         covered = base.covers if base is not None else 0
         new = [
             (path, number) for path, number in zip(paths, numbers, strict=True) if number > covered
@@ -710,156 +490,9 @@ class Checkpoint:
         self.parts_read = len(new)
         if not new:
             return ResultIndex.empty() if base is None else ResultIndex(**base.arrays)
-        sizes = np.array([_rows_of(path) for path, _ in new], dtype=np.int64)
-        n_base = 0 if base is None else len(base.arrays["keys"])
-        total = n_base + int(sizes.sum())
-        columns = {name: np.empty(total, dtype=dtype) for name, dtype in _FILLED.items()}
-        base_part = base_row = None
-        if base is not None:
-            for name, column in columns.items():
-                column[:n_base] = base.arrays.pop(name)
-            base_part, base_row = base.arrays["part"], base.arrays["row"]
-        del base
-        codes = pa.array(list(STATUS_CODES))
-        at = n_base
-        for (path, _), size in zip(new, sizes, strict=True):
-            table = pq.read_table(path, columns=list(INDEX_COLUMNS))
-            if table.num_rows != size:
-                raise OutputError(
-                    f"Checkpoint part {path} changed while it was read. Parts are written once; "
-                    "is another process writing this checkpoint?"
-                )
-            end = at + int(size)
-            columns["keys"][at:end] = table.column("key").to_numpy()
-            status = pa.compute.index_in(table.column("status"), value_set=codes)
-            columns["status"][at:end] = status.to_numpy(zero_copy_only=False)
-            # a copy (dedup) or a cached answer spent nothing: its tokens are not counted
-            copied = pa.compute.is_in(table.column("cost_source"), value_set=_NOT_SPENT)
-            for name in ("prompt_tokens", "completion_tokens"):
-                spent = pa.compute.if_else(copied, 0, table.column(name).fill_null(0))
-                columns[name][at:end] = spent.to_numpy()
-            columns["cost_usd"][at:end] = table.column("cost_usd").fill_null(0.0).to_numpy()
-            at = end
-        del table
-        # latest result wins: the rows are in (part, row) order already, so a stable sort by
-        # key keeps each key's results in that order; keep the last of each key
-        order, sorted_keys, starts = stable_argsort(columns.pop("keys"))
-        last = np.ones(len(order), dtype=bool)
-        last[:-1] = starts[1:]
-        del starts
-        everyone = bool(last.all())
-        pick = order if everyone else order[last]
-        picked = {"keys": sorted_keys if everyone else sorted_keys[last]}
-        del order, sorted_keys, last
-        picked["part"], picked["row"] = _locate(
-            pick, n_base, base_part, base_row, np.array([n for _, n in new]), sizes
-        )
-        for name in _FILLED:
-            if name != "keys":
-                picked[name] = columns.pop(name)[pick]
-        return ResultIndex(**picked)
+        return build_index(new, base)
 
     def save_index(self, index: ResultIndex) -> None:
         """Keep ``index`` (built from every part there is now) for the next ``load_index``."""
         self._part_paths()
-        numbers = list(self._paths)
-        if not numbers:
-            return
-        meta = {
-            "version": FORMAT_VERSION,
-            "covers": max(numbers),
-            "parts": len(numbers),
-            "names": _names_digest(self._paths.values()),
-        }
-        arrays = {name: getattr(index, name) for name in _INDEX_ARRAYS}
-        _save_arrays(self.dir / "index.npz", meta, arrays)
-
-    def _saved_index(self) -> _SavedIndex | None:
-        """The saved index, if it covers exactly the parts numbered up to its ``covers``."""
-        loaded = _load_arrays(self.dir / "index.npz")
-        if loaded is None:
-            return None
-        meta, arrays = loaded
-        if set(arrays) != set(_INDEX_ARRAYS):
-            return None
-        covers = meta.get("covers")
-        if meta.get("version") != FORMAT_VERSION or not isinstance(covers, int):
-            return None
-        # the very files it was built from: a part set aside (quarantine/) or one written
-        # since under another name makes it stale (a part number is never used twice, and
-        # the name carries the part's checksum)
-        covered = [path for n, path in self._paths.items() if n <= covers]
-        if len(covered) != meta.get("parts") or _names_digest(covered) != meta.get("names"):
-            return None
-        if len({len(a) for a in arrays.values()}) != 1:
-            return None
-        return _SavedIndex(covers=covers, arrays=arrays)
-
-
-INDEX_COLUMNS = ("key", "status", "prompt_tokens", "completion_tokens", "cost_usd", "cost_source")
-_NOT_SPENT = pa.array([COST_DEDUP, COST_CACHE])  # cost sources of results that no request paid for
-_INDEX_ARRAYS = ("keys", "part", "row", "status", "prompt_tokens", "completion_tokens", "cost_usd")
-# the columns load_index fills from the parts, and their types (a request's tokens fit int32)
-_FILLED = {
-    "keys": np.uint64,
-    "status": np.int8,
-    "prompt_tokens": np.int32,
-    "completion_tokens": np.int32,
-    "cost_usd": np.float64,
-}
-
-
-def _locate(
-    pick: np.ndarray,
-    n_base: int,
-    base_part: np.ndarray | None,
-    base_row: np.ndarray | None,
-    numbers: np.ndarray,
-    sizes: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(part, row) of each picked position: the first ``n_base`` positions are the saved
-    index's (which has them); the rest are the new parts' rows, one part after another."""
-    part = np.empty(len(pick), dtype=np.int32)
-    row = np.empty(len(pick), dtype=np.int32)
-    firsts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) + n_base
-    for start in range(0, len(pick), LOOKUP_CHUNK):
-        chunk = pick[start : start + LOOKUP_CHUNK]
-        old = chunk < n_base
-        which = np.searchsorted(firsts, chunk, side="right") - 1
-        which[old] = 0
-        part[start : start + len(chunk)] = numbers[which]
-        row[start : start + len(chunk)] = chunk - firsts[which]
-        if old.any() and base_part is not None and base_row is not None:
-            part[start : start + len(chunk)][old] = base_part[chunk[old]]
-            row[start : start + len(chunk)][old] = base_row[chunk[old]]
-    return part, row
-
-
-@dataclass(frozen=True)
-class _SavedIndex:
-    covers: int  # the highest part number it includes
-    arrays: dict[str, np.ndarray]
-
-
-KEY_PASS_VERSION = 1
-
-
-def _save_arrays(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    """An .npz of ``arrays`` plus ``meta`` as JSON, written atomically (temp, fsync, rename)."""
-    encoded = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    with atomic_write(path) as tmp, tmp.open("wb") as fh:
-        np.savez(fh, meta=encoded, **arrays)  # type: ignore[arg-type]
-
-
-def _load_arrays(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
-    """What ``_save_arrays`` wrote, or None when it is missing or damaged."""
-    try:
-        # our own handle: np.load leaks the one it opens when the zip is damaged
-        with path.open("rb") as fh, np.load(fh, allow_pickle=False) as data:
-            meta = json.loads(data["meta"].tobytes())
-            arrays = {name: data[name] for name in data.files if name != "meta"}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError):
-        return None
-    if not isinstance(meta, dict):
-        return None
-    return meta, arrays
+        save_index(self.dir / "index.npz", dict(self._paths), index)

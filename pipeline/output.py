@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import ResultIndex, file_signature
+from .checkpoint import file_signature
 from .config import RunConfig
 from .fingerprint import fingerprint as fingerprint_of_config
 from .fingerprint import fingerprint_parts
 from .memory import release_memory
 from .planning import KEY_SCHEME, Plan
 from .recording import Recorder
+from .result_index import ResultIndex
 from .stopping import Stop
 from .writer import output_spec, write_output
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .cache import ResponseCache
-from .checkpoint import Checkpoint, ResultIndex
+from .checkpoint import Checkpoint
 from .client import build_body
 from .config import RunConfig
 from .credentials import resolve_api_key
@@ -32,6 +32,7 @@ from .prompts import PromptBuilder
 from .proxy import ProxySettings, settings_from
 from .reader import InputSource, Resume, delimiter_hint, open_input
 from .records import RESULT_COLUMNS, STATUS_CODES, WIDE_SEPARATOR
+from .result_index import ResultIndex
 from .samples import SAMPLE_COLUMN, SampleRequest, plan_requests
 from .structured import schema_columns
 from .writer import output_spec

@@ -30,7 +30,6 @@ import httpx
 
 from . import engine
 from .asks import RequestShape
-from .checkpoint import ResultIndex
 from .config import RunConfig
 from .engine import Executor
 from .memory import map_large_blocks, release_memory
@@ -40,6 +39,7 @@ from .planning import Plan, estimate_job, plan_run  # noqa: F401  (estimate_job:
 from .progress import Reporter
 from .recording import Recorder
 from .records import RunSummary
+from .result_index import ResultIndex
 from .stopping import Stop
 from .summary import add_answer_summary, raise_aborted, summarize
 

@@ -15,6 +15,8 @@ import pyarrow as pa
 
 from .records import RESULT_COLUMNS, RowResult, Usage
 
+FORMAT_VERSION = 2  # of parts and the saved index; 2: parts carry cost_usd and cost_source
+
 # The Arrow type of each result column, in ``records.RESULT_COLUMNS`` order: the one list of
 # result columns is that tuple; this gives each its type.
 _TYPES: dict[str, pa.DataType] = {

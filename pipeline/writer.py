@@ -21,12 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_write
-from .checkpoint import Checkpoint, RowPlaces, file_signature
+from .checkpoint import Checkpoint, file_signature
 from .config import RunConfig
 from .labels import load_labels, match_label
 from .memory import release_memory
 from .reader import InputSource
 from .records import MODELS_METADATA_KEY, WIDE_SEPARATOR
+from .result_index import RowPlaces
 from .samples import (
     PER_SAMPLE_RESULTS,
     SAMPLE_COLUMN,

@@ -19,6 +19,7 @@ import pytest
 
 import pipeline
 from pipeline import checkpoint as checkpoint_module
+from pipeline import result_index as result_index_module
 from pipeline.checkpoint import Checkpoint, checkpoint_dir, part_number
 from pipeline.errors import FingerprintMismatch, LockHeld, OutputError
 from pipeline.records import STATUS_CODES, RowResult, Usage
@@ -165,7 +166,7 @@ def test_lookup_gives_minus_one_for_keys_without_a_result(ckpt: Checkpoint) -> N
 def test_places_give_each_keys_part_and_row_in_the_order_asked_and_minus_one_for_none(
     ckpt: Checkpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(checkpoint_module, "LOOKUP_CHUNK", 2)  # several chunks of 5 keys
+    monkeypatch.setattr(result_index_module, "LOOKUP_CHUNK", 2)  # several chunks of 5 keys
     ckpt.write_part([ok(10), ok(20), ok(30)])
     ckpt.write_part([ok(20, "newer"), ok(40)])
     index = ckpt.load_index()
