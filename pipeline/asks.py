@@ -20,11 +20,11 @@ import numpy as np
 from .config import RunConfig
 from .labels import label_instruction, load_labels, parse_label
 from .planning import Plan
+from .prompts import add_system_text
 from .records import Message, PromptRow, RowResult
 from .stopping import Stop
 from .structured import (
     ParsedAnswer,
-    add_system_text,
     load_schema,
     parse_answer,
     plan_schema_request,

@@ -203,3 +203,19 @@ def _check_messages(value: Any) -> str | None:
         if "content" not in msg and role != "assistant":
             return f"message {i} ({role}) has no 'content'"
     return None
+
+
+def add_system_text(messages: Sequence[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """``messages`` with ``text`` appended to the first system (or developer) message.
+
+    When there is no such message with string content, a system message is put first.
+    The input list and its messages are not changed.
+    """
+    result = [dict(message) for message in messages]
+    for message in result:
+        if message.get("role") in ("system", "developer") and isinstance(
+            message.get("content"), str
+        ):
+            message["content"] = f"{message['content'].rstrip()}\n\n{text}".lstrip()
+            return result
+    return [{"role": "system", "content": text}, *result]

@@ -17,6 +17,7 @@ in kind (a test holds the two in step):
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Collection, Sequence
@@ -43,6 +44,22 @@ _MAX_OBJECT_STARTS = 50
 
 
 def load_schema(path: str | Path) -> dict[str, Any]:
+    """A copy of the JSON Schema at ``path``, read and checked once while the file is unchanged."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return read_schema(path)  # which says what is wrong
+    stamp = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+    if stamp not in _SCHEMAS:
+        _SCHEMAS.clear()  # one schema at a time is the common case: keep the cache small
+        _SCHEMAS[stamp] = read_schema(path)
+    return copy.deepcopy(_SCHEMAS[stamp])
+
+
+_SCHEMAS: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+def read_schema(path: str | Path) -> dict[str, Any]:
     """Read a JSON Schema for the answer from ``path`` (``--json-schema FILE``).
 
     The file holds either the schema itself or an OpenAI ``json_schema`` block
@@ -137,7 +154,7 @@ class SchemaPlan:
         mode: ``"native"`` (json_schema Structured Outputs) or ``"prompt"`` (JSON mode with
             the schema stated in the system prompt).
         response_format: the request body's ``response_format`` value.
-        system_prompt: text to add to the system prompt (see :func:`add_system_text`), or
+        system_prompt: text to add to the system prompt (see ``prompts.add_system_text``), or
             None. In prompt mode it carries the word JSON, which OpenAI requires in some
             message whenever ``response_format`` is ``json_object``.
     """
@@ -202,22 +219,6 @@ def _subschemas(schema: dict[str, Any]) -> list[Any]:
         if isinstance(schema.get(keyword), dict):
             children.append(schema[keyword])
     return children
-
-
-def add_system_text(messages: Sequence[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    """``messages`` with ``text`` appended to the first system (or developer) message.
-
-    When there is no such message with string content, a system message is put first.
-    The input list and its messages are not changed.
-    """
-    result = [dict(message) for message in messages]
-    for message in result:
-        if message.get("role") in ("system", "developer") and isinstance(
-            message.get("content"), str
-        ):
-            message["content"] = f"{message['content'].rstrip()}\n\n{text}".lstrip()
-            return result
-    return [{"role": "system", "content": text}, *result]
 
 
 # -- typed columns -------------------------------------------------------------------------
@@ -486,7 +487,6 @@ __all__ = [
     "ParsedAnswer",
     "SchemaMode",
     "SchemaPlan",
-    "add_system_text",
     "answer_columns",
     "extract_json_object",
     "is_strict_schema",

@@ -18,9 +18,9 @@ import pytest
 
 from pipeline.errors import ConfigError
 from pipeline.labels import LABELS_MARKER, label_instruction, load_labels, match_label, parse_label
+from pipeline.prompts import add_system_text
 from pipeline.simulator import SimulatorThread
 from pipeline.structured import (
-    add_system_text,
     answer_columns,
     load_schema,
     parse_answer,
@@ -524,3 +524,33 @@ def test_a_schema_reask_corrects_a_missing_field(make_simulator: MakeSimulator) 
     # the two wrong answers are the two kinds of invalid: prose, then a missing field
     assert "not valid JSON" in (parse_answer(answers[0], PERSON).error or "")
     assert "required property" in (parse_answer(answers[1], PERSON).error or "")
+
+
+def test_a_run_reads_and_checks_its_schema_file_once_and_again_when_it_changes(
+    tmp_path: Path, simulator: SimulatorThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The schema serves the fingerprint, the requests and OUTPUT's columns: parsed and
+    checked once per run (it was read and parsed about 7 times), and read again once the
+    file changes (no stale schema)."""
+    import pandas as pd
+    from conftest import run_job
+
+    import pipeline.structured as structured
+
+    schema_path = tmp_path / "schema.json"
+    schema_path.write_text(json.dumps(STRICT))
+    data = tmp_path / "in.csv"
+    pd.DataFrame({"prompt": ["a review", "another"]}).to_csv(data, index=False)
+    reads: list[str] = []
+    read_schema = structured.read_schema
+
+    def counted(path: str | Path) -> dict[str, Any]:
+        reads.append(str(path))
+        return read_schema(path)
+
+    monkeypatch.setattr(structured, "read_schema", counted)
+    summary = run_job(data, tmp_path / "out.parquet", base_url=simulator.base_url,
+                      json_schema=str(schema_path))  # fmt: skip
+    assert summary.ok == 2 and reads == [str(schema_path)]
+    schema_path.write_text(json.dumps({**STRICT, "title": "changed"}) + " ")
+    assert load_schema(schema_path)["title"] == "changed" and len(reads) == 2
