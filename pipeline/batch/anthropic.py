@@ -22,9 +22,8 @@ import httpx
 from ..errors import ConfigError
 from ..records import Choice, Completion, Usage
 from .dialect import BatchView
-from .lines import Outcome, Parsed
+from .lines import Outcome, Parsed, parse_results
 from .openai import AmbiguousCreate, BatchAPIError, OpenAIBatches, TokenLimit
-from .parts import key_of
 
 DEFAULT_MAX_TOKENS = 1024  # Messages needs one; an OpenAI body may leave it out
 _UNSUPPORTED = ("response_format", "seed", "n", "logprobs", "tools", "tool_choice")
@@ -126,24 +125,7 @@ class AnthropicDialect:
         return [path]
 
     def parse(self, chunks: Sequence[bytes]) -> Parsed:
-        parsed = Parsed({})
-        for chunk in chunks:
-            for raw in chunk.splitlines():
-                if not raw.strip():
-                    continue
-                try:
-                    line = json.loads(raw)
-                except ValueError:
-                    parsed.unknown += 1
-                    continue
-                key = key_of(str(line.get("custom_id", ""))) if isinstance(line, dict) else None
-                if key is None:
-                    parsed.unknown += 1
-                elif key in parsed.outcomes:
-                    parsed.repeated += 1
-                else:
-                    parsed.outcomes[key] = outcome(key, line.get("result") or {})
-        return parsed
+        return parse_results(chunks, lambda key, line: outcome(key, line.get("result") or {}))
 
     async def cancel(self, batch_id: str) -> None:
         await self.api.retried(

@@ -16,7 +16,7 @@ other errors are the row's result. Lines of unknown or repeated ids are counted 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,8 +50,12 @@ class Parsed:
     repeated: int = 0  # lines of an id already seen (the first wins)
 
 
-def parse_results(chunks: Iterable[bytes]) -> Parsed:
-    """Every line of the output and error files (in any order) -> outcomes by key."""
+def parse_results(
+    chunks: Iterable[bytes], read: Callable[[int, dict[str, Any]], Outcome] | None = None
+) -> Parsed:
+    """Every line of the output and error files (in any order) -> outcomes by key; ``read``
+    makes a line's ``Outcome`` (by default the OpenAI line shapes, ``outcome``)."""
+    read = read or outcome
     parsed = Parsed({})
     for chunk in chunks:
         for raw in chunk.splitlines():
@@ -68,7 +72,7 @@ def parse_results(chunks: Iterable[bytes]) -> Parsed:
             elif key in parsed.outcomes:
                 parsed.repeated += 1
             else:
-                parsed.outcomes[key] = outcome(key, line)
+                parsed.outcomes[key] = read(key, line)
     return parsed
 
 
