@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -27,6 +27,7 @@ from .cli_shell import (
 from .cli_tools import PACKAGE_DATA as PACKAGE_DATA
 from .cli_tools import cache, demo, report, simulate
 from .config import RunConfig
+from .engine import Executor
 from .errors import (
     EXIT_ABORTED,
     EXIT_BATCHES_RUNNING,
@@ -127,6 +128,14 @@ def run(
         _refuse_run_only(no_progress)
         _estimate(input_path, output, config)
         return
+    run_and_exit(input_path, output, config)
+
+
+def run_and_exit(
+    input_path: Path, output: Path, config: RunConfig, executor: Executor | None = None
+) -> NoReturn:
+    """Run the job (answers from ``executor``, else online), report, and exit with the run's
+    code; a run that could not start says why in one line (and in --summary-json)."""
     reporter = Reporter(
         progress=config.progress,
         log_format=config.log_format,
@@ -135,7 +144,7 @@ def run(
     )
     summary: RunSummary | None = None
     try:
-        summary = run_batch(input_path, output, config, Seams(reporter=reporter))
+        summary = run_batch(input_path, output, config, Seams(reporter=reporter, executor=executor))
     except UsageError as exc:
         fail(str(exc), EXIT_USAGE, config.summary_json)
     except LockHeld as exc:

@@ -14,20 +14,15 @@ from typing import Any
 
 import click
 
-from .batch.interchange import export_requests, import_results
-from .cli import config_from_options, main, write_summary
+from .batch.interchange import export_requests, import_executor
+from .cli import config_from_options, main, run_and_exit
 from .cli_options import SectionedCommand, job_options
 from .cli_shell import fail, os_error_message
 from .errors import (
-    EXIT_ABORTED,
-    EXIT_LOCKED,
     EXIT_USAGE,
     ConfigError,
-    LockHeld,
-    RunAborted,
     UsageError,
 )
-from .records import RunSummary
 
 
 @main.group()
@@ -116,15 +111,4 @@ def import_command(
         config = config_from_options(config_path, params, stop, no_progress, options)
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
-    try:
-        summary = import_results(input_path, output, config, results)
-    except UsageError as exc:
-        fail(str(exc), EXIT_USAGE, config.summary_json)
-    except LockHeld as exc:
-        fail(str(exc), EXIT_LOCKED, config.summary_json)
-    except RunAborted as exc:
-        aborted: RunSummary | None = getattr(exc, "summary", None)
-        write_summary(config.summary_json, aborted)
-        raise SystemExit(aborted.exit_code if aborted is not None else EXIT_ABORTED) from None
-    write_summary(config.summary_json, summary)
-    raise SystemExit(summary.exit_code)
+    run_and_exit(input_path, output, config, import_executor(results, config))
