@@ -15,12 +15,11 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-import inspect
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,84 +29,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .api_help import OPTION_HELP as OPTION_HELP
+from .api_help import RUN_DOC, options_doc, signature_of
 from .config import RunConfig
 from .errors import ConfigError, RunAborted
+from .merging import merge_output
 from .progress import Reporter
 from .records import RunSummary
 from .runner import RunThread, Seams, run_batch, sigint_interrupts
 from .settings import build_config, did_you_mean, load_config_file
-
-# What each option means, for help(pipeline.run); a test checks that every RunConfig field
-# has its line here.
-OPTION_HELP: dict[str, str] = {
-    "base_url": "API base URL (any OpenAI-compatible endpoint).",
-    "model": "model name, or a list of names: every row goes to each model.",
-    "models": "several models (same as a list for model=).",
-    "wide": "several models: one row per input row and a column group per model.",
-    "api_key_env": "environment variable holding the API key "
-    "(default AIMLAPI_API_KEY, then OPENAI_API_KEY; none needed for localhost).",
-    "api_key_file": "file holding the API key.",
-    "prompt_column": "column holding the prompt text (default: 'prompt').",
-    "template": "prompt template with {column} placeholders; a Path or '@FILE' reads a file.",
-    "messages_column": "column holding a list of {role, content} messages.",
-    "system": "system prompt sent before each prompt; a Path or '@FILE' reads a file.",
-    "json_schema": "JSON Schema of the answer (a dict, or a file): its properties become columns.",
-    "schema_mode": "auto | native | prompt: how the schema is asked for.",
-    "schema_prefix": "prefix of the schema's columns.",
-    "labels": "single-label classification: a list of labels, 'a,b,c', or a Path/'@FILE'.",
-    "max_reasks": "re-asks of an answer that does not parse or validate, then 'invalid'.",
-    "expected_column": "column holding the right answers (for score=).",
-    "score": "exact | contains | regex | json-field=PATH: a score column.",
-    "n": "samples per row.",
-    "samples": "list | long: samples as lists in one row, or one row per sample.",
-    "n_mode": "auto | native | seeds: how the samples are asked for.",
-    "temperature": "request body temperature (0 to 2); None leaves it out.",
-    "max_tokens": "request body max_tokens; None leaves it out.",
-    "top_p": "request body top_p; None leaves it out.",
-    "seed": "request body seed; None leaves it out.",
-    "stop": "stop sequence, or a list of them.",
-    "response_format": "'json_object', 'text', a dict, or '@schema.json'.",
-    "params": "any other request body fields, as a dict.",
-    "id_column": "column with a unique row id (else keys derive from the row's content).",
-    "input_format": "csv | tsv | parquet | jsonl, for a path whose extension does not say.",
-    "delimiter": "CSV field separator, e.g. ';' or '\\t' (default ',', a tab for .tsv).",
-    "limit": "only the first N rows (a smoke test).",
-    "overwrite": "replace an output this tool's checkpoint did not write.",
-    "restart": "start over: the old checkpoint is moved aside, every row is sent.",
-    "retry_failed": "send again the rows whose status is error or invalid.",
-    "summary_json": "also write the run summary to this JSON file.",
-    "concurrency": "requests in flight at most.",
-    "rpm": "requests per minute to stay under.",
-    "tpm": "tokens per minute to stay under.",
-    "adaptive": "halve requests in flight on a 429 and grow back slowly.",
-    "timeout": "seconds per attempt (or a timedelta).",
-    "max_retries": "retries per row after the first try.",
-    "max_retry_wait": "longest wait between retries, in seconds.",
-    "http_backend": "http11 | aiohttp | httpx: the HTTP client.",
-    "max_response_bytes": "cap on one response body, received or decoded (64 MiB); "
-    "a row over it fails with ResponseTooLarge.",
-    "proxy": "http://[user:password@]host:port for every request; '' for none; "
-    "default: HTTPS_PROXY / HTTP_PROXY / ALL_PROXY (NO_PROXY applies).",
-    "grace": "seconds requests in flight get after an interrupt (the next one stops at once).",
-    "max_runtime": "stop cleanly after this long: seconds, '45m', '2h' or a timedelta.",
-    "prices": "extra or overriding price table (TOML file).",
-    "max_cost": "USD budget for the whole output, across runs.",
-    "max_total_tokens": "token budget for the whole output, across runs.",
-    "dedup": "send rows with identical prompts once.",
-    "cache": "response cache directory shared across runs and outputs.",
-    "dry_run": "command line only (pipeline run --dry-run); refused here.",
-    "batch": "send through the provider's Batch API (about half price, within 24 h).",
-    "batch_dialect": "openai | anthropic: the Batch API's dialect (default: from base_url).",
-    "batch_max_requests": "requests per batch (default: the provider's cap, 50,000).",
-    "poll_interval": "seconds before the first poll of a batch; x1.5 while nothing changes.",
-    "wait": "batch=True: wait for the batches (False: submit, collect what is ready, exit).",
-    "checkpoint_seconds": "seconds between checkpoint writes.",
-    "checkpoint_rows": "results between checkpoint writes.",
-    "progress": "False: no progress lines (a notebook shows a log line every log_interval).",
-    "log_interval": "seconds between progress lines.",
-    "log_format": "text | json: one JSON object per log line.",
-    "quiet": "True: print only errors (the summary is in result.attrs['summary']).",
-}
 
 # Options whose value is a file: a Path is welcome, and where the CLI spells a file '@FILE'
 # (the value may also be literal text) a Path means the file.
@@ -219,64 +149,14 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-_RUN_DOC = """Send every row of ``data`` (a DataFrame, pyarrow Table or file path) as a chat
-completion and return it with the result columns appended.
-
-The result keeps the input's index and columns (a DataFrame's own dtypes; a file's integer
-columns as ``Int64``), so ``df["answer"] = pipeline.run(df, ...)["completion"]`` lands
-on the right rows; the result columns have fixed dtypes whatever the rows (README, "Python
-API"). The run summary is ``result.attrs["summary"]``.
-
-``output`` is the Parquet file (and checkpoint) to write; give it to make reruns resume.
-Without it the run works in a temporary directory, removed at the end, or kept and named
-when the run stops early. ``config`` is an optional TOML file; keyword options override it.
-``transport`` replaces the HTTP client (tests).
-
-Raises ``pipeline.UsageError`` (``ConfigError``, ``InputError``, ``OutputError``) for bad
-options or input, before any request; ``pipeline.LockHeld`` when another run writes
-``output``; ``pipeline.RunAborted`` when the run had to stop (401/403/quota, budget,
-deadline, SIGTERM), with ``.summary`` and ``.frame`` (the rows so far, or None). Ctrl-C
-(also in Jupyter) stops sending, keeps what is done and raises ``KeyboardInterrupt`` (its
-``__cause__`` is that ``RunAborted``); a second Ctrl-C stops at once.
-
-``run`` blocks its caller until the end; in a notebook or other async code use
-``await pipeline.arun(...)`` (same arguments), which keeps the event loop free. Ctrl-C
-stops it as above; cancelling its task stops the run the same way, then raises
-``CancelledError``.
-"""
-
-
-def _options_doc() -> str:
-    lines = ["", "Options (default, meaning):", ""]
-    for f in fields(RunConfig):
-        lines.append(f"    {f.name} ({_default(f)!r}): {OPTION_HELP.get(f.name, '')}")
-    return "\n".join(lines) + "\n"
-
-
-def _default(f: dataclasses.Field[Any]) -> Any:
-    if f.default is not MISSING:
-        return f.default
-    return f.default_factory() if f.default_factory is not MISSING else None
-
-
-def _signature() -> inspect.Signature:
-    """run's real parameters: the fixed ones, then every option with its default."""
-    fixed = list(inspect.signature(run).parameters.values())[:-1]  # without **options
-    options = [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_default(f))
-        for f in fields(RunConfig)
-    ]
-    return inspect.Signature([*fixed, *options], return_annotation=pd.DataFrame)
-
-
-run.__doc__ = _RUN_DOC + _options_doc()
+run.__doc__ = RUN_DOC + options_doc()
 arun.__doc__ = (
     "``await pipeline.arun(data, output=None, **options)``: ``run`` for async code (see\n"
     "help(pipeline.run)). The run goes to a worker thread, so the event loop stays free.\n"
     "Ctrl-C stops the run and raises KeyboardInterrupt, as for run; cancelling the task\n"
     "stops it the same way, then raises CancelledError.\n"
-) + _options_doc()
-run.__signature__ = arun.__signature__ = _signature()  # type: ignore[attr-defined]
+) + options_doc()
+run.__signature__ = arun.__signature__ = signature_of(run)  # type: ignore[attr-defined]
 
 
 class _ApiReporter(Reporter):
@@ -356,6 +236,10 @@ class _Job:
                 shutil.rmtree(directory, ignore_errors=True)
             raise
         temporary = None
+        if output is None and cfg.shard is not None:
+            raise ConfigError(
+                "pipeline.run: shard= needs output=, the same path for every shard of the job."
+            )
         if output is None:
             temporary = Path(tempfile.mkdtemp(prefix="pipeline-"))
             output = temporary / "output.parquet"
@@ -373,9 +257,16 @@ class _Job:
         )
 
     def result(self, summary: RunSummary) -> pd.DataFrame:
-        """The run's OUTPUT as the DataFrame the caller gets."""
+        """The run's OUTPUT as the DataFrame the caller gets (a shard's, while other shards
+        owe results: the job so far, their rows pending, OUTPUT left to the last shard)."""
         self.write_summary(summary)
-        frame = self.read_output()
+        if summary.shard and summary.job_pending:
+            with tempfile.TemporaryDirectory(prefix="pipeline-shard-") as where:
+                preview = Path(where) / "job-so-far.parquet"
+                merge_output(self.output, self.data, destination=preview)
+                frame = self.read_output(preview)
+        else:
+            frame = self.read_output()
         attrs = summary.as_dict()
         if self.temporary is not None:
             attrs["output"] = None
@@ -416,10 +307,10 @@ class _Job:
         error.frame = frame  # type: ignore[attr-defined]
         return error
 
-    def read_output(self) -> pd.DataFrame:
-        """OUTPUT with nullable integer and boolean dtypes; a DataFrame input's own columns,
-        dtypes and index in place of the copies OUTPUT holds."""
-        table = pq.read_table(self.output)
+    def read_output(self, path: Path | None = None) -> pd.DataFrame:
+        """OUTPUT (or ``path``) with nullable integer and boolean dtypes; a DataFrame input's
+        own columns, dtypes and index in place of the copies OUTPUT holds."""
+        table = pq.read_table(path or self.output)
         data = self.data
         if isinstance(data, pd.DataFrame):
             inputs = [str(c) for c in data.columns]

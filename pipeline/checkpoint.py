@@ -3,7 +3,8 @@
 Layout of ``OUTPUT.checkpoint/``::
 
     manifest.json        fingerprint (and its parts), config, input, row count, output signature
-    lock                 flock()ed by the live run; holds its pid and host
+    lock                 flock()ed by the live run; holds its pid and host (shared by shards)
+    setup.lock, shards/  shards (--shard) start and finish in turn; their locks and records
     parts/part-NNNNNN-CCCCCCCC.parquet   results as they complete: key + result columns;
                          CCCCCCCC is the CRC-32 of the file's bytes, and the Parquet
                          metadata names the job (fingerprint, job id). Older parts are
@@ -20,7 +21,7 @@ Layout of ``OUTPUT.checkpoint/``::
     .*.tmp               a write in progress (removed by the next run)
 
 and, only when the checkpoint could not be written (disk full, read-only), the answers that
-were received but not saved, as parts under ``$TMPDIR/pipeline-rescue/<checkpoint hash>/``;
+were received but not saved, as parts under ``$TMPDIR/pipeline-rescue-<uid>/<hash>/``;
 the next run of this OUTPUT moves them into ``parts/`` before it sends anything.
 
 Every file is written through ``atomic.atomic_write`` (temporary name, fsync, rename, directory
@@ -32,11 +33,9 @@ and ``saved_arrays`` (the .npz files). It does not know how results are produced
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 import time
 import zlib
@@ -55,6 +54,7 @@ from .lock import RunLock, lock_holder
 from .part_files import checksum_problem, identified, part_problem
 from .part_files import part_number as part_number
 from .records import RowResult
+from .rescue import RescuePlace
 from .result_index import (
     ResultIndex,
     build_index,
@@ -66,19 +66,11 @@ from .saved_arrays import save_key_pass as write_key_pass
 from .schema import FORMAT_VERSION, results_to_table, row_result, valid_text
 from .schema import PART_SCHEMA as PART_SCHEMA
 from .schema import RESULT_SCHEMA as RESULT_SCHEMA
+from .shards import Shard, ShardLocks, first_part, part_step
 
 
 def checkpoint_dir(output: Path) -> Path:
     return output.with_name(output.name + ".checkpoint")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    write_bytes(path, data)
-
-
-def atomic_write_table(path: Path, table: pa.Table) -> None:
-    with atomic_write(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
 
 
 def file_signature(path: Path) -> dict[str, int] | None:
@@ -98,9 +90,13 @@ class Checkpoint:
         self.parts_dir = self.dir / "parts"
         self.manifest_path = self.dir / "manifest.json"
         self._lock = RunLock(self.dir / "lock", output)
+        self.shard: Shard | None = None  # a shard run (``--shard``): see shards.py
+        self._shard_locks: ShardLocks | None = None
+        self.alone = True  # no other run of this checkpoint is alive (shards may be)
         self._next_part = 1
         self._write_lock = threading.Lock()  # a part number is taken by one write only
         self._paths: dict[int, Path] = {}  # part number -> file
+        self._step = 1  # between the numbers of this run's parts (see shards.part_step)
         # what every part written carries: {"fingerprint": ..., "job": ...} (set by the run)
         self.identity: dict[str, str] | None = None
         self.job_id: str | None = None  # the job the parts prove when manifest.json is gone
@@ -127,7 +123,7 @@ class Checkpoint:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         manifest = {**manifest, "format_version": FORMAT_VERSION, "updated_at": time.time()}
         data = json.dumps(manifest, indent=2, sort_keys=True, default=str)
-        atomic_write_bytes(self.manifest_path, data.encode())
+        write_bytes(self.manifest_path, data.encode())
 
     def output_is_ours(self) -> bool:
         """True when OUTPUT is the file the last run of this checkpoint wrote."""
@@ -141,12 +137,31 @@ class Checkpoint:
 
     # -- lock -----------------------------------------------------------------------------
 
-    def acquire_lock(self) -> str | None:
-        """Take the run lock. Returns a note when a dead run's lock was taken over."""
-        return self._lock.acquire()
+    def acquire_lock(self, shard: Shard | None = None) -> str | None:
+        """Take the run lock, or a shard's locks (see ``shards.ShardLocks``; its setup turn
+        is held until ``end_setup``). Returns a note when a dead run's lock was taken over."""
+        if shard is None:
+            return self._lock.acquire()
+        self.shard = shard
+        self._shard_locks = ShardLocks(self.dir, self.output, shard, self._lock)
+        self.alone = self._shard_locks.acquire()
+        return None
+
+    def end_setup(self) -> None:
+        """A shard has started (manifest written): other shards may start or finish."""
+        if self._shard_locks is not None:
+            self._shard_locks.setup.release()
+
+    def hold_setup(self) -> None:
+        """A shard finishes (manifest, OUTPUT) in turn with the others (waits for its turn)."""
+        if self._shard_locks is not None:
+            self._shard_locks.setup.hold()
 
     def release_lock(self) -> None:
-        self._lock.release()
+        if self._shard_locks is not None:
+            self._shard_locks.release()
+        else:
+            self._lock.release()
 
     @staticmethod
     def lock_holder(output: Path) -> str | None:
@@ -216,17 +231,25 @@ class Checkpoint:
         ``fingerprint`` is this run's: without ``manifest.json`` the parts must prove it.
         """
         self.parts_dir.mkdir(parents=True, exist_ok=True)
-        for tmp in [
-            *self.parts_dir.glob(".*.tmp"),
-            *self.dir.glob(".*.tmp"),
-            *self.output.parent.glob(f".{self.output.name}.*.tmp"),  # OUTPUT's, if killed
-        ]:
+        # a temporary file is a crashed run's only when no other run is alive
+        for tmp in (
+            [
+                *self.parts_dir.glob(".*.tmp"),
+                *self.dir.glob(".*.tmp"),
+                *self.output.parent.glob(f".{self.output.name}.*.tmp"),  # OUTPUT's, if killed
+            ]
+            if self.alone
+            else []
+        ):
             tmp.unlink(missing_ok=True)
         notes = self._verify_parts(fingerprint)
         # never a number used before, not even by a part set aside: a saved index or a
-        # rescue names parts by number
+        # rescue names parts by number; a shard takes numbers in its own slot
         used = [part_number(p) for p in (self.dir / "quarantine").glob("part-*.parquet")]
-        self._next_part = max([*self._paths, *(n for n in used if n is not None)], default=0) + 1
+        highest = max([*self._paths, *(n for n in used if n is not None)], default=0)
+        slot = None if self.shard is None else self.shard.index
+        self._next_part = first_part(highest, slot)
+        self._step = part_step(slot)
         return notes + self._adopt_rescued()
 
     # -- integrity: every part is checked before a run uses it ----------------------------
@@ -334,9 +357,9 @@ class Checkpoint:
         with self._write_lock:
             number = self._next_part
             path = self.parts_dir / f"part-{number:06d}-{zlib.crc32(data):08x}.parquet"
-            atomic_write_bytes(path, data)
+            write_bytes(path, data)
             self._paths[number] = path
-            self._next_part += 1
+            self._next_part += self._step
         return path
 
     def _encode(self, results: Sequence[RowResult]) -> bytes:
@@ -353,73 +376,48 @@ class Checkpoint:
         pq.write_table(table, sink, compression="zstd")
         return bytes(sink.getvalue())
 
-    # -- rescue: answers the checkpoint could not take -------------------------------------
+    # -- rescue: answers the checkpoint could not take (see rescue.py) -----------------------
 
     def holds_results(self) -> bool:
         """Whether any result was saved here (in a part or the rescue place)."""
-        return bool(self._part_paths()) or any(self.rescue_dir().glob("rescued-*.parquet"))
+        return bool(self._part_paths()) or bool(self._rescue().parts())
+
+    def _rescue(self) -> RescuePlace:
+        return RescuePlace(self.dir, self.shard.name if self.shard else None)
 
     def rescue_dir(self) -> Path:
-        """Where answers go when the checkpoint cannot be written: most often another
-        filesystem; private to this user, and the same place for every run of this OUTPUT."""
-        tag = hashlib.sha256(str(self.dir.resolve()).encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"pipeline-rescue-{os.getuid()}" / tag
+        """Where answers go when the checkpoint cannot be written (see ``RescuePlace``)."""
+        return self._rescue().path
 
     def rescue_part(self, results: Sequence[RowResult]) -> Path:
         """Save results that ``write_part`` could not write; returns the file. Beside it,
         what proves whose they are: this checkpoint, its job (fingerprint and creation
         time in the manifest) and the last part written before them."""
-        where = self.rescue_dir()
-        where.parent.mkdir(mode=0o700, exist_ok=True)
-        where.mkdir(mode=0o700, exist_ok=True)
-        path = where / f"rescued-{time.time_ns()}-{os.getpid()}.parquet"
-        atomic_write_bytes(path, self._encode(results))
         manifest = self.read_manifest()
         identity = {
-            "checkpoint": str(self.dir.resolve()),
             "fingerprint": manifest.get("fingerprint"),
             "created_at": manifest.get("created_at"),
-            "after_part": self._next_part - 1,
+            "after_part": self._next_part - self._step,
         }
-        atomic_write_bytes(where / "identity.json", json.dumps(identity).encode())
-        return path
+        return self._rescue().save(self._encode(results), identity)
 
     def _adopt_rescued(self) -> list[str]:
         """Move rescued parts into ``parts/`` when they are provably this job's and nothing
         was written since; otherwise set them aside in the checkpoint. Returns notes."""
-        where = self.rescue_dir()
-        rescued = sorted(where.glob("rescued-*.parquet"))
+        place = self._rescue()
+        rescued = place.parts()
         if not rescued:
             return []
-        problem = self._rescue_problem(where)
+        problem = place.problem(self.read_manifest(), self._next_part - self._step)
         if problem is not None:
             aside = self.dir / f"rescued-not-used-{time.strftime('%Y%m%d-%H%M%S')}"
-            shutil.move(str(where), str(aside))
+            place.move_to(aside)
             return [f"answers rescued earlier were not used ({problem}); kept in {aside}"]
         for part in rescued:
             self._store_part(part.read_bytes())
             part.unlink()
-        shutil.rmtree(where, ignore_errors=True)
+        place.clear()
         return [f"took in {len(rescued)} part(s) of answers rescued when the disk failed"]
-
-    def _rescue_problem(self, where: Path) -> str | None:
-        info = where.stat()
-        if info.st_uid != os.getuid() or info.st_mode & 0o022:
-            return f"{where} is not private to this user"
-        try:
-            identity = json.loads((where / "identity.json").read_text())
-        except (OSError, ValueError):
-            return "no readable identity.json beside them"
-        manifest = self.read_manifest()
-        if identity.get("checkpoint") != str(self.dir.resolve()):
-            return "they belong to another checkpoint"
-        if not manifest or any(
-            identity.get(name) != manifest.get(name) for name in ("fingerprint", "created_at")
-        ):
-            return "they belong to another job: the checkpoint was started again since"
-        if self._next_part - 1 != identity.get("after_part"):
-            return "parts were written since, so they are older than what is here"
-        return None
 
     def part_paths(self) -> list[Path]:
         return self._part_paths()

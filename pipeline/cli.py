@@ -44,6 +44,7 @@ from .errors import (
     UsageError,
 )
 from .estimate import estimate_total, format_total
+from .merging import merge_output
 from .progress import Reporter
 from .records import RunSummary
 from .runner import Seams, estimate_job, run_batch
@@ -258,6 +259,7 @@ _RUN_ONLY = (
     "wait",
     "retry_failed",
     "restart",
+    "shard",
     "overwrite",
     "summary_json",
     "grace",
@@ -328,7 +330,51 @@ def status(output: Path, as_json: bool) -> None:
         + f"fingerprint: {state.fingerprint} (model {state.model})\n"
         + (f"running: {state.running_by}" if state.running else "running: no")
     )
+    for shard in state.shards:
+        where = f" on {shard['host']}" if shard["host"] else ""
+        click.echo(
+            f"  shard {shard['shard']}: {shard['done']}/{shard['results']} done, "
+            f"{shard['pending']} pending, {shard['state']}{where}"
+        )
     sys.exit(state.exit_code)
+
+
+@main.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The job's INPUT, when it is no longer at the path the runs recorded.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+def merge(output: Path, input_path: Path | None, as_json: bool) -> None:
+    """Write OUTPUT now from every shard's results (--shard); rows without one are pending.
+
+    The shard that finishes a job writes OUTPUT itself; this writes it before that and says
+    which shard owes how many results. Exit 0: every row ok or skipped; 1: some error,
+    invalid or pending; 2: no checkpoint, input gone; 8: a run of the whole job is going.
+    """
+    try:
+        merged = merge_output(output, input_path)
+    except LockHeld as exc:
+        fail(str(exc), EXIT_LOCKED)
+    except (OutputError, UsageError) as exc:
+        fail(str(exc), EXIT_USAGE)
+    except OSError as exc:
+        fail(os_error_message(exc, output), EXIT_USAGE)
+    if as_json:
+        click.echo(json.dumps(merged.as_dict()))
+        sys.exit(merged.exit_code)
+    counts = merged.counts
+    owed = ", ".join(f"shard {name}: {n}" for name, n in merged.missing_by_shard.items() if n)
+    click.echo(
+        f"wrote {output}: {merged.rows_total} results | {counts['ok']} ok | "
+        f"{counts['error']} error | {counts['invalid']} invalid | {counts['skipped']} skipped "
+        f"| {merged.pending} pending"
+        + (f"\nmissing: {owed} (run those shards again)" if owed else "")
+    )
+    sys.exit(merged.exit_code)
 
 
 for _command in (simulate, demo, cache, report):

@@ -61,6 +61,7 @@ _SECTION_TITLES = (
     "Cost and budget",
     "Resume and reruns",
     "Batch API (half price, within 24 h)",
+    "Scale-out (one job over several processes or hosts)",
     "Stopping (cron, CI)",
     "Logging and progress",
 )
@@ -79,6 +80,7 @@ _SECTIONS: dict[str, str] = {
             "max_cost max_total_tokens prices dedup cache dry_run typical_completion",
             "overwrite restart retry_failed",
             "batch batch_dialect batch_max_requests poll_interval wait",
+            "shard",
             "grace max_runtime",
             "no_progress log_interval log_format quiet summary_json help",
         ),
@@ -357,6 +359,14 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         default=None,
         help="--batch: wait for the batches to finish, or submit, collect what is ready, "
         "write OUTPUT and exit 9 (run again later to collect). [default: wait]",
+    ),
+    click.option(
+        "--shard",
+        metavar="I/N",
+        help="Answer only shard I of N (0 <= I < N; rows go by key, rows with one prompt "
+        "together). Every shard points at the same OUTPUT; each counts all shards' results "
+        "as done, so N may change between runs; the shard that finishes the job writes "
+        "OUTPUT. --rpm/--tpm are the key's totals: each shard takes 1/N.",
     ),
     click.option(
         "--no-progress",

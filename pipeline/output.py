@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from . import shards
 from .checkpoint import file_signature
 from .config import RunConfig
 from .fingerprint import fingerprint as fingerprint_of_config
@@ -47,11 +48,22 @@ def start_manifest(plan: Plan, config: RunConfig) -> dict[str, Any]:
         job_id=manifest.get("job_id") or checkpoint.job_id or uuid.uuid4().hex,
         key_scheme=1 if plan.ids_only else KEY_SCHEME,
         legacy_upto=checkpoint.legacy_upto,
-        running=True,
     )
+    if plan.shard is None:  # shards say whether they run in their own records
+        manifest["running"] = True
     checkpoint.identity = {"fingerprint": fingerprint, "job": manifest["job_id"]}
     checkpoint.write_manifest(manifest)
     checkpoint.write_keys(np.concatenate(plan.unit_keys))
+    if plan.shard is not None and plan.shard_keys is not None:
+        shards.write_shard_keys(checkpoint.dir, plan.shard_keys)
+        shards.write_record(
+            checkpoint.dir,
+            plan.shard,
+            state="running",
+            started_at=time.time(),
+            results=len(plan.scope_unit_keys()[0]) * len(plan.unit_keys),
+            todo=int(plan.todo.sum()),
+        )
     return manifest
 
 
@@ -63,11 +75,16 @@ async def finish_output(
     recorder: Recorder,
     stop: Stop,
     todo: int,
-) -> tuple[dict[str, int], int]:
+) -> tuple[dict[str, int], int, int]:
     """Write OUTPUT from the checkpoint (unless nothing changed, the user stopped hard, or
-    the checkpoint cannot be written) and the final manifest; returns the status counts."""
+    the checkpoint cannot be written) and the final manifest; returns the status counts
+    (of this run's shard, with the results the other shards still owe: OUTPUT is written
+    when every shard is done, by the shard that finishes, in turn with the others)."""
     checkpoint = plan.checkpoint
-    full = checkpoint.load_index() if todo else plan.index
+    if plan.shard is not None:
+        await asyncio.to_thread(checkpoint.hold_setup)
+        manifest = {**checkpoint.read_manifest(), "job_id": manifest["job_id"]}
+    full = checkpoint.load_index() if todo or plan.shard else plan.index
     if checkpoint.parts_read and recorder.storage_error is None:
         with contextlib.suppress(OSError):  # a cache: the next run rebuilds it if missing
             checkpoint.save_index(full)  # the next run starts from it
@@ -75,13 +92,19 @@ async def finish_output(
     # drop the index (41 bytes a key) once the counts are taken
     plan.index = ResultIndex.empty()
     counts = full.counts_of(plan.unit_keys)
-    places = full.places(plan.unit_keys)
+    job_pending = 0
+    if plan.shard is not None:
+        job_pending = counts[1]
+        counts = full.counts_of(plan.scope_unit_keys())
+        job_pending -= counts[1]
+    places = full.places(plan.unit_keys) if not job_pending else None
     del full
     release_memory()
     state = output_state(plan, config)
     unchanged = not todo and manifest.get("output_state") == state and checkpoint.output_is_ours()
-    # a checkpoint that cannot be written cannot feed OUTPUT: the old OUTPUT stays
-    if not stop.skips_output and recorder.storage_error is None:
+    # a checkpoint that cannot be written cannot feed OUTPUT: the old OUTPUT stays; a shard
+    # leaves it to the one that finds every result there
+    if places is not None and not stop.skips_output and recorder.storage_error is None:
         try:
             if not unchanged:
 
@@ -105,12 +128,24 @@ async def finish_output(
             )
         except OSError as exc:
             recorder.storage_failed_at_end(exc, output)
-    manifest["running"] = False
+    if plan.shard is None:
+        manifest["running"] = False
     try:
         checkpoint.write_manifest(manifest)
+        if plan.shard is not None:
+            shards.write_record(
+                checkpoint.dir,
+                plan.shard,
+                state="stopped" if stop.kind is not None or counts[1] else "done",
+                finished_at=time.time(),
+                counts=counts[0],
+                pending=counts[1],
+            )
     except OSError as exc:
         recorder.storage_failed_at_end(exc, checkpoint.manifest_path)
-    return counts
+    finally:
+        checkpoint.end_setup()
+    return counts[0], counts[1], job_pending
 
 
 def output_state(plan: Plan, config: RunConfig) -> dict[str, Any]:

@@ -22,20 +22,20 @@ from .checkpoint import Checkpoint
 from .client import build_body
 from .config import RunConfig
 from .credentials import resolve_api_key
-from .errors import ConfigError, InputError, OutputError
+from .errors import ConfigError, OutputError
 from .estimate import Estimate, Estimator
 from .fingerprint import FINGERPRINT_DEFAULTS, fingerprint, fingerprint_parts
 from .keys import RowKeys, compute_keys, model_row_keys, sample_row_keys
 from .memory import release_memory
+from .opening import open_job
 from .pricing import PriceTable
 from .prompts import PromptBuilder
 from .proxy import ProxySettings, settings_from
-from .reader import InputSource, Resume, delimiter_hint, open_input
-from .records import RESULT_COLUMNS, STATUS_CODES, WIDE_SEPARATOR
+from .reader import InputSource, Resume
+from .records import STATUS_CODES
 from .result_index import ResultIndex
-from .samples import SAMPLE_COLUMN, SampleRequest, plan_requests
-from .structured import schema_columns
-from .writer import output_spec
+from .samples import SampleRequest, plan_requests
+from .shards import Shard
 
 
 @dataclass
@@ -65,6 +65,17 @@ class Plan:
     api_key: str | None
     notes: list[str] = field(default_factory=list)
     proxies: ProxySettings = field(default_factory=ProxySettings)
+    shard: Shard | None = None  # --shard: the rows of this shard only are sent
+    # per row: the key its shard follows (the key of its prompt's first row, so that rows
+    # with the same prompt go together), and whether it is this shard's (None: all rows)
+    shard_keys: np.ndarray | None = None
+    shard_rows: np.ndarray | None = None
+
+    def scope_unit_keys(self) -> tuple[np.ndarray, ...]:
+        """The unit keys of the rows this run answers for: its shard's, or every row's."""
+        if self.shard_rows is None:
+            return self.unit_keys
+        return tuple(keys[self.shard_rows] for keys in self.unit_keys)
 
 
 def _check_output_path(output: Path, config: RunConfig, checkpoint: Checkpoint) -> None:
@@ -78,77 +89,6 @@ def _check_output_path(output: Path, config: RunConfig, checkpoint: Checkpoint) 
         raise OutputError(
             f"{output} already exists and was not written by an earlier run of this "
             "checkpoint. Refusing to replace it: pass --overwrite, or choose another -o."
-        )
-
-
-def open_job(data: Any, config: RunConfig) -> tuple[InputSource, PromptBuilder]:
-    """The input and its prompt builder, with every column the options name checked."""
-    source = open_input(
-        data, input_format=config.input_format, limit=config.limit, delimiter=config.delimiter
-    )
-    schema = source.schema()
-    columns = list(schema.names)
-    try:
-        _check_added_columns(source, config)
-        kind, value = config.prompt_source
-        builder = PromptBuilder(
-            kind, value, system=config.system, columns=columns, source_name=source.name
-        )
-        if config.id_column is not None and config.id_column not in columns:
-            raise InputError(
-                f"{source.name} has no column '{config.id_column}' for --id-column "
-                f"(columns: {', '.join(columns)})."
-            )
-        if config.expected_column is not None and config.expected_column not in columns:
-            raise InputError(
-                f"{source.name} has no column '{config.expected_column}' for --expected-column "
-                f"(columns: {', '.join(columns)})."
-            )
-    except InputError as exc:
-        hint = delimiter_hint(columns, config.delimiter)
-        if hint:
-            raise InputError(f"{exc} {hint}") from exc
-        raise
-    return source, builder
-
-
-def _check_added_columns(source: InputSource, config: RunConfig) -> None:
-    """Refuse, before any request, an input column that OUTPUT would add again (a Parquet
-    file cannot hold two columns of one name), naming the option that adds it."""
-    schema = source.schema()
-    columns = list(schema.names)
-    spec = output_spec(config)
-    added = spec.schema_for(schema).names[len(columns) :]
-    schema_names = (
-        {n for n, _ in schema_columns(spec.schema, spec.schema_prefix)} if spec.schema else set()
-    )
-    seen = set(columns)
-    for column in added:
-        if column not in seen:
-            seen.add(column)
-            continue
-        where = "the input already has" if column in columns else "OUTPUT already has"
-        # with --wide the schema's columns sit in each model's group: {model}__{column}
-        own = column.split(WIDE_SEPARATOR, 1)[-1] if config.wide else column
-        if own in schema_names:
-            raise ConfigError(
-                f"--json-schema {config.json_schema}: its property would become the column "
-                f"'{column}', which {where}. Set --schema-prefix (e.g. "
-                "--schema-prefix answer_) so that the schema's columns get their own names."
-            )
-        if column in RESULT_COLUMNS:
-            because = "which OUTPUT adds for every result (is this an earlier output?)"
-        elif column == SAMPLE_COLUMN:
-            because = "which --samples long adds; or use --samples list"
-        elif column == "model":
-            because = "which OUTPUT adds when several models run (--model given more than once)"
-        elif column in ("label", "score"):
-            because = f"which --{'labels' if column == 'label' else 'score'} adds"
-        else:
-            because = "which --wide adds (model name + '__' + result column)"
-        raise InputError(
-            f"{source.name} already has a column '{column}', {because}. Rename or drop it in the "
-            "input."
         )
 
 
@@ -221,9 +161,12 @@ def plan_run(
                 "--max-total-tokens."
             )
     _check_output_path(output, config, checkpoint)
-    index, notes = _open_checkpoint(checkpoint, config, ids_only, new_pass)
+    shard = Shard.parse(config.shard) if config.shard else None
+    shard_keys = keys[row_keys.first] if shard else None
+    rows = shard.rows(shard_keys) if shard and shard_keys is not None else None
+    index, notes = _open_checkpoint(checkpoint, config, ids_only, new_pass, shard)
     del new_pass
-    work = _what_to_send(index, row_keys, unit_keys, config)
+    work = _what_to_send(index, row_keys, unit_keys, config, rows)
     needed = np.flatnonzero(work.send.any(axis=1))
     release_memory()  # the lookups' temporaries
     return Plan(
@@ -242,12 +185,15 @@ def plan_run(
         followers=work.followers,
         copy_from=np.array(work.copy_from, dtype=np.int64),
         copy_to=np.array(work.copy_to, dtype=np.uint64),
-        resumed=int((~work.todo).sum()),
+        resumed=int((~work.todo if rows is None else ~work.todo[rows]).sum()),
         removed=_removed_since_last_run(checkpoint, work.present, unit_keys),
         ids_only=ids_only,
         api_key=api_key,
         notes=[*notes, *filter(None, [proxies.describe(config.base_url)])],
         proxies=proxies,
+        shard=shard,
+        shard_keys=shard_keys,
+        shard_rows=rows,
     )
 
 
@@ -294,12 +240,16 @@ def read_plan(data: Any, config: RunConfig, output: Path | None = None) -> Plan:
 
 
 def _open_checkpoint(
-    checkpoint: Checkpoint, config: RunConfig, ids_only: bool, new_pass: Any
+    checkpoint: Checkpoint,
+    config: RunConfig,
+    ids_only: bool,
+    new_pass: Any,
+    shard: Shard | None = None,
 ) -> tuple[ResultIndex, list[str]]:
-    """Lock the checkpoint, set it aside on --restart, check its fingerprint, take what an
-    earlier run left (rescued parts), and load its index of results."""
+    """Lock the checkpoint (a shard's locks), set it aside on --restart, check its
+    fingerprint, take what an earlier run left (rescued parts), and load its index."""
     notes: list[str] = []
-    note = checkpoint.acquire_lock()
+    note = checkpoint.acquire_lock(shard)
     if note:
         notes.append(note)
     try:
@@ -340,8 +290,14 @@ class _Work:
 
 
 def _what_to_send(
-    index: ResultIndex, row_keys: RowKeys, unit_keys: list[np.ndarray], config: RunConfig
+    index: ResultIndex,
+    row_keys: RowKeys,
+    unit_keys: list[np.ndarray],
+    config: RunConfig,
+    rows: np.ndarray | None = None,
 ) -> _Work:
+    """Which units need a result and which are sent; only among ``rows`` (a shard's) when
+    given, and a shard holds every row of a prompt, so --dedup stays within it."""
     n = len(row_keys.keys)
     todo = np.zeros((n, len(unit_keys)), dtype=bool)
     work = _Work(todo=todo, send=np.zeros_like(todo), present=np.zeros(len(index.keys), bool))
@@ -353,6 +309,8 @@ def _what_to_send(
             status = index.status[np.maximum(pos, 0)]
             done &= (status != STATUS_CODES["error"]) & (status != STATUS_CODES["invalid"])
         work.present[pos[pos >= 0]] = True
+        if rows is not None:
+            done |= ~rows
         todo[:, j] = ~done
         work.send[:, j] = ~done
         if config.dedup:

@@ -396,7 +396,8 @@ def _literal(text: str) -> str:
 def format_summary(s: RunSummary) -> str:
     """The human summary printed at the end of a run."""
     lines = [
-        (
+        (f"shard {s.shard}: " if s.shard else "")
+        + (
             f"results: {s.rows_total} total ({s.input_rows} input rows)"
             if s.input_rows and s.input_rows != s.rows_total
             else f"rows: {s.rows_total} total"
@@ -440,5 +441,11 @@ def format_summary(s: RunSummary) -> str:
         lines.append(format_table(s.models))
     if s.aborted:
         lines.append(f"aborted: {s.aborted}")
-    lines.append(f"output: {s.output}")
+    if s.shard and s.job_pending:
+        lines.append(
+            f"output: {s.output} not written yet: the other shards owe {s.job_pending} "
+            "results; the shard that finishes the job writes it (or `pipeline merge` does)"
+        )
+    else:
+        lines.append(f"output: {s.output}")
     return "\n".join(lines)

@@ -167,10 +167,16 @@ class RunSummary:
     input_rows: int = 0
     exit_reason: str = ""  # the exit code's name (errors.EXIT_CODES): ok, fatal, interrupted...
     unpriced: int = 0  # results of requests whose model has no price: cost_usd is then unknown
+    # --shard: the counts above are this shard's; job_pending counts the results the other
+    # shards still owe (OUTPUT is written by the run that finds it 0)
+    shard: str | None = None
+    job_pending: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready view."""
+        sharded = {"shard": self.shard, "job_pending": self.job_pending} if self.shard else {}
         return {
+            **sharded,
             "output": self.output,
             "rows_total": self.rows_total,
             "input_rows": self.input_rows,

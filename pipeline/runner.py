@@ -40,6 +40,7 @@ from .progress import Reporter
 from .recording import Recorder
 from .records import RunSummary
 from .result_index import ResultIndex
+from .shards import share_limits
 from .stopping import Stop
 from .summary import add_answer_summary, raise_aborted, summarize
 
@@ -73,6 +74,7 @@ async def run_async(
     RunAborted (with ``.summary``) after a fatal error or a signal."""
     seams = seams or Seams()
     output = Path(output)
+    config = share_limits(config)  # a shard's share of the key's --rpm / --tpm
     started = time.monotonic()
     map_large_blocks()
     reporter = seams.reporter or Reporter(
@@ -84,7 +86,13 @@ async def run_async(
         for note in plan.notes:
             reporter.note(note)
         manifest = start_manifest(plan, config)
+        checkpoint.end_setup()  # a shard has started: the others may start or finish
         todo = int(plan.todo.sum())
+        if plan.shard is not None and plan.shard_rows is not None:
+            reporter.note(
+                f"shard {plan.shard}: {int(plan.shard_rows.sum())} of {len(plan.keys)} input "
+                "rows (rows with the same prompt go together); every shard's results count"
+            )
         _announce(reporter, plan, config, output, manifest["fingerprint"], todo)
         stop = Stop()
         recorder = Recorder(
@@ -164,10 +172,10 @@ def _announce(
         output=str(output),
         fingerprint=fingerprint,
         config=config.public_dict(),
-        total=len(plan.keys) * len(plan.unit_keys),
+        total=sum(len(keys) for keys in plan.scope_unit_keys()),
         todo=todo,
         resumed=plan.resumed,
-        input_rows=len(plan.keys),
+        input_rows=len(plan.scope_unit_keys()[0]),
         per_row=" x ".join(
             f"{count} {word}"
             for count, word in ((len(plan.models), "models"), (config.n, "samples"))

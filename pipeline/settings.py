@@ -157,6 +157,8 @@ def _check_type(key: str, value: Any, where: str) -> Any:
     elif key in _BOOL_FIELDS:
         if not isinstance(value, bool):
             raise bad("true or false")
+    elif key == "shard" and isinstance(value, list | tuple) and len(value) == 2:
+        value = f"{value[0]}/{value[1]}"  # the API's shard=(i, n)
     elif key == "model" and isinstance(value, list | tuple):
         if not all(isinstance(v, str) for v in value):
             raise bad("a model name or a list of them")  # an empty name: validate() says so
@@ -325,10 +327,31 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"Out of range: {rule}.")
     _validate_answer_options(config)
     _validate_samples(config)
+    _validate_shard(config)
     if config.proxy is not None:
         from .proxy import settings_from
 
         settings_from(config.proxy, {})  # a ConfigError naming --proxy if it is no proxy URL
+
+
+def _validate_shard(config: RunConfig) -> None:
+    """--shard I/N: its form, and what a shard cannot do."""
+    if config.shard is None:
+        return
+    from .shards import Shard
+
+    shard = Shard.parse(config.shard)
+    if config.restart:
+        raise ConfigError(
+            f"--shard {shard} with --restart: a shard would set aside the results of every "
+            "shard of the job. Start over once without --shard (--restart --limit 1, or "
+            "remove OUTPUT.checkpoint), then run the shards without --restart."
+        )
+    if config.batch:
+        raise ConfigError(
+            f"--shard {shard} with --batch: batch mode runs as one process (a Batch API job "
+            "already runs on the provider's machines). Leave out --shard."
+        )
 
 
 def _validate_samples(config: RunConfig) -> None:

@@ -8,7 +8,7 @@ Does not print or exit (the CLI formats the record) and does not write the check
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from .errors import (
     exit_reason,
 )
 from .pricing import PriceTable
+from .shards import shard_holders, shards_progress
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class RunStatus:
     spent_usd: float
     unpriced_models: list[str]
     exit_code: int
+    shards: list[dict[str, Any]] = field(default_factory=list)  # see shards.progress
 
     @property
     def running(self) -> bool:
@@ -71,6 +73,7 @@ class RunStatus:
             "unpriced_models": self.unpriced_models,
             "exit_code": self.exit_code,
             "exit_reason": self.exit_reason,
+            **({"shards": self.shards} if self.shards else {}),
         }
 
 
@@ -99,7 +102,7 @@ def run_status(output: Path | str) -> RunStatus:
     counts = index.counts(among)
     total = len(keys) if keys is not None else int(manifest.get("rows_total", len(index.keys)))
     pending = max(total - sum(counts.values()), 0)
-    holder = Checkpoint.lock_holder(output)
+    holder = Checkpoint.lock_holder(output) or "; ".join(shard_holders(checkpoint.dir)) or None
     model = manifest.get("fingerprint_parts", {}).get("model")
     unpriced = _unpriced_models(model, manifest)
     spent = float((index.cost_usd if among is None else index.cost_usd[among]).sum())
@@ -127,6 +130,7 @@ def run_status(output: Path | str) -> RunStatus:
         spent_usd=spent,
         unpriced_models=unpriced,
         exit_code=code,
+        shards=shards_progress(checkpoint.dir, keys, pos) if keys is not None else [],
     )
 
 

@@ -19,7 +19,7 @@ from .stopping import Stop, StopKind
 
 def summarize(
     plan: Plan,
-    status_counts: tuple[dict[str, int], int],
+    status_counts: tuple[dict[str, int], int, int],
     executor: Executor,
     recorder: Recorder,
     stop: Stop,
@@ -28,13 +28,14 @@ def summarize(
     fingerprint: str,
     started: float,
 ) -> RunSummary:
-    """The run's summary with its exit code; ``status_counts`` is (count per status, pending)."""
-    counts, pending = status_counts
+    """The run's summary with its exit code; ``status_counts`` is (count per status, pending,
+    pending in other shards): a shard's summary counts its own rows."""
+    counts, pending, job_pending = status_counts
     rep = recorder.reporter
     summary = RunSummary(
         output=str(output),
-        rows_total=sum(len(keys) for keys in plan.unit_keys),
-        input_rows=len(plan.keys),
+        rows_total=sum(len(keys) for keys in plan.scope_unit_keys()),
+        input_rows=len(plan.keys) if plan.shard_rows is None else int(plan.shard_rows.sum()),
         ok=counts["ok"],
         error=counts["error"],
         invalid=counts["invalid"],
@@ -57,6 +58,8 @@ def summarize(
         error_messages=rep.common_error_messages(),
         aborted=stop.reason,
         fingerprint=fingerprint,
+        shard=str(plan.shard) if plan.shard else None,
+        job_pending=job_pending,
     )
     summary.exit_code = exit_code(summary, stop, recorder.storage_error)
     summary.exit_reason = exit_reason(summary.exit_code)

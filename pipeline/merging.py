@@ -1,0 +1,143 @@
+"""``merge_output``: OUTPUT written on demand from its checkpoint (``pipeline merge``).
+
+Shards of a job (``--shard``) write OUTPUT only when the last of them finds every result
+there; ``merge_output`` writes it now, with the rows that have no result yet ``pending``,
+and says which shard owes how many. It reads the input and settings the checkpoint's
+manifest recorded (or the input it is given), takes the shards' setup turn so that no shard
+finishes meanwhile, and sends nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import Checkpoint, file_signature
+from .config import RunConfig
+from .errors import EXIT_FAILED_ROWS, EXIT_OK, LockHeld, OutputError
+from .lock import WaitLock
+from .output import output_state
+from .planning import Plan, read_plan
+from .result_index import RowPlaces
+from .shards import latest_count, read_shard_keys, shard_of
+from .writer import output_spec, write_output
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What ``merge_output`` wrote and found missing."""
+
+    output: str
+    rows_total: int
+    counts: dict[str, int]
+    pending: int
+    missing_by_shard: dict[str, int]  # "I/N" (N of the last shard run) -> results owed
+    exit_code: int  # 0 every result ok or skipped; 1 some error, invalid or pending
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def manifest_config(manifest: dict[str, Any]) -> RunConfig:
+    """The settings a checkpoint's manifest recorded, as a config (without ``--shard``)."""
+    recorded = manifest.get("config")
+    if not isinstance(recorded, dict):
+        raise OutputError("the checkpoint's manifest records no settings; rerun a shard first")
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(RunConfig):
+        if field.name in recorded:
+            value = recorded[field.name]
+            values[field.name] = tuple(value) if isinstance(value, list) else value
+    values.update(shard=None, proxy=None)
+    return RunConfig(**values)
+
+
+def merge_output(
+    output: Path | str, data: Any = None, *, destination: Path | None = None
+) -> MergeResult:
+    """Write OUTPUT from its checkpoint now (rows without a result ``pending``).
+
+    ``data`` is the job's input (default: the path the manifest recorded); ``destination``
+    writes that file instead of OUTPUT and records nothing (a preview). Raises
+    ``OutputError`` when there is no checkpoint, its input is gone, or OUTPUT is a file this
+    tool did not write; ``LockHeld`` while a run of the whole job is writing it.
+    """
+    output = Path(output)
+    checkpoint = Checkpoint(output)
+    manifest = checkpoint.read_manifest()
+    if not manifest:
+        raise OutputError(f"no checkpoint for {output} (looked for {checkpoint.dir}).")
+    if data is None:
+        data = manifest.get("input")
+        if data is None or not Path(str(data)).exists():
+            raise OutputError(
+                f"the input this checkpoint was made from ({data}) is not there (it is read "
+                "again to write OUTPUT in input order): give it with --input PATH."
+            )
+        data = Path(str(data))
+    if destination is None and output.exists() and not checkpoint.output_is_ours():
+        raise OutputError(
+            f"{output} exists and was not written from this checkpoint: move it away first."
+        )
+    config = manifest_config(manifest)
+    setup = WaitLock(checkpoint.dir / "setup.lock")
+    setup.hold()
+    try:
+        holder = Checkpoint.lock_holder(output)
+        if holder is not None:
+            raise LockHeld(f"a run of the whole job is writing {output} ({holder}): it writes it")
+        plan = read_plan(data, config, output)
+        index = checkpoint.load_index()
+        counts, pending = index.counts_of(plan.unit_keys)
+        places = index.places(plan.unit_keys)
+        if destination is not None:
+            write_output(plan.source, output_spec(config), places, checkpoint, destination)
+        else:
+            _write_recorded(plan, config, places, output)
+        missing = _missing_by_shard(checkpoint, [part == -1 for part in places.part])
+    finally:
+        setup.release()
+    failed = pending or counts.get("error", 0) or counts.get("invalid", 0)
+    return MergeResult(
+        output=str(output),
+        rows_total=sum(len(keys) for keys in plan.unit_keys),
+        counts=dict(counts),
+        pending=pending,
+        missing_by_shard=missing,
+        exit_code=EXIT_FAILED_ROWS if failed else EXIT_OK,
+    )
+
+
+def _write_recorded(plan: Plan, config: RunConfig, places: RowPlaces, output: Path) -> None:
+    """Write OUTPUT and record it in the manifest (as a run does: see ``output``)."""
+    checkpoint = plan.checkpoint
+    manifest = checkpoint.read_manifest()
+
+    def record_next(signature: dict[str, int] | None) -> None:
+        manifest["output_signatures"] = [signature]
+        checkpoint.write_manifest(manifest)
+
+    write_output(plan.source, output_spec(config), places, checkpoint, output, record_next)
+    manifest.update(
+        output_signature=file_signature(output),
+        output_state=output_state(plan, config),
+        output_signatures=[],
+    )
+    checkpoint.write_manifest(manifest)
+
+
+def _missing_by_shard(checkpoint: Checkpoint, missing: list[np.ndarray]) -> dict[str, int]:
+    """Results owed per shard of the last shard run's N (empty when no shard ran)."""
+    count = latest_count(checkpoint.dir)
+    shard_keys = read_shard_keys(checkpoint.dir)
+    if count is None or shard_keys is None or not missing or len(shard_keys) != len(missing[0]):
+        return {}
+    shard = shard_of(shard_keys, count)
+    owed = np.zeros(count, dtype=np.int64)
+    for unit_missing in missing:
+        owed += np.bincount(shard[unit_missing], minlength=count)
+    return {f"{i}/{count}": int(owed[i]) for i in range(count)}

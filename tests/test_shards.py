@@ -1,0 +1,299 @@
+"""One job over several processes: ``--shard I/N`` on one OUTPUT.
+
+Each shard answers the rows whose key falls in it (rows with one prompt together), every
+run counts every shard's results as done (so N may change between runs), the shard that
+finds the job complete writes OUTPUT, ``pipeline merge`` writes it on demand and ``pipeline
+status`` shows each shard. The kill test runs real processes killed with a real SIGKILL
+against the simulator over real HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import run_job, run_pipeline
+
+import pipeline
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError
+from pipeline.shards import MAX_SHARDS, Shard, shard_of, share_limits
+from pipeline.simulator import SimulatorThread
+
+MakeSimulator = Callable[..., SimulatorThread]
+ANSWER = "Simulated answer to: "
+
+
+def write_prompts(path: Path, prompts: list[str]) -> Path:
+    pd.DataFrame({"prompt": prompts}).to_csv(path, index=False)
+    return path
+
+
+def received(sim: SimulatorThread) -> list[str]:
+    return [r.body["messages"][-1]["content"] for r in sim.simulator.requests if r.body]
+
+
+def assert_complete(output: Path, prompts: list[str]) -> None:
+    """OUTPUT holds every prompt once, in input order, each ok with its own answer."""
+    frame = pd.read_parquet(output)
+    assert frame["prompt"].tolist() == prompts
+    assert frame["status"].tolist() == ["ok"] * len(prompts)
+    assert frame["completion"].tolist() == [ANSWER + p for p in prompts]
+
+
+# -- which rows a shard takes ---------------------------------------------------------------
+
+
+def test_the_shards_of_any_n_split_the_rows_exactly_once_and_evenly() -> None:
+    keys = np.random.default_rng(7).integers(0, 2**63, 30_000, dtype=np.uint64)
+    ids = np.arange(30_000, dtype=np.uint64)  # keys made from small ids spread evenly too
+    for count in (1, 2, 3, 7):
+        for some in (keys, ids):
+            masks = [Shard(i, count).rows(some) for i in range(count)]
+            assert (np.sum(masks, axis=0) == 1).all()
+            sizes = [int(m.sum()) for m in masks]
+            assert max(sizes) - min(sizes) < 0.05 * len(some) / count + 50, sizes
+    # stable: the same key goes to the same shard in every version (a checkpoint outlives it)
+    pinned = shard_of(np.array([1, 2, 3, 12345, 2**63], dtype=np.uint64), 5)
+    assert pinned.tolist() == [4, 0, 1, 3, 0]
+
+
+@pytest.mark.parametrize("text", ["3/3", "-1/2", "1/0", "a/b", "1", f"0/{MAX_SHARDS + 1}"])
+def test_a_malformed_shard_is_refused_naming_the_form(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"--shard .*I/N"):
+        Shard.parse(text)
+
+
+def test_rpm_and_tpm_are_the_keys_totals_each_shard_takes_its_share() -> None:
+    config = share_limits(RunConfig(rpm=600, tpm=90_000, shard="1/3"))
+    assert (config.rpm, config.tpm) == (200, 30_000)
+    assert share_limits(RunConfig(rpm=600)).rpm == 600
+
+
+def test_a_shard_refuses_restart_and_batch_before_anything_is_sent(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    source = write_prompts(tmp_path / "in.csv", ["a", "b"])
+    for extra in ("--restart", "--batch"):
+        result = run_pipeline(
+            tmp_path, "run", str(source), "-o", "out.parquet", "--base-url",
+            simulator.base_url, "--shard", "0/2", extra,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert f"--shard 0/2 with {extra}" in result.stderr
+    assert simulator.simulator.requests == []
+
+
+# -- a job over shards, in this process ------------------------------------------------------
+
+
+def test_shards_answer_their_rows_once_and_the_last_one_writes_output(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    prompts = [f"question {i}" for i in range(120)] + ["the same prompt"] * 12
+    source = write_prompts(tmp_path / "in.csv", prompts)
+    output = tmp_path / "out.parquet"
+    summaries = []
+    for index in range(3):
+        assert not output.exists()  # no shard writes OUTPUT before the job is complete
+        summaries.append(run_job(source, output, base_url=simulator.base_url, shard=(index, 3)))
+    assert_complete(output, prompts)
+    # every distinct prompt was sent once over all shards: the 12 equal rows went together
+    assert Counter(received(simulator)) == Counter(dict.fromkeys(set(prompts), 1))
+    assert sum(s.rows_total for s in summaries) == len(prompts)
+    assert [s.shard for s in summaries] == ["0/3", "1/3", "2/3"]
+    assert summaries[-1].job_pending == 0 and summaries[0].job_pending > 0
+    assert all(s.exit_code == 0 and s.ok == s.rows_total for s in summaries)
+
+
+def test_n_may_change_between_runs_and_only_rows_without_a_result_are_sent(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    prompts = [f"row {i}" for i in range(90)]
+    source = write_prompts(tmp_path / "in.csv", prompts)
+    output = tmp_path / "out.parquet"
+    first = run_job(source, output, base_url=simulator.base_url, shard="0/3")
+    for index in range(2):
+        run_job(source, output, base_url=simulator.base_url, shard=f"{index}/2")
+    assert_complete(output, prompts)
+    assert sorted(received(simulator)) == sorted(prompts)  # none twice
+    # and a run of the whole job afterwards finds everything done
+    again = run_job(source, output, base_url=simulator.base_url)
+    assert (again.sent, again.resumed) == (0, 90)
+    assert first.rows_total < 90
+
+
+def test_merge_writes_output_now_with_pending_rows_and_names_the_shards_that_owe(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    prompts = [f"item {i}" for i in range(60)]
+    source = write_prompts(tmp_path / "in.csv", prompts)
+    output = tmp_path / "out.parquet"
+    for index in (0, 2):
+        run_job(source, output, base_url=simulator.base_url, shard=(index, 3))
+    result = run_pipeline(tmp_path, "merge", "out.parquet", "--json")
+    assert result.returncode == 1, result.stderr  # rows pending
+    merged = json.loads(result.stdout)
+    frame = pd.read_parquet(output)
+    assert frame["prompt"].tolist() == prompts
+    pending = frame["status"] == "pending"
+    assert merged["pending"] == int(pending.sum()) > 0
+    assert merged["missing_by_shard"] == {"0/3": 0, "1/3": int(pending.sum()), "2/3": 0}
+    assert frame.loc[~pending, "completion"].tolist() == [
+        ANSWER + p for p, missing in zip(prompts, pending, strict=True) if not missing
+    ]
+    text = run_pipeline(tmp_path, "merge", "out.parquet")
+    assert "missing: shard 1/3:" in text.stdout
+    # the last shard finishes the job and replaces the merged OUTPUT (it wrote it)
+    last = run_job(source, output, base_url=simulator.base_url, shard=(1, 3))
+    assert last.exit_code == 0 and last.sent == merged["pending"]
+    assert_complete(output, prompts)
+
+
+def test_status_shows_each_shard(simulator: SimulatorThread, tmp_path: Path) -> None:
+    prompts = [f"p{i}" for i in range(40)]
+    source = write_prompts(tmp_path / "in.csv", prompts)
+    output = tmp_path / "out.parquet"
+    run_job(source, output, base_url=simulator.base_url, shard=(1, 2))
+    state = json.loads(run_pipeline(tmp_path, "status", "out.parquet", "--json").stdout)
+    shards = {s["shard"]: s for s in state["shards"]}
+    assert set(shards) == {"0/2", "1/2"}
+    assert shards["1/2"]["state"] == "done" and shards["1/2"]["pending"] == 0
+    assert shards["0/2"]["state"] == "not started" and shards["0/2"]["done"] == 0
+    assert shards["0/2"]["pending"] + shards["1/2"]["results"] == len(prompts)
+    assert state["pending"] == shards["0/2"]["pending"]
+    text = run_pipeline(tmp_path, "status", "out.parquet").stdout
+    assert "shard 0/2: 0/" in text and "not started" in text
+
+
+def test_the_python_api_runs_a_shard_and_returns_the_job_so_far(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    frame = pd.DataFrame({"prompt": [f"api {i}" for i in range(30)]}, index=range(100, 130))
+    output = tmp_path / "out.parquet"
+    with pytest.raises(ConfigError, match="shard= needs output="):
+        pipeline.run(frame, base_url=simulator.base_url, shard=(0, 2), progress=False)
+    first = pipeline.run(frame, output, base_url=simulator.base_url, shard=(0, 2), quiet=True)
+    assert list(first.index) == list(frame.index)
+    done = first["status"] == "ok"
+    assert 0 < done.sum() < 30 and set(first["status"]) == {"ok", "pending"}
+    assert first.attrs["summary"]["shard"] == "0/2"
+    assert not output.exists()  # OUTPUT is left to the shard that finishes the job
+    second = pipeline.run(frame, output, base_url=simulator.base_url, shard="1/2", quiet=True)
+    assert (second["status"] == "ok").all() and output.exists()
+    assert second["completion"].tolist() == [ANSWER + p for p in frame["prompt"]]
+
+
+# -- locks: what may run beside what ---------------------------------------------------------
+
+
+def spawn(args: list[Any], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", *(str(a) for a in args)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=log.parent,
+        )
+
+
+def wait_for(condition: Callable[[], bool], what: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_running_shard_excludes_its_twin_another_n_and_a_whole_run(
+    make_simulator: MakeSimulator, tmp_path: Path
+) -> None:
+    sim = make_simulator(latency_ms=200)
+    source = write_prompts(tmp_path / "in.csv", [f"slow {i}" for i in range(200)])
+    base = ["run", source, "-o", "out.parquet", "--base-url", sim.base_url, "--no-progress"]
+    proc = spawn([*base, "--shard", "0/2", "--concurrency", "2"], tmp_path / "shard.log")
+    try:
+        wait_for(lambda: len(sim.simulator.requests) >= 2, "its first requests", proc)
+        twin = run_pipeline(tmp_path, *map(str, base), "--shard", "0/2")
+        assert twin.returncode == 8 and "shard 0/2 of" in twin.stderr, twin.stderr
+        other_n = run_pipeline(tmp_path, *map(str, base), "--shard", "1/3")
+        assert other_n.returncode == 8 and "another N are running" in other_n.stderr
+        whole = run_pipeline(tmp_path, *map(str, base))
+        assert whole.returncode == 8, whole.stderr
+        state = json.loads(run_pipeline(tmp_path, "status", "out.parquet", "--json").stdout)
+        assert state["running"] and "shard 0/2" in state["running_by"]
+        assert state["exit_code"] == 8
+        # its sibling runs beside it
+        sibling = run_pipeline(tmp_path, *map(str, base), "--shard", "1/2")
+        assert sibling.returncode == 0, sibling.stderr
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    state = json.loads(run_pipeline(tmp_path, "status", "out.parquet", "--json").stdout)
+    assert {s["shard"]: s["state"] for s in state["shards"]}["0/2"] == "interrupted"
+    # the killed shard's rerun takes its lock over and finishes the job
+    again = run_pipeline(tmp_path, *map(str, base), "--shard", "0/2")
+    assert again.returncode == 0, again.stderr
+    assert pd.read_parquet(tmp_path / "out.parquet")["status"].eq("ok").all()
+
+
+# -- SIGKILL: 3 shard processes killed once each, then N = 2 for the rest ---------------------
+
+KILL_ROWS = 900
+KILL_CONCURRENCY = 8
+CHECKPOINT_SECONDS = 0.25
+LOSS_WINDOW = CHECKPOINT_SECONDS + 1.75  # as in test_resume: checkpoint period + slack
+
+
+@pytest.mark.slow
+def test_three_shards_killed_at_random_points_then_two_finish_every_row_once_in_order(
+    make_simulator: MakeSimulator, tmp_path: Path
+) -> None:
+    rng = random.Random(3)
+    sim = make_simulator(latency_ms=50)
+    prompts = [f"row {i}: about {rng.randrange(10**6)}" for i in range(KILL_ROWS)]
+    source = write_prompts(tmp_path / "in.csv", prompts)
+    (tmp_path / "job.toml").write_text(f"checkpoint_seconds = {CHECKPOINT_SECONDS}\n")
+    base = [
+        "run", source, "-o", "out.parquet", "--base-url", sim.base_url, "--no-progress",
+        "--config", tmp_path / "job.toml", "--concurrency", KILL_CONCURRENCY,
+    ]  # fmt: skip
+    requests = sim.simulator.requests
+    procs = [spawn([*base, "--shard", f"{i}/3"], tmp_path / f"s{i}.log") for i in range(3)]
+    kills: list[float] = []
+    for proc in procs:  # each at its own random point, the others still sending
+        target = len(requests) + rng.randrange(40, 120)
+        wait_for(lambda t=target: len(requests) >= t, f"{target} requests", proc)
+        proc.send_signal(signal.SIGKILL)
+        kills.append(time.time())
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    assert not (tmp_path / "out.parquet").exists()
+    sent_before = len(requests)
+    rate = sent_before / max(kills[-1] - requests[0].time, 0.05)
+
+    finals = [spawn([*base, "--shard", f"{i}/2"], tmp_path / f"t{i}.log") for i in range(2)]
+    for i, proc in enumerate(finals):
+        assert proc.wait(timeout=120) == 0, (tmp_path / f"t{i}.log").read_text()
+
+    assert_complete(tmp_path / "out.parquet", prompts)
+    counts = Counter(received(sim))
+    assert set(counts) == set(prompts)
+    assert max(counts.values()) <= 2
+    # sent again: at most what was in flight or not yet checkpointed at each kill
+    resent = sum(n - 1 for n in counts.values())
+    assert resent <= 3 * (rate * LOSS_WINDOW + KILL_CONCURRENCY), (resent, rate)
+    state = json.loads(run_pipeline(tmp_path, "status", "out.parquet", "--json").stdout)
+    assert state["pending"] == 0 and state["exit_code"] == 0
+    assert [s["state"] for s in state["shards"]] == ["done", "done"]
