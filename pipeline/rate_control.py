@@ -16,6 +16,14 @@ from .meters import Clock, RateMeter, Sleep
 
 # requests/s added to the rate when its growth is computed (see RateController._grow)
 FAIR_SHARE_FLOOR = 5.0
+# past BEYOND x the rate that last got through, still without a 429, the probe doubles
+# BEYOND_DOUBLING times as often, up to BEYOND_MAX times the usual most: a limit that went
+# up is followed within seconds, while under a steady limit a 429 comes before the rate gets
+# that far (tuned in virtual time: 40 -> 10 -> 40 req/s back within 20% in 5 s instead of 7,
+# the 429 share at a steady 20 req/s unchanged)
+BEYOND = 1.2
+BEYOND_DOUBLING = 0.4
+BEYOND_MAX = 3.0
 
 
 @dataclass(slots=True)
@@ -105,7 +113,8 @@ class RateController:
     - **Probe up, slowly then faster.** Between cuts the rate grows by ``probe`` per second,
       and that growth doubles every ``probe_doubling`` seconds without a cut (capped at
       ``probe_max`` per second): it stays near the rate that worked for a few seconds, and
-      follows a limit that went up within seconds. It grows at the slowest ``probe`` while a
+      follows a limit that went up within seconds; faster still once past 1.2 x the rate
+      that last got through without a 429 (see ``BEYOND``). It grows at the slowest ``probe`` while a
       trial runs, never beyond twice the rate requests are actually asking to start at, and
       applies to the rate plus ``FAIR_SHARE_FLOOR``: processes sharing a limit then gain
       alike in absolute terms and the smaller catches up (as in AIMD).
@@ -266,7 +275,11 @@ class RateController:
         if self.rate > 2 * asking:
             return  # the held rate is not what slows us: growing it would mean nothing
         quiet = now - self.probe_since
-        growth = min(self.probe_max, self.probe * 2 ** (quiet / self.probe_doubling))
+        doubling, most = self.probe_doubling, self.probe_max
+        if self.found is not None and self.rate > BEYOND * self.found:
+            # past the rate that last got through, and no 429 yet: the limit went up
+            doubling, most = doubling * BEYOND_DOUBLING, most * BEYOND_MAX
+        growth = min(most, self.probe * 2 ** (quiet / doubling))
         if self.trial is not None:
             growth = self.probe  # while a trial runs, only the slowest probe
         # growth of rate + FAIR_SHARE_FLOOR, not of the rate alone: two processes on one

@@ -187,6 +187,9 @@ def test_a_limit_that_changes_is_followed_both_ways() -> None:
     server = ScriptedServer(rate=schedule, burst=5)
     _run(server, 1400)
     assert server.rate_between(15, 20) == pytest.approx(10, rel=0.2)
+    # within 5 s of each change, within 20% of the new limit
+    assert server.rate_between(14, 15) == pytest.approx(10, rel=0.2)
+    assert server.rate_between(25, 26) >= 0.8 * 40
     assert server.rate_between(25, 30) >= 0.8 * 40
 
 
