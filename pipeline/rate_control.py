@@ -114,10 +114,11 @@ class RateController:
       and that growth doubles every ``probe_doubling`` seconds without a cut (capped at
       ``probe_max`` per second): it stays near the rate that worked for a few seconds, and
       follows a limit that went up within seconds; faster still once past 1.2 x the rate
-      that last got through without a 429 (see ``BEYOND``). It grows at the slowest ``probe`` while a
-      trial runs, never beyond twice the rate requests are actually asking to start at, and
-      applies to the rate plus ``FAIR_SHARE_FLOOR``: processes sharing a limit then gain
-      alike in absolute terms and the smaller catches up (as in AIMD).
+      that last got through without a 429 (see ``BEYOND``). It grows at the slowest
+      ``probe`` while a trial runs, never beyond twice the rate requests are actually
+      asking to start at, and applies to the rate plus ``FAIR_SHARE_FLOOR``: processes
+      sharing a limit then gain alike in absolute terms and the smaller catches up (as in
+      AIMD).
     """
 
     def __init__(
