@@ -33,6 +33,7 @@ from .progress import Reporter
 from .records import COST_MIXED, Choice, Completion, Cost, RowResult, Usage, request_id_of
 from .retry import RetryPolicy
 from .samples import SHARED, SampleRequest, plan_requests
+from .shards import budget_share
 from .stopping import Stop, StopKind
 from .structured import reask_messages
 
@@ -91,11 +92,14 @@ class OnlineExecutor:
             sleep=self.rows.parked(sleep),
         )
         index = plan.index
+        spent_cost = float(index.cost_usd.sum())
+        spent_tokens = int(index.prompt_tokens.sum() + index.completion_tokens.sum())
+        count = plan.shard.count if plan.shard is not None else 1
         self.budget = Budget(
-            max_cost=config.max_cost,
-            max_tokens=config.max_total_tokens,
-            spent_cost=float(index.cost_usd.sum()),
-            spent_tokens=int(index.prompt_tokens.sum() + index.completion_tokens.sum()),
+            max_cost=budget_share(config.max_cost, spent_cost, count),
+            max_tokens=budget_share(config.max_total_tokens, spent_tokens, count),
+            spent_cost=spent_cost,
+            spent_tokens=spent_tokens,
         )
         self.cache_hits = 0
         self.ignores_n: set[str] = set()  # models whose server answered fewer choices than n

@@ -21,7 +21,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from .lock import RunLock, WaitLock, lock_holder
 
 # Shards of one job number their parts in interleaved slots: part = round * SLOTS + slot.
 MAX_SHARDS = 1024
+_Amount = TypeVar("_Amount", int, float)
 SHARD_TEXT = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 
 
@@ -209,6 +210,16 @@ def read_shard_keys(checkpoint_dir: Path) -> np.ndarray | None:
         return np.load(shards_dir(checkpoint_dir) / "row-keys.npy", allow_pickle=False)
     except (OSError, ValueError):
         return None
+
+
+def budget_share(limit: _Amount | None, spent: _Amount, count: int) -> _Amount | None:
+    """A shard's budget: what is spent, plus its 1/N of what is left when it starts (shards
+    running at once never pass the job's --max-cost / --max-total-tokens together; a shard
+    that starts later, or a rerun, gets its share of what is left then)."""
+    if limit is None or count == 1:
+        return limit
+    share = max(limit - spent, 0) / count
+    return type(limit)(spent + (share if isinstance(limit, float) else int(share)))
 
 
 def share_limits(config: RunConfig) -> RunConfig:

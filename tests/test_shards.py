@@ -297,3 +297,18 @@ def test_three_shards_killed_at_random_points_then_two_finish_every_row_once_in_
     state = json.loads(run_pipeline(tmp_path, "status", "out.parquet", "--json").stdout)
     assert state["pending"] == 0 and state["exit_code"] == 0
     assert [s["state"] for s in state["shards"]] == ["done", "done"]
+
+
+def test_shards_running_at_once_never_pass_the_jobs_budget_together(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    source = write_prompts(tmp_path / "in.csv", [f"budget row {i}" for i in range(200)])
+    output = tmp_path / "out.parquet"
+    budget = 0.0006  # about 90 of the 200 answers at the table's price
+    first = run_job(source, output, base_url=simulator.base_url, shard="0/2", max_cost=budget)
+    assert first.exit_code == 4  # budget: shard 0 took its half of the budget, not all of it
+    assert 0 < first.cost_usd <= budget / 2
+    second = run_job(source, output, base_url=simulator.base_url, shard="1/2", max_cost=budget)
+    assert second.exit_code == 4
+    # the second gets half of what was left when it started: together never past the budget
+    assert first.cost_usd + second.cost_usd <= first.cost_usd + (budget - first.cost_usd) / 2
