@@ -1,8 +1,13 @@
 """Scale-out figure (a): one job as 2 shard processes (`--shard 0/2`, `--shard 1/2`, started
 together on one OUTPUT) vs 1 process, against a fast local server, on this machine.
 
-    python benchmarks/scale_out.py                 # 40k rows, 3 alternating rounds (~3 min)
+    python benchmarks/scale_out.py                 # 40k rows, 3 alternating rounds (~1 min)
     python benchmarks/scale_out.py --rows 10000 --reps 1
+    python benchmarks/scale_out.py --flat 1000000,10000000   # (c): ~25 min
+
+``--flat`` is figure (c): one local run per size (Parquet input of ~300-character prompts in
+row groups of 100,000, written chunk by chunk), against the same server: peak RSS, wall time
+and rows/s, to show that memory stays flat as rows grow.
 
 The server (Debian's nginx answering a fixed completion, or the simulator when nginx is
 absent) runs pinned to core 0; the clients are not pinned (two shards need two cores). A
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,12 +70,48 @@ def run_together(cmds: list[list[str]], work: Path, tag: str) -> dict[str, Any]:
     }
 
 
+def flat(sizes: list[int], work: Path) -> None:
+    """Figure (c): peak RSS and wall time of one run per size."""
+    server = bench.nginx_server(work) or bench.simulator(work, "sim")
+    rows_out = []
+    with server:
+        for size in sizes:
+            inp = work / f"in-{size}.parquet"
+            writer = None
+            for start in range(0, size, 100_000):
+                table = bench.make_table(min(100_000, size - start), start=start)
+                if writer is None:
+                    writer = bench.pq.ParquetWriter(inp, table.schema, compression="zstd")
+                writer.write_table(table)
+            assert writer is not None
+            writer.close()
+            out = work / f"out-{size}" / "out.parquet"
+            out.parent.mkdir()
+            cmd = job_cmd(inp, out, server.base_url)
+            run = bench.run_child(bench.pinned(cmd, bench.CLIENT_CPU), work / f"flat-{size}.log")
+            assert run.rc == 0, run.output()[-2000:]
+            ok = bench.pq.read_table(out, columns=["status"]).column("status")
+            assert ok.to_pylist().count("ok") == size
+            rows_out.append((size, run.maxrss_mb, run.wall_s, size / run.wall_s))
+            bench.log(f"flat {size}: peak RSS {run.maxrss_mb:.0f} MB, {run.wall_s:.0f} s")
+            shutil.rmtree(out.parent)
+            inp.unlink()
+    print("| rows | peak RSS MB | wall s | rows/s |")
+    print("|---|---|---|---|")
+    for size, rss, wall, rate in rows_out:
+        print(f"| {size:,} | {rss:.0f} | {wall:.0f} | {rate:,.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=40_000)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--flat", help="figure (c): comma-separated sizes of one run each")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    if args.flat:
+        flat([int(n) for n in args.flat.split(",")], work)
+        return
     inp = work / "in.parquet"
     bench.write_parquet_one_group(bench.make_table(args.rows), inp)
     server = bench.nginx_server(work) or bench.simulator(work, "sim")
