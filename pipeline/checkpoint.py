@@ -97,6 +97,7 @@ class Checkpoint:
         self._write_lock = threading.Lock()  # a part number is taken by one write only
         self._paths: dict[int, Path] = {}  # part number -> file
         self._step = 1  # between the numbers of this run's parts (see shards.part_step)
+        self._indexed: dict[int, Path] = {}  # the parts the last load_index read
         # what every part written carries: {"fingerprint": ..., "job": ...} (set by the run)
         self.identity: dict[str, str] | None = None
         self.job_id: str | None = None  # the job the parts prove when manifest.json is gone
@@ -480,6 +481,7 @@ class Checkpoint:
         """
         paths = self._part_paths()
         numbers = list(self._paths)
+        self._indexed = dict(self._paths)  # what save_index may claim (shards add parts)
         base = saved_index(self.dir / "index.npz", dict(self._paths))
         covered = base.covers if base is not None else 0
         new = [
@@ -491,6 +493,6 @@ class Checkpoint:
         return build_index(new, base)
 
     def save_index(self, index: ResultIndex) -> None:
-        """Keep ``index`` (built from every part there is now) for the next ``load_index``."""
-        self._part_paths()
-        save_index(self.dir / "index.npz", dict(self._paths), index)
+        """Keep ``index`` (built by the last ``load_index``) for the next one: it covers the
+        parts that load read, not a part another shard wrote since."""
+        save_index(self.dir / "index.npz", self._indexed, index)

@@ -26,8 +26,10 @@ import pytest
 from conftest import run_job, run_pipeline
 
 import pipeline
+from pipeline.checkpoint import Checkpoint
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
+from pipeline.records import RowResult
 from pipeline.shards import MAX_SHARDS, Shard, shard_of, share_limits
 from pipeline.simulator import SimulatorThread
 
@@ -312,3 +314,21 @@ def test_shards_running_at_once_never_pass_the_jobs_budget_together(
     assert second.exit_code == 4
     # the second gets half of what was left when it started: together never past the budget
     assert first.cost_usd + second.cost_usd <= first.cost_usd + (budget - first.cost_usd) / 2
+
+
+def test_an_index_saved_by_one_shard_never_hides_a_part_another_wrote_meanwhile(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "out.parquet"
+    first, second = Checkpoint(output), Checkpoint(output)
+    for checkpoint, shard in ((first, Shard(0, 2)), (second, Shard(1, 2))):
+        checkpoint.acquire_lock(shard)
+        checkpoint.prepare()
+        checkpoint.end_setup()
+    first.write_part([RowResult(key=1, status="ok", completion="first's")])
+    index = first.load_index()
+    second.write_part([RowResult(key=2, status="ok", completion="second's")])
+    first.save_index(index)  # built before the second's part: it must not claim it
+    for checkpoint in (first, second):
+        checkpoint.release_lock()
+    assert sorted(Checkpoint(output).load_index().keys.tolist()) == [1, 2]
