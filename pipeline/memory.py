@@ -5,14 +5,17 @@ and then free them; the allocators (pyarrow's memory pool and glibc's heap) keep
 that memory mapped for reuse, so the process's resident size would carry every phase's peak
 into the next. ``release_memory`` hands it back, and ``map_large_blocks`` keeps glibc from
 moving large blocks (numpy's per-row arrays) into its heap in the first place. They change no
-data, only the footprint.
+data, only the footprint. ``fewer_collections`` spaces out the cyclic garbage collector while
+a run sends (its passes over every young object cost ~10% of the CPU of a request).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 
@@ -53,3 +56,26 @@ def release_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+# Collector thresholds while a run sends: a young-generation pass per 100,000 allocations
+# instead of 700. Each request allocates a few dozen short-lived containers, nearly all freed
+# by reference counting; the default thresholds ran a pass every ~20 requests over all of
+# them. Measured (20k rows against nginx, CPU of the whole process, medians of 6): 2.84 s ->
+# 2.59 s. Cycles (exceptions with tracebacks, task callbacks) still go within a pass.
+SENDING_THRESHOLDS = (100_000, 50, 50)
+
+
+@contextlib.contextmanager
+def fewer_collections() -> Iterator[None]:
+    """Within the block, the collector runs at ``SENDING_THRESHOLDS`` and leaves what exists
+    now (imports, the plan) out of its passes (``gc.freeze``); both undone after, so that a
+    host process (a notebook) keeps its own settings."""
+    before = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(*SENDING_THRESHOLDS)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()

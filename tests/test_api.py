@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import gc
 import http.server
 import inspect
 import json
@@ -71,6 +72,30 @@ def test_works_inside_a_running_event_loop_like_jupyter(
 
     result = asyncio.run(notebook_cell())
     assert result.loc[0, "status"] == "ok"
+
+
+def test_a_run_leaves_the_host_processs_garbage_collector_as_it_found_it(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    # while sending, the collector runs less often (and the run's start-up objects are left
+    # out of its passes); a notebook's own settings come back after the run, even a failed one
+    gc.set_threshold(1234, 11, 12)
+    try:
+        frame = pd.DataFrame({"prompt": ["a", "b", "c"]})
+        pipeline.run(frame, tmp_path / "out.parquet", base_url=simulator.base_url, quiet=True)
+        assert gc.get_threshold() == (1234, 11, 12)
+        assert gc.get_freeze_count() == 0
+        with pytest.raises(pipeline.RunAborted):
+            pipeline.run(
+                pd.DataFrame({"prompt": ["[[sim:status=401]] no key"]}),
+                tmp_path / "failed.parquet",
+                base_url=simulator.base_url,
+                quiet=True,
+            )
+        assert gc.get_threshold() == (1234, 11, 12)
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.set_threshold(700, 10, 10)
 
 
 def test_bad_options_raise_a_usage_error_naming_the_problem(tmp_path: Path) -> None:
