@@ -304,8 +304,9 @@ def write_summary(path: str | None, summary: RunSummary | None) -> None:
 def status(output: Path, as_json: bool) -> None:
     """Rows total / ok / error / skipped / pending, tokens, cost and fingerprint of OUTPUT's run.
 
-    Works while a run is going (it reads the checkpoint) and after it. The exit code says
-    the state: 0 every row ok or skipped; 1 every row done, some error or invalid; 5 rows
+    Works while a run is going (it reads the checkpoint) and after it; for a job run in
+    shards (--shard) a line per shard (done, pending, running/done/stopped). The exit code
+    says the state: 0 every row ok or skipped; 1 every row done, some error or invalid; 5 rows
     pending and no run going (rerun to continue); 8 rows pending and a run going;
     2 no checkpoint.
     """
