@@ -101,7 +101,12 @@ async def finish_output(
     del full
     release_memory()
     state = output_state(plan, config)
-    unchanged = not todo and manifest.get("output_state") == state and checkpoint.output_is_ours()
+    # a shard that finishes just after the one that wrote OUTPUT finds it up to date
+    unchanged = (
+        (not todo or plan.shard is not None)
+        and manifest.get("output_state") == state
+        and checkpoint.output_is_ours()
+    )
     # a checkpoint that cannot be written cannot feed OUTPUT: the old OUTPUT stays; a shard
     # leaves it to the one that finds every result there
     if places is not None and not stop.skips_output and recorder.storage_error is None:
@@ -156,6 +161,7 @@ def output_state(plan: Plan, config: RunConfig) -> dict[str, Any]:
         "input_signature": source_sig,
         "limit": config.limit,
         "last_part": parts[-1].name if parts else None,
+        "parts": len(parts),  # shards running at once interleave their part numbers
         "rows": len(plan.keys),
         "models": list(plan.models),
         **_output_shape(config),
