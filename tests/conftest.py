@@ -1,10 +1,12 @@
 """Shared test helpers and fixtures: simulator servers on free ports (stopped after each
-test), the provider's request schema, an in-process run (``run_job``), and the CLI as a real
-subprocess without API-key variables (``KEY_VARS``, ``env_without_keys``, ``run_cli``).
-Does not hold assertions or test data of any one module."""
+test), the provider's request schema, an in-process run (``run_job``), the CLI in this
+process (``cli``) or as a real subprocess without API-key variables (``KEY_VARS``,
+``env_without_keys``, ``run_pipeline``, ``run_cli``), an input CSV (``write_csv``) and a
+fake clock (``FakeTime``). Does not hold assertions or test data of any one module."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -12,8 +14,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
+from click.testing import CliRunner, Result
 
+from pipeline.cli import main
 from pipeline.config import RunConfig
 from pipeline.errors import RunAborted
 from pipeline.progress import Reporter
@@ -126,3 +131,35 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """``pipeline run ARGS --no-progress`` as a real process (see ``run_pipeline``)."""
     return run_pipeline(cwd, "run", *args, "--no-progress", env=env, command=command)
+
+
+def cli(*args: Any, env: dict[str, str] | None = None) -> Result:
+    """``pipeline ARGS`` in this process; the result has exit_code, stdout and stderr."""
+    return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+def write_csv(path: Path, prompts: list[str | None], **columns: list[Any]) -> Path:
+    """A CSV input at ``path``: the ``columns`` given, then ``prompt``."""
+    pd.DataFrame({**columns, "prompt": prompts}).to_csv(path, index=False)
+    return path
+
+
+class FakeTime:
+    """A clock that moves only when somebody sleeps on it: ``clock`` reads it, ``sleep``
+    (or the object itself, a stand-in for ``asyncio.sleep``) records the wait in ``waits``,
+    moves the clock on and yields once, returning at once."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+        self.waits: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += max(seconds, 0.0)
+        await asyncio.sleep(0)
+
+    async def __call__(self, seconds: float) -> None:
+        await self.sleep(seconds)

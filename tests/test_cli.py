@@ -16,22 +16,13 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
+from conftest import cli, write_csv
 
-from pipeline.cli import main
 from pipeline.errors import EXIT_CODES
 from pipeline.simulator import SimulatorThread
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def cli(*args: Any) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def write_csv(path: Path, prompts: list[str]) -> Path:
-    pd.DataFrame({"prompt": prompts}).to_csv(path, index=False)
-    return path
 
 
 def run_args(sim: SimulatorThread, source: Path, output: Path, *extra: Any) -> list[Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
+from conftest import write_csv
 
 import pipeline
 from pipeline.simulator import SimulatorThread
@@ -27,11 +28,6 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         timeout=120,
         env={**os.environ, **(env or {})},
     )
-
-
-def _csv(path: Path, prompts: list[str]) -> Path:
-    pd.DataFrame({"prompt": prompts}).to_csv(path, index=False)
-    return path
 
 
 def test_each_row_has_its_cost_from_usage_and_the_price_table(
@@ -144,7 +140,7 @@ def test_copies_spend_none_of_the_token_budget_and_status_counts_only_what_was_s
     simulator: SimulatorThread, tmp_path: Path
 ) -> None:
     prompts = [f"{'word ' * 60}{i}" for i in (1, 2)] * 3  # 2 requests, 4 dedup copies
-    src = _csv(tmp_path / "in.csv", prompts)
+    src = write_csv(tmp_path / "in.csv", prompts)
     out = tmp_path / "o.parquet"
     args = ["run", str(src), "-o", str(out), "--base-url", simulator.base_url, "--no-progress"]
     args += ["--max-tokens", "5"]
@@ -158,7 +154,7 @@ def test_copies_spend_none_of_the_token_budget_and_status_counts_only_what_was_s
     assert status["prompt_tokens"] + status["completion_tokens"] == spent
 
     # room for one more short request, but not for the copies' tokens counted again (3x)
-    _csv(src, [*prompts, "one more"])
+    write_csv(src, [*prompts, "one more"])
     second = _cli(*args, "--max-total-tokens", str(spent + 40))
     assert second.returncode == 0, second.stderr
     assert len(simulator.simulator.requests) == 3
@@ -168,7 +164,7 @@ def test_copies_spend_none_of_the_token_budget_and_status_counts_only_what_was_s
 def test_max_cost_stops_before_crossing_and_a_larger_budget_finishes_the_job(
     simulator: SimulatorThread, tmp_path: Path
 ) -> None:
-    src = _csv(tmp_path / "in.csv", [f"prompt number {i} " + "word " * 40 for i in range(60)])
+    src = write_csv(tmp_path / "in.csv", [f"prompt number {i} " + "word " * 40 for i in range(60)])
     out = tmp_path / "o.parquet"
     args = [
         "run",
@@ -204,7 +200,7 @@ def test_max_cost_stops_before_crossing_and_a_larger_budget_finishes_the_job(
 def test_max_total_tokens_caps_the_tokens_of_the_whole_output(
     simulator: SimulatorThread, tmp_path: Path
 ) -> None:
-    src = _csv(tmp_path / "in.csv", [f"row {i} alpha beta gamma" for i in range(40)])
+    src = write_csv(tmp_path / "in.csv", [f"row {i} alpha beta gamma" for i in range(40)])
     out = tmp_path / "o.parquet"
     result = _cli(
         "run",
@@ -259,7 +255,7 @@ def test_the_cache_answers_a_rerun_into_another_output_without_requests(
 def test_the_cache_never_stores_the_api_key(simulator: SimulatorThread, tmp_path: Path):
     secret = "sk-cache-secret-5555"
     cache = tmp_path / "cache"
-    src = _csv(tmp_path / "in.csv", ["p1", "p2"])
+    src = write_csv(tmp_path / "in.csv", ["p1", "p2"])
     result = _cli(
         "run",
         str(src),
@@ -279,7 +275,7 @@ def test_the_cache_never_stores_the_api_key(simulator: SimulatorThread, tmp_path
 
 
 def test_estimate_sends_nothing_and_gives_ranges(simulator: SimulatorThread, tmp_path: Path):
-    src = _csv(tmp_path / "in.csv", ["alpha beta", "gamma", "alpha beta", ""])
+    src = write_csv(tmp_path / "in.csv", ["alpha beta", "gamma", "alpha beta", ""])
     result = _cli(
         "estimate", str(src), "--base-url", simulator.base_url, "--max-tokens", "50", "--json"
     )
@@ -307,10 +303,10 @@ def test_estimate_sends_nothing_and_gives_ranges(simulator: SimulatorThread, tmp
 def test_estimate_leaves_out_rows_the_output_already_has(
     simulator: SimulatorThread, tmp_path: Path
 ) -> None:
-    src = _csv(tmp_path / "in.csv", ["a", "b"])
+    src = write_csv(tmp_path / "in.csv", ["a", "b"])
     out = tmp_path / "o.parquet"
     assert _cli("run", str(src), "-o", str(out), "--base-url", simulator.base_url).returncode == 0
-    _csv(src, ["a", "b", "c"])
+    write_csv(src, ["a", "b", "c"])
     est = json.loads(_cli("estimate", str(src), "-o", str(out), "--json").stdout)
     assert est["requests"] == 1
 
@@ -318,12 +314,12 @@ def test_estimate_leaves_out_rows_the_output_already_has(
 def test_estimate_with_several_models_counts_each_models_own_rows_and_sums_them(
     simulator: SimulatorThread, tmp_path: Path
 ) -> None:
-    src = _csv(tmp_path / "in.csv", ["a", "b"])
+    src = write_csv(tmp_path / "in.csv", ["a", "b"])
     out = tmp_path / "o.parquet"
     two = ["--model", "gpt-3.5-turbo", "--model", "gpt-4o"]
     ran = _cli("run", str(src), "-o", str(out), "--base-url", simulator.base_url, *two)
     assert ran.returncode == 0, ran.stderr
-    _csv(src, ["a", "b", "c"])
+    write_csv(src, ["a", "b", "c"])
     three = [*two, "--model", "gpt-4o-mini", "--max-tokens", "10"]
     result = _cli("estimate", str(src), "-o", str(out), *three, "--json")
     assert result.returncode == 0, result.stderr

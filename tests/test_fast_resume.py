@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
+from conftest import cli, write_csv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.checkpoint import Checkpoint
-from pipeline.cli import main
 from pipeline.keys import RowKeys, compute_keys, stable_argsort
 from pipeline.reader import open_input
 from pipeline.records import STATUS_CODES, RowResult, Usage
@@ -45,15 +45,6 @@ def key_pass(path: Path, previous: RowKeys | None = None, id_column: str | None 
 def assert_same_keys(got: RowKeys, fresh: RowKeys) -> None:
     assert got.keys.tolist() == fresh.keys.tolist()
     assert got.first.tolist() == fresh.first.tolist()
-
-
-def write_csv(path: Path, prompts: list[str]) -> Path:
-    pd.DataFrame({"prompt": prompts}).to_csv(path, index=False)
-    return path
-
-
-def cli(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def run(sim: SimulatorThread, source: Path, output: Path, *extra: object) -> Result:

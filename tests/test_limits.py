@@ -6,6 +6,7 @@ import asyncio
 import itertools
 
 import pytest
+from conftest import FakeTime
 
 from pipeline.durations import parse_duration
 from pipeline.limits import (
@@ -20,20 +21,6 @@ from pipeline.limits import (
     TokenEstimator,
     read_bucket,
 )
-
-
-class FakeTime:
-    """A clock that only moves when somebody sleeps on it."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += max(seconds, 0.0)
-        await asyncio.sleep(0)
 
 
 @pytest.mark.parametrize(

@@ -25,9 +25,8 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from click.testing import CliRunner, Result
+from conftest import cli, write_csv
 
-from pipeline.cli import main
 from pipeline.simulator import RecordedRequest, SimulatorThread
 
 MakeSimulator = Callable[..., SimulatorThread]
@@ -35,11 +34,6 @@ ANSWER = "Simulated answer to: "
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def write_csv(path: Path, prompts: list[str | None], **columns: list[Any]) -> Path:
-    pd.DataFrame({**columns, "prompt": prompts}).to_csv(path, index=False)
-    return path
 
 
 def prompt_of(request: RecordedRequest) -> str:
@@ -51,11 +45,6 @@ def prompt_of(request: RecordedRequest) -> str:
 def received(sim: SimulatorThread, since: int = 0) -> list[str]:
     """The prompts (last user message) the simulator received, in arrival order."""
     return [prompt_of(r) for r in sim.simulator.requests[since:]]
-
-
-def cli(*args: Any, env: dict[str, str] | None = None) -> Result:
-    """``pipeline ARGS`` in this process; the result has exit_code, stdout and stderr."""
-    return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
 
 
 def run_args(sim: SimulatorThread, source: Path, output: Path, *extra: Any) -> list[str]:

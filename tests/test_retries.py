@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from conftest import FakeTime
 
 from pipeline import RunAborted, build_config, errors, run_batch
 from pipeline.progress import Reporter
@@ -21,27 +22,11 @@ from pipeline.runner import Seams
 from pipeline.simulator import SimulatorThread
 
 
-class SleepSpy:
-    """Stands in for asyncio.sleep: records each wait, advances a fake clock, returns at once."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-        self.now = 1000.0
-
-    def clock(self) -> float:
-        return self.now
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        self.now += seconds
-        await asyncio.sleep(0)
-
-
 def _run(
     sim: SimulatorThread,
     tmp_path: Path,
     prompts: list[str],
-    spy: SleepSpy | None = None,
+    spy: FakeTime | None = None,
     **options: Any,
 ) -> tuple[pd.DataFrame, Any]:
     data = pd.DataFrame({"prompt": prompts})
@@ -49,7 +34,7 @@ def _run(
         None, {"base_url": sim.base_url, "progress": False, "concurrency": 4, **options}
     )
     out = tmp_path / "out.parquet"
-    spy = spy or SleepSpy()
+    spy = spy or FakeTime(now=1000.0)
     seams = Seams(
         sleep=spy, clock=spy.clock, reporter=Reporter(progress=False), handle_signals=False
     )
@@ -58,7 +43,7 @@ def _run(
 
 
 def test_transient_5xx_is_retried_until_it_succeeds(simulator: SimulatorThread, tmp_path: Path):
-    spy = SleepSpy()
+    spy = FakeTime(now=1000.0)
     frame, summary = _run(simulator, tmp_path, ["a [[sim:fail=2,status=503]]", "b"], spy)
     assert frame["status"].tolist() == ["ok", "ok"]
     assert frame["attempts"].tolist() == [3, 1]
@@ -90,13 +75,13 @@ def test_network_failures_and_malformed_200s_are_retried(
 
 
 def test_retry_after_seconds_overrides_the_backoff(simulator: SimulatorThread, tmp_path: Path):
-    spy = SleepSpy()
+    spy = FakeTime(now=1000.0)
     _run(simulator, tmp_path, ["x [[sim:fail=2,status=429,retry_after=7]]"], spy)
     assert spy.waits == [7.0, 7.0]
 
 
 def test_retry_after_as_http_date_is_honoured(simulator: SimulatorThread, tmp_path: Path):
-    spy = SleepSpy()
+    spy = FakeTime(now=1000.0)
     _run(
         simulator, tmp_path, ["x [[sim:fail=1,status=503,retry_after=20,retry_after_date=1]]"], spy
     )
@@ -105,7 +90,7 @@ def test_retry_after_as_http_date_is_honoured(simulator: SimulatorThread, tmp_pa
 
 
 def test_retry_after_is_capped_by_max_retry_wait(simulator: SimulatorThread, tmp_path: Path):
-    spy = SleepSpy()
+    spy = FakeTime(now=1000.0)
     _run(
         simulator,
         tmp_path,
@@ -192,7 +177,7 @@ def test_a_wrong_api_key_stops_the_run_and_a_rerun_with_the_right_key_resumes(
 
 
 def test_backoff_grows_exponentially_and_is_capped(simulator: SimulatorThread, tmp_path: Path):
-    spy = SleepSpy()
+    spy = FakeTime(now=1000.0)
     _run(simulator, tmp_path, ["x [[sim:fail=6,status=500]]"], spy, max_retries=6)
     assert len(spy.waits) == 6
     # 0.5, 1, 2, 4, 8, 16 s plus up to 1 s of jitter each, never above the 30 s cap

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_job, run_pipeline
+from conftest import run_job, run_pipeline, write_csv
 
 import pipeline
 from pipeline.checkpoint import Checkpoint
@@ -35,11 +35,6 @@ from pipeline.simulator import SimulatorThread
 
 MakeSimulator = Callable[..., SimulatorThread]
 ANSWER = "Simulated answer to: "
-
-
-def write_prompts(path: Path, prompts: list[str]) -> Path:
-    pd.DataFrame({"prompt": prompts}).to_csv(path, index=False)
-    return path
 
 
 def received(sim: SimulatorThread) -> list[str]:
@@ -86,7 +81,7 @@ def test_rpm_and_tpm_are_the_keys_totals_each_shard_takes_its_share() -> None:
 def test_a_shard_refuses_restart_and_batch_before_anything_is_sent(
     simulator: SimulatorThread, tmp_path: Path
 ) -> None:
-    source = write_prompts(tmp_path / "in.csv", ["a", "b"])
+    source = write_csv(tmp_path / "in.csv", ["a", "b"])
     for extra in ("--restart", "--batch"):
         result = run_pipeline(
             tmp_path, "run", str(source), "-o", "out.parquet", "--base-url",
@@ -104,7 +99,7 @@ def test_shards_answer_their_rows_once_and_the_last_one_writes_output(
     simulator: SimulatorThread, tmp_path: Path
 ) -> None:
     prompts = [f"question {i}" for i in range(120)] + ["the same prompt"] * 12
-    source = write_prompts(tmp_path / "in.csv", prompts)
+    source = write_csv(tmp_path / "in.csv", prompts)
     output = tmp_path / "out.parquet"
     summaries = []
     for index in range(3):
@@ -123,7 +118,7 @@ def test_n_may_change_between_runs_and_only_rows_without_a_result_are_sent(
     simulator: SimulatorThread, tmp_path: Path
 ) -> None:
     prompts = [f"row {i}" for i in range(90)]
-    source = write_prompts(tmp_path / "in.csv", prompts)
+    source = write_csv(tmp_path / "in.csv", prompts)
     output = tmp_path / "out.parquet"
     first = run_job(source, output, base_url=simulator.base_url, shard="0/3")
     for index in range(2):
@@ -140,7 +135,7 @@ def test_merge_writes_output_now_with_pending_rows_and_names_the_shards_that_owe
     simulator: SimulatorThread, tmp_path: Path
 ) -> None:
     prompts = [f"item {i}" for i in range(60)]
-    source = write_prompts(tmp_path / "in.csv", prompts)
+    source = write_csv(tmp_path / "in.csv", prompts)
     output = tmp_path / "out.parquet"
     for index in (0, 2):
         run_job(source, output, base_url=simulator.base_url, shard=(index, 3))
@@ -165,7 +160,7 @@ def test_merge_writes_output_now_with_pending_rows_and_names_the_shards_that_owe
 
 def test_status_shows_each_shard(simulator: SimulatorThread, tmp_path: Path) -> None:
     prompts = [f"p{i}" for i in range(40)]
-    source = write_prompts(tmp_path / "in.csv", prompts)
+    source = write_csv(tmp_path / "in.csv", prompts)
     output = tmp_path / "out.parquet"
     run_job(source, output, base_url=simulator.base_url, shard=(1, 2))
     state = json.loads(run_pipeline(tmp_path, "status", "out.parquet", "--json").stdout)
@@ -223,7 +218,7 @@ def test_a_running_shard_excludes_its_twin_another_n_and_a_whole_run(
     make_simulator: MakeSimulator, tmp_path: Path
 ) -> None:
     sim = make_simulator(latency_ms=200)
-    source = write_prompts(tmp_path / "in.csv", [f"slow {i}" for i in range(200)])
+    source = write_csv(tmp_path / "in.csv", [f"slow {i}" for i in range(200)])
     base = ["run", source, "-o", "out.parquet", "--base-url", sim.base_url, "--no-progress"]
     proc = spawn([*base, "--shard", "0/2", "--concurrency", "2"], tmp_path / "shard.log")
     try:
@@ -266,7 +261,7 @@ def test_three_shards_killed_at_random_points_then_two_finish_every_row_once_in_
     rng = random.Random(3)
     sim = make_simulator(latency_ms=50)
     prompts = [f"row {i}: about {rng.randrange(10**6)}" for i in range(KILL_ROWS)]
-    source = write_prompts(tmp_path / "in.csv", prompts)
+    source = write_csv(tmp_path / "in.csv", prompts)
     (tmp_path / "job.toml").write_text(f"checkpoint_seconds = {CHECKPOINT_SECONDS}\n")
     base = [
         "run", source, "-o", "out.parquet", "--base-url", sim.base_url, "--no-progress",
@@ -304,7 +299,7 @@ def test_three_shards_killed_at_random_points_then_two_finish_every_row_once_in_
 def test_shards_running_at_once_never_pass_the_jobs_budget_together(
     simulator: SimulatorThread, tmp_path: Path
 ) -> None:
-    source = write_prompts(tmp_path / "in.csv", [f"budget row {i}" for i in range(200)])
+    source = write_csv(tmp_path / "in.csv", [f"budget row {i}" for i in range(200)])
     output = tmp_path / "out.parquet"
     budget = 0.0006  # about 90 of the 200 answers at the table's price
     first = run_job(source, output, base_url=simulator.base_url, shard="0/2", max_cost=budget)

@@ -20,9 +20,8 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from click.testing import CliRunner, Result
+from conftest import cli, write_csv
 
-from pipeline.cli import main
 from pipeline.simulator import SimulatorThread
 
 MakeSimulator = Callable[..., SimulatorThread]
@@ -48,15 +47,6 @@ STATUS_KEYS = {
 }
 # status exits with the state: 0 all ok/skipped, 1 some failed, 5 pending (stopped), 8 running
 STATE_CODES = {0, 1, 5, 8}
-
-
-def write_csv(path: Path, prompts: list[str]) -> Path:
-    pd.DataFrame({"prompt": prompts}).to_csv(path, index=False)
-    return path
-
-
-def cli(*args: Any) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def run_args(sim: SimulatorThread, source: Path, output: Path, *extra: Any) -> list[str]:
