@@ -331,6 +331,12 @@ def status(output: Path, as_json: bool) -> None:
         + f"fingerprint: {state.fingerprint} (model {state.model})\n"
         + (f"running: {state.running_by}" if state.running else "running: no")
     )
+    for batch in state.batches:
+        age = f", {batch['age_s'] / 3600:.1f} h old" if batch["age_s"] is not None else ""
+        click.echo(
+            f"  batch part {batch['part']} ({batch['model']}, {batch['lines']} lines): "
+            f"{batch['stage']}{', ' + batch['batch_id'] if batch['batch_id'] else ''}{age}"
+        )
     for shard in state.shards:
         where = f" on {shard['host']}" if shard["host"] else ""
         click.echo(

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .batch.journal import batches_of
 from .checkpoint import Checkpoint, checkpoint_dir
 from .errors import (
     EXIT_FAILED_ROWS,
@@ -45,6 +46,7 @@ class RunStatus:
     unpriced_models: list[str]
     exit_code: int
     shards: list[dict[str, Any]] = field(default_factory=list)  # see shards.progress
+    batches: list[dict[str, Any]] = field(default_factory=list)  # see batch.journal
 
     @property
     def running(self) -> bool:
@@ -74,6 +76,7 @@ class RunStatus:
             "exit_code": self.exit_code,
             "exit_reason": self.exit_reason,
             **({"shards": self.shards} if self.shards else {}),
+            **({"batches": self.batches} if self.batches else {}),
         }
 
 
@@ -131,6 +134,7 @@ def run_status(output: Path | str) -> RunStatus:
         unpriced_models=unpriced,
         exit_code=code,
         shards=shards_progress(checkpoint.dir, keys, pos) if keys is not None else [],
+        batches=batches_of(checkpoint.dir),
     )
 
 

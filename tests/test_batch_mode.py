@@ -102,6 +102,17 @@ def test_no_wait_exits_9_with_rows_pending_and_a_rerun_collects_without_resubmit
         assert (pd.read_parquet(output)["status"] == "pending").all()
         second = run_job(data, output, base_url=server.base_url, wait=False, **FAST)
         assert second.exit_code == EXIT_BATCHES_RUNNING  # still running (2 polls say so)
+        # status shows the batch from the journal, without asking the server
+        (batch_id,) = server.batches
+        polls = server.batches[batch_id]["_polls"]
+        state = json.loads(CliRunner().invoke(main, ["status", str(output), "--json"]).stdout)
+        (batch,) = state["batches"]
+        assert (batch["stage"], batch["batch_id"]) == ("submitted", batch_id)
+        assert (batch["lines"], batch["model"]) == (25, "gpt-3.5-turbo")
+        assert 0 <= batch["age_s"] < 60
+        assert server.batches[batch_id]["_polls"] == polls  # no request to the server
+        text = CliRunner().invoke(main, ["status", str(output)]).stdout
+        assert f"batch part 1 (gpt-3.5-turbo, 25 lines): submitted, {batch['batch_id']}" in text
         third = run_job(data, output, base_url=server.base_url, wait=False, **FAST)
         assert third.exit_code == EXIT_OK and third.ok == 30
         assert len(server.creates) == 1  # one batch, collected by the third run

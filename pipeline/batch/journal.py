@@ -46,6 +46,22 @@ class PartState:
     errors: list[Any] = field(default_factory=list)
     merged: bool = False
     cancelled: bool = False  # by the user (pipeline batch cancel): never resubmitted
+    created_at: float | None = None  # when the batch was created (time.time())
+
+    @property
+    def stage(self) -> str:
+        """Where the part is, in a word: the batch's terminal status once it ended."""
+        if self.merged:
+            return "merged"
+        if self.status is not None:
+            return self.status
+        if self.batch_id is not None:
+            return "submitted"
+        if self.creating is not None:
+            return "creating"
+        if self.file_id is not None or self.uploading:
+            return "uploading"
+        return "written"
 
     @property
     def open(self) -> bool:
@@ -99,6 +115,7 @@ def _apply(state: PartState, event: dict[str, Any]) -> None:
         state.attempt, state.creating = event["attempt"], event["t0"]
     elif kind == "created":
         state.creating, state.batch_id = None, event["batch_id"]
+        state.created_at = event.get("t")
     elif kind == "ended":
         state.status = event["status"]
         state.output_file_id = event.get("output_file_id")
@@ -112,3 +129,22 @@ def _apply(state: PartState, event: dict[str, Any]) -> None:
         state.merged = True
     elif kind == "cancelled":
         state.cancelled = True
+
+
+def batches_of(checkpoint_dir: Path) -> list[dict[str, Any]]:
+    """Each part of a batch-mode run as the journal in ``checkpoint_dir/batch`` has it, for
+    ``pipeline status``: part, model, lines, round, batch id, stage and age (seconds since
+    its batch was created). Reads the journal only (no network)."""
+    now = time.time()
+    return [
+        {
+            "part": state.part,
+            "model": state.model,
+            "lines": state.lines,
+            "round": state.round,
+            "batch_id": state.batch_id,
+            "stage": state.stage,
+            "age_s": None if state.created_at is None else round(now - state.created_at, 1),
+        }
+        for state in Journal(checkpoint_dir / "batch").replay().values()
+    ]
