@@ -81,6 +81,8 @@ OPTION_HELP: dict[str, str] = {
     "wait": "batch=True: wait for the batches (False: submit, collect what is ready, exit).",
     "shard": "(i, n) or 'i/n': answer only shard i of n (needs output=, shared by every "
     "shard); the result is the whole job with other shards' missing rows 'pending'.",
+    "resubmit_cancelled": "batch=True: send again the rows of batches cancelled with "
+    "`pipeline batch cancel` (by default they stay pending).",
     "checkpoint_seconds": "seconds between checkpoint writes.",
     "checkpoint_rows": "results between checkpoint writes.",
     "progress": "False: no progress lines (a notebook shows a log line every log_interval).",

@@ -257,6 +257,7 @@ _RUN_ONLY = (
     "batch_max_requests",
     "poll_interval",
     "wait",
+    "resubmit_cancelled",
     "retry_failed",
     "restart",
     "shard",

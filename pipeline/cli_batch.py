@@ -1,7 +1,9 @@
-"""``pipeline batch ...``: OpenAI Batch JSONL in and out (``batch.interchange``).
+"""``pipeline batch ...``: OpenAI Batch JSONL in and out (``batch.interchange``), and
+cancelling a batch run's open batches (``batch.cancelling``).
 
 ``export`` writes the Batch input file of the rows a run would send; ``import`` records
-result files (OpenAI output and error files, or ``vllm run-batch`` output) into OUTPUT.
+result files (OpenAI output and error files, or ``vllm run-batch`` output) into OUTPUT;
+``cancel`` cancels OUTPUT's open batches.
 Both take the job options of ``pipeline run`` (prompt, model, request options), so that the
 bodies, and the row keys in ``custom_id``, are those of the run. Formatting only: the work
 is the library's.
@@ -9,18 +11,22 @@ is the library's.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import click
 
+from .batch.cancelling import cancel_batches
 from .batch.interchange import export_requests, import_executor
 from .cli import config_from_options, main, run_and_exit
 from .cli_options import SectionedCommand, job_options
 from .cli_shell import fail, os_error_message
 from .errors import (
+    EXIT_LOCKED,
     EXIT_USAGE,
     ConfigError,
+    LockHeld,
     UsageError,
 )
 
@@ -112,3 +118,35 @@ def import_command(
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
     run_and_exit(input_path, output, config, import_executor(results, config))
+
+
+@batch.command("cancel")
+@click.argument("output", type=click.Path(path_type=Path))
+def cancel_command(output: Path) -> None:
+    """Cancel the open batches of OUTPUT's --batch run (stop the run first).
+
+    What a cancelled batch answered before it stopped is kept: the next run of the same
+    command collects it. Its other rows stay pending and are not sent again unless that run
+    has --resubmit-cancelled. Exit 0 when done; 2 no batch-mode checkpoint or no API key;
+    8 a run holds OUTPUT.
+    """
+    try:
+        done = asyncio.run(cancel_batches(output))
+    except LockHeld as exc:
+        fail(f"{exc} Stop it (SIGTERM), then cancel.", EXIT_LOCKED)
+    except UsageError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if not done:
+        click.echo(f"{output}: no open batch to cancel")
+    for part in done:
+        what = {
+            "cancelled": f"batch {part.batch_id} cancelled",
+            "withdrawn": "never created: withdrawn",
+            "finished": f"batch {part.batch_id} not cancelled ({part.reason}): collected as usual",
+        }[part.outcome]
+        click.echo(f"part {part.part}: {what}")
+    if any(part.outcome != "finished" for part in done):
+        click.echo(
+            "run the same `pipeline run ... --batch` command to collect what they answered; "
+            "their other rows are not sent again unless you add --resubmit-cancelled"
+        )

@@ -79,7 +79,7 @@ _SECTIONS: dict[str, str] = {
             "concurrency rpm tpm adaptive max_retries",
             "max_cost max_total_tokens prices dedup cache dry_run typical_completion",
             "overwrite restart retry_failed",
-            "batch batch_dialect batch_max_requests poll_interval wait",
+            "batch batch_dialect batch_max_requests poll_interval wait resubmit_cancelled",
             "shard",
             "grace max_runtime",
             "no_progress log_interval log_format quiet summary_json help",
@@ -359,6 +359,13 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         default=None,
         help="--batch: wait for the batches to finish, or submit, collect what is ready, "
         "write OUTPUT and exit 9 (run again later to collect). [default: wait]",
+    ),
+    click.option(
+        "--resubmit-cancelled",
+        is_flag=True,
+        default=None,
+        help="--batch: send again the rows of batches cancelled with `pipeline batch cancel` "
+        "(by default they stay pending).",
     ),
     click.option(
         "--shard",

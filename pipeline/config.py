@@ -111,6 +111,7 @@ class RunConfig:
     batch_max_requests: int | None = None  # lines per batch; None: the provider's cap
     poll_interval: float = 30.0  # seconds before the first poll; x1.5 while nothing changes
     wait: bool = True  # False (--no-wait): submit, collect what is ready, exit 9
+    resubmit_cancelled: bool = False  # send again the rows of batches the user cancelled
     # scale-out: "I/N", this process takes shard I of N (0 <= I < N; shards.py)
     shard: str | None = None
     # checkpoints and progress

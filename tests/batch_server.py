@@ -37,6 +37,7 @@ class BatchServer:
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict[str, Any]] = {}
         self.creates: list[dict[str, str]] = []  # the metadata of every create received
+        self.cancelled: list[str] = []  # the ids of the batches cancelled
         self.lines_answered = 0
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -91,12 +92,31 @@ class BatchServer:
         batch = self.batches.get(batch_id)
         if batch is None:
             return None
-        if batch["status"] not in ("completed", "failed"):
+        if batch["status"] not in ("completed", "failed", "cancelled"):
             batch["_polls"] += 1
             if batch["_polls"] > self.faults.polls_running:
                 self._finish(batch)
             else:
                 batch["status"] = "in_progress"
+        return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+    def cancel(self, batch_id: str) -> dict[str, Any] | None:
+        """Cancel a running batch: the lines it had done by then (the first third) are in
+        its output file, the rest in none (as OpenAI's cancelled batches); a batch that
+        already ended is refused with 400."""
+        batch = self.batches.get(batch_id)
+        if batch is None or batch["status"] in ("completed", "failed", "cancelled"):
+            return None
+        lines = [json.loads(x) for x in self.files[batch["input_file_id"]].splitlines() if x]
+        done = lines[: len(lines) // 3]
+        self.lines_answered += len(done)
+        batch["output_file_id"] = self._file(
+            [{"id": "r", "custom_id": line["custom_id"], "error": None,
+              "response": {"status_code": 200, "body": answer(line["body"])}} for line in done]
+        )  # fmt: skip
+        counts = {"total": len(lines), "completed": len(done), "failed": 0}
+        batch.update(status="cancelled", request_counts=counts)
+        self.cancelled.append(batch_id)
         return {k: v for k, v in batch.items() if not k.startswith("_")}
 
     def _finish(self, batch: dict[str, Any]) -> None:
@@ -181,6 +201,10 @@ class BatchServer:
                         self.close_connection = True
                         return
                     self._reply(200, server.get(batch["id"]))
+                elif path.startswith("/v1/batches/") and path.endswith("/cancel"):
+                    cancelled = server.cancel(path.split("/")[3])
+                    message = {"error": {"message": "cannot cancel a finished batch"}}
+                    self._reply(200 if cancelled else 400, cancelled or message)
                 elif path == "/v1/chat/completions":
                     self._reply(200, answer(json.loads(body)))
                 else:

@@ -241,3 +241,34 @@ def test_kill_9_after_each_journal_step_then_a_rerun_finishes_every_row_once_one
         frame = pd.read_parquet(output)
         assert (frame["completion"] == "Simulated answer to: " + frame["prompt"]).all()
     assert killed_at >= {1, 2, 4, 5, 6}  # between each step and the next remote call
+
+
+def test_cancel_keeps_what_the_batch_answered_and_its_other_rows_are_not_sent_again(
+    tmp_path: Path,
+) -> None:
+    data = _input(tmp_path / "in.csv")
+    output = tmp_path / "out.parquet"
+    with BatchServer(Faults(polls_running=1000)) as server:
+        first = run_job(data, output, base_url=server.base_url, wait=False, **FAST)
+        assert first.exit_code == EXIT_BATCHES_RUNNING
+        cancelled = CliRunner().invoke(main, ["batch", "cancel", str(output)])
+        assert cancelled.exit_code == 0, cancelled.output
+        (batch_id,) = server.batches
+        assert server.cancelled == [batch_id]
+        assert f"part 1: batch {batch_id} cancelled" in cancelled.stdout
+        # the next run collects the third it answered (8 of 25 prompts, 5 of them asked
+        # twice in the input: 13 rows), and sends nothing again
+        second = run_job(data, output, base_url=server.base_url, **FAST)
+        assert len(server.creates) == 1 and server.lines_answered == 8
+        frame = pd.read_parquet(output)
+        assert frame["status"].value_counts().to_dict() == {"ok": 13, "pending": 17}
+        assert second.exit_code == EXIT_FAILED_ROWS and second.pending == 17
+        assert (server.cancelled, len(server.creates)) == ([batch_id], 1)
+        again = CliRunner().invoke(main, ["batch", "cancel", str(output)])
+        assert "no open batch to cancel" in again.stdout
+        # asked, they go in a new batch (which finishes at once)
+        server.faults.polls_running = 0
+        third = run_job(data, output, base_url=server.base_url, resubmit_cancelled=True, **FAST)
+        assert third.exit_code == EXIT_OK and len(server.creates) == 2
+        assert server.lines_answered == 25
+    assert (pd.read_parquet(output)["status"] == "ok").all()

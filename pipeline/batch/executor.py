@@ -81,15 +81,26 @@ class BatchExecutor:
     async def execute(self, asks: AsyncIterator[Ask], results: Results, stop: Stop) -> None:
         parts = self.journal.replay()
         awaiting = await asyncio.to_thread(self._open_lines, parts)
+        held: set[int] = set()  # lines of batches the user cancelled: not sent again
+        if not self.config.resubmit_cancelled:
+            held = await asyncio.to_thread(self._cancelled_lines, parts)
         wanted: set[int] = set()
+        kept_back = 0
         writer = PartWriter(self.directory, max(parts, default=0) + 1, self.options.caps)
         async for ask in asks:
             if stop.is_set():
                 return
             for key, line in ask_lines(ask, self.config.n, self.config.base_seed):
                 wanted.add(key)
-                if key not in awaiting:
+                if key in held:
+                    kept_back += 1
+                elif key not in awaiting:
                     writer.add(ask.model, line)
+        if kept_back:
+            self.reporter.note(
+                f"{kept_back} requests of batches cancelled with `pipeline batch cancel` are "
+                "not sent again; --resubmit-cancelled sends them"
+            )
         for written in await asyncio.to_thread(writer.finish):
             self._add_part(parts, written, round_=1)
         if not any(p.open for p in parts.values()):
@@ -107,14 +118,7 @@ class BatchExecutor:
     def _dialect(self) -> Dialect:
         if self._make_dialect is not None:
             return self._make_dialect()
-        transport = self._transport or httpx.AsyncHTTPTransport(retries=0)
-        api = OpenAIBatches(
-            self.config.base_url,
-            self.plan.api_key,
-            transport,
-            timeout=max(self.config.timeout, 600.0),
-        )
-        return OpenAIDialect(api, ENDPOINT)
+        return make_dialect(self.config, self.plan.api_key, self._transport)
 
     def _open_lines(self, parts: dict[int, PartState]) -> dict[int, int]:
         """Result key -> the open part whose lines hold it."""
@@ -124,6 +128,15 @@ class BatchExecutor:
                 for key, _ in read_lines(self.directory / state.file):
                     awaiting[key] = state.part
         return awaiting
+
+    def _cancelled_lines(self, parts: dict[int, PartState]) -> set[int]:
+        """Result keys in parts the user cancelled (``pipeline batch cancel``)."""
+        return {
+            key
+            for state in parts.values()
+            if state.cancelled
+            for key, _ in read_lines(self.directory / state.file)
+        }
 
     def _add_part(self, parts: dict[int, PartState], written: WrittenPart, round_: int) -> None:
         number = int(written.name.split("-")[1].split(".")[0])
@@ -157,17 +170,22 @@ class BatchExecutor:
         interval = self.options.poll_interval
         while not stop.is_set():
             changed = False
-            for state in [p for p in parts.values() if p.open and not p.cancelled]:
+            # a cancelled batch is still collected: what it answered before is kept
+            for state in [p for p in parts.values() if p.open]:
                 if stop.is_set():
                     return
+                if state.cancelled and state.batch_id is None:
+                    self.journal.append("merged", state.part)  # never created: nothing to get
+                    state.merged = True
+                    continue
                 changed |= await self._advance(state, client)
                 if state.status is not None:
                     await self._merge(state, parts, wanted, results, client)
                     changed = True
-            if not any(p.open and not p.cancelled for p in parts.values()):
+            if not any(p.open for p in parts.values()):
                 return
             if not self.options.wait:
-                running = [p for p in parts.values() if p.open and not p.cancelled]
+                running = [p for p in parts.values() if p.open]
                 stop.request(
                     StopKind.BATCHES_RUNNING,
                     f"batches running: {len(running)} part(s) not finished "
@@ -296,6 +314,8 @@ class BatchExecutor:
             outcome = parsed.outcomes.get(key)
             if state.status == "failed":
                 results.record(self._validation_failed(key, state))
+            elif state.cancelled and (outcome is None or outcome.retryable):
+                continue  # cancelled by the user before it ran: stays pending, not sent again
             elif outcome is None or outcome.retryable:
                 if state.round < self.options.max_rounds:
                     again.append(line)
@@ -402,10 +422,17 @@ def make_batch_executor(
     options = BatchOptions(wait=config.wait, poll_interval=config.poll_interval, caps=caps)
 
     def make() -> Dialect:
-        http = transport or httpx.AsyncHTTPTransport(retries=0)
-        if dialect == "anthropic":
-            return AnthropicDialect(config.base_url, plan.api_key, http)
-        api = OpenAIBatches(config.base_url, plan.api_key, http, timeout=max(config.timeout, 600))
-        return OpenAIDialect(api, ENDPOINT)
+        return make_dialect(config, plan.api_key, transport)
 
     return BatchExecutor(config, plan, shape, reporter, options, dialect=make)
+
+
+def make_dialect(
+    config: RunConfig, api_key: str | None, transport: httpx.AsyncBaseTransport | None = None
+) -> Dialect:
+    """The client of ``config``'s Batch API (``dialect_for``)."""
+    http = transport or httpx.AsyncHTTPTransport(retries=0)
+    if dialect_for(config) == "anthropic":
+        return AnthropicDialect(config.base_url, api_key, http)
+    api = OpenAIBatches(config.base_url, api_key, http, timeout=max(config.timeout, 600))
+    return OpenAIDialect(api, ENDPOINT)
