@@ -16,13 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import Checkpoint, file_signature
+from .checkpoint import Checkpoint
 from .config import RunConfig
 from .errors import EXIT_FAILED_ROWS, EXIT_OK, LockHeld, OutputError
 from .lock import WaitLock
-from .output import output_state
-from .planning import Plan, read_plan
-from .result_index import RowPlaces
+from .output import output_state, record_output, write_recorded
+from .planning import read_plan
 from .shards import latest_count, read_shard_keys, shard_of
 from .writer import output_spec, write_output
 
@@ -97,7 +96,10 @@ def merge_output(
         if destination is not None:
             write_output(plan.source, output_spec(config), places, checkpoint, destination)
         else:
-            _write_recorded(plan, config, places, output)
+            manifest = checkpoint.read_manifest()
+            write_recorded(plan, config, places, output, manifest)
+            record_output(manifest, output, output_state(plan, config))
+            checkpoint.write_manifest(manifest)
         missing = _missing_by_shard(checkpoint, [part == -1 for part in places.part])
     finally:
         setup.release()
@@ -110,24 +112,6 @@ def merge_output(
         missing_by_shard=missing,
         exit_code=EXIT_FAILED_ROWS if failed else EXIT_OK,
     )
-
-
-def _write_recorded(plan: Plan, config: RunConfig, places: RowPlaces, output: Path) -> None:
-    """Write OUTPUT and record it in the manifest (as a run does: see ``output``)."""
-    checkpoint = plan.checkpoint
-    manifest = checkpoint.read_manifest()
-
-    def record_next(signature: dict[str, int] | None) -> None:
-        manifest["output_signatures"] = [signature]
-        checkpoint.write_manifest(manifest)
-
-    write_output(plan.source, output_spec(config), places, checkpoint, output, record_next)
-    manifest.update(
-        output_signature=file_signature(output),
-        output_state=output_state(plan, config),
-        output_signatures=[],
-    )
-    checkpoint.write_manifest(manifest)
 
 
 def _missing_by_shard(checkpoint: Checkpoint, missing: list[np.ndarray]) -> dict[str, int]:

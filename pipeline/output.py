@@ -26,7 +26,7 @@ from .fingerprint import fingerprint_parts
 from .memory import release_memory
 from .planning import KEY_SCHEME, Plan
 from .recording import Recorder
-from .result_index import ResultIndex
+from .result_index import ResultIndex, RowPlaces
 from .stopping import Stop
 from .writer import output_spec, write_output
 
@@ -112,25 +112,8 @@ async def finish_output(
     if places is not None and not stop.skips_output and recorder.storage_error is None:
         try:
             if not unchanged:
-
-                def record_next(signature: dict[str, int] | None) -> None:
-                    manifest["output_signatures"] = [signature]
-                    checkpoint.write_manifest(manifest)
-
-                await asyncio.to_thread(
-                    write_output,
-                    plan.source,
-                    output_spec(config),
-                    places,
-                    checkpoint,
-                    output,
-                    record_next,
-                )
-            manifest.update(
-                output_signature=file_signature(output),
-                output_state=state,
-                output_signatures=[],
-            )
+                await asyncio.to_thread(write_recorded, plan, config, places, output, manifest)
+            record_output(manifest, output, state)
         except OSError as exc:
             recorder.storage_failed_at_end(exc, output)
     if plan.shard is None:
@@ -151,6 +134,27 @@ async def finish_output(
     finally:
         checkpoint.end_setup()
     return counts[0], counts[1], job_pending
+
+
+def write_recorded(
+    plan: Plan, config: RunConfig, places: RowPlaces, output: Path, manifest: dict[str, Any]
+) -> None:
+    """Write OUTPUT (``writer.write_output``), recording the new file's signature in the
+    manifest just before it replaces OUTPUT (a crash between the two is recognised)."""
+    checkpoint = plan.checkpoint
+
+    def record_next(signature: dict[str, int] | None) -> None:
+        manifest["output_signatures"] = [signature]
+        checkpoint.write_manifest(manifest)
+
+    write_output(plan.source, output_spec(config), places, checkpoint, output, record_next)
+
+
+def record_output(manifest: dict[str, Any], output: Path, state: dict[str, Any]) -> None:
+    """Note in ``manifest`` that OUTPUT is this file, written from ``state``."""
+    manifest.update(
+        output_signature=file_signature(output), output_state=state, output_signatures=[]
+    )
 
 
 def output_state(plan: Plan, config: RunConfig) -> dict[str, Any]:
