@@ -171,15 +171,20 @@ class BatchExecutor:
         while not stop.is_set():
             changed = False
             # a cancelled batch is still collected: what it answered before is kept
+            driven = []
             for state in [p for p in parts.values() if p.open]:
-                if stop.is_set():
-                    return
                 if state.cancelled and state.batch_id is None:
                     self.journal.append("merged", state.part)  # never created: nothing to get
                     state.merged = True
-                    continue
-                changed |= await self._advance(state, client)
-                if state.status is not None:
+                else:
+                    driven.append(state)
+            # every part a step at once: one uploads while the provider works on another
+            steps = await asyncio.gather(*(self._advance(state, client) for state in driven))
+            changed = any(steps)
+            for state in driven:
+                if stop.is_set():
+                    return
+                if state.status is not None and not state.merged:
                     await self._merge(state, parts, wanted, results, client)
                     changed = True
             if not any(p.open for p in parts.values()):
