@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import click
 
-from .cli_options import SectionedCommand, job_options
+from .cli_options import SectionedCommand, input_argument, job_options
 from .cli_shell import (
     EXIT_CODES_HELP,
     MainGroup,
@@ -81,7 +81,7 @@ def config_from_options(
 
 
 @main.command(cls=SectionedCommand, epilog=EXIT_CODES_HELP)
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@input_argument
 @click.option(
     "-o",
     "--output",
@@ -186,7 +186,7 @@ _NEXT_STEP = {
 
 
 @main.command(cls=SectionedCommand)
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@input_argument
 @click.option(
     "-o",
     "--output",

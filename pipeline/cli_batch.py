@@ -20,7 +20,7 @@ import click
 from .batch.cancelling import cancel_batches
 from .batch.interchange import export_requests, import_executor
 from .cli import config_from_options, main, run_and_exit
-from .cli_options import SectionedCommand, job_options
+from .cli_options import SectionedCommand, input_argument, job_options
 from .cli_shell import fail, os_error_message
 from .errors import (
     EXIT_LOCKED,
@@ -37,7 +37,7 @@ def batch() -> None:
 
 
 @batch.command("export", cls=SectionedCommand)
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@input_argument
 @click.option(
     "-o",
     "--output",
@@ -80,7 +80,7 @@ def export_command(
 
 
 @batch.command("import", cls=SectionedCommand)
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@input_argument
 @click.option(
     "-o",
     "--output",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -419,3 +420,16 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     ),
     click.option("--quiet", is_flag=True, default=None, help="Print only errors and the summary."),
 ]
+
+
+def _input(ctx: click.Context, param: click.Parameter, value: str) -> Path | str:
+    """INPUT as a path, or as the URI it is (``s3://...``: a Path would fold its ``//``)."""
+    from .remote_input import is_uri
+
+    return value if is_uri(value) else Path(value)
+
+
+# the INPUT argument of run, estimate and batch export/import: a file or a URI
+input_argument = click.argument(
+    "input_path", metavar="INPUT", type=click.Path(dir_okay=False), callback=_input
+)

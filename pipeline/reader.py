@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from .csv_scan import first_bad_csv_line, first_non_utf8_line, line_at, unclosed_quote
 from .errors import InputError
 from .jsonl_schema import json_kind, jsonl_batch, unify_kinds
+from .remote_input import is_uri, local_copy, shown
 
 BATCH_ROWS = 8192
 # pyarrow's streaming CSV reader parses ahead of its consumer, a handful of blocks: with 1 MiB
@@ -439,7 +440,8 @@ def open_input(
     limit: int | None = None,
     delimiter: str | None = None,
 ) -> InputSource:
-    """A path (str/Path), a pandas DataFrame or a pyarrow Table -> InputSource."""
+    """A path (str/Path), a URI pyarrow's filesystems read (``s3://...``), a pandas
+    DataFrame or a pyarrow Table -> InputSource."""
     if isinstance(source, pa.Table):
         return InputSource(name="<table>", format="table", table=source, limit=limit)
     if not isinstance(source, str | Path):
@@ -455,6 +457,9 @@ def open_input(
             f"Cannot read input of type {type(source).__name__}: "
             "give a path, a pandas DataFrame or a pyarrow Table."
         )
+    name = str(source)
+    if is_uri(source):  # s3://, gs://, hdfs://, file://: a local copy (see remote_input)
+        name, source = shown(str(source)), local_copy(str(source))
     path = Path(source)
     if not path.exists():
         raise InputError(f"Input file {path} does not exist.")
@@ -465,6 +470,6 @@ def open_input(
         raise InputError(f"Input file {path} is empty (0 bytes).")
     if input_format == "tsv" and delimiter is None:
         delimiter = "\t"
-    src = InputSource(name=str(path), format=fmt, path=path, limit=limit, delimiter=delimiter)
+    src = InputSource(name=name, format=fmt, path=path, limit=limit, delimiter=delimiter)
     src.schema()  # fail early on a malformed header / file
     return src
