@@ -5,10 +5,10 @@ Owns turning such a URI into a local file the reader can scan: it is copied once
 into a private cache (``$TMPDIR/pipeline-input-<uid>/<hash of the URI>/``) and used again by
 the next run while the object's size and modification time are unchanged, so a resume asks
 the store for those two only and downloads nothing. ``file://`` URIs need no copy. Endpoint,
-region and credentials come from the store's standard variables (for S3: ``AWS_ENDPOINT_URL``, ``AWS_REGION`` /
-``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, or the AWS config
-files), read by pyarrow; this module never logs, prints or writes them, and names a URI with
-its user info masked. It parses no rows.
+region and credentials come from the store's standard variables (for S3:
+``AWS_ENDPOINT_URL``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, or the AWS config files), read by pyarrow; this module never
+logs, prints or writes them, and names a URI with its user info masked. It parses no rows.
 """
 
 from __future__ import annotations
