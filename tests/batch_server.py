@@ -38,6 +38,7 @@ class BatchServer:
         self.batches: dict[str, dict[str, Any]] = {}
         self.creates: list[dict[str, str]] = []  # the metadata of every create received
         self.cancelled: list[str] = []  # the ids of the batches cancelled
+        self.polls = {"list": 0, "get": 0}  # GET /batches and GET /batches/{id} received
         self.lines_answered = 0
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -215,8 +216,10 @@ class BatchServer:
                 split = urlsplit(self.path)
                 parts = split.path.strip("/").split("/")
                 if split.path == "/v1/batches":
+                    server.polls["list"] += 1
                     self._reply(200, server.listing(parse_qs(split.query)))
                 elif parts[:2] == ["v1", "batches"] and len(parts) == 3:
+                    server.polls["get"] += 1
                     batch = server.get(parts[2])
                     self._reply(200 if batch else 404, batch or {"error": {"message": "none"}})
                 elif parts[:2] == ["v1", "files"] and parts[-1] == "content":

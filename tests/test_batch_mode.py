@@ -272,3 +272,16 @@ def test_cancel_keeps_what_the_batch_answered_and_its_other_rows_are_not_sent_ag
         assert third.exit_code == EXIT_OK and len(server.creates) == 2
         assert server.lines_answered == 25
     assert (pd.read_parquet(output)["status"] == "ok").all()
+
+
+def test_one_list_call_a_poll_cycle_asks_about_every_running_batch(tmp_path: Path) -> None:
+    data = _input(tmp_path / "in.csv")
+    with BatchServer(Faults(polls_running=3)) as server:
+        summary = run_job(
+            data, tmp_path / "out.parquet", base_url=server.base_url,
+            batch_max_requests=10, **FAST,
+        )  # fmt: skip
+        assert summary.exit_code == EXIT_OK and len(server.batches) == 3
+        # 3 batches each polled until it ends: cycles of one list call, no per-batch GET
+        assert server.polls["get"] == 0
+        assert 1 <= server.polls["list"] <= 5

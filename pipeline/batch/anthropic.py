@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,9 @@ class AnthropicDialect:
 
     async def find(self, tag: dict[str, str]) -> str | None:
         return None
+
+    def new_cycle(self, batch_ids: Iterable[str]) -> None:
+        pass  # each batch is asked about alone
 
     async def view(self, batch_id: str) -> BatchView:
         batch = await self.api.retried(

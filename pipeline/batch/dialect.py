@@ -9,7 +9,7 @@ without its answer cannot be told from one that never happened, and the run stop
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +42,10 @@ class Dialect(Protocol):
     async def create(self, path: Path, file_id: str | None, tag: dict[str, str]) -> str: ...
 
     async def find(self, tag: dict[str, str]) -> str | None: ...
+
+    def new_cycle(self, batch_ids: Iterable[str]) -> None:
+        """A poll cycle asks about ``batch_ids`` (a dialect may answer them with one call)."""
+        ...
 
     async def view(self, batch_id: str) -> BatchView: ...
 

@@ -178,7 +178,9 @@ class BatchExecutor:
                     state.merged = True
                 else:
                     driven.append(state)
-            # every part a step at once: one uploads while the provider works on another
+            # every part a step at once: one uploads while the provider works on another;
+            # the batches polled are asked about together (one list call where it can)
+            client.new_cycle(s.batch_id for s in driven if s.batch_id and s.status is None)
             steps = await asyncio.gather(*(self._advance(state, client) for state in driven))
             changed = any(steps)
             for state in driven:

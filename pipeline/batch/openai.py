@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,23 @@ class OpenAIBatches:
                 return None
             after = page.get("last_id") or page["data"][-1]["id"]
 
+    async def listed(self, wanted: set[str], pages: int = 5) -> dict[str, dict[str, Any]]:
+        """The batches of ``wanted`` that the newest ``pages`` pages of the list show."""
+        found: dict[str, dict[str, Any]] = {}
+        after: str | None = None
+        for _ in range(pages):
+            params: dict[str, Any] = {"limit": 100}
+            if after:
+                params["after"] = after
+            page = await self.retried(partial(self.http.get, "/batches", params=params), "list")
+            for batch in page.get("data") or []:
+                if batch.get("id") in wanted:
+                    found[str(batch["id"])] = dict(batch)
+            if len(found) == len(wanted) or not page.get("has_more") or not page.get("data"):
+                break
+            after = page.get("last_id") or page["data"][-1]["id"]
+        return found
+
     async def get(self, batch_id: str) -> dict[str, Any]:
         return await self.retried(lambda: self.http.get(f"/batches/{batch_id}"), "get batch")
 
@@ -210,6 +227,24 @@ class OpenAIDialect:
     def __init__(self, api: OpenAIBatches, endpoint: str) -> None:
         self.api = api
         self.endpoint = endpoint
+        self._polling: set[str] = set()  # the batches this poll cycle asks about
+        self._listed: asyncio.Future[dict[str, dict[str, Any]]] | None = None
+
+    def new_cycle(self, batch_ids: Iterable[str]) -> None:
+        """A poll cycle begins that asks about ``batch_ids``: with two or more, one list
+        call (``GET /batches``, newest first, pages until every one is seen) answers for
+        all; a batch the pages did not show is asked about alone."""
+        self._polling = set(batch_ids)
+        self._listed = None
+
+    async def _batch(self, batch_id: str) -> dict[str, Any]:
+        if len(self._polling) >= 2 and batch_id in self._polling:
+            if self._listed is None:
+                self._listed = asyncio.ensure_future(self.api.listed(self._polling))
+            listed = await asyncio.shield(self._listed)
+            if batch_id in listed:
+                return listed[batch_id]
+        return await self.api.get(batch_id)
 
     async def upload(self, path: Path) -> str:
         return await self.api.upload(path)
@@ -223,7 +258,7 @@ class OpenAIDialect:
         return None if found is None else str(found["id"])
 
     async def view(self, batch_id: str) -> BatchView:
-        batch = await self.api.get(batch_id)
+        batch = await self._batch(batch_id)
         status = str(batch.get("status", "")).lower()
         errors = list(((batch.get("errors") or {}).get("data") or [])[:100])
         counts = batch.get("request_counts") or {}
