@@ -28,11 +28,12 @@ from .fingerprint import FINGERPRINT_DEFAULTS, fingerprint, fingerprint_parts
 from .keys import RowKeys, compute_keys, model_row_keys, sample_row_keys
 from .memory import release_memory
 from .opening import open_job
+from .pricing import BATCH_PRICE_FACTOR as BATCH_PRICE_FACTOR
 from .pricing import PriceTable
 from .prompts import PromptBuilder
 from .proxy import ProxySettings, settings_from
 from .reader import InputSource, Resume
-from .records import STATUS_CODES
+from .records import COST_BATCH_TABLE, STATUS_CODES
 from .result_index import ResultIndex
 from .samples import SampleRequest, plan_requests
 from .shards import Shard
@@ -426,22 +427,23 @@ def _cached_for(
     return cached
 
 
-BATCH_PRICE_FACTOR = 0.5  # batch mode's price as a share of the online price table's
-
-
 def _at_batch_price(result: Estimate, notes: list[str]) -> Estimate:
-    """``result`` priced as batch mode bills it (see ``batch.executor.BatchOptions``)."""
-
-    def half(cost: float | None) -> float | None:
-        return None if cost is None else cost * BATCH_PRICE_FACTOR
-
+    """``result`` priced as batch mode bills it: the entry's batch prices, else
+    ``BATCH_PRICE_FACTOR`` of its online price (``Price.batch``)."""
+    if result.price is None:
+        return result
+    batch, source = result.price.batch()
     notes.append(
-        f"--batch: costs at {BATCH_PRICE_FACTOR:.0%} of the price table (the Batch APIs' "
-        "discount; check your provider's)"
+        "--batch: costs at the price table's batch prices"
+        if source == COST_BATCH_TABLE
+        else f"--batch: costs at {BATCH_PRICE_FACTOR:.0%} of the price table (the Batch "
+        "APIs' usual discount; add batch_input/batch_output to the model's price entry "
+        "for its own)"
     )
+    high = result.completion_tokens_high
     return dataclasses.replace(
         result,
-        cost_low=half(result.cost_low),
-        cost_high=half(result.cost_high),
-        cost_typical=half(result.cost_typical),
+        cost_low=batch.cost(result.prompt_tokens, 0),
+        cost_high=None if high is None else batch.cost(result.prompt_tokens, high),
+        cost_typical=batch.cost(result.prompt_tokens, result.completion_tokens_typical),
     )

@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .records import COST_REPORTED, COST_TABLE, Cost  # cost_source values, defined in records
+from .records import (  # cost_source values, defined in records
+    COST_BATCH,
+    COST_BATCH_TABLE,
+    COST_REPORTED,
+    COST_TABLE,
+    Cost,
+)
 
 # packaged with the code (configs/prices.toml at the top of the repository is the same file,
 # kept as the user-facing example; tests/test_packaging.py checks they are equal)
@@ -35,7 +41,20 @@ PER_TOKENS = 1_000_000  # prices are USD per this many tokens
 
 USD_SPENT_HEADER = "x-aimlapi-usd-spent"
 
-_FIELDS = ("input", "output", "cached_input", "source", "date", "aliases", "dated_snapshots")
+_FIELDS = (
+    "input",
+    "output",
+    "cached_input",
+    "batch_input",
+    "batch_output",
+    "source",
+    "date",
+    "aliases",
+    "dated_snapshots",
+)
+# batch mode's price as a share of the online price, for a model whose entry has no batch
+# prices (the Batch APIs of OpenAI, Anthropic, Groq and Together all bill about half)
+BATCH_PRICE_FACTOR = 0.5
 _DATE_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
 
 
@@ -53,6 +72,24 @@ class Price:
     cached_input: float | None
     source: str
     date: str
+    batch_input: float | None = None  # USD per 1M tokens through a Batch API
+    batch_output: float | None = None
+
+    def batch(self) -> tuple[Price, str]:
+        """The price a Batch API bills, and the cost source that says which: the entry's
+        own batch prices (``batch_table``), else ``BATCH_PRICE_FACTOR`` of these
+        (``batch``)."""
+        if self.batch_input is not None and self.batch_output is not None:
+            return (
+                Price(self.batch_input, self.batch_output, None, self.source, self.date),
+                COST_BATCH_TABLE,
+            )
+        factor = BATCH_PRICE_FACTOR
+        cached = None if self.cached_input is None else self.cached_input * factor
+        return (
+            Price(self.input * factor, self.output * factor, cached, self.source, self.date),
+            COST_BATCH,
+        )
 
     def cost(
         self, prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None
@@ -265,7 +302,12 @@ def _parse_entry(path: Path, model: str, table: Any, *, require_source: bool) ->
         raise ConfigError(
             f"{where}: field 'dated_snapshots' must be true or false (got {dated!r})."
         )
+    batch_rates = (rate("batch_input", False), rate("batch_output", False))
+    if (batch_rates[0] is None) != (batch_rates[1] is None):
+        raise ConfigError(f"{where}: give both batch_input and batch_output, or neither.")
     price = Price(
+        batch_input=batch_rates[0],
+        batch_output=batch_rates[1],
         input=input_rate,
         output=output_rate,
         cached_input=rate("cached_input", False),

@@ -16,7 +16,8 @@ COST_DEDUP: Final = "dedup"  # copied from the identical row that was sent
 COST_CACHE: Final = "cache"  # answered from the response cache
 COST_SHARED: Final = "shared"  # a later sample of one request; the first carries the cost
 COST_MIXED: Final = "mixed"  # re-asks of one sample priced from different sources
-COST_BATCH: Final = "batch"  # usage x the price table x the Batch API's discount
+COST_BATCH: Final = "batch"  # usage x the price table x the Batch API's usual discount (0.5)
+COST_BATCH_TABLE: Final = "batch_table"  # usage x the price table's own batch prices
 COST_IMPORTED: Final = "imported"  # a result file made elsewhere (pipeline batch import)
 COST_SOURCES: Final = (
     COST_REPORTED,
@@ -26,6 +27,7 @@ COST_SOURCES: Final = (
     COST_SHARED,
     COST_MIXED,
     COST_BATCH,
+    COST_BATCH_TABLE,
     COST_IMPORTED,
 )
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from batch_server import BatchServer, Faults, answer
 from click.testing import CliRunner
 from conftest import run_job
@@ -52,7 +53,24 @@ def test_a_batch_run_writes_the_output_of_an_online_run(tmp_path: Path) -> None:
         _compare(batch), _compare(pd.read_parquet(tmp_path / "online.parquet"))
     )
     first = batch[batch["cost_source"] != "dedup"]
-    assert (first["cost_source"] == "batch").all()  # the batch price, not the online one
+    # the price table's own batch price of gpt-3.5-turbo (half its list price)
+    assert (first["cost_source"] == "batch_table").all()
+    paid = pd.read_parquet(tmp_path / "online.parquet").loc[first.index, "cost_usd"]
+    assert first["cost_usd"].tolist() == pytest.approx((paid / 2).tolist())
+
+
+def test_a_model_without_batch_prices_is_billed_half_its_price_and_says_so(
+    tmp_path: Path,
+) -> None:
+    data = _input(tmp_path / "in.csv", count=6)
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[models."gpt-3.5-turbo"]\ninput = 2.0\noutput = 4.0\n')
+    with BatchServer() as server:
+        run_job(data, tmp_path / "b.parquet", base_url=server.base_url, prices=str(prices), **FAST)
+    frame = pd.read_parquet(tmp_path / "b.parquet")
+    assert set(frame["cost_source"]) == {"batch"}
+    usage = frame["prompt_tokens"] * 2.0 + frame["completion_tokens"] * 4.0
+    assert frame["cost_usd"].tolist() == pytest.approx((usage / 1e6 / 2).tolist())
 
 
 def test_expired_lines_are_sent_again_in_a_new_part_and_end_ok(tmp_path: Path) -> None:

@@ -265,3 +265,24 @@ def test_row_cost_says_where_the_figure_comes_from(prices: PriceTable) -> None:
 def test_price_arithmetic_is_per_million_tokens() -> None:
     price = Price(input=2.0, output=8.0, cached_input=0.5, source="s", date="d")
     assert math.isclose(price.cost(1_000_000, 1_000_000, 1_000_000), 0.5 + 8.0)
+
+
+def test_batch_prices_are_the_entrys_own_or_half_and_need_both_fields(tmp_path: Path) -> None:
+    own = tmp_path / "own.toml"
+    own.write_text(
+        '[models."m"]\ninput = 1.0\noutput = 3.0\nbatch_input = 0.4\nbatch_output = 1.0\n'
+    )
+    price = PriceTable.load(own).price("m")
+    assert price is not None
+    batch, source = price.batch()
+    assert (source, batch.cost(1_000_000, 1_000_000)) == ("batch_table", pytest.approx(1.4))
+    half = tmp_path / "half.toml"
+    half.write_text('[models."m"]\ninput = 1.0\noutput = 3.0\n')
+    plain = PriceTable.load(half).price("m")
+    assert plain is not None
+    batch, source = plain.batch()
+    assert (source, batch.cost(1_000_000, 1_000_000)) == ("batch", pytest.approx(2.0))
+    one = tmp_path / "one.toml"
+    one.write_text('[models."m"]\ninput = 1.0\noutput = 3.0\nbatch_input = 0.4\n')
+    with pytest.raises(ConfigError, match="both batch_input and batch_output"):
+        PriceTable.load(one)

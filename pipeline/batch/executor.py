@@ -26,9 +26,9 @@ import httpx
 from ..asks import Ask, RequestShape, Results
 from ..config import RunConfig
 from ..errors import ConfigError
-from ..planning import BATCH_PRICE_FACTOR, Plan
+from ..planning import Plan
 from ..progress import Reporter
-from ..records import COST_BATCH, Cost, RowResult
+from ..records import Cost, RowResult
 from ..stopping import Stop, StopKind
 from .anthropic import AnthropicDialect, to_params
 from .dialect import TERMINAL, BatchView, Dialect
@@ -47,7 +47,6 @@ class BatchOptions:
     max_poll_interval: float = 600.0
     caps: PartCaps = field(default_factory=PartCaps)
     max_rounds: int = 3  # submissions of one line (expired, missing, 429/5xx lines go again)
-    price_factor: float = BATCH_PRICE_FACTOR  # the batch price as a share of the table's
 
 
 class BatchExecutor:
@@ -344,13 +343,13 @@ class BatchExecutor:
     def _result(self, outcome: Outcome, state: PartState) -> RowResult:
         cost = Cost(None, None)
         completion = outcome.completion
-        if completion is not None:
+        price = self.plan.prices.price(state.model)
+        if completion is not None and price is not None:
             usage = completion.usage
-            usd = self.plan.prices.cost(
-                state.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
-            )
-            if usd is not None:
-                cost = Cost(usd * self.options.price_factor, COST_BATCH)
+            if usage.prompt_tokens is not None and usage.completion_tokens is not None:
+                batch, source = price.batch()
+                usd = batch.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+                cost = Cost(usd, source)
         return row_result(outcome, attempts=state.round, cost=cost, shape=self.shape)
 
     def _given_up(self, key: int, outcome: Outcome | None, state: PartState) -> RowResult:
