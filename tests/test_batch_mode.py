@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from click.testing import CliRunner
 from conftest import run_job
 
 from pipeline.cli import main
-from pipeline.errors import EXIT_BATCHES_RUNNING, EXIT_FAILED_ROWS, EXIT_OK
+from pipeline.errors import EXIT_BATCHES_RUNNING, EXIT_FAILED_ROWS, EXIT_OK, ConfigError
 
 FAST = {"batch": True, "poll_interval": 0.01}
 
@@ -303,3 +304,33 @@ def test_one_list_call_a_poll_cycle_asks_about_every_running_batch(tmp_path: Pat
         # 3 batches each polled until it ends: cycles of one list call, no per-batch GET
         assert server.polls["get"] == 0
         assert 1 <= server.polls["list"] <= 5
+
+
+def test_a_part_whose_worst_case_would_pass_the_budget_is_not_created(tmp_path: Path) -> None:
+    data = _input(tmp_path / "in.csv")  # 25 distinct prompts: parts of 10, 10 and 5
+    prices = tmp_path / "prices.toml"
+    # $1 an output token at batch prices, input free: a line's worst case is max_tokens 20
+    # -> $20 (10 lines: $200), its actual cost its answer's 5 words -> $5
+    prices.write_text(
+        '[models."gpt-3.5-turbo"]\ninput = 0\noutput = 1\nbatch_input = 0\nbatch_output = 1000000\n'
+    )
+    options = {"batch_max_requests": 10, "max_tokens": 20, "prices": str(prices), **FAST}
+    with BatchServer() as server:
+        first = run_job(data, tmp_path / "out.parquet", base_url=server.base_url,
+                        max_cost=240.0, **options)  # fmt: skip
+        # one 10-line part ($200) fits; the other does not, and the 5-line part ($100)
+        # does once the first has cost its actual $50
+        assert first.exit_code == 4, first.aborted
+        assert len(server.creates) == 2 and first.cost_usd <= 240
+        assert re.search(r"budget reached: batch part\(s\) \d not created", first.aborted or "")
+        frame = pd.read_parquet(tmp_path / "out.parquet")
+        assert (frame["status"] == "pending").sum() == first.pending > 0
+        # a larger budget creates the part held back, and only that one
+        second = run_job(data, tmp_path / "out.parquet", base_url=server.base_url,
+                         max_cost=1000.0, **options)  # fmt: skip
+        assert second.exit_code == EXIT_OK and len(server.creates) == 3
+    assert (pd.read_parquet(tmp_path / "out.parquet")["status"] == "ok").all()
+    # without --max-tokens a part's worst case is unbounded: refused before anything is sent
+    with pytest.raises(ConfigError, match="needs --max-tokens"):
+        run_job(data, tmp_path / "other.parquet", base_url="http://127.0.0.1:9/v1",
+                batch=True, max_cost=1.0)  # fmt: skip

@@ -31,6 +31,7 @@ from ..progress import Reporter
 from ..records import Cost, RowResult
 from ..stopping import Stop, StopKind
 from .anthropic import AnthropicDialect, to_params
+from .budget import PartBudget
 from .dialect import TERMINAL, BatchView, Dialect
 from .journal import Journal, PartState
 from .lines import Outcome, row_result
@@ -72,6 +73,7 @@ class BatchExecutor:
         self.journal = Journal(self.directory)
         self._transport = transport
         self._make_dialect = dialect
+        self.budget = PartBudget(config, plan.index, plan.prices, self.directory)
         self.sent = 0  # lines submitted by this run
         self.cache_hits = 0
 
@@ -104,6 +106,7 @@ class BatchExecutor:
             self._add_part(parts, written, round_=1)
         if not any(p.open for p in parts.values()):
             return
+        self.budget.commit_created(parts)
         dialect = self._dialect()
         try:
             await self._drive(parts, wanted, results, stop, dialect)
@@ -190,6 +193,17 @@ class BatchExecutor:
                     changed = True
             if not any(p.open for p in parts.values()):
                 return
+            waiting = [p for p in parts.values() if p.open]
+            if all(p.part in self.budget.held for p in waiting) and not any(
+                self.budget.refusal(p) is None for p in waiting
+            ):
+                held = sorted(self.budget.held)
+                stop.request(
+                    StopKind.BUDGET,
+                    f"budget reached: batch part(s) {', '.join(map(str, held))} not created "
+                    "(their rows stay pending; rerun with a larger budget to create them)",
+                )
+                return
             if not self.options.wait:
                 running = [p for p in parts.values() if p.open]
                 stop.request(
@@ -256,6 +270,12 @@ class BatchExecutor:
                 state.batch_id, state.creating = found, None
                 self.reporter.note(f"batch part {state.part}: found batch {found} by its tag")
                 return True
+        refusal = self.budget.admit(state)
+        if refusal is not None:
+            if state.part not in self.budget.held:
+                self.budget.held.add(state.part)
+                self.reporter.note(f"batch part {state.part}: not created: {refusal}")
+            return False
         attempt = state.attempt + 1
         t0 = time.time()
         journal.append("create", state.part, attempt=attempt, t0=t0)
@@ -312,6 +332,7 @@ class BatchExecutor:
             if part != state.part
         }
         again: list[bytes] = []
+        spent = [0.0, 0]
         for key, line in await asyncio.to_thread(
             lambda: list(read_lines(self.directory / state.file))
         ):
@@ -328,7 +349,12 @@ class BatchExecutor:
                 else:
                     results.record(self._given_up(key, outcome, state))
             else:
-                results.record(self._result(outcome, state))
+                result = self._result(outcome, state)
+                spent[0] += result.cost_usd or 0.0
+                spent[1] += (result.usage.prompt_tokens or 0) + (
+                    result.usage.completion_tokens or 0
+                )
+                results.record(result)
         if again:
             writer = PartWriter(self.directory, max(parts) + 1, self.options.caps)
             for line in again:
@@ -339,6 +365,7 @@ class BatchExecutor:
             return  # the checkpoint cannot be written: the run stops; a rerun merges again
         self.journal.append("merged", state.part)
         state.merged = True
+        self.budget.settle(state, spent[0], int(spent[1]))
 
     def _result(self, outcome: Outcome, state: PartState) -> RowResult:
         cost = Cost(None, None)
@@ -407,11 +434,13 @@ def make_batch_executor(
     dialect = dialect_for(config)
     if dialect not in ("openai", "anthropic"):
         raise ConfigError(f"--batch-dialect {dialect!r}: use openai or anthropic.")
-    if config.max_cost is not None or config.max_total_tokens is not None:
+    if (
+        config.max_cost is not None or config.max_total_tokens is not None
+    ) and config.max_tokens is None:
         raise ConfigError(
-            "--batch with --max-cost/--max-total-tokens is not supported yet: a batch is "
-            "paid when it runs, so the budget would have to hold before each part is "
-            "created. Run without the budget (pipeline estimate --batch shows the cost)."
+            "--batch with --max-cost/--max-total-tokens needs --max-tokens: a batch is paid "
+            "when it runs, so each part's worst case must be known before it is created "
+            "(e.g. --max-tokens 256)."
         )
     if dialect == "anthropic":
         host = (urlsplit(config.base_url).hostname or "").lower()
