@@ -266,7 +266,10 @@ class RunThread:
             loop.call_soon_threadsafe(on_signal, signal.SIGINT)
 
     def result(self) -> RunSummary:
-        """The run's summary once ``done``; raises what the run raised."""
+        """The run's summary once ``done``; raises what the run raised. The thread is gone
+        when it returns (it is past ``done`` already: only its last lines are left)."""
+        if self.done.is_set():
+            self.thread.join(timeout=5.0)
         outcome = self._outcome
         if isinstance(outcome, BaseException):
             raise outcome
