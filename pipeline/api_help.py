@@ -47,7 +47,8 @@ OPTION_HELP: dict[str, str] = {
     "response_format": "'json_object', 'text', a dict, or '@schema.json'.",
     "params": "any other request body fields, as a dict.",
     "id_column": "column with a unique row id (else keys derive from the row's content).",
-    "input_format": "csv | tsv | parquet | jsonl, for a path whose extension does not say.",
+    "input_format": "csv | tsv | parquet | jsonl, for a path whose extension does not say; "
+    "openai-batch: an OpenAI Batch input file, each line's body sent as it is.",
     "delimiter": "CSV field separator, e.g. ';' or '\\t' (default ',', a tab for .tsv).",
     "limit": "only the first N rows (a smoke test).",
     "overwrite": "replace an output this tool's checkpoint did not write.",

@@ -239,8 +239,9 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     ),
     click.option(
         "--input-format",
-        type=click.Choice(["csv", "tsv", "parquet", "jsonl"]),
-        help="Override the format given by the extension (tsv: tab-separated CSV).",
+        type=click.Choice(["csv", "tsv", "parquet", "jsonl", "openai-batch"]),
+        help="Override the format given by the extension (tsv: tab-separated CSV; "
+        "openai-batch: an OpenAI Batch input file, each line's body sent as it is).",
     ),
     click.option(
         "--delimiter",

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .batch_input_file import batch_file_job
 from .cache import ResponseCache
 from .checkpoint import Checkpoint
 from .client import build_body
@@ -340,6 +341,8 @@ def estimate_job(
     Rows that OUTPUT's checkpoint already has for a model are left out of that model's
     estimate; duplicates (``dedup``) and responses in ``cache`` are counted apart.
     """
+    if config.input_format == "openai-batch":  # the file says model, messages and fields
+        data, config = batch_file_job(data, config)
     source, builder = open_job(data, config)
     checkpoint = Checkpoint(Path(output)) if output is not None else None
     row_keys = compute_keys(

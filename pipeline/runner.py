@@ -30,6 +30,7 @@ import httpx
 
 from . import engine
 from .asks import RequestShape
+from .batch_input_file import batch_file_job
 from .config import RunConfig
 from .engine import Executor
 from .memory import fewer_collections, map_large_blocks, release_memory
@@ -74,6 +75,8 @@ async def run_async(
     RunAborted (with ``.summary``) after a fatal error or a signal."""
     seams = seams or Seams()
     output = Path(output)
+    if config.input_format == "openai-batch":  # the file says model, messages and fields
+        data, config = batch_file_job(data, config)
     config = share_limits(config)  # a shard's share of the key's --rpm / --tpm
     started = time.monotonic()
     map_large_blocks()

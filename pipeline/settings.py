@@ -308,8 +308,8 @@ def validate(config: RunConfig) -> None:
         ),
         (config.log_format in ("text", "json"), "--log-format: text or json"),
         (
-            config.input_format in (None, "csv", "tsv", "parquet", "jsonl"),
-            "--input-format: csv, tsv, parquet or jsonl",
+            config.input_format in (None, "csv", "tsv", "parquet", "jsonl", "openai-batch"),
+            "--input-format: csv, tsv, parquet, jsonl or openai-batch",
         ),
         (
             config.max_tokens is None or config.max_tokens <= MAX_TOKENS_BOUND,

@@ -11,11 +11,12 @@ from typing import Any
 
 import httpx
 import pandas as pd
+import pytest
 from conftest import run_job
 
 from pipeline.batch.interchange import export_requests, import_results
 from pipeline.config import RunConfig
-from pipeline.errors import EXIT_FAILED_ROWS
+from pipeline.errors import EXIT_FAILED_ROWS, ConfigError, InputError
 from pipeline.simulator import SimulatorThread
 
 
@@ -137,3 +138,46 @@ def test_imported_lines_become_rows_and_a_later_run_sends_only_the_rest(
     )
     final = pd.read_parquet(output)
     assert final["status"].value_counts().to_dict() == {"ok": 17, "error": 3}
+
+
+def test_a_batch_input_file_runs_online_each_body_sent_as_it_is(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    requests = tmp_path / "requests.jsonl"
+    config = RunConfig(model="gpt-4o-mini", temperature=0.2, max_tokens=30, params={"top_k": 3})
+    count = export_requests(_input(tmp_path / "in.csv", 10), requests, config)
+    lines = _lines(requests)
+    assert count == len(lines) == 8
+    summary = run_job(
+        requests, tmp_path / "out.parquet", base_url=simulator.base_url,
+        input_format="openai-batch",
+    )  # fmt: skip
+    assert summary.exit_code == 0 and summary.ok == 8
+    sent = [r.body for r in simulator.simulator.requests]
+    assert sorted(map(_canonical, sent)) == sorted(_canonical(line["body"]) for line in lines)
+    frame = pd.read_parquet(tmp_path / "out.parquet")
+    assert frame["custom_id"].tolist() == [line["custom_id"] for line in lines]
+    assert frame["status"].eq("ok").all()
+    # rerun: resumes by custom_id, sends nothing
+    again = run_job(requests, tmp_path / "out.parquet", base_url=simulator.base_url,
+                    input_format="openai-batch")  # fmt: skip
+    assert (again.sent, again.resumed) == (0, 8)
+
+
+def test_a_batch_input_file_that_mixes_models_is_refused_naming_the_line(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    path = tmp_path / "mixed.jsonl"
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": model, "messages": [{"role": "user", "content": f"q{i}"}]}}
+        for i, model in enumerate(["gpt-4o-mini", "gpt-4o-mini", "gpt-4o"])
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(InputError, match=r"line 3: its body's model differ from line 1"):
+        run_job(path, tmp_path / "o.parquet", base_url=simulator.base_url,
+                input_format="openai-batch")  # fmt: skip
+    with pytest.raises(ConfigError, match="drop --model"):
+        run_job(path, tmp_path / "o.parquet", base_url=simulator.base_url,
+                input_format="openai-batch", model="gpt-4o")  # fmt: skip
+    assert simulator.simulator.requests == []
