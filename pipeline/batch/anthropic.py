@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +127,7 @@ class AnthropicDialect:
         await self.api.download_url(view.output_ref, path)
         return [path]
 
-    def parse(self, chunks: Sequence[bytes]) -> Parsed:
+    def parse(self, chunks: Iterable[bytes]) -> Parsed:
         return parse_results(chunks, lambda key, line: outcome(key, line.get("result") or {}))
 
     async def cancel(self, batch_id: str) -> None:

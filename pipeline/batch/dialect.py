@@ -9,7 +9,7 @@ without its answer cannot be told from one that never happened, and the run stop
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,7 +51,7 @@ class Dialect(Protocol):
 
     async def fetch(self, view: BatchView, dest: Path) -> list[Path]: ...
 
-    def parse(self, chunks: Sequence[bytes]) -> Parsed: ...
+    def parse(self, chunks: Iterable[bytes]) -> Parsed: ...
 
     async def cancel(self, batch_id: str) -> None: ...
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -37,6 +38,8 @@ from .journal import Journal, PartState
 from .lines import Outcome, row_result
 from .openai import AmbiguousCreate, BatchAPIError, OpenAIBatches, OpenAIDialect, TokenLimit
 from .parts import ENDPOINT, MAX_REQUESTS, PartCaps, PartWriter, WrittenPart, ask_lines, read_lines
+
+FLUSH_LINES = 5000  # a merge makes its results durable this often (bounded memory)
 
 
 @dataclass(frozen=True)
@@ -315,7 +318,8 @@ class BatchExecutor:
     ) -> None:
         view = BatchView(state.status or "", state.output_file_id, state.error_file_id)
         paths = await client.fetch(view, self.directory / state.file)
-        parsed = client.parse([await asyncio.to_thread(p.read_bytes) for p in paths])
+        # line by line: a 50,000-line output file is never held whole
+        parsed = await asyncio.to_thread(client.parse, _lines_of(paths))
         if state.status == "failed":
             self.reporter.error(
                 f"batch {state.batch_id} (part file {state.file}) failed validation: "
@@ -333,9 +337,9 @@ class BatchExecutor:
         }
         again: list[bytes] = []
         spent = [0.0, 0]
-        for key, line in await asyncio.to_thread(
-            lambda: list(read_lines(self.directory / state.file))
-        ):
+        for number, (key, line) in enumerate(read_lines(self.directory / state.file)):
+            if number % FLUSH_LINES == FLUSH_LINES - 1 and not await results.flush():
+                return  # the checkpoint cannot be written: the run stops; a rerun merges
             if key not in wanted or key in elsewhere:
                 continue  # done already, or waiting in a newer part
             outcome = parsed.outcomes.get(key)
@@ -408,6 +412,13 @@ class BatchExecutor:
             ),
             attempts=state.round,
         )
+
+
+def _lines_of(paths: Iterable[Path]) -> Iterator[bytes]:
+    """Every line of the files, one at a time."""
+    for path in paths:
+        with open(path, "rb") as fh:
+            yield from fh
 
 
 def _count(value: int | None) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -284,7 +284,7 @@ class OpenAIDialect:
                 paths.append(path)
         return paths
 
-    def parse(self, chunks: Sequence[bytes]) -> Parsed:
+    def parse(self, chunks: Iterable[bytes]) -> Parsed:
         return parse_results(chunks)
 
     async def cancel(self, batch_id: str) -> None:
