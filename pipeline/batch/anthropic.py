@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import httpx
 from ..errors import ConfigError
 from ..records import Choice, Completion, Usage
 from .dialect import BatchView
-from .lines import Outcome, Parsed, parse_results
+from .lines import Outcome, Parsed, iter_results, parse_results
 from .openai import AmbiguousCreate, BatchAPIError, OpenAIBatches, TokenLimit
 
 DEFAULT_MAX_TOKENS = 1024  # Messages needs one; an OpenAI body may leave it out
@@ -128,7 +128,10 @@ class AnthropicDialect:
         return [path]
 
     def parse(self, chunks: Iterable[bytes]) -> Parsed:
-        return parse_results(chunks, lambda key, line: outcome(key, line.get("result") or {}))
+        return parse_results(chunks, _read_line)
+
+    def outcomes(self, chunks: Iterable[bytes]) -> Iterator[tuple[int, Outcome]]:
+        return iter_results(chunks, _read_line)
 
     async def cancel(self, batch_id: str) -> None:
         await self.api.retried(
@@ -137,6 +140,10 @@ class AnthropicDialect:
 
     async def aclose(self) -> None:
         await self.api.aclose()
+
+
+def _read_line(key: int, line: dict[str, Any]) -> Outcome:
+    return outcome(key, line.get("result") or {})
 
 
 def outcome(key: int, result: dict[str, Any]) -> Outcome:

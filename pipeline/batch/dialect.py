@@ -9,12 +9,12 @@ without its answer cannot be told from one that never happened, and the run stop
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .lines import Parsed
+from .lines import Outcome, Parsed
 
 TERMINAL = frozenset({"completed", "expired", "cancelled", "failed"})
 
@@ -52,6 +52,10 @@ class Dialect(Protocol):
     async def fetch(self, view: BatchView, dest: Path) -> list[Path]: ...
 
     def parse(self, chunks: Iterable[bytes]) -> Parsed: ...
+
+    def outcomes(self, chunks: Iterable[bytes]) -> Iterator[tuple[int, Outcome]]:
+        """(key, outcome) of each result line, one at a time (``lines.iter_results``)."""
+        ...
 
     async def cancel(self, batch_id: str) -> None: ...
 

@@ -318,8 +318,6 @@ class BatchExecutor:
     ) -> None:
         view = BatchView(state.status or "", state.output_file_id, state.error_file_id)
         paths = await client.fetch(view, self.directory / state.file)
-        # line by line: a 50,000-line output file is never held whole
-        parsed = await asyncio.to_thread(client.parse, _lines_of(paths))
         if state.status == "failed":
             self.reporter.error(
                 f"batch {state.batch_id} (part file {state.file}) failed validation: "
@@ -335,30 +333,21 @@ class BatchExecutor:
             for key, part in (await asyncio.to_thread(self._open_lines, parts)).items()
             if part != state.part
         }
+        # the lines still to settle: asked for, and not waiting in a newer part
+        open_keys = {
+            key
+            for key, _ in read_lines(self.directory / state.file)
+            if key in wanted and key not in elsewhere
+        }
+        spent, unsettled = await self._record_outcomes(state, client, paths, open_keys, results)
+        if unsettled is None:
+            return  # the checkpoint cannot be written: the run stops; a rerun merges again
         again: list[bytes] = []
-        spent = [0.0, 0]
-        for number, (key, line) in enumerate(read_lines(self.directory / state.file)):
-            if number % FLUSH_LINES == FLUSH_LINES - 1 and not await results.flush():
-                return  # the checkpoint cannot be written: the run stops; a rerun merges
-            if key not in wanted or key in elsewhere:
-                continue  # done already, or waiting in a newer part
-            outcome = parsed.outcomes.get(key)
-            if state.status == "failed":
-                results.record(self._validation_failed(key, state))
-            elif state.cancelled and (outcome is None or outcome.retryable):
-                continue  # cancelled by the user before it ran: stays pending, not sent again
-            elif outcome is None or outcome.retryable:
-                if state.round < self.options.max_rounds:
-                    again.append(line)
-                else:
-                    results.record(self._given_up(key, outcome, state))
-            else:
-                result = self._result(outcome, state)
-                spent[0] += result.cost_usd or 0.0
-                spent[1] += (result.usage.prompt_tokens or 0) + (
-                    result.usage.completion_tokens or 0
-                )
-                results.record(result)
+        if not state.cancelled:  # a cancelled batch's other lines stay pending
+            resend = {k for k in unsettled if state.round < self.options.max_rounds}
+            for key in unsettled.keys() - resend:
+                results.record(self._given_up(key, unsettled[key], state))
+            again = [line for key, line in read_lines(self.directory / state.file) if key in resend]
         if again:
             writer = PartWriter(self.directory, max(parts) + 1, self.options.caps)
             for line in again:
@@ -370,6 +359,40 @@ class BatchExecutor:
         self.journal.append("merged", state.part)
         state.merged = True
         self.budget.settle(state, spent[0], int(spent[1]))
+
+    async def _record_outcomes(
+        self,
+        state: PartState,
+        client: Dialect,
+        paths: list[Path],
+        open_keys: set[int],
+        results: Results,
+    ) -> tuple[tuple[float, int], dict[int, Outcome | None] | None]:
+        """Record the result of each open line as its outcome is read (never all at once);
+        returns (USD and tokens spent, the lines left unsettled: missing (None) or retryable),
+        or None for the latter when the checkpoint cannot be written."""
+        spent, recorded = [0.0, 0], 0
+        unsettled: dict[int, Outcome | None] = dict.fromkeys(open_keys)
+        if state.status == "failed":
+            for key in open_keys:
+                results.record(self._validation_failed(key, state))
+            return (0.0, 0), {}
+        for key, outcome in client.outcomes(_lines_of(paths)):
+            if key not in unsettled or unsettled[key] is not None:
+                continue  # not ours to settle, or a repeated line (the first wins)
+            if outcome.retryable:
+                unsettled[key] = outcome
+                continue
+            del unsettled[key]
+            result = self._result(outcome, state)
+            usage = result.usage
+            spent[0] += result.cost_usd or 0.0
+            spent[1] += (usage.prompt_tokens or 0) + (usage.completion_tokens or 0)
+            results.record(result)
+            recorded += 1
+            if recorded % FLUSH_LINES == 0 and not await results.flush():
+                return (spent[0], int(spent[1])), None
+        return (spent[0], int(spent[1])), unsettled
 
     def _result(self, outcome: Outcome, state: PartState) -> RowResult:
         cost = Cost(None, None)

@@ -16,7 +16,7 @@ other errors are the row's result. Lines of unknown or repeated ids are counted 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,8 +55,24 @@ def parse_results(
 ) -> Parsed:
     """Every line of the output and error files (in any order) -> outcomes by key; ``read``
     makes a line's ``Outcome`` (by default the OpenAI line shapes, ``outcome``)."""
-    read = read or outcome
     parsed = Parsed({})
+    for key, found in iter_results(chunks, read, parsed):
+        if key in parsed.outcomes:
+            parsed.repeated += 1
+        else:
+            parsed.outcomes[key] = found
+    return parsed
+
+
+def iter_results(
+    chunks: Iterable[bytes],
+    read: Callable[[int, dict[str, Any]], Outcome] | None = None,
+    counts: Parsed | None = None,
+) -> Iterator[tuple[int, Outcome]]:
+    """(key, outcome) of each line of the result files, in their order, one at a time (a
+    part's 50,000 outcomes are never held together); lines that are not ours are counted in
+    ``counts.unknown``."""
+    read = read or outcome
     for chunk in chunks:
         for raw in chunk.splitlines():
             if not raw.strip():
@@ -64,16 +80,13 @@ def parse_results(
             try:
                 line = json.loads(raw)
             except ValueError:
-                parsed.unknown += 1
-                continue
+                line = None
             key = key_of(str(line.get("custom_id", ""))) if isinstance(line, dict) else None
-            if key is None:
-                parsed.unknown += 1
-            elif key in parsed.outcomes:
-                parsed.repeated += 1
-            else:
-                parsed.outcomes[key] = read(key, line)
-    return parsed
+            if key is None or line is None:
+                if counts is not None:
+                    counts.unknown += 1
+                continue
+            yield key, read(key, line)
 
 
 def outcome(key: int, line: dict[str, Any]) -> Outcome:

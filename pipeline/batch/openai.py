@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import httpx
 from ..atomic import atomic_write
 from ..errors import FatalError
 from .dialect import TERMINAL, BatchView
-from .lines import Parsed, parse_results
+from .lines import Outcome, Parsed, iter_results, parse_results
 
 Sleep = Callable[[float], Awaitable[None]]
 TRANSIENT = (httpx.TransportError,)
@@ -286,6 +286,9 @@ class OpenAIDialect:
 
     def parse(self, chunks: Iterable[bytes]) -> Parsed:
         return parse_results(chunks)
+
+    def outcomes(self, chunks: Iterable[bytes]) -> Iterator[tuple[int, Outcome]]:
+        return iter_results(chunks)
 
     async def cancel(self, batch_id: str) -> None:
         await self.api.cancel(batch_id)
