@@ -76,7 +76,7 @@ OPTION_HELP: dict[str, str] = {
     "cache": "response cache directory shared across runs and outputs.",
     "dry_run": "command line only (pipeline run --dry-run); refused here.",
     "batch": "send through the provider's Batch API (about half price, within 24 h).",
-    "batch_dialect": "openai | anthropic: the Batch API's dialect (default: from base_url).",
+    "batch_dialect": "openai | anthropic | aimlapi: the Batch API's dialect (default: base_url's).",
     "batch_max_requests": "requests per batch (default: the provider's cap, 50,000).",
     "poll_interval": "seconds before the first poll of a batch; x1.5 while nothing changes.",
     "wait": "batch=True: wait for the batches (False: submit, collect what is ready, exit).",

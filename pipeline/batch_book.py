@@ -101,7 +101,7 @@ class SimBatch:
     """One batch of either dialect. Status is never stored: it is computed from the clock."""
 
     id: str
-    dialect: str  # "openai" | "anthropic"
+    dialect: str  # "openai" | "anthropic" | "aimlapi"
     created_at: float
     lines: list[SimLine]
     model: str

@@ -12,6 +12,12 @@ Endpoints: ``POST /v1/messages/batches``, ``GET /v1/messages/batches`` (``?limit
 &after_id=``, newest first), ``GET /v1/messages/batches/{id}``, ``POST
 /v1/messages/batches/{id}/cancel``, ``GET /v1/messages/batches/{id}/results`` (400 until
 the batch has ended). An unknown batch is 404 with Anthropic's error body.
+
+The AI/ML API's variant (BATCH-API.md section 3), routed here by ``pipeline.batch_service``:
+``POST /v1/batches`` with inline ``requests`` (``aiml_create``), ``GET
+/v1/batches?batch_id=ID`` (``aiml_status``: ``[{id, status: "generating"}]`` while it runs,
+the batch object with ``status: "cancelled"`` once cancelled, the result JSONL once ended)
+and ``POST /v1/batches/cancel/{id}`` (``aiml_cancel``: 400 once it has ended).
 """
 
 from __future__ import annotations
@@ -140,7 +146,31 @@ class MessageBatches:
     def _reply(obj: Any) -> Reply:
         return 200, [("content-type", "application/json")], json.dumps(obj).encode()
 
-    def _create(self, body: bytes) -> Reply:
+    def aiml_create(self, body: bytes) -> Reply:
+        return self._create(body, "aimlapi")
+
+    def aiml_status(self, batch_id: str) -> Reply:
+        batch = self.book.batches.get(batch_id)
+        if batch is None or batch.dialect != "aimlapi":
+            return anthropic_error(404, f"No batch found with id '{batch_id}'.")
+        if batch.cancel_at is not None:
+            cancelled = {**self._object(batch, {}), "results_url": None, "status": "cancelled"}
+            return self._reply(cancelled)
+        if not self.book.phase(batch, self.book.clock()).terminal:
+            return self._reply([{"id": batch.id, "status": "generating"}])
+        return self._results(batch)
+
+    def aiml_cancel(self, batch_id: str) -> Reply:
+        batch = self.book.batches.get(batch_id)
+        if batch is None or batch.dialect != "aimlapi":
+            return anthropic_error(404, f"No batch found with id '{batch_id}'.")
+        if self.book.phase(batch, self.book.clock()).terminal:
+            return anthropic_error(400, f"Batch {batch_id} has already finished processing.")
+        if batch.cancel_at is None:
+            batch.cancel_at = self.book.clock()
+        return self._reply(self._object(batch, {}))
+
+    def _create(self, body: bytes, dialect: str = "anthropic") -> Reply:
         try:
             request = json.loads(body)
         except ValueError:
@@ -158,7 +188,8 @@ class MessageBatches:
         refusal = self.book.refusal(model, sum(estimate_tokens(line.body) for line in lines))
         if refusal is not None:  # Anthropic's batch queue limits are rate limits: 429
             return anthropic_error(429, refusal)
-        batch = self.book.add(self.book.next_id("msgbatch_sim"), "anthropic", lines)
+        prefix = "msgbatch_sim" if dialect == "anthropic" else "aimlbatch"
+        batch = self.book.add(self.book.next_id(prefix), dialect, lines)
         if self.book.drop_this_create():
             return 0, [], b""
         return self._reply(self._object(batch, {}))

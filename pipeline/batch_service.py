@@ -15,7 +15,10 @@ OpenAI endpoints: ``POST /v1/files`` (multipart: ``purpose``, ``file``), ``GET /
 /v1/files/{id}``, ``POST /v1/batches``, ``GET /v1/batches`` (``?limit=&after=``, newest
 first), ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``. An unknown file or
 batch is 404. A create with a bad body is 400; an input file that fails validation makes a
-batch that ends ``failed`` with ``errors.data`` (see ``pipeline.batch_input``).
+batch that ends ``failed`` with ``errors.data`` (see ``pipeline.batch_input``). The AI/ML
+API's variant of Message Batches shares ``/v1/batches``: a create whose body has inline
+``requests``, ``GET /v1/batches?batch_id=`` and ``POST /v1/batches/cancel/{id}`` go to
+``pipeline.batch_messages``.
 
 Output lines: success in the output file; HTTP errors in the error file with
 ``response.body.error`` and top-level ``error`` null (the documented discrepancy); expired
@@ -211,10 +214,16 @@ class BatchService:
     def _batches(self, method: str, rest: list[str], query: dict[str, str], body: bytes) -> Reply:
         if not rest:
             if method == "POST":
+                if b'"requests"' in body and b'"input_file_id"' not in body:  # the AI/ML API
+                    return self.messages.aiml_create(body)
                 return self._create(body)
             if method == "GET":
+                if "batch_id" in query:
+                    return self.messages.aiml_status(query["batch_id"])
                 return self._list(query)
             return openai_error(405, f"Method {method} not allowed on /v1/batches")
+        if rest[0] == "cancel" and len(rest) == 2 and method == "POST":
+            return self.messages.aiml_cancel(rest[1])
         batch = self.book.batches.get(rest[0])
         if batch is None or batch.dialect != "openai":
             return openai_error(404, f"No batch found with id '{rest[0]}'.", param="batch_id")

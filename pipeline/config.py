@@ -107,7 +107,7 @@ class RunConfig:
     dry_run: bool = False  # only estimate; send nothing
     # batch mode: answers through the provider's Batch API (pipeline/batch/)
     batch: bool = False
-    batch_dialect: str | None = None  # openai | anthropic; None: from the base URL
+    batch_dialect: str | None = None  # openai | anthropic | aimlapi; None: from the base URL
     batch_max_requests: int | None = None  # lines per batch; None: the provider's cap
     poll_interval: float = 30.0  # seconds before the first poll; x1.5 while nothing changes
     wait: bool = True  # False (--no-wait): submit, collect what is ready, exit 9

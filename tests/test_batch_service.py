@@ -617,3 +617,42 @@ def test_cancel_while_validating_ends_cancelled_even_for_an_invalid_file() -> No
     cancelling = call(service, "POST", f"/v1/batches/{batch['id']}/cancel")[1]
     assert cancelling["status"] == "cancelled" and cancelling["in_progress_at"] is None
     assert cancelling["output_file_id"] is None and cancelling["error_file_id"] is None
+
+
+def test_aimlapi_batches_answer_in_their_documented_shapes() -> None:
+    service, clock = make(batch_seconds=100)
+    params = {
+        "model": "claude-x",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    status, created = call(
+        service, "POST", "/v1/batches", {"requests": [{"custom_id": "a", "params": params}]}
+    )
+    assert status == 200 and created["processing_status"] == "in_progress"
+    batch_id = created["id"]
+    status, running = call(service, "GET", f"/v1/batches?batch_id={batch_id}")
+    assert (status, running) == (200, [{"id": batch_id, "status": "generating"}])
+    clock.now += 100
+    status, results = call(service, "GET", f"/v1/batches?batch_id={batch_id}")
+    line = json.loads(results)
+    assert line["custom_id"] == "a" and line["result"]["type"] == "succeeded"
+    status, refused = call(service, "POST", f"/v1/batches/cancel/{batch_id}")
+    assert status == 400 and "already finished" in refused["error"]["message"]
+    assert call(service, "GET", f"/v1/messages/batches/{batch_id}")[0] == 404  # not Anthropic's
+
+
+def test_a_cancelled_aimlapi_batch_is_its_object_with_status_cancelled() -> None:
+    service, _ = make(batch_seconds=100)
+    params = {
+        "model": "claude-x",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    _, created = call(
+        service, "POST", "/v1/batches", {"requests": [{"custom_id": "a", "params": params}]}
+    )
+    status, cancelling = call(service, "POST", f"/v1/batches/cancel/{created['id']}")
+    assert status == 200 and cancelling["processing_status"] in ("canceling", "ended")
+    _, after = call(service, "GET", f"/v1/batches?batch_id={created['id']}")
+    assert after["status"] == "cancelled" and after["id"] == created["id"]

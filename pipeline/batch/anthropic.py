@@ -1,4 +1,4 @@
-"""The Anthropic Message Batches dialect (Anthropic; the AI/ML API's batches for Claude).
+"""The Anthropic Message Batches dialect (Anthropic), and the AI/ML API's variant of it.
 
 Requests go inline (``POST /messages/batches`` with ``requests[{custom_id, params}]``), each
 OpenAI chat body translated to Messages parameters (``to_params``: system messages become
@@ -7,6 +7,13 @@ carry a tag, so a create whose answer was lost cannot be found again (``finds = 
 the executor stops there rather than guess. Results are JSONL lines ``{custom_id, result:
 {type: succeeded | errored | canceled | expired}}``, read into the same ``Outcome``s as the
 OpenAI dialect's.
+
+``AimlapiDialect``: the AI/ML API's batches for Claude models (BATCH-API.md section 3) take
+the same inline requests at its own paths and answer in other shapes: ``POST /batches``;
+``GET /batches?batch_id=ID`` answers ``[{id, status: "generating"}]`` while the batch runs,
+the batch object with ``status: "cancelled"`` after a cancel, and the result JSONL itself
+once it has finished (read as JSONL first, then as JSON, as its documentation does); ``POST
+/batches/cancel/{id}`` (400 once finished). It has no list endpoint and no metadata.
 """
 
 from __future__ import annotations
@@ -77,13 +84,16 @@ class AnthropicDialect:
         raise AssertionError("the anthropic dialect sends its requests inline")
 
     async def create(self, path: Path, file_id: str | None, tag: dict[str, str]) -> str:
+        return await self._create_at("/messages/batches", path)
+
+    async def _create_at(self, route: str, path: Path) -> str:
         requests = []
         for raw in (await asyncio.to_thread(path.read_bytes)).splitlines():
             if raw.strip():
                 line = json.loads(raw)
                 requests.append({"custom_id": line["custom_id"], "params": to_params(line["body"])})
         try:
-            response = await self.api.http.post("/messages/batches", json={"requests": requests})
+            response = await self.api.http.post(route, json={"requests": requests})
         except httpx.TransportError as exc:
             raise AmbiguousCreate(f"create batch: {type(exc).__name__}: {exc}") from exc
         if response.status_code >= 500 or response.status_code in (408, 409):
@@ -140,6 +150,58 @@ class AnthropicDialect:
 
     async def aclose(self) -> None:
         await self.api.aclose()
+
+
+class AimlapiDialect(AnthropicDialect):
+    """See the module docstring."""
+
+    async def create(self, path: Path, file_id: str | None, tag: dict[str, str]) -> str:
+        return await self._create_at("/batches", path)
+
+    async def view(self, batch_id: str) -> BatchView:
+        url = f"/batches?batch_id={batch_id}"
+        response = await self.api.retried_response(
+            lambda: self.api.http.get("/batches", params={"batch_id": batch_id}), "get batch"
+        )
+        raw = response.content
+        try:
+            data: Any = json.loads(raw)
+        except ValueError:  # result JSONL of several lines: the batch has finished
+            return _finished(raw, url)
+        if isinstance(data, list):  # [{"id", "status": "generating"}] while it runs
+            return BatchView("running")
+        if isinstance(data, dict) and "custom_id" in data:  # a result file of one line
+            return _finished(raw, url)
+        if isinstance(data, dict) and str(data.get("status")).lower() in ("cancelled", "canceled"):
+            return BatchView("cancelled", output_ref=data.get("results_url"))
+        if isinstance(data, dict) and data.get("processing_status") == "ended":
+            # Anthropic's own shape, in case the service answers with it
+            return BatchView("completed", output_ref=data.get("results_url") or url)
+        if isinstance(data, dict) and data.get("processing_status"):
+            return BatchView("running")
+        raise BatchAPIError(f"get batch {batch_id}: an answer of unknown shape: {raw[:200]!r}")
+
+    async def cancel(self, batch_id: str) -> None:
+        await self.api.retried(
+            lambda: self.api.http.post(f"/batches/cancel/{batch_id}"), "cancel batch"
+        )
+
+
+def _finished(raw: bytes, url: str) -> BatchView:
+    """A finished AI/ML API batch, from its result JSONL (fetched again from ``url``)."""
+    kinds = []
+    for line in raw.splitlines():
+        if line.strip():
+            try:
+                parsed = json.loads(line)
+            except ValueError:
+                parsed = None  # counted as not answered; the merge reports the line
+            result = parsed.get("result") if isinstance(parsed, dict) else None
+            kinds.append(result.get("type") if isinstance(result, dict) else None)
+    done = sum(kind == "succeeded" for kind in kinds)
+    return BatchView(
+        "completed", output_ref=url, completed=done, failed=len(kinds) - done, total=len(kinds)
+    )
 
 
 def _read_line(key: int, line: dict[str, Any]) -> Outcome:

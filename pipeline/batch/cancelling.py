@@ -19,9 +19,9 @@ from ..checkpoint import Checkpoint
 from ..credentials import resolve_api_key
 from ..errors import OutputError
 from ..merging import manifest_config
-from .executor import make_dialect
 from .journal import Journal
 from .openai import BatchAPIError
+from .providers import make_dialect
 
 
 @dataclass(frozen=True)

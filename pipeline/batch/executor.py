@@ -20,7 +20,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -31,13 +30,13 @@ from ..planning import Plan
 from ..progress import Reporter
 from ..records import Cost, RowResult
 from ..stopping import Stop, StopKind
-from .anthropic import AnthropicDialect, to_params
 from .budget import PartBudget
 from .dialect import TERMINAL, BatchView, Dialect
 from .journal import Journal, PartState
 from .lines import Outcome, row_result
-from .openai import AmbiguousCreate, BatchAPIError, OpenAIBatches, OpenAIDialect, TokenLimit
-from .parts import ENDPOINT, MAX_REQUESTS, PartCaps, PartWriter, WrittenPart, ask_lines, read_lines
+from .openai import AmbiguousCreate, BatchAPIError, TokenLimit
+from .parts import MAX_REQUESTS, PartCaps, PartWriter, WrittenPart, ask_lines, read_lines
+from .providers import check_batchable, make_dialect
 
 FLUSH_LINES = 5000  # a merge makes its results durable this often (bounded memory)
 
@@ -448,14 +447,6 @@ def _count(value: int | None) -> str:
     return "?" if value is None else str(value)
 
 
-def dialect_for(config: RunConfig) -> str:
-    """``--batch-dialect``, or the one the base URL's provider speaks."""
-    if config.batch_dialect is not None:
-        return config.batch_dialect
-    host = (urlsplit(config.base_url).hostname or "").lower()
-    return "anthropic" if host.endswith(("anthropic.com", "aimlapi.com")) else "openai"
-
-
 def make_batch_executor(
     config: RunConfig,
     plan: Plan,
@@ -465,9 +456,7 @@ def make_batch_executor(
 ) -> BatchExecutor:
     """The batch executor for ``config``, or a ConfigError saying why this run cannot go
     through a Batch API (before anything is sent; never a silent fall back to online)."""
-    dialect = dialect_for(config)
-    if dialect not in ("openai", "anthropic"):
-        raise ConfigError(f"--batch-dialect {dialect!r}: use openai or anthropic.")
+    check_batchable(config, plan.models, shape)
     if (
         config.max_cost is not None or config.max_total_tokens is not None
     ) and config.max_tokens is None:
@@ -476,17 +465,6 @@ def make_batch_executor(
             "when it runs, so each part's worst case must be known before it is created "
             "(e.g. --max-tokens 256)."
         )
-    if dialect == "anthropic":
-        host = (urlsplit(config.base_url).hostname or "").lower()
-        for model in plan.models:
-            if host.endswith("aimlapi.com") and not model.lower().startswith(
-                ("claude", "anthropic/")
-            ):
-                raise ConfigError(
-                    f"--batch: the AI/ML API batches Claude models only, not '{model}'. "
-                    "Send it online (without --batch), or choose a Claude model."
-                )
-            to_params({"model": model, "messages": [], **shape.of(model)[0]})  # refuses early
     caps = PartCaps(requests=config.batch_max_requests or MAX_REQUESTS)
     options = BatchOptions(wait=config.wait, poll_interval=config.poll_interval, caps=caps)
 
@@ -494,14 +472,3 @@ def make_batch_executor(
         return make_dialect(config, plan.api_key, transport)
 
     return BatchExecutor(config, plan, shape, reporter, options, dialect=make)
-
-
-def make_dialect(
-    config: RunConfig, api_key: str | None, transport: httpx.AsyncBaseTransport | None = None
-) -> Dialect:
-    """The client of ``config``'s Batch API (``dialect_for``)."""
-    http = transport or httpx.AsyncHTTPTransport(retries=0)
-    if dialect_for(config) == "anthropic":
-        return AnthropicDialect(config.base_url, api_key, http)
-    api = OpenAIBatches(config.base_url, api_key, http, timeout=max(config.timeout, 600))
-    return OpenAIDialect(api, ENDPOINT)

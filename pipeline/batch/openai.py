@@ -166,11 +166,18 @@ class OpenAIBatches:
     async def retried(
         self, call: Callable[[], Awaitable[httpx.Response]], what: str
     ) -> dict[str, Any]:
+        """``call``'s JSON answer, retried on transport errors, 429 and 5xx."""
+        return _json(await self.retried_response(call, what), what)
+
+    async def retried_response(
+        self, call: Callable[[], Awaitable[httpx.Response]], what: str
+    ) -> httpx.Response:
+        """``call``'s 200 answer, whatever its body, retried as ``retried`` says."""
         for attempt in range(self.attempts):
             try:
                 response = await call()
                 if response.status_code == 200:
-                    return _json(response, what)
+                    return response
                 raise _status_error(response, what)
             except (httpx.TransportError, _Transient) as exc:
                 if attempt + 1 == self.attempts:
