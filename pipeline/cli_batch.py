@@ -142,6 +142,7 @@ def cancel_command(output: Path) -> None:
         what = {
             "cancelled": f"batch {part.batch_id} cancelled",
             "withdrawn": "never created: withdrawn",
+            "unknown": f"not cancelled: {part.reason}",
             "finished": f"batch {part.batch_id} not cancelled ({part.reason}): collected as usual",
         }[part.outcome]
         click.echo(f"part {part.part}: {what}")

@@ -32,7 +32,7 @@ from ..records import Cost, RowResult
 from ..stopping import Stop, StopKind
 from .budget import PartBudget
 from .dialect import TERMINAL, BatchView, Dialect
-from .journal import Journal, PartState
+from .journal import Journal, PartState, batch_tag
 from .lines import Outcome, row_result
 from .openai import AmbiguousCreate, BatchAPIError, TokenLimit
 from .parts import MAX_REQUESTS, PartCaps, PartWriter, WrittenPart, ask_lines, read_lines
@@ -303,7 +303,7 @@ class BatchExecutor:
 
     def _tag(self, state: PartState, attempt: int) -> dict[str, str]:
         job = (self.plan.checkpoint.identity or {}).get("job", "")
-        return {"bpp_job": str(job), "bpp_part": str(state.part), "bpp_attempt": str(attempt)}
+        return batch_tag(str(job), state.part, attempt)
 
     # -- merging a finished part ----------------------------------------------------------------
 

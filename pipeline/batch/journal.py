@@ -6,7 +6,9 @@ Replaying it gives each part's state, so a run killed at any instant resumes whe
     part (file written) -> upload -> uploaded(file_id) -> create(attempt, t0)
       -> created(batch_id) -> ended(status, files) -> merged
 
-(``requeue`` after a batch refused for the enqueued-token limit: it is created again.)
+(``requeue`` after a batch refused for the enqueued-token limit: it is created again;
+``cancelled`` when the user cancels the part, written before the provider is asked, and
+``kept`` when the provider refused because the batch had ended: collected as usual.)
 
 An ``upload`` without ``uploaded`` is uploaded again (an orphan file costs nothing). A
 ``create`` without ``created`` is the window where a batch may exist without us knowing its
@@ -129,6 +131,13 @@ def _apply(state: PartState, event: dict[str, Any]) -> None:
         state.merged = True
     elif kind == "cancelled":
         state.cancelled = True
+    elif kind == "kept":  # the cancel came too late: the batch had ended
+        state.cancelled = False
+
+
+def batch_tag(job: str, part: int, attempt: int) -> dict[str, str]:
+    """The metadata a create carries, by which its batch is found again (``GET /batches``)."""
+    return {"bpp_job": job, "bpp_part": str(part), "bpp_attempt": str(attempt)}
 
 
 def batches_of(checkpoint_dir: Path) -> list[dict[str, Any]]:
