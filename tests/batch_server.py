@@ -29,6 +29,8 @@ class Faults:
     fail_all: bool = False  # every line an HTTP 500 error (output_file_id null)
     invalid: bool = False  # validation fails (status failed, errors.data)
     delay: float = 0.0  # seconds before every answer (a slow provider: room to kill a client)
+    polls_429: int = 0  # the next N polls (GET /batches*) answer 429 with Retry-After
+    retry_after: float = 0.5
 
 
 class BatchServer:
@@ -39,6 +41,7 @@ class BatchServer:
         self.creates: list[dict[str, str]] = []  # the metadata of every create received
         self.cancelled: list[str] = []  # the ids of the batches cancelled
         self.polls = {"list": 0, "get": 0}  # GET /batches and GET /batches/{id} received
+        self.poll_times: list[tuple[float, int]] = []  # (monotonic time, status) of each poll
         self.lines_answered = 0
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -178,9 +181,11 @@ class BatchServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def _reply(self, status: int, data: Any) -> None:
+            def _reply(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
                 raw = json.dumps(data).encode()
                 self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(raw)))
                 self.end_headers()
@@ -215,6 +220,14 @@ class BatchServer:
                 time.sleep(server.faults.delay)
                 split = urlsplit(self.path)
                 parts = split.path.strip("/").split("/")
+                if parts[:2] == ["v1", "batches"]:
+                    refused = server.faults.polls_429 > 0
+                    server.poll_times.append((time.monotonic(), 429 if refused else 200))
+                    if refused:
+                        server.faults.polls_429 -= 1
+                        wait = {"Retry-After": f"{server.faults.retry_after:g}"}
+                        self._reply(429, {"error": {"message": "slow down"}}, wait)
+                        return
                 if split.path == "/v1/batches":
                     server.polls["list"] += 1
                     self._reply(200, server.listing(parse_qs(split.query)))

@@ -6,6 +6,7 @@ as error rows, ``--no-wait`` exits 9 and a rerun collects, and a create whose an
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -334,3 +335,18 @@ def test_a_part_whose_worst_case_would_pass_the_budget_is_not_created(tmp_path: 
     with pytest.raises(ConfigError, match="needs --max-tokens"):
         run_job(data, tmp_path / "other.parquet", base_url="http://127.0.0.1:9/v1",
                 batch=True, max_cost=1.0)  # fmt: skip
+
+
+def test_a_poll_answered_429_with_retry_after_waits_that_long_and_the_run_goes_on(
+    tmp_path: Path,
+) -> None:
+    data = _input(tmp_path / "in.csv", 12)
+    # more refusals in a row than a call's retries: the cycles wait, the run does not fail
+    faults = Faults(polls_running=1, polls_429=7, retry_after=0.1)
+    with BatchServer(faults) as server:
+        summary = run_job(data, tmp_path / "out.parquet", base_url=server.base_url, **FAST)
+        polls = list(server.poll_times)
+    assert summary.exit_code == EXIT_OK and summary.ok == 12  # not a fatal error
+    assert [status for _, status in polls[:7]] == [429] * 7
+    gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(polls[:8])]
+    assert min(gaps) >= 0.1  # no poll before the Retry-After had passed

@@ -115,7 +115,7 @@ class AnthropicDialect:
 
     async def view(self, batch_id: str) -> BatchView:
         batch = await self.api.retried(
-            lambda: self.api.http.get(f"/messages/batches/{batch_id}"), "get batch"
+            lambda: self.api.http.get(f"/messages/batches/{batch_id}"), "get batch", poll=True
         )
         counts = batch.get("request_counts") or {}
         if batch.get("processing_status") != "ended":
@@ -161,7 +161,9 @@ class AimlapiDialect(AnthropicDialect):
     async def view(self, batch_id: str) -> BatchView:
         url = f"/batches?batch_id={batch_id}"
         response = await self.api.retried_response(
-            lambda: self.api.http.get("/batches", params={"batch_id": batch_id}), "get batch"
+            lambda: self.api.http.get("/batches", params={"batch_id": batch_id}),
+            "get batch",
+            poll=True,
         )
         raw = response.content
         try:

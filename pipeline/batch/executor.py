@@ -34,7 +34,7 @@ from .budget import PartBudget
 from .dialect import TERMINAL, BatchView, Dialect
 from .journal import Journal, PartState, batch_tag
 from .lines import Outcome, row_result
-from .openai import AmbiguousCreate, BatchAPIError, TokenLimit
+from .openai import AmbiguousCreate, BatchAPIError, PollLater, TokenLimit
 from .parts import MAX_REQUESTS, PartCaps, PartWriter, WrittenPart, ask_lines, read_lines
 from .providers import check_batchable, make_dialect
 
@@ -78,6 +78,7 @@ class BatchExecutor:
         self.budget = PartBudget(config, plan.index, plan.prices, self.directory)
         self.sent = 0  # lines submitted by this run
         self.cache_hits = 0
+        self.poll_later = 0.0  # seconds a poll answered with Retry-After asks to wait
 
     # -- the asks into parts ------------------------------------------------------------------
 
@@ -216,8 +217,9 @@ class BatchExecutor:
                 )
                 return
             interval = self.options.poll_interval if changed else interval
+            later, self.poll_later = self.poll_later, 0.0
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.stopping.wait(), interval)
+                await asyncio.wait_for(stop.stopping.wait(), max(interval, later))
             if not changed:
                 interval = min(interval * 1.5, self.options.max_poll_interval)
 
@@ -230,7 +232,13 @@ class BatchExecutor:
             journal.append("uploaded", state.part, file_id=state.file_id)
         if state.batch_id is None:
             return await self._create(state, client)
-        view = await client.view(state.batch_id)
+        try:
+            view = await client.view(state.batch_id)
+        except PollLater as exc:  # Retry-After: the next cycle waits that long
+            if exc.wait > self.poll_later:
+                self.reporter.note(f"polling batches: {exc}; next poll in {exc.wait:g}s")
+            self.poll_later = max(self.poll_later, exc.wait)
+            return False
         if view.status not in TERMINAL:
             return False
         if view.status == "failed" and view.token_limited:

@@ -40,6 +40,15 @@ class TokenLimit(BatchAPIError):
     """The provider's enqueued-token limit: wait for running batches, then create again."""
 
 
+class PollLater(Exception):
+    """A poll answered 429/5xx with Retry-After: poll again after ``wait`` seconds (the
+    executor waits that long before its next cycle; nothing fails)."""
+
+    def __init__(self, message: str, wait: float) -> None:
+        super().__init__(message)
+        self.wait = wait
+
+
 class OpenAIBatches:
     """One provider's Files + Batches endpoints under ``base_url`` (``.../v1``)."""
 
@@ -121,7 +130,9 @@ class OpenAIBatches:
             params: dict[str, Any] = {"limit": 100}
             if after:
                 params["after"] = after
-            page = await self.retried(partial(self.http.get, "/batches", params=params), "list")
+            page = await self.retried(
+                partial(self.http.get, "/batches", params=params), "list", poll=True
+            )
             for batch in page.get("data") or []:
                 if batch.get("id") in wanted:
                     found[str(batch["id"])] = dict(batch)
@@ -131,7 +142,9 @@ class OpenAIBatches:
         return found
 
     async def get(self, batch_id: str) -> dict[str, Any]:
-        return await self.retried(lambda: self.http.get(f"/batches/{batch_id}"), "get batch")
+        return await self.retried(
+            lambda: self.http.get(f"/batches/{batch_id}"), "get batch", poll=True
+        )
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
         return await self.retried(
@@ -164,13 +177,14 @@ class OpenAIBatches:
                 await self.sleep(2.0**attempt)
 
     async def retried(
-        self, call: Callable[[], Awaitable[httpx.Response]], what: str
+        self, call: Callable[[], Awaitable[httpx.Response]], what: str, *, poll: bool = False
     ) -> dict[str, Any]:
-        """``call``'s JSON answer, retried on transport errors, 429 and 5xx."""
-        return _json(await self.retried_response(call, what), what)
+        """``call``'s JSON answer, retried on transport errors, 429 and 5xx; a ``poll``
+        answered with Retry-After raises ``PollLater`` instead of waiting here."""
+        return _json(await self.retried_response(call, what, poll=poll), what)
 
     async def retried_response(
-        self, call: Callable[[], Awaitable[httpx.Response]], what: str
+        self, call: Callable[[], Awaitable[httpx.Response]], what: str, *, poll: bool = False
     ) -> httpx.Response:
         """``call``'s 200 answer, whatever its body, retried as ``retried`` says."""
         for attempt in range(self.attempts):
@@ -180,6 +194,9 @@ class OpenAIBatches:
                     return response
                 raise _status_error(response, what)
             except (httpx.TransportError, _Transient) as exc:
+                asked = getattr(exc, "retry_after", None)
+                if poll and asked is not None:
+                    raise PollLater(str(exc), asked) from exc
                 if attempt + 1 == self.attempts:
                     raise BatchAPIError(f"{what}: {exc}") from exc
                 wait = getattr(exc, "retry_after", None) or 2.0**attempt
