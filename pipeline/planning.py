@@ -407,7 +407,7 @@ def estimate_job(
         if already:
             notes.append(f"{already} rows already done in {output} not counted")
         if config.batch:
-            result = _at_batch_price(result, notes)
+            result = _at_batch_price(result, notes, prices.batch_share(config.base_url))
         results.append(dataclasses.replace(result, notes=tuple(notes)))
     return tuple(results)
 
@@ -430,14 +430,15 @@ def _cached_for(
     return cached
 
 
-def _at_batch_price(result: Estimate, notes: list[str]) -> Estimate:
-    """``result`` priced as batch mode bills it: the entry's batch prices, else
-    ``BATCH_PRICE_FACTOR`` of its online price (``Price.batch``)."""
+def _at_batch_price(result: Estimate, notes: list[str], share: float | None) -> Estimate:
+    """``result`` priced as batch mode bills it: the entry's batch prices, else the
+    provider's share, else ``BATCH_PRICE_FACTOR`` of its online price (``Price.batch``)."""
     if result.price is None:
         return result
-    batch, source = result.price.batch()
+    batch, source = result.price.batch(share)
     notes.append(
         "--batch: costs at the price table's batch prices"
+        + ("" if share is None else f" (the provider's: {share:.0%} of the online price)")
         if source == COST_BATCH_TABLE
         else f"--batch: costs at {BATCH_PRICE_FACTOR:.0%} of the price table (the Batch "
         "APIs' usual discount; add batch_input/batch_output to the model's price entry "

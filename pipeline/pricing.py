@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .records import (  # cost_source values, defined in records
@@ -75,20 +76,20 @@ class Price:
     batch_input: float | None = None  # USD per 1M tokens through a Batch API
     batch_output: float | None = None
 
-    def batch(self) -> tuple[Price, str]:
+    def batch(self, share: float | None = None) -> tuple[Price, str]:
         """The price a Batch API bills, and the cost source that says which: the entry's
-        own batch prices (``batch_table``), else ``BATCH_PRICE_FACTOR`` of these
-        (``batch``)."""
+        own batch prices, else the provider's ``share`` of these (``PriceTable.batch_share``;
+        both ``batch_table``), else ``BATCH_PRICE_FACTOR`` of these (``batch``)."""
         if self.batch_input is not None and self.batch_output is not None:
             return (
                 Price(self.batch_input, self.batch_output, None, self.source, self.date),
                 COST_BATCH_TABLE,
             )
-        factor = BATCH_PRICE_FACTOR
+        factor = BATCH_PRICE_FACTOR if share is None else share
         cached = None if self.cached_input is None else self.cached_input * factor
         return (
             Price(self.input * factor, self.output * factor, cached, self.source, self.date),
-            COST_BATCH,
+            COST_BATCH if share is None else COST_BATCH_TABLE,
         )
 
     def cost(
@@ -118,10 +119,16 @@ class PriceTable:
     ``notes`` holds remarks a caller should show (for example a missing default table).
     """
 
-    def __init__(self, entries: Mapping[str, _Entry] | None = None, notes: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        entries: Mapping[str, _Entry] | None = None,
+        notes: tuple[str, ...] = (),
+        batch_shares: Mapping[str, float] | None = None,
+    ):
         # keyed by casefolded model id
         self._entries: dict[str, _Entry] = dict(entries or {})
         self.notes = notes
+        self.batch_shares = dict(batch_shares or {})  # provider host -> batch price share
         self._index: dict[str, _Entry] = {}
         for entry in self._entries.values():  # aliases first, so that ids beat aliases
             for alias in entry.aliases:
@@ -134,8 +141,10 @@ class PriceTable:
         """The packaged ``configs/prices.toml``, then ``extra`` (a user file) over it."""
         notes: list[str] = []
         entries: dict[str, _Entry] = {}
+        shares: dict[str, float] = {}
         if DEFAULT_PRICES_PATH.is_file():
             entries.update(read_price_file(DEFAULT_PRICES_PATH, require_source=True))
+            shares = read_batch_shares(DEFAULT_PRICES_PATH, require_source=True)
         else:
             notes.append(
                 f"No default price table at {DEFAULT_PRICES_PATH}; only prices from "
@@ -153,7 +162,17 @@ class PriceTable:
                 kept = tuple(a for a in entry.aliases if a.casefold() not in taken)
                 merged[folded] = _Entry(entry.model, entry.price, kept, entry.dated_snapshots)
             entries = {**merged, **user}
-        return cls(entries, tuple(notes))
+            shares |= read_batch_shares(Path(extra), require_source=False)
+        return cls(entries, tuple(notes), shares)
+
+    def batch_share(self, base_url: str) -> float | None:
+        """The batch price share of the provider at ``base_url`` (``[batch."HOST"]``; a
+        host matches its subdomains too), or None when the table gives none."""
+        host = (urlsplit(base_url).hostname or base_url).lower()
+        for known, share in self.batch_shares.items():
+            if host == known or host.endswith("." + known):
+                return share
+        return None
 
     @property
     def models(self) -> list[str]:
@@ -203,8 +222,7 @@ class PriceTable:
         return price.cost(prompt_tokens, completion_tokens, cached_tokens)
 
 
-def read_price_file(path: Path, *, require_source: bool) -> dict[str, _Entry]:
-    """Parse one price file; every problem is a ConfigError naming file, model and field."""
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -212,16 +230,41 @@ def read_price_file(path: Path, *, require_source: bool) -> dict[str, _Entry]:
     except OSError as exc:
         raise ConfigError(f"Cannot read price file {path}: {exc.strerror}.") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"Price file {path} is not UTF-8 text.") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"Price file {path} is not valid TOML: {exc}.") from None
-    unknown = [k for k in data if k != "models"]
+
+
+def read_batch_shares(path: Path, *, require_source: bool) -> dict[str, float]:
+    """``[batch."HOST"] share = 0.75`` tables: a provider's batch price as a share of the
+    online price, for models without their own ``batch_input``/``batch_output``."""
+    found: dict[str, float] = {}
+    for host, table in (_read_toml(path).get("batch") or {}).items():
+        where = f'Price file {path}: [batch."{host}"]'
+        if not isinstance(table, dict) or set(table) - {"share", "source", "date"}:
+            raise ConfigError(f"{where}: give share (and source, date) only.")
+        share = table.get("share")
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+            raise ConfigError(
+                f"{where}: share must be a number above 0, at most 1 (got {share!r})."
+            )
+        if require_source and not (table.get("source") and table.get("date")):
+            raise ConfigError(f"{where}: say where the share comes from (source) and when (date).")
+        found[host.lower()] = float(share)
+    return found
+
+
+def read_price_file(path: Path, *, require_source: bool) -> dict[str, _Entry]:
+    """Parse one price file; every problem is a ConfigError naming file, model and field."""
+    data = _read_toml(path)
+    unknown = [k for k in data if k not in ("models", "batch")]
     if unknown:
         raise ConfigError(
             f"Price file {path}: unknown top-level key '{unknown[0]}'. Put each model under "
-            '[models."MODEL-ID"] (see configs/prices.toml).'
+            '[models."MODEL-ID"], a provider\'s batch share under [batch."HOST"] (see '
+            "configs/prices.toml)."
         )
     models = data.get("models", {})
     if not isinstance(models, dict):

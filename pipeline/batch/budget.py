@@ -31,6 +31,7 @@ class PartBudget:
         self.spent_cost = float(index.cost_usd.sum())
         self.spent_tokens = int(index.prompt_tokens.sum() + index.completion_tokens.sum())
         self.prices = prices
+        self.share = prices.batch_share(config.base_url)  # the provider's batch share
         self.directory = where
         self.committed: dict[int, tuple[float, int]] = {}  # part -> its worst case
         self.held: set[int] = set()
@@ -54,7 +55,7 @@ class PartBudget:
             most = body.get("max_tokens") or body.get("max_completion_tokens") or 0
             completion += int(most) * int(body.get("n") or 1)
         price = self.prices.price(state.model)
-        usd = 0.0 if price is None else price.batch()[0].cost(prompt, completion)
+        usd = 0.0 if price is None else price.batch(self.share)[0].cost(prompt, completion)
         return usd, prompt + completion
 
     def commit_created(self, parts: dict[int, PartState]) -> None:

@@ -408,7 +408,7 @@ class BatchExecutor:
         if completion is not None and price is not None:
             usage = completion.usage
             if usage.prompt_tokens is not None and usage.completion_tokens is not None:
-                batch, source = price.batch()
+                batch, source = price.batch(self.plan.prices.batch_share(self.config.base_url))
                 usd = batch.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
                 cost = Cost(usd, source)
         return row_result(outcome, attempts=state.round, cost=cost, shape=self.shape)
