@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -56,7 +57,8 @@ def status(output: Path, as_json: bool) -> None:
         age = f", {batch['age_s'] / 3600:.1f} h old" if batch["age_s"] is not None else ""
         click.echo(
             f"  batch part {batch['part']} ({batch['model']}, {batch['lines']} lines): "
-            f"{batch['stage']}{', ' + batch['batch_id'] if batch['batch_id'] else ''}{age}"
+            f"{batch['stage']}{', ' + batch['batch_id'] if batch['batch_id'] else ''}"
+            f"{_provider_view(batch)}{age}"
         )
     for shard in state.shards:
         where = f" on {shard['host']}" if shard["host"] else ""
@@ -103,3 +105,15 @@ def merge(output: Path, input_path: Path | None, as_json: bool) -> None:
         + (f"\nmissing: {owed} (run those shards again)" if owed else "")
     )
     sys.exit(merged.exit_code)
+
+
+def _provider_view(batch: dict[str, Any]) -> str:
+    """`` (openai: in_progress, 10/25 done, 1 failed)``: the batch as its last poll saw it."""
+    if not batch.get("dialect") and batch.get("provider_status") is None:
+        return ""
+    seen = [str(batch["provider_status"])] if batch.get("provider_status") else []
+    if batch.get("completed") is not None:
+        seen.append(f"{batch['completed']}/{batch.get('total') or batch['lines']} done")
+    if batch.get("failed"):
+        seen.append(f"{batch['failed']} failed")
+    return f" ({batch.get('dialect') or '?'}{': ' if seen else ''}{', '.join(seen)})"

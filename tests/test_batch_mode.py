@@ -242,14 +242,15 @@ def test_kill_9_after_each_journal_step_then_a_rerun_finishes_every_row_once_one
     tmp_path: Path,
 ) -> None:
     data = _input(tmp_path / "in.csv", 12)
-    # one part: part, upload, uploaded, create, created, ended, merged; "uploaded" and the
-    # create intent are written back to back, every other step is followed by a remote call
+    # one part: part, upload, uploaded, create, created, polled (in_progress), ended,
+    # merged; "uploaded" and the create intent are written back to back, every other step
+    # is followed by a remote call
     killed_at = set()
-    for step in range(1, 7):
+    for step in range(1, 8):
         output = tmp_path / f"out-{step}.parquet"
         with BatchServer(Faults(delay=0.15, polls_running=1)) as server:
             written = _kill_after_journal_lines(data, output, server.base_url, step)
-            assert step <= written < 7  # killed after that step, before the run ended
+            assert step <= written < 8  # killed after that step, before the run ended
             killed_at.add(written)
             server.faults.delay = 0.0
             summary = run_job(data, output, base_url=server.base_url, **FAST)
@@ -260,7 +261,7 @@ def test_kill_9_after_each_journal_step_then_a_rerun_finishes_every_row_once_one
         assert summary.exit_code == EXIT_OK and summary.ok == 12, f"step {step}"
         frame = pd.read_parquet(output)
         assert (frame["completion"] == "Simulated answer to: " + frame["prompt"]).all()
-    assert killed_at >= {1, 2, 4, 5, 6}  # between each step and the next remote call
+    assert killed_at >= {1, 2, 4, 5, 6, 7}  # between each step and the next remote call
 
 
 def test_cancel_keeps_what_the_batch_answered_and_its_other_rows_are_not_sent_again(

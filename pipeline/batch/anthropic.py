@@ -70,6 +70,7 @@ def to_params(body: dict[str, Any]) -> dict[str, Any]:
 class AnthropicDialect:
     """See the module docstring and ``dialect.Dialect``."""
 
+    name = "anthropic"
     uploads = False
     finds = False
 
@@ -118,12 +119,20 @@ class AnthropicDialect:
             lambda: self.api.http.get(f"/messages/batches/{batch_id}"), "get batch", poll=True
         )
         counts = batch.get("request_counts") or {}
-        if batch.get("processing_status") != "ended":
-            return BatchView("running")
-        cancelled = batch.get("cancel_initiated_at") is not None
+        remote = str(batch.get("processing_status") or "")
         failed = sum(int(counts.get(k) or 0) for k in ("errored", "canceled", "expired"))
+        if remote != "ended":
+            return BatchView(
+                "running",
+                remote,
+                completed=counts.get("succeeded"),
+                failed=failed,
+                total=sum(int(v or 0) for v in counts.values()),
+            )
+        cancelled = batch.get("cancel_initiated_at") is not None
         return BatchView(
             "cancelled" if cancelled else "completed",
+            remote,
             output_ref=batch.get("results_url") or f"/messages/batches/{batch_id}/results",
             completed=counts.get("succeeded"),
             failed=failed,
@@ -155,6 +164,8 @@ class AnthropicDialect:
 class AimlapiDialect(AnthropicDialect):
     """See the module docstring."""
 
+    name = "aimlapi"
+
     async def create(self, path: Path, file_id: str | None, tag: dict[str, str]) -> str:
         return await self._create_at("/batches", path)
 
@@ -171,16 +182,17 @@ class AimlapiDialect(AnthropicDialect):
         except ValueError:  # result JSONL of several lines: the batch has finished
             return _finished(raw, url)
         if isinstance(data, list):  # [{"id", "status": "generating"}] while it runs
-            return BatchView("running")
+            first = data[0] if data and isinstance(data[0], dict) else {}
+            return BatchView("running", str(first.get("status") or "running"))
         if isinstance(data, dict) and "custom_id" in data:  # a result file of one line
             return _finished(raw, url)
         if isinstance(data, dict) and str(data.get("status")).lower() in ("cancelled", "canceled"):
-            return BatchView("cancelled", output_ref=data.get("results_url"))
+            return BatchView("cancelled", "cancelled", output_ref=data.get("results_url"))
         if isinstance(data, dict) and data.get("processing_status") == "ended":
             # Anthropic's own shape, in case the service answers with it
-            return BatchView("completed", output_ref=data.get("results_url") or url)
+            return BatchView("completed", "ended", output_ref=data.get("results_url") or url)
         if isinstance(data, dict) and data.get("processing_status"):
-            return BatchView("running")
+            return BatchView("running", str(data["processing_status"]))
         raise BatchAPIError(f"get batch {batch_id}: an answer of unknown shape: {raw[:200]!r}")
 
     async def cancel(self, batch_id: str) -> None:
@@ -202,7 +214,7 @@ def _finished(raw: bytes, url: str) -> BatchView:
             kinds.append(result.get("type") if isinstance(result, dict) else None)
     done = sum(kind == "succeeded" for kind in kinds)
     return BatchView(
-        "completed", output_ref=url, completed=done, failed=len(kinds) - done, total=len(kinds)
+        "completed", "ended", url, completed=done, failed=len(kinds) - done, total=len(kinds)
     )
 
 

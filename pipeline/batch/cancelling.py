@@ -77,7 +77,7 @@ async def cancel_batches(
                     tag = batch_tag(str(manifest.get("job_id") or ""), state.part, state.attempt)
                     found = await dialect.find(tag)
                     if found is not None:  # the create went out: its batch exists
-                        journal.append("created", state.part, batch_id=found)
+                        journal.append("created", state.part, batch_id=found, dialect=dialect.name)
                         state.batch_id, state.creating = found, None
                 done.append(await _cancel_part(state, dialect, journal))
         finally:

@@ -24,6 +24,7 @@ class BatchView:
     """A batch as the executor sees it: ``status`` is one of ``TERMINAL`` or ``running``."""
 
     status: str
+    remote: str = ""  # the provider's own word for the status (in_progress, ended, ...)
     output_ref: str | None = None  # where the answers are (a file id, a results URL)
     error_ref: str | None = None
     errors: list[Any] = field(default_factory=list)  # validation errors of a failed batch
@@ -34,6 +35,7 @@ class BatchView:
 
 
 class Dialect(Protocol):
+    name: str  # openai | anthropic | aimlapi: journaled with each batch it creates
     uploads: bool  # the part file is uploaded first (an ``upload`` step in the journal)
     finds: bool  # a batch can be found by its tag (closes the create window)
 

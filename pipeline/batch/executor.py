@@ -239,7 +239,12 @@ class BatchExecutor:
                 self.reporter.note(f"polling batches: {exc}; next poll in {exc.wait:g}s")
             self.poll_later = max(self.poll_later, exc.wait)
             return False
+        counts = {"completed": view.completed, "failed": view.failed, "total": view.total}
         if view.status not in TERMINAL:
+            seen = (view.remote, view.completed, view.failed, view.total)
+            if seen != (state.remote_status, state.completed, state.failed, state.total):
+                journal.append("polled", state.part, status=view.remote, **counts)
+                state.remote_status, state.completed, state.failed, state.total = seen
             return False
         if view.status == "failed" and view.token_limited:
             # the enqueued-token limit: create again later, without spending a round
@@ -253,6 +258,8 @@ class BatchExecutor:
             output_file_id=view.output_ref,
             error_file_id=view.error_ref,
             errors=view.errors,
+            remote=view.remote,
+            **counts,
         )
         state.status, state.errors = view.status, view.errors
         state.output_file_id, state.error_file_id = view.output_ref, view.error_ref
@@ -276,7 +283,7 @@ class BatchExecutor:
                 )
             found = await client.find(self._tag(state, state.attempt))
             if found is not None:
-                journal.append("created", state.part, batch_id=found)
+                journal.append("created", state.part, batch_id=found, dialect=client.name)
                 state.batch_id, state.creating = found, None
                 self.reporter.note(f"batch part {state.part}: found batch {found} by its tag")
                 return True
@@ -304,7 +311,7 @@ class BatchExecutor:
             state.creating = None
             self.reporter.note(f"batch part {state.part}: {exc}; waiting for running batches")
             return False
-        journal.append("created", state.part, batch_id=batch_id)
+        journal.append("created", state.part, batch_id=batch_id, dialect=client.name)
         state.batch_id, state.creating = batch_id, None
         self.reporter.note(f"batch part {state.part}: batch {batch_id} created")
         return True
@@ -323,7 +330,9 @@ class BatchExecutor:
         results: Results,
         client: Dialect,
     ) -> None:
-        view = BatchView(state.status or "", state.output_file_id, state.error_file_id)
+        view = BatchView(
+            state.status or "", output_ref=state.output_file_id, error_ref=state.error_file_id
+        )
         paths = await client.fetch(view, self.directory / state.file)
         if state.status == "failed":
             self.reporter.error(

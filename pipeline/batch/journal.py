@@ -6,7 +6,8 @@ Replaying it gives each part's state, so a run killed at any instant resumes whe
     part (file written) -> upload -> uploaded(file_id) -> create(attempt, t0)
       -> created(batch_id) -> ended(status, files) -> merged
 
-(``requeue`` after a batch refused for the enqueued-token limit: it is created again;
+(``polled`` when a poll saw a new provider status or new request counts, for ``pipeline
+status``; ``requeue`` after a batch refused for the enqueued-token limit: it is created again;
 ``cancelled`` when the user cancels the part, written before the provider is asked, and
 ``kept`` when the provider refused because the batch had ended: collected as usual.)
 
@@ -49,6 +50,11 @@ class PartState:
     merged: bool = False
     cancelled: bool = False  # by the user (pipeline batch cancel): never resubmitted
     created_at: float | None = None  # when the batch was created (time.time())
+    dialect: str | None = None  # the Batch API that holds it (openai, anthropic, aimlapi)
+    remote_status: str | None = None  # the provider's word for it when last polled
+    completed: int | None = None  # its request counts when last polled
+    failed: int | None = None
+    total: int | None = None
 
     @property
     def stage(self) -> str:
@@ -117,8 +123,12 @@ def _apply(state: PartState, event: dict[str, Any]) -> None:
         state.attempt, state.creating = event["attempt"], event["t0"]
     elif kind == "created":
         state.creating, state.batch_id = None, event["batch_id"]
-        state.created_at = event.get("t")
+        state.created_at, state.dialect = event.get("t"), event.get("dialect")
+        state.remote_status = state.completed = state.failed = state.total = None
+    elif kind == "polled":  # a poll saw a new status or new counts (for pipeline status)
+        _progress(state, event)
     elif kind == "ended":
+        _progress(state, event)
         state.status = event["status"]
         state.output_file_id = event.get("output_file_id")
         state.error_file_id = event.get("error_file_id")
@@ -140,10 +150,17 @@ def batch_tag(job: str, part: int, attempt: int) -> dict[str, str]:
     return {"bpp_job": job, "bpp_part": str(part), "bpp_attempt": str(attempt)}
 
 
+def _progress(state: PartState, event: dict[str, Any]) -> None:
+    state.remote_status = event.get("remote") or event.get("status")
+    state.completed, state.failed = event.get("completed"), event.get("failed")
+    state.total = event.get("total")
+
+
 def batches_of(checkpoint_dir: Path) -> list[dict[str, Any]]:
     """Each part of a batch-mode run as the journal in ``checkpoint_dir/batch`` has it, for
-    ``pipeline status``: part, model, lines, round, batch id, stage and age (seconds since
-    its batch was created). Reads the journal only (no network)."""
+    ``pipeline status``: part, model, lines, round, batch id, stage, age (seconds since
+    its batch was created), dialect, and the provider's status and request counts when it
+    was last polled. Reads the journal only (no network)."""
     now = time.time()
     return [
         {
@@ -154,6 +171,11 @@ def batches_of(checkpoint_dir: Path) -> list[dict[str, Any]]:
             "batch_id": state.batch_id,
             "stage": state.stage,
             "age_s": None if state.created_at is None else round(now - state.created_at, 1),
+            "dialect": state.dialect,
+            "provider_status": state.remote_status,
+            "completed": state.completed,
+            "failed": state.failed,
+            "total": state.total,
         }
         for state in Journal(checkpoint_dir / "batch").replay().values()
     ]

@@ -245,6 +245,7 @@ def _json(response: httpx.Response, what: str) -> dict[str, Any]:
 class OpenAIDialect:
     """The executor's view of ``OpenAIBatches`` (see ``dialect.Dialect``)."""
 
+    name = "openai"
     uploads = True
     finds = True
 
@@ -288,6 +289,7 @@ class OpenAIDialect:
         counts = batch.get("request_counts") or {}
         return BatchView(
             status=status if status in TERMINAL else "running",
+            remote=status,
             output_ref=batch.get("output_file_id"),
             error_ref=batch.get("error_file_id"),
             errors=errors,
