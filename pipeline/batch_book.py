@@ -1,4 +1,4 @@
-"""The simulator's batch ledger: batches of both dialects, their lazy timeline and line results.
+"""The simulator's batch ledger: batches of every dialect, their lazy timeline and line results.
 
 This module owns what a simulated batch *is*, whatever dialect created it: its lines, its
 timeline (a pure function of ``created_at``, the clock and ``BatchSimConfig``; no threads),

@@ -91,7 +91,7 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | Non
 
 
 class BatchService:
-    """The simulated Batch APIs of both dialects, answering through ``answer``.
+    """The simulated Batch APIs of every dialect, answering through ``answer``.
 
     ``answer(chat_body) -> (status, response_json)`` answers one chat request the way the
     simulator answers it online; ``clock()`` is the time in seconds (tests pass a fake one).
