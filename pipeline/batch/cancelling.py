@@ -27,7 +27,7 @@ from ..errors import OutputError
 from ..merging import manifest_config
 from .dialect import TERMINAL, Dialect
 from .journal import Journal, PartState, batch_tag
-from .openai import BatchAPIError
+from .openai import BatchAPIError, PollLater
 from .providers import make_dialect
 
 
@@ -102,7 +102,11 @@ async def _cancel_part(state: PartState, dialect: Dialect, journal: Journal) -> 
     try:
         await dialect.cancel(state.batch_id)
     except BatchAPIError as exc:
-        if (await dialect.view(state.batch_id)).status in TERMINAL - {"cancelled"}:
+        try:
+            ended = (await dialect.view(state.batch_id)).status in TERMINAL - {"cancelled"}
+        except PollLater:
+            ended = False  # cannot tell now: it stays cancelled, its rows are not sent again
+        if ended:
             journal.append("kept", state.part)  # it had ended: collected as usual
             return Cancelled(state.part, state.batch_id, "finished", exc.message)
         # cancelled or cancelling already (an earlier cancel got through)
