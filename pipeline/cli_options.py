@@ -339,9 +339,10 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     ),
     click.option(
         "--batch-dialect",
-        type=click.Choice(["openai", "anthropic"]),
+        type=click.Choice(["openai", "anthropic", "aimlapi"]),
         help="openai: /files + /batches (OpenAI, Azure, Groq, DeepInfra); anthropic: "
-        "/messages/batches (Anthropic; the AI/ML API for Claude). [default: from --base-url]",
+        "/messages/batches (Anthropic); aimlapi: the AI/ML API's /batches for Claude models. "
+        "[default: from --base-url]",
     ),
     click.option(
         "--batch-max-requests",

@@ -356,15 +356,7 @@ def estimate_job(
     model_keys = (
         [row_keys.keys] if len(models) == 1 else [model_row_keys(row_keys.keys, m) for m in models]
     )
-    done = [np.zeros(len(row_keys), dtype=bool) for _ in models]
-    if checkpoint is not None and checkpoint.exists():
-        index = checkpoint.load_index()
-        for j, mkeys in enumerate(model_keys):
-            # a row is done for a model when every one of its samples is
-            missing = np.zeros(len(row_keys), dtype=bool)
-            for sample in range(config.n):
-                missing |= index.lookup(sample_row_keys(mkeys, sample)) < 0
-            done[j] = ~missing
+    done = _done_per_model(checkpoint, model_keys, samples=config.n)
     requests = plan_requests(
         range(config.n),
         n=config.n,
@@ -410,6 +402,22 @@ def estimate_job(
             result = _at_batch_price(result, notes, prices.batch_share(config.base_url))
         results.append(dataclasses.replace(result, notes=tuple(notes)))
     return tuple(results)
+
+
+def _done_per_model(
+    checkpoint: Checkpoint | None, model_keys: list[Any], *, samples: int
+) -> list[np.ndarray]:
+    """For each model, which rows the checkpoint already has (every sample of them)."""
+    if checkpoint is None or not checkpoint.exists():
+        return [np.zeros(len(model_keys[0]), dtype=bool) for _ in model_keys]
+    index = checkpoint.load_index()
+    done = []
+    for mkeys in model_keys:
+        missing = np.zeros(len(mkeys), dtype=bool)
+        for sample in range(samples):
+            missing |= index.lookup(sample_row_keys(mkeys, sample)) < 0
+        done.append(~missing)
+    return done
 
 
 def _cached_for(
