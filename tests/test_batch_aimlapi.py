@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_job
+from conftest import cli, run_job
 
 from pipeline.batch.cancelling import cancel_batches
 from pipeline.batch.providers import dialect_for
@@ -86,3 +86,17 @@ def test_the_aimlapi_dialect_refuses_other_models_before_sending() -> None:
     assert check_batchable(config, ["claude-3-5-haiku"], RequestShape(config)) == "aimlapi"
     with pytest.raises(ConfigError, match="batches Claude models only, not 'gpt-4o-mini'"):
         check_batchable(config, ["gpt-4o-mini"], RequestShape(config))
+
+
+def test_the_cli_takes_the_aimlapi_dialect(tmp_path: Path) -> None:
+    data, output = _input(tmp_path / "in.csv", count=3), tmp_path / "o.parquet"
+    config = SimulatorConfig(batch=BatchSimConfig(batch_seconds=0.2))
+    with SimulatorThread(config) as sim:
+        result = cli(
+            "run", data, "-o", output, "--base-url", sim.base_url, "--model",
+            "claude-3-5-haiku", "--max-tokens", 50, "--batch", "--batch-dialect", "aimlapi",
+            "--poll-interval", 0.05, "--quiet", "--no-progress",
+            env={"AIMLAPI_API_KEY": "k"},
+        )  # fmt: skip
+    assert result.exit_code == EXIT_OK, result.output
+    assert (pd.read_parquet(output)["status"] == "ok").all()
