@@ -81,6 +81,9 @@ OPTION_HELP: dict[str, str] = {
     "wait": "batch=True: wait for the batches (False: submit, collect what is ready, exit).",
     "shard": "(i, n) or 'i/n': answer only shard i of n (needs output=, shared by every "
     "shard); the result is the whole job with other shards' missing rows 'pending'.",
+    "engine": "local | ray: 'ray' answers in Ray actors, one shard each (the [ray] extra).",
+    "ray_address": "engine='ray': the cluster to join (default: a local instance on 127.0.0.1).",
+    "ray_actors": "engine='ray': how many actors (default: the cluster's CPUs, at least 2).",
     "checkpoint_seconds": "seconds between checkpoint writes.",
     "checkpoint_rows": "results between checkpoint writes.",
     "progress": "False: no progress lines (a notebook shows a log line every log_interval).",
