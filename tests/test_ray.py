@@ -9,6 +9,7 @@ killed with SIGKILL loses nothing recorded, and no Ray process listens beyond 12
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,7 +71,9 @@ def test_a_ray_run_writes_the_output_of_a_local_run(
     prompts = [*prompts_of(120), "row 7"]  # a repeated prompt is sent once (--dedup)
     data = pd.DataFrame({"prompt": prompts, "n": range(len(prompts))})
     options = dict(base_url=sim.base_url, progress=False, quiet=True)
-    on_ray = pipeline.run(data, tmp_path / "ray.parquet", engine="ray", ray_actors=2, **options)
+    on_ray = pipeline.run(
+        data, tmp_path / "ray.parquet", engine="ray", ray_actors=2, **{**options, "quiet": False}
+    )
     assert received(sim) == Counter(prompts_of(120))  # every prompt once, over 2 actors
     local = pipeline.run(data, tmp_path / "local.parquet", **options)
     per_request = ["latency_ms", "response_id"]  # the server's id, the time it took
@@ -87,16 +90,16 @@ def test_a_ray_run_writes_the_output_of_a_local_run(
 def test_rpm_holds_for_the_whole_job_across_actors(
     make_simulator: MakeSimulator, tmp_path: Path
 ) -> None:
-    # the server refuses beyond 20 requests/s; --rpm 1140 is 19/s for the key, all actors
+    # the server refuses beyond 20 requests/s; --rpm 1170 is 19.5/s for the key, all actors
     sim = make_simulator(rps_limit=20, rps_burst=2, latency_ms=5, record=True)
-    prompts = prompts_of(120)
+    prompts = prompts_of(160)
     frame = pipeline.run(
         pd.DataFrame({"prompt": prompts}),
         tmp_path / "out.parquet",
         base_url=sim.base_url,
         engine="ray",
         ray_actors=2,
-        rpm=1140,
+        rpm=1170,
         concurrency=16,
         progress=False,
         quiet=True,
@@ -106,7 +109,8 @@ def test_rpm_holds_for_the_whole_job_across_actors(
     assert refused <= 2, f"{refused} requests refused with 429"
     times = sorted(r.time for r in sim.simulator.requests)
     rate = (len(times) - 1) / (times[-1] - times[0])
-    assert rate >= 0.5 * 19, f"{rate:.1f} requests/s for a limit of 19/s: the split starves"
+    # each actor takes half; the tail where one shard is done runs at half (about 93% here)
+    assert rate >= 0.75 * 19.5, f"{rate:.1f} requests/s for --rpm of 19.5/s"
 
 
 def test_an_actor_killed_mid_run_costs_only_its_rows_in_flight(
@@ -217,6 +221,24 @@ def test_complete_is_a_lazy_ray_data_transformation(
     assert frame["status"].tolist() == ["ok"] * 50 + ["error"]
     assert frame["completion"].tolist()[:50] == [ANSWER + p for p in prompts[:50]]
     assert received(sim) == Counter(prompts)
+
+
+def test_the_readme_example_of_complete_runs_as_written(
+    simulator: SimulatorThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### On a Ray cluster", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)\n```", section, re.S)
+    assert code is not None
+    source = code.group(1).replace("http://127.0.0.1:8000/v1", simulator.base_url)
+    source = source.replace("print(", "shown = (")
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    namespace: dict[str, object] = {}
+    exec(compile(source, "README.md", "exec"), namespace)
+    shown = namespace["shown"]
+    assert isinstance(shown, pd.DataFrame) and len(shown) == 200
+    # one review of the sample is empty: skipped, as in a local run
+    assert shown["status"].value_counts().to_dict() == {"ok": 199, "skipped": 1}
 
 
 def test_the_local_instance_listens_on_the_loopback_only() -> None:

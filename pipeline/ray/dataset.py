@@ -1,14 +1,14 @@
 """``complete(dataset, **options)``: the job as a lazy Ray Data transformation.
 
-For users composing their own Ray Data pipelines: ``map_batches`` over a pool of actors, each
-running our async engine on one batch at a time (``concurrency`` requests in flight per
-actor, retries, per-row errors), and returning the batch's rows with the result columns that
-OUTPUT has (``completion``, ``status``, ``error``, tokens, ...). A row that exhausts its
-retries is an ``error`` row; an error that no row can survive (a wrong API key, exit 3)
-fails the Ray job, as Ray Data fails it for any exception of a UDF. There is no OUTPUT
-checkpoint here: a batch whose actor died is sent again by Ray Data, whole; for resume and
-exactly-once across runs use ``pipeline run --engine ray``. ``rpm``/``tpm`` are the key's
-totals: each of the ``actors`` takes an equal share.
+For users composing their own Ray Data pipelines: ``map_batches`` over a pool of 1 to
+``actors`` actors, each running our async engine on one batch at a time (``concurrency``
+requests in flight per actor, retries, per-row errors), and returning the batch's rows with
+the result columns that OUTPUT has (``completion``, ``status``, ``error_type``, tokens, ...).
+A row that exhausts its retries is an ``error`` row; an error that no row can survive (a
+wrong API key, exit 3) fails the Ray job, as Ray Data fails it for any exception of a UDF.
+There is no OUTPUT checkpoint here: a batch whose actor died is sent again by Ray Data,
+whole; for resume and exactly-once across runs use ``pipeline run --engine ray``.
+``rpm``/``tpm`` are the key's totals: each of the ``actors`` takes an equal share.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import ray.data
 
 from ..config import RunConfig
 from ..errors import ConfigError
-from ..progress import Reporter
 from ..runner import Seams, run_batch
 from ..settings import build_config
+from .driver import SilentReporter
 
 # options that name a run's OUTPUT or how it runs as a whole: not for a transformation
 _REFUSED = ("shard", "engine", "ray_address", "ray_actors", "restart", "batch", "dry_run")
@@ -42,7 +42,7 @@ class BatchCompleter:
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
         with tempfile.TemporaryDirectory(prefix="pipeline-ray-batch-") as where:
             output = Path(where) / "batch.parquet"
-            seams = Seams(reporter=Reporter(progress=False, quiet=True), handle_signals=False)
+            seams = Seams(reporter=SilentReporter(), handle_signals=False)
             run_batch(batch.reset_index(drop=True), output, self.config, seams)
             return pq.read_table(output)
 
@@ -56,7 +56,8 @@ def complete(
 ) -> ray.data.Dataset:
     """``dataset`` with the result columns added, lazily (nothing is sent until the dataset
     is consumed). ``options`` are ``pipeline.run``'s (model, prompt_column, template,
-    concurrency, rpm, ...); ``actors`` actors run our engine, ``batch_size`` rows a batch."""
+    concurrency, rpm, ...); up to ``actors`` actors run our engine (Ray Data scales the pool
+    to the blocks it has), ``batch_size`` rows a batch."""
     refused = [key for key in options if key in _REFUSED]
     if refused:
         raise ConfigError(
@@ -76,6 +77,6 @@ def complete(
         fn_constructor_kwargs={"config": config},
         batch_size=batch_size,
         batch_format="pandas",
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         num_cpus=1,
     )

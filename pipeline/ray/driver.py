@@ -46,22 +46,23 @@ from .local import cluster_cpus, connect
 MAX_ATTEMPTS = 4
 # actors are named "pipeline-shard-I-of-N-<random>" (ray.util.list_named_actors shows them)
 ACTOR_PREFIX = "pipeline-shard"
-# seconds an interrupted actor gets beyond --grace to stop and keep what it has
-STOP_MARGIN = 15.0
 
 
-# max_concurrency=2: ``interrupt`` is called while ``run`` runs (Ray's stubs lack the option)
-@ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0, max_concurrency=2)  # type: ignore[call-overload]
+# max_concurrency=3: ``interrupt`` and ``progress`` are called while ``run`` runs (Ray's
+# stubs lack the option)
+@ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0, max_concurrency=3)  # type: ignore[call-overload]
 class ShardActor:
     """Runs one shard of a job with our engine; ``interrupt`` stops it as Ctrl-C would."""
 
     def __init__(self) -> None:
         self.run_thread: RunThread | None = None
+        self.reporter = SilentReporter()
 
     def run(self, data: Any, output: str, config: RunConfig) -> RunSummary:
         """The shard's summary; a run that stopped (fatal error, budget, interrupt) returns
         its summary with ``aborted`` set; errors before sending are raised."""
-        seams = Seams(reporter=Reporter(progress=False, quiet=True), handle_signals=False)
+        # interrupt() reaches the run as SIGINT would (RunThread's relay; no OS handler)
+        seams = Seams(reporter=self.reporter)
         self.run_thread = RunThread(data, output, config, seams)
         self.run_thread.start()
         self.run_thread.thread.join()
@@ -76,6 +77,10 @@ class ShardActor:
     def interrupt(self) -> None:
         if self.run_thread is not None:
             self.run_thread.interrupt()
+
+    def progress(self) -> tuple[int, int, int]:
+        """(results done, results to send, errors) of this run so far."""
+        return (self.reporter.done, self.reporter.todo, self.reporter.errors)
 
     def pid(self) -> int:
         return os.getpid()
@@ -108,12 +113,21 @@ def run_on_ray(
             config, engine="local", ray_address=None, ray_actors=None, progress=False
         )
         reporter.note(f"ray: {count} actors, one shard of {output} each (--shard i/{count})")
-        summaries = _run_shards(ray.put(data), output, local, count, reporter)
+        try:
+            summaries = _ShardRuns(ray.put(data), output, local, count, reporter).collect()
+        except KeyboardInterrupt:
+            raise RunAborted(
+                "interrupted twice: the actors were stopped at once; what they recorded is "
+                "kept: rerun the same command to continue.",
+                reason="interrupted by SIGINT",
+            ) from None
         aborted = [s for s in summaries if s.aborted]
         if aborted:
             merged = merge_output(output, data)  # OUTPUT as a stopped local run leaves it
             summary = _combined(aborted[0], summaries, started)
             summary.rows_total, summary.pending = merged.rows_total, merged.pending
+            inputs = {s.shard: s.input_rows for s in summaries}
+            summary.input_rows = sum(inputs.values()) if len(inputs) == count else 0
             summary.ok, summary.error = merged.counts.get("ok", 0), merged.counts.get("error", 0)
             summary.invalid = merged.counts.get("invalid", 0)
             summary.skipped = merged.counts.get("skipped", 0)
@@ -125,7 +139,7 @@ def run_on_ray(
             data,
             output,
             dataclasses.replace(local, quiet=True),
-            Seams(reporter=_Silent(), handle_signals=False),
+            Seams(reporter=SilentReporter(), handle_signals=False),
         )
         summary = _combined(finish, summaries, started)
         reporter.summary(summary)
@@ -135,66 +149,102 @@ def run_on_ray(
             ray.shutdown()
 
 
-def _run_shards(
-    data: Any, output: Path, config: RunConfig, count: int, reporter: Reporter
-) -> list[RunSummary]:
-    """Every shard's summary, once each has run to its end; a dead actor's shard is run
-    again on a new actor. Ctrl-C interrupts every actor (they keep what they have)."""
-    running: dict[Any, _Shard] = {}
+class _ShardRuns:
+    """The actors of one run, one shard of the job each, and the summaries they returned."""
 
-    def start(shard: _Shard) -> None:
-        shard_config = dataclasses.replace(config, shard=f"{shard.index}/{count}")
-        running[shard.actor.run.remote(data, str(output), shard_config)] = shard
+    def __init__(
+        self, data: Any, output: Path, config: RunConfig, count: int, reporter: Reporter
+    ) -> None:
+        self.job = (data, str(output))
+        self.config = config
+        self.count = count
+        self.reporter = reporter
+        self.running: dict[Any, _Shard] = {}  # the object ref of each actor's run
+        self.summaries: list[RunSummary] = []
+        self.stopping = False
 
-    for index in range(count):
-        start(_Shard(index, _new_actor(index, count)))
-    summaries: list[RunSummary] = []
-    try:
-        while running:
-            ready, _ = ray.wait(list(running), num_returns=1)
-            shard = running.pop(ready[0])
-            try:
-                summary = ray.get(ready[0])
-            except RayActorError as exc:
-                if shard.attempts >= MAX_ATTEMPTS:
-                    raise RunAborted(
-                        f"ray: the actors of shard {shard.index}/{count} died "
-                        f"{shard.attempts} times (last: {exc}); what they recorded is kept: "
-                        "rerun the same command to continue.",
-                        reason="actors died",
-                    ) from None
-                reporter.note(
-                    f"ray: the actor of shard {shard.index}/{count} died; a new actor sends "
-                    "that shard's rows without a result"
-                )
-                start(_Shard(shard.index, _new_actor(shard.index, count), shard.attempts + 1))
-                continue
-            except RayTaskError as exc:
-                cause = exc.cause
-                raise (cause if isinstance(cause, PipelineError | OSError) else exc) from None
-            summaries.append(summary)
-            if summary.aborted:  # a fatal error, the budget, --max-runtime: all stop
-                _stop(running, config)
-    except KeyboardInterrupt:
-        _stop(running, config)
-        raise
-    finally:
-        for shard in running.values():
-            ray.kill(shard.actor)
-    return summaries
+    def collect(self) -> list[RunSummary]:
+        """Every shard's summary, once each has run to its end. Ctrl-C interrupts every
+        actor (they keep what they have and return); again, the driver kills them."""
+        for index in range(self.count):
+            self.start(index)
+        try:
+            while self.running:
+                try:
+                    ready, _ = ray.wait(
+                        list(self.running), num_returns=1, timeout=self.config.log_interval
+                    )
+                except KeyboardInterrupt:
+                    if self.stopping:
+                        raise
+                    self.reporter.note(
+                        "ray: interrupted: every actor stops and keeps what it has (Ctrl-C "
+                        "again stops at once)"
+                    )
+                    self.stop()
+                    continue
+                if ready:
+                    self.take(ready[0])
+                else:
+                    self.report_progress()
+        finally:
+            for shard in self.running.values():
+                ray.kill(shard.actor)
+        return self.summaries
 
+    def start(self, index: int, attempts: int = 1) -> None:
+        name = f"{ACTOR_PREFIX}-{index}-of-{self.count}-{uuid.uuid4().hex[:8]}"
+        actor = ShardActor.options(name=name).remote()  # type: ignore[attr-defined]
+        config = dataclasses.replace(self.config, shard=f"{index}/{self.count}")
+        self.running[actor.run.remote(*self.job, config)] = _Shard(index, actor, attempts)
 
-def _new_actor(index: int, count: int) -> Any:
-    name = f"{ACTOR_PREFIX}-{index}-of-{count}-{uuid.uuid4().hex[:8]}"
-    return ShardActor.options(name=name).remote()  # type: ignore[attr-defined]
+    def take(self, done: Any) -> None:
+        """A shard's run has ended: keep its summary, or run a dead actor's shard again."""
+        shard = self.running.pop(done)
+        try:
+            summary = ray.get(done)
+        except RayActorError as exc:
+            self.restart(shard, exc)
+            return
+        except RayTaskError as exc:  # raised before sending (usage, lock): the run's error
+            cause = exc.cause
+            raise (cause if isinstance(cause, PipelineError | OSError) else exc) from None
+        self.summaries.append(summary)
+        if summary.aborted:  # a fatal error, the budget, --max-runtime: every shard stops
+            self.stop()
 
+    def restart(self, shard: _Shard, exc: Exception) -> None:
+        where = f"shard {shard.index}/{self.count}"
+        if self.stopping:  # its rows without a result wait for the next run
+            return
+        if shard.attempts >= MAX_ATTEMPTS:
+            raise RunAborted(
+                f"ray: the actors of {where} died {shard.attempts} times (last: {exc}); what "
+                "they recorded is kept: rerun the same command to continue.",
+                reason="actors died",
+            ) from None
+        self.reporter.note(
+            f"ray: the actor of {where} died; a new actor sends that shard's rows without a result"
+        )
+        self.start(shard.index, shard.attempts + 1)
 
-def _stop(running: dict[Any, _Shard], config: RunConfig) -> None:
-    """Interrupt every running actor and wait (up to --grace and a margin) for them to keep
-    what they have; the driver kills what is left."""
-    for shard in running.values():
-        shard.actor.interrupt.remote()
-    ray.wait(list(running), num_returns=len(running), timeout=config.grace + STOP_MARGIN)
+    def report_progress(self) -> None:
+        """A log line: what the running actors have done, and the shards that are done."""
+        try:
+            counts = ray.get([s.actor.progress.remote() for s in self.running.values()], timeout=5)
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            return  # an actor died or is busy: the next line says it
+        done, todo, errors = (sum(column) for column in zip(*counts, strict=True))
+        self.reporter.note(
+            f"ray: {done}/{todo} results of the running shards done ({errors} error), "
+            f"{len(self.summaries)}/{self.count} shards finished"
+        )
+
+    def stop(self) -> None:
+        """Interrupt every running actor, as Ctrl-C a local run (they return when done)."""
+        self.stopping = True
+        for shard in self.running.values():
+            shard.actor.interrupt.remote()
 
 
 def _combined(final: RunSummary, shards: list[RunSummary], started: float) -> RunSummary:
@@ -231,8 +281,9 @@ def _combined(final: RunSummary, shards: list[RunSummary], started: float) -> Ru
     return summary
 
 
-class _Silent(Reporter):
-    """The finishing run's reporter: it sends nothing and its summary is replaced."""
+class SilentReporter(Reporter):
+    """A reporter that keeps its counts and prints nothing: the actors' (the driver reports
+    for them) and the finishing run's (its summary is replaced)."""
 
     def __init__(self) -> None:
         super().__init__(progress=False, quiet=True)
