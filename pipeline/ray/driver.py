@@ -1,12 +1,13 @@
-"""``run_on_ray``: one job answered by Ray actors, one shard of it each, over OUTPUT's checkpoint.
+"""``run_on_ray``: one job answered by Ray actors, shard by shard, over OUTPUT's checkpoint.
 
-The driver (this process) connects to Ray (``local``), starts N actors and gives actor i the
-job's shard i/N (``pipeline.shards``): each actor runs our async engine on its rows, with
-many requests in flight, and records results in OUTPUT's shared checkpoint as they complete.
-What shards promise holds here: a run sends only rows that no run has answered, so
+The driver (this process) connects to Ray (``local``), starts N actors and cuts the job into
+``SHARDS_PER_ACTOR`` x N shards (``pipeline.shards``); each actor takes a shard, runs our
+async engine on its rows (many requests in flight), records results in OUTPUT's shared
+checkpoint as they complete, and takes the next shard (if any) when it is done. What shards
+promise holds here (a run sends only rows that no run has answered), so
 
 - an actor that dies (killed, node lost) takes nothing recorded with it: the driver starts a
-  new actor on the same shard, which sends only that shard's rows without a result (at most
+  new actor on its shard, which sends only that shard's rows without a result (at most
   ``MAX_ATTEMPTS`` actors per shard, then the run stops, exit 3);
 - a driver that dies takes its actors with it (they are owned by this job); what they
   recorded stays, and the same command resumes;
@@ -16,9 +17,9 @@ When every shard is done the driver finishes the job as a local run of the whole
 (it finds every result there, sends nothing, writes OUTPUT if the last shard did not) and
 returns that run's summary with the actors' counts of requests, retries, tokens and cost.
 
-Limits: ``--rpm``/``--tpm`` are the key's totals and each of the N shards takes 1/N, as a
-shard process does (``shards.share_limits``): the split is static, needs no round trip per
-request, and a 429 pause in one actor does not stop the others.
+Limits: ``--rpm``/``--tpm`` are the key's totals and each of the N actors takes 1/N (a shard
+run's share, ``shards.share_limits``, scaled to it): the split is static, needs no round
+trip per request, and a 429 pause in one actor does not stop the others.
 """
 
 from __future__ import annotations
@@ -40,11 +41,16 @@ from ..merging import merge_output
 from ..progress import Reporter
 from ..records import RunSummary
 from ..runner import RunThread, Seams, run_batch
+from ..shards import MAX_SHARDS
 from .local import cluster_cpus, connect
 
 # actors started for one shard in one run before the run gives up on it
 MAX_ATTEMPTS = 4
-# actors are named "pipeline-shard-I-of-N-<random>" (ray.util.list_named_actors shows them)
+# shards of the job per actor (an actor that is done takes the next). 1: measured with 4 (2
+# actors, --rpm at 97% of a server's limit, 300 rows), the rate was the same (each shard
+# run's start idles the actor's share as long as the tail it saves) and 4 requests got 429s
+SHARDS_PER_ACTOR = 1
+# actors are named "pipeline-shard-<random>" (ray.util.list_named_actors shows them)
 ACTOR_PREFIX = "pipeline-shard"
 
 
@@ -112,9 +118,13 @@ def run_on_ray(
         local = dataclasses.replace(
             config, engine="local", ray_address=None, ray_actors=None, progress=False
         )
-        reporter.note(f"ray: {count} actors, one shard of {output} each (--shard i/{count})")
+        runs = _ShardRuns(ray.put(data), output, local, count, reporter)
+        reporter.note(
+            f"ray: {count} actors take the {runs.count} shards of {output} in turn "
+            f"(--shard i/{runs.count} each)"
+        )
         try:
-            summaries = _ShardRuns(ray.put(data), output, local, count, reporter).collect()
+            summaries = runs.collect()
         except KeyboardInterrupt:
             raise RunAborted(
                 "interrupted twice: the actors were stopped at once; what they recorded is "
@@ -127,7 +137,7 @@ def run_on_ray(
             summary = _combined(aborted[0], summaries, started)
             summary.rows_total, summary.pending = merged.rows_total, merged.pending
             inputs = {s.shard: s.input_rows for s in summaries}
-            summary.input_rows = sum(inputs.values()) if len(inputs) == count else 0
+            summary.input_rows = sum(inputs.values()) if len(inputs) == runs.count else 0
             summary.ok, summary.error = merged.counts.get("ok", 0), merged.counts.get("error", 0)
             summary.invalid = merged.counts.get("invalid", 0)
             summary.skipped = merged.counts.get("skipped", 0)
@@ -150,15 +160,25 @@ def run_on_ray(
 
 
 class _ShardRuns:
-    """The actors of one run, one shard of the job each, and the summaries they returned."""
+    """The actors of one run, the shards of the job they take in turn, and the summaries
+    their runs returned."""
 
     def __init__(
-        self, data: Any, output: Path, config: RunConfig, count: int, reporter: Reporter
+        self, data: Any, output: Path, config: RunConfig, actors: int, reporter: Reporter
     ) -> None:
         self.job = (data, str(output))
-        self.config = config
-        self.count = count
+        self.actors = actors
+        self.count = min(MAX_SHARDS, actors * SHARDS_PER_ACTOR)
+        # each shard run takes 1/count of --rpm/--tpm (share_limits): scaled so that each of
+        # the actors running at once takes 1/actors
+        scale = self.count / actors
+        self.config = dataclasses.replace(
+            config,
+            rpm=None if config.rpm is None else config.rpm * scale,
+            tpm=None if config.tpm is None else config.tpm * scale,
+        )
         self.reporter = reporter
+        self.waiting = list(range(self.count))  # shards no actor has taken yet
         self.running: dict[Any, _Shard] = {}  # the object ref of each actor's run
         self.summaries: list[RunSummary] = []
         self.stopping = False
@@ -166,8 +186,8 @@ class _ShardRuns:
     def collect(self) -> list[RunSummary]:
         """Every shard's summary, once each has run to its end. Ctrl-C interrupts every
         actor (they keep what they have and return); again, the driver kills them."""
-        for index in range(self.count):
-            self.start(index)
+        for _ in range(min(self.actors, self.count)):
+            self.start(self.new_actor(), self.waiting.pop(0))
         try:
             while self.running:
                 try:
@@ -192,9 +212,11 @@ class _ShardRuns:
                 ray.kill(shard.actor)
         return self.summaries
 
-    def start(self, index: int, attempts: int = 1) -> None:
-        name = f"{ACTOR_PREFIX}-{index}-of-{self.count}-{uuid.uuid4().hex[:8]}"
-        actor = ShardActor.options(name=name).remote()  # type: ignore[attr-defined]
+    def new_actor(self) -> Any:
+        name = f"{ACTOR_PREFIX}-{uuid.uuid4().hex[:12]}"
+        return ShardActor.options(name=name).remote()  # type: ignore[attr-defined]
+
+    def start(self, actor: Any, index: int, attempts: int = 1) -> None:
         config = dataclasses.replace(self.config, shard=f"{index}/{self.count}")
         self.running[actor.run.remote(*self.job, config)] = _Shard(index, actor, attempts)
 
@@ -212,6 +234,10 @@ class _ShardRuns:
         self.summaries.append(summary)
         if summary.aborted:  # a fatal error, the budget, --max-runtime: every shard stops
             self.stop()
+        if self.waiting and not self.stopping:
+            self.start(shard.actor, self.waiting.pop(0))
+        else:
+            ray.kill(shard.actor)  # its CPU goes back to the cluster
 
     def restart(self, shard: _Shard, exc: Exception) -> None:
         where = f"shard {shard.index}/{self.count}"
@@ -226,7 +252,7 @@ class _ShardRuns:
         self.reporter.note(
             f"ray: the actor of {where} died; a new actor sends that shard's rows without a result"
         )
-        self.start(shard.index, shard.attempts + 1)
+        self.start(self.new_actor(), shard.index, shard.attempts + 1)
 
     def report_progress(self) -> None:
         """A log line: what the running actors have done, and the shards that are done."""
