@@ -376,6 +376,12 @@ def _validate_engine(config: RunConfig) -> None:
             "--engine ray with --batch: a Batch API job runs on the provider's machines. "
             "Leave out one of them."
         )
+    if config.restart:
+        raise ConfigError(
+            "--engine ray with --restart: the actors run shards, and a shard cannot set aside "
+            "the results of the others. Start over once with --engine local --restart "
+            "--limit 1 (or remove OUTPUT.checkpoint), then run with --engine ray."
+        )
     if config.ray_actors is not None and not 1 <= config.ray_actors <= 1024:
         raise ConfigError("Out of range: --ray-actors: 1 to 1024 (one shard of the job each).")
 

@@ -321,6 +321,8 @@ def test_engine_options_are_checked_before_anything_starts(tmp_path: Path) -> No
     base = ["run", "in.csv", "-o", "out.parquet", "--base-url", "http://127.0.0.1:9/v1"]
     shard = run_pipeline(tmp_path, *base, "--engine", "ray", "--shard", "0/2")
     assert shard.returncode == 2 and "Leave out --shard" in shard.stderr
+    restart = run_pipeline(tmp_path, *base, "--engine", "ray", "--restart")
+    assert restart.returncode == 2 and "--engine local --restart" in restart.stderr
     address = run_pipeline(tmp_path, *base, "--ray-address", "auto")
     assert address.returncode == 2 and "--engine ray" in address.stderr
     assert not (tmp_path / "out.parquet.checkpoint").exists()
