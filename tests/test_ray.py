@@ -205,6 +205,27 @@ def test_a_killed_driver_loses_nothing_recorded_and_the_same_command_resumes(
     assert len(sim.simulator.requests) - before == recorded.pending
 
 
+def test_a_wrong_key_stops_every_actor_with_exit_3(
+    make_simulator: MakeSimulator, tmp_path: Path
+) -> None:
+    sim = make_simulator(require_api_key="sk-right", latency_ms=20, record=True)
+    pd.DataFrame({"prompt": prompts_of(400)}).to_csv(tmp_path / "in.csv", index=False)
+    command = [sys.executable, "-m", "pipeline", "run", "in.csv", "-o", "out.parquet"]
+    command += ["--base-url", sim.base_url, "--engine", "ray", "--ray-actors", "2"]
+    command += ["--no-progress", "--quiet"]
+    done = subprocess.run(
+        command,
+        cwd=tmp_path,
+        env=env_without_keys(AIMLAPI_API_KEY="sk-wrong"),  # the actors' environment too
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stderr
+    assert "401" in done.stderr or "key" in done.stderr.lower(), done.stderr
+    assert len(sim.simulator.requests) < 400  # stopped, not sent to the end
+
+
 def test_complete_is_a_lazy_ray_data_transformation(
     make_simulator: MakeSimulator, tmp_path: Path
 ) -> None:
