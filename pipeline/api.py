@@ -76,6 +76,10 @@ def run(
 ) -> pd.DataFrame:
     job = _Job.prepare(data, output, config, transport, options)
     try:
+        if job.config.engine == "ray":
+            from .ray import run_on_ray  # needs the [ray] extra
+
+            return job.result(run_on_ray(data, job.output, job.config, job.reporter))
         return job.result(run_batch(data, job.output, job.config, job.seams))
     except RunAborted as exc:
         aborted = job.aborted(exc)

@@ -84,6 +84,9 @@ OPTION_HELP: dict[str, str] = {
     "shard); the result is the whole job with other shards' missing rows 'pending'.",
     "resubmit_cancelled": "batch=True: send again the rows of batches cancelled with "
     "`pipeline batch cancel` (by default they stay pending).",
+    "engine": "local | ray: 'ray' answers in Ray actors, one shard each (the [ray] extra).",
+    "ray_address": "engine='ray': the cluster to join (default: a local instance on 127.0.0.1).",
+    "ray_actors": "engine='ray': how many actors (default: the cluster's CPUs, at least 2).",
     "checkpoint_seconds": "seconds between checkpoint writes.",
     "checkpoint_rows": "results between checkpoint writes.",
     "progress": "False: no progress lines (a notebook shows a log line every log_interval).",

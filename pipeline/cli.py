@@ -143,7 +143,13 @@ def run_and_exit(
     )
     summary: RunSummary | None = None
     try:
-        summary = run_batch(input_path, output, config, Seams(reporter=reporter, executor=executor))
+        if config.engine == "ray":
+            from .ray import run_on_ray  # needs the [ray] extra
+
+            summary = run_on_ray(input_path, output, config, reporter)
+        else:
+            seams = Seams(reporter=reporter, executor=executor)
+            summary = run_batch(input_path, output, config, seams)
     except UsageError as exc:
         fail(str(exc), EXIT_USAGE, config.summary_json)
     except LockHeld as exc:
@@ -259,6 +265,9 @@ _RUN_ONLY = (
     "retry_failed",
     "restart",
     "shard",
+    "engine",
+    "ray_address",
+    "ray_actors",
     "overwrite",
     "summary_json",
     "grace",

@@ -81,7 +81,7 @@ _SECTIONS: dict[str, str] = {
             "max_cost max_total_tokens prices dedup cache dry_run typical_completion",
             "overwrite restart retry_failed",
             "batch batch_dialect batch_max_requests poll_interval wait resubmit_cancelled",
-            "shard",
+            "shard engine ray_address ray_actors",
             "grace max_runtime",
             "no_progress log_interval log_format quiet summary_json help",
         ),
@@ -377,6 +377,25 @@ _JOB_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         "together). Every shard points at the same OUTPUT; each counts all shards' results "
         "as done, so N may change between runs; the shard that finishes the job writes "
         "OUTPUT. --rpm/--tpm are the key's totals: each shard takes 1/N.",
+    ),
+    click.option(
+        "--engine",
+        type=click.Choice(["local", "ray"]),
+        help="ray: one shard per Ray actor (pip install 'batch-prompt-pipeline[ray]'), on a "
+        "local instance bound to 127.0.0.1 or on --ray-address. " + default_of("engine"),
+    ),
+    click.option(
+        "--ray-address",
+        metavar="ADDR",
+        help="--engine ray: the cluster to join (e.g. ray://head:10001 or auto). "
+        "[default: a local instance on 127.0.0.1]",
+    ),
+    click.option(
+        "--ray-actors",
+        type=click.IntRange(min=1, max=1024),
+        metavar="N",
+        help="--engine ray: actors, one shard of the job each. [default: the cluster's "
+        "CPUs, at least 2]",
     ),
     click.option(
         "--no-progress",

@@ -114,6 +114,9 @@ class RunConfig:
     resubmit_cancelled: bool = False  # send again the rows of batches the user cancelled
     # scale-out: "I/N", this process takes shard I of N (0 <= I < N; shards.py)
     shard: str | None = None
+    engine: str = "local"  # local | ray: answer in this process, or in Ray actors (pipeline.ray)
+    ray_address: str | None = None  # --engine ray: a cluster's address; None: a local instance
+    ray_actors: int | None = None  # --engine ray: actors (one shard each); None: the CPUs, >= 2
     # checkpoints and progress
     checkpoint_seconds: float = 2.0
     checkpoint_rows: int = 2000

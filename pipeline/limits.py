@@ -36,6 +36,8 @@ __all__ = [
     "FAIR_SHARE_FLOOR",
     "SLOW_START",
     "AdaptiveConcurrency",
+    "Bucket",
+    "BucketFactory",
     "Budget",
     "HeaderPacer",
     "Limits",
@@ -118,12 +120,28 @@ class _InFlight:
             self.limit.on_success()
 
 
+class Bucket(Protocol):
+    """A rate limit's bucket as ``--rpm``/``--tpm`` use it: ``RateMeter`` in one process;
+    one shared by the processes of a job (``pipeline.ray``'s ``SharedBuckets``) where a
+    seam gives one."""
+
+    async def acquire(self, amount: float = 1.0) -> None: ...
+
+    def charge(self, amount: float) -> None: ...
+
+    def refund(self, amount: float) -> None: ...
+
+
+# (kind: "requests" or "tokens", units per second) -> the bucket to pace them with
+BucketFactory = Callable[[str, float], Bucket]
+
+
 class _Bucket:
     """``--rpm`` (a request each) or ``--tpm`` (the ticket's tokens, corrected by usage)."""
 
     waits, starts = True, False
 
-    def __init__(self, meter: RateMeter, per_token: bool) -> None:
+    def __init__(self, meter: Bucket, per_token: bool) -> None:
         self.meter = meter
         self.per_token = per_token
 
@@ -290,6 +308,7 @@ class Limits:
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         on_change: Callable[[str, RateView], None] | None = None,
+        buckets: BucketFactory | None = None,
     ) -> None:
         self.clock = clock
         self.max_pause = max_pause
@@ -297,12 +316,12 @@ class Limits:
         self.concurrency = AdaptiveConcurrency(
             concurrency, initial=SLOW_START if adaptive else None
         )
-        self.requests = _rate_meter(rpm, clock, sleep)
-        if self.requests is not None:
+        self.requests = _bucket("requests", rpm, clock, sleep, buckets)
+        if isinstance(self.requests, RateMeter):
             # start with one request, not a full second's burst: the server's own bucket
             # may already be partly used, and a start-up burst is where 429s came from
             self.requests.level = 1.0
-        self.tokens = _rate_meter(tpm, clock, sleep)
+        self.tokens = _bucket("tokens", tpm, clock, sleep, buckets)
         self.header_requests = HeaderPacer(clock=clock, sleep=sleep)
         self.header_tokens = HeaderPacer(clock=clock, sleep=sleep)
         self.estimator = TokenEstimator(max_tokens)
@@ -352,10 +371,15 @@ class Limits:
         return Slot(self.meters, ticket, self.clock)
 
 
-def _rate_meter(per_minute: float | None, clock: Clock, sleep: Sleep) -> RateMeter | None:
-    """A bucket for ``--rpm``/``--tpm``: a burst of ~1 s, for even pacing with no start-up
-    spike against the server's window."""
+def _bucket(
+    kind: str, per_minute: float | None, clock: Clock, sleep: Sleep, shared: BucketFactory | None
+) -> Bucket | None:
+    """A bucket for ``--rpm``/``--tpm``: the shared one where the run has a factory, else a
+    ``RateMeter`` with a burst of ~1 s (even pacing, no start-up spike against the server's
+    window)."""
     if not per_minute:
         return None
     per_second = per_minute / 60.0
+    if shared is not None:
+        return shared(kind, per_second)
     return RateMeter(per_second, burst=max(1.0, per_second), clock=clock, sleep=sleep)

@@ -27,7 +27,7 @@ from .config import RunConfig
 from .errors import BudgetReached, FatalError, RequestError, ServerSaysLater
 from .exchange import Exchange, Reply
 from .failfast import FailFast
-from .limits import Budget, Limits, RowGate
+from .limits import BucketFactory, Budget, Limits, RowGate
 from .planning import Plan
 from .progress import Reporter
 from .records import COST_MIXED, Choice, Completion, Cost, RowResult, Usage, request_id_of
@@ -66,6 +66,7 @@ class OnlineExecutor:
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Any = asyncio.sleep,
         clock: Any = time.monotonic,
+        buckets: BucketFactory | None = None,
     ) -> None:
         self.config = config
         self.plan = plan
@@ -82,6 +83,7 @@ class OnlineExecutor:
             clock=clock,
             sleep=sleep,
             on_change=lambda why, view: reporter.rate_changed(why, view),
+            buckets=buckets,
         )
         reporter.rate_view = self.limits.view
         reporter.in_flight = lambda: self.limits.concurrency.in_flight

@@ -33,6 +33,7 @@ from .asks import RequestShape
 from .batch_input_file import batch_file_job
 from .config import RunConfig
 from .engine import Executor
+from .limits import BucketFactory
 from .memory import fewer_collections, map_large_blocks, release_memory
 from .online import OnlineExecutor
 from .output import finish_output, start_manifest
@@ -66,6 +67,9 @@ class Seams:
     signals: Callable[[Callable[[int], None]], Callable[[], None]] | None = None
     # How answers are obtained; None: the online executor (HTTP requests to --base-url).
     executor: Executor | None = None
+    # The --rpm/--tpm buckets; None: this process's own. ``pipeline.ray`` gives the job's
+    # actors one shared pair.
+    buckets: BucketFactory | None = None
 
 
 async def run_async(
@@ -166,6 +170,7 @@ def _executor(
         transport=seams.transport,
         sleep=seams.sleep,
         clock=seams.clock,
+        buckets=seams.buckets,
     )
 
 

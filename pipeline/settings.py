@@ -328,6 +328,7 @@ def validate(config: RunConfig) -> None:
     _validate_answer_options(config)
     _validate_samples(config)
     _validate_shard(config)
+    _validate_engine(config)
     if config.proxy is not None:
         from .proxy import settings_from
 
@@ -352,6 +353,37 @@ def _validate_shard(config: RunConfig) -> None:
             f"--shard {shard} with --batch: batch mode runs as one process (a Batch API job "
             "already runs on the provider's machines). Leave out --shard."
         )
+
+
+def _validate_engine(config: RunConfig) -> None:
+    """--engine local|ray, and what only the Ray engine takes."""
+    if config.engine not in ("local", "ray"):
+        raise ConfigError(f"Out of range: --engine: local or ray (got {config.engine!r}).")
+    if config.engine == "local":
+        if config.ray_address is not None or config.ray_actors is not None:
+            raise ConfigError(
+                "--ray-address / --ray-actors are for --engine ray: add --engine ray, or "
+                "leave them out."
+            )
+        return
+    if config.shard is not None:
+        raise ConfigError(
+            f"--engine ray with --shard {config.shard}: the Ray engine gives each actor a "
+            "shard of the whole job itself. Leave out --shard."
+        )
+    if config.batch:
+        raise ConfigError(
+            "--engine ray with --batch: a Batch API job runs on the provider's machines. "
+            "Leave out one of them."
+        )
+    if config.restart:
+        raise ConfigError(
+            "--engine ray with --restart: the actors run shards, and a shard cannot set aside "
+            "the results of the others. Start over once with --engine local --restart "
+            "--limit 1 (or remove OUTPUT.checkpoint), then run with --engine ray."
+        )
+    if config.ray_actors is not None and not 1 <= config.ray_actors <= 1024:
+        raise ConfigError("Out of range: --ray-actors: 1 to 1024 (one shard of the job each).")
 
 
 def _validate_samples(config: RunConfig) -> None:
