@@ -1,5 +1,5 @@
 """The Ray engine's shared --rpm: 2 actors against the simulator refusing beyond 20 requests/s
-(burst 2), ``--rpm 1170`` (19.5/s); prints the 429s and the rate from the first request to
+(burst 5), ``--rpm 1170`` (19.5/s); prints the 429s and the rate from the first request to
 the last. ``python benchmarks/ray_rate.py [ROWS]`` (default 300; ~15 s plus Ray's start)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pipeline.simulator import SimulatorConfig, SimulatorThread
 
 def main() -> None:
     rows = int(sys.argv[1]) if len(sys.argv) > 1 else 300
-    config = SimulatorConfig(rps_limit=20, rps_burst=2, latency_ms=5, record=True)
+    config = SimulatorConfig(rps_limit=20, rps_burst=5, latency_ms=5, record=True)
     with SimulatorThread(config) as sim, tempfile.TemporaryDirectory() as where:
         frame = pipeline.run(
             pd.DataFrame({"prompt": [f"row {i}" for i in range(rows)]}),

@@ -29,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import remote_output
 from .api_help import OPTION_HELP as OPTION_HELP
 from .api_help import RUN_DOC, options_doc, signature_of
 from .config import RunConfig
@@ -208,6 +209,8 @@ class _Job:
     scratch: Path | None  # files made from Python values (a json_schema dict)
     output_before: tuple[int, int] | None  # OUTPUT's (size, mtime) before the run
     keep_temporary: bool = False
+    # OUTPUT on object storage: the working copy (``output``) kept in step with the store
+    remote: contextlib.ExitStack | None = None
 
     @classmethod
     def prepare(
@@ -247,6 +250,13 @@ class _Job:
         if output is None:
             temporary = Path(tempfile.mkdtemp(prefix="pipeline-"))
             output = temporary / "output.parquet"
+        remote = None
+        if remote_output.is_remote(output):
+            remote_output.check_supported(cfg, str(output))
+            remote = contextlib.ExitStack()
+            output = remote.enter_context(
+                remote_output.working_copy(str(output), overwrite=cfg.overwrite)
+            )
         output = Path(output)
         reporter = _ApiReporter(cfg, temporary=temporary is not None)
         return cls(
@@ -258,6 +268,7 @@ class _Job:
             temporary=temporary,
             scratch=scratch[0] if scratch else None,
             output_before=_signature_of(output),
+            remote=remote,
         )
 
     def result(self, summary: RunSummary) -> pd.DataFrame:
@@ -334,6 +345,8 @@ class _Job:
             )
 
     def cleanup(self) -> None:
+        if self.remote is not None:
+            self.remote.close()  # OUTPUT, when the run wrote it, PUT to the store
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
         if self.temporary is not None and not self.keep_temporary:

@@ -47,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import remote_output
 from .atomic import atomic_write, fsync_dir, write_bytes
 from .errors import FingerprintMismatch, OutputError
 from .keys import KeyPass
@@ -98,8 +99,7 @@ class Checkpoint:
         self._paths: dict[int, Path] = {}  # part number -> file
         self._step = 1  # between the numbers of this run's parts (see shards.part_step)
         self._indexed: dict[int, Path] = {}  # the parts the last load_index read
-        # what every part written carries: {"fingerprint": ..., "job": ...} (set by the run)
-        self.identity: dict[str, str] | None = None
+        self.identity: dict[str, str] | None = None  # each part's fingerprint and job (run's)
         self.job_id: str | None = None  # the job the parts prove when manifest.json is gone
         self.legacy_upto = 0  # parts of the older format are taken up to this number
         self.parts_read = 0  # parts the last load_index read beyond the saved index
@@ -125,6 +125,7 @@ class Checkpoint:
         manifest = {**manifest, "format_version": FORMAT_VERSION, "updated_at": time.time()}
         data = json.dumps(manifest, indent=2, sort_keys=True, default=str)
         write_bytes(self.manifest_path, data.encode())
+        remote_output.publish(self.manifest_path, self.dir)
 
     def output_is_ours(self) -> bool:
         """True when OUTPUT is the file the last run of this checkpoint wrote."""
@@ -361,6 +362,7 @@ class Checkpoint:
             write_bytes(path, data)
             self._paths[number] = path
             self._next_part += self._step
+        remote_output.publish(path, self.dir)  # recorded once the store has it too
         return path
 
     def _encode(self, results: Sequence[RowResult]) -> bytes:

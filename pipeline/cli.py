@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn
 
 import click
 
-from .cli_options import SectionedCommand, input_argument, job_options
+from .cli_options import SectionedCommand, input_argument, job_options, output_path
 from .cli_shell import (
     EXIT_CODES_HELP,
     MainGroup,
@@ -46,6 +46,7 @@ from .errors import (
 from .estimate import estimate_total, format_total
 from .progress import Reporter
 from .records import RunSummary
+from .remote_output import check_supported, working_copy
 from .runner import Seams, estimate_job, run_batch
 from .settings import build_config, load_config_file, parse_param, split_models
 
@@ -86,8 +87,10 @@ def config_from_options(
     "-o",
     "--output",
     required=True,
-    type=click.Path(path_type=Path),
-    help="Parquet file to write (.parquet); its checkpoint is OUTPUT.checkpoint/ beside it.",
+    type=click.Path(),
+    callback=output_path,
+    help="Parquet file to write (.parquet); its checkpoint is OUTPUT.checkpoint/ beside it. "
+    "May be an s3:// (or gs://...) URI: see the README's object storage section.",
 )
 @click.option(
     "--dry-run",
@@ -98,7 +101,7 @@ def config_from_options(
 @job_options
 def run(
     input_path: Path,
-    output: Path,
+    output: Path | str,
     config_path: str | None,
     params: tuple[str, ...],
     stop: tuple[str, ...],
@@ -115,23 +118,36 @@ def run(
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE, summary_json)
         return
-    if output.suffix.lower() not in PARQUET_SUFFIXES:
+    name = PurePosixPath(str(output))
+    if name.suffix.lower() not in PARQUET_SUFFIXES:
         fail(
             f"-o {output}: OUTPUT is always a Parquet file; name it "
-            f"{output.with_suffix('.parquet')} (for CSV afterwards: "
+            f"{name.with_suffix('.parquet')} (for CSV afterwards: "
             "pandas.read_parquet(OUTPUT).to_csv(...)).",
             EXIT_USAGE,
             config.summary_json,
         )
+    if isinstance(output, str):
+        try:
+            check_supported(config, output)
+        except UsageError as exc:
+            fail(str(exc), EXIT_USAGE, config.summary_json)
     if config.dry_run:
         _refuse_run_only(no_progress)
+        if isinstance(output, str):  # on object storage: what its checkpoint has
+            try:
+                with working_copy(output, overwrite=True, publish_output=False) as local:
+                    _estimate(input_path, local, config)
+            except UsageError as exc:
+                fail(str(exc), EXIT_USAGE)
+            return
         _estimate(input_path, output, config)
         return
     run_and_exit(input_path, output, config)
 
 
 def run_and_exit(
-    input_path: Path, output: Path, config: RunConfig, executor: Executor | None = None
+    input_path: Path, output: Path | str, config: RunConfig, executor: Executor | None = None
 ) -> NoReturn:
     """Run the job (answers from ``executor``, else online), report, and exit with the run's
     code; a run that could not start says why in one line (and in --summary-json)."""
@@ -170,7 +186,7 @@ def run_and_exit(
         sys.exit(summary.exit_code)
     except OSError as exc:
         # the output directory cannot be made or written (permissions, a file in the way)
-        fail(os_error_message(exc, output), EXIT_USAGE, config.summary_json)
+        fail(os_error_message(exc, Path(output)), EXIT_USAGE, config.summary_json)
     except PipelineError as exc:  # pragma: no cover - every subclass is handled above
         fail(str(exc), EXIT_USAGE, config.summary_json)
     if summary.rows_total == 0:

@@ -454,3 +454,10 @@ def _input(ctx: click.Context, param: click.Parameter, value: str) -> Path | str
 input_argument = click.argument(
     "input_path", metavar="INPUT", type=click.Path(dir_okay=False), callback=_input
 )
+
+
+def output_path(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | str | None:
+    """OUTPUT as a path, or as the object-storage URI it is (``s3://...``)."""
+    from .remote_output import is_remote
+
+    return None if value is None else value if is_remote(value) else Path(value)

@@ -6,6 +6,8 @@ per batch part), and OUTPUT written on demand from every shard's results
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -13,17 +15,28 @@ from typing import Any
 
 import click
 
+from .checkpoint import checkpoint_dir
 from .cli import main
+from .cli_options import output_path
 from .cli_shell import fail, os_error_message
 from .errors import EXIT_LOCKED, EXIT_USAGE, LockHeld, OutputError, UsageError
 from .merging import merge_output
+from .remote_output import mirror_of, working_copy
 from .status import run_status
 
 
+def _opened(output: Path | str, *, publish: bool) -> contextlib.AbstractContextManager[Path]:
+    """OUTPUT's local path: itself, or the working copy of an object-storage URI (brought up
+    to date first; with ``publish`` an OUTPUT written meanwhile is PUT to the store)."""
+    if isinstance(output, str):
+        return working_copy(output, overwrite=True, publish_output=publish)
+    return contextlib.nullcontext(output)
+
+
 @main.command()
-@click.argument("output", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(), callback=output_path)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
-def status(output: Path, as_json: bool) -> None:
+def status(output: Path | str, as_json: bool) -> None:
     """Rows total / ok / error / skipped / pending, tokens, cost and fingerprint of OUTPUT's run.
 
     Works while a run is going (it reads the checkpoint) and after it; for a job run in
@@ -33,7 +46,13 @@ def status(output: Path, as_json: bool) -> None:
     2 no checkpoint.
     """
     try:
-        state = run_status(output)
+        with _opened(output, publish=False) as local:
+            state = run_status(local)
+            mirror = mirror_of(checkpoint_dir(local))
+            if mirror is not None:  # named by its URI; written means: in the store
+                state = dataclasses.replace(
+                    state, output=str(output), output_written=mirror.output_stored()
+                )
     except OutputError as exc:
         fail(str(exc), EXIT_USAGE)
     if as_json:
@@ -70,7 +89,7 @@ def status(output: Path, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("output", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(), callback=output_path)
 @click.option(
     "--input",
     "input_path",
@@ -78,7 +97,7 @@ def status(output: Path, as_json: bool) -> None:
     help="The job's INPUT, when it is no longer at the path the runs recorded.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
-def merge(output: Path, input_path: Path | None, as_json: bool) -> None:
+def merge(output: Path | str, input_path: Path | None, as_json: bool) -> None:
     """Write OUTPUT now from every shard's results (--shard); rows without one are pending.
 
     The shard that finishes a job writes OUTPUT itself; this writes it before that and says
@@ -86,13 +105,14 @@ def merge(output: Path, input_path: Path | None, as_json: bool) -> None:
     invalid or pending; 2: no checkpoint, input gone; 8: a run of the whole job is going.
     """
     try:
-        merged = merge_output(output, input_path)
+        with _opened(output, publish=True) as local:
+            merged = merge_output(local, input_path)
     except LockHeld as exc:
         fail(str(exc), EXIT_LOCKED)
     except (OutputError, UsageError) as exc:
         fail(str(exc), EXIT_USAGE)
     except OSError as exc:
-        fail(os_error_message(exc, output), EXIT_USAGE)
+        fail(os_error_message(exc, Path(output)), EXIT_USAGE)
     if as_json:
         click.echo(json.dumps(merged.as_dict()))
         sys.exit(merged.exit_code)

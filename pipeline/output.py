@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import shards
+from . import remote_output, shards
 from .checkpoint import file_signature
 from .config import RunConfig
 from .fingerprint import fingerprint as fingerprint_of_config
@@ -45,7 +45,10 @@ def start_manifest(plan: Plan, config: RunConfig) -> dict[str, Any]:
         created_at=manifest.get("created_at", time.time()),
         # what each part names as its job (with the fingerprint): a part of another job,
         # or of this checkpoint before a --restart, is never used
-        job_id=manifest.get("job_id") or checkpoint.job_id or uuid.uuid4().hex,
+        job_id=manifest.get("job_id")
+        or checkpoint.job_id
+        or remote_output.job_id_for(checkpoint.dir, fingerprint)
+        or uuid.uuid4().hex,
         key_scheme=1 if plan.ids_only else KEY_SCHEME,
         legacy_upto=checkpoint.legacy_upto,
     )
@@ -83,6 +86,8 @@ async def finish_output(
     checkpoint = plan.checkpoint
     if plan.shard is not None:
         await asyncio.to_thread(checkpoint.hold_setup)
+        # OUTPUT on object storage: what the other hosts' shards recorded since this one began
+        await asyncio.to_thread(remote_output.pull, checkpoint.dir)
         manifest = {**checkpoint.read_manifest(), "job_id": manifest["job_id"]}
     full = checkpoint.load_index() if todo or plan.shard else plan.index
     if checkpoint.parts_read and recorder.storage_error is None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from . import engine
+from . import engine, remote_output
 from .asks import RequestShape
 from .batch_input_file import batch_file_job
 from .config import RunConfig
@@ -78,7 +78,13 @@ async def run_async(
     """Run the whole job; returns the summary. Raises UsageError/LockHeld before sending,
     RunAborted (with ``.summary``) after a fatal error or a signal."""
     seams = seams or Seams()
-    output = Path(output)
+    if remote_output.is_remote(output):  # on object storage: a local working copy of it
+        return await _run_on_working_copy(data, str(output), config, seams)
+    return await _run(data, Path(output), config, seams)
+
+
+async def _run(data: Any, output: Path, config: RunConfig, seams: Seams) -> RunSummary:
+    """``run_async`` on OUTPUT at a local path."""
     if config.input_format == "openai-batch":  # the file says model, messages and fields
         data, config = batch_file_job(data, config)
     config = share_limits(config)  # a shard's share of the key's --rpm / --tpm
@@ -144,13 +150,32 @@ async def run_async(
             fingerprint=manifest["fingerprint"],
             started=started,
         )
-        if output.exists() and (len(plan.models) > 1 or config.labels or config.score):
+        answers = len(plan.models) > 1 or config.labels or config.score
+        if answers and output.exists():  # noqa: ASYNC240 (one stat, after the run)
             add_answer_summary(summary, output)
     finally:
         checkpoint.release_lock()
     reporter.summary(summary)
     if summary.aborted:
         raise_aborted(summary)
+    return summary
+
+
+async def _run_on_working_copy(data: Any, uri: str, config: RunConfig, seams: Seams) -> RunSummary:
+    """OUTPUT on object storage: the run on a local working copy mirrored to ``uri``
+    (``remote_output``); OUTPUT is PUT when the run has written it."""
+    remote_output.check_supported(config, uri)
+    copy = remote_output.working_copy(uri, overwrite=config.overwrite)
+    local = await asyncio.to_thread(copy.__enter__)
+    reporter = seams.reporter
+    if reporter is not None:
+        reporter.note(f"OUTPUT {remote_output.shown(uri)}: working copy {local}")
+    try:
+        summary = await run_async(data, local, config, seams)
+    except BaseException as exc:
+        await asyncio.to_thread(copy.__exit__, type(exc), exc, exc.__traceback__)
+        raise
+    await asyncio.to_thread(copy.__exit__, None, None, None)
     return summary
 
 
@@ -178,7 +203,7 @@ def _announce(
     reporter: Reporter, plan: Plan, config: RunConfig, output: Path, fingerprint: str, todo: int
 ) -> None:
     reporter.run_started(
-        output=str(output),
+        output=remote_output.shown_output(output),
         fingerprint=fingerprint,
         config=config.public_dict(),
         total=sum(len(keys) for keys in plan.scope_unit_keys()),

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from . import remote_output
 from .atomic import atomic_write, write_bytes
 from .config import RunConfig
 from .errors import ConfigError, LockHeld
@@ -123,6 +124,7 @@ def write_record(checkpoint_dir: Path, shard: Shard, **fields: Any) -> None:
         **fields,
     )
     write_bytes(path, json.dumps(record, indent=2, sort_keys=True).encode())
+    remote_output.publish(path, checkpoint_dir)
 
 
 def read_json(path: Path) -> dict[str, Any]:

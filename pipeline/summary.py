@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from . import remote_output
 from .engine import Executor
 from .errors import EXIT_BUDGET, EXIT_FAILED_ROWS, EXIT_OK, EXIT_STORAGE, RunAborted, exit_reason
 from .planning import Plan
@@ -33,7 +34,7 @@ def summarize(
     counts, pending, job_pending = status_counts
     rep = recorder.reporter
     summary = RunSummary(
-        output=str(output),
+        output=remote_output.shown_output(output),
         rows_total=sum(len(keys) for keys in plan.scope_unit_keys()),
         input_rows=len(plan.keys) if plan.shard_rows is None else int(plan.shard_rows.sum()),
         ok=counts["ok"],

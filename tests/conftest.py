@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import subprocess
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,34 @@ class FakeTime:
 
     async def __call__(self, seconds: float) -> None:
         await self.sleep(seconds)
+
+
+S3_SECRET = "s3cr3t-never-shown-0123456789"
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A real S3-protocol server (moto's) on 127.0.0.1 with buckets ``inputs`` and
+    ``outputs``; the standard AWS variables point at it (the secret is ``S3_SECRET``).
+    Yields a boto3 client of it (moto's own client: the pipeline uses pyarrow's)."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test extra")
+    boto3 = pytest.importorskip("boto3", reason="moto[server] brings it")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    # moto keeps its stores per process, not per server: start from empty ones
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"))
+    for name, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "AKIDTESTING",
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    for bucket in ("inputs", "outputs"):
+        client.create_bucket(Bucket=bucket)
+    yield client
+    server.stop()

@@ -7,46 +7,18 @@ is unchanged downloads nothing; credentials are never written or printed.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
+from conftest import S3_SECRET as SECRET
 from conftest import cli
 
 from pipeline.simulator import SimulatorThread
 
-moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test extra")
-boto3 = pytest.importorskip("boto3", reason="moto[server] brings it")
-
-SECRET = "s3cr3t-never-shown-0123456789"
 ANSWER = "Simulated answer to: "
-
-
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """A moto S3 server on 127.0.0.1 with a bucket ``inputs``; the AWS variables point at it."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for name, value in {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "AKIDTESTING",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():
-        monkeypatch.setenv(name, value)
-    # the objects are put with boto3 (moto's own client); the pipeline reads them through
-    # pyarrow's S3 filesystem, as it would from AWS or MinIO
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket="inputs")
-    yield client
-    server.stop()
 
 
 def put(client: Any, key: str, data: bytes) -> None:

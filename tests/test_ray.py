@@ -98,7 +98,7 @@ def test_rpm_holds_for_the_whole_job_across_actors(
     make_simulator: MakeSimulator, tmp_path: Path
 ) -> None:
     # the server refuses beyond 20 requests/s; --rpm 1170 is 19.5/s for the key, all actors
-    sim = make_simulator(rps_limit=20, rps_burst=2, latency_ms=5, record=True)
+    sim = make_simulator(rps_limit=20, rps_burst=5, latency_ms=5, record=True)
     prompts = prompts_of(160)
     frame = pipeline.run(
         pd.DataFrame({"prompt": prompts}),
@@ -254,7 +254,7 @@ def test_complete_is_a_lazy_ray_data_transformation(
 def test_complete_holds_rpm_for_the_whole_dataset_across_actors(
     make_simulator: MakeSimulator,
 ) -> None:
-    sim = make_simulator(rps_limit=20, rps_burst=2, latency_ms=5, record=True)
+    sim = make_simulator(rps_limit=20, rps_burst=5, latency_ms=5, record=True)
     prompts = prompts_of(120)
     frame = pd.DataFrame({"prompt": prompts, "n": range(len(prompts))})
     dataset = ray.data.from_pandas([frame.iloc[i : i + 20] for i in range(0, len(frame), 20)])
