@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
-from .records import RowResult, RunSummary
+from .records import COST_IMPORTED, RowResult, RunSummary
 
 if TYPE_CHECKING:
     from .limits import RateView
@@ -61,6 +61,7 @@ class Reporter:
         self.completion_tokens = 0
         self.cost_usd = 0.0
         self.unpriced = 0  # results of requests with no price: the cost is then unknown
+        self.imported = 0  # results another tool paid for (batch import): not priced here
         self.todo = 0
         self.finish_reasons: Counter[str] = Counter()
         self.error_types: Counter[str] = Counter()
@@ -160,7 +161,9 @@ class Reporter:
             self.prompt_tokens += result.usage.prompt_tokens or 0
             self.completion_tokens += result.usage.completion_tokens or 0
         self.cost_usd += result.cost_usd or 0.0
-        if result.cost_usd is None and result.attempts and result.usage.total_tokens:
+        if result.cost_source == COST_IMPORTED:
+            self.imported += 1
+        elif result.cost_usd is None and result.attempts and result.usage.total_tokens:
             self.unpriced += 1
         if self.bar is not None:
             self.bar.update(1)
@@ -415,6 +418,7 @@ def format_summary(s: RunSummary) -> str:
             if s.unpriced
             else f"cost ${s.cost_usd:.6f}"
         )
+        + (f"; {s.imported} imported results (their cost is not known here)" if s.imported else "")
         + (f"; {s.deduplicated} duplicates answered once" if s.deduplicated else "")
         + (f"; {s.cache_hits} from the cache" if s.cache_hits else ""),
         f"wall time: {s.wall_seconds:.1f}s",

@@ -169,6 +169,7 @@ class RunSummary:
     input_rows: int = 0
     exit_reason: str = ""  # the exit code's name (errors.EXIT_CODES): ok, fatal, interrupted...
     unpriced: int = 0  # results of requests whose model has no price: cost_usd is then unknown
+    imported: int = 0  # results read from another tool's files (batch import): cost not known
     # --shard: the counts above are this shard's; job_pending counts the results the other
     # shards still owe (OUTPUT is written by the run that finds it 0)
     shard: str | None = None
@@ -197,6 +198,7 @@ class RunSummary:
             "cost_usd": None if self.unpriced else round(self.cost_usd, 6),
             "cost_usd_priced": round(self.cost_usd, 6),
             "unpriced_results": self.unpriced,
+            "imported_results": self.imported,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,

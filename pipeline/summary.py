@@ -50,6 +50,7 @@ def summarize(
         cache_hits=executor.cache_hits,
         cost_usd=rep.cost_usd,
         unpriced=rep.unpriced,
+        imported=rep.imported,
         prompt_tokens=rep.prompt_tokens,
         completion_tokens=rep.completion_tokens,
         total_tokens=rep.prompt_tokens + rep.completion_tokens,

@@ -120,6 +120,9 @@ def test_imported_lines_become_rows_and_a_later_run_sends_only_the_rest(
     by_prompt = frame.set_index("prompt")
     # rows 0-3 have the four odd lines; row 4 repeats row 3 (vllm_bad) and shares its result
     assert (summary.ok, summary.error, summary.pending) == (15, 3, 2)
+    # another tool paid for them: not "models with no price", and this run spent nothing
+    assert summary.unpriced == 0 and summary.imported > 0
+    assert summary.as_dict()["cost_usd"] == 0
     for line, status in ((expired, "pending"), (missing, "pending"), (bad, "error")):
         assert by_prompt.loc[line["body"]["messages"][-1]["content"], "status"] == status
     bad_row = by_prompt.loc[bad["body"]["messages"][-1]["content"]]
