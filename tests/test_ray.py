@@ -181,13 +181,13 @@ def test_a_killed_driver_loses_nothing_recorded_and_the_same_command_resumes(
     make_simulator: MakeSimulator, tmp_path: Path
 ) -> None:
     sim = make_simulator(latency_ms=100, record=True)
-    prompts = prompts_of(800)  # 80 requests/s: 10 s, killed after 200 (2 s of sending)
+    prompts = prompts_of(500)  # 160 requests/s: ~3 s, killed after 150 (1 s of sending)
     pd.DataFrame({"prompt": prompts}).to_csv(tmp_path / "in.csv", index=False)
     command = [sys.executable, "-m", "pipeline", "run", "in.csv", "-o", "out.parquet"]
     command += ["--base-url", sim.base_url, "--engine", "ray", "--ray-actors", "2"]
-    command += ["--concurrency", "4", "--no-progress", "--quiet"]
+    command += ["--concurrency", "8", "--no-progress", "--quiet"]
     driver = subprocess.Popen(command, cwd=tmp_path, env=env_without_keys(), start_new_session=True)
-    while len(sim.simulator.requests) < 200 and driver.poll() is None:
+    while len(sim.simulator.requests) < 150 and driver.poll() is None:
         time.sleep(0.01)
     actors = [pid for pid in process_tree(driver.pid) if b"ShardActor" in command_line(pid)]
     assert len(actors) == 2
