@@ -118,11 +118,11 @@ def run(
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE, summary_json)
         return
-    name = PurePosixPath(str(output))
-    if name.suffix.lower() not in PARQUET_SUFFIXES:
+    suffix = PurePosixPath(str(output)).suffix
+    if suffix.lower() not in PARQUET_SUFFIXES:
         fail(
             f"-o {output}: OUTPUT is always a Parquet file; name it "
-            f"{name.with_suffix('.parquet')} (for CSV afterwards: "
+            f"{str(output).removesuffix(suffix)}.parquet (for CSV afterwards: "
             "pandas.read_parquet(OUTPUT).to_csv(...)).",
             EXIT_USAGE,
             config.summary_json,

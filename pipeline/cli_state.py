@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +20,26 @@ from .checkpoint import checkpoint_dir
 from .cli import main
 from .cli_options import output_path
 from .cli_shell import fail, os_error_message
-from .errors import EXIT_LOCKED, EXIT_USAGE, LockHeld, OutputError, UsageError
+from .errors import EXIT_LOCKED, EXIT_USAGE, LockHeld, NoCheckpoint, OutputError, UsageError
 from .merging import merge_output
 from .remote_output import mirror_of, working_copy
 from .status import run_status
 
 
-def _opened(output: Path | str, *, publish: bool) -> contextlib.AbstractContextManager[Path]:
+@contextlib.contextmanager
+def _opened(output: Path | str, *, publish: bool) -> Iterator[Path]:
     """OUTPUT's local path: itself, or the working copy of an object-storage URI (brought up
     to date first; with ``publish`` an OUTPUT written meanwhile is PUT to the store)."""
-    if isinstance(output, str):
-        return working_copy(output, overwrite=True, publish_output=publish)
-    return contextlib.nullcontext(output)
+    if not isinstance(output, str):
+        yield output
+        return
+    with working_copy(output, overwrite=True, publish_output=publish) as local:
+        try:
+            yield local
+        except NoCheckpoint:
+            raise NoCheckpoint(
+                f"no checkpoint for {output} in the store (looked for {output}.checkpoint/)."
+            ) from None
 
 
 @main.command()
@@ -47,7 +56,7 @@ def status(output: Path | str, as_json: bool) -> None:
     """
     try:
         with _opened(output, publish=False) as local:
-            state = run_status(local)
+            state = run_status(local)  # on object storage: NoCheckpoint names the URI
             mirror = mirror_of(checkpoint_dir(local))
             if mirror is not None:  # named by its URI; written means: in the store
                 state = dataclasses.replace(

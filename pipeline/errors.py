@@ -103,6 +103,10 @@ class OutputError(UsageError):
     """OUTPUT or its checkpoint cannot be used as asked."""
 
 
+class NoCheckpoint(OutputError):
+    """``pipeline status`` / ``merge`` found no checkpoint for the output."""
+
+
 class FingerprintMismatch(OutputError):
     """The checkpoint was made with settings that change responses."""
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .config import RunConfig
-from .errors import EXIT_FAILED_ROWS, EXIT_OK, LockHeld, OutputError
+from .errors import EXIT_FAILED_ROWS, EXIT_OK, LockHeld, NoCheckpoint, OutputError
 from .lock import WaitLock
 from .output import output_state, record_output, write_recorded
 from .planning import read_plan
@@ -69,7 +69,7 @@ def merge_output(
     checkpoint = Checkpoint(output)
     manifest = checkpoint.read_manifest()
     if not manifest:
-        raise OutputError(f"no checkpoint for {output} (looked for {checkpoint.dir}).")
+        raise NoCheckpoint(f"no checkpoint for {output} (looked for {checkpoint.dir}).")
     if data is None:
         data = manifest.get("input")
         if data is None or not Path(str(data)).exists():

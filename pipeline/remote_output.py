@@ -132,6 +132,12 @@ class RemoteOutput:
         checkpoint in the store claims, unless ``overwrite``."""
         import pyarrow.fs as pafs
 
+        bucket = self.path.split("/", 1)[0]
+        if self._call(self.fs.get_file_info, bucket).type == pafs.FileType.NotFound:
+            raise UsageError(
+                f"-o {shown(self.uri)}: the bucket {bucket} does not exist (or these "
+                "credentials cannot see it). Create it, or check AWS_ENDPOINT_URL and the keys."
+            )
         remote = self._listing()
         self._set_aside_other_incarnation("manifest.json" in remote)
         if "manifest.json" not in remote and not overwrite:
@@ -226,13 +232,15 @@ def check_supported(config: Any, uri: str) -> None:
     if config.batch:
         what = "--batch (its journal is appended to)"
     elif config.restart:
-        what = "--restart (it sets aside a folder)"
+        what = (
+            "--restart (it sets aside a folder; to start over on object storage, delete the "
+            "prefix OUTPUT.checkpoint/)"
+        )
     elif config.engine == "ray":
         what = "--engine ray (its actors share one checkpoint folder)"
     if what is not None:
         raise UsageError(
-            f"-o {shown(uri)}: {what} needs OUTPUT on a filesystem. Use a local or shared -o "
-            "(to start over on object storage, delete the prefix OUTPUT.checkpoint/)."
+            f"-o {shown(uri)}: {what} needs OUTPUT on a filesystem: use a local or shared -o."
         )
 
 

@@ -19,7 +19,7 @@ from .errors import (
     EXIT_INTERRUPTED,
     EXIT_LOCKED,
     EXIT_OK,
-    OutputError,
+    NoCheckpoint,
     PipelineError,
     exit_reason,
 )
@@ -78,10 +78,6 @@ class RunStatus:
             **({"shards": self.shards} if self.shards else {}),
             **({"batches": self.batches} if self.batches else {}),
         }
-
-
-class NoCheckpoint(OutputError):
-    """``run_status`` found no checkpoint for the output."""
 
 
 def run_status(output: Path | str) -> RunStatus:

@@ -143,6 +143,24 @@ def test_deleting_the_stored_checkpoint_starts_over_even_where_a_working_copy_is
     assert list((tmp_path / "work").rglob("*.checkpoint.aside-*"))
 
 
+def test_mistakes_get_one_line_naming_the_uri_and_the_fix(
+    s3: Any, simulator: SimulatorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    on_host(monkeypatch, tmp_path / "work")
+    source = write_csv(tmp_path / "in.csv", ["a"])
+    base = ["run", source, "--base-url", simulator.base_url]
+    no_bucket = cli(*base, "-o", "s3://no-such-bucket/x.parquet")
+    assert no_bucket.exit_code == 2
+    assert "the bucket no-such-bucket does not exist" in no_bucket.output
+    csv = cli(*base, "-o", "s3://outputs/x.csv")
+    assert csv.exit_code == 2 and "name it s3://outputs/x.parquet" in csv.output
+    for command in ("status", "merge"):
+        missing = cli(command, "s3://outputs/none.parquet")
+        assert missing.exit_code == 2
+        assert "no checkpoint for s3://outputs/none.parquet" in missing.output, missing.output
+    assert simulator.simulator.requests == [] and keys(s3) == []
+
+
 def test_the_python_api_takes_an_s3_output(
     s3: Any, simulator: SimulatorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
