@@ -161,6 +161,18 @@ class _Bucket:
             self.meter.refund(ticket.tokens)  # nothing was generated: give the estimate back
 
 
+class _Sent:
+    """How many requests have passed every meter and not yet ended: on their way to the
+    server, or answered and being read. (Places in flight count the requests still waiting
+    on a pacer too: a bucket mirrored with that margin was clamped by requests that had not
+    gone, and a server bucket of 5 at 20/s was paced at 1.8 requests/s.)"""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class _Headers:
     """The server's ``x-ratelimit-*-{requests,tokens}`` bucket mirrored (once announced)."""
 
@@ -170,10 +182,10 @@ class _Headers:
     def waits(self) -> bool:
         return self.pacer.active
 
-    def __init__(self, pacer: HeaderPacer, kind: str, in_flight: AdaptiveConcurrency) -> None:
+    def __init__(self, pacer: HeaderPacer, kind: str, sent: _Sent) -> None:
         self.pacer = pacer
         self.kind = kind
-        self.in_flight = in_flight
+        self.sent = sent  # the margin is for requests on their way, not those still waiting
 
     async def wait(self, ticket: Ticket) -> None:
         if self.pacer.active:
@@ -188,7 +200,7 @@ class _Headers:
         bucket = read_bucket(outcome.headers, self.kind)
         if bucket is not None:
             each = ticket.tokens if self.kind == "tokens" else 1.0
-            self.pacer.observe(bucket, self.in_flight.in_flight * each)
+            self.pacer.observe(bucket, self.sent.count * each)
 
 
 class _Estimates:
@@ -254,12 +266,13 @@ class Slot:
     leaving tells each how the request ended (``done``; nothing when the block raised
     before saying). A plain class, not a generator: it runs once per request."""
 
-    __slots__ = ("clock", "meters", "outcome", "ticket")
+    __slots__ = ("clock", "meters", "outcome", "sent", "ticket")
 
-    def __init__(self, meters: list[Meter], ticket: Ticket, clock: Clock) -> None:
+    def __init__(self, meters: list[Meter], ticket: Ticket, clock: Clock, sent: _Sent) -> None:
         self.meters = meters
         self.ticket = ticket
         self.clock = clock
+        self.sent = sent
         self.outcome = NOTHING
 
     def done(self, outcome: Outcome) -> None:
@@ -277,12 +290,14 @@ class Slot:
                 meter.finished(ticket, NOTHING)
             raise
         self.ticket = ticket = Ticket(ticket.chars, ticket.choices, ticket.tokens, self.clock())
+        self.sent.count += 1
         for meter in self.meters:
             if meter.starts:
                 meter.started(ticket)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        self.sent.count -= 1
         ticket, outcome = self.ticket, self.outcome
         for meter in self.meters:
             meter.finished(ticket, outcome)
@@ -327,14 +342,15 @@ class Limits:
         self.estimator = TokenEstimator(max_tokens)
         self.controller = RateController(clock=clock, sleep=sleep, on_change=on_change)
         self.long_refusals = 0  # 429s in a row asking for more than max_pause
+        self.sent = _Sent()
         self.meters: list[Meter] = [_InFlight(self.concurrency, adaptive)]
         if self.requests is not None:
             self.meters.append(_Bucket(self.requests, per_token=False))
         if self.tokens is not None:
             self.meters.append(_Bucket(self.tokens, per_token=True))
         self.meters += [
-            _Headers(self.header_requests, "requests", self.concurrency),
-            _Headers(self.header_tokens, "tokens", self.concurrency),
+            _Headers(self.header_requests, "requests", self.sent),
+            _Headers(self.header_tokens, "tokens", self.sent),
             _Estimates(self.estimator),
             _Adaptive(self),
         ]
@@ -368,7 +384,7 @@ class Limits:
 
     def slot(self, ticket: Ticket) -> Slot:
         """``async with limits.slot(ticket) as slot``: see ``Slot``."""
-        return Slot(self.meters, ticket, self.clock)
+        return Slot(self.meters, ticket, self.clock, self.sent)
 
 
 def _bucket(

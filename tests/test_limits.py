@@ -162,6 +162,33 @@ def test_header_pacer_estimates_the_refill_rate_and_slows_before_zero() -> None:
     assert starts[-1] == pytest.approx(2.0)  # then 10/s
 
 
+def test_requests_waiting_on_a_pacer_are_not_counted_as_sent_against_the_servers_bucket() -> None:
+    """The margin kept below the server's ``remaining`` is for requests on their way, not
+    for those still waiting here: counting those clamped a bucket of 5 at 20/s to 1.8/s."""
+    t = FakeTime()
+
+    def told(remaining: int, reset: str) -> dict[str, str]:
+        return {
+            "x-ratelimit-limit-requests": "5",
+            "x-ratelimit-remaining-requests": str(remaining),
+            "x-ratelimit-reset-requests": reset,
+        }
+
+    async def main() -> float:
+        limits = Limits(concurrency=16, adaptive=False, clock=t.clock, sleep=t.sleep)
+        async with limits.slot(limits.ticket(10)) as slot:  # 5 used, full in 250 ms: 20/s
+            slot.done(Outcome(headers=told(0, "250ms"), answered=True))
+        for _ in range(10):  # places held by requests still waiting on a pacer
+            await limits.concurrency.acquire()
+        async with limits.slot(limits.ticket(10)) as slot:
+            slot.done(Outcome(headers=told(5, "0s"), answered=True))
+        before = t.now
+        async with limits.slot(limits.ticket(10)):
+            return t.now - before
+
+    assert asyncio.run(main()) <= 1 / 20 + 1e-9  # the server's pace, not (10 - 5 + 1) / 20
+
+
 def test_header_pacer_without_a_rate_waits_for_reset_when_nothing_is_left() -> None:
     t = FakeTime()
     pacer = HeaderPacer(clock=t.clock, sleep=t.sleep)
