@@ -132,8 +132,15 @@ class Bucket(Protocol):
     def refund(self, amount: float) -> None: ...
 
 
-# (kind: "requests" or "tokens", units per second) -> the bucket to pace them with
-BucketFactory = Callable[[str, float], Bucket]
+class BucketFactory(Protocol):
+    """Buckets shared by the processes of a job (``Seams.buckets``). Called with ``kind``
+    ("requests" or "tokens") and the user's limit in units per second for ``--rpm``/``--tpm``;
+    ``announced`` when a process learns the server's refill rate from its headers (the
+    job then paces that kind at that rate, all processes together)."""
+
+    def __call__(self, kind: str, per_second: float) -> Bucket: ...
+
+    def announced(self, kind: str, per_second: float) -> Bucket: ...
 
 
 class _Bucket:
@@ -182,14 +189,22 @@ class _Headers:
     def waits(self) -> bool:
         return self.pacer.active
 
-    def __init__(self, pacer: HeaderPacer, kind: str, sent: _Sent) -> None:
+    def __init__(
+        self, pacer: HeaderPacer, kind: str, sent: _Sent, shared: BucketFactory | None = None
+    ) -> None:
         self.pacer = pacer
         self.kind = kind
         self.sent = sent  # the margin is for requests on their way, not those still waiting
+        self.shared = shared  # other processes send on the same key (pipeline.ray)
+        self.job: Bucket | None = None  # the job's bucket at the announced rate
+        self.announced = 0.0
 
     async def wait(self, ticket: Ticket) -> None:
         if self.pacer.active:
-            await self.pacer.acquire(ticket.tokens if self.kind == "tokens" else 1)
+            amount = ticket.tokens if self.kind == "tokens" else 1
+            await self.pacer.acquire(amount)
+            if self.job is not None:  # each process's mirror would take the whole rate
+                await self.job.acquire(amount)
 
     def started(self, ticket: Ticket) -> None:
         pass
@@ -201,6 +216,9 @@ class _Headers:
         if bucket is not None:
             each = ticket.tokens if self.kind == "tokens" else 1.0
             self.pacer.observe(bucket, self.sent.count * each)
+            rate = self.pacer.rate
+            if self.shared is not None and rate and abs(rate - self.announced) > 0.05 * rate:
+                self.job, self.announced = self.shared.announced(self.kind, rate), rate
 
 
 class _Estimates:
@@ -349,8 +367,8 @@ class Limits:
         if self.tokens is not None:
             self.meters.append(_Bucket(self.tokens, per_token=True))
         self.meters += [
-            _Headers(self.header_requests, "requests", self.sent),
-            _Headers(self.header_tokens, "tokens", self.sent),
+            _Headers(self.header_requests, "requests", self.sent, buckets),
+            _Headers(self.header_tokens, "tokens", self.sent, buckets),
             _Estimates(self.estimator),
             _Adaptive(self),
         ]

@@ -71,7 +71,7 @@ def complete(
     if actors < 1 or batch_size < 1:
         raise ConfigError("pipeline.ray.complete: actors and batch_size must be at least 1.")
     config = build_config(None, {"progress": False, "quiet": True, **options})
-    if (config.rpm or config.tpm) and not ray.is_initialized():
+    if not ray.is_initialized():
         connect()  # the keeper's actor needs Ray: a local instance on 127.0.0.1 only
     keeper = start_keeper(config.rpm, config.tpm)
     return dataset.map_batches(
