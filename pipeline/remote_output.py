@@ -217,12 +217,19 @@ class RemoteOutput:
         )
         return all(info.type == pafs.FileType.File for info in found)
 
-    def push_output(self, before: tuple[int, int] | None) -> None:
-        """PUT OUTPUT when this run wrote it (its size or mtime changed since ``before``)."""
-        if not self.local.exists():
+    def push_output(self, before: dict[str, int] | None) -> None:
+        """PUT OUTPUT when this run wrote it (its size or mtime changed since ``before``),
+        or when the store lacks it (an earlier PUT failed)."""
+        import pyarrow.fs as pafs
+
+        from .checkpoint import file_signature
+
+        now = file_signature(self.local)
+        if now is None:
             return
-        stat = self.local.stat()
-        if (stat.st_size, stat.st_mtime_ns) != before:
+        if now != before or (
+            self._call(self.fs.get_file_info, self.path).type == pafs.FileType.NotFound
+        ):
             self._upload(self.local, self.path)
 
 
@@ -242,14 +249,6 @@ def check_supported(config: Any, uri: str) -> None:
         raise UsageError(
             f"-o {shown(uri)}: {what} needs OUTPUT on a filesystem: use a local or shared -o."
         )
-
-
-def _signature(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return (stat.st_size, stat.st_mtime_ns)
 
 
 def shown_output(output: Path) -> str:
@@ -300,7 +299,9 @@ def working_copy(
         _mirrors[mirror.checkpoint] = mirror
     try:
         mirror.pull(overwrite=overwrite)
-        before = _signature(mirror.local)
+        from .checkpoint import file_signature
+
+        before = file_signature(mirror.local)
         try:
             yield mirror.local
         finally:

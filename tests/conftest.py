@@ -10,6 +10,8 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -195,3 +197,28 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         client.create_bucket(Bucket=bucket)
     yield client
     server.stop()
+
+
+def spawn(args: list[Any], log: Path, *, work: Path | None = None) -> subprocess.Popen[bytes]:
+    """``python -m pipeline ARGS`` as a real process in ``log``'s folder, its output in
+    ``log``; ``work``: its ``PIPELINE_WORK_DIR`` (working copies of object-storage OUTPUTs,
+    as on a host of its own)."""
+    env = dict(os.environ) if work is None else {**os.environ, "PIPELINE_WORK_DIR": str(work)}
+    with log.open("ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", *(str(a) for a in args)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=log.parent,
+            env=env,
+        )
+
+
+def wait_for(condition: Callable[[], bool], what: str, proc: subprocess.Popen[bytes]) -> None:
+    """Until ``condition`` holds (at most 60 s); fails when ``proc`` ends first."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -21,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import S3_SECRET, cli, write_csv
+from conftest import S3_SECRET, cli, spawn, wait_for, write_csv
 
 import pipeline
 from pipeline.simulator import SimulatorThread
@@ -73,6 +70,12 @@ def test_a_run_on_s3_writes_output_whole_and_another_host_resumes_from_the_store
     on_host(monkeypatch, tmp_path / "host-c")
     more = cli(*base)
     assert more.exit_code == 0 and len(simulator.simulator.requests) == sent + 1
+    assert stored(s3)["prompt"].tolist() == grown
+
+    # OUTPUT lost from the store (a PUT that failed, a user's delete): the next run puts it
+    s3.delete_object(Bucket="outputs", Key="jobs/labels.parquet")
+    restored = cli(*base)
+    assert restored.exit_code == 0 and len(simulator.simulator.requests) == sent + 1
     assert stored(s3)["prompt"].tolist() == grown
 
     status = cli("status", URI, "--json")
@@ -190,26 +193,6 @@ def recorded_keys(client: Any) -> set[int]:
     return found
 
 
-def spawn(args: list[Any], log: Path, work: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as fh:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline", *(str(a) for a in args)],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            cwd=log.parent,
-            env={**os.environ, "PIPELINE_WORK_DIR": str(work)},
-        )
-
-
-def wait_for(condition: Callable[[], bool], what: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 @pytest.mark.slow
 def test_three_shards_on_s3_killed_then_two_others_finish_every_row_once_in_order(
     s3: Any, make_simulator: MakeSimulator, tmp_path: Path
@@ -225,7 +208,7 @@ def test_three_shards_on_s3_killed_then_two_others_finish_every_row_once_in_orde
     ]  # fmt: skip
     requests = sim.simulator.requests
     procs = [
-        spawn([*base, "--shard", f"{i}/3"], tmp_path / f"s{i}.log", tmp_path / f"host-{i}")
+        spawn([*base, "--shard", f"{i}/3"], tmp_path / f"s{i}.log", work=tmp_path / f"host-{i}")
         for i in range(3)
     ]
     kills: list[float] = []
@@ -243,7 +226,7 @@ def test_three_shards_on_s3_killed_then_two_others_finish_every_row_once_in_orde
 
     # two other hosts finish the job: only the store carries what the killed ones recorded
     finals = [
-        spawn([*base, "--shard", f"{i}/2"], tmp_path / f"t{i}.log", tmp_path / f"host-{3 + i}")
+        spawn([*base, "--shard", f"{i}/2"], tmp_path / f"t{i}.log", work=tmp_path / f"host-{3 + i}")
         for i in range(2)
     ]
     for i, proc in enumerate(finals):

@@ -12,18 +12,15 @@ from __future__ import annotations
 import json
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_job, run_pipeline, write_csv
+from conftest import run_job, run_pipeline, spawn, wait_for, write_csv
 
 import pipeline
 from pipeline.checkpoint import Checkpoint
@@ -193,25 +190,6 @@ def test_the_python_api_runs_a_shard_and_returns_the_job_so_far(
 
 
 # -- locks: what may run beside what ---------------------------------------------------------
-
-
-def spawn(args: list[Any], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as fh:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline", *(str(a) for a in args)],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            cwd=log.parent,
-        )
-
-
-def wait_for(condition: Callable[[], bool], what: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_a_running_shard_excludes_its_twin_another_n_and_a_whole_run(
