@@ -134,13 +134,6 @@ def run(
             fail(str(exc), EXIT_USAGE, config.summary_json)
     if config.dry_run:
         _refuse_run_only(no_progress)
-        if isinstance(output, str):  # on object storage: what its checkpoint has
-            try:
-                with working_copy(output, overwrite=True, publish_output=False) as local:
-                    _estimate(input_path, local, config)
-            except UsageError as exc:
-                fail(str(exc), EXIT_USAGE)
-            return
         _estimate(input_path, output, config)
         return
     run_and_exit(input_path, output, config)
@@ -212,8 +205,9 @@ _NEXT_STEP = {
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
-    help="Leave out the rows this OUTPUT's checkpoint already has.",
+    type=click.Path(),
+    callback=output_path,
+    help="Leave out the rows this OUTPUT's checkpoint already has (a path or an s3:// URI).",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
 @click.option(
@@ -226,7 +220,7 @@ _NEXT_STEP = {
 @job_options
 def estimate(
     input_path: Path,
-    output: Path | None,
+    output: Path | str | None,
     as_json: bool,
     typical_completion: int | None,
     config_path: str | None,
@@ -296,14 +290,22 @@ _RUN_ONLY = (
 
 def _estimate(
     input_path: Path,
-    output: Path | None,
+    output: Path | str | None,
     config: RunConfig,
     *,
     as_json: bool = False,
     typical_completion: int | None = None,
 ) -> None:
     try:
-        results = estimate_job(input_path, output, config, typical_completion=typical_completion)
+        if isinstance(output, str):  # on object storage: what its checkpoint has
+            with working_copy(output, overwrite=True, publish_output=False) as local:
+                results = estimate_job(
+                    input_path, local, config, typical_completion=typical_completion
+                )
+        else:
+            results = estimate_job(
+                input_path, output, config, typical_completion=typical_completion
+            )
     except UsageError as exc:
         fail(str(exc), EXIT_USAGE)
         return

@@ -52,7 +52,7 @@ def status(output: Path | str, as_json: bool) -> None:
     shards (--shard) a line per shard (done, pending, running/done/stopped). The exit code
     says the state: 0 every row ok or skipped; 1 every row done, some error or invalid; 5 rows
     pending and no run going (rerun to continue); 8 rows pending and a run going;
-    2 no checkpoint.
+    2 no checkpoint. OUTPUT may be an object-storage URI (s3://...).
     """
     try:
         with _opened(output, publish=False) as local:
@@ -112,6 +112,7 @@ def merge(output: Path | str, input_path: Path | None, as_json: bool) -> None:
     The shard that finishes a job writes OUTPUT itself; this writes it before that and says
     which shard owes how many results. Exit 0: every row ok or skipped; 1: some error,
     invalid or pending; 2: no checkpoint, input gone; 8: a run of the whole job is going.
+    OUTPUT may be an object-storage URI (s3://...): OUTPUT is then PUT there.
     """
     try:
         with _opened(output, publish=True) as local:

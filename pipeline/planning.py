@@ -35,6 +35,7 @@ from .prompts import PromptBuilder
 from .proxy import ProxySettings, settings_from
 from .reader import InputSource, Resume
 from .records import COST_BATCH_TABLE, STATUS_CODES
+from .remote_output import shown_output
 from .result_index import ResultIndex
 from .samples import SampleRequest, plan_requests
 from .shards import Shard
@@ -397,7 +398,8 @@ def estimate_job(
             )
         already = int(model_done.sum())
         if already:
-            notes.append(f"{already} rows already done in {output} not counted")
+            done_in = shown_output(Path(str(output)))
+            notes.append(f"{already} rows already done in {done_in} not counted")
         if config.batch:
             result = _at_batch_price(result, notes, prices.batch_share(config.base_url))
         results.append(dataclasses.replace(result, notes=tuple(notes)))

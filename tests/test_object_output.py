@@ -78,6 +78,9 @@ def test_a_run_on_s3_writes_output_whole_and_another_host_resumes_from_the_store
     assert restored.exit_code == 0 and len(simulator.simulator.requests) == sent + 1
     assert stored(s3)["prompt"].tolist() == grown
 
+    estimate = cli("estimate", source, "-o", URI)
+    assert estimate.exit_code == 0 and f"41 rows already done in {URI}" in estimate.output
+
     status = cli("status", URI, "--json")
     assert status.exit_code == 0, status.output
     shown = json.loads(status.output)
