@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -222,3 +223,27 @@ def wait_for(condition: Callable[[], bool], what: str, proc: subprocess.Popen[by
             raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}")
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+def kill_job(
+    tmp_path: Path,
+    base_url: str,
+    output: str,
+    *,
+    seed: int,
+    rows: int,
+    concurrency: int,
+    checkpoint_seconds: float,
+) -> tuple[random.Random, list[str], list[Any]]:
+    """A job for the SIGKILL tests: ``rows`` distinct prompts in ``in.csv``, parts every
+    ``checkpoint_seconds``; returns the random source, the prompts and the ``pipeline run``
+    arguments (add ``--shard``)."""
+    rng = random.Random(seed)
+    prompts = [f"row {i}: about {rng.randrange(10**6)}" for i in range(rows)]
+    source = write_csv(tmp_path / "in.csv", prompts)
+    (tmp_path / "job.toml").write_text(f"checkpoint_seconds = {checkpoint_seconds}\n")
+    base = [
+        "run", source, "-o", output, "--base-url", base_url, "--no-progress",
+        "--config", tmp_path / "job.toml", "--concurrency", concurrency,
+    ]  # fmt: skip
+    return rng, prompts, base

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import signal
 import time
 from collections import Counter
@@ -18,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import S3_SECRET, cli, spawn, wait_for, write_csv
+from conftest import S3_SECRET, cli, kill_job, spawn, wait_for, write_csv
 
 import pipeline
 from pipeline.simulator import SimulatorThread
@@ -200,15 +199,11 @@ def recorded_keys(client: Any) -> set[int]:
 def test_three_shards_on_s3_killed_then_two_others_finish_every_row_once_in_order(
     s3: Any, make_simulator: MakeSimulator, tmp_path: Path
 ) -> None:
-    rng = random.Random(5)
     sim = make_simulator(latency_ms=50)
-    prompts = [f"row {i}: about {rng.randrange(10**6)}" for i in range(KILL_ROWS)]
-    source = write_csv(tmp_path / "in.csv", prompts)
-    (tmp_path / "job.toml").write_text(f"checkpoint_seconds = {CHECKPOINT_SECONDS}\n")
-    base = [
-        "run", source, "-o", URI, "--base-url", sim.base_url, "--no-progress",
-        "--config", tmp_path / "job.toml", "--concurrency", KILL_CONCURRENCY,
-    ]  # fmt: skip
+    rng, prompts, base = kill_job(
+        tmp_path, sim.base_url, URI, seed=5, rows=KILL_ROWS,
+        concurrency=KILL_CONCURRENCY, checkpoint_seconds=CHECKPOINT_SECONDS,
+    )  # fmt: skip
     requests = sim.simulator.requests
     procs = [
         spawn([*base, "--shard", f"{i}/3"], tmp_path / f"s{i}.log", work=tmp_path / f"host-{i}")

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -55,6 +56,22 @@ def local_ray() -> Iterator[None]:
 
 def prompts_of(count: int) -> list[str]:
     return [f"row {i}" for i in range(count)]
+
+
+def run_on_ray(
+    sim: SimulatorThread, prompts: list[str], output: Path, **options: Any
+) -> pd.DataFrame:
+    """``pipeline.run`` of ``prompts`` against ``sim`` on 2 Ray actors, quiet."""
+    return pipeline.run(
+        pd.DataFrame({"prompt": prompts}),
+        output,
+        base_url=sim.base_url,
+        engine="ray",
+        ray_actors=2,
+        progress=False,
+        quiet=True,
+        **options,
+    )
 
 
 def received(sim: SimulatorThread) -> Counter[str]:
@@ -100,17 +117,7 @@ def test_rpm_holds_for_the_whole_job_across_actors(
     # the server refuses beyond 20 requests/s; --rpm 1170 is 19.5/s for the key, all actors
     sim = make_simulator(rps_limit=20, rps_burst=5, latency_ms=5, record=True)
     prompts = prompts_of(160)
-    frame = pipeline.run(
-        pd.DataFrame({"prompt": prompts}),
-        tmp_path / "out.parquet",
-        base_url=sim.base_url,
-        engine="ray",
-        ray_actors=2,
-        rpm=1170,
-        concurrency=16,
-        progress=False,
-        quiet=True,
-    )
+    frame = run_on_ray(sim, prompts, tmp_path / "out.parquet", rpm=1170, concurrency=16)
     assert_complete(frame, prompts)
     assert sim.simulator.stats["429"] == 0
     times = sorted(r.time for r in sim.simulator.requests)
@@ -129,16 +136,7 @@ def test_a_limit_the_server_announces_in_headers_holds_for_the_whole_job(
         rps_limit=20, rps_burst=10, latency_ms=5, rate_limit_headers=True, record=True
     )
     prompts = prompts_of(160)
-    frame = pipeline.run(
-        pd.DataFrame({"prompt": prompts}),
-        tmp_path / "out.parquet",
-        base_url=sim.base_url,
-        engine="ray",
-        ray_actors=2,
-        concurrency=16,
-        progress=False,
-        quiet=True,
-    )
+    frame = run_on_ray(sim, prompts, tmp_path / "out.parquet", concurrency=16)
     assert_complete(frame, prompts)
     requests = sim.simulator.requests
     # the actors' first round trips (before any header was read) and jitter at the limit
@@ -165,17 +163,7 @@ def test_an_actor_killed_mid_run_costs_only_its_rows_in_flight(
 
     killer = threading.Thread(target=kill_one_actor)
     killer.start()
-    frame = pipeline.run(
-        pd.DataFrame({"prompt": prompts}),
-        tmp_path / "out.parquet",
-        base_url=sim.base_url,
-        engine="ray",
-        ray_actors=2,
-        concurrency=8,
-        checkpoint_rows=5,
-        progress=False,
-        quiet=True,
-    )
+    frame = run_on_ray(sim, prompts, tmp_path / "out.parquet", concurrency=8, checkpoint_rows=5)
     killer.join()
     assert killed
     assert_complete(frame, prompts)
@@ -191,16 +179,8 @@ def test_a_row_that_exhausts_its_retries_is_an_error_row_not_an_abort(
     simulator: SimulatorThread, tmp_path: Path
 ) -> None:
     prompts = [*prompts_of(20), "row bad [[sim:status=500]]"]
-    frame = pipeline.run(
-        pd.DataFrame({"prompt": prompts}),
-        tmp_path / "out.parquet",
-        base_url=simulator.base_url,
-        engine="ray",
-        ray_actors=2,
-        max_retries=1,
-        max_retry_wait=0.05,
-        progress=False,
-        quiet=True,
+    frame = run_on_ray(
+        simulator, prompts, tmp_path / "out.parquet", max_retries=1, max_retry_wait=0.05
     )
     assert frame["status"].tolist() == ["ok"] * 20 + ["error"]
     assert frame.attrs["summary"]["exit_code"] == 1  # some rows failed; the job ran to its end

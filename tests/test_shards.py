@@ -10,7 +10,6 @@ against the simulator over real HTTP.
 from __future__ import annotations
 
 import json
-import random
 import signal
 import time
 from collections import Counter
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_job, run_pipeline, spawn, wait_for, write_csv
+from conftest import kill_job, run_job, run_pipeline, spawn, wait_for, write_csv
 
 import pipeline
 from pipeline.checkpoint import Checkpoint
@@ -236,15 +235,11 @@ LOSS_WINDOW = CHECKPOINT_SECONDS + 1.75  # as in test_resume: checkpoint period 
 def test_three_shards_killed_at_random_points_then_two_finish_every_row_once_in_order(
     make_simulator: MakeSimulator, tmp_path: Path
 ) -> None:
-    rng = random.Random(3)
     sim = make_simulator(latency_ms=50)
-    prompts = [f"row {i}: about {rng.randrange(10**6)}" for i in range(KILL_ROWS)]
-    source = write_csv(tmp_path / "in.csv", prompts)
-    (tmp_path / "job.toml").write_text(f"checkpoint_seconds = {CHECKPOINT_SECONDS}\n")
-    base = [
-        "run", source, "-o", "out.parquet", "--base-url", sim.base_url, "--no-progress",
-        "--config", tmp_path / "job.toml", "--concurrency", KILL_CONCURRENCY,
-    ]  # fmt: skip
+    rng, prompts, base = kill_job(
+        tmp_path, sim.base_url, "out.parquet", seed=3, rows=KILL_ROWS,
+        concurrency=KILL_CONCURRENCY, checkpoint_seconds=CHECKPOINT_SECONDS,
+    )  # fmt: skip
     requests = sim.simulator.requests
     procs = [spawn([*base, "--shard", f"{i}/3"], tmp_path / f"s{i}.log") for i in range(3)]
     kills: list[float] = []
