@@ -14,8 +14,13 @@ from dataclasses import dataclass
 
 from .meters import Clock, RateMeter, Sleep
 
-# requests/s added to the rate when its growth is computed (see RateController._grow)
+# requests/s the growth schedule applies to near the rate that got through (additive
+# increase), plus the rate itself below FAR_BELOW x it (see RateController._grow)
 FAIR_SHARE_FLOOR = 5.0
+FAR_BELOW = 0.5
+# the highest 429 share a trial after a cut may call noise: beyond it, it is a limit
+# (another process on the same limit keeps our share up when we slow down)
+NOISE_AFTER_CUT_MAX = 0.1
 # past BEYOND x the rate that last got through, still without a 429, the probe doubles
 # BEYOND_DOUBLING times as often, up to BEYOND_MAX times the usual most: a limit that went
 # up is followed within seconds, while under a steady limit a 429 comes before the rate gets
@@ -37,6 +42,7 @@ class _Trial:
     answers: int = 0
     refused: int = 0
     watching: bool = False  # no cut came before it (see RateController, "watch")
+    first_refused: float | None = None  # when its first 429 came
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +87,7 @@ class RateView:
         }
 
 
+SHORT_WINDOW = 50  # answers: the quick check that 429s are still the noise's share
 NOISE_TRACKING = 0.0005  # per answer (~2,000 answers): slow beside the 300-answer window, so
 # the window's share outruns the floor it is compared with when a limit brings 429s
 
@@ -102,23 +109,30 @@ class RateController:
       429s of requests that started before the cut are echoes of the same event and are
       not counted again.
     - **Overload or noise.** A limit answers fewer 429s once we slow down; scattered 429s
-      come at the same share whatever the rate. After a cut, the next ``trial_answers``
-      answers to requests sent after it decide: if the share of 429s among them has not
-      fallen (at least 3 and at least ``same_share`` of the share before), the cut is undone
-      and that share becomes the noise floor; from then on a 429 counts only when the share
-      over the last ``window`` (300) answers exceeds twice the floor plus 2 points. A 429 while
+      come at the same share whatever the rate. After a cut, the answers to requests sent
+      after it (``trial_answers`` or ``trial_seconds``, whichever comes first) decide: if the
+      share of 429s among them has not fallen (at least 3 and at least ``same_share`` of the
+      share before), is at most ``NOISE_AFTER_CUT_MAX`` and began in the trial's first half,
+      the cut is undone and that share becomes the noise floor. (Another process on the same
+      limit also keeps our share up when we slow down: the cap and the "first half" keep its
+      arrival from being taken for noise.) From then on a 429 counts only when the last
+      ``SHORT_WINDOW`` answers hold more 429s than the noise explains (3 sigma); a trial
+      without any 429 where the noise would have brought three halves the floor. A 429 while
       sending above 1.05 x the rate that last got through needs no trial (probing explains
       it). After a small overshoot the server's bucket is still empty for a moment: answers
-      to the next ~4 requests' worth of time after a cut are echoes too.
+      to the next ~4 requests' worth of time after a cut are echoes too, and echoes are kept
+      out of the shares.
     - **Probe up, slowly then faster.** Between cuts the rate grows by ``probe`` per second,
       and that growth doubles every ``probe_doubling`` seconds without a cut (capped at
       ``probe_max`` per second): it stays near the rate that worked for a few seconds, and
       follows a limit that went up within seconds; faster still once past 1.2 x the rate
       that last got through without a 429 (see ``BEYOND``). It grows at the slowest
       ``probe`` while a trial runs, never beyond twice the rate requests are actually
-      asking to start at, and applies to the rate plus ``FAIR_SHARE_FLOOR``: processes
-      sharing a limit then gain alike in absolute terms and the smaller catches up (as in
-      AIMD).
+      asking to start at. Near the rate that got through the growth is additive (it applies
+      to ``FAIR_SHARE_FLOOR`` requests/s whatever the rate): processes sharing a limit gain
+      alike and each shared cut takes more from the larger, so their shares converge, as in
+      TCP's AIMD (about 15% of the gap closes per cut). Below ``FAR_BELOW`` x that rate
+      (after a start-up storm) it applies to the rate too, so the climb back is quick.
     """
 
     def __init__(
@@ -168,6 +182,8 @@ class RateController:
         self.trial: _Trial | None = None
         self.recent: deque[bool] = deque(maxlen=window)  # True: a 429
         self.recent_refused = 0  # 429s in ``recent`` (kept as it goes: read every answer)
+        self.lately: deque[bool] = deque(maxlen=SHORT_WINDOW)  # the last answers of recent
+        self.lately_refused = 0
         self.accepted: deque[float] = deque()  # times of answers, the last accept_window s
         self.asked: deque[float] = deque()  # times requests asked to start, same window
         self._told_rate: float | None = None
@@ -192,11 +208,6 @@ class RateController:
         now = self.clock()
         if self.first_seen is None:
             self.first_seen = now
-        recent = self.recent
-        if len(recent) == recent.maxlen and recent[0]:
-            self.recent_refused -= 1  # the oldest leaves the window
-        recent.append(refused)
-        self.recent_refused += refused
         if refused:
             self.rate_limited += 1
         else:
@@ -206,18 +217,25 @@ class RateController:
             # an echo of the event that caused the last cut, or a request sent while the
             # server's bucket was still empty from it
             return
+        recent = self.recent
+        if len(recent) == recent.maxlen and recent[0]:
+            self.recent_refused -= 1  # the oldest leaves the window
+        recent.append(refused)
+        self.recent_refused += refused
+        lately = self.lately
+        if len(lately) == lately.maxlen and lately[0]:
+            self.lately_refused -= 1
+        lately.append(refused)
+        self.lately_refused += refused
         trial = self.trial
         if trial is not None:
             trial.answers += 1
             trial.refused += refused
+            if refused and trial.first_refused is None:
+                trial.first_refused = now
             if trial.refused >= 3 and trial.refused >= 0.3 * trial.answers:
                 self._cut(now, trial.refused / trial.answers, "still refused after slowing down")
-            elif (
-                trial.answers >= self.trial_answers
-                or now - trial.began >= self.trial_seconds
-                # a watch costs nothing (no cut): it waits for the full sample
-                or (trial.answers >= 20 and not trial.watching and self._looks_like_noise(trial))
-            ):
+            elif trial.answers >= self.trial_answers or now - trial.began >= self.trial_seconds:
                 self._judge(now, trial)
             return
         share = self.recent_refused / len(recent)
@@ -232,7 +250,7 @@ class RateController:
                 # a limit's climb as we go on (then the trial cuts)
                 self.trial = _Trial(self.rate, self.found, share, now, watching=True)
                 self._tell("a few scattered 429s: watching before slowing down", force=True)
-            elif self.noise == 0.0 or share > 2 * self.noise + 0.02:
+            elif self.noise == 0.0 or self._beyond_noise_lately():
                 self._cut(now, share, "429 beyond the noise")
 
     # -- internals ----------------------------------------------------------------------------
@@ -283,10 +301,14 @@ class RateController:
         growth = min(most, self.probe * 2 ** (quiet / doubling))
         if self.trial is not None:
             growth = self.probe  # while a trial runs, only the slowest probe
-        # growth of rate + FAIR_SHARE_FLOOR, not of the rate alone: two processes on one
-        # limit then gain alike in absolute terms, and the smaller catches up (as in AIMD)
-        floor = FAIR_SHARE_FLOOR
-        self._set_rate((self.rate + floor) * math.exp(growth * elapsed) - floor)
+        # near the rate that got through, the growth is additive (FAIR_SHARE_FLOOR req/s
+        # scaled by the schedule, whatever the rate): processes sharing a limit then gain
+        # alike and each cut takes more from the larger, so their shares converge (AIMD).
+        # Far below it (after a start-up storm), it grows in proportion to the rate.
+        scale = FAIR_SHARE_FLOOR
+        if self.found is None or self.rate < FAR_BELOW * self.found:
+            scale += self.rate
+        self._set_rate(self.rate + scale * math.expm1(growth * elapsed))
         self._tell("probing up")
 
     def _cut(self, now: float, share: float, why: str) -> None:
@@ -320,6 +342,17 @@ class RateController:
         self.cuts += 1
         self._tell(why, force=self.cuts == 1)
 
+    def _beyond_noise_lately(self) -> bool:
+        """More 429s among the last answers than the noise explains (3 sigma): a limit
+        come back, or noise wrongly believed in (a limit shared with another process looks
+        like noise to one trial), caught within ``SHORT_WINDOW`` answers."""
+        n = len(self.lately)
+        if n < SHORT_WINDOW:
+            return False
+        noise = self.noise
+        expected = noise * n
+        return self.lately_refused > expected + 3 * math.sqrt(expected * (1 - noise)) + 1
+
     def _first_and_scattered(self, share: float) -> bool:
         """A first 429 among many answers, before any cut or noise verdict: as likely
         noise as a limit, and slowing down for noise is what costs (a limit answers a
@@ -332,7 +365,7 @@ class RateController:
             and share < self.watch_share
         )
 
-    def _looks_like_noise(self, trial: _Trial) -> bool:
+    def _looks_like_noise(self, trial: _Trial, now: float) -> bool:
         share = trial.refused / max(trial.answers, 1)
         # about the same share as before the cut: not fewer (a limit left behind), and not
         # many more either (a limit that just came down)
@@ -341,12 +374,24 @@ class RateController:
         highest = 3 * trial.share_before + 0.05
         if trial.watching:  # nothing was cut: a share above watch_share is a limit's
             highest = min(highest, self.watch_share)
-        return trial.share_before < 0.3 and trial.refused >= 3 and lowest <= share <= highest
+        else:  # after a cut, another process's 429s on a shared limit look alike: a
+            # share above NOISE_AFTER_CUT_MAX is not taken for noise
+            highest = min(highest, NOISE_AFTER_CUT_MAX)
+        # noise comes all along; 429s that all came late in the trial came with something
+        # new (another process starting on the same limit)
+        first = trial.first_refused
+        spread = first is not None and first - trial.began <= 0.5 * (now - trial.began)
+        return (
+            trial.share_before < 0.3
+            and trial.refused >= 3
+            and lowest <= share <= highest
+            and spread
+        )
 
     def _judge(self, now: float, trial: _Trial) -> None:
         self.trial = None
         share = trial.refused / max(trial.answers, 1)
-        if self._looks_like_noise(trial):
+        if self._looks_like_noise(trial, now):
             # as many 429s at the lower rate: they were not about our rate
             if trial.watching:  # nothing was cut: every recent answer saw the same noise
                 share = self.recent_refused / len(self.recent)
@@ -356,7 +401,8 @@ class RateController:
             self._tell(
                 f"{share:.0%} of answers are 429 whatever the rate: noise, not a limit", force=True
             )
-        elif trial.refused == 0:
+        elif trial.refused == 0 and trial.answers * self.noise >= 3:
+            # no 429 where the noise would have brought three: less noise than believed
             self.noise *= 0.5
 
     def _tell(self, why: str, *, force: bool = False) -> None:

@@ -360,7 +360,7 @@ def test_noise_undoes_every_cut_it_caused_not_only_the_last() -> None:
     assert controller.trial is None and controller.noise == 0
     answer(True)  # another 429: a second cut, a second trial
     assert controller.cuts == 2
-    for i in range(100):
+    for i in range(200):  # a full trial (150 answers)
         answer(i % 12 == 0)  # 429s at the same share whatever the rate: noise
         if controller.trial is None:
             break
@@ -476,3 +476,28 @@ def test_stacked_meters_hold_requests_in_flight_to_the_limit_and_see_every_outco
     assert spy.most == 5 and not spy.going
     assert len(spy.outcomes) == 50
     assert sum(o.answered for o in spy.outcomes) == 45  # the 5 that raised: no outcome
+
+
+def test_429s_that_all_come_late_in_a_trial_are_not_taken_for_noise() -> None:
+    """After a cut, a trial whose 429s all came in its second half saw something new begin
+    (another process starting on the same limit), not noise: the cut stands (before, such
+    a trial was called noise, the rate restored, and the newcomer starved)."""
+    t = FakeTime()
+    controller = RateController(clock=t.clock, sleep=t.sleep)
+
+    def answers(refused: list[bool]) -> None:
+        for r in refused:
+            t.now += 0.01
+            controller.observe(started=t.now, refused=r)
+
+    answers([False] * 20 + [True] * 4)  # a limit met: watched, then cut
+    answers([False] * 150)  # its trial: clean, a real limit
+    answers([True])  # a new 429: a cut and a trial
+    assert controller.trial is not None and controller.cuts == 2
+    held = controller.rate
+    t.now += 1.0  # past the echoes of that cut
+    answers([False] * 100 + [i % 10 == 0 for i in range(50)])  # 429s only in its last third
+    assert controller.trial is None  # judged
+    assert controller.noise == 0.0
+    assert controller.rate is not None and held is not None
+    assert controller.rate < 1.1 * held  # the cut stands

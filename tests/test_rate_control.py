@@ -193,25 +193,38 @@ def test_a_limit_that_changes_is_followed_both_ways() -> None:
     assert server.rate_between(25, 30) >= 0.8 * 40
 
 
-def test_two_processes_on_one_limit_share_it_without_starving() -> None:
+@pytest.mark.parametrize(("late", "round_trip"), [(0.0, 0.01), (5.0, 0.05)])
+def test_two_processes_on_one_limit_share_it_without_starving(
+    late: float, round_trip: float
+) -> None:
+    """Two processes on one unannounced limit, the second starting ``late`` seconds after
+    the first has found it. Before: a late second process stayed at a fifth of the total
+    (the growth was in proportion to each one's rate, so the larger gained more after every
+    shared cut), and the first took the late one's 429s for noise and stopped yielding."""
     server = ScriptedServer(rate=lambda t: 20.0, burst=5)
     vt = VirtualTime()
 
     async def main() -> None:
         first = Limits(concurrency=64, clock=vt.clock, sleep=vt.sleep)
         second = Limits(concurrency=64, clock=vt.clock, sleep=vt.sleep)
+
+        async def second_client() -> None:
+            await vt.sleep(late)
+            await _client(vt, server, second, 600, client=1, round_trip=round_trip)
+
         tasks = [
-            asyncio.ensure_future(_client(vt, server, first, 600, client=0)),
-            asyncio.ensure_future(_client(vt, server, second, 600, client=1)),
+            asyncio.ensure_future(_client(vt, server, first, 600, client=0, round_trip=round_trip)),
+            asyncio.ensure_future(second_client()),
         ]
         await vt.run(*tasks)
 
     asyncio.run(main())
     both_running = min(max(t for t, ok, c in server.arrivals if c == k) for k in (0, 1))
-    total = server.rate_between(5, both_running)
+    total = server.rate_between(late + 5, both_running)
     assert total >= 0.85 * 20
     for k in (0, 1):
-        assert server.rate_between(5, both_running, client=k) >= total / 3
+        assert server.rate_between(late + 5, both_running, client=k) >= total / 3
+    assert server.refused_share(late) <= 0.10
 
 
 # -- end to end, over real HTTP against the simulator ---------------------------------------
