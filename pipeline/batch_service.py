@@ -76,17 +76,33 @@ def openai_error(
 
 
 def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
-    """Form fields of a multipart/form-data body: name -> (filename, bytes)."""
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    """Form fields of a multipart/form-data body: name -> (filename, bytes).
+
+    Split on the boundary; only each part's header block goes through the email package
+    (which splits a whole body into lines: 0.7 s for a 50,000-line part file).
+    """
+    head = email.parser.BytesHeaderParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode()
+    )
+    boundary = head.get_param("boundary")
     fields: dict[str, tuple[str | None, bytes]] = {}
-    if not message.is_multipart():
+    if head.get_content_maintype() != "multipart" or not isinstance(boundary, str):
         return fields
-    for part in message.iter_parts():
+    delimiter = b"--" + boundary.encode("latin-1")
+    for chunk in body.split(delimiter)[1:]:
+        if chunk.startswith(b"--"):
+            break  # the closing delimiter
+        headers, sep, payload = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        part = email.parser.BytesHeaderParser(policy=email.policy.HTTP).parsebytes(
+            headers.lstrip(b"\r\n") + b"\r\n\r\n"
+        )
         name = part.get_param("name", header="content-disposition")
-        payload = part.get_payload(decode=True)
-        if isinstance(name, str) and isinstance(payload, bytes):
-            fields[name] = (part.get_filename(), payload)
+        if isinstance(name, str):
+            filename = part.get_param("filename", header="content-disposition")
+            payload = payload.removesuffix(b"\r\n")  # the CRLF before the next delimiter
+            fields[name] = (filename if isinstance(filename, str) else None, payload)
     return fields
 
 

@@ -176,6 +176,15 @@ def parse_completion(content: bytes, headers: dict[str, str] | None = None) -> C
             raise MalformedResponse(
                 f"200 with a body that is not JSON ({exc}): {_snippet(content)}", status=200
             ) from None
+    return completion_from(data, content, headers)
+
+
+def completion_from(
+    data: Any, content: bytes = b"", headers: dict[str, str] | None = None
+) -> Completion:
+    """A 200 body already parsed from JSON -> Completion (``content``: the bytes it came
+    from, kept for the response cache); anything that is not a chat completion is
+    MalformedResponse."""
     if not isinstance(data, dict):
         raise MalformedResponse(f"200 with a JSON {type(data).__name__}, not an object", status=200)
     choices = data.get("choices")

@@ -27,18 +27,20 @@ from ..asks import Ask, RequestShape, Results
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..planning import Plan
+from ..pricing import Price
 from ..progress import Reporter
 from ..records import Cost, RowResult
 from ..stopping import Stop, StopKind
 from .budget import PartBudget
 from .dialect import TERMINAL, BatchView, Dialect
 from .journal import Journal, PartState, batch_tag
-from .lines import Outcome, row_result
+from .lines import Outcome, given_up, row_result, validation_failed, validation_failure
 from .openai import AmbiguousCreate, BatchAPIError, PollLater, TokenLimit
 from .parts import MAX_REQUESTS, PartCaps, PartWriter, WrittenPart, ask_lines, read_lines
 from .providers import check_batchable, make_dialect
 
-FLUSH_LINES = 5000  # a merge makes its results durable this often (bounded memory)
+FLUSH_LINES = 2000  # a merge makes its results durable this often (bounded memory; as
+# often as an online run's default --checkpoint-rows)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class BatchExecutor:
         self.sent = 0  # lines submitted by this run
         self.cache_hits = 0
         self.poll_later = 0.0  # seconds a poll answered with Retry-After asks to wait
+        self._prices: dict[str, tuple[Price, str] | None] = {}  # model -> batch price, source
 
     # -- the asks into parts ------------------------------------------------------------------
 
@@ -133,6 +136,15 @@ class BatchExecutor:
                 for key, _ in read_lines(self.directory / state.file):
                     awaiting[key] = state.part
         return awaiting
+
+    def _lines_elsewhere(self, parts: dict[int, PartState], part: int) -> set[int]:
+        """Result keys in the open parts other than ``part`` (lines sent again)."""
+        return {
+            key
+            for state in parts.values()
+            if state.open and not state.cancelled and state.part != part
+            for key, _ in read_lines(self.directory / state.file)
+        }
 
     def _cancelled_lines(self, parts: dict[int, PartState]) -> set[int]:
         """Result keys in parts the user cancelled (``pipeline batch cancel``)."""
@@ -336,19 +348,10 @@ class BatchExecutor:
         paths = await client.fetch(view, self.directory / state.file)
         if state.status == "failed":
             self.reporter.error(
-                f"batch {state.batch_id} (part file {state.file}) failed validation: "
-                + "; ".join(
-                    f"line {e.get('line')}: {e.get('code')}: {e.get('message')}"
-                    for e in state.errors[:5]
-                    if isinstance(e, dict)
-                )
+                validation_failure(state.batch_id, state.file, state.errors)
                 + "; its rows are errors (rerun with --retry-failed after fixing them)"
             )
-        elsewhere = {
-            key
-            for key, part in (await asyncio.to_thread(self._open_lines, parts)).items()
-            if part != state.part
-        }
+        elsewhere = await asyncio.to_thread(self._lines_elsewhere, parts, state.part)
         # the lines still to settle: asked for, and not waiting in a newer part
         open_keys = {
             key
@@ -362,8 +365,11 @@ class BatchExecutor:
         if not state.cancelled:  # a cancelled batch's other lines stay pending
             resend = {k for k in unsettled if state.round < self.options.max_rounds}
             for key in unsettled.keys() - resend:
-                results.record(self._given_up(key, unsettled[key], state))
-            again = [line for key, line in read_lines(self.directory / state.file) if key in resend]
+                results.record(given_up(key, unsettled[key], state.round))
+            if resend:
+                again = [
+                    line for key, line in read_lines(self.directory / state.file) if key in resend
+                ]
         if again:
             writer = PartWriter(self.directory, max(parts) + 1, self.options.caps)
             for line in again:
@@ -391,7 +397,9 @@ class BatchExecutor:
         unsettled: dict[int, Outcome | None] = dict.fromkeys(open_keys)
         if state.status == "failed":
             for key in open_keys:
-                results.record(self._validation_failed(key, state))
+                results.record(
+                    validation_failed(key, state.batch_id, state.file, state.errors, state.round)
+                )
             return (0.0, 0), {}
         for key, outcome in client.outcomes(_lines_of(paths)):
             if key not in unsettled or unsettled[key] is not None:
@@ -413,44 +421,23 @@ class BatchExecutor:
     def _result(self, outcome: Outcome, state: PartState) -> RowResult:
         cost = Cost(None, None)
         completion = outcome.completion
-        price = self.plan.prices.price(state.model)
-        if completion is not None and price is not None:
+        priced = self._batch_price(state.model)
+        if completion is not None and priced is not None:
             usage = completion.usage
             if usage.prompt_tokens is not None and usage.completion_tokens is not None:
-                batch, source = price.batch(self.plan.prices.batch_share(self.config.base_url))
+                batch, source = priced
                 usd = batch.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
                 cost = Cost(usd, source)
         return row_result(outcome, attempts=state.round, cost=cost, shape=self.shape)
 
-    def _given_up(self, key: int, outcome: Outcome | None, state: PartState) -> RowResult:
-        why = "missing from the batch's output and error files"
-        if outcome is not None:
-            why = f"{outcome.error_type}: {outcome.message}"
-        return RowResult(
-            key=key,
-            status="error",
-            error_type=outcome.error_type if outcome is not None else "BatchLineMissing",
-            error_message=f"{why} (after {state.round} batch submissions)",
-            http_status=outcome.status if outcome is not None else None,
-            attempts=state.round,
-        )
-
-    def _validation_failed(self, key: int, state: PartState) -> RowResult:
-        described = "; ".join(
-            f"line {e.get('line')}: {e.get('code')}: {e.get('message')}"
-            for e in state.errors[:5]
-            if isinstance(e, dict)
-        )
-        return RowResult(
-            key=key,
-            status="error",
-            error_type="BatchValidationFailed",
-            error_message=(
-                f"batch {state.batch_id} (part file {state.file}) failed validation: "
-                f"{described or 'no details'}"
-            ),
-            attempts=state.round,
-        )
+    def _batch_price(self, model: str) -> tuple[Price, str] | None:
+        """The batch price of ``model`` at this provider and its cost source (looked up
+        once a model: every line of a part asks)."""
+        if model not in self._prices:
+            price = self.plan.prices.price(model)
+            share = self.plan.prices.batch_share(self.config.base_url)
+            self._prices[model] = None if price is None else price.batch(share)
+        return self._prices[model]
 
 
 def _lines_of(paths: Iterable[Path]) -> Iterator[bytes]:

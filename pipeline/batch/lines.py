@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from ..asks import RequestShape
-from ..client import error_from_response, parse_completion
+from ..client import completion_from, error_from_response
 from ..errors import RequestError, RetryableError
 from ..records import Completion, Cost, RowResult
 from .parts import key_of
@@ -77,16 +77,25 @@ def iter_results(
         for raw in chunk.splitlines():
             if not raw.strip():
                 continue
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                line = None
+            line = _json_line(raw)
             key = key_of(str(line.get("custom_id", ""))) if isinstance(line, dict) else None
             if key is None or line is None:
                 if counts is not None:
                     counts.unknown += 1
                 continue
             yield key, read(key, line)
+
+
+def _json_line(raw: bytes) -> Any:
+    """One JSON line, or None where it is not JSON (decoding first: json.loads(bytes)
+    sniffs the encoding, a third of the time of a line)."""
+    try:
+        return json.loads(raw.decode())
+    except ValueError:  # not UTF-8, or not JSON
+        try:  # what json.loads(bytes) also accepts: a BOM, UTF-16/32
+            return json.loads(raw)
+        except ValueError:
+            return None
 
 
 def outcome(key: int, line: dict[str, Any]) -> Outcome:
@@ -101,7 +110,7 @@ def outcome(key: int, line: dict[str, Any]) -> Outcome:
     body = response.get("body")
     if status == 200 and isinstance(body, dict):
         try:
-            return Outcome(key, completion=parse_completion(json.dumps(body).encode()), status=200)
+            return Outcome(key, completion=completion_from(body), status=200)
         except RequestError as exc:
             return Outcome(key, status=200, error_type=exc.kind, message=exc.message)
     if not isinstance(status, int):
@@ -168,4 +177,42 @@ def row_result(outcome: Outcome, *, attempts: int, cost: Cost, shape: RequestSha
             else None
         ),
         error_message=parsed.error if invalid and parsed is not None else None,
+    )
+
+
+def given_up(key: int, outcome: Outcome | None, rounds: int) -> RowResult:
+    """The error row of a line still missing or refused after ``rounds`` submissions."""
+    why = "missing from the batch's output and error files"
+    if outcome is not None:
+        why = f"{outcome.error_type}: {outcome.message}"
+    return RowResult(
+        key=key,
+        status="error",
+        error_type=outcome.error_type if outcome is not None else "BatchLineMissing",
+        error_message=f"{why} (after {rounds} batch submissions)",
+        http_status=outcome.status if outcome is not None else None,
+        attempts=rounds,
+    )
+
+
+def validation_failure(batch_id: str | None, file: str, errors: list[Any]) -> str:
+    """What a batch that failed validation says: its id, part file and first five errors."""
+    described = "; ".join(
+        f"line {e.get('line')}: {e.get('code')}: {e.get('message')}"
+        for e in errors[:5]
+        if isinstance(e, dict)
+    )
+    return f"batch {batch_id} (part file {file}) failed validation: {described or 'no details'}"
+
+
+def validation_failed(
+    key: int, batch_id: str | None, file: str, errors: list[Any], rounds: int
+) -> RowResult:
+    """The error row of a line in a batch that failed validation."""
+    return RowResult(
+        key=key,
+        status="error",
+        error_type="BatchValidationFailed",
+        error_message=validation_failure(batch_id, file, errors),
+        attempts=rounds,
     )

@@ -76,9 +76,13 @@ class OpenAIBatches:
         """The id of ``path`` uploaded as a batch input file."""
 
         async def call() -> httpx.Response:
-            content = await asyncio.to_thread(path.read_bytes)
-            files = {"file": (path.name, content, "application/jsonl")}
-            return await self.http.post("/files", data={"purpose": "batch"}, files=files)
+            # streamed from the file in chunks (a part of 200 MB is never held whole)
+            fh = await asyncio.to_thread(open, path, "rb")
+            try:
+                files = {"file": (path.name, fh, "application/jsonl")}
+                return await self.http.post("/files", data={"purpose": "batch"}, files=files)
+            finally:
+                fh.close()
 
         data = await self.retried(call, f"upload {path.name}")
         return str(data["id"])

@@ -128,6 +128,19 @@ def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
         for line in fh:
             if not line.strip():
                 continue
-            key = key_of(json.loads(line)["custom_id"])
+            key = _line_key(line)
             if key is not None:
                 yield key, line
+
+
+_OURS = b'{"custom_id": "'  # how request_line begins each line it writes
+
+
+def _line_key(line: bytes) -> int | None:
+    """The result key of a part file's line: read from where request_line puts it, or from
+    the parsed line when it is written otherwise."""
+    start = len(_OURS)
+    if line.startswith(_OURS) and line[start + 20 : start + 21] == b'"':
+        return key_of(line[start : start + 20].decode("ascii", "replace"))
+    data = json.loads(line)
+    return key_of(str(data.get("custom_id", ""))) if isinstance(data, dict) else None
