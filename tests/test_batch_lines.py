@@ -154,3 +154,15 @@ def test_anthropic_result_lines_map_to_the_same_outcomes() -> None:
     bad = anthropic_outcome(KEY, errored)
     assert (bad.error_type, bad.message, bad.retryable) == ("invalid_request_error", "bad", False)
     assert anthropic_outcome(KEY, {"type": "expired"}).retryable
+
+
+def test_a_part_files_keys_are_read_whatever_the_key_order_of_its_lines(tmp_path: Path) -> None:
+    """Keys are read from where request_line puts them (fast), and from the parsed line when a
+    line is written otherwise (keys in another order, other spacing): the same keys."""
+    ours = request_line(7, "m", [{"role": "user", "content": "hi"}], {})
+    other = json.dumps({"method": "POST", "custom_id": custom_id(8), "url": "/v1/x"}).encode()
+    spaced = b'{"custom_id":"' + custom_id(9).encode() + b'","method":"POST"}'
+    foreign = json.dumps({"custom_id": "someone-else"}).encode()
+    path = tmp_path / "part-000001.jsonl"
+    path.write_bytes(b"\n".join([ours.rstrip(b"\n"), other, spaced, foreign, b""]) + b"\n")
+    assert [key for key, _ in read_lines(path)] == [7, 8, 9]
