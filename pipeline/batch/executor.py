@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from array import array
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from ..asks import Ask, RequestShape, Results
 from ..config import RunConfig
@@ -91,14 +93,14 @@ class BatchExecutor:
         held: set[int] = set()  # lines of batches the user cancelled: not sent again
         if not self.config.resubmit_cancelled:
             held = await asyncio.to_thread(self._cancelled_lines, parts)
-        wanted: set[int] = set()
+        asked = array("Q")  # every line's key, 8 bytes each (a set would take ~70)
         kept_back = 0
         writer = PartWriter(self.directory, max(parts, default=0) + 1, self.options.caps)
         async for ask in asks:
             if stop.is_set():
                 return
             for key, line in ask_lines(ask, self.config.n, self.config.base_seed):
-                wanted.add(key)
+                asked.append(key)
                 if key in held:
                     kept_back += 1
                 elif key not in awaiting:
@@ -113,6 +115,8 @@ class BatchExecutor:
         if not any(p.open for p in parts.values()):
             return
         self.budget.commit_created(parts)
+        wanted = np.unique(np.frombuffer(asked, dtype=np.uint64))
+        del asked
         dialect = self._dialect()
         try:
             await self._drive(parts, wanted, results, stop, dialect)
@@ -137,14 +141,21 @@ class BatchExecutor:
                     awaiting[key] = state.part
         return awaiting
 
-    def _lines_elsewhere(self, parts: dict[int, PartState], part: int) -> set[int]:
+    def _lines_elsewhere(self, parts: dict[int, PartState], part: int) -> np.ndarray:
         """Result keys in the open parts other than ``part`` (lines sent again)."""
-        return {
-            key
+        others = [
+            state
             for state in parts.values()
             if state.open and not state.cancelled and state.part != part
-            for key, _ in read_lines(self.directory / state.file)
-        }
+        ]
+        return self._keys_of(others)
+
+    def _keys_of(self, states: list[PartState]) -> np.ndarray:
+        """The result keys of the lines of these parts' files, in file order."""
+        return np.fromiter(
+            (key for state in states for key, _ in read_lines(self.directory / state.file)),
+            dtype=np.uint64,
+        )
 
     def _cancelled_lines(self, parts: dict[int, PartState]) -> set[int]:
         """Result keys in parts the user cancelled (``pipeline batch cancel``)."""
@@ -179,7 +190,7 @@ class BatchExecutor:
     async def _drive(
         self,
         parts: dict[int, PartState],
-        wanted: set[int],
+        wanted: np.ndarray,
         results: Results,
         stop: Stop,
         client: Dialect,
@@ -338,7 +349,7 @@ class BatchExecutor:
         self,
         state: PartState,
         parts: dict[int, PartState],
-        wanted: set[int],
+        wanted: np.ndarray,
         results: Results,
         client: Dialect,
     ) -> None:
@@ -353,11 +364,8 @@ class BatchExecutor:
             )
         elsewhere = await asyncio.to_thread(self._lines_elsewhere, parts, state.part)
         # the lines still to settle: asked for, and not waiting in a newer part
-        open_keys = {
-            key
-            for key, _ in read_lines(self.directory / state.file)
-            if key in wanted and key not in elsewhere
-        }
+        ours = await asyncio.to_thread(self._keys_of, [state])
+        open_keys = set(ours[np.isin(ours, wanted) & ~np.isin(ours, elsewhere)].tolist())
         spent, unsettled = await self._record_outcomes(state, client, paths, open_keys, results)
         if unsettled is None:
             return  # the checkpoint cannot be written: the run stops; a rerun merges again
