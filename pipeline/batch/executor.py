@@ -365,7 +365,7 @@ class BatchExecutor:
         elsewhere = await asyncio.to_thread(self._lines_elsewhere, parts, state.part)
         # the lines still to settle: asked for, and not waiting in a newer part
         ours = await asyncio.to_thread(self._keys_of, [state])
-        open_keys = set(ours[np.isin(ours, wanted) & ~np.isin(ours, elsewhere)].tolist())
+        open_keys = np.unique(ours[np.isin(ours, wanted) & ~np.isin(ours, elsewhere)])
         spent, unsettled = await self._record_outcomes(state, client, paths, open_keys, results)
         if unsettled is None:
             return  # the checkpoint cannot be written: the run stops; a rerun merges again
@@ -395,27 +395,32 @@ class BatchExecutor:
         state: PartState,
         client: Dialect,
         paths: list[Path],
-        open_keys: set[int],
+        open_keys: np.ndarray,
         results: Results,
     ) -> tuple[tuple[float, int], dict[int, Outcome | None] | None]:
-        """Record the result of each open line as its outcome is read (never all at once);
-        returns (USD and tokens spent, the lines left unsettled: missing (None) or retryable),
-        or None for the latter when the checkpoint cannot be written."""
+        """Record the result of each open line (``open_keys``: sorted) as its outcome is read
+        (never all at once); returns (USD and tokens spent, the lines left unsettled: missing
+        (None) or retryable), or None for the latter when the checkpoint cannot be written."""
         spent, recorded = [0.0, 0], 0
-        unsettled: dict[int, Outcome | None] = dict.fromkeys(open_keys)
         if state.status == "failed":
-            for key in open_keys:
+            for key in open_keys.tolist():
                 results.record(
                     validation_failed(key, state.batch_id, state.file, state.errors, state.round)
                 )
             return (0.0, 0), {}
+        # per open line: 0 open, 1 a retryable outcome kept, 2 settled (an array, not a dict:
+        # a part's 50,000 keys as Python ints and dict entries cost ~5 MB more at the peak)
+        seen = np.zeros(len(open_keys), dtype=np.int8)
+        retryable: dict[int, Outcome | None] = {}
         for key, outcome in client.outcomes(_lines_of(paths)):
-            if key not in unsettled or unsettled[key] is not None:
+            at = int(np.searchsorted(open_keys, np.uint64(key)))
+            if at == len(open_keys) or int(open_keys[at]) != key or seen[at]:
                 continue  # not ours to settle, or a repeated line (the first wins)
             if outcome.retryable:
-                unsettled[key] = outcome
+                seen[at] = 1
+                retryable[key] = outcome
                 continue
-            del unsettled[key]
+            seen[at] = 2
             result = self._result(outcome, state)
             usage = result.usage
             spent[0] += result.cost_usd or 0.0
@@ -424,6 +429,7 @@ class BatchExecutor:
             recorded += 1
             if recorded % FLUSH_LINES == 0 and not await results.flush():
                 return (spent[0], int(spent[1])), None
+        unsettled = dict.fromkeys(open_keys[seen == 0].tolist()) | retryable
         return (spent[0], int(spent[1])), unsettled
 
     def _result(self, outcome: Outcome, state: PartState) -> RowResult:
