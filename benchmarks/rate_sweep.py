@@ -12,15 +12,12 @@ second process starts ``delay`` seconds after the first. No sockets at all.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from test_rate_control import ScriptedServer, VirtualTime, _client
-
-from pipeline.limits import Limits
+from test_rate_control import ScriptedServer, run_two
 
 LIMIT = 20.0
 DELAYS = [0, 0.3, 0.7, 1, 1.5, 2, 2.5, 3, 4, 5, 6, 8]
@@ -30,23 +27,7 @@ ROUND_TRIPS = [0.01, 0.05, 0.3]
 def case(delay: float, round_trip: float, rows: int = 600) -> tuple[float, float, float]:
     """(smaller share of the total, total / limit, 429 share) while both run."""
     server = ScriptedServer(rate=lambda t: LIMIT, burst=5)
-    vt = VirtualTime()
-
-    async def main() -> None:
-        first = Limits(concurrency=64, clock=vt.clock, sleep=vt.sleep)
-        second = Limits(concurrency=64, clock=vt.clock, sleep=vt.sleep)
-
-        async def later() -> None:
-            await vt.sleep(delay)
-            await _client(vt, server, second, rows, client=1, round_trip=round_trip)
-
-        await vt.run(
-            asyncio.ensure_future(_client(vt, server, first, rows, round_trip=round_trip)),
-            asyncio.ensure_future(later()),
-        )
-
-    asyncio.run(main())
-    end = min(max(t for t, _, c in server.arrivals if c == k) for k in (0, 1))
+    end = run_two(server, delay, round_trip, rows)
     total = server.rate_between(delay, end)
     each = [server.rate_between(delay, end, client=k) for k in (0, 1)]
     return min(each) / total, total / LIMIT, server.refused_share(delay, end)

@@ -193,6 +193,29 @@ def test_a_limit_that_changes_is_followed_both_ways() -> None:
     assert server.rate_between(25, 30) >= 0.8 * 40
 
 
+def run_two(server: ScriptedServer, late: float, round_trip: float, rows: int = 600) -> float:
+    """Two processes (client 0 and 1, ``rows`` each) on ``server``, the second starting
+    ``late`` seconds after the first; returns when both have finished: the time the first
+    of them did (the end of the span where both ran)."""
+    vt = VirtualTime()
+
+    async def main() -> None:
+        first = Limits(concurrency=64, clock=vt.clock, sleep=vt.sleep)
+        second = Limits(concurrency=64, clock=vt.clock, sleep=vt.sleep)
+
+        async def second_client() -> None:
+            await vt.sleep(late)
+            await _client(vt, server, second, rows, client=1, round_trip=round_trip)
+
+        await vt.run(
+            asyncio.ensure_future(_client(vt, server, first, rows, round_trip=round_trip)),
+            asyncio.ensure_future(second_client()),
+        )
+
+    asyncio.run(main())
+    return min(max(t for t, _, c in server.arrivals if c == k) for k in (0, 1))
+
+
 @pytest.mark.parametrize(("late", "round_trip"), [(0.0, 0.01), (5.0, 0.05)])
 def test_two_processes_on_one_limit_share_it_without_starving(
     late: float, round_trip: float
@@ -202,24 +225,7 @@ def test_two_processes_on_one_limit_share_it_without_starving(
     (the growth was in proportion to each one's rate, so the larger gained more after every
     shared cut), and the first took the late one's 429s for noise and stopped yielding."""
     server = ScriptedServer(rate=lambda t: 20.0, burst=5)
-    vt = VirtualTime()
-
-    async def main() -> None:
-        first = Limits(concurrency=64, clock=vt.clock, sleep=vt.sleep)
-        second = Limits(concurrency=64, clock=vt.clock, sleep=vt.sleep)
-
-        async def second_client() -> None:
-            await vt.sleep(late)
-            await _client(vt, server, second, 600, client=1, round_trip=round_trip)
-
-        tasks = [
-            asyncio.ensure_future(_client(vt, server, first, 600, client=0, round_trip=round_trip)),
-            asyncio.ensure_future(second_client()),
-        ]
-        await vt.run(*tasks)
-
-    asyncio.run(main())
-    both_running = min(max(t for t, ok, c in server.arrivals if c == k) for k in (0, 1))
+    both_running = run_two(server, late, round_trip)
     total = server.rate_between(late + 5, both_running)
     assert total >= 0.85 * 20
     for k in (0, 1):
