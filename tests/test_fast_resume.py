@@ -342,3 +342,26 @@ def test_the_fast_key_sort_orders_equal_keys_as_a_stable_sort_does(values: list[
     assert order.tolist() == np.argsort(keys, kind="stable").tolist()
     assert ordered.tolist() == sorted(values)
     assert starts.tolist() == [i == 0 or ordered[i] != ordered[i - 1] for i in range(len(keys))]
+
+
+def test_row_keys_are_the_same_as_every_earlier_version_made_them(tmp_path: Path) -> None:
+    """A checkpoint written by an earlier version resumes with this one only if a row's key
+    is computed exactly as before: these values were made by the code of 2026-12-05 (before
+    the key pass computed in place to save memory) and must never change."""
+    path = tmp_path / "in.csv"
+    path.write_text("prompt,id\nhello,a\nworld,b\nhello,c\n,d\n")
+    by_content = key_pass(path)
+    assert [hex(k) for k in by_content.keys.tolist()] == [
+        "0x17200782f30f4d89",
+        "0x6cc72d2fcdeb9404",
+        "0x6c16f01ac5c619cf",  # the second "hello": its occurrence number makes it new
+        "0xdacec17352760929",
+    ]
+    assert by_content.first.tolist() == [0, 1, 0, 3]
+    by_id = key_pass(path, id_column="id")
+    assert [hex(k) for k in by_id.keys.tolist()] == [
+        "0xc6e07c4d362774cc",
+        "0x2006a25da6c754bd",
+        "0x451ccb7e1f8c47aa",
+        "0xc3bf1f27fea64270",
+    ]
