@@ -444,7 +444,7 @@ def format_summary(s: RunSummary) -> str:
 
         lines.append(format_table(s.models))
     if s.aborted:
-        lines.append(f"aborted: {s.aborted}")
+        lines.append(f"stopped: {s.aborted}")
     if s.shard and s.job_pending:
         lines.append(
             f"output: {s.output} not written yet: the other shards owe {s.job_pending} "

@@ -189,6 +189,9 @@ def test_the_command_line_batch_run_exits_9_then_0_and_its_help_is_true(tmp_path
         first = CliRunner().invoke(main, [*args, "--no-wait"])
         assert first.exit_code == EXIT_BATCHES_RUNNING, first.output
         assert "run the same command again later" in first.stderr
+        # waiting on batches is the expected outcome of --no-wait, not a failure
+        assert "stopped: batches running" in first.output
+        assert "aborted" not in first.output + first.stderr
         second = CliRunner().invoke(main, args)
         assert second.exit_code == EXIT_OK, second.output
         assert len(server.creates) == 1
