@@ -190,7 +190,10 @@ def test_a_killed_driver_loses_nothing_recorded_and_the_same_command_resumes(
     make_simulator: MakeSimulator, tmp_path: Path
 ) -> None:
     sim = make_simulator(latency_ms=100, record=True)
-    prompts = prompts_of(500)  # 160 requests/s: ~3 s, killed after 150 (1 s of sending)
+    # 160 requests/s: ~7.5 s, killed after 150 (1 s of sending). Ray ends the actors of a
+    # dead driver only after a while: with 500 rows, a loaded CI machine once let them
+    # finish every row first (nothing left to resume)
+    prompts = prompts_of(1200)
     pd.DataFrame({"prompt": prompts}).to_csv(tmp_path / "in.csv", index=False)
     command = [sys.executable, "-m", "pipeline", "run", "in.csv", "-o", "out.parquet"]
     command += ["--base-url", sim.base_url, "--engine", "ray", "--ray-actors", "2"]
