@@ -87,7 +87,6 @@ class RateView:
         }
 
 
-OVERLOAD_SAMPLE = 20  # answers a 429 share of 30% must come from to mean overload
 SHORT_WINDOW = 50  # answers: the quick check that 429s are still the noise's share
 NOISE_TRACKING = 0.0005  # per answer (~2,000 answers): slow beside the 300-answer window, so
 # the window's share outruns the floor it is compared with when a limit brings 429s
@@ -100,14 +99,10 @@ class RateController:
     and transport errors say nothing about our rate and are left to the per-row retries.
 
     - **Free until refused.** With no 429 seen it does not pace at all.
-    - **Watch a first scattered 429.** A first 429 that follows at least one answer, or
-      any 429 while the share stays under ``watch_share``, starts a trial without a cut:
-      if the share holds it is noise (no slow-down at all), if it climbs the trial cuts (a
-      limit answers a burst of 429s at once, and that is cut by the third). A 429 as the
-      very first answer is a limit already reached (often by another process): cut at once.
-      A 30% share latches "overload" only over ``OVERLOAD_SAMPLE`` answers or more (3 429s
-      among the first 6 answers are as likely noise), so a first cut that noise explains
-      goes back to not pacing at all.
+    - **Watch a first scattered 429.** A first 429 after at least ``watch_after`` answers,
+      at a share under ``watch_share``, starts a trial without a cut: if the share holds
+      it is noise (no slow-down at all), if it climbs the trial cuts (a limit answers a
+      burst of 429s at once, and that is cut at once).
     - **A cut per congestion event.** A 429 that counts (see noise) sets the rate to
       ``backoff`` x what the server accepted over the last ``accept_window`` seconds (capped
       by the rate it was sending at): under a real limit, what gets through *is* the limit.
@@ -157,6 +152,7 @@ class RateController:
         same_share: float = 0.6,
         minimum_rate: float = 0.05,
         watch_share: float = 0.2,
+        watch_after: int = 5,
     ) -> None:
         self.clock = clock
         self.on_change = on_change
@@ -170,6 +166,7 @@ class RateController:
         self.same_share = same_share
         self.minimum_rate = minimum_rate
         self.watch_share = watch_share
+        self.watch_after = watch_after
         self.meter = RateMeter(1.0, burst=1.0, clock=clock, sleep=sleep)
         self.rate: float | None = None
         self.found: float | None = None
@@ -322,15 +319,11 @@ class RateController:
             # sent at ``rate`` since the last cut, a share got through: that is the limit
             got_through = (trial.answers - trial.refused + 1) / (trial.answers + 1)
             anchor = min(anchor, self.rate * got_through)
-        # overload is latched by a share over a sample that means something (3 429s of the
-        # first 6 answers can be noise); a storm latches it at its second cut
-        sample = trial.answers if trial is not None else len(self.recent)
-        self.overloaded = self.overloaded or (share >= 0.3 and sample >= OVERLOAD_SAMPLE)
+        self.overloaded = self.overloaded or share >= 0.3
         # what noise would undo: back to not pacing at all while no overload was ever seen
         # (a first trial may have missed scattered 429s by chance), else the last rate
         undo_rate, undo_found = (self.rate, self.found) if self.overloaded else (None, None)
-        if self.trial is None or self.trial.watching:
-            # (a watch cut nothing: this is the first cut)
+        if self.trial is None:
             # probing above the rate that last got through explains a 429: no need to ask
             # whether it is noise
             beyond = self.found is not None and (self.rate or 0.0) > 1.05 * self.found
@@ -368,11 +361,8 @@ class RateController:
             self.cuts == 0
             and self.noise == 0.0
             and self.rate is None
-            # a single 429 after an answer says little whatever its share among the first
-            # few answers (1 of 5 is 20%): watch it too (a 429 as the very first answer is
-            # a limit already reached, often by another process: cut at once)
-            and self.watch_share > 0.0  # 0: never watch
-            and ((self.recent_refused == 1 and len(self.recent) >= 2) or share < self.watch_share)
+            and len(self.recent) >= self.watch_after
+            and share < self.watch_share
         )
 
     def _looks_like_noise(self, trial: _Trial, now: float) -> bool:
