@@ -45,6 +45,25 @@ class _Trial:
     first_refused: float | None = None  # when its first 429 came
 
 
+class _Window:
+    """The last ``size`` answers (True: a 429) and how many of them are 429s, kept as they
+    come (read at every answer)."""
+
+    def __init__(self, size: int) -> None:
+        self.answers: deque[bool] = deque(maxlen=size)
+        self.refused = 0
+
+    def add(self, refused: bool) -> None:
+        answers = self.answers
+        if len(answers) == answers.maxlen and answers[0]:
+            self.refused -= 1  # the oldest leaves the window
+        answers.append(refused)
+        self.refused += refused
+
+    def share(self) -> float:
+        return self.refused / len(self.answers)
+
+
 @dataclass(frozen=True, slots=True)
 class RateView:
     """What the rate controller believes, for progress lines and the summary.
@@ -180,10 +199,8 @@ class RateController:
         self.grown_at = clock()
         self.first_seen: float | None = None
         self.trial: _Trial | None = None
-        self.recent: deque[bool] = deque(maxlen=window)  # True: a 429
-        self.recent_refused = 0  # 429s in ``recent`` (kept as it goes: read every answer)
-        self.lately: deque[bool] = deque(maxlen=SHORT_WINDOW)  # the last answers of recent
-        self.lately_refused = 0
+        self.recent = _Window(window)  # the last answers (echoes left out)
+        self.lately = _Window(SHORT_WINDOW)  # the last few of them
         self.accepted: deque[float] = deque()  # times of answers, the last accept_window s
         self.asked: deque[float] = deque()  # times requests asked to start, same window
         self._told_rate: float | None = None
@@ -217,16 +234,8 @@ class RateController:
             # an echo of the event that caused the last cut, or a request sent while the
             # server's bucket was still empty from it
             return
-        recent = self.recent
-        if len(recent) == recent.maxlen and recent[0]:
-            self.recent_refused -= 1  # the oldest leaves the window
-        recent.append(refused)
-        self.recent_refused += refused
-        lately = self.lately
-        if len(lately) == lately.maxlen and lately[0]:
-            self.lately_refused -= 1
-        lately.append(refused)
-        self.lately_refused += refused
+        self.recent.add(refused)
+        self.lately.add(refused)
         trial = self.trial
         if trial is not None:
             trial.answers += 1
@@ -238,7 +247,7 @@ class RateController:
             elif trial.answers >= self.trial_answers or now - trial.began >= self.trial_seconds:
                 self._judge(now, trial)
             return
-        share = self.recent_refused / len(recent)
+        share = self.recent.share()
         if self.noise > 0.0 and share <= 2 * self.noise + 0.02:
             # while the share stays in the noise's range the floor follows it slowly (~2,000
             # answers): a first estimate comes from a small sample. Above the range it holds
@@ -346,12 +355,12 @@ class RateController:
         """More 429s among the last answers than the noise explains (3 sigma): a limit
         come back, or noise wrongly believed in (a limit shared with another process looks
         like noise to one trial), caught within ``SHORT_WINDOW`` answers."""
-        n = len(self.lately)
+        n = len(self.lately.answers)
         if n < SHORT_WINDOW:
             return False
         noise = self.noise
         expected = noise * n
-        return self.lately_refused > expected + 3 * math.sqrt(expected * (1 - noise)) + 1
+        return self.lately.refused > expected + 3 * math.sqrt(expected * (1 - noise)) + 1
 
     def _first_and_scattered(self, share: float) -> bool:
         """A first 429 among many answers, before any cut or noise verdict: as likely
@@ -361,7 +370,7 @@ class RateController:
             self.cuts == 0
             and self.noise == 0.0
             and self.rate is None
-            and len(self.recent) >= self.watch_after
+            and len(self.recent.answers) >= self.watch_after
             and share < self.watch_share
         )
 
@@ -394,7 +403,7 @@ class RateController:
         if self._looks_like_noise(trial, now):
             # as many 429s at the lower rate: they were not about our rate
             if trial.watching:  # nothing was cut: every recent answer saw the same noise
-                share = self.recent_refused / len(self.recent)
+                share = self.recent.share()
             self.noise = share if self.noise == 0.0 else 0.7 * self.noise + 0.3 * share
             self.found = trial.previous_found
             self._set_rate(trial.previous_rate)

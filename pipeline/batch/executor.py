@@ -159,12 +159,7 @@ class BatchExecutor:
 
     def _cancelled_lines(self, parts: dict[int, PartState]) -> set[int]:
         """Result keys in parts the user cancelled (``pipeline batch cancel``)."""
-        return {
-            key
-            for state in parts.values()
-            if state.cancelled
-            for key, _ in read_lines(self.directory / state.file)
-        }
+        return set(self._keys_of([s for s in parts.values() if s.cancelled]).tolist())
 
     def _add_part(self, parts: dict[int, PartState], written: WrittenPart, round_: int) -> None:
         number = int(written.name.split("-")[1].split(".")[0])
