@@ -452,13 +452,16 @@ class Checkpoint:
             return None
 
     def results_at(self, index: ResultIndex, positions: np.ndarray) -> list[RowResult]:
-        """The stored results at ``positions`` of ``index`` (a rare path: reads whole parts)."""
-        out: list[RowResult] = []
-        for number in np.unique(index.part[positions]):
+        """The stored results at ``positions`` of ``index``, in the order of ``positions``
+        (a rare path: reads whole parts, each once)."""
+        out: list[RowResult | None] = [None] * len(positions)
+        parts = index.part[positions]
+        for number in np.unique(parts):
             part = self.read_part(int(number))
-            for pos in positions[index.part[positions] == number]:
-                out.append(row_result(part.slice(int(index.row[pos]), 1).to_pylist()[0]))
-        return out
+            for i in np.flatnonzero(parts == number):
+                row = int(index.row[positions[i]])
+                out[i] = row_result(part.slice(row, 1).to_pylist()[0])
+        return [result for result in out if result is not None]
 
     # -- saved key pass and index: a resume starts from them -----------------------------
 

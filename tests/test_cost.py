@@ -136,6 +136,28 @@ def test_a_duplicate_added_later_copies_the_stored_answer_without_a_request(
     assert frame.loc[2, "cost_source"] == "dedup"
 
 
+def test_duplicates_added_later_copy_their_own_prompts_answer_when_answers_sit_in_many_parts(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    out = tmp_path / "o.parquet"
+    words = [f"word {i}" for i in range(6)]
+    for k in range(1, len(words) + 1):  # a run per prompt: each answer in a part of its own
+        pipeline.run(
+            pd.DataFrame({"prompt": words[:k]}), out, base_url=simulator.base_url, progress=False
+        )
+    simulator.simulator.reset()
+    # each prompt again, in the opposite order: every copy's answer is in another part
+    frame = pipeline.run(
+        pd.DataFrame({"prompt": words + words[::-1]}),
+        out,
+        base_url=simulator.base_url,
+        progress=False,
+    )
+    assert simulator.simulator.requests == []
+    assert frame["completion"].tolist() == [f"Simulated answer to: {p}" for p in frame["prompt"]]
+    assert frame["cost_source"].tolist()[6:] == ["dedup"] * 6
+
+
 def test_copies_spend_none_of_the_token_budget_and_status_counts_only_what_was_sent(
     simulator: SimulatorThread, tmp_path: Path
 ) -> None:
