@@ -106,10 +106,8 @@ def _copy_done_duplicates(plan: Plan, recorder: Recorder) -> None:
     if not len(plan.copy_from):
         return
     stored = plan.checkpoint.results_at(plan.index, plan.copy_from)
-    sources = plan.index.keys[plan.copy_from]
-    by_key = {int(k): r for k, r in zip(sources, stored, strict=True)}
-    for source_key, key in zip(sources, plan.copy_to, strict=True):
-        recorder.record_copy(by_key[int(source_key)], int(key))
+    for result, key in zip(stored, plan.copy_to, strict=True):
+        recorder.record_copy(result, int(key))
 
 
 async def _uncancellable(step: Coroutine[Any, Any, None]) -> None:

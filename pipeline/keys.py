@@ -126,42 +126,56 @@ def stable_argsort(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return order, ordered, starts
 
 
-def _groups(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(occurrence number, index of the first row) of each row among rows of equal hash."""
-    n = len(hashes)
-    order, _, new_group = stable_argsort(hashes)
-    # in place where it can (each temporary is 8 bytes a row)
-    positions = np.arange(n)
-    group_start = np.where(new_group, positions, 0)
-    del new_group
-    np.maximum.accumulate(group_start, out=group_start)
-    positions -= group_start  # now each row's place within its group
-    occurrence = np.empty(n, dtype=np.uint64)
-    occurrence[order] = positions.view(np.uint64)
-    del positions
-    np.take(order, group_start, out=group_start)  # stable sort: a group's first is its earliest
-    first = np.empty(n, dtype=np.int64)
-    first[order] = group_start
-    return occurrence, first
+def _repeats(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows whose hash an earlier row has (ascending), each one's occurrence number
+    among the rows of its hash (1, 2, ...) and the first row of its hash.
+
+    Sparse: a row seen for the first time (most rows) costs nothing past the sort, which
+    peaks at 26 bytes a row (dense per-row occurrence and first-row arrays took 49).
+    """
+    order, ordered, starts = stable_argsort(hashes)
+    del ordered
+    repeats = np.flatnonzero(~starts)  # places in sorted order that are not a group's first
+    del starts
+    if not len(repeats):
+        return repeats, np.zeros(0, dtype=np.uint64), repeats
+    # a group's repeats follow its first row in sorted order: each run of consecutive
+    # places starts right after that first row
+    new_run = np.ones(len(repeats), dtype=bool)
+    new_run[1:] = repeats[1:] != repeats[:-1] + 1
+    first_place = np.where(new_run, repeats - 1, 0)
+    np.maximum.accumulate(first_place, out=first_place)
+    occurrence = (repeats - first_place).astype(np.uint64)
+    rows, leaders = order[repeats], order[first_place]  # stable: a group's first is its earliest
+    del order
+    by_row = np.argsort(rows)
+    return rows[by_row], occurrence[by_row], leaders[by_row]
 
 
 @dataclass(frozen=True)
 class RowKeys:
-    """Per input row, in input order: its key, and the first row with the same prompt.
-
-    ``first[i] == i`` for a row whose prompt-source values appear for the first time; a
-    later duplicate points at that first row (which ``--dedup`` sends in its place).
+    """Per input row, in input order, its key; and the rows that repeat an earlier row's
+    prompt (``duplicates``, ascending) with that earlier row, the first with the prompt
+    (``leaders``, aligned): ``--dedup`` sends the leader in their place. Sparse, as
+    duplicates are few: 8 bytes a row in all, plus 16 a duplicate.
     ``key_pass`` is what a later run may reuse (None for in-memory inputs and ``--limit``);
     ``reused`` says how many leading rows came from the earlier pass without being read.
     """
 
     keys: np.ndarray
-    first: np.ndarray
+    duplicates: np.ndarray
+    leaders: np.ndarray
     key_pass: KeyPass | None = None
     reused: int = 0
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def prompt_keys(self) -> np.ndarray:
+        """Per row, the key of the first row with its prompt (its own key for most rows)."""
+        keys = self.keys.copy()
+        keys[self.duplicates] = self.keys[self.leaders]
+        return keys
 
     def resume_point(self, row: int) -> Resume | None:
         """Where reading may start to reach ``row`` without the rows before the reused end."""
@@ -345,13 +359,14 @@ def _row_keys(
 ) -> RowKeys:
     if len(content) == 0:
         empty = np.zeros(0, dtype=np.uint64)
-        return RowKeys(keys=empty, first=np.zeros(0, dtype=np.int64), key_pass=key_pass)
-    occurrence, first = _groups(content)
+        none = np.zeros(0, dtype=np.int64)
+        return RowKeys(keys=empty, duplicates=none, leaders=none, key_pass=key_pass)
+    duplicates, occurrence, leaders = _repeats(content)
     if id_column is None or ids is None:
-        occurrence *= _MIX
-        occurrence ^= content
-        keys = _mix_in_place(occurrence)  # _mix(content ^ (occurrence * _MIX))
-        return RowKeys(keys=keys, first=first, key_pass=key_pass, reused=reused)
+        keys = content.copy()  # the occurrence number of a row seen first is 0
+        keys[duplicates] ^= occurrence * _MIX
+        _mix_in_place(keys)  # _mix(content ^ (occurrence * _MIX))
+        return RowKeys(keys, duplicates, leaders, key_pass=key_pass, reused=reused)
     unique, counts = np.unique(ids, return_counts=True)
     if len(unique) != len(ids):
         dup_keys = set(unique[counts > 1].tolist())
@@ -361,7 +376,7 @@ def _row_keys(
             "deduplicate the input or choose another --id-column."
         )
     keys = ids if ids_only else _mix(ids ^ _mix(content ^ _ID_AND_CONTENT))
-    return RowKeys(keys=keys, first=first, key_pass=key_pass, reused=reused)
+    return RowKeys(keys, duplicates, leaders, key_pass=key_pass, reused=reused)
 
 
 def _name_ids(source: InputSource, id_column: str, keys: np.ndarray, dups: set[int]) -> str:

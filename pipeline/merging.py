@@ -100,7 +100,7 @@ def merge_output(
             write_recorded(plan, config, places, output, manifest)
             record_output(manifest, output, output_state(plan, config))
             checkpoint.write_manifest(manifest)
-        missing = _missing_by_shard(checkpoint, [part == -1 for part in places.part])
+        missing = _missing_by_shard(checkpoint, [places.missing(u) for u in range(len(places.at))])
     finally:
         setup.release()
     failed = pending or counts.get("error", 0) or counts.get("invalid", 0)

@@ -56,7 +56,7 @@ def start_manifest(plan: Plan, config: RunConfig) -> dict[str, Any]:
         manifest["running"] = True
     checkpoint.identity = {"fingerprint": fingerprint, "job": manifest["job_id"]}
     checkpoint.write_manifest(manifest)
-    checkpoint.write_keys(np.concatenate(plan.unit_keys))
+    checkpoint.write_keys(plan.unit_keys)
     if plan.shard is not None and plan.shard_keys is not None:
         shards.write_shard_keys(checkpoint.dir, plan.shard_keys)
         shards.write_record(

@@ -36,7 +36,7 @@ from .proxy import ProxySettings, settings_from
 from .reader import InputSource, Resume
 from .records import COST_BATCH_TABLE, STATUS_CODES
 from .remote_output import shown_output
-from .result_index import ResultIndex
+from .result_index import LOOKUP_CHUNK, SUPERSEDED, ResultIndex
 from .samples import SampleRequest, plan_requests
 from .shards import Shard
 
@@ -165,19 +165,21 @@ def plan_run(
             )
     _check_output_path(output, config, checkpoint)
     shard = Shard.parse(config.shard) if config.shard else None
-    shard_keys = keys[row_keys.first] if shard else None
+    shard_keys = row_keys.prompt_keys() if shard else None
     rows = shard.rows(shard_keys) if shard and shard_keys is not None else None
     index, notes = _open_checkpoint(checkpoint, config, ids_only, new_pass, shard)
     del new_pass
     work = _what_to_send(index, row_keys, unit_keys, config, rows)
-    needed = np.flatnonzero(work.send.any(axis=1))
+    needed = work.send.any(axis=1)
+    first_needed = int(np.argmax(needed)) if needed.any() else None
+    del needed
     release_memory()  # the lookups' temporaries
     return Plan(
         source=source,
         builder=builder,
         checkpoint=checkpoint,
         keys=keys,
-        resume_from=row_keys.resume_point(int(needed[0])) if len(needed) else None,
+        resume_from=None if first_needed is None else row_keys.resume_point(first_needed),
         models=models,
         model_keys=tuple(model_keys),
         unit_keys=tuple(unit_keys),
@@ -303,30 +305,43 @@ def _what_to_send(
     given, and a shard holds every row of a prompt, so --dedup stays within it."""
     n = len(row_keys.keys)
     todo = np.zeros((n, len(unit_keys)), dtype=bool)
-    work = _Work(todo=todo, send=np.zeros_like(todo), present=np.zeros(len(index.keys), bool))
-    duplicate = row_keys.first != np.arange(n)
+    # a superseded result's key has a later one: only the latest counts as present or not
+    work = _Work(todo=todo, send=np.zeros_like(todo), present=index.status == SUPERSEDED)
     for j, mkeys in enumerate(unit_keys):
-        pos = index.lookup(mkeys)
-        done = pos >= 0
-        if config.retry_failed and len(index.keys):
-            status = index.status[np.maximum(pos, 0)]
-            done &= (status != STATUS_CODES["error"]) & (status != STATUS_CODES["invalid"])
-        work.present[pos[pos >= 0]] = True
-        if rows is not None:
-            done |= ~rows
-        todo[:, j] = ~done
-        work.send[:, j] = ~done
+        # a chunk of rows at a time: the lookups' temporaries stay small at any row count
+        for at in range(0, n, LOOKUP_CHUNK):
+            pos = index.lookup(mkeys[at : at + LOOKUP_CHUNK])
+            done = pos >= 0
+            if config.retry_failed and len(index.keys):
+                status = index.status[np.maximum(pos, 0)]
+                done &= (status != STATUS_CODES["error"]) & (status != STATUS_CODES["invalid"])
+            work.present[pos[pos >= 0]] = True
+            if rows is not None:
+                done |= ~rows[at : at + LOOKUP_CHUNK]
+            np.logical_not(done, out=todo[at : at + LOOKUP_CHUNK, j])
+            work.send[at : at + LOOKUP_CHUNK, j] = todo[at : at + LOOKUP_CHUNK, j]
         if config.dedup:
-            # a later row with the same prompt is not sent: it gets its first row's result
-            for i in np.nonzero(~done & duplicate)[0]:
-                leader = int(row_keys.first[i])
-                work.send[i, j] = False
-                if not done[leader]:
-                    work.followers.setdefault(int(mkeys[leader]), []).append(int(mkeys[i]))
-                else:
-                    work.copy_from.append(int(pos[leader]))
-                    work.copy_to.append(int(mkeys[i]))
+            _dedup(work, j, mkeys, row_keys, index)
     return work
+    return work
+
+
+def _dedup(work: _Work, j: int, mkeys: np.ndarray, row_keys: RowKeys, index: ResultIndex) -> None:
+    """A later row with the same prompt as an earlier one is not sent: it follows its first
+    row's request, or gets a copy of its first row's stored result."""
+    todo = work.todo[:, j]
+    wanted = todo[row_keys.duplicates]
+    duplicates, leaders = row_keys.duplicates[wanted], row_keys.leaders[wanted]
+    if not len(duplicates):
+        return
+    work.send[duplicates, j] = False
+    pending = todo[leaders]
+    for i, leader in zip(duplicates[pending], leaders[pending], strict=True):
+        work.followers.setdefault(int(mkeys[leader]), []).append(int(mkeys[i]))
+    copies = ~pending
+    if copies.any():
+        work.copy_from.extend(index.lookup(mkeys[leaders[copies]]).tolist())
+        work.copy_to.extend(mkeys[duplicates[copies]].tolist())
 
 
 def estimate_job(

@@ -1,9 +1,10 @@
 """Where every result of a checkpoint is: the index of the latest result per key.
 
-``ResultIndex`` (key, part, row, status, tokens, cost) answers which rows are done, what was
-spent and where to read a result; ``build_index`` makes it from the parts (and from the
-index a run saves, ``index.npz``, written by ``save_arrays`` and read by ``load_arrays``),
-the latest result of a key winning. It writes no part: ``checkpoint`` owns the files.
+``ResultIndex`` (each key's latest result's position, and per position its status, tokens
+and cost) answers which rows are done, what was spent and where to read a result (a
+position is a part and a row); ``build_index`` makes it from the parts (and from the index
+a run saves, ``index.npz``, written by ``save_arrays`` and read by ``load_arrays``), the
+latest result of a key winning. It writes no part: ``checkpoint`` owns the files.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,54 +28,88 @@ from .schema import PART_SCHEMA as PART_SCHEMA
 from .schema import RESULT_SCHEMA as RESULT_SCHEMA
 
 LOOKUP_CHUNK = 1 << 16
+SUPERSEDED = -1  # the status of a result a later one of the same key replaced
+
+
+def position_type(total: int) -> type[np.unsignedinteger[Any]]:
+    """The type of a position among ``total`` results (4 bytes up to 4 billion); its
+    largest value means "no result"."""
+    return np.uint32 if total < np.iinfo(np.uint32).max else np.uint64
+
+
+def _locate(
+    positions: np.ndarray, numbers: np.ndarray, starts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(part number, row) of each position (int32 both); part -1 for a negative one."""
+    part = np.full(len(positions), -1, dtype=np.int32)
+    row = np.zeros(len(positions), dtype=np.int32)
+    have = np.flatnonzero(positions >= 0)
+    if len(have) and len(starts):
+        at = positions[have].astype(np.int64)
+        which = np.searchsorted(starts, at, side="right") - 1
+        part[have] = numbers[which]
+        row[have] = at - starts[which]
+    return part, row
 
 
 @dataclass
 class ResultLocations:
-    """Where the latest result of every key in the checkpoint is, sorted by key.
+    """Where the latest result of every key in the checkpoint is.
 
-    ``part`` and ``row`` locate the result; ``status`` holds ``STATUS_CODES``. Assembling
-    OUTPUT needs less: ``places`` gives part and row aligned with the input's keys.
+    The results are numbered by position: part after part in part-number order, row after
+    row (``starts[i]`` is where part ``numbers[i]`` begins). ``keys`` holds each key once,
+    sorted, and ``at`` the position of its latest result; ``status`` is per position
+    (``STATUS_CODES``, or ``SUPERSEDED`` for a result a later one replaced). Per-position
+    columns stay in part order: building the index sorts 12 bytes a result, not every
+    column (it peaked at 53 bytes a result when each column was reordered by key).
     """
 
     keys: np.ndarray
-    part: np.ndarray
-    row: np.ndarray
+    at: np.ndarray
     status: np.ndarray
+    numbers: np.ndarray
+    starts: np.ndarray
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
-        """Position in this index of each key, or -1 when it has no result."""
+        """The position of each key's latest result, or -1 when it has none (int64)."""
+        out = np.full(len(keys), -1, dtype=np.int64)
         if len(self.keys) == 0:
-            return np.full(len(keys), -1, dtype=np.int64)
+            return out
         if len(keys) > 4096:
             # sorted queries walk the index in order: ~4x faster than random probes at 1M
             order = np.argsort(keys)
-            pos = np.empty(len(keys), dtype=np.int64)
-            pos[order] = np.searchsorted(self.keys, keys[order])
+            found = np.empty(len(keys), dtype=np.int64)
+            found[order] = np.searchsorted(self.keys, keys[order])
+            del order
         else:
-            pos = np.searchsorted(self.keys, keys)
-        pos = np.minimum(pos, len(self.keys) - 1)
-        found = self.keys[pos] == keys
-        return np.where(found, pos, -1).astype(np.int64)
+            found = np.searchsorted(self.keys, keys)
+        np.minimum(found, len(self.keys) - 1, out=found)
+        hit = np.flatnonzero(self.keys[found] == keys)
+        out[hit] = self.at[found[hit]]
+        return out
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(part number, row in it) of each position; part -1 for position -1."""
+        return _locate(positions, self.numbers, self.starts)
 
     def counts(self, among: np.ndarray | None = None) -> dict[str, int]:
-        """ok / error / skipped counts, of all keys or of the index positions ``among``."""
+        """ok / error / skipped counts, of all keys or of the positions ``among``."""
         status = self.status if among is None else self.status[among]
         return {name: int((status == code).sum()) for name, code in STATUS_CODES.items()}
 
     def places(self, key_arrays: Sequence[np.ndarray]) -> RowPlaces:
         """Where the result of each of ``key_arrays``'s keys is, aligned with them (a chunk
-        at a time): all that assembling OUTPUT needs, 8 bytes a key instead of 17."""
-        part, row = [], []
+        at a time): all that assembling OUTPUT needs, 4 bytes a key."""
+        kind = position_type(len(self.status))
+        none = np.iinfo(kind).max
+        at = []
         for keys in key_arrays:
-            part.append(np.full(len(keys), -1, dtype=np.int32))
-            row.append(np.zeros(len(keys), dtype=np.int32))
+            at.append(np.full(len(keys), none, dtype=kind))
             for start in range(0, len(keys), LOOKUP_CHUNK):
                 pos = self.lookup(keys[start : start + LOOKUP_CHUNK])
                 have = np.flatnonzero(pos >= 0)
-                part[-1][start + have] = self.part[pos[have]]
-                row[-1][start + have] = self.row[pos[have]]
-        return RowPlaces(tuple(part), tuple(row))
+                at[-1][start + have] = pos[have]
+        return RowPlaces(tuple(at), self.numbers, self.starts)
 
     def counts_of(self, key_arrays: Sequence[np.ndarray]) -> tuple[dict[str, int], int]:
         """(status counts, keys without a result) over ``key_arrays``, a chunk at a time so
@@ -93,17 +129,32 @@ class ResultLocations:
 @dataclass(frozen=True)
 class RowPlaces:
     """Per key array given to ``ResultLocations.places`` (one per model and sample), the
-    part and row of each key's result, aligned with the keys; part -1: no result."""
+    position of each key's result (the type's largest value: none), aligned with the keys,
+    and the parts' numbers and starts that turn a position into a part and row."""
 
-    part: tuple[np.ndarray, ...]
-    row: tuple[np.ndarray, ...]
+    at: tuple[np.ndarray, ...]
+    numbers: np.ndarray
+    starts: np.ndarray
+
+    def missing(self, unit: int) -> np.ndarray:
+        """Which keys of unit ``unit`` have no result."""
+        at = self.at[unit]
+        return at == np.iinfo(at.dtype).max
+
+    def locate(self, unit: int, rows: slice) -> tuple[np.ndarray, np.ndarray]:
+        """(part, row) of the results of unit ``unit``'s keys ``rows``; part -1: none."""
+        at = self.at[unit][rows]
+        positions = at.astype(np.int64)
+        positions[at == np.iinfo(at.dtype).max] = -1
+        return _locate(positions, self.numbers, self.starts)
 
 
 @dataclass
 class ResultIndex(ResultLocations):
-    """``ResultLocations`` plus what each key's result spent, for budgets and ``status``:
-    tokens and cost, both 0 for a result that no request paid for (a dedup copy, a cached
-    answer), whose OUTPUT row still shows the usage of the answer it got."""
+    """``ResultLocations`` plus what each result spent, per position, for budgets and
+    ``status``: tokens and cost, both 0 for a result that no request paid for (a dedup copy,
+    a cached answer; its OUTPUT row still shows the usage of the answer it got) and for a
+    superseded one, so that sums count each key's latest result only."""
 
     prompt_tokens: np.ndarray
     completion_tokens: np.ndarray
@@ -113,13 +164,14 @@ class ResultIndex(ResultLocations):
     def empty(cls) -> ResultIndex:
         z = np.zeros(0, dtype=np.int64)
         return cls(
-            np.zeros(0, dtype=np.uint64),
-            z,
-            z,
-            np.zeros(0, dtype=np.int8),
-            z,
-            z,
-            np.zeros(0, dtype=np.float64),
+            keys=np.zeros(0, dtype=np.uint64),
+            at=np.zeros(0, dtype=np.uint32),
+            status=np.zeros(0, dtype=np.int8),
+            numbers=z,
+            starts=z,
+            prompt_tokens=np.zeros(0, dtype=np.int32),
+            completion_tokens=np.zeros(0, dtype=np.int32),
+            cost_usd=np.zeros(0, dtype=np.float64),
         )
 
 
@@ -135,43 +187,12 @@ def rows_of(path: Path) -> int:
         ) from None
 
 
-INDEX_COLUMNS = ("key", "status", "prompt_tokens", "completion_tokens", "cost_usd", "cost_source")
 NOT_SPENT = pa.array([COST_DEDUP, COST_CACHE])  # cost sources of results that no request paid for
-INDEX_ARRAYS = ("keys", "part", "row", "status", "prompt_tokens", "completion_tokens", "cost_usd")
-# the columns load_index fills from the parts, and their types (a request's tokens fit int32)
-FILLED = {
-    "keys": np.uint64,
-    "status": np.int8,
-    "prompt_tokens": np.int32,
-    "completion_tokens": np.int32,
-    "cost_usd": np.float64,
-}
-
-
-def locate(
-    pick: np.ndarray,
-    n_base: int,
-    base_part: np.ndarray | None,
-    base_row: np.ndarray | None,
-    numbers: np.ndarray,
-    sizes: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(part, row) of each picked position: the first ``n_base`` positions are the saved
-    index's (which has them); the rest are the new parts' rows, one part after another."""
-    part = np.empty(len(pick), dtype=np.int32)
-    row = np.empty(len(pick), dtype=np.int32)
-    firsts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) + n_base
-    for start in range(0, len(pick), LOOKUP_CHUNK):
-        chunk = pick[start : start + LOOKUP_CHUNK]
-        old = chunk < n_base
-        which = np.searchsorted(firsts, chunk, side="right") - 1
-        which[old] = 0
-        part[start : start + len(chunk)] = numbers[which]
-        row[start : start + len(chunk)] = chunk - firsts[which]
-        if old.any() and base_part is not None and base_row is not None:
-            part[start : start + len(chunk)][old] = base_part[chunk[old]]
-            row[start : start + len(chunk)][old] = base_row[chunk[old]]
-    return part, row
+PER_KEY = ("keys", "at")
+PER_POSITION = ("status", "prompt_tokens", "completion_tokens", "cost_usd")
+PER_PART = ("numbers", "starts")
+INDEX_ARRAYS = (*PER_KEY, *PER_POSITION, *PER_PART)
+INDEX_LAYOUT = 2  # 2: per-position columns in part order (1: every column sorted by key)
 
 
 @dataclass(frozen=True)
@@ -179,31 +200,98 @@ class SavedIndex:
     covers: int  # the highest part number it includes
     arrays: dict[str, np.ndarray]
 
+    def index(self) -> ResultIndex:
+        return ResultIndex(**self.arrays)
+
 
 def build_index(new: list[tuple[Path, int]], base: SavedIndex | None) -> ResultIndex:
     """The latest result per key: ``base`` (the saved index, or None) plus the parts ``new``
-    ((path, number), in number order), read column by column into arrays allocated once."""
+    ((path, number), in number order), their rows numbered on after the base's.
+
+    Memory, the peak of a run's end: the keys are read and sorted first (26 bytes a
+    result at the sort), then the per-position columns are read into arrays allocated
+    once (17 bytes a result, in part order: never reordered); 29 bytes a result are kept.
+    """
     sizes = np.array([rows_of(path) for path, _ in new], dtype=np.int64)
-    n_base = 0 if base is None else len(base.arrays["keys"])
-    total = n_base + int(sizes.sum())
-    columns = {name: np.empty(total, dtype=dtype) for name, dtype in FILLED.items()}
-    base_part = base_row = None
-    if base is not None:
-        for name, column in columns.items():
-            column[:n_base] = base.arrays.pop(name)
-        base_part, base_row = base.arrays["part"], base.arrays["row"]
+    old = ResultIndex.empty() if base is None else base.index()
     del base
-    codes = pa.array(list(STATUS_CODES))
-    at = n_base
+    n_old = len(old.status)
+    total = n_old + int(sizes.sum())
+    firsts = n_old + np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    keys, at = _latest(old, new, sizes, position_type(total))
+    per_position = _per_position(old, new, sizes, total)
+    if len(keys) < total:  # some results were replaced by later ones of their key
+        live = np.zeros(total, dtype=bool)
+        live[at] = True
+        np.logical_not(live, out=live)
+        per_position["status"][live] = SUPERSEDED
+        for name in ("prompt_tokens", "completion_tokens", "cost_usd"):
+            per_position[name][live] = 0
+        del live
+    return ResultIndex(
+        keys=keys,
+        at=at,
+        numbers=np.concatenate([old.numbers, [n for _, n in new]]).astype(np.int64),
+        starts=np.concatenate([old.starts, firsts]).astype(np.int64),
+        **per_position,
+    )
+
+
+def _latest(
+    old: ResultIndex,
+    new: list[tuple[Path, int]],
+    sizes: np.ndarray,
+    kind: type[np.unsignedinteger[Any]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(every key once, sorted; the position of its latest result): the old index's keys
+    and then every new row's, sorted stably, the last of each key kept."""
+    n_keys, n_old = len(old.keys), len(old.status)
+    candidates = np.empty(n_keys + int(sizes.sum()), dtype=np.uint64)
+    candidates[:n_keys] = old.keys
+    at = n_keys
     for (path, _), size in zip(new, sizes, strict=True):
-        table = pq.read_table(path, columns=list(INDEX_COLUMNS))
-        if table.num_rows != size:
-            raise OutputError(
-                f"Checkpoint part {path} changed while it was read. Parts are written once; "
-                "is another process writing this checkpoint?"
-            )
+        column = _read(path, ["key"], int(size)).column("key")
+        candidates[at : at + int(size)] = column.to_numpy()
+        at += int(size)
+    # the candidates are in (part, row) order already, so a stable sort by key keeps each
+    # key's results in that order; keep the last of each key
+    order, ordered, starts = stable_argsort(candidates)
+    del candidates
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = starts[1:]
+    del starts
+    if not last.all():
+        order, ordered = order[last], ordered[last]
+    del last
+    positions = np.empty(len(order), dtype=kind)
+    for begin in range(0, len(order), LOOKUP_CHUNK):
+        chunk = order[begin : begin + LOOKUP_CHUNK]
+        place = chunk - n_keys + n_old  # a new row's position
+        from_old = np.flatnonzero(chunk < n_keys)
+        place[from_old] = old.at[chunk[from_old]]
+        positions[begin : begin + len(chunk)] = place
+    return ordered, positions
+
+
+def _per_position(
+    old: ResultIndex, new: list[tuple[Path, int]], sizes: np.ndarray, total: int
+) -> dict[str, np.ndarray]:
+    """The per-position columns: the old index's, then each new part's rows in order."""
+    columns: dict[str, np.ndarray] = {
+        "status": np.empty(total, dtype=np.int8),
+        "prompt_tokens": np.empty(total, dtype=np.int32),
+        "completion_tokens": np.empty(total, dtype=np.int32),
+        "cost_usd": np.empty(total, dtype=np.float64),
+    }
+    n_old = len(old.status)
+    for name, column in columns.items():
+        column[:n_old] = getattr(old, name)
+    codes = pa.array(list(STATUS_CODES))
+    at = n_old
+    for (path, _), size in zip(new, sizes, strict=True):
+        names = ["status", "prompt_tokens", "completion_tokens", "cost_usd", "cost_source"]
+        table = _read(path, names, int(size))
         end = at + int(size)
-        columns["keys"][at:end] = table.column("key").to_numpy()
         status = pa.compute.index_in(table.column("status"), value_set=codes)
         columns["status"][at:end] = status.to_numpy(zero_copy_only=False)
         # a copy (dedup) or a cached answer spent nothing: its tokens are not counted
@@ -213,24 +301,17 @@ def build_index(new: list[tuple[Path, int]], base: SavedIndex | None) -> ResultI
             columns[name][at:end] = spent.to_numpy()
         columns["cost_usd"][at:end] = table.column("cost_usd").fill_null(0.0).to_numpy()
         at = end
-    del table
-    # latest result wins: the rows are in (part, row) order already, so a stable sort by
-    # key keeps each key's results in that order; keep the last of each key
-    order, sorted_keys, starts = stable_argsort(columns.pop("keys"))
-    last = np.ones(len(order), dtype=bool)
-    last[:-1] = starts[1:]
-    del starts
-    everyone = bool(last.all())
-    pick = order if everyone else order[last]
-    picked = {"keys": sorted_keys if everyone else sorted_keys[last]}
-    del order, sorted_keys, last
-    picked["part"], picked["row"] = locate(
-        pick, n_base, base_part, base_row, np.array([n for _, n in new]), sizes
-    )
-    for name in FILLED:
-        if name != "keys":
-            picked[name] = columns.pop(name)[pick]
-    return ResultIndex(**picked)
+    return columns
+
+
+def _read(path: Path, columns: list[str], size: int) -> pa.Table:
+    table = pq.read_table(path, columns=columns)
+    if table.num_rows != size:
+        raise OutputError(
+            f"Checkpoint part {path} changed while it was read. Parts are written once; "
+            "is another process writing this checkpoint?"
+        )
+    return table
 
 
 def save_index(path: Path, parts: dict[int, Path], index: ResultIndex) -> None:
@@ -239,6 +320,7 @@ def save_index(path: Path, parts: dict[int, Path], index: ResultIndex) -> None:
         return
     meta = {
         "version": FORMAT_VERSION,
+        "layout": INDEX_LAYOUT,
         "covers": max(parts),
         "parts": len(parts),
         "names": names_digest(parts.values()),
@@ -258,11 +340,14 @@ def saved_index(path: Path, parts: dict[int, Path]) -> SavedIndex | None:
     if set(arrays) != set(INDEX_ARRAYS):
         return None
     covers = meta.get("covers")
-    if meta.get("version") != FORMAT_VERSION or not isinstance(covers, int):
+    if meta.get("version") != FORMAT_VERSION or meta.get("layout") != INDEX_LAYOUT:
+        return None
+    if not isinstance(covers, int):
         return None
     covered = [file for number, file in parts.items() if number <= covers]
     if len(covered) != meta.get("parts") or names_digest(covered) != meta.get("names"):
         return None
-    if len({len(a) for a in arrays.values()}) != 1:
-        return None
+    for group in (PER_KEY, PER_POSITION, PER_PART):
+        if len({len(arrays[name]) for name in group}) != 1:
+            return None
     return SavedIndex(covers=covers, arrays=arrays)

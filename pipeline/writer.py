@@ -183,7 +183,7 @@ class OutputSpec:
         tables = []
         for sample in range(self.n):
             unit = model * self.n + sample
-            results = results_for(places.part[unit][rows], places.row[unit][rows], parts)
+            results = results_for(*places.locate(unit, rows), parts)
             derived = self.derived(results, expected)
             if derived:
                 names = [*results.column_names, *(f.name for f in self.derived_fields())]

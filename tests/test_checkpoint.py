@@ -70,8 +70,9 @@ def result_of(ckpt: Checkpoint, key: int) -> dict[str, Any]:
     index = ckpt.load_index()
     pos = int(index.lookup(np.array([key], dtype=np.uint64))[0])
     assert pos >= 0, f"key {key} has no result"
-    table = ckpt.read_part(int(index.part[pos]))
-    return table.slice(int(index.row[pos]), 1).to_pylist()[0]
+    part, row = index.locate(np.array([pos]))
+    table = ckpt.read_part(int(part[0]))
+    return table.slice(int(row[0]), 1).to_pylist()[0]
 
 
 # -- where it lives ------------------------------------------------------------------------
@@ -159,8 +160,9 @@ def test_lookup_gives_minus_one_for_keys_without_a_result(ckpt: Checkpoint) -> N
     pos = index.lookup(np.array([BIG_KEY, 7, 100, 2**63], dtype=np.uint64))
 
     assert pos[1] == -1 and pos[3] == -1
-    assert index.keys[pos[0]] == BIG_KEY
-    assert index.keys[pos[2]] == 100
+    # a position is the result's place among all results, part by part, row by row
+    assert pos[0] == 1 and pos[2] == 0
+    assert result_of(ckpt, BIG_KEY)["key"] == BIG_KEY
 
 
 def test_places_give_each_keys_part_and_row_in_the_order_asked_and_minus_one_for_none(
@@ -175,9 +177,13 @@ def test_places_give_each_keys_part_and_row_in_the_order_asked_and_minus_one_for
         [np.array([40, 7, 10, 20, 30], dtype=np.uint64), np.array([99], dtype=np.uint64)]
     )
 
-    assert places.part[0].tolist() == [2, -1, 1, 2, 1]
-    assert places.row[0][[0, 2, 3, 4]].tolist() == [1, 0, 0, 2]
-    assert places.part[1].tolist() == [-1]
+    part, row = places.locate(0, slice(None))
+    assert part.tolist() == [2, -1, 1, 2, 1]
+    assert row[[0, 2, 3, 4]].tolist() == [1, 0, 0, 2]
+    assert places.missing(0).tolist() == [False, True, False, False, False]
+    assert places.locate(1, slice(None))[0].tolist() == [-1]
+    assert places.missing(1).tolist() == [True]
+    assert places.at[0].itemsize == 4  # 4 bytes a key
 
 
 def test_an_empty_checkpoint_has_an_empty_index(ckpt: Checkpoint) -> None:

@@ -44,7 +44,8 @@ def key_pass(path: Path, previous: RowKeys | None = None, id_column: str | None 
 
 def assert_same_keys(got: RowKeys, fresh: RowKeys) -> None:
     assert got.keys.tolist() == fresh.keys.tolist()
-    assert got.first.tolist() == fresh.first.tolist()
+    assert got.duplicates.tolist() == fresh.duplicates.tolist()
+    assert got.leaders.tolist() == fresh.leaders.tolist()
 
 
 def run(sim: SimulatorThread, source: Path, output: Path, *extra: object) -> Result:
@@ -156,9 +157,19 @@ def result(key: int, text: str) -> RowResult:
 
 
 def index_arrays(ckpt: Checkpoint) -> dict[str, list[object]]:
+    """Per key (sorted), what the index says of its latest result; and the index's sums and
+    counts, which must see the latest result of each key only."""
     index = ckpt.load_index()
-    names = ("keys", "part", "row", "status", "prompt_tokens", "completion_tokens", "cost_usd")
-    return {name: getattr(index, name).tolist() for name in names}
+    part, row = index.locate(index.at.astype(np.int64))
+    per_key = {"keys": index.keys, "part": part, "row": row}
+    for name in ("status", "prompt_tokens", "completion_tokens", "cost_usd"):
+        per_key[name] = getattr(index, name)[index.at]
+    sums = {
+        "counts": [index.counts()],
+        "tokens": [int(index.prompt_tokens.sum()), int(index.completion_tokens.sum())],
+        "cost": [round(float(index.cost_usd.sum()), 9)],
+    }
+    return {**{name: values.tolist() for name, values in per_key.items()}, **sums}
 
 
 def rebuilt(ckpt: Checkpoint) -> dict[str, list[object]]:
@@ -250,6 +261,12 @@ def test_the_index_holds_each_keys_latest_result_with_its_part_row_and_tokens(
     assert got["keys"] == sorted(expected)
     table = {key: tuple(got[name][i] for name in names) for i, key in enumerate(got["keys"])}
     assert table == expected
+    # what was spent and the status counts: each key's latest result, once
+    latest = list(expected.values())
+    assert got["tokens"] == [sum(e[3] for e in latest), sum(e[4] for e in latest)]  # type: ignore[misc]
+    assert got["cost"] == [round(sum(e[5] for e in latest), 9)]  # type: ignore[misc]
+    codes = [e[2] for e in latest]
+    assert got["counts"] == [{name: codes.count(code) for name, code in STATUS_CODES.items()}]
 
 
 # -- end to end ----------------------------------------------------------------------------
@@ -344,6 +361,27 @@ def test_the_fast_key_sort_orders_equal_keys_as_a_stable_sort_does(values: list[
     assert starts.tolist() == [i == 0 or ordered[i] != ordered[i - 1] for i in range(len(keys))]
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=6), max_size=40))
+def test_each_repeated_prompt_gets_its_occurrence_number_and_its_first_row(
+    values: list[int],
+) -> None:
+    """Row keys follow (prompt, occurrence among equal prompts); a repeat points at the
+    first row with its prompt (the row --dedup sends for it); rows seen first need nothing."""
+    from pipeline import keys as keys_module
+
+    hashes = np.array(values, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    rows, occurrence, leaders = keys_module._repeats(hashes)
+    seen: dict[int, list[int]] = {}
+    expected = []
+    for row, value in enumerate(values):
+        if value in seen:
+            expected.append((row, len(seen[value]), seen[value][0]))
+        seen.setdefault(value, []).append(row)
+    got = list(zip(rows.tolist(), occurrence.tolist(), leaders.tolist(), strict=True))
+    assert got == expected
+
+
 def test_row_keys_are_the_same_as_every_earlier_version_made_them(tmp_path: Path) -> None:
     """A checkpoint written by an earlier version resumes with this one only if a row's key
     is computed exactly as before: these values were made by the code of 2026-12-05 (before
@@ -357,7 +395,7 @@ def test_row_keys_are_the_same_as_every_earlier_version_made_them(tmp_path: Path
         "0x6c16f01ac5c619cf",  # the second "hello": its occurrence number makes it new
         "0xdacec17352760929",
     ]
-    assert by_content.first.tolist() == [0, 1, 0, 3]
+    assert (by_content.duplicates.tolist(), by_content.leaders.tolist()) == ([2], [0])
     by_id = key_pass(path, id_column="id")
     assert [hex(k) for k in by_id.keys.tolist()] == [
         "0xc6e07c4d362774cc",
