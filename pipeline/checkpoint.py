@@ -58,10 +58,12 @@ from .records import RowResult
 from .rescue import RescuePlace
 from .result_index import (
     ResultIndex,
+    SavedIndexUnreadable,
     build_index,
     save_index,
     saved_index,
 )
+from .saved_arrays import NpyRange
 from .saved_arrays import load_key_pass as read_key_pass
 from .saved_arrays import save_key_pass as write_key_pass
 from .schema import FORMAT_VERSION, results_to_table, row_result, valid_text
@@ -449,6 +451,18 @@ class Checkpoint:
             for keys in arrays:
                 fh.write(np.ascontiguousarray(keys, dtype="<u8").data)
 
+    def recorded_unit_keys(self, units: int, rows: int) -> tuple[NpyRange, ...]:
+        """The unit keys ``write_keys`` recorded (``units`` arrays of ``rows`` keys), each
+        read from the file a slice at a time."""
+        path = self.dir / "keys.npy"
+        try:
+            return tuple(NpyRange(path, unit * rows, rows) for unit in range(units))
+        except (OSError, ValueError) as exc:
+            raise OutputError(
+                f"{path} (this run's keys) cannot be read ({exc}); rerun to write OUTPUT: "
+                "every result is in the checkpoint"
+            ) from None
+
     def read_keys(self) -> np.ndarray | None:
         try:
             return np.load(self.dir / "keys.npy", allow_pickle=False)
@@ -494,9 +508,13 @@ class Checkpoint:
             (path, number) for path, number in zip(paths, numbers, strict=True) if number > covered
         ]
         self.parts_read = len(new)
-        if not new:
-            return ResultIndex.empty() if base is None else base.index()
-        return build_index(new, base)
+        try:
+            if not new:
+                return ResultIndex.empty() if base is None else base.index()
+            return build_index(new, base)
+        except SavedIndexUnreadable:  # damaged after all: a cache, rebuilt from every part
+            self.parts_read = len(paths)
+            return build_index(list(zip(paths, numbers, strict=True)), None)
 
     def save_index(self, index: ResultIndex) -> None:
         """Keep ``index`` (built by the last ``load_index``) for the next one: it covers the

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,17 +94,20 @@ def _mix(values: np.ndarray) -> np.ndarray:
     return _mix_in_place(values.astype(np.uint64))
 
 
-def _mix_in_place(z: np.ndarray) -> np.ndarray:
-    """``_mix`` of a uint64 array, computed in it: one temporary instead of six (a planning
-    pass over 10M rows held ~400 MB of them)."""
-    shifted = np.empty_like(z)
-    for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
-        np.right_shift(z, np.uint64(shift), out=shifted)
-        z ^= shifted
-        z *= np.uint64(factor)
-    np.right_shift(z, np.uint64(31), out=shifted)
-    z ^= shifted
-    return z
+def _mix_in_place(values: np.ndarray) -> np.ndarray:
+    """``_mix`` of a uint64 array, computed in it a chunk at a time: no temporary as large
+    as the array (six of them held ~400 MB in a planning pass over 10M rows)."""
+    shifted = np.empty(min(len(values), 1 << 16), dtype=np.uint64)
+    for start in range(0, len(values), 1 << 16):
+        z = values[start : start + (1 << 16)]
+        tmp = shifted[: len(z)]
+        for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            np.right_shift(z, np.uint64(shift), out=tmp)
+            z ^= tmp
+            z *= np.uint64(factor)
+        np.right_shift(z, np.uint64(31), out=tmp)
+        z ^= tmp
+    return values
 
 
 def stable_argsort(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -126,13 +130,44 @@ def stable_argsort(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return order, ordered, starts
 
 
-def _repeats(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+_BUCKET_BITS = 4  # from a million rows, sorted a sixteenth at a time by their hash's top bits
+BUCKETED_FROM = 1 << 20
+
+
+def _repeats(
+    hashes: np.ndarray, bucketed_from: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The rows whose hash an earlier row has (ascending), each one's occurrence number
     among the rows of its hash (1, 2, ...) and the first row of its hash.
 
-    Sparse: a row seen for the first time (most rows) costs nothing past the sort, which
-    peaks at 26 bytes a row (dense per-row occurrence and first-row arrays took 49).
+    Sparse: a row seen for the first time (most rows) costs nothing past the sort. Equal
+    hashes share their top bits, so the rows are grouped a bucket of top bits at a time:
+    the sort's 26 bytes a row become ~2 (a pass over a million rows held 49 bytes a row).
     """
+    if len(hashes) < max(BUCKETED_FROM if bucketed_from is None else bucketed_from, 1):
+        return _repeats_among(hashes)
+    top = np.uint64(64 - _BUCKET_BITS)
+    pieces = []
+    for bucket in range(1 << _BUCKET_BITS):
+        rows = np.concatenate(
+            [
+                start + np.flatnonzero((hashes[start : start + (1 << 16)] >> top) == bucket)
+                for start in range(0, len(hashes), 1 << 16)
+            ]
+        )
+        repeats, occurrence, leaders = _repeats_among(hashes[rows])
+        pieces.append((rows[repeats], occurrence, rows[leaders]))
+    rows = np.concatenate([p[0] for p in pieces])
+    by_row = np.argsort(rows)
+    return (
+        rows[by_row],
+        np.concatenate([p[1] for p in pieces])[by_row],
+        np.concatenate([p[2] for p in pieces])[by_row],
+    )
+
+
+def _repeats_among(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``_repeats`` of ``hashes`` all at once (26 bytes a row at the sort)."""
     order, ordered, starts = stable_argsort(hashes)
     del ordered
     repeats = np.flatnonzero(~starts)  # places in sorted order that are not a group's first
@@ -167,6 +202,7 @@ class RowKeys:
     leaders: np.ndarray
     key_pass: KeyPass | None = None
     reused: int = 0
+    pass_end: Resume | None = None  # where the pass ended, once its arrays are let go
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -179,10 +215,21 @@ class RowKeys:
 
     def resume_point(self, row: int) -> Resume | None:
         """Where reading may start to reach ``row`` without the rows before the reused end."""
+        end = self._pass_end()
+        return None if end is None or row < end.row else end
+
+    def _pass_end(self) -> Resume | None:
         kp = self.key_pass
-        if kp is None or not kp.ends_with_newline or row < kp.rows or kp.format != "csv":
+        if kp is None:
+            return self.pass_end
+        if not kp.ends_with_newline or kp.format != "csv":
             return None
         return Resume(byte=kp.size, row=kp.rows)
+
+    def without_pass(self) -> RowKeys:
+        """These keys without the key pass's hash arrays (8 bytes a row; the run saves them
+        in its checkpoint first), keeping where the pass ended."""
+        return replace(self, key_pass=None, pass_end=self._pass_end())
 
 
 @dataclass(frozen=True)
@@ -322,14 +369,43 @@ def _key_pass(
     source: InputSource, id_column: str | None, content_columns: list[str], start: Resume | None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Content hashes (and id hashes) of the rows read from ``start`` on."""
+    hashed = _hashed_batches(source, id_column, content_columns, start)
+    known = source.known_rows() if start is None else None
+    if known is None:
+        pieces = list(hashed)
+        empty = np.zeros(0, dtype=np.uint64)
+        content = np.concatenate([c for c, _ in pieces]) if pieces else empty
+        if id_column is None:
+            return content, None
+        return content, np.concatenate([i for _, i in pieces if i is not None] or [empty])
+    # the row count is known (Parquet, a DataFrame): filled in place, as joining the
+    # pieces would hold every hash twice
+    content = np.empty(known, dtype=np.uint64)
+    ids = np.empty(known, dtype=np.uint64) if id_column is not None else None
+    at = 0
+    for batch_content, batch_ids in hashed:
+        end = at + len(batch_content)
+        if end > known:
+            raise InputError(f"{source.name} holds more rows than its footer says; rewrite it.")
+        content[at:end] = batch_content
+        if ids is not None and batch_ids is not None:
+            ids[at:end] = batch_ids
+        at = end
+    if at != known:
+        raise InputError(f"{source.name} holds fewer rows than its footer says; rewrite it.")
+    return content, ids
+
+
+def _hashed_batches(
+    source: InputSource, id_column: str | None, content_columns: list[str], start: Resume | None
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """(content hashes, id hashes or None) of each batch read from ``start`` on."""
     # CSV: read every column so that bad bytes anywhere are found now, not at output time
     wanted = [*content_columns, *([id_column] if id_column else [])]
     read = None if source.format == "csv" else list(dict.fromkeys(wanted))
-    contents: list[np.ndarray] = []
-    ids: list[np.ndarray] = []
     offset = start.row if start is not None else 0
     for batch in source.iter_batches(columns=read, start=start):
-        contents.append(_hash_batch(batch.select(content_columns)))
+        ids = None
         if id_column is not None:
             column = batch.column(id_column)
             if column.null_count:
@@ -338,13 +414,9 @@ def _key_pass(
                     f"{source.name}: --id-column '{id_column}' is empty on data row "
                     f"{first_null + 1}. Every row needs an id; fill it in or drop --id-column."
                 )
-            ids.append(_hash_batch(batch.select([id_column])))
+            ids = _hash_batch(batch.select([id_column]))
         offset += batch.num_rows
-    empty = np.zeros(0, dtype=np.uint64)
-    content = np.concatenate(contents) if contents else empty
-    if id_column is None:
-        return content, None
-    return content, np.concatenate(ids) if ids else empty
+        yield _hash_batch(batch.select(content_columns)), ids
 
 
 def _row_keys(

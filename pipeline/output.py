@@ -16,8 +16,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import remote_output, shards
 from .checkpoint import file_signature
 from .config import RunConfig
@@ -26,7 +24,7 @@ from .fingerprint import fingerprint_parts
 from .memory import release_memory
 from .planning import KEY_SCHEME, Plan
 from .recording import Recorder
-from .result_index import ResultIndex, RowPlaces
+from .result_index import KeyArray, ResultIndex, RowPlaces
 from .stopping import Stop
 from .writer import output_spec, write_output
 
@@ -41,7 +39,7 @@ def start_manifest(plan: Plan, config: RunConfig) -> dict[str, Any]:
         fingerprint_parts=fingerprint_parts(config),
         config=config.public_dict(),
         input=plan.source.name,
-        rows_total=len(plan.keys) * len(plan.unit_keys),
+        rows_total=plan.rows * len(plan.unit_keys),
         created_at=manifest.get("created_at", time.time()),
         # what each part names as its job (with the fingerprint): a part of another job,
         # or of this checkpoint before a --restart, is never used
@@ -89,20 +87,27 @@ async def finish_output(
         # OUTPUT on object storage: what the other hosts' shards recorded since this one began
         await asyncio.to_thread(remote_output.pull, checkpoint.dir)
         manifest = {**checkpoint.read_manifest(), "job_id": manifest["job_id"]}
-    full = checkpoint.load_index() if todo or plan.shard else plan.index
+    unit_keys: tuple[KeyArray, ...] = plan.unit_keys
+    if plan.shard is None:  # from here on the keys are read from the checkpoint in slices
+        unit_keys = checkpoint.recorded_unit_keys(len(plan.unit_keys), plan.rows)
+        plan.let_go_of_keys()
+    full = plan.index
+    if todo or plan.shard:
+        plan.index = full = ResultIndex.empty()  # not held twice while it is rebuilt
+        full = checkpoint.load_index()
     if checkpoint.parts_read and recorder.storage_error is None:
         with contextlib.suppress(OSError):  # a cache: the next run rebuilds it if missing
             checkpoint.save_index(full)  # the next run starts from it
-    # from here on only where each input row's result is matters (8 bytes a row and unit):
-    # drop the index (41 bytes a key) once the counts are taken
+    # from here on only where each input row's result is matters (4 bytes a row and unit):
+    # drop the index (29 bytes a result) once the counts are taken
     plan.index = ResultIndex.empty()
-    counts = full.counts_of(plan.unit_keys)
+    counts = full.counts_of(unit_keys)
     job_pending = 0
     if plan.shard is not None:
         job_pending = counts[1]
         counts = full.counts_of(plan.scope_unit_keys())
         job_pending -= counts[1]
-    places = full.places(plan.unit_keys) if not job_pending else None
+    places = full.places(unit_keys) if not job_pending else None
     del full
     release_memory()
     state = output_state(plan, config)
@@ -171,7 +176,7 @@ def output_state(plan: Plan, config: RunConfig) -> dict[str, Any]:
         "limit": config.limit,
         "last_part": parts[-1].name if parts else None,
         "parts": len(parts),  # shards running at once interleave their part numbers
-        "rows": len(plan.keys),
+        "rows": plan.rows,
         "models": list(plan.models),
         **_output_shape(config),
     }

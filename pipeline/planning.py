@@ -26,7 +26,7 @@ from .credentials import resolve_api_key
 from .errors import ConfigError, OutputError
 from .estimate import Estimate, Estimator
 from .fingerprint import FINGERPRINT_DEFAULTS, fingerprint, fingerprint_parts
-from .keys import RowKeys, compute_keys, model_row_keys, sample_row_keys
+from .keys import KeyPass, RowKeys, compute_keys, model_row_keys, sample_row_keys
 from .memory import release_memory
 from .opening import open_job
 from .pricing import BATCH_PRICE_FACTOR as BATCH_PRICE_FACTOR
@@ -73,6 +73,27 @@ class Plan:
     # with the same prompt go together), and whether it is this shard's (None: all rows)
     shard_keys: np.ndarray | None = None
     shard_rows: np.ndarray | None = None
+    rows: int = -1  # input rows (len(keys) until the keys are let go of)
+    units: int = -1  # (model, sample) pairs per row (len(unit_keys) likewise)
+
+    def __post_init__(self) -> None:
+        if self.rows < 0:
+            self.rows = len(self.keys)
+        if self.units < 0:
+            self.units = len(self.unit_keys)
+
+    def results_in_scope(self) -> int:
+        """How many results this run answers for: its shard's rows', or every row's."""
+        rows = self.rows if self.shard_rows is None else int(self.shard_rows.sum())
+        return rows * self.units
+
+    def let_go_of_keys(self) -> None:
+        """Free the per-row arrays once nothing more is sent (10 bytes a row and more):
+        what follows reads the unit keys the checkpoint recorded (``keys.npy``)."""
+        empty = np.zeros(0, dtype=np.uint64)
+        self.keys = empty
+        self.model_keys = self.unit_keys = ()
+        self.todo = self.send = np.zeros((0, 0), dtype=bool)
 
     def scope_unit_keys(self) -> tuple[np.ndarray, ...]:
         """The unit keys of the rows this run answers for: its shard's, or every row's."""
@@ -148,7 +169,9 @@ def plan_run(
         previous=previous,
         ids_only=ids_only,
     )
-    new_pass = row_keys.key_pass if row_keys.key_pass is not previous else None
+    # the pass to save (handed over, so that its arrays are freed once saved)
+    new_pass = [kp for kp in [row_keys.key_pass] if kp is not None and kp is not previous]
+    row_keys = row_keys.without_pass()
     del previous
     release_memory()  # the pass's read buffers and sort temporaries
     keys = row_keys.keys
@@ -168,7 +191,6 @@ def plan_run(
     shard_keys = row_keys.prompt_keys() if shard else None
     rows = shard.rows(shard_keys) if shard and shard_keys is not None else None
     index, notes = _open_checkpoint(checkpoint, config, ids_only, new_pass, shard)
-    del new_pass
     work = _what_to_send(index, row_keys, unit_keys, config, rows)
     needed = work.send.any(axis=1)
     first_needed = int(np.argmax(needed)) if needed.any() else None
@@ -248,11 +270,12 @@ def _open_checkpoint(
     checkpoint: Checkpoint,
     config: RunConfig,
     ids_only: bool,
-    new_pass: Any,
+    new_pass: list[KeyPass],
     shard: Shard | None = None,
 ) -> tuple[ResultIndex, list[str]]:
     """Lock the checkpoint (a shard's locks), set it aside on --restart, check its
-    fingerprint, take what an earlier run left (rescued parts), and load its index."""
+    fingerprint, take what an earlier run left (rescued parts), save the input's new key
+    pass (taken out of ``new_pass``: freed before the index is built), load its index."""
     notes: list[str] = []
     note = checkpoint.acquire_lock(shard)
     if note:
@@ -272,8 +295,8 @@ def _open_checkpoint(
         elif checkpoint.holds_results():  # no result yet (a run that failed): nothing to mix
             checkpoint.check_fingerprint(fingerprint_parts(config), FINGERPRINT_DEFAULTS)
         notes.extend(checkpoint.prepare(fingerprint(config)))
-        if new_pass is not None:
-            checkpoint.save_key_pass(new_pass)
+        while new_pass:
+            checkpoint.save_key_pass(new_pass.pop())
         index = checkpoint.load_index()
         release_memory()
     except BaseException:

@@ -102,6 +102,17 @@ class InputSource:
             if batch.num_rows:
                 yield batch
 
+    def known_rows(self) -> int | None:
+        """How many rows ``iter_batches`` yields, when known without reading them: a
+        DataFrame's, or a Parquet file's footer (None for CSV and JSONL)."""
+        if self.table is not None:
+            rows = self.table.num_rows
+        elif self.format == "parquet":
+            rows = self._parquet_file().metadata.num_rows
+        else:
+            return None
+        return rows if self.limit is None else min(rows, self.limit)
+
     @property
     def can_resume_at(self) -> bool:
         """Whether ``iter_batches(start=...)`` works: a CSV file (rows start at known bytes)."""

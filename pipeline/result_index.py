@@ -3,7 +3,7 @@
 ``ResultIndex`` (each key's latest result's position, and per position its status, tokens
 and cost) answers which rows are done, what was spent and where to read a result (a
 position is a part and a row); ``build_index`` makes it from the parts (and from the index
-a run saves, ``index.npz``, written by ``save_arrays`` and read by ``load_arrays``), the
+a run saves, ``index.npz``, written by ``save_arrays`` and read an array at a time), the
 latest result of a key winning. It writes no part: ``checkpoint`` owns the files.
 """
 
@@ -22,12 +22,13 @@ from .errors import OutputError
 from .keys import stable_argsort
 from .part_files import names_digest
 from .records import COST_CACHE, COST_DEDUP, STATUS_CODES
-from .saved_arrays import load_arrays, save_arrays
+from .saved_arrays import NpyRange, array_lengths, read_array, save_arrays
 from .schema import FORMAT_VERSION
 from .schema import PART_SCHEMA as PART_SCHEMA
 from .schema import RESULT_SCHEMA as RESULT_SCHEMA
 
 LOOKUP_CHUNK = 1 << 16
+KeyArray = np.ndarray | NpyRange  # keys in memory, or recorded in a file and read in slices
 SUPERSEDED = -1  # the status of a result a later one of the same key replaced
 
 
@@ -97,7 +98,7 @@ class ResultLocations:
         status = self.status if among is None else self.status[among]
         return {name: int((status == code).sum()) for name, code in STATUS_CODES.items()}
 
-    def places(self, key_arrays: Sequence[np.ndarray]) -> RowPlaces:
+    def places(self, key_arrays: Sequence[KeyArray]) -> RowPlaces:
         """Where the result of each of ``key_arrays``'s keys is, aligned with them (a chunk
         at a time): all that assembling OUTPUT needs, 4 bytes a key."""
         kind = position_type(len(self.status))
@@ -111,7 +112,7 @@ class ResultLocations:
                 at[-1][start + have] = pos[have]
         return RowPlaces(tuple(at), self.numbers, self.starts)
 
-    def counts_of(self, key_arrays: Sequence[np.ndarray]) -> tuple[dict[str, int], int]:
+    def counts_of(self, key_arrays: Sequence[KeyArray]) -> tuple[dict[str, int], int]:
         """(status counts, keys without a result) over ``key_arrays``, a chunk at a time so
         that a million keys need no million-entry temporaries."""
         counts = dict.fromkeys(STATUS_CODES, 0)
@@ -195,13 +196,27 @@ INDEX_ARRAYS = (*PER_KEY, *PER_POSITION, *PER_PART)
 INDEX_LAYOUT = 2  # 2: per-position columns in part order (1: every column sorted by key)
 
 
+class SavedIndexUnreadable(Exception):
+    """An array of the saved index could not be read after all: the index is rebuilt."""
+
+
 @dataclass(frozen=True)
 class SavedIndex:
+    """A valid saved index, read an array at a time (a run's end need not hold all of
+    it at once while it adds the newer parts)."""
+
+    path: Path
     covers: int  # the highest part number it includes
-    arrays: dict[str, np.ndarray]
+    positions: int  # how many results (of all its parts) it numbers
+
+    def column(self, name: str) -> np.ndarray:
+        try:
+            return read_array(self.path, name)
+        except ValueError:
+            raise SavedIndexUnreadable(name) from None
 
     def index(self) -> ResultIndex:
-        return ResultIndex(**self.arrays)
+        return ResultIndex(**{name: self.column(name) for name in INDEX_ARRAYS})
 
 
 def build_index(new: list[tuple[Path, int]], base: SavedIndex | None) -> ResultIndex:
@@ -210,44 +225,49 @@ def build_index(new: list[tuple[Path, int]], base: SavedIndex | None) -> ResultI
 
     Memory, the peak of a run's end: the keys are read and sorted first (26 bytes a
     result at the sort), then the per-position columns are read into arrays allocated
-    once (17 bytes a result, in part order: never reordered); 29 bytes a result are kept.
+    once (17 bytes a result, in part order: never reordered); 29 bytes a result are kept
+    (every column reordered by key peaked at 53).
     """
     sizes = np.array([rows_of(path) for path, _ in new], dtype=np.int64)
-    old = ResultIndex.empty() if base is None else base.index()
-    del base
-    n_old = len(old.status)
+    n_old = 0 if base is None else base.positions
     total = n_old + int(sizes.sum())
     firsts = n_old + np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    keys, at = _latest(old, new, sizes, position_type(total))
-    per_position = _per_position(old, new, sizes, total)
-    if len(keys) < total:  # some results were replaced by later ones of their key
-        live = np.zeros(total, dtype=bool)
-        live[at] = True
-        np.logical_not(live, out=live)
-        per_position["status"][live] = SUPERSEDED
-        for name in ("prompt_tokens", "completion_tokens", "cost_usd"):
-            per_position[name][live] = 0
-        del live
+    keys, at, replaced = _latest(base, new, sizes, position_type(total))
+    per_position = _per_position(base, new, sizes, total)
+    per_position["status"][replaced] = SUPERSEDED  # a later result of their key exists
+    for name in ("prompt_tokens", "completion_tokens", "cost_usd"):
+        per_position[name][replaced] = 0
+    del replaced
     return ResultIndex(
         keys=keys,
         at=at,
-        numbers=np.concatenate([old.numbers, [n for _, n in new]]).astype(np.int64),
-        starts=np.concatenate([old.starts, firsts]).astype(np.int64),
+        numbers=np.concatenate([_old(base, "numbers"), [n for _, n in new]]).astype(np.int64),
+        starts=np.concatenate([_old(base, "starts"), firsts]).astype(np.int64),
         **per_position,
     )
 
 
+def _old(base: SavedIndex | None, name: str) -> np.ndarray:
+    """Array ``name`` of the saved index, or an empty one of its type without one."""
+    if base is None:
+        return getattr(ResultIndex.empty(), name)
+    return base.column(name)
+
+
 def _latest(
-    old: ResultIndex,
+    base: SavedIndex | None,
     new: list[tuple[Path, int]],
     sizes: np.ndarray,
     kind: type[np.unsignedinteger[Any]],
-) -> tuple[np.ndarray, np.ndarray]:
-    """(every key once, sorted; the position of its latest result): the old index's keys
-    and then every new row's, sorted stably, the last of each key kept."""
-    n_keys, n_old = len(old.keys), len(old.status)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(every key once, sorted; the position of its latest result; the positions of the
+    results a later one replaced): the old index's keys and then every new row's, sorted
+    stably, the last of each key kept."""
+    old_keys = _old(base, "keys")
+    n_keys, n_old = len(old_keys), 0 if base is None else base.positions
     candidates = np.empty(n_keys + int(sizes.sum()), dtype=np.uint64)
-    candidates[:n_keys] = old.keys
+    candidates[:n_keys] = old_keys
+    del old_keys
     at = n_keys
     for (path, _), size in zip(new, sizes, strict=True):
         column = _read(path, ["key"], int(size)).column("key")
@@ -257,24 +277,41 @@ def _latest(
     # key's results in that order; keep the last of each key
     order, ordered, starts = stable_argsort(candidates)
     del candidates
-    last = np.ones(len(order), dtype=bool)
+    positions = _positions(order, _old(base, "at"), n_keys, n_old, kind)
+    del order
+    last = np.ones(len(positions), dtype=bool)
     last[:-1] = starts[1:]
     del starts
-    if not last.all():
-        order, ordered = order[last], ordered[last]
-    del last
+    if last.all():
+        return ordered, positions, np.zeros(0, dtype=np.int64)
+    # compacted one array at a time: 21 bytes a candidate at most, below the sort's 26
+    keys = ordered[last]
+    del ordered
+    return keys, positions[last], positions[~last]
+
+
+def _positions(
+    order: np.ndarray,
+    old_at: np.ndarray,
+    n_keys: int,
+    n_old: int,
+    kind: type[np.unsignedinteger[Any]],
+) -> np.ndarray:
+    """The position of each sorted candidate's result: an old key's from ``old_at``, a new
+    row's after the old positions (a function of its own: no view of ``order`` outlives
+    it)."""
     positions = np.empty(len(order), dtype=kind)
     for begin in range(0, len(order), LOOKUP_CHUNK):
         chunk = order[begin : begin + LOOKUP_CHUNK]
-        place = chunk - n_keys + n_old  # a new row's position
+        place = chunk - n_keys + n_old
         from_old = np.flatnonzero(chunk < n_keys)
-        place[from_old] = old.at[chunk[from_old]]
+        place[from_old] = old_at[chunk[from_old]]
         positions[begin : begin + len(chunk)] = place
-    return ordered, positions
+    return positions
 
 
 def _per_position(
-    old: ResultIndex, new: list[tuple[Path, int]], sizes: np.ndarray, total: int
+    base: SavedIndex | None, new: list[tuple[Path, int]], sizes: np.ndarray, total: int
 ) -> dict[str, np.ndarray]:
     """The per-position columns: the old index's, then each new part's rows in order."""
     columns: dict[str, np.ndarray] = {
@@ -283,9 +320,9 @@ def _per_position(
         "completion_tokens": np.empty(total, dtype=np.int32),
         "cost_usd": np.empty(total, dtype=np.float64),
     }
-    n_old = len(old.status)
+    n_old = 0 if base is None else base.positions
     for name, column in columns.items():
-        column[:n_old] = getattr(old, name)
+        column[:n_old] = _old(base, name)  # one saved column at a time
     codes = pa.array(list(STATUS_CODES))
     at = n_old
     for (path, _), size in zip(new, sizes, strict=True):
@@ -332,12 +369,13 @@ def save_index(path: Path, parts: dict[int, Path], index: ResultIndex) -> None:
 def saved_index(path: Path, parts: dict[int, Path]) -> SavedIndex | None:
     """The index saved at ``path``, if it covers exactly the parts numbered up to its
     ``covers``: a part set aside (quarantine/) or one written since under another name makes
-    it stale (a part number is never used twice, and the name carries the part's checksum)."""
-    loaded = load_arrays(path)
+    it stale (a part number is never used twice, and the name carries the part's checksum).
+    Only its metadata and array headers are read here."""
+    loaded = array_lengths(path)
     if loaded is None:
         return None
-    meta, arrays = loaded
-    if set(arrays) != set(INDEX_ARRAYS):
+    meta, lengths = loaded
+    if set(lengths) != set(INDEX_ARRAYS):
         return None
     covers = meta.get("covers")
     if meta.get("version") != FORMAT_VERSION or meta.get("layout") != INDEX_LAYOUT:
@@ -348,6 +386,6 @@ def saved_index(path: Path, parts: dict[int, Path]) -> SavedIndex | None:
     if len(covered) != meta.get("parts") or names_digest(covered) != meta.get("names"):
         return None
     for group in (PER_KEY, PER_POSITION, PER_PART):
-        if len({len(arrays[name]) for name in group}) != 1:
+        if len({lengths[name] for name in group}) != 1:
             return None
-    return SavedIndex(covers=covers, arrays=arrays)
+    return SavedIndex(path=path, covers=covers, positions=lengths["status"])

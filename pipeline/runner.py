@@ -103,7 +103,7 @@ async def _run(data: Any, output: Path, config: RunConfig, seams: Seams) -> RunS
         todo = int(plan.todo.sum())
         if plan.shard is not None and plan.shard_rows is not None:
             reporter.note(
-                f"shard {plan.shard}: {int(plan.shard_rows.sum())} of {len(plan.keys)} input "
+                f"shard {plan.shard}: {int(plan.shard_rows.sum())} of {plan.rows} input "
                 "rows (rows with the same prompt go together); every shard's results count"
             )
         _announce(reporter, plan, config, output, manifest["fingerprint"], todo)

@@ -39,6 +39,70 @@ def load_arrays(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | No
     return meta, arrays
 
 
+def array_lengths(path: Path) -> tuple[dict[str, Any], dict[str, int]] | None:
+    """What ``save_arrays`` wrote, without the arrays: its metadata and each array's length
+    (read from the headers); None when it is missing or damaged."""
+    try:
+        lengths: dict[str, int] = {}
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    if version == (1, 0):
+                        shape, _, _ = np.lib.format.read_array_header_1_0(fh)
+                    else:
+                        shape, _, _ = np.lib.format.read_array_header_2_0(fh)
+                if len(shape) != 1:
+                    return None
+                lengths[info.filename.removesuffix(".npy")] = shape[0]
+            meta = json.loads(read_array(path, "meta").tobytes())
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    lengths.pop("meta", None)
+    return meta, lengths
+
+
+def read_array(path: Path, name: str) -> np.ndarray:
+    """One array of what ``save_arrays`` wrote; raises ValueError when it cannot be read."""
+    try:
+        with path.open("rb") as fh, np.load(fh, allow_pickle=False) as data:
+            return np.asarray(data[name])
+    except (OSError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path}: {name} unreadable ({type(exc).__name__})") from None
+
+
+class NpyRange:
+    """``length`` uint64 values of a one-dimensional .npy file from value ``start`` on,
+    read from the file a slice at a time (``len`` and ``[a:b]``, as an array's): for key
+    arrays a run no longer needs to hold."""
+
+    def __init__(self, path: Path, start: int, length: int) -> None:
+        with path.open("rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+            data = fh.tell()
+        if dtype != np.dtype("<u8") or len(shape) != 1 or start + length > shape[0]:
+            raise ValueError(f"{path} does not hold {start + length} keys")
+        self.path, self.length = path, length
+        self.offset = data + 8 * start
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        begin, end, _ = rows.indices(self.length)
+        count = max(end - begin, 0)
+        values = np.fromfile(self.path, dtype="<u8", count=count, offset=self.offset + 8 * begin)
+        if len(values) != count:
+            raise ValueError(f"{self.path} was cut short while it was read")
+        return values
+
+
 def save_key_pass(path: Path, key_pass: KeyPass) -> None:
     meta = {
         "version": KEY_PASS_VERSION,

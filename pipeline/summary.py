@@ -35,8 +35,8 @@ def summarize(
     rep = recorder.reporter
     summary = RunSummary(
         output=remote_output.shown_output(output),
-        rows_total=sum(len(keys) for keys in plan.scope_unit_keys()),
-        input_rows=len(plan.keys) if plan.shard_rows is None else int(plan.shard_rows.sum()),
+        rows_total=plan.results_in_scope(),
+        input_rows=plan.rows if plan.shard_rows is None else int(plan.shard_rows.sum()),
         ok=counts["ok"],
         error=counts["error"],
         invalid=counts["invalid"],

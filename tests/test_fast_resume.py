@@ -371,15 +371,16 @@ def test_each_repeated_prompt_gets_its_occurrence_number_and_its_first_row(
     from pipeline import keys as keys_module
 
     hashes = np.array(values, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    rows, occurrence, leaders = keys_module._repeats(hashes)
     seen: dict[int, list[int]] = {}
     expected = []
     for row, value in enumerate(values):
         if value in seen:
             expected.append((row, len(seen[value]), seen[value][0]))
         seen.setdefault(value, []).append(row)
-    got = list(zip(rows.tolist(), occurrence.tolist(), leaders.tolist(), strict=True))
-    assert got == expected
+    for bucketed_from in (keys_module.BUCKETED_FROM, 0):  # all at once; by top bits
+        rows, occurrence, leaders = keys_module._repeats(hashes, bucketed_from)
+        got = list(zip(rows.tolist(), occurrence.tolist(), leaders.tolist(), strict=True))
+        assert got == expected
 
 
 def test_row_keys_are_the_same_as_every_earlier_version_made_them(tmp_path: Path) -> None:
