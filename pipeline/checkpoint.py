@@ -11,11 +11,13 @@ Layout of ``OUTPUT.checkpoint/``::
                          named part-NNNNNN.parquet and carry neither.
     quarantine/          parts found damaged (checksum, unreadable, empty) or foreign (another
                          job's): set aside, never read; their rows are sent again
-    index.npz            a cache of the result index (row key -> part, row) and the parts it
-                         covers; rebuilt from the parts when missing, damaged or stale
+    index.npz            a cache of the result index (row key -> result's part and row) and
+                         the parts it covers; rebuilt from the parts when missing, damaged,
+                         stale or of an older layout
     input-keys.npz       a cache of the input's key pass (keys.KeyPass), keyed by the input's
                          stat and digest; recomputed when it does not match
-    keys.npy             the current input's row keys, for ``pipeline status`` only
+    keys.npy             the current input's unit keys, for ``pipeline status`` and the
+                         run's end (OUTPUT is assembled reading them back)
     rescued-not-used-*/  rescued answers that did not fit this checkpoint: kept, never read
     batch/               batch mode only: batches.jsonl (the journal) and part files, results
     .*.tmp               a write in progress (removed by the next run)
@@ -48,11 +50,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import remote_output
-from .atomic import atomic_write, fsync_dir, write_bytes
+from .atomic import fsync_dir, write_bytes
 from .errors import FingerprintMismatch, OutputError
 from .keys import KeyPass
 from .lock import RunLock, lock_holder
-from .part_files import checksum_problem, identified, part_problem
+from .part_files import checksum_problem, identified, job_from_parts, part_problem
 from .part_files import part_number as part_number
 from .records import RowResult
 from .rescue import RescuePlace
@@ -63,7 +65,7 @@ from .result_index import (
     save_index,
     saved_index,
 )
-from .saved_arrays import NpyRange
+from .saved_arrays import NpyRange, write_key_arrays
 from .saved_arrays import load_key_pass as read_key_pass
 from .saved_arrays import save_key_pass as write_key_pass
 from .schema import FORMAT_VERSION, results_to_table, row_result, valid_text
@@ -269,7 +271,8 @@ class Checkpoint:
         if manifest:
             expected = (manifest.get("fingerprint"), manifest.get("job_id"))
         else:
-            expected = self._job_from_parts(found, fingerprint)
+            expected = job_from_parts(found, fingerprint, self.manifest_path, self.output)
+            self.job_id = expected[1]
         # parts of the older format (no checksum, no job) are taken unverified only up to
         # the last one the checkpoint had when this version first ran it
         if manifest and not manifest.get("job_id"):
@@ -307,36 +310,6 @@ class Checkpoint:
             )
             self._part_paths()  # forget them
         return notes
-
-    def _job_from_parts(
-        self,
-        found: list[tuple[Path, str | None, dict[bytes, bytes] | None]],
-        fingerprint: str | None,
-    ) -> tuple[str | None, str | None]:
-        """Without manifest.json, the job is the one the newest sound part names, and its
-        settings must be this run's; parts that cannot say (older format) refuse the run."""
-        sound = [(path, meta) for path, problem, meta in found if problem is None]
-        if not sound or fingerprint is None:  # nothing to prove, or no run to prove it to
-            return (fingerprint, None)
-        legacy = [path for path, meta in sound if meta is None or b"bpp.fingerprint" not in meta]
-        if legacy:
-            raise OutputError(
-                f"{self.manifest_path} is missing and {len(legacy)} checkpoint part(s) of an "
-                "older format cannot prove the settings they were made with. Restore "
-                "manifest.json, or add --restart to start over (the old checkpoint is kept)."
-            )
-        meta = sound[-1][1]
-        assert meta is not None
-        part_fp = meta[b"bpp.fingerprint"].decode()
-        if part_fp != fingerprint:
-            raise FingerprintMismatch(
-                f"{self.output}: manifest.json is missing, and the checkpoint's parts were "
-                f"made with other settings that change responses (fingerprint {part_fp}, "
-                f"this run {fingerprint}). Run with the old settings to resume, or add "
-                "--restart to start over (the old checkpoint is kept as a backup)."
-            )
-        self.job_id = meta.get(b"bpp.job", b"").decode() or None
-        return (part_fp, self.job_id)
 
     # -- parts ----------------------------------------------------------------------------
 
@@ -442,14 +415,8 @@ class Checkpoint:
         return pq.read_table(pa.BufferReader(data), schema=PART_SCHEMA)
 
     def write_keys(self, arrays: Sequence[np.ndarray]) -> None:
-        """Record the current input's unit keys (``arrays`` one after another, as one
-        array), for ``pipeline status``; written piece by piece, never joined in memory."""
-        path = self.dir / "keys.npy"
-        header = {"descr": "<u8", "fortran_order": False, "shape": (sum(map(len, arrays)),)}
-        with atomic_write(path) as tmp, tmp.open("wb") as fh:
-            np.lib.format.write_array_header_1_0(fh, header)
-            for keys in arrays:
-                fh.write(np.ascontiguousarray(keys, dtype="<u8").data)
+        """Record the current input's unit keys, for ``pipeline status`` and the run's end."""
+        write_key_arrays(self.dir / "keys.npy", arrays)
 
     def recorded_unit_keys(self, units: int, rows: int) -> tuple[NpyRange, ...]:
         """The unit keys ``write_keys`` recorded (``units`` arrays of ``rows`` keys), each

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import FingerprintMismatch, OutputError
 from .schema import PART_SCHEMA
 
 PART_NAME = re.compile(r"part-(\d{6,})(?:-([0-9a-f]{8}))?\.parquet")
@@ -61,3 +62,35 @@ def part_problem(path: Path) -> tuple[str | None, dict[bytes, bytes] | None]:
     if names != PART_SCHEMA.names:
         return "not a checkpoint part (other columns)", None
     return None, dict(meta.metadata or {})
+
+
+def job_from_parts(
+    found: list[tuple[Path, str | None, dict[bytes, bytes] | None]],
+    fingerprint: str | None,
+    manifest_path: Path,
+    output: Path,
+) -> tuple[str | None, str | None]:
+    """(fingerprint, job id) of a checkpoint without manifest.json: the job is the one the
+    newest sound part of ``found`` ((path, problem, metadata)) names, and its settings must
+    be this run's (``fingerprint``); parts that cannot say (older format) refuse the run."""
+    sound = [(path, meta) for path, problem, meta in found if problem is None]
+    if not sound or fingerprint is None:  # nothing to prove, or no run to prove it to
+        return (fingerprint, None)
+    legacy = [path for path, meta in sound if meta is None or b"bpp.fingerprint" not in meta]
+    if legacy:
+        raise OutputError(
+            f"{manifest_path} is missing and {len(legacy)} checkpoint part(s) of an "
+            "older format cannot prove the settings they were made with. Restore "
+            "manifest.json, or add --restart to start over (the old checkpoint is kept)."
+        )
+    meta = sound[-1][1]
+    assert meta is not None
+    part_fp = meta[b"bpp.fingerprint"].decode()
+    if part_fp != fingerprint:
+        raise FingerprintMismatch(
+            f"{output}: manifest.json is missing, and the checkpoint's parts were "
+            f"made with other settings that change responses (fingerprint {part_fp}, "
+            f"this run {fingerprint}). Run with the old settings to resume, or add "
+            "--restart to start over (the old checkpoint is kept as a backup)."
+        )
+    return (part_fp, meta.get(b"bpp.job", b"").decode() or None)

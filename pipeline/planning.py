@@ -90,9 +90,7 @@ class Plan:
     def let_go_of_keys(self) -> None:
         """Free the per-row arrays once nothing more is sent (10 bytes a row and more):
         what follows reads the unit keys the checkpoint recorded (``keys.npy``)."""
-        empty = np.zeros(0, dtype=np.uint64)
-        self.keys = empty
-        self.model_keys = self.unit_keys = ()
+        self.keys, self.model_keys, self.unit_keys = np.zeros(0, dtype=np.uint64), (), ()
         self.todo = self.send = np.zeros((0, 0), dtype=bool)
 
     def scope_unit_keys(self) -> tuple[np.ndarray, ...]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,16 @@ def read_array(path: Path, name: str) -> np.ndarray:
             return np.asarray(data[name])
     except (OSError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{path}: {name} unreadable ({type(exc).__name__})") from None
+
+
+def write_key_arrays(path: Path, arrays: Sequence[np.ndarray]) -> None:
+    """``arrays`` one after another as one uint64 .npy file, written piece by piece (never
+    joined in memory) and atomically."""
+    header = {"descr": "<u8", "fortran_order": False, "shape": (sum(map(len, arrays)),)}
+    with atomic_write(path) as tmp, tmp.open("wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
+        for keys in arrays:
+            fh.write(np.ascontiguousarray(keys, dtype="<u8").data)
 
 
 class NpyRange:
