@@ -24,7 +24,7 @@ from .fingerprint import fingerprint_parts
 from .memory import release_memory
 from .planning import KEY_SCHEME, Plan
 from .recording import Recorder
-from .result_index import KeyArray, ResultIndex, RowPlaces
+from .result_index import KeyArray, ResultIndex, ResultLocations, RowPlaces
 from .stopping import Stop
 from .writer import output_spec, write_output
 
@@ -91,16 +91,18 @@ async def finish_output(
     if plan.shard is None:  # from here on the keys are read from the checkpoint in slices
         unit_keys = checkpoint.recorded_unit_keys(len(plan.unit_keys), plan.rows)
         plan.let_go_of_keys()
-    full = plan.index
+    index = plan.index
+    plan.index = ResultIndex.empty()  # not held twice while it is rebuilt
     if todo or plan.shard:
-        plan.index = full = ResultIndex.empty()  # not held twice while it is rebuilt
-        full = checkpoint.load_index()
+        index = ResultIndex.empty()
+        index = checkpoint.load_index()
     if checkpoint.parts_read and recorder.storage_error is None:
         with contextlib.suppress(OSError):  # a cache: the next run rebuilds it if missing
-            checkpoint.save_index(full)  # the next run starts from it
-    # from here on only where each input row's result is matters (4 bytes a row and unit):
-    # drop the index (29 bytes a result) once the counts are taken
-    plan.index = ResultIndex.empty()
+            checkpoint.save_index(index)  # the next run starts from it
+    # from here on only where each result is and its status matter (13 bytes a result,
+    # not 29), then where each input row's is (4 bytes a row and unit)
+    full = ResultLocations(index.keys, index.at, index.status, index.numbers, index.starts)
+    del index
     counts = full.counts_of(unit_keys)
     job_pending = 0
     if plan.shard is not None:
