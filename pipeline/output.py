@@ -179,6 +179,7 @@ def output_state(plan: Plan, config: RunConfig) -> dict[str, Any]:
         "last_part": parts[-1].name if parts else None,
         "parts": len(parts),  # shards running at once interleave their part numbers
         "rows": plan.rows,
+        "keys": plan.keys_digest,  # the same rows in another order are another OUTPUT
         "models": list(plan.models),
         **_output_shape(config),
     }

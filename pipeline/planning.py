@@ -9,6 +9,7 @@ them are sent (``--dedup`` sends one row per distinct prompt). It sends nothing.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,7 +77,12 @@ class Plan:
     rows: int = -1  # input rows (len(keys) until the keys are let go of)
     units: int = -1  # (model, sample) pairs per row (len(unit_keys) likewise)
 
+    keys_digest: str = ""  # of the row keys in input order: a reordered input is new
+
     def __post_init__(self) -> None:
+        if not self.keys_digest:
+            keys = np.ascontiguousarray(self.keys, dtype=np.uint64)
+            self.keys_digest = hashlib.blake2b(memoryview(keys), digest_size=16).hexdigest()
         if self.rows < 0:
             self.rows = len(self.keys)
         if self.units < 0:

@@ -607,3 +607,27 @@ def test_lock_left_by_a_sigkilled_run_is_taken_over_by_the_next_run(
 
     assert result.exit_code == 0, result.output
     assert_complete(output, prompts)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_reordered_frame_with_nothing_to_send_gets_each_rows_own_answer(
+    simulator: SimulatorThread, tmp_path: Path, n: int
+) -> None:
+    # Before: the same rows in another order changed nothing OUTPUT's state recorded, so
+    # OUTPUT was not rewritten and the returned frame paired row i with the old row i's answer.
+    import pipeline
+
+    out = tmp_path / "o.parquet"
+    options: dict[str, Any] = {"base_url": simulator.base_url, "progress": False, "n": n}
+    prompts = [f"prompt {i}" for i in range(6)]
+    pipeline.run(pd.DataFrame({"prompt": prompts}), out, **options)
+    sent = len(simulator.simulator.requests)
+    shuffled = [prompts[i] for i in (3, 0, 4, 2, 5, 1)]
+
+    frame = pipeline.run(pd.DataFrame({"prompt": shuffled}), out, **options)
+
+    assert len(simulator.simulator.requests) == sent  # nothing sent again
+    for result in (frame, pd.read_parquet(out)):
+        assert result["prompt"].tolist() == shuffled
+        answers = [c if n == 1 else c[0] for c in result["completion"]]
+        assert answers == [f"Simulated answer to: {p}" for p in shuffled]
