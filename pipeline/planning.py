@@ -27,7 +27,7 @@ from .credentials import resolve_api_key
 from .errors import ConfigError, OutputError
 from .estimate import Estimate, Estimator
 from .fingerprint import FINGERPRINT_DEFAULTS, fingerprint, fingerprint_parts
-from .keys import KeyPass, RowKeys, compute_keys, model_row_keys, sample_row_keys
+from .keys import KeyPass, compute_keys, model_row_keys, sample_row_keys
 from .memory import release_memory
 from .opening import open_job
 from .pricing import BATCH_PRICE_FACTOR as BATCH_PRICE_FACTOR
@@ -35,11 +35,12 @@ from .pricing import PriceTable
 from .prompts import PromptBuilder
 from .proxy import ProxySettings, settings_from
 from .reader import InputSource, Resume
-from .records import COST_BATCH_TABLE, STATUS_CODES
+from .records import COST_BATCH_TABLE
 from .remote_output import shown_output
-from .result_index import LOOKUP_CHUNK, SUPERSEDED, ResultIndex
+from .result_index import ResultIndex
 from .samples import SampleRequest, plan_requests
 from .shards import Shard
+from .todo import what_to_send
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Plan:
     def __post_init__(self) -> None:
         if not self.keys_digest:
             keys = np.ascontiguousarray(self.keys, dtype=np.uint64)
-            self.keys_digest = hashlib.blake2b(memoryview(keys), digest_size=16).hexdigest()
+            self.keys_digest = hashlib.blake2b(keys.data, digest_size=16).hexdigest()
         if self.rows < 0:
             self.rows = len(self.keys)
         if self.units < 0:
@@ -195,7 +196,7 @@ def plan_run(
     shard_keys = row_keys.prompt_keys() if shard else None
     rows = shard.rows(shard_keys) if shard and shard_keys is not None else None
     index, notes = _open_checkpoint(checkpoint, config, ids_only, new_pass, shard)
-    work = _what_to_send(index, row_keys, unit_keys, config, rows)
+    work = what_to_send(index, row_keys, unit_keys, config, rows)
     needed = work.send.any(axis=1)
     first_needed = int(np.argmax(needed)) if needed.any() else None
     del needed
@@ -246,7 +247,7 @@ def read_plan(data: Any, config: RunConfig, output: Path | None = None) -> Plan:
     model_keys = [keys] if len(models) == 1 else [model_row_keys(keys, m) for m in models]
     unit_keys = [sample_row_keys(mk, s) for mk in model_keys for s in range(config.n)]
     index = checkpoint.load_index() if known else ResultIndex.empty()
-    work = _what_to_send(index, row_keys, unit_keys, config)
+    work = what_to_send(index, row_keys, unit_keys, config)
     return Plan(
         source=source,
         builder=builder,
@@ -307,68 +308,6 @@ def _open_checkpoint(
         checkpoint.release_lock()
         raise
     return index, notes
-
-
-@dataclass
-class _Work:
-    """Which units need a result (``todo``) and which of them are sent (``send``)."""
-
-    todo: np.ndarray
-    send: np.ndarray
-    present: np.ndarray  # per index position: its key is one of this input's units
-    followers: dict[int, list[int]] = field(default_factory=dict)
-    copy_from: list[int] = field(default_factory=list)
-    copy_to: list[int] = field(default_factory=list)
-
-
-def _what_to_send(
-    index: ResultIndex,
-    row_keys: RowKeys,
-    unit_keys: list[np.ndarray],
-    config: RunConfig,
-    rows: np.ndarray | None = None,
-) -> _Work:
-    """Which units need a result and which are sent; only among ``rows`` (a shard's) when
-    given, and a shard holds every row of a prompt, so --dedup stays within it."""
-    n = len(row_keys.keys)
-    todo = np.zeros((n, len(unit_keys)), dtype=bool)
-    # a superseded result's key has a later one: only the latest counts as present or not
-    work = _Work(todo=todo, send=np.zeros_like(todo), present=index.status == SUPERSEDED)
-    for j, mkeys in enumerate(unit_keys):
-        # a chunk of rows at a time: the lookups' temporaries stay small at any row count
-        for at in range(0, n, LOOKUP_CHUNK):
-            pos = index.lookup(mkeys[at : at + LOOKUP_CHUNK])
-            done = pos >= 0
-            if config.retry_failed and len(index.keys):
-                status = index.status[np.maximum(pos, 0)]
-                done &= (status != STATUS_CODES["error"]) & (status != STATUS_CODES["invalid"])
-            work.present[pos[pos >= 0]] = True
-            if rows is not None:
-                done |= ~rows[at : at + LOOKUP_CHUNK]
-            np.logical_not(done, out=todo[at : at + LOOKUP_CHUNK, j])
-            work.send[at : at + LOOKUP_CHUNK, j] = todo[at : at + LOOKUP_CHUNK, j]
-        if config.dedup:
-            _dedup(work, j, mkeys, row_keys, index)
-    return work
-    return work
-
-
-def _dedup(work: _Work, j: int, mkeys: np.ndarray, row_keys: RowKeys, index: ResultIndex) -> None:
-    """A later row with the same prompt as an earlier one is not sent: it follows its first
-    row's request, or gets a copy of its first row's stored result."""
-    todo = work.todo[:, j]
-    wanted = todo[row_keys.duplicates]
-    duplicates, leaders = row_keys.duplicates[wanted], row_keys.leaders[wanted]
-    if not len(duplicates):
-        return
-    work.send[duplicates, j] = False
-    pending = todo[leaders]
-    for i, leader in zip(duplicates[pending], leaders[pending], strict=True):
-        work.followers.setdefault(int(mkeys[leader]), []).append(int(mkeys[i]))
-    copies = ~pending
-    if copies.any():
-        work.copy_from.extend(index.lookup(mkeys[leaders[copies]]).tolist())
-        work.copy_to.extend(mkeys[duplicates[copies]].tolist())
 
 
 def estimate_job(

@@ -365,3 +365,23 @@ def test_estimate_with_several_models_counts_each_models_own_rows_and_sums_them(
     assert "Estimate for model gpt-4o-mini" in text.stdout
     assert "Total over 3 models (gpt-3.5-turbo, gpt-4o, gpt-4o-mini)" in text.stdout
     assert len(simulator.simulator.requests) == 4  # the first run's; estimates send nothing
+
+
+def test_a_row_added_before_an_answered_one_with_the_same_prompt_copies_its_answer(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    # With --id-column a new id is a new row: put before the answered row of its prompt, it
+    # is that prompt's first row. Before, it was sent (the prompt paid twice); now the
+    # answer on the later row serves it.
+    out = tmp_path / "o.parquet"
+    options = {"base_url": simulator.base_url, "progress": False, "id_column": "id"}
+    pipeline.run(pd.DataFrame({"id": ["b", "c"], "prompt": ["hello", "world"]}), out, **options)
+    simulator.simulator.reset()
+    frame = pipeline.run(
+        pd.DataFrame({"id": ["a", "b", "c", "d"], "prompt": ["hello", "hello", "world", "hello"]}),
+        out,
+        **options,
+    )
+    assert simulator.simulator.requests == []
+    assert frame["completion"].tolist() == [f"Simulated answer to: {p}" for p in frame["prompt"]]
+    assert frame["cost_source"].tolist()[0] == frame["cost_source"].tolist()[3] == "dedup"
