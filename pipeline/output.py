@@ -116,6 +116,8 @@ async def finish_output(
     # a shard that finishes just after the one that wrote OUTPUT finds it up to date
     unchanged = (
         (not todo or plan.shard is not None)
+        # a DataFrame has no file signature to tell an edit of another column by: rewrite
+        and plan.source.path is not None
         and manifest.get("output_state") == state
         and checkpoint.output_is_ours()
     )

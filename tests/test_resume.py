@@ -631,3 +631,21 @@ def test_a_reordered_frame_with_nothing_to_send_gets_each_rows_own_answer(
         assert result["prompt"].tolist() == shuffled
         answers = [c if n == 1 else c[0] for c in result["completion"]]
         assert answers == [f"Simulated answer to: {p}" for p in shuffled]
+
+
+def test_a_frame_with_another_column_edited_rewrites_output_without_sending(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    # Before: OUTPUT kept the old values (a DataFrame has no file signature), while the
+    # returned frame had the new ones.
+    import pipeline
+
+    out = tmp_path / "o.parquet"
+    options: dict[str, Any] = {"base_url": simulator.base_url, "progress": False}
+    pipeline.run(pd.DataFrame({"prompt": ["a", "b"], "note": ["x", "y"]}), out, **options)
+    sent = len(simulator.simulator.requests)
+
+    frame = pipeline.run(pd.DataFrame({"prompt": ["a", "b"], "note": ["X", "Y"]}), out, **options)
+
+    assert len(simulator.simulator.requests) == sent
+    assert frame["note"].tolist() == pd.read_parquet(out)["note"].tolist() == ["X", "Y"]
