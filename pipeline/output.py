@@ -91,10 +91,9 @@ async def finish_output(
     if plan.shard is None:  # from here on the keys are read from the checkpoint in slices
         unit_keys = checkpoint.recorded_unit_keys(len(plan.unit_keys), plan.rows)
         plan.let_go_of_keys()
-    index = plan.index
-    plan.index = ResultIndex.empty()  # not held twice while it is rebuilt
+    index, plan.index = plan.index, ResultIndex.empty()
     if todo or plan.shard:
-        index = ResultIndex.empty()
+        del index  # not held twice while it is rebuilt
         index = checkpoint.load_index()
     if checkpoint.parts_read and recorder.storage_error is None:
         with contextlib.suppress(OSError):  # a cache: the next run rebuilds it if missing

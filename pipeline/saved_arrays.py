@@ -48,11 +48,7 @@ def array_lengths(path: Path) -> tuple[dict[str, Any], dict[str, int]] | None:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
                 with archive.open(info) as fh:
-                    version = np.lib.format.read_magic(fh)
-                    if version == (1, 0):
-                        shape, _, _ = np.lib.format.read_array_header_1_0(fh)
-                    else:
-                        shape, _, _ = np.lib.format.read_array_header_2_0(fh)
+                    shape, _ = _npy_header(fh)
                 if len(shape) != 1:
                     return None
                 lengths[info.filename.removesuffix(".npy")] = shape[0]
@@ -63,6 +59,15 @@ def array_lengths(path: Path) -> tuple[dict[str, Any], dict[str, int]] | None:
         return None
     lengths.pop("meta", None)
     return meta, lengths
+
+
+def _npy_header(fh: Any) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """(shape, dtype) from the header of the .npy data ``fh`` is at; leaves it at the data."""
+    if np.lib.format.read_magic(fh) == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+    return shape, dtype
 
 
 def read_array(path: Path, name: str) -> np.ndarray:
@@ -91,11 +96,7 @@ class NpyRange:
 
     def __init__(self, path: Path, start: int, length: int) -> None:
         with path.open("rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
-            else:
-                shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+            shape, dtype = _npy_header(fh)
             data = fh.tell()
         if dtype != np.dtype("<u8") or len(shape) != 1 or start + length > shape[0]:
             raise ValueError(f"{path} does not hold {start + length} keys")

@@ -56,7 +56,6 @@ def what_to_send(
         if config.dedup:
             _dedup(work, j, mkeys, row_keys, index)
     return work
-    return work
 
 
 def _dedup(work: Work, j: int, mkeys: np.ndarray, row_keys: RowKeys, index: ResultIndex) -> None:
