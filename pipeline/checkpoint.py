@@ -11,7 +11,7 @@ Layout of ``OUTPUT.checkpoint/``::
                          named part-NNNNNN.parquet and carry neither.
     quarantine/          parts found damaged (checksum, unreadable, empty) or foreign (another
                          job's): set aside, never read; their rows are sent again
-    index.npz            a cache of the result index (row key -> result's part and row) and
+    index.arrays         a cache of the result index (row key -> result's part and row) and
                          the parts it covers; rebuilt from the parts when missing, damaged,
                          stale or of an older layout
     input-keys.npz       a cache of the input's key pass (keys.KeyPass), keyed by the input's
@@ -20,7 +20,8 @@ Layout of ``OUTPUT.checkpoint/``::
                          run's end (OUTPUT is assembled reading them back)
     rescued-not-used-*/  rescued answers that did not fit this checkpoint: kept, never read
     batch/               batch mode only: batches.jsonl (the journal) and part files, results
-    .*.tmp               a write in progress (removed by the next run)
+    .*.tmp               a write in progress, the index a run reads, beside OUTPUT the key
+                         pass it is about to take in (a crashed run's: removed by the next)
 
 and, only when the checkpoint could not be written (disk full, read-only), the answers that
 were received but not saved, as parts under ``$TMPDIR/pipeline-rescue-<uid>/<hash>/``;
@@ -29,15 +30,17 @@ the next run of this OUTPUT moves them into ``parts/`` before it sends anything.
 Every file is written through ``atomic.atomic_write`` (temporary name, fsync, rename, directory
 fsync), so a crash at any instant leaves either the old or the new file, never half of one.
 A row's result is the one in the highest-numbered part holding its key (``--retry-failed``
-appends newer results). Helpers: ``part_files`` (names, checks), ``lock``, ``result_index``
-and ``saved_arrays`` (the .npz files). It does not know how results are produced or assembled.
+appends newer results). Helpers: ``part_files``, ``lock``, ``index_build``/``result_index``
+(the index file), ``saved_arrays``. It does not know how results are produced or assembled.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
+import tempfile
 import threading
 import time
 import zlib
@@ -52,19 +55,14 @@ import pyarrow.parquet as pq
 from . import remote_output
 from .atomic import fsync_dir, write_bytes
 from .errors import FingerprintMismatch, OutputError
+from .index_build import load_index
 from .keys import KeyPass
 from .lock import RunLock, lock_holder
 from .part_files import checksum_problem, identified, job_from_parts, part_problem
 from .part_files import part_number as part_number
 from .records import RowResult
 from .rescue import RescuePlace
-from .result_index import (
-    ResultIndex,
-    SavedIndexUnreadable,
-    build_index,
-    save_index,
-    saved_index,
-)
+from .result_index import ResultIndex
 from .saved_arrays import NpyRange, write_key_arrays
 from .saved_arrays import load_key_pass as read_key_pass
 from .saved_arrays import save_key_pass as write_key_pass
@@ -72,6 +70,9 @@ from .schema import FORMAT_VERSION, results_to_table, row_result, valid_text
 from .schema import PART_SCHEMA as PART_SCHEMA
 from .schema import RESULT_SCHEMA as RESULT_SCHEMA
 from .shards import Shard, ShardLocks, first_part, part_step
+
+INDEX_FILE = "index.arrays"  # the result index as of the end of the last run
+_INDEX_BUILDS = itertools.count()  # numbers the index files this process writes
 
 
 def checkpoint_dir(output: Path) -> Path:
@@ -247,7 +248,8 @@ class Checkpoint:
             if self.alone
             else []
         ):
-            tmp.unlink(missing_ok=True)
+            if not tmp.name.endswith(f".{os.getpid()}.tmp"):  # ours: the staged key pass
+                tmp.unlink(missing_ok=True)
         notes = self._verify_parts(fingerprint)
         # never a number used before, not even by a part set aside: a saved index or a
         # rescue names parts by number; a shard takes numbers in its own slot
@@ -449,41 +451,50 @@ class Checkpoint:
 
     # -- saved key pass and index: a resume starts from them -----------------------------
 
-    def save_key_pass(self, key_pass: KeyPass) -> None:
-        """Keep the input's key pass (see ``keys.KeyPass``) for the next run."""
-        write_key_pass(self.dir / "input-keys.npz", key_pass)
+    def stage_key_pass(self, key_pass: KeyPass) -> Path | None:
+        """Write the input's key pass (``keys.KeyPass``) beside OUTPUT before the checkpoint
+        is locked (its arrays are let go of at once); ``save_key_pass`` moves it in. None
+        when it cannot be written (a cache)."""
+        path = self.output.parent / f".{self.output.name}.input-keys.{os.getpid()}.tmp"
+        try:
+            write_key_pass(path, key_pass, atomic=False)
+        except OSError:
+            path.unlink(missing_ok=True)
+            return None
+        return path
+
+    def save_key_pass(self, staged: Path) -> None:
+        """Keep the key pass ``stage_key_pass`` wrote for the next run."""
+        try:
+            os.replace(staged, self.dir / "input-keys.npz")
+            fsync_dir(self.dir)
+        except OSError:  # a cache: the next run makes it again
+            staged.unlink(missing_ok=True)
 
     def load_key_pass(self) -> KeyPass | None:
         """The saved key pass, or None when there is none or it is unreadable."""
         return read_key_pass(self.dir / "input-keys.npz")
 
     def load_index(self) -> ResultIndex:
-        """The latest result per key over all parts.
-
-        Starts from the saved index (``save_index``) when it is valid for the parts it
-        covers, and reads only the parts written after it: a resume does not re-read every
-        part of a long run.
-
-        Memory: see ``build_index`` (29 bytes a result kept, 26 at the sort).
-        """
-        paths = self._part_paths()
-        numbers = list(self._paths)
+        """The latest result per key over all parts: the saved index (``save_index``)
+        plus the parts written after it (a resume does not re-read every part), in a file
+        (``result_index``) written beside the parts under a temporary name, removed when
+        the index is let go of unless ``save_index`` keeps it. Memory: see ``index_build``."""
+        self._part_paths()
         self._indexed = dict(self._paths)  # what save_index may claim (shards add parts)
-        base = saved_index(self.dir / "index.npz", dict(self._paths))
-        covered = base.covers if base is not None else 0
-        new = [
-            (path, number) for path, number in zip(paths, numbers, strict=True) if number > covered
-        ]
-        self.parts_read = len(new)
-        try:
-            if not new:
-                return ResultIndex.empty() if base is None else base.index()
-            return build_index(new, base)
-        except SavedIndexUnreadable:  # damaged after all: a cache, rebuilt from every part
-            self.parts_read = len(paths)
-            return build_index(list(zip(paths, numbers, strict=True)), None)
+        index, self.parts_read = load_index(self._indexed, self.dir / INDEX_FILE, self._index_temp)
+        return index
+
+    def _index_temp(self) -> Path:
+        """Where a new index file is written: beside the parts, or, in a checkpoint this
+        process may not write (``pipeline status`` of another user's), the temp directory."""
+        name = f".index.{os.getpid()}.{next(_INDEX_BUILDS)}.tmp"
+        return (self.dir if os.access(self.dir, os.W_OK) else Path(tempfile.gettempdir())) / name
 
     def save_index(self, index: ResultIndex) -> None:
         """Keep ``index`` (built by the last ``load_index``) for the next one: it covers the
         parts that load read, not a part another shard wrote since."""
-        save_index(self.dir / "index.npz", self._indexed, index)
+        if index.file is not None and index.temporary:
+            index.keep_as(self.dir / INDEX_FILE)
+            fsync_dir(self.dir)
+            (self.dir / "index.npz").unlink(missing_ok=True)  # an older layout's

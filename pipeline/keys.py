@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -299,6 +299,7 @@ def compute_keys(
     content_columns: list[str],
     previous: KeyPass | None = None,
     ids_only: bool = False,
+    keep: Callable[[KeyPass], None] | None = None,
 ) -> RowKeys:
     """Keys and duplicate groups of every input row.
 
@@ -308,7 +309,9 @@ def compute_keys(
     alone), kept for checkpoints made with it.
 
     ``previous`` is an earlier run's ``KeyPass`` of the same file: what it still describes
-    is reused, not read again (see ``KeyPass``).
+    is reused, not read again (see ``KeyPass``). ``keep`` is given the pass (``previous``
+    when it was reused whole) as soon as it is complete; the keys are then made in its
+    arrays (8 bytes a row, not 16) and the keys returned carry no pass.
     """
     params = {
         "format": source.format,
@@ -331,6 +334,7 @@ def compute_keys(
                 previous.ids,
                 previous,
                 reused=previous.rows,
+                keep=keep,
             )
         if (
             previous.params == params
@@ -362,7 +366,7 @@ def compute_keys(
                 ids=ids,
             )
     reused = start.row if start is not None else 0
-    return _row_keys(ids_only, source, id_column, content, ids, key_pass, reused=reused)
+    return _row_keys(ids_only, source, id_column, content, ids, key_pass, reused=reused, keep=keep)
 
 
 def _key_pass(
@@ -428,17 +432,33 @@ def _row_keys(
     key_pass: KeyPass | None,
     *,
     reused: int,
+    keep: Callable[[KeyPass], None] | None = None,
 ) -> RowKeys:
     if len(content) == 0:
         empty = np.zeros(0, dtype=np.uint64)
         none = np.zeros(0, dtype=np.int64)
         return RowKeys(keys=empty, duplicates=none, leaders=none, key_pass=key_pass)
     duplicates, occurrence, leaders = _repeats(content)
+    if id_column is not None and ids is not None:
+        _check_unique_ids(source, id_column, ids)
+    done = RowKeys(content, duplicates, leaders, key_pass=key_pass, reused=reused)
+    if keep is not None:
+        if key_pass is not None:
+            keep(key_pass)  # saved: its arrays may become the keys
+        done = done.without_pass()
+    if id_column is not None and ids is not None and ids_only:
+        return replace(done, keys=ids)
+    keys = content if keep is not None else content.copy()
     if id_column is None or ids is None:
-        keys = content.copy()  # the occurrence number of a row seen first is 0
-        keys[duplicates] ^= occurrence * _MIX
-        _mix_in_place(keys)  # _mix(content ^ (occurrence * _MIX))
-        return RowKeys(keys, duplicates, leaders, key_pass=key_pass, reused=reused)
+        keys[duplicates] ^= occurrence * _MIX  # the occurrence of a row seen first is 0
+        return replace(done, keys=_mix_in_place(keys))  # _mix(content ^ (occurrence * _MIX))
+    keys ^= _ID_AND_CONTENT
+    _mix_in_place(keys)
+    keys ^= ids
+    return replace(done, keys=_mix_in_place(keys))  # _mix(ids ^ _mix(content ^ ...))
+
+
+def _check_unique_ids(source: InputSource, id_column: str, ids: np.ndarray) -> None:
     unique, counts = np.unique(ids, return_counts=True)
     if len(unique) != len(ids):
         dup_keys = set(unique[counts > 1].tolist())
@@ -447,8 +467,6 @@ def _row_keys(
             f"{_name_ids(source, id_column, ids, dup_keys)}. Ids must be unique; "
             "deduplicate the input or choose another --id-column."
         )
-    keys = ids if ids_only else _mix(ids ^ _mix(content ^ _ID_AND_CONTENT))
-    return RowKeys(keys, duplicates, leaders, key_pass=key_pass, reused=reused)
 
 
 def _name_ids(source: InputSource, id_column: str, keys: np.ndarray, dups: set[int]) -> str:

@@ -91,8 +91,9 @@ def merge_output(
             raise LockHeld(f"a run of the whole job is writing {output} ({holder}): it writes it")
         plan = read_plan(data, config, output)
         index = checkpoint.load_index()
-        counts, pending = index.counts_of(plan.unit_keys)
         places = index.places(plan.unit_keys)
+        index.close()
+        counts, pending = places.counts()
         if destination is not None:
             write_output(plan.source, output_spec(config), places, checkpoint, destination)
         else:

@@ -94,8 +94,8 @@ class OnlineExecutor:
             sleep=self.rows.parked(sleep),
         )
         index = plan.index
-        spent_cost = float(index.cost_usd.sum())
-        spent_tokens = int(index.prompt_tokens.sum() + index.completion_tokens.sum())
+        prompt_tokens, completion_tokens, spent_cost = index.spent
+        spent_tokens = prompt_tokens + completion_tokens
         count = plan.shard.count if plan.shard is not None else 1
         self.budget = Budget(
             max_cost=budget_share(config.max_cost, spent_cost, count),

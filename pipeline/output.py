@@ -24,7 +24,7 @@ from .fingerprint import fingerprint_parts
 from .memory import release_memory
 from .planning import KEY_SCHEME, Plan
 from .recording import Recorder
-from .result_index import KeyArray, ResultIndex, ResultLocations, RowPlaces
+from .result_index import KeyArray, ResultIndex, RowPlaces
 from .stopping import Stop
 from .writer import output_spec, write_output
 
@@ -98,18 +98,16 @@ async def finish_output(
     if checkpoint.parts_read and recorder.storage_error is None:
         with contextlib.suppress(OSError):  # a cache: the next run rebuilds it if missing
             checkpoint.save_index(index)  # the next run starts from it
-    # from here on only where each result is and its status matter (13 bytes a result,
-    # not 29), then where each input row's is (4 bytes a row and unit)
-    full = ResultLocations(index.keys, index.at, index.status, index.numbers, index.starts)
+    # from here on where each input row's result is (4 bytes a row and unit)
+    places = index.places(unit_keys)
+    index.close()
     del index
-    counts = full.counts_of(unit_keys)
+    counts = places.counts()
     job_pending = 0
     if plan.shard is not None:
         job_pending = counts[1]
-        counts = full.counts_of(plan.scope_unit_keys())
+        counts = places.counts(plan.shard_rows)
         job_pending -= counts[1]
-    places = full.places(unit_keys) if not job_pending else None
-    del full
     release_memory()
     state = output_state(plan, config)
     # a shard that finishes just after the one that wrote OUTPUT finds it up to date
@@ -122,7 +120,7 @@ async def finish_output(
     )
     # a checkpoint that cannot be written cannot feed OUTPUT: the old OUTPUT stays; a shard
     # leaves it to the one that finds every result there
-    if places is not None and not stop.skips_output and recorder.storage_error is None:
+    if not job_pending and not stop.skips_output and recorder.storage_error is None:
         try:
             if not unchanged:
                 await asyncio.to_thread(write_recorded, plan, config, places, output, manifest)

@@ -27,7 +27,7 @@ from .credentials import resolve_api_key
 from .errors import ConfigError, OutputError
 from .estimate import Estimate, Estimator
 from .fingerprint import FINGERPRINT_DEFAULTS, fingerprint, fingerprint_parts
-from .keys import KeyPass, compute_keys, model_row_keys, sample_row_keys
+from .keys import KeyPass, RowKeys, compute_keys, model_row_keys, sample_row_keys
 from .memory import release_memory
 from .opening import open_job
 from .pricing import BATCH_PRICE_FACTOR as BATCH_PRICE_FACTOR
@@ -165,20 +165,63 @@ def plan_run(
     # The key pass reads the whole input: a malformed row, bad bytes or a duplicate id is
     # found here, before the checkpoint is touched and before any request. What an earlier
     # run's pass saw of the same bytes is reused rather than read again.
-    previous = checkpoint.load_key_pass()
     ids_only = _ids_only_keys(checkpoint, config)
-    row_keys = compute_keys(
-        source,
-        id_column=config.id_column,
-        content_columns=builder.columns,
-        previous=previous,
-        ids_only=ids_only,
-    )
-    # the pass to save (handed over, so that its arrays are freed once saved)
-    new_pass = [kp for kp in [row_keys.key_pass] if kp is not None and kp is not previous]
-    row_keys = row_keys.without_pass()
-    del previous
+    row_keys, staged = _run_keys(source, builder, config, checkpoint, ids_only)
+    try:
+        return _plan(
+            source, builder, output, config, checkpoint, row_keys, staged, api_key, proxies
+        )
+    finally:
+        for path in staged:  # not taken in: the run stopped before the checkpoint
+            path.unlink(missing_ok=True)
+
+
+def _run_keys(
+    source: InputSource,
+    builder: PromptBuilder,
+    config: RunConfig,
+    checkpoint: Checkpoint,
+    ids_only: bool,
+) -> tuple[RowKeys, list[Path]]:
+    """The keys of every row, and the new key pass written beside OUTPUT (its arrays then
+    become the keys: 8 bytes a row, not 16); ``_open_checkpoint`` takes it in."""
+    previous = checkpoint.load_key_pass()
+    staged: list[Path] = []
+
+    def keep(key_pass: KeyPass) -> None:
+        if key_pass is not previous:
+            staged.extend(filter(None, [checkpoint.stage_key_pass(key_pass)]))
+
+    try:
+        row_keys = compute_keys(
+            source,
+            id_column=config.id_column,
+            content_columns=builder.columns,
+            previous=previous,
+            ids_only=ids_only,
+            keep=keep,
+        )
+    except BaseException:
+        for path in staged:
+            path.unlink(missing_ok=True)
+        raise
+    previous = None
     release_memory()  # the pass's read buffers and sort temporaries
+    return row_keys, staged
+
+
+def _plan(
+    source: InputSource,
+    builder: PromptBuilder,
+    output: Path,
+    config: RunConfig,
+    checkpoint: Checkpoint,
+    row_keys: RowKeys,
+    staged: list[Path],
+    api_key: str | None,
+    proxies: ProxySettings,
+) -> Plan:
+    ids_only = _ids_only_keys(checkpoint, config)
     keys = row_keys.keys
     models = config.all_models
     model_keys = [keys] if len(models) == 1 else [model_row_keys(keys, m) for m in models]
@@ -195,7 +238,7 @@ def plan_run(
     shard = Shard.parse(config.shard) if config.shard else None
     shard_keys = row_keys.prompt_keys() if shard else None
     rows = shard.rows(shard_keys) if shard and shard_keys is not None else None
-    index, notes = _open_checkpoint(checkpoint, config, ids_only, new_pass, shard)
+    index, notes = _open_checkpoint(checkpoint, config, ids_only, staged, shard)
     work = what_to_send(index, row_keys, unit_keys, config, rows)
     needed = work.send.any(axis=1)
     first_needed = int(np.argmax(needed)) if needed.any() else None
@@ -275,12 +318,12 @@ def _open_checkpoint(
     checkpoint: Checkpoint,
     config: RunConfig,
     ids_only: bool,
-    new_pass: list[KeyPass],
+    staged: list[Path],
     shard: Shard | None = None,
 ) -> tuple[ResultIndex, list[str]]:
     """Lock the checkpoint (a shard's locks), set it aside on --restart, check its
-    fingerprint, take what an earlier run left (rescued parts), save the input's new key
-    pass (taken out of ``new_pass``: freed before the index is built), load its index."""
+    fingerprint, take what an earlier run left (rescued parts), take in the input's new key
+    pass (``staged``, emptied), load its index."""
     notes: list[str] = []
     note = checkpoint.acquire_lock(shard)
     if note:
@@ -300,8 +343,8 @@ def _open_checkpoint(
         elif checkpoint.holds_results():  # no result yet (a run that failed): nothing to mix
             checkpoint.check_fingerprint(fingerprint_parts(config), FINGERPRINT_DEFAULTS)
         notes.extend(checkpoint.prepare(fingerprint(config)))
-        while new_pass:
-            checkpoint.save_key_pass(new_pass.pop())
+        while staged:
+            checkpoint.save_key_pass(staged.pop())
         index = checkpoint.load_index()
         release_memory()
     except BaseException:
@@ -398,7 +441,7 @@ def _done_per_model(
     for mkeys in model_keys:
         missing = np.zeros(len(mkeys), dtype=bool)
         for sample in range(samples):
-            missing |= index.lookup(sample_row_keys(mkeys, sample)) < 0
+            missing |= index.places([sample_row_keys(mkeys, sample)]).missing(0)
         done.append(~missing)
     return done
 

@@ -1,35 +1,37 @@
 """Where every result of a checkpoint is: the index of the latest result per key.
 
-``ResultIndex`` (each key's latest result's position, and per position its status, tokens
-and cost) answers which rows are done, what was spent and where to read a result (a
-position is a part and a row); ``build_index`` makes it from the parts (and from the index
-a run saves, ``index.npz``, written by ``save_arrays`` and read an array at a time), the
-latest result of a key winning. It writes no part: ``checkpoint`` owns the files.
+``ResultIndex`` answers which keys are done (``lookup``), where to read a result (a
+position is a part and a row: ``locate``), what each position's status is and what was
+spent. It lives in a file (``array_file``): every key once, sorted, with the position of its
+latest result, read a block at a time; and per position, in part order, its status (held
+in memory: 1 byte a result), tokens and cost (read when summed). ``index_build`` writes the
+file; ``checkpoint`` owns where it is and keeps the last one (``index.arrays``).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .array_file import ArrayFile, ArrayFileError
 from .errors import OutputError
-from .keys import stable_argsort
-from .part_files import names_digest
-from .records import COST_CACHE, COST_DEDUP, STATUS_CODES
-from .saved_arrays import NpyRange, array_lengths, read_array, save_arrays
-from .schema import FORMAT_VERSION
-from .schema import PART_SCHEMA as PART_SCHEMA
-from .schema import RESULT_SCHEMA as RESULT_SCHEMA
+from .records import STATUS_CODES
+from .saved_arrays import NpyRange
 
-LOOKUP_CHUNK = 1 << 16
+LOOKUP_CHUNK = 1 << 18  # keys looked up at once: ~12 MB of temporaries
+CACHED_KEYS = 1 << 22  # an index of up to this many keys is held once read (48 MB)
 KeyArray = np.ndarray | NpyRange  # keys in memory, or recorded in a file and read in slices
 SUPERSEDED = -1  # the status of a result a later one of the same key replaced
+INDEX_LAYOUT = 3  # 3: an array file, keys in sorted blocks (2: an .npz held whole)
+PER_POSITION = ("status", "prompt_tokens", "completion_tokens", "cost_usd")
 
 
 def position_type(total: int) -> type[np.unsignedinteger[Any]]:
@@ -53,41 +55,148 @@ def _locate(
     return part, row
 
 
-@dataclass
-class ResultLocations:
-    """Where the latest result of every key in the checkpoint is.
+def _close(file: ArrayFile, temporary: bool) -> None:
+    file.close()
+    if temporary and file.path is not None:
+        file.path.unlink(missing_ok=True)
 
-    The results are numbered by position: part after part in part-number order, row after
-    row (``starts[i]`` is where part ``numbers[i]`` begins). ``keys`` holds each key once,
-    sorted, and ``at`` the position of its latest result; ``status`` is per position
-    (``STATUS_CODES``, or ``SUPERSEDED`` for a result a later one replaced). Per-position
-    columns stay in part order: building the index sorts 12 bytes a result, not every
-    column (it peaked at 53 bytes a result when each column was reordered by key).
+
+@dataclass(eq=False)
+class ResultIndex:
+    """The latest result of every key in a checkpoint (see the module docstring).
+
+    Positions number the results part after part in part-number order, row after row
+    (``starts[i]`` is where part ``numbers[i]`` begins). The keys are sorted in blocks
+    (``fences``: each block's first and last key); ``status`` is per position
+    (``STATUS_CODES``, or ``SUPERSEDED`` for a result a later one replaced). Tokens and cost
+    are 0 for a result no request paid for (a dedup copy, a cached answer) and for a
+    superseded one, so that sums count each key's latest result once.
     """
 
-    keys: np.ndarray
-    at: np.ndarray
+    file: ArrayFile | None
     status: np.ndarray
     numbers: np.ndarray
     starts: np.ndarray
+    size: int = 0  # keys
+    fences: list[tuple[int, int]] = field(default_factory=list)
+    spent: tuple[int, int, float] = (0, 0, 0.0)  # prompt and completion tokens, cost
+    temporary: bool = False  # the file is this index's own, removed when it is let go
+    _blocks: list[tuple[int, int]] = field(default_factory=list)
+    _cache: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.file is not None:
+            at = 0
+            for count in self.file.pieces("keys"):
+                self._blocks.append((at, at + count))
+                at += count
+            self._finalizer = weakref.finalize(self, _close, self.file, self.temporary)
+
+    @classmethod
+    def empty(cls) -> ResultIndex:
+        z = np.zeros(0, dtype=np.int64)
+        return cls(file=None, status=np.zeros(0, dtype=np.int8), numbers=z, starts=z)
+
+    @classmethod
+    def open(cls, file: ArrayFile, *, temporary: bool = False) -> ResultIndex:
+        """The index in ``file`` (raises ``ArrayFileError`` when it is not whole)."""
+        meta = file.meta
+        try:
+            index = cls(
+                file=file,
+                status=file.read("status"),
+                numbers=file.read("numbers").astype(np.int64),
+                starts=file.read("starts").astype(np.int64),
+                size=int(meta["keys"]),
+                fences=[(int(a), int(b)) for a, b in meta["fences"]],
+                spent=(int(meta["spent"][0]), int(meta["spent"][1]), float(meta["spent"][2])),
+                temporary=temporary,
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            _close(file, temporary)
+            raise ArrayFileError(f"{file.path}: {exc}") from None
+        ok = (
+            file.length("keys") == file.length("at") == index.size
+            and len(index._blocks) == len(index.fences)
+            and all(file.length(name) == len(index.status) for name in PER_POSITION)
+            and len(index.numbers) == len(index.starts)
+        )
+        if not ok:
+            index.close()
+            raise ArrayFileError(f"{file.path}: its arrays do not agree")
+        return index
+
+    @property
+    def positions(self) -> int:
+        return len(self.status)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self._finalizer()
+
+    def keep_as(self, path: Path) -> None:
+        """Give this index's file the name ``path`` (replacing what is there): a later
+        load starts from it. The open file is read on."""
+        if self.file is None or self.file.path is None or self.file.path == path:
+            return
+        os.replace(self.file.path, path)
+        self._finalizer.detach()
+        self.file.path = path
+        self.temporary = False
+        self._finalizer = weakref.finalize(self, _close, self.file, False)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _block(self, name: str, block: int) -> np.ndarray:
+        cached = self._cache.get((name, block))
+        if cached is not None:
+            return cached
+        assert self.file is not None
+        start, stop = self._blocks[block]
+        try:
+            values = self.file.read(name, start, stop)
+        except ArrayFileError as exc:
+            raise OutputError(f"the result index {self.file.path} cannot be read: {exc}") from None
+        if self.size <= CACHED_KEYS:
+            self._cache[(name, block)] = values
+        return values
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
-        """The position of each key's latest result, or -1 when it has none (int64)."""
+        """The position of each key's latest result, or -1 when it has none (int64).
+        The keys are sorted and walked through the index's blocks in order, each block
+        read once (held, for an index of up to ``CACHED_KEYS`` keys)."""
         out = np.full(len(keys), -1, dtype=np.int64)
-        if len(self.keys) == 0:
+        if self.size == 0 or len(keys) == 0:
             return out
-        if len(keys) > 4096:
-            # sorted queries walk the index in order: ~4x faster than random probes at 1M
-            order = np.argsort(keys)
-            found = np.empty(len(keys), dtype=np.int64)
-            found[order] = np.searchsorted(self.keys, keys[order])
-            del order
-        else:
-            found = np.searchsorted(self.keys, keys)
-        np.minimum(found, len(self.keys) - 1, out=found)
-        hit = np.flatnonzero(self.keys[found] == keys)
-        out[hit] = self.at[found[hit]]
+        order = np.argsort(keys)
+        ordered = keys[order]
+        for block, (first, last) in enumerate(self.fences):
+            lo = int(np.searchsorted(ordered, np.uint64(first), side="left"))
+            hi = int(np.searchsorted(ordered, np.uint64(last), side="right"))
+            if lo >= hi:
+                continue
+            block_keys = self._block("keys", block)
+            wanted = ordered[lo:hi]
+            found = np.searchsorted(block_keys, wanted)
+            np.minimum(found, len(block_keys) - 1, out=found)
+            hit = np.flatnonzero(block_keys[found] == wanted)
+            if len(hit):
+                out[order[lo + hit]] = self._block("at", block)[found[hit]]
         return out
+
+    def read_keys(self) -> np.ndarray:
+        """Every key, sorted (all at once: for small indexes and tests)."""
+        return np.zeros(0, np.uint64) if self.file is None else self.file.read("keys")
+
+    def read_at(self) -> np.ndarray:
+        """Per key (``read_keys``), the position of its latest result (all at once)."""
+        return np.zeros(0, np.uint32) if self.file is None else self.file.read("at")
+
+    def read_column(self, name: str) -> np.ndarray:
+        """A per-position column (``PER_POSITION``) whole: for small indexes and tests."""
+        if self.file is None:
+            return np.zeros(0, dtype=np.int8 if name == "status" else np.int64)
+        return self.file.read(name)
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(part number, row in it) of each position; part -1 for position -1."""
@@ -98,44 +207,94 @@ class ResultLocations:
         status = self.status if among is None else self.status[among]
         return {name: int((status == code).sum()) for name, code in STATUS_CODES.items()}
 
+    def spent_among(self, among: np.ndarray | None) -> tuple[int, int, float]:
+        """(prompt tokens, completion tokens, cost) of all results or of the positions
+        ``among``, read a chunk of the columns at a time."""
+        if self.file is None:
+            return 0, 0, 0.0
+        if among is None:
+            return self.spent
+        wanted = np.sort(among)
+        sums: list[float] = [0, 0, 0.0]
+        for start in range(0, self.positions, LOOKUP_CHUNK):
+            stop = min(start + LOOKUP_CHUNK, self.positions)
+            lo, hi = np.searchsorted(wanted, [start, stop])
+            if lo == hi:
+                continue
+            picked = wanted[lo:hi] - start
+            for i, name in enumerate(PER_POSITION[1:]):
+                sums[i] += self.file.read(name, start, stop)[picked].sum()
+        return int(sums[0]), int(sums[1]), float(sums[2])
+
     def places(self, key_arrays: Sequence[KeyArray]) -> RowPlaces:
-        """Where the result of each of ``key_arrays``'s keys is, aligned with them (a chunk
-        at a time): all that assembling OUTPUT needs, 4 bytes a key."""
-        kind = position_type(len(self.status))
-        none = np.iinfo(kind).max
-        at = []
-        for keys in key_arrays:
-            at.append(np.full(len(keys), none, dtype=kind))
+        """Where the result of each of ``key_arrays``'s keys is, aligned with them: all
+        that assembling OUTPUT needs, 4 bytes a key. An index held in memory is looked up a
+        chunk of keys at a time; a bigger one is joined a block at a time (``_join``), so
+        that it is read once, not once a chunk."""
+        kind = position_type(self.positions)
+        at = tuple(np.full(len(keys), np.iinfo(kind).max, dtype=kind) for keys in key_arrays)
+        if self.size > CACHED_KEYS and len(self.fences) > 1 and self.file is not None:
+            self._join(key_arrays, at)
+            return RowPlaces(at, self.numbers, self.starts, self.status)
+        for keys, places in zip(key_arrays, at, strict=True):
             for start in range(0, len(keys), LOOKUP_CHUNK):
                 pos = self.lookup(keys[start : start + LOOKUP_CHUNK])
                 have = np.flatnonzero(pos >= 0)
-                at[-1][start + have] = pos[have]
-        return RowPlaces(tuple(at), self.numbers, self.starts)
+                places[start + have] = pos[have]
+        return RowPlaces(at, self.numbers, self.starts, self.status)
 
-    def counts_of(self, key_arrays: Sequence[KeyArray]) -> tuple[dict[str, int], int]:
-        """(status counts, keys without a result) over ``key_arrays``, a chunk at a time so
-        that a million keys need no million-entry temporaries."""
-        counts = dict.fromkeys(STATUS_CODES, 0)
-        missing = 0
-        for keys in key_arrays:
-            for start in range(0, len(keys), LOOKUP_CHUNK):
-                pos = self.lookup(keys[start : start + LOOKUP_CHUNK])
-                found = pos[pos >= 0]
-                missing += len(pos) - len(found)
-                for name, count in self.counts(found).items():
-                    counts[name] += count
-        return counts, missing
+    def _join(self, key_arrays: Sequence[KeyArray], at: tuple[np.ndarray, ...]) -> None:
+        """Fill ``at`` with the positions of ``key_arrays``'s keys: the keys are spread
+        over temporary files by the index block that may hold them (with where each came
+        from), then each block is read once and matched with its keys."""
+        assert self.file is not None
+        firsts = np.array([first for first, _ in self.fences], dtype=np.uint64)
+        where = self.file.path.parent if self.file.path is not None else None
+        with tempfile.TemporaryDirectory(dir=where, prefix=".join-", suffix=".tmp") as tmp:
+            spread = [Path(tmp) / f"{block}" for block in range(len(firsts))]
+            files = [path.open("wb") for path in spread]
+            try:
+                for unit, keys in enumerate(key_arrays):
+                    for start in range(0, len(keys), LOOKUP_CHUNK):
+                        chunk = keys[start : start + LOOKUP_CHUNK]
+                        which = np.searchsorted(firsts, chunk, side="right") - 1
+                        order = np.argsort(which, kind="stable")
+                        pairs = np.empty((len(chunk), 2), dtype=np.uint64)
+                        pairs[:, 0] = chunk[order]
+                        pairs[:, 1] = order + start + (unit << 40)  # unit, then row
+                        ends = np.searchsorted(which[order], np.arange(len(firsts)), "right")
+                        for b in np.flatnonzero(np.diff(ends, prepend=0)):
+                            files[b].write(pairs[(ends[b - 1] if b else 0) : ends[b]].data)
+            finally:
+                for fh in files:
+                    fh.close()
+            for block, path in enumerate(spread):
+                pairs = np.fromfile(path, dtype=np.uint64).reshape(-1, 2)
+                path.unlink()
+                if not len(pairs):
+                    continue
+                block_keys = self._block("keys", block)
+                found = np.searchsorted(block_keys, pairs[:, 0])
+                np.minimum(found, len(block_keys) - 1, out=found)
+                hit = np.flatnonzero(block_keys[found] == pairs[:, 0])
+                positions = self._block("at", block)[found[hit]]
+                units, rows = pairs[hit, 1] >> np.uint64(40), pairs[hit, 1] & ((1 << 40) - 1)
+                for unit in np.unique(units).tolist():
+                    mine = units == unit
+                    at[unit][rows[mine].astype(np.int64)] = positions[mine]
 
 
 @dataclass(frozen=True)
 class RowPlaces:
-    """Per key array given to ``ResultLocations.places`` (one per model and sample), the
+    """Per key array given to ``ResultIndex.places`` (one per model and sample), the
     position of each key's result (the type's largest value: none), aligned with the keys,
-    and the parts' numbers and starts that turn a position into a part and row."""
+    the parts' numbers and starts that turn a position into a part and row, and each
+    position's status (for counts)."""
 
     at: tuple[np.ndarray, ...]
     numbers: np.ndarray
     starts: np.ndarray
+    status: np.ndarray
 
     def missing(self, unit: int) -> np.ndarray:
         """Which keys of unit ``unit`` have no result."""
@@ -149,31 +308,22 @@ class RowPlaces:
         positions[at == np.iinfo(at.dtype).max] = -1
         return _locate(positions, self.numbers, self.starts)
 
-
-@dataclass
-class ResultIndex(ResultLocations):
-    """``ResultLocations`` plus what each result spent, per position, for budgets and
-    ``status``: tokens and cost, both 0 for a result that no request paid for (a dedup copy,
-    a cached answer; its OUTPUT row still shows the usage of the answer it got) and for a
-    superseded one, so that sums count each key's latest result only."""
-
-    prompt_tokens: np.ndarray
-    completion_tokens: np.ndarray
-    cost_usd: np.ndarray
-
-    @classmethod
-    def empty(cls) -> ResultIndex:
-        z = np.zeros(0, dtype=np.int64)
-        return cls(
-            keys=np.zeros(0, dtype=np.uint64),
-            at=np.zeros(0, dtype=np.uint32),
-            status=np.zeros(0, dtype=np.int8),
-            numbers=z,
-            starts=z,
-            prompt_tokens=np.zeros(0, dtype=np.int32),
-            completion_tokens=np.zeros(0, dtype=np.int32),
-            cost_usd=np.zeros(0, dtype=np.float64),
-        )
+    def counts(self, rows: np.ndarray | None = None) -> tuple[dict[str, int], int]:
+        """(status counts, keys without a result) over every unit's keys, or over the
+        keys of ``rows`` (a boolean mask) only."""
+        counts = dict.fromkeys(STATUS_CODES, 0)
+        missing = 0
+        for at in self.at:
+            chosen = at if rows is None else at[rows]
+            none = np.iinfo(at.dtype).max
+            for start in range(0, len(chosen), LOOKUP_CHUNK):
+                piece = chosen[start : start + LOOKUP_CHUNK]
+                found = piece[piece != none]
+                missing += len(piece) - len(found)
+                status = self.status[found]
+                for name, code in STATUS_CODES.items():
+                    counts[name] += int((status == code).sum())
+        return counts, missing
 
 
 def rows_of(path: Path) -> int:
@@ -186,206 +336,3 @@ def rows_of(path: Path) -> int:
             f"checkpoint part {path} is damaged ({type(exc).__name__}); the next "
             "`pipeline run` of this OUTPUT sets it aside and sends its rows again"
         ) from None
-
-
-NOT_SPENT = pa.array([COST_DEDUP, COST_CACHE])  # cost sources of results that no request paid for
-PER_KEY = ("keys", "at")
-PER_POSITION = ("status", "prompt_tokens", "completion_tokens", "cost_usd")
-PER_PART = ("numbers", "starts")
-INDEX_ARRAYS = (*PER_KEY, *PER_POSITION, *PER_PART)
-INDEX_LAYOUT = 2  # 2: per-position columns in part order (1: every column sorted by key)
-
-
-class SavedIndexUnreadable(Exception):
-    """An array of the saved index could not be read after all: the index is rebuilt."""
-
-
-@dataclass(frozen=True)
-class SavedIndex:
-    """A valid saved index, read an array at a time (a run's end need not hold all of
-    it at once while it adds the newer parts)."""
-
-    path: Path
-    covers: int  # the highest part number it includes
-    positions: int  # how many results (of all its parts) it numbers
-
-    def column(self, name: str) -> np.ndarray:
-        try:
-            return read_array(self.path, name)
-        except ValueError:
-            raise SavedIndexUnreadable(name) from None
-
-    def index(self) -> ResultIndex:
-        return ResultIndex(**{name: self.column(name) for name in INDEX_ARRAYS})
-
-
-def build_index(new: list[tuple[Path, int]], base: SavedIndex | None) -> ResultIndex:
-    """The latest result per key: ``base`` (the saved index, or None) plus the parts ``new``
-    ((path, number), in number order), their rows numbered on after the base's.
-
-    Memory, the peak of a run's end: the keys are read and sorted first (26 bytes a
-    result at the sort), then the per-position columns are read into arrays allocated
-    once (17 bytes a result, in part order: never reordered); 29 bytes a result are kept
-    (every column reordered by key peaked at 53).
-    """
-    sizes = np.array([rows_of(path) for path, _ in new], dtype=np.int64)
-    n_old = 0 if base is None else base.positions
-    total = n_old + int(sizes.sum())
-    firsts = n_old + np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    keys, at, replaced = _latest(base, new, sizes, position_type(total))
-    per_position = _per_position(base, new, sizes, total)
-    per_position["status"][replaced] = SUPERSEDED  # a later result of their key exists
-    for name in ("prompt_tokens", "completion_tokens", "cost_usd"):
-        per_position[name][replaced] = 0
-    del replaced
-    return ResultIndex(
-        keys=keys,
-        at=at,
-        numbers=np.concatenate([_old(base, "numbers"), [n for _, n in new]]).astype(np.int64),
-        starts=np.concatenate([_old(base, "starts"), firsts]).astype(np.int64),
-        **per_position,
-    )
-
-
-def _old(base: SavedIndex | None, name: str) -> np.ndarray:
-    """Array ``name`` of the saved index, or an empty one of its type without one."""
-    if base is None:
-        return getattr(ResultIndex.empty(), name)
-    return base.column(name)
-
-
-def _latest(
-    base: SavedIndex | None,
-    new: list[tuple[Path, int]],
-    sizes: np.ndarray,
-    kind: type[np.unsignedinteger[Any]],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(every key once, sorted; the position of its latest result; the positions of the
-    results a later one replaced): the old index's keys and then every new row's, sorted
-    stably, the last of each key kept."""
-    old_keys = _old(base, "keys")
-    n_keys, n_old = len(old_keys), 0 if base is None else base.positions
-    candidates = np.empty(n_keys + int(sizes.sum()), dtype=np.uint64)
-    candidates[:n_keys] = old_keys
-    del old_keys
-    at = n_keys
-    for (path, _), size in zip(new, sizes, strict=True):
-        column = _read(path, ["key"], int(size)).column("key")
-        candidates[at : at + int(size)] = column.to_numpy()
-        at += int(size)
-    # the candidates are in (part, row) order already, so a stable sort by key keeps each
-    # key's results in that order; keep the last of each key
-    order, ordered, starts = stable_argsort(candidates)
-    del candidates
-    positions = _positions(order, _old(base, "at"), n_keys, n_old, kind)
-    del order
-    last = np.ones(len(positions), dtype=bool)
-    last[:-1] = starts[1:]
-    del starts
-    if last.all():
-        return ordered, positions, np.zeros(0, dtype=np.int64)
-    # compacted one array at a time: 21 bytes a candidate at most, below the sort's 26
-    keys = ordered[last]
-    del ordered
-    return keys, positions[last], positions[~last]
-
-
-def _positions(
-    order: np.ndarray,
-    old_at: np.ndarray,
-    n_keys: int,
-    n_old: int,
-    kind: type[np.unsignedinteger[Any]],
-) -> np.ndarray:
-    """The position of each sorted candidate's result: an old key's from ``old_at``, a new
-    row's after the old positions (a function of its own: no view of ``order`` outlives
-    it)."""
-    positions = np.empty(len(order), dtype=kind)
-    for begin in range(0, len(order), LOOKUP_CHUNK):
-        chunk = order[begin : begin + LOOKUP_CHUNK]
-        place = chunk - n_keys + n_old
-        from_old = np.flatnonzero(chunk < n_keys)
-        place[from_old] = old_at[chunk[from_old]]
-        positions[begin : begin + len(chunk)] = place
-    return positions
-
-
-def _per_position(
-    base: SavedIndex | None, new: list[tuple[Path, int]], sizes: np.ndarray, total: int
-) -> dict[str, np.ndarray]:
-    """The per-position columns: the old index's, then each new part's rows in order."""
-    columns: dict[str, np.ndarray] = {
-        "status": np.empty(total, dtype=np.int8),
-        "prompt_tokens": np.empty(total, dtype=np.int32),
-        "completion_tokens": np.empty(total, dtype=np.int32),
-        "cost_usd": np.empty(total, dtype=np.float64),
-    }
-    n_old = 0 if base is None else base.positions
-    for name, column in columns.items():
-        column[:n_old] = _old(base, name)  # one saved column at a time
-    codes = pa.array(list(STATUS_CODES))
-    at = n_old
-    for (path, _), size in zip(new, sizes, strict=True):
-        names = ["status", "prompt_tokens", "completion_tokens", "cost_usd", "cost_source"]
-        table = _read(path, names, int(size))
-        end = at + int(size)
-        status = pa.compute.index_in(table.column("status"), value_set=codes)
-        columns["status"][at:end] = status.to_numpy(zero_copy_only=False)
-        # a copy (dedup) or a cached answer spent nothing: its tokens are not counted
-        copied = pa.compute.is_in(table.column("cost_source"), value_set=NOT_SPENT)
-        for name in ("prompt_tokens", "completion_tokens"):
-            spent = pa.compute.if_else(copied, 0, table.column(name).fill_null(0))
-            columns[name][at:end] = spent.to_numpy()
-        columns["cost_usd"][at:end] = table.column("cost_usd").fill_null(0.0).to_numpy()
-        at = end
-    return columns
-
-
-def _read(path: Path, columns: list[str], size: int) -> pa.Table:
-    table = pq.read_table(path, columns=columns)
-    if table.num_rows != size:
-        raise OutputError(
-            f"Checkpoint part {path} changed while it was read. Parts are written once; "
-            "is another process writing this checkpoint?"
-        )
-    return table
-
-
-def save_index(path: Path, parts: dict[int, Path], index: ResultIndex) -> None:
-    """Keep ``index``, built from ``parts`` (number -> file), for the next load."""
-    if not parts:
-        return
-    meta = {
-        "version": FORMAT_VERSION,
-        "layout": INDEX_LAYOUT,
-        "covers": max(parts),
-        "parts": len(parts),
-        "names": names_digest(parts.values()),
-    }
-    arrays = {name: getattr(index, name) for name in INDEX_ARRAYS}
-    save_arrays(path, meta, arrays)
-
-
-def saved_index(path: Path, parts: dict[int, Path]) -> SavedIndex | None:
-    """The index saved at ``path``, if it covers exactly the parts numbered up to its
-    ``covers``: a part set aside (quarantine/) or one written since under another name makes
-    it stale (a part number is never used twice, and the name carries the part's checksum).
-    Only its metadata and array headers are read here."""
-    loaded = array_lengths(path)
-    if loaded is None:
-        return None
-    meta, lengths = loaded
-    if set(lengths) != set(INDEX_ARRAYS):
-        return None
-    covers = meta.get("covers")
-    if meta.get("version") != FORMAT_VERSION or meta.get("layout") != INDEX_LAYOUT:
-        return None
-    if not isinstance(covers, int):
-        return None
-    covered = [file for number, file in parts.items() if number <= covers]
-    if len(covered) != meta.get("parts") or names_digest(covered) != meta.get("names"):
-        return None
-    for group in (PER_KEY, PER_POSITION, PER_PART):
-        if len({lengths[name] for name in group}) != 1:
-            return None
-    return SavedIndex(path=path, covers=covers, positions=lengths["status"])

@@ -1,11 +1,13 @@
-"""The .npz files a checkpoint keeps beside its parts: the result index (``index.npz``,
-see ``result_index``) and the input's key pass (``input-keys.npz``, see ``keys.KeyPass``).
-Each is arrays plus JSON metadata, written atomically; a missing or damaged one reads as
+"""The .npz and .npy files a checkpoint keeps beside its parts: the input's key pass
+(``input-keys.npz``, see ``keys.KeyPass``) and the run's unit keys (``keys.npy``, read
+back a slice at a time: ``NpyRange``). (The result index is an ``array_file``.)
+An .npz is arrays plus JSON metadata, written atomically; a missing or damaged one reads as
 None (it is a cache: the next run rebuilds it)."""
 
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,9 +21,18 @@ from .keys import KeyPass
 KEY_PASS_VERSION = 1
 
 
-def save_arrays(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    """An .npz of ``arrays`` plus ``meta`` as JSON, written atomically (temp, fsync, rename)."""
+def save_arrays(
+    path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray], *, atomic: bool = True
+) -> None:
+    """An .npz of ``arrays`` plus ``meta`` as JSON, written atomically (temp, fsync,
+    rename), or (``atomic=False``: a temporary file itself) in place and fsynced."""
     encoded = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    if not atomic:
+        with path.open("wb") as fh:
+            np.savez(fh, meta=encoded, **arrays)  # type: ignore[arg-type]
+            fh.flush()
+            os.fsync(fh.fileno())
+        return
     with atomic_write(path) as tmp, tmp.open("wb") as fh:
         np.savez(fh, meta=encoded, **arrays)  # type: ignore[arg-type]
 
@@ -40,27 +51,6 @@ def load_arrays(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | No
     return meta, arrays
 
 
-def array_lengths(path: Path) -> tuple[dict[str, Any], dict[str, int]] | None:
-    """What ``save_arrays`` wrote, without the arrays: its metadata and each array's length
-    (read from the headers); None when it is missing or damaged."""
-    try:
-        lengths: dict[str, int] = {}
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                with archive.open(info) as fh:
-                    shape, _ = _npy_header(fh)
-                if len(shape) != 1:
-                    return None
-                lengths[info.filename.removesuffix(".npy")] = shape[0]
-            meta = json.loads(read_array(path, "meta").tobytes())
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError):
-        return None
-    if not isinstance(meta, dict):
-        return None
-    lengths.pop("meta", None)
-    return meta, lengths
-
-
 def _npy_header(fh: Any) -> tuple[tuple[int, ...], np.dtype[Any]]:
     """(shape, dtype) from the header of the .npy data ``fh`` is at; leaves it at the data."""
     if np.lib.format.read_magic(fh) == (1, 0):
@@ -68,15 +58,6 @@ def _npy_header(fh: Any) -> tuple[tuple[int, ...], np.dtype[Any]]:
     else:
         shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
     return shape, dtype
-
-
-def read_array(path: Path, name: str) -> np.ndarray:
-    """One array of what ``save_arrays`` wrote; raises ValueError when it cannot be read."""
-    try:
-        with path.open("rb") as fh, np.load(fh, allow_pickle=False) as data:
-            return np.asarray(data[name])
-    except (OSError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{path}: {name} unreadable ({type(exc).__name__})") from None
 
 
 def write_key_arrays(path: Path, arrays: Sequence[np.ndarray]) -> None:
@@ -115,7 +96,7 @@ class NpyRange:
         return values
 
 
-def save_key_pass(path: Path, key_pass: KeyPass) -> None:
+def save_key_pass(path: Path, key_pass: KeyPass, *, atomic: bool = True) -> None:
     meta = {
         "version": KEY_PASS_VERSION,
         "params": key_pass.params,
@@ -126,7 +107,7 @@ def save_key_pass(path: Path, key_pass: KeyPass) -> None:
     arrays = {"content": key_pass.content}
     if key_pass.ids is not None:
         arrays["ids"] = key_pass.ids
-    save_arrays(path, meta, arrays)
+    save_arrays(path, meta, arrays, atomic=atomic)
 
 
 def load_key_pass(path: Path) -> KeyPass | None:

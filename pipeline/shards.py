@@ -237,12 +237,12 @@ def share_limits(config: RunConfig) -> RunConfig:
 
 
 def shards_progress(
-    checkpoint_dir: Path, unit_keys: np.ndarray, positions: np.ndarray
+    checkpoint_dir: Path, unit_keys: np.ndarray, answered: np.ndarray
 ) -> list[dict[str, Any]]:
     """Progress of each shard of the last shard run's N, for ``pipeline status``: results,
     done, pending, state (running, done, stopped, interrupted: a run that is gone without
     saying so, or not started), host and last update. ``unit_keys`` are the current input's
-    (``keys.npy``), ``positions`` their places in the result index (-1: no result)."""
+    (``keys.npy``), ``answered`` which of them have a result."""
     count = latest_count(checkpoint_dir)
     shard_keys = read_shard_keys(checkpoint_dir)
     if count is None or shard_keys is None or not len(shard_keys):
@@ -251,7 +251,7 @@ def shards_progress(
         return []  # the input changed since the shards ran
     shard = np.tile(shard_of(shard_keys, count), len(unit_keys) // len(shard_keys))
     total = np.bincount(shard, minlength=count)
-    done = np.bincount(shard[positions >= 0], minlength=count)
+    done = np.bincount(shard[answered], minlength=count)
     recorded = {record["shard"]: record for record in records(checkpoint_dir)}
     found = []
     for index in range(count):

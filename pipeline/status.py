@@ -94,17 +94,20 @@ def run_status(output: Path | str) -> RunStatus:
     keys = checkpoint.read_keys()
     # count the rows of the current input only (results of rows that left it are kept
     # in the checkpoint but are not in OUTPUT)
-    among = None
+    among, shards = None, []
     if keys is not None:
-        pos = index.lookup(keys)
-        among = pos[pos >= 0]
+        places = index.places([keys])
+        found = ~places.missing(0)
+        among = places.at[0][found]
+        shards = shards_progress(checkpoint.dir, keys, found)
     counts = index.counts(among)
-    total = len(keys) if keys is not None else int(manifest.get("rows_total", len(index.keys)))
+    total = len(keys) if keys is not None else int(manifest.get("rows_total", index.size))
     pending = max(total - sum(counts.values()), 0)
     holder = Checkpoint.lock_holder(output) or "; ".join(shard_holders(checkpoint.dir)) or None
     model = manifest.get("fingerprint_parts", {}).get("model")
     unpriced = _unpriced_models(model, manifest)
-    spent = float((index.cost_usd if among is None else index.cost_usd[among]).sum())
+    prompt_tokens, completion_tokens, spent = index.spent_among(among)
+    index.close()
     if pending:
         code = EXIT_LOCKED if holder else EXIT_INTERRUPTED
     else:
@@ -114,12 +117,8 @@ def run_status(output: Path | str) -> RunStatus:
         rows_total=total,
         counts=dict(counts),
         pending=pending,
-        prompt_tokens=int(
-            (index.prompt_tokens if among is None else index.prompt_tokens[among]).sum()
-        ),
-        completion_tokens=int(
-            (index.completion_tokens if among is None else index.completion_tokens[among]).sum()
-        ),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
         fingerprint=manifest.get("fingerprint"),
         model=model,
         running_by=holder,
@@ -129,7 +128,7 @@ def run_status(output: Path | str) -> RunStatus:
         spent_usd=spent,
         unpriced_models=unpriced,
         exit_code=code,
-        shards=shards_progress(checkpoint.dir, keys, pos) if keys is not None else [],
+        shards=shards,
         batches=batches_of(checkpoint.dir),
     )
 

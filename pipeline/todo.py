@@ -41,18 +41,22 @@ def what_to_send(
     # a superseded result's key has a later one: only the latest counts as present or not
     work = Work(todo=todo, send=np.zeros_like(todo), present=index.status == SUPERSEDED)
     for j, mkeys in enumerate(unit_keys):
-        # a chunk of rows at a time: the lookups' temporaries stay small at any row count
+        places = index.places([mkeys]).at[0]  # a unit at a time: 4 bytes a row
+        none = np.iinfo(places.dtype).max
+        # a chunk of rows at a time: the temporaries stay small at any row count
         for at in range(0, n, LOOKUP_CHUNK):
-            pos = index.lookup(mkeys[at : at + LOOKUP_CHUNK])
-            done = pos >= 0
-            if config.retry_failed and len(index.keys):
-                status = index.status[np.maximum(pos, 0)]
-                done &= (status != STATUS_CODES["error"]) & (status != STATUS_CODES["invalid"])
-            work.present[pos[pos >= 0]] = True
+            pos = places[at : at + LOOKUP_CHUNK]
+            done = pos != none
+            found = pos[done]
+            if config.retry_failed:
+                status = index.status[found]
+                done[done] = (status != STATUS_CODES["error"]) & (status != STATUS_CODES["invalid"])
+            work.present[found] = True
             if rows is not None:
                 done |= ~rows[at : at + LOOKUP_CHUNK]
             np.logical_not(done, out=todo[at : at + LOOKUP_CHUNK, j])
             work.send[at : at + LOOKUP_CHUNK, j] = todo[at : at + LOOKUP_CHUNK, j]
+        del places
         if config.dedup:
             _dedup(work, j, mkeys, row_keys, index)
     return work

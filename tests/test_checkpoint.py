@@ -119,10 +119,10 @@ def test_index_holds_every_key_once_with_its_status_and_tokens(ckpt: Checkpoint)
 
     index = ckpt.load_index()
 
-    assert sorted(index.keys.tolist()) == [10, 20, 30, 40]
+    assert sorted(index.read_keys().tolist()) == [10, 20, 30, 40]
     assert index.counts() == {"ok": 2, "error": 1, "skipped": 1, "invalid": 0}
-    assert int(index.prompt_tokens.sum()) == 6
-    assert int(index.completion_tokens.sum()) == 8
+    assert int(index.read_column("prompt_tokens").sum()) == 6
+    assert int(index.read_column("completion_tokens").sum()) == 8
 
 
 def test_the_latest_part_wins_when_a_key_has_several_results(ckpt: Checkpoint) -> None:
@@ -133,7 +133,7 @@ def test_the_latest_part_wins_when_a_key_has_several_results(ckpt: Checkpoint) -
 
     index = ckpt.load_index()
 
-    assert len(index.keys) == 3
+    assert len(index.read_keys()) == 3
     assert index.counts() == {"ok": 3, "error": 0, "skipped": 0, "invalid": 0}
     assert result_of(ckpt, 1)["completion"] == "second try"
     assert result_of(ckpt, 2)["completion"] == "two"
@@ -150,7 +150,7 @@ def test_a_later_error_replaces_an_earlier_success_too(ckpt: Checkpoint) -> None
 def test_within_one_part_the_last_row_of_a_key_wins(ckpt: Checkpoint) -> None:
     ckpt.write_part([error(5, "old"), ok(6), ok(5, "new")])
     assert result_of(ckpt, 5)["completion"] == "new"
-    assert len(ckpt.load_index().keys) == 2
+    assert len(ckpt.load_index().read_keys()) == 2
 
 
 def test_lookup_gives_minus_one_for_keys_without_a_result(ckpt: Checkpoint) -> None:
@@ -188,7 +188,7 @@ def test_places_give_each_keys_part_and_row_in_the_order_asked_and_minus_one_for
 
 def test_an_empty_checkpoint_has_an_empty_index(ckpt: Checkpoint) -> None:
     index = ckpt.load_index()
-    assert len(index.keys) == 0
+    assert len(index.read_keys()) == 0
     assert index.counts() == {"ok": 0, "error": 0, "skipped": 0, "invalid": 0}
     assert index.lookup(np.array([1, 2], dtype=np.uint64)).tolist() == [-1, -1]
 
@@ -214,14 +214,14 @@ def test_leftover_temp_files_of_a_crashed_run_are_ignored_and_cleaned(tmp_path: 
     leftover = first.parts_dir / ".part-000003.parquet.99999.tmp"
     leftover.write_bytes(b"PAR1 half a parquet file")
 
-    assert sorted(first.load_index().keys.tolist()) == [1, 2]
+    assert sorted(first.load_index().read_keys().tolist()) == [1, 2]
 
     second = Checkpoint(output)  # the rerun
     second.prepare()
     assert not leftover.exists()
     new_part = second.write_part([ok(3, "after the crash")])
     assert part_number(new_part) == 3
-    assert sorted(second.load_index().keys.tolist()) == [1, 2, 3]
+    assert sorted(second.load_index().read_keys().tolist()) == [1, 2, 3]
     assert result_of(second, 1)["completion"] == "kept"
 
 
@@ -281,7 +281,7 @@ def test_a_failed_part_write_leaves_no_part_behind(
     monkeypatch.undo()
 
     assert [part_number(p) for p in ckpt.part_paths()] == [1]
-    assert ckpt.load_index().keys.tolist() == [1]
+    assert ckpt.load_index().read_keys().tolist() == [1]
 
 
 # -- manifest --------------------------------------------------------------------------------

@@ -249,7 +249,7 @@ def test_status_names_a_damaged_part_instead_of_a_traceback(
     run(prompts(20), out, base_url=simulator.base_url)
     part = parts_of(out)[0]
     part.write_bytes(part.read_bytes()[:-10])  # the footer is gone
-    (Checkpoint(out).dir / "index.npz").unlink()
+    (Checkpoint(out).dir / "index.arrays").unlink()
     result = CliRunner().invoke(main, ["status", str(out)])
     assert result.exit_code == 2
     assert part.name in result.output and "sets it aside" in result.output
@@ -267,7 +267,7 @@ def make_older_format(out: Path) -> None:
     for name in ("job_id", "legacy_upto", "key_scheme"):
         manifest.pop(name, None)
     checkpoint.write_manifest(manifest)
-    (checkpoint.dir / "index.npz").unlink(missing_ok=True)
+    (checkpoint.dir / "index.arrays").unlink(missing_ok=True)
 
 
 def test_older_format_parts_resume_and_one_copied_in_later_is_set_aside(

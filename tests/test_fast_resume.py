@@ -2,7 +2,7 @@
 
 So that resuming a million-row job does not re-read and re-hash every row nor re-read every
 checkpoint part, the checkpoint keeps the last key pass (``input-keys.npz``: each row's hash
-with the input file's stat and SHA-256) and the result index (``index.npz``). These tests
+with the input file's stat and SHA-256) and the result index (``index.arrays``). These tests
 pin down that reusing them never changes an answer: the keys, the rows sent and OUTPUT are
 exactly those of a run that read everything again, whatever happened to the input between
 runs (unchanged, rows appended, edited in place at the same length, a last line without a
@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.checkpoint import Checkpoint
-from pipeline.keys import RowKeys, compute_keys, stable_argsort
+from pipeline.keys import KeyPass, RowKeys, compute_keys, stable_argsort
 from pipeline.reader import open_input
 from pipeline.records import STATUS_CODES, RowResult, Usage
 from pipeline.simulator import SimulatorThread
@@ -160,20 +160,24 @@ def index_arrays(ckpt: Checkpoint) -> dict[str, list[object]]:
     """Per key (sorted), what the index says of its latest result; and the index's sums and
     counts, which must see the latest result of each key only."""
     index = ckpt.load_index()
-    part, row = index.locate(index.at.astype(np.int64))
-    per_key = {"keys": index.keys, "part": part, "row": row}
+    at = index.read_at()
+    part, row = index.locate(at.astype(np.int64))
+    per_key = {"keys": index.read_keys(), "part": part, "row": row}
     for name in ("status", "prompt_tokens", "completion_tokens", "cost_usd"):
-        per_key[name] = getattr(index, name)[index.at]
+        per_key[name] = index.read_column(name)[at]
     sums = {
         "counts": [index.counts()],
-        "tokens": [int(index.prompt_tokens.sum()), int(index.completion_tokens.sum())],
-        "cost": [round(float(index.cost_usd.sum()), 9)],
+        "tokens": [
+            int(index.read_column("prompt_tokens").sum()),
+            int(index.read_column("completion_tokens").sum()),
+        ],
+        "cost": [round(float(index.read_column("cost_usd").sum()), 9)],
     }
     return {**{name: values.tolist() for name, values in per_key.items()}, **sums}
 
 
 def rebuilt(ckpt: Checkpoint) -> dict[str, list[object]]:
-    (ckpt.dir / "index.npz").unlink(missing_ok=True)
+    (ckpt.dir / "index.arrays").unlink(missing_ok=True)
     return index_arrays(Checkpoint(ckpt.output))
 
 
@@ -199,7 +203,7 @@ def test_a_damaged_or_stale_saved_index_is_ignored(tmp_path: Path, damage: str) 
     first = ckpt.write_part([result(1, "one")])
     ckpt.write_part([result(2, "two")])
     ckpt.save_index(ckpt.load_index())
-    saved = ckpt.dir / "index.npz"
+    saved = ckpt.dir / "index.arrays"
     if damage == "garbage":
         saved.write_bytes(b"not an npz file")
     elif damage == "truncated":
@@ -209,7 +213,7 @@ def test_a_damaged_or_stale_saved_index_is_ignored(tmp_path: Path, damage: str) 
 
     fresh = Checkpoint(ckpt.output)
     expected = [2] if damage == "covered part removed" else [1, 2]
-    assert fresh.load_index().keys.tolist() == expected
+    assert fresh.load_index().read_keys().tolist() == expected
     assert fresh.parts_read == len(expected)
 
 
@@ -291,6 +295,30 @@ def test_a_rerun_after_appending_sends_only_the_new_rows_and_writes_every_row_in
     frame = pd.read_parquet(output)
     assert frame["prompt"].tolist() == grown
     assert frame["completion"].tolist() == [ANSWER + p for p in grown]
+
+
+def test_a_run_refused_after_its_key_pass_leaves_nothing_beside_output(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    # a run writes its new key pass beside OUTPUT before it may touch the checkpoint
+    source = write_csv(tmp_path / "in.csv", [f"row {i}" for i in range(5)])
+    output = tmp_path / "out.parquet"
+    assert run(simulator, source, output).exit_code == 0
+    saved = output.parent / "out.parquet.checkpoint" / "input-keys.npz"
+    before = saved.read_bytes()
+    write_csv(source, [f"row {i}" for i in range(7)])  # grown: a new pass
+
+    refused = run(simulator, source, output, "--temperature", "0.9")  # another job
+
+    assert refused.exit_code == 2 and "other settings" in refused.output, refused.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "in.csv",
+        "out.parquet",
+        "out.parquet.checkpoint",
+    ]
+    assert saved.read_bytes() == before
+    assert run(simulator, source, output).exit_code == 0  # and the same job goes on
+    assert saved.read_bytes() != before
 
 
 def test_an_edit_hidden_from_size_and_mtime_is_sent_again(
@@ -383,12 +411,35 @@ def test_each_repeated_prompt_gets_its_occurrence_number_and_its_first_row(
         assert got == expected
 
 
-def test_row_keys_are_the_same_as_every_earlier_version_made_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("made", ["beside the pass", "in the pass's arrays once it is kept"])
+def test_row_keys_are_the_same_as_every_earlier_version_made_them(
+    tmp_path: Path, made: str
+) -> None:
     """A checkpoint written by an earlier version resumes with this one only if a row's key
     is computed exactly as before: these values were made by the code of 2026-12-05 (before
-    the key pass computed in place to save memory) and must never change."""
+    the key pass computed in place to save memory) and must never change; nor may a run,
+    which makes them in the pass's own arrays once the pass is written."""
     path = tmp_path / "in.csv"
     path.write_text("prompt,id\nhello,a\nworld,b\nhello,c\n,d\n")
+    kept: list[np.ndarray] = []  # the content hashes each kept pass held when it was kept
+
+    def keep(kept_pass: KeyPass) -> None:
+        kept.append(kept_pass.content.copy())
+
+    def key_pass(path: Path, id_column: str | None = None) -> RowKeys:
+        keys = compute_keys(
+            open_input(path),
+            id_column=id_column,
+            content_columns=["prompt"],
+            keep=keep if made != "beside the pass" else None,
+        )
+        assert (keys.key_pass is None) == (made != "beside the pass")
+        if kept:  # the pass a run writes is the one a run without keeping it holds
+            plain = compute_keys(open_input(path), id_column=id_column, content_columns=["prompt"])
+            assert plain.key_pass is not None
+            assert kept.pop().tolist() == plain.key_pass.content.tolist()
+        return keys
+
     by_content = key_pass(path)
     assert [hex(k) for k in by_content.keys.tolist()] == [
         "0x17200782f30f4d89",

@@ -15,9 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import index_build
 from pipeline import keys as keys_module
 from pipeline.checkpoint import Checkpoint
-from pipeline.keys import compute_keys
+from pipeline.keys import KeyPass, compute_keys
 from pipeline.reader import open_input
 from pipeline.records import RowResult, Usage
 
@@ -45,47 +46,63 @@ def per_row(measure: Callable[[int], int]) -> float:
     return (measure(2 * ROWS) - measure(ROWS)) / ROWS
 
 
-def test_the_key_pass_holds_about_16_bytes_a_row(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("kept", [False, True], ids=["pass held", "pass written first"])
+def test_the_key_pass_holds_16_bytes_a_row_or_8_once_the_pass_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kept: bool
 ) -> None:
     # a million-row input sorts its hashes a sixteenth at a time; here from 0 rows on
     monkeypatch.setattr(keys_module, "BUCKETED_FROM", 0)
+    monkeypatch.setattr(keys_module, "_HASH_CHUNK", 1 << 16)  # (4 MB: more than these files)
+    written: list[int] = []
 
     def measure(rows: int) -> int:
         prompts = [f"prompt {i % (rows - 500)}" for i in range(rows)]  # 500 repeats
         path = tmp_path / f"in-{rows}.parquet"
         pq.write_table(pa.table({"prompt": prompts}), path, row_group_size=20_000)
         source = open_input(path)
+
+        def keep(key_pass: KeyPass) -> None:  # as a run does: written, then let go of
+            written.append(key_pass.rows)
+
         peak, keys = peak_bytes(
-            lambda: compute_keys(source, id_column=None, content_columns=["prompt"])
+            lambda: compute_keys(
+                source, id_column=None, content_columns=["prompt"], keep=keep if kept else None
+            )
         )
         assert len(keys.keys) == rows and len(keys.duplicates) == 500
+        assert (keys.key_pass is not None) != kept
         return peak
 
-    # kept: the keys and the pass's hashes (8 + 8); a sort of all rows at once held 26
-    # more, and dense occurrence and first-row arrays 16 more
-    assert per_row(measure) < 20
+    # the pass's hashes, and the keys beside them (8 + 8) or made in them (8); a sort of
+    # all rows at once held 26 more, and dense occurrence and first-row arrays 16 more
+    assert per_row(measure) < (11 if kept else 20)
+    assert len(written) == 3 * kept
 
 
-def test_building_the_result_index_holds_under_30_bytes_a_result(tmp_path: Path) -> None:
+def test_building_the_result_index_holds_about_a_byte_a_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a million-key index sorts a bucket of keys at a time; here buckets of 8,192
+    monkeypatch.setattr(index_build, "BUCKET_KEYS", 1 << 13)
     usage = Usage(prompt_tokens=3, completion_tokens=4)
+    rng = np.random.default_rng(5)
 
     def measure(rows: int) -> int:
+        keys = rng.integers(0, 2**64, size=rows, dtype=np.uint64).tolist()  # row keys: hashes
         checkpoint = Checkpoint(tmp_path / f"{rows}" / "out.parquet")
         checkpoint.prepare()
         for start in range(0, rows, 10_000):
-            results = [
-                RowResult(key=k, status="ok", usage=usage) for k in range(start, start + 10_000)
-            ]
-            checkpoint.write_part(results)
-        checkpoint.write_part([RowResult(key=k, status="ok") for k in range(1000)])  # retried
+            checkpoint.write_part(
+                [RowResult(key=k, status="ok", usage=usage) for k in keys[start : start + 10_000]]
+            )
+        checkpoint.write_part([RowResult(key=k, status="ok") for k in keys[:1000]])  # retried
         peak, index = peak_bytes(Checkpoint(checkpoint.output).load_index)
-        assert len(index.keys) == rows and index.counts()["ok"] == rows
-        assert int(index.prompt_tokens.sum()) == 3 * (rows - 1000)  # the retried ones: 0
+        assert index.size == rows and index.counts()["ok"] == rows
+        assert index.spent[0] == 3 * (rows - 1000)  # the retried ones: 0
         kept = sum(a.nbytes for a in vars(index).values() if isinstance(a, np.ndarray))
-        assert kept / (rows + 1000) < 30  # per result of the checkpoint
+        assert kept / (rows + 1000) < 1.1  # per result of the checkpoint: its status
         return peak
 
-    # per result: key and position (12) and status, tokens and cost (17) are kept; the
-    # sort of keys and positions peaks at 27; every column reordered by key held 53
-    assert per_row(measure) < 30
+    # per result: the status, and a bucket's sort; holding every key and position
+    # sorted peaked at 27 bytes, and keeping them and the tokens and cost 29
+    assert per_row(measure) < 3

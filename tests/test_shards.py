@@ -299,4 +299,4 @@ def test_an_index_saved_by_one_shard_never_hides_a_part_another_wrote_meanwhile(
     first.save_index(index)  # built before the second's part: it must not claim it
     for checkpoint in (first, second):
         checkpoint.release_lock()
-    assert sorted(Checkpoint(output).load_index().keys.tolist()) == [1, 2]
+    assert sorted(Checkpoint(output).load_index().read_keys().tolist()) == [1, 2]

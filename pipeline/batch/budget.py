@@ -28,8 +28,8 @@ class PartBudget:
     def __init__(self, config: RunConfig, index: ResultIndex, prices: PriceTable, where: Path):
         self.max_cost = config.max_cost
         self.max_tokens = config.max_total_tokens
-        self.spent_cost = float(index.cost_usd.sum())
-        self.spent_tokens = int(index.prompt_tokens.sum() + index.completion_tokens.sum())
+        prompt_tokens, completion_tokens, self.spent_cost = index.spent
+        self.spent_tokens = prompt_tokens + completion_tokens
         self.prices = prices
         self.share = prices.batch_share(config.base_url)  # the provider's batch share
         self.directory = where

@@ -1,0 +1,147 @@
+"""A file of named one-dimensional arrays written a piece at a time and read a slice at a
+time: the result index of a checkpoint (``result_index``), which must not be held whole.
+
+Layout: the pieces' raw little-endian bytes one after another, then a JSON footer (each
+array's type and its pieces' offsets and lengths, plus the writer's metadata), then the
+footer's length as 8 bytes. An array is the concatenation of its pieces, in the order they
+were written, so that pieces of several arrays can be interleaved (a bucket of keys, then
+its positions). Written to a temporary name and renamed by the caller; read through one
+open descriptor, so that a reader keeps its file after a newer one replaced the name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_TAIL = 8  # the footer's length, little-endian
+
+
+class ArrayFileError(ValueError):
+    """The file is not one ``ArrayWriter`` finished, or was cut short."""
+
+
+class ArrayWriter:
+    """Appends pieces of named arrays to ``path`` (created or truncated), or with None to a
+    file in memory; ``close(meta)`` writes the footer and returns the file, open for
+    reading. Each array keeps the type of its first piece."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._fh: Any = path.open("w+b") if path is not None else _memory_file()
+        self._arrays: dict[str, dict[str, Any]] = {}
+
+    def declare(self, name: str, dtype: Any) -> None:
+        """An array that may get no piece (an empty one still reads as its type)."""
+        kind = np.dtype(dtype).newbyteorder("<").str
+        self._arrays.setdefault(name, {"dtype": kind, "pieces": []})
+
+    def append(self, name: str, values: np.ndarray) -> None:
+        self.declare(name, values.dtype)
+        entry = self._arrays[name]
+        data = np.ascontiguousarray(values, dtype=entry["dtype"])
+        if len(data):
+            entry["pieces"].append([self._fh.tell(), len(data)])
+            self._fh.write(data.data)
+
+    def close(self, meta: dict[str, Any]) -> ArrayFile:
+        footer = json.dumps({"meta": meta, "arrays": self._arrays}).encode()
+        self._fh.write(footer)
+        self._fh.write(len(footer).to_bytes(_TAIL, "little"))
+        self._fh.flush()
+        if self.path is not None:
+            os.fsync(self._fh.fileno())
+        try:
+            return ArrayFile(self.path, os.dup(self._fh.fileno()))
+        finally:
+            self._fh.close()
+
+    def abort(self) -> None:
+        self._fh.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _memory_file() -> Any:
+    """A file in memory (Linux), or an unnamed temporary file elsewhere."""
+    if hasattr(os, "memfd_create"):
+        return os.fdopen(os.memfd_create("pipeline-index"), "w+b")
+    return tempfile.TemporaryFile()
+
+
+class ArrayFile:
+    """A finished ``ArrayWriter`` file, opened once: ``meta``, ``length(name)`` and
+    ``read(name, start, stop)``. Raises ``ArrayFileError`` when the file is not whole."""
+
+    def __init__(self, path: Path | None, fd: int | None = None) -> None:
+        self.path = path  # None: a file in memory, open as ``fd``
+        self._fd = fd if fd is not None else os.open(path or "", os.O_RDONLY)
+        try:
+            size = os.fstat(self._fd).st_size
+            if size < _TAIL:
+                raise ArrayFileError(f"{path} is too short")
+            length = int.from_bytes(os.pread(self._fd, _TAIL, size - _TAIL), "little")
+            if length > size - _TAIL:
+                raise ArrayFileError(f"{path} has no footer")
+            footer = json.loads(os.pread(self._fd, length, size - _TAIL - length))
+            self.meta: dict[str, Any] = footer["meta"]
+            self._arrays: dict[str, dict[str, Any]] = footer["arrays"]
+            for entry in self._arrays.values():
+                np.dtype(entry["dtype"])
+                for offset, count in entry["pieces"]:
+                    end = offset + count * np.dtype(entry["dtype"]).itemsize
+                    if offset < 0 or end > size - _TAIL - length:
+                        raise ArrayFileError(f"{path} was cut short")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            os.close(self._fd)
+            if isinstance(exc, ArrayFileError):
+                raise
+            raise ArrayFileError(f"{path}: {type(exc).__name__}") from None
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def names(self) -> set[str]:
+        return set(self._arrays)
+
+    def dtype(self, name: str) -> np.dtype[Any]:
+        return np.dtype(self._arrays[name]["dtype"])
+
+    def pieces(self, name: str) -> list[int]:
+        """The lengths of ``name``'s pieces, in order."""
+        return [count for _, count in self._arrays[name]["pieces"]]
+
+    def length(self, name: str) -> int:
+        return sum(self.pieces(name))
+
+    def _read_into(self, values: np.ndarray, offset: int) -> None:
+        """Fill ``values`` from byte ``offset`` on (no copy through a bytes object)."""
+        view = memoryview(values.data).cast("B")
+        while len(view):
+            got = os.preadv(self._fd, [view], offset)
+            if got <= 0:
+                raise ArrayFileError(f"{self.path} was cut short while it was read")
+            view, offset = view[got:], offset + got
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Values ``start:stop`` of array ``name``."""
+        entry = self._arrays[name]
+        dtype = np.dtype(entry["dtype"])
+        stop = self.length(name) if stop is None else stop
+        out = np.empty(max(stop - start, 0), dtype=dtype)
+        at = 0  # where the current piece starts in the array
+        for offset, count in entry["pieces"]:
+            lo, hi = max(start, at), min(stop, at + count)
+            if lo < hi:
+                self._read_into(out[lo - start : hi - start], offset + (lo - at) * dtype.itemsize)
+            at += count
+            if at >= stop:
+                break
+        return out

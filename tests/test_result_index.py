@@ -1,0 +1,132 @@
+"""The result index read from a file: the latest result of each key, wherever its bucket,
+block or part is. Every answer is checked against a plain dict of the parts, with buckets
+and blocks made tiny so that a few hundred results cross many of them (a job of 10M rows
+has about ten), and read from the file each time as for an index too big to hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import index_build, result_index
+from pipeline.checkpoint import Checkpoint
+from pipeline.records import STATUS_CODES, RowResult, Usage
+
+STATUSES = ["ok", "error", "skipped"]
+
+
+def results(rng: np.random.Generator, keys: np.ndarray) -> list[RowResult]:
+    out = []
+    for key in keys.tolist():
+        status = STATUSES[int(rng.integers(3))]
+        tokens = (int(rng.integers(1, 50)), int(rng.integers(1, 50)))
+        usage = Usage(prompt_tokens=tokens[0], completion_tokens=tokens[1])
+        out.append(RowResult(key=key, status=status, usage=usage, cost_usd=tokens[0] / 1000))
+    return out
+
+
+def write_parts(
+    ckpt: Checkpoint, rng: np.random.Generator, pool: np.ndarray, parts: int
+) -> dict[int, tuple[int, RowResult]]:
+    """Write ``parts`` parts of keys drawn from ``pool`` (some again: retried); returns the
+    latest (part, row) and result per key, as the index must find them."""
+    latest: dict[int, tuple[int, RowResult]] = {}
+    for _ in range(parts):
+        keys = np.unique(rng.choice(pool, size=int(rng.integers(1, 60))))
+        rng.shuffle(keys)
+        batch = results(rng, keys)
+        ckpt.write_part(batch)
+        for row, result in enumerate(batch):
+            latest[result.key] = (row, result)
+    return latest
+
+
+def check(
+    index: result_index.ResultIndex, pool: np.ndarray, latest: dict[int, tuple[int, RowResult]]
+) -> None:
+    pos = index.lookup(pool)
+    for key, position in zip(pool.tolist(), pos.tolist(), strict=True):
+        assert (position >= 0) == (key in latest), key
+    found = pos[pos >= 0]
+    assert index.size == len(latest) == len(found)
+    counts = index.counts(found)
+    assert counts == {
+        name: sum(r.status == name for _, r in latest.values()) for name in STATUS_CODES
+    }
+    assert index.counts() == {**counts, "invalid": 0}
+    prompt, completion, cost = index.spent
+    assert prompt == sum(r.usage.prompt_tokens for _, r in latest.values())
+    assert completion == sum(r.usage.completion_tokens for _, r in latest.values())
+    assert cost == pytest.approx(sum(r.cost_usd or 0 for _, r in latest.values()))
+    assert index.spent_among(found[: len(found) // 2])[0] == sum(
+        r.usage.prompt_tokens
+        for key, (_, r) in latest.items()
+        if key in set(pool[pos >= 0][: len(found) // 2].tolist())
+    )
+    # each key's position is its latest result's row
+    _, rows = index.locate(found)
+    assert rows.tolist() == [latest[k][0] for k in pool[pos >= 0].tolist()]
+    places = index.places([pool])
+    assert places.counts() == (counts, len(pool) - len(found))
+
+
+@pytest.fixture(params=["one bucket, held", "many buckets, read each time"])
+def tiny(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.param != "one bucket, held":
+        monkeypatch.setattr(index_build, "BUCKET_KEYS", 8)
+        monkeypatch.setattr(index_build, "READ_ROWS", 7)
+        monkeypatch.setattr(result_index, "CACHED_KEYS", 0)
+        monkeypatch.setattr(result_index, "LOOKUP_CHUNK", 5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_every_key_finds_its_latest_result(tmp_path: Path, tiny: None, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    pool = rng.integers(0, 2**64, size=300, dtype=np.uint64)
+    ckpt = Checkpoint(tmp_path / "out.parquet")
+    ckpt.prepare()
+    latest = write_parts(ckpt, rng, pool, parts=8)
+
+    check(Checkpoint(ckpt.output).load_index(), pool, latest)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_saved_index_plus_newer_parts_finds_the_same(
+    tmp_path: Path, tiny: None, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    pool = rng.integers(0, 2**64, size=300, dtype=np.uint64)
+    ckpt = Checkpoint(tmp_path / "out.parquet")
+    ckpt.prepare()
+    latest = write_parts(ckpt, rng, pool, parts=5)
+    ckpt.save_index(ckpt.load_index())
+    # more parts, some keys again: the newer result wins over the saved one
+    for key, value in write_parts(ckpt, rng, pool, parts=4).items():
+        latest[key] = value
+
+    fresh = Checkpoint(ckpt.output)
+    index = fresh.load_index()
+    assert fresh.parts_read == 4
+    check(index, pool, latest)
+    fresh.save_index(index)
+    again = Checkpoint(ckpt.output)
+    check(again.load_index(), pool, latest)
+    assert again.parts_read == 0
+
+
+def test_an_index_nobody_keeps_leaves_no_file(tmp_path: Path, tiny: None) -> None:
+    rng = np.random.default_rng(7)
+    pool = rng.integers(0, 2**64, size=100, dtype=np.uint64)
+    ckpt = Checkpoint(tmp_path / "out.parquet")
+    ckpt.prepare()
+    write_parts(ckpt, rng, pool, parts=3)
+    before = set(ckpt.dir.iterdir())
+
+    index = ckpt.load_index()
+    assert index.size > 0
+    index.close()
+    del index
+
+    assert set(ckpt.dir.iterdir()) == before
