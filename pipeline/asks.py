@@ -159,40 +159,30 @@ async def produce(
 
 def units(plan: Plan, n: int, batch: Any, offset: int) -> Iterator[tuple[PromptRow, str]]:
     """(row as sent to a model, the model) for every row of ``batch`` that needs a request,
-    in input order."""
-    need = plan.send[offset : offset + batch.num_rows]
+    in input order. The batch's keys are read once, as slices (the plan's key arrays may
+    be read from the checkpoint's ``keys.npy``)."""
+    here = slice(offset, offset + batch.num_rows)
+    need = plan.send[here]
     if not need.any():
         return
     where = np.nonzero(need.any(axis=1))[0]
     # a run of consecutive rows (the usual case) is a slice, not a take
     contiguous = where[-1] - where[0] + 1 == len(where)
     part = batch.slice(int(where[0]), len(where)) if contiguous else batch.take(where)
-    rows = plan.builder.build(part, plan.keys[offset + where], offset + where)
+    rows = plan.builder.build(part, plan.keys[here][where], offset + where)
+    model_keys = [keys[here] for keys in plan.model_keys] if len(plan.models) > 1 else []
+    unit_keys = [keys[here] for keys in plan.unit_keys] if n > 1 else []
     for i, row in zip(where, rows, strict=True):
         for j, model in enumerate(plan.models):
-            unit = _unit(plan, n, row, offset + int(i), j, model, need[i])
-            if unit is not None:
-                yield unit, model
-
-
-def _unit(
-    plan: Plan, n: int, row: PromptRow, position: int, model_index: int, model: str, need: Any
-) -> PromptRow | None:
-    """``row`` as sent to model ``model_index`` for the samples it still needs, or None."""
-    first = model_index * n
-    if n == 1:
-        if not need[first]:
-            return None
-    elif not need[first : first + n].any():
-        return None
-    unit = row
-    if len(plan.models) > 1:
-        unit = dataclasses.replace(
-            unit, key=int(plan.model_keys[model_index][position]), model=model
-        )
-    if n > 1:
-        samples = tuple(
-            (s, int(plan.unit_keys[first + s][position])) for s in range(n) if need[first + s]
-        )
-        unit = dataclasses.replace(unit, samples=samples)
-    return unit
+            first, wanted = j * n, need[i]
+            if not wanted[first : first + n].any():
+                continue
+            unit = row
+            if model_keys:
+                unit = dataclasses.replace(unit, key=int(model_keys[j][i]), model=model)
+            if unit_keys:
+                samples = tuple(
+                    (s, int(unit_keys[first + s][i])) for s in range(n) if wanted[first + s]
+                )
+                unit = dataclasses.replace(unit, samples=samples)
+            yield unit, model

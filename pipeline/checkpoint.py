@@ -55,7 +55,7 @@ import pyarrow.parquet as pq
 from . import remote_output
 from .atomic import fsync_dir, write_bytes
 from .errors import FingerprintMismatch, OutputError
-from .index_build import load_index
+from .index_build import index_of
 from .keys import KeyPass
 from .lock import RunLock, lock_holder
 from .part_files import checksum_problem, identified, job_from_parts, part_problem
@@ -63,9 +63,8 @@ from .part_files import part_number as part_number
 from .records import RowResult
 from .rescue import RescuePlace
 from .result_index import ResultIndex
-from .saved_arrays import NpyRange, write_key_arrays
+from .saved_arrays import NpyRange, stage_key_pass, take_in, write_key_arrays
 from .saved_arrays import load_key_pass as read_key_pass
-from .saved_arrays import save_key_pass as write_key_pass
 from .schema import FORMAT_VERSION, results_to_table, row_result, valid_text
 from .schema import PART_SCHEMA as PART_SCHEMA
 from .schema import RESULT_SCHEMA as RESULT_SCHEMA
@@ -99,6 +98,7 @@ class Checkpoint:
         self.shard: Shard | None = None  # a shard run (``--shard``): see shards.py
         self._shard_locks: ShardLocks | None = None
         self.alone = True  # no other run of this checkpoint is alive (shards may be)
+        self.locked = False  # this object holds the run lock (or its shard's)
         self._next_part = 1
         self._write_lock = threading.Lock()  # a part number is taken by one write only
         self._paths: dict[int, Path] = {}  # part number -> file
@@ -148,10 +148,13 @@ class Checkpoint:
         """Take the run lock, or a shard's locks (see ``shards.ShardLocks``; its setup turn
         is held until ``end_setup``). Returns a note when a dead run's lock was taken over."""
         if shard is None:
-            return self._lock.acquire()
+            note = self._lock.acquire()
+            self.locked = True
+            return note
         self.shard = shard
         self._shard_locks = ShardLocks(self.dir, self.output, shard, self._lock)
         self.alone = self._shard_locks.acquire()
+        self.locked = True
         return None
 
     def end_setup(self) -> None:
@@ -165,6 +168,7 @@ class Checkpoint:
             self._shard_locks.setup.hold()
 
     def release_lock(self) -> None:
+        self.locked = False
         if self._shard_locks is not None:
             self._shard_locks.release()
         else:
@@ -230,12 +234,13 @@ class Checkpoint:
             shutil.move(str(rescued), str(backup / "rescued"))
         return backup
 
-    def prepare(self, fingerprint: str | None = None) -> list[str]:
+    def prepare(self, fingerprint: str | None = None, spare: Sequence[Path] = ()) -> list[str]:
         """Under the run lock: create the directories, drop temp files of crashed runs,
         set aside damaged or foreign parts, find the next part, and take in the parts a run
         could only save to the rescue place. Returns notes for the user.
 
-        ``fingerprint`` is this run's: without ``manifest.json`` the parts must prove it.
+        ``fingerprint`` is this run's: without ``manifest.json`` the parts must prove it;
+        ``spare``: this run's own temporary files (its staged key pass)
         """
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         # a temporary file is a crashed run's only when no other run is alive
@@ -248,7 +253,9 @@ class Checkpoint:
             if self.alone
             else []
         ):
-            if not tmp.name.endswith(f".{os.getpid()}.tmp"):  # ours: the staged key pass
+            if tmp.is_dir():  # a lookup's spread keys (result_index)
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif tmp not in spare:
                 tmp.unlink(missing_ok=True)
         notes = self._verify_parts(fingerprint)
         # never a number used before, not even by a part set aside: a saved index or a
@@ -452,24 +459,12 @@ class Checkpoint:
     # -- saved key pass and index: a resume starts from them -----------------------------
 
     def stage_key_pass(self, key_pass: KeyPass) -> Path | None:
-        """Write the input's key pass (``keys.KeyPass``) beside OUTPUT before the checkpoint
-        is locked (its arrays are let go of at once); ``save_key_pass`` moves it in. None
-        when it cannot be written (a cache)."""
-        path = self.output.parent / f".{self.output.name}.input-keys.{os.getpid()}.tmp"
-        try:
-            write_key_pass(path, key_pass, atomic=False)
-        except OSError:
-            path.unlink(missing_ok=True)
-            return None
-        return path
+        """See ``saved_arrays.stage_key_pass``; ``save_key_pass`` takes it in."""
+        return stage_key_pass(self.output, key_pass)
 
     def save_key_pass(self, staged: Path) -> None:
         """Keep the key pass ``stage_key_pass`` wrote for the next run."""
-        try:
-            os.replace(staged, self.dir / "input-keys.npz")
-            fsync_dir(self.dir)
-        except OSError:  # a cache: the next run makes it again
-            staged.unlink(missing_ok=True)
+        take_in(staged, self.dir / "input-keys.npz")
 
     def load_key_pass(self) -> KeyPass | None:
         """The saved key pass, or None when there is none or it is unreadable."""
@@ -482,14 +477,19 @@ class Checkpoint:
         the index is let go of unless ``save_index`` keeps it. Memory: see ``index_build``."""
         self._part_paths()
         self._indexed = dict(self._paths)  # what save_index may claim (shards add parts)
-        index, self.parts_read = load_index(self._indexed, self.dir / INDEX_FILE, self._index_temp)
+        index, self.parts_read = index_of(self._indexed, self.dir / INDEX_FILE, self._index_temp)
+        index.scratch = self._scratch()
         return index
 
+    def _scratch(self) -> Path | None:
+        """Where an index and a lookup's temporary files go: beside the parts while locked
+        (a run keeps its index by a rename), else $TMPDIR (None: for ``status``, whose files
+        beside the parts a run starting meanwhile would remove)."""
+        return self.dir if self.locked and os.access(self.dir, os.W_OK) else None
+
     def _index_temp(self) -> Path:
-        """Where a new index file is written: beside the parts, or, in a checkpoint this
-        process may not write (``pipeline status`` of another user's), the temp directory."""
         name = f".index.{os.getpid()}.{next(_INDEX_BUILDS)}.tmp"
-        return (self.dir if os.access(self.dir, os.W_OK) else Path(tempfile.gettempdir())) / name
+        return (self._scratch() or Path(tempfile.gettempdir())) / name
 
     def save_index(self, index: ResultIndex) -> None:
         """Keep ``index`` (built by the last ``load_index``) for the next one: it covers the

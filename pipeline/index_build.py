@@ -79,7 +79,7 @@ def saved_index(path: Path, parts: dict[int, Path]) -> ResultIndex | None:
         return None
 
 
-def load_index(
+def index_of(
     parts: dict[int, Path], saved: Path, temp: Callable[[], Path]
 ) -> tuple[ResultIndex, int]:
     """(The latest result per key over ``parts`` (number -> path), how many parts were
@@ -168,8 +168,17 @@ class _Buckets:
         self.paths = [dest.with_name(name) for name in names]
         self.files: list[tuple[BinaryIO, BinaryIO]] = []
         self.kind: np.dtype[Any] | None = None
-        for path in self.paths:
-            self.files.append((path.open("wb"), path.with_suffix(".at.tmp").open("wb")))
+        opened: list[BinaryIO] = []
+        try:
+            for path in self.paths:
+                opened.append(path.open("wb"))
+                opened.append(path.with_suffix(".at.tmp").open("wb"))
+        except BaseException:  # too many open files, say: none is left behind
+            for fh in opened:
+                fh.close()
+            self.remove()
+            raise
+        self.files = list(zip(opened[::2], opened[1::2], strict=True))
 
     def add(self, keys: np.ndarray, positions: np.ndarray) -> None:
         self.kind = positions.dtype
@@ -202,9 +211,10 @@ class _Buckets:
         return np.fromfile(path, np.uint64), np.fromfile(path.with_suffix(".at.tmp"), kind)
 
     def remove(self) -> None:
-        for (keys, positions), path in zip(self.files, self.paths, strict=True):
+        for keys, positions in self.files:
             keys.close()
             positions.close()
+        for path in self.paths:
             path.unlink(missing_ok=True)
             path.with_suffix(".at.tmp").unlink(missing_ok=True)
 
@@ -221,7 +231,7 @@ def _count_below(base: ResultIndex, value: int) -> int:
     """How many of ``base``'s keys are below ``value``."""
     total = 0
     for block, (first, last) in enumerate(base.fences):
-        start, stop = base._blocks[block]
+        start, stop = base.blocks[block]
         if value > last:
             total = stop
         elif value > first:

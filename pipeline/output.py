@@ -54,7 +54,9 @@ def start_manifest(plan: Plan, config: RunConfig) -> dict[str, Any]:
         manifest["running"] = True
     checkpoint.identity = {"fingerprint": fingerprint, "job": manifest["job_id"]}
     checkpoint.write_manifest(manifest)
-    checkpoint.write_keys(plan.unit_keys)
+    checkpoint.write_keys([keys[:] for keys in plan.unit_keys])  # views of the arrays
+    if plan.shard is None:  # (a shard keeps its keys: it masks them at its end)
+        plan.read_keys_from(checkpoint.recorded_unit_keys(len(plan.unit_keys), plan.rows))
     if plan.shard is not None and plan.shard_keys is not None:
         shards.write_shard_keys(checkpoint.dir, plan.shard_keys)
         shards.write_record(

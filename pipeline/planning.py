@@ -37,7 +37,7 @@ from .proxy import ProxySettings, settings_from
 from .reader import InputSource, Resume
 from .records import COST_BATCH_TABLE
 from .remote_output import shown_output
-from .result_index import ResultIndex
+from .result_index import KeyArray, ResultIndex
 from .samples import SampleRequest, plan_requests
 from .shards import Shard
 from .todo import what_to_send
@@ -50,13 +50,13 @@ class Plan:
     source: InputSource
     builder: PromptBuilder
     checkpoint: Checkpoint
-    keys: np.ndarray  # per input row
+    keys: KeyArray  # per input row
     resume_from: Resume | None  # where reading may start: the rows before need nothing
     models: tuple[str, ...]
-    model_keys: tuple[np.ndarray, ...]  # per model: the key of (row, model), i.e. of sample 0
+    model_keys: tuple[KeyArray, ...]  # per model: the key of (row, model), i.e. of sample 0
     # per unit u = model * n + sample: the key of (row, model, sample); one unit per model
     # when n == 1
-    unit_keys: tuple[np.ndarray, ...]
+    unit_keys: tuple[KeyArray, ...]
     todo: np.ndarray  # bool [row, unit]: needs a result
     send: np.ndarray  # bool [row, unit]: needs a request (todo, not a duplicate)
     index: ResultIndex
@@ -94,17 +94,27 @@ class Plan:
         rows = self.rows if self.shard_rows is None else int(self.shard_rows.sum())
         return rows * self.units
 
+    def read_keys_from(self, recorded: tuple[KeyArray, ...]) -> None:
+        """Read the key arrays from the checkpoint (``keys.npy``, a slice at a time) from now
+        on, not from memory (8 bytes a row and unit): sending reads them a batch at a time.
+        The row keys become model 0's, which is what they are with one model (with more,
+        each model's key replaces the row's)."""
+        n = len(recorded) // len(self.models)
+        self.unit_keys = recorded
+        self.model_keys = tuple(recorded[m * n] for m in range(len(self.models)))
+        self.keys = recorded[0]
+
     def let_go_of_keys(self) -> None:
         """Free the per-row arrays once nothing more is sent (10 bytes a row and more):
         what follows reads the unit keys the checkpoint recorded (``keys.npy``)."""
         self.keys, self.model_keys, self.unit_keys = np.zeros(0, dtype=np.uint64), (), ()
         self.todo = self.send = np.zeros((0, 0), dtype=bool)
 
-    def scope_unit_keys(self) -> tuple[np.ndarray, ...]:
+    def scope_unit_keys(self) -> tuple[KeyArray, ...]:
         """The unit keys of the rows this run answers for: its shard's, or every row's."""
         if self.shard_rows is None:
             return self.unit_keys
-        return tuple(keys[self.shard_rows] for keys in self.unit_keys)
+        return tuple(keys[:][self.shard_rows] for keys in self.unit_keys)
 
 
 def _check_output_path(output: Path, config: RunConfig, checkpoint: Checkpoint) -> None:
@@ -342,7 +352,7 @@ def _open_checkpoint(
             )
         elif checkpoint.holds_results():  # no result yet (a run that failed): nothing to mix
             checkpoint.check_fingerprint(fingerprint_parts(config), FINGERPRINT_DEFAULTS)
-        notes.extend(checkpoint.prepare(fingerprint(config)))
+        notes.extend(checkpoint.prepare(fingerprint(config), spare=staged))
         while staged:
             checkpoint.save_key_pass(staged.pop())
         index = checkpoint.load_index()

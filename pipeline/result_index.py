@@ -27,7 +27,7 @@ from .records import STATUS_CODES
 from .saved_arrays import NpyRange
 
 LOOKUP_CHUNK = 1 << 18  # keys looked up at once: ~12 MB of temporaries
-CACHED_KEYS = 1 << 22  # an index of up to this many keys is held once read (48 MB)
+CACHED_KEYS = 1 << 20  # an index of up to this many keys is held once read (12 MB)
 KeyArray = np.ndarray | NpyRange  # keys in memory, or recorded in a file and read in slices
 SUPERSEDED = -1  # the status of a result a later one of the same key replaced
 INDEX_LAYOUT = 3  # 3: an array file, keys in sorted blocks (2: an .npz held whole)
@@ -81,14 +81,15 @@ class ResultIndex:
     fences: list[tuple[int, int]] = field(default_factory=list)
     spent: tuple[int, int, float] = (0, 0, 0.0)  # prompt and completion tokens, cost
     temporary: bool = False  # the file is this index's own, removed when it is let go
-    _blocks: list[tuple[int, int]] = field(default_factory=list)
+    scratch: Path | None = None  # where lookups may write temporary files (None: $TMPDIR)
+    blocks: list[tuple[int, int]] = field(default_factory=list)  # each block's (start, stop)
     _cache: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.file is not None:
             at = 0
             for count in self.file.pieces("keys"):
-                self._blocks.append((at, at + count))
+                self.blocks.append((at, at + count))
                 at += count
             self._finalizer = weakref.finalize(self, _close, self.file, self.temporary)
 
@@ -117,7 +118,7 @@ class ResultIndex:
             raise ArrayFileError(f"{file.path}: {exc}") from None
         ok = (
             file.length("keys") == file.length("at") == index.size
-            and len(index._blocks) == len(index.fences)
+            and len(index.blocks) == len(index.fences)
             and all(file.length(name) == len(index.status) for name in PER_POSITION)
             and len(index.numbers) == len(index.starts)
         )
@@ -152,7 +153,7 @@ class ResultIndex:
         if cached is not None:
             return cached
         assert self.file is not None
-        start, stop = self._blocks[block]
+        start, stop = self.blocks[block]
         try:
             values = self.file.read(name, start, stop)
         except ArrayFileError as exc:
@@ -233,7 +234,7 @@ class ResultIndex:
         that it is read once, not once a chunk."""
         kind = position_type(self.positions)
         at = tuple(np.full(len(keys), np.iinfo(kind).max, dtype=kind) for keys in key_arrays)
-        if self.size > CACHED_KEYS and len(self.fences) > 1 and self.file is not None:
+        if self.size > CACHED_KEYS and len(self.fences) > 1:
             self._join(key_arrays, at)
             return RowPlaces(at, self.numbers, self.starts, self.status)
         for keys, places in zip(key_arrays, at, strict=True):
@@ -245,43 +246,61 @@ class ResultIndex:
 
     def _join(self, key_arrays: Sequence[KeyArray], at: tuple[np.ndarray, ...]) -> None:
         """Fill ``at`` with the positions of ``key_arrays``'s keys: the keys are spread
-        over temporary files by the index block that may hold them (with where each came
-        from), then each block is read once and matched with its keys."""
-        assert self.file is not None
+        over temporary files (in ``scratch``) by the index block that may hold them, with
+        where each came from, then each block is read once and matched with its keys, a
+        chunk at a time. Where no file can be written, a chunk of keys at a time."""
         firsts = np.array([first for first, _ in self.fences], dtype=np.uint64)
-        where = self.file.path.parent if self.file.path is not None else None
-        with tempfile.TemporaryDirectory(dir=where, prefix=".join-", suffix=".tmp") as tmp:
-            spread = [Path(tmp) / f"{block}" for block in range(len(firsts))]
-            files = [path.open("wb") for path in spread]
-            try:
-                for unit, keys in enumerate(key_arrays):
-                    for start in range(0, len(keys), LOOKUP_CHUNK):
-                        chunk = keys[start : start + LOOKUP_CHUNK]
-                        which = np.searchsorted(firsts, chunk, side="right") - 1
-                        order = np.argsort(which, kind="stable")
-                        pairs = np.empty((len(chunk), 2), dtype=np.uint64)
-                        pairs[:, 0] = chunk[order]
-                        pairs[:, 1] = order + start + (unit << 40)  # unit, then row
-                        ends = np.searchsorted(which[order], np.arange(len(firsts)), "right")
-                        for b in np.flatnonzero(np.diff(ends, prepend=0)):
-                            files[b].write(pairs[(ends[b - 1] if b else 0) : ends[b]].data)
-            finally:
-                for fh in files:
-                    fh.close()
-            for block, path in enumerate(spread):
-                pairs = np.fromfile(path, dtype=np.uint64).reshape(-1, 2)
-                path.unlink()
-                if not len(pairs):
-                    continue
-                block_keys = self._block("keys", block)
-                found = np.searchsorted(block_keys, pairs[:, 0])
-                np.minimum(found, len(block_keys) - 1, out=found)
-                hit = np.flatnonzero(block_keys[found] == pairs[:, 0])
-                positions = self._block("at", block)[found[hit]]
-                units, rows = pairs[hit, 1] >> np.uint64(40), pairs[hit, 1] & ((1 << 40) - 1)
-                for unit in np.unique(units).tolist():
-                    mine = units == unit
-                    at[unit][rows[mine].astype(np.int64)] = positions[mine]
+        try:
+            with tempfile.TemporaryDirectory(
+                dir=self.scratch, prefix=".join-", suffix=".tmp"
+            ) as tmp:
+                spread = [Path(tmp) / f"{block}" for block in range(len(firsts))]
+                _spread(key_arrays, firsts, spread)
+                for block, path in enumerate(spread):
+                    with path.open("rb") as fh:
+                        while len(pairs := np.fromfile(fh, np.uint64, 2 * LOOKUP_CHUNK)):
+                            self._match(block, pairs.reshape(-1, 2), at)
+                    path.unlink()
+        except OSError:  # a full disk, a directory not ours to write
+            for keys, places in zip(key_arrays, at, strict=True):
+                for start in range(0, len(keys), LOOKUP_CHUNK):
+                    pos = self.lookup(keys[start : start + LOOKUP_CHUNK])
+                    have = np.flatnonzero(pos >= 0)
+                    places[start + have] = pos[have]
+
+    def _match(self, block: int, pairs: np.ndarray, at: tuple[np.ndarray, ...]) -> None:
+        """Put the positions of ``pairs``'s keys (key, unit << 40 | row) found in
+        ``block`` into ``at``."""
+        block_keys = self._block("keys", block)
+        found = np.searchsorted(block_keys, pairs[:, 0])
+        np.minimum(found, len(block_keys) - 1, out=found)
+        hit = np.flatnonzero(block_keys[found] == pairs[:, 0])
+        positions = self._block("at", block)[found[hit]]
+        units, rows = pairs[hit, 1] >> np.uint64(40), pairs[hit, 1] & ((1 << 40) - 1)
+        for unit in np.unique(units).tolist():
+            mine = units == unit
+            at[unit][rows[mine].astype(np.int64)] = positions[mine]
+
+
+def _spread(key_arrays: Sequence[KeyArray], firsts: np.ndarray, spread: list[Path]) -> None:
+    """Append each key (with its unit and row) to the file of the block that may hold it
+    (the last block whose first key is not above it)."""
+    files = [path.open("wb") for path in spread]
+    try:
+        for unit, keys in enumerate(key_arrays):
+            for start in range(0, len(keys), LOOKUP_CHUNK):
+                chunk = keys[start : start + LOOKUP_CHUNK]
+                which = np.searchsorted(firsts, chunk, side="right") - 1
+                order = np.argsort(which, kind="stable")
+                pairs = np.empty((len(chunk), 2), dtype=np.uint64)
+                pairs[:, 0] = chunk[order]
+                pairs[:, 1] = order + start + (unit << 40)  # unit, then row
+                ends = np.searchsorted(which[order], np.arange(len(firsts)), "right")
+                for b in np.flatnonzero(np.diff(ends, prepend=0)):
+                    files[b].write(pairs[(ends[b - 1] if b else 0) : ends[b]].data)
+    finally:
+        for fh in files:
+            fh.close()
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_write
+from .atomic import atomic_write, fsync_dir
 from .keys import KeyPass
 
 KEY_PASS_VERSION = 1
@@ -108,6 +108,28 @@ def save_key_pass(path: Path, key_pass: KeyPass, *, atomic: bool = True) -> None
     if key_pass.ids is not None:
         arrays["ids"] = key_pass.ids
     save_arrays(path, meta, arrays, atomic=atomic)
+
+
+def stage_key_pass(output: Path, key_pass: KeyPass) -> Path | None:
+    """Write ``key_pass`` beside ``output`` before the run locks its checkpoint (the
+    pass's arrays are then let go of); None when it cannot be written (it is a cache)."""
+    path = output.parent / f".{output.name}.input-keys.{os.getpid()}.tmp"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # as the run would
+        save_key_pass(path, key_pass, atomic=False)
+    except OSError:
+        path.unlink(missing_ok=True)
+        return None
+    return path
+
+
+def take_in(staged: Path, path: Path) -> None:
+    """Move the ``staged`` file to ``path``, durably; a cache, so a failure only drops it."""
+    try:
+        os.replace(staged, path)
+        fsync_dir(path.parent)
+    except OSError:
+        staged.unlink(missing_ok=True)
 
 
 def load_key_pass(path: Path) -> KeyPass | None:

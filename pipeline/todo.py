@@ -41,21 +41,25 @@ def what_to_send(
     # a superseded result's key has a later one: only the latest counts as present or not
     work = Work(todo=todo, send=np.zeros_like(todo), present=index.status == SUPERSEDED)
     for j, mkeys in enumerate(unit_keys):
-        places = index.places([mkeys]).at[0]  # a unit at a time: 4 bytes a row
-        none = np.iinfo(places.dtype).max
+        # a unit at a time: 4 bytes a row (none for a first run: nothing is done)
+        places = index.places([mkeys]).at[0] if index.size else None
         # a chunk of rows at a time: the temporaries stay small at any row count
         for at in range(0, n, LOOKUP_CHUNK):
-            pos = places[at : at + LOOKUP_CHUNK]
-            done = pos != none
-            found = pos[done]
-            if config.retry_failed:
-                status = index.status[found]
-                done[done] = (status != STATUS_CODES["error"]) & (status != STATUS_CODES["invalid"])
-            work.present[found] = True
+            chunk = slice(at, at + LOOKUP_CHUNK)
+            done = np.zeros(len(todo[chunk]), dtype=bool)
+            if places is not None:
+                pos = places[chunk]
+                done = pos != np.iinfo(pos.dtype).max
+                found = pos[done]
+                if config.retry_failed:
+                    status = index.status[found]
+                    failed = (status == STATUS_CODES["error"]) | (status == STATUS_CODES["invalid"])
+                    done[done] = ~failed
+                work.present[found] = True
             if rows is not None:
-                done |= ~rows[at : at + LOOKUP_CHUNK]
-            np.logical_not(done, out=todo[at : at + LOOKUP_CHUNK, j])
-            work.send[at : at + LOOKUP_CHUNK, j] = todo[at : at + LOOKUP_CHUNK, j]
+                done |= ~rows[chunk]
+            np.logical_not(done, out=todo[chunk, j])
+            work.send[chunk, j] = todo[chunk, j]
         del places
         if config.dedup:
             _dedup(work, j, mkeys, row_keys, index)

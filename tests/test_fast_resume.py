@@ -321,6 +321,19 @@ def test_a_run_refused_after_its_key_pass_leaves_nothing_beside_output(
     assert saved.read_bytes() != before
 
 
+def test_a_first_run_into_a_directory_not_made_yet_keeps_its_key_pass(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    source = write_csv(tmp_path / "in.csv", ["a", "b"])
+    output = tmp_path / "new" / "dir" / "out.parquet"
+    assert run(simulator, source, output).exit_code == 0
+    assert (output.parent / "out.parquet.checkpoint" / "input-keys.npz").exists()
+    assert sorted(p.name for p in output.parent.iterdir()) == [
+        "out.parquet",
+        "out.parquet.checkpoint",
+    ]
+
+
 def test_an_edit_hidden_from_size_and_mtime_is_sent_again(
     simulator: SimulatorThread, tmp_path: Path
 ) -> None:

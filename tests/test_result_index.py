@@ -5,6 +5,8 @@ has about ten), and read from the file each time as for an index too big to hold
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +132,49 @@ def test_an_index_nobody_keeps_leaves_no_file(tmp_path: Path, tiny: None) -> Non
     del index
 
     assert set(ckpt.dir.iterdir()) == before
+
+
+def test_what_a_killed_run_left_of_its_index_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    ckpt = Checkpoint(tmp_path / "out.parquet")
+    ckpt.prepare()
+    ckpt.write_part(results(np.random.default_rng(1), np.arange(1, 4, dtype=np.uint64)))
+    # a run killed while it built its index, and while it spread keys for a lookup
+    (ckpt.dir / ".index.4194301.0.tmp").write_bytes(b"half an index")
+    (ckpt.dir / ".index.4194301.0.tmp.3.tmp").write_bytes(b"a bucket")
+    spread = ckpt.dir / ".join-x1y2.tmp"
+    spread.mkdir()
+    (spread / "0").write_bytes(bytes(16))
+    # and a key pass it staged beside OUTPUT, under the pid this process happens to have
+    staged = ckpt.output.parent / f".out.parquet.input-keys.{os.getpid()}.tmp"
+    staged.write_bytes(b"a key pass")
+
+    again = Checkpoint(ckpt.output)
+    again.prepare()
+
+    assert sorted(p.name for p in again.dir.iterdir()) == ["parts"]
+    assert not staged.exists()
+    assert again.load_index().size == 3
+
+
+def test_a_reader_without_the_lock_writes_nothing_beside_the_parts(
+    tmp_path: Path, tiny: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `pipeline status` reads unlocked: a run starting meanwhile removes temporary files
+    # beside the parts, so a reader's index and lookups live in the temp directory
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    rng = np.random.default_rng(3)
+    pool = rng.integers(0, 2**64, size=200, dtype=np.uint64)
+    ckpt = Checkpoint(tmp_path / "out.parquet")
+    ckpt.prepare()
+    latest = write_parts(ckpt, rng, pool, parts=6)
+    before = sorted(ckpt.dir.rglob("*"))
+
+    reader = Checkpoint(ckpt.output)
+    index = reader.load_index()
+    assert index.file is not None and index.file.path is not None
+    assert index.file.path.parent == scratch
+    check(index, pool, latest)  # lookups and joins included
+
+    assert sorted(ckpt.dir.rglob("*")) == before
