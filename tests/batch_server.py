@@ -29,6 +29,7 @@ class Faults:
     fail_all: bool = False  # every line an HTTP 500 error (output_file_id null)
     invalid: bool = False  # validation fails (status failed, errors.data)
     delay: float = 0.0  # seconds before every answer (a slow provider: room to kill a client)
+    create_delay: float = 0.0  # a create received is made (and listed) this much later
     polls_429: int = 0  # the next N polls (GET /batches*) answer 429 with Retry-After
     retry_after: float = 0.5
 
@@ -39,6 +40,7 @@ class BatchServer:
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict[str, Any]] = {}
         self.creates: list[dict[str, str]] = []  # the metadata of every create received
+        self.creates_received = 0  # creates whose request arrived (made or not yet)
         self.cancelled: list[str] = []  # the ids of the batches cancelled
         self.polls = {"list": 0, "get": 0}  # GET /batches and GET /batches/{id} received
         self.poll_times: list[tuple[float, int]] = []  # (monotonic time, status) of each poll
@@ -198,6 +200,8 @@ class BatchServer:
                 if path == "/v1/files":
                     self._reply(200, server.upload(_multipart_file(body)))
                 elif path == "/v1/batches":
+                    server.creates_received += 1
+                    time.sleep(server.faults.create_delay)
                     batch = server.create(json.loads(body))
                     faults = server.faults
                     if faults.hold_create is not None:

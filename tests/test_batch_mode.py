@@ -23,6 +23,7 @@ from batch_server import BatchServer, Faults, answer
 from click.testing import CliRunner
 from conftest import run_job
 
+from pipeline.batch import executor as executor_module
 from pipeline.cli import main
 from pipeline.errors import EXIT_BATCHES_RUNNING, EXIT_FAILED_ROWS, EXIT_OK, ConfigError
 
@@ -241,9 +242,40 @@ def _kill_after_journal_lines(data: Path, output: Path, base_url: str, lines: in
     return journal.read_text().count("\n") if journal.exists() else 0
 
 
-def test_kill_9_after_each_journal_step_then_a_rerun_finishes_every_row_once_one_batch(
-    tmp_path: Path,
+def test_a_rerun_while_the_killed_runs_create_is_still_being_made_creates_no_second_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # the provider received the create and makes the batch a second later; the run was
+    # killed meanwhile and rerun at once: its list does not show the batch yet
+    monkeypatch.setattr(executor_module, "CREATE_SETTLE", 3.0)
+    data = _input(tmp_path / "in.csv")
+    output = tmp_path / "out.parquet"
+    with BatchServer(Faults(create_delay=1.0)) as server:
+        code = (
+            "from pipeline import run_batch; from pipeline.config import RunConfig; "
+            f"run_batch({str(data)!r}, {str(output)!r}, RunConfig(progress=False, "
+            f"base_url={server.base_url!r}, batch=True, poll_interval=0.01))"
+        )
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        child = subprocess.Popen([sys.executable, "-c", code], env=env)
+        deadline = time.monotonic() + 30
+        while not server.creates_received and time.monotonic() < deadline:
+            time.sleep(0.005)
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        assert server.creates_received == 1 and not server.creates  # received, not made yet
+
+        summary = run_job(data, output, base_url=server.base_url, **FAST)
+
+        assert len(server.creates) == 1, server.creates  # found by its tag once it was made
+        assert server.lines_answered == 25
+    assert summary.exit_code == EXIT_OK and summary.ok == 30
+
+
+def test_kill_9_after_each_journal_step_then_a_rerun_finishes_every_row_once_one_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(executor_module, "CREATE_SETTLE", 0.5)  # past the server's delay
     data = _input(tmp_path / "in.csv", 12)
     # one part: part, upload, uploaded, create, created, polled (in_progress), ended,
     # merged; "uploaded" and the create intent are written back to back, every other step

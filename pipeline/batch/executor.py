@@ -45,6 +45,13 @@ FLUSH_LINES = 2000  # a merge makes its results durable this often (bounded memo
 # often as an online run's default --checkpoint-rows)
 
 
+# A create sent whose answer was never saved (the run was killed, or the answer lost): the
+# provider may still be making that batch, and a list does not show it yet. No new attempt
+# is created before this many seconds have passed since it was sent (two batches of one part
+# would both be billed); a rerun finds it by its tag meanwhile.
+CREATE_SETTLE = 30.0
+
+
 @dataclass(frozen=True)
 class BatchOptions:
     """How batch mode cuts, waits and resubmits."""
@@ -305,6 +312,14 @@ class BatchExecutor:
                 state.batch_id, state.creating = found, None
                 self.reporter.note(f"batch part {state.part}: found batch {found} by its tag")
                 return True
+            settle = state.creating + CREATE_SETTLE - time.time()
+            if settle > 0:
+                self.reporter.note(
+                    f"batch part {state.part}: its create was sent and not answered; looking "
+                    f"for the batch again in {settle:.0f}s before creating it again"
+                )
+                self.poll_later = max(self.poll_later, settle)
+                return False
         refusal = self.budget.admit(state)
         if refusal is not None:
             if state.part not in self.budget.held:
