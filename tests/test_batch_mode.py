@@ -150,6 +150,17 @@ def test_a_create_whose_answer_is_lost_is_found_by_its_tag_not_created_again(
     assert summary.exit_code == EXIT_OK and summary.ok == 30
 
 
+def _batch_child(data: Path, output: Path, base_url: str) -> subprocess.Popen[bytes]:
+    """The batch run of ``data`` in a child process (to be killed)."""
+    code = (
+        "from pipeline import run_batch; from pipeline.config import RunConfig; "
+        f"run_batch({str(data)!r}, {str(output)!r}, RunConfig(progress=False, "
+        f"base_url={base_url!r}, batch=True, poll_interval=0.01))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.Popen([sys.executable, "-c", code], env=env)
+
+
 def test_a_run_killed_while_its_create_is_in_flight_resumes_with_one_batch(
     tmp_path: Path,
 ) -> None:
@@ -157,13 +168,7 @@ def test_a_run_killed_while_its_create_is_in_flight_resumes_with_one_batch(
     output = tmp_path / "out.parquet"
     held = threading.Event()
     with BatchServer(Faults(hold_create=held)) as server:
-        code = (
-            "import sys; from pipeline import run_batch; from pipeline.config import RunConfig; "
-            f"run_batch({str(data)!r}, {str(output)!r}, RunConfig(progress=False, "
-            f"base_url={server.base_url!r}, batch=True, poll_interval=0.01))"
-        )
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-        child = subprocess.Popen([sys.executable, "-c", code], env=env)
+        child = _batch_child(data, output, server.base_url)
         deadline = time.monotonic() + 30
         while not server.creates and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -222,14 +227,8 @@ def test_the_command_line_exports_and_imports_openai_batch_files(tmp_path: Path)
 def _kill_after_journal_lines(data: Path, output: Path, base_url: str, lines: int) -> int:
     """Run the job in a child process and SIGKILL it once the journal has ``lines`` lines
     (the server answers slowly: the child is then waiting on its next remote call)."""
-    code = (
-        "from pipeline import run_batch; from pipeline.config import RunConfig; "
-        f"run_batch({str(data)!r}, {str(output)!r}, RunConfig(progress=False, "
-        f"base_url={base_url!r}, batch=True, poll_interval=0.01))"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     journal = output.with_name(output.name + ".checkpoint") / "batch" / "batches.jsonl"
-    child = subprocess.Popen([sys.executable, "-c", code], env=env)
+    child = _batch_child(data, output, base_url)
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline and child.poll() is None:
@@ -251,13 +250,7 @@ def test_a_rerun_while_the_killed_runs_create_is_still_being_made_creates_no_sec
     data = _input(tmp_path / "in.csv")
     output = tmp_path / "out.parquet"
     with BatchServer(Faults(create_delay=1.0)) as server:
-        code = (
-            "from pipeline import run_batch; from pipeline.config import RunConfig; "
-            f"run_batch({str(data)!r}, {str(output)!r}, RunConfig(progress=False, "
-            f"base_url={server.base_url!r}, batch=True, poll_interval=0.01))"
-        )
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-        child = subprocess.Popen([sys.executable, "-c", code], env=env)
+        child = _batch_child(data, output, server.base_url)
         deadline = time.monotonic() + 30
         while not server.creates_received and time.monotonic() < deadline:
             time.sleep(0.005)
