@@ -45,10 +45,8 @@ FLUSH_LINES = 2000  # a merge makes its results durable this often (bounded memo
 # often as an online run's default --checkpoint-rows)
 
 
-# A create sent whose answer was never saved (the run was killed, or the answer lost): the
-# provider may still be making that batch, and a list does not show it yet. No new attempt
-# is created before this many seconds have passed since it was sent (two batches of one part
-# would both be billed); a rerun finds it by its tag meanwhile.
+# A create sent and not answered (a kill, a lost answer) may still be in the provider's hands,
+# not listed yet: no new attempt (a second billed batch) until it is this many seconds old.
 CREATE_SETTLE = 30.0
 
 
