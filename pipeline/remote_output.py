@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 import threading
@@ -50,6 +51,14 @@ _NOT_SHARED_SUFFIXES = (".lock", ".tmp", ".npz", ".npy")
 
 _mirrors: dict[Path, RemoteOutput] = {}  # local checkpoint dir -> its store
 _mirrors_lock = threading.Lock()
+
+
+def _parses(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
 
 
 def is_remote(output: object) -> bool:
@@ -103,6 +112,11 @@ class RemoteOutput:
 
     def _download(self, remote: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
+        if not local.name.startswith("part-"):  # replaced by other hosts: read as one version
+            data = self._read_whole(remote)
+            with atomic_write(local) as tmp:
+                tmp.write_bytes(data)
+            return
         with (
             self._call(self.fs.open_input_stream, remote) as source,
             atomic_write(local) as tmp,
@@ -110,6 +124,22 @@ class RemoteOutput:
         ):
             while chunk := source.read(CHUNK):
                 sink.write(chunk)
+
+    def _read_whole(self, remote: str) -> bytes:
+        """A small JSON object other hosts replace (the manifest, a shard record), read as
+        one version. A read is a size lookup and then ranged requests: one that crosses a
+        replace gets the new object cut at the old one's size (a shard once failed to start
+        on such a manifest). Read again until the bytes parse and the size agrees."""
+        for attempt in range(20):
+            with self._call(self.fs.open_input_stream, remote) as source:
+                data = source.read()
+            if len(data) == self._call(self.fs.get_file_info, remote).size and _parses(data):
+                return bytes(data)
+            time.sleep(0.01 * (attempt + 1))
+        raise OutputError(
+            f"OUTPUT {shown(self.uri)}: {remote} keeps changing or is not JSON; is a run "
+            "writing it, or is the store's checkpoint damaged?"
+        )
 
     def _upload(self, local: Path, remote: str) -> None:
         with local.open("rb") as source, self._call(self.fs.open_output_stream, remote) as sink:
@@ -166,8 +196,7 @@ class RemoteOutput:
     def _read_remote_manifest(self) -> dict[str, Any]:
         import json
 
-        with self._call(self.fs.open_input_stream, f"{self.remote_checkpoint}/manifest.json") as f:
-            data = json.loads(f.read())
+        data = json.loads(self._read_whole(f"{self.remote_checkpoint}/manifest.json"))
         return data if isinstance(data, dict) else {}
 
     def _set_aside_other_incarnation(self, stored: bool) -> None:

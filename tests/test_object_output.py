@@ -9,17 +9,20 @@ from __future__ import annotations
 import io
 import json
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 import pytest
 from conftest import S3_SECRET, cli, kill_job, spawn, wait_for, write_csv
 
 import pipeline
+from pipeline import remote_output
 from pipeline.simulator import SimulatorThread
 
 MakeSimulator = Callable[..., SimulatorThread]
@@ -240,3 +243,60 @@ def test_three_shards_on_s3_killed_then_two_others_finish_every_row_once_in_orde
     assert set(counts) == set(prompts) and max(counts.values()) <= 2
     resent = sum(n - 1 for n in counts.values())
     assert resent <= 3 * (rate * LOSS_WINDOW + KILL_CONCURRENCY), (resent, rate)
+
+
+class ReplacedWhileRead(BaseHTTPRequestHandler):
+    """An S3-protocol endpoint holding one manifest that another host replaces between a
+    reader's size lookup and its read: the first HEAD says the old size, the first GET
+    sends the new, longer manifest cut at that size (what a read crossing a replace gets
+    from a store); from then on the new one, whole."""
+
+    old = json.dumps({"job_id": "j", "rows_total": 5}).encode()
+    new = json.dumps({"job_id": "j", "rows_total": 5, "note": "x" * 200}).encode()
+    looks: ClassVar[dict[str, int]] = {"HEAD": 0, "GET": 0}
+
+    def _send(self, body: bytes, size: int, status: int = 200) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(size))
+        self.send_header("Last-Modified", "Sat, 05 Dec 2026 18:00:00 GMT")
+        self.send_header("ETag", '"e"')
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        self.looks["HEAD"] += 1
+        self._send(b"", len(self.old if self.looks["HEAD"] == 1 else self.new))
+
+    def do_GET(self) -> None:
+        self.looks["GET"] += 1
+        body = self.new[: len(self.old)] if self.looks["GET"] == 1 else self.new
+        lo, hi = (int(x) for x in self.headers["Range"].split("=")[1].split("-"))
+        self._send(body[lo : hi + 1], len(body[lo : hi + 1]), 206)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_manifest_replaced_while_it_is_read_is_read_again_not_taken_cut(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    local = tmp_path / "manifest.json"
+    with ThreadingHTTPServer(("127.0.0.1", 0), ReplacedWhileRead) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        for name, value in {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}",
+            "AWS_ACCESS_KEY_ID": "AKIDTESTING",
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }.items():
+            monkeypatch.setenv(name, value)
+        on_host(monkeypatch, tmp_path / "host")
+        store = remote_output.RemoteOutput("s3://outputs/jobs/labels.parquet")
+        try:
+            store._download(f"{store.remote_checkpoint}/manifest.json", local)
+        finally:
+            server.shutdown()
+
+    assert local.read_bytes() == ReplacedWhileRead.new  # not the new one cut at the old size
+    assert ReplacedWhileRead.looks["GET"] >= 2
