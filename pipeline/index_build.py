@@ -274,13 +274,13 @@ def _merge(
         last = np.ones(len(positions), dtype=bool)
         last[:-1] = starts[1:]
         del starts
-        superseded.append(positions[~last].astype(np.int64))
+        superseded.append(positions[~last])  # positions' own type: 4 bytes each, mostly
         kept = ordered[last]
         writer.append("keys", kept)
         writer.append("at", positions[last])
         fences.append([int(kept[0]), int(kept[-1])])
         count += len(kept)
-    return np.sort(np.concatenate(superseded or [np.zeros(0, np.int64)])), fences, count
+    return np.sort(np.concatenate(superseded or [np.zeros(0, kind)])), fences, count
 
 
 def _batches(path: Path, columns: list[str], size: int) -> Iterator[pa.RecordBatch]:
@@ -317,7 +317,7 @@ def _per_position(
         stop = start + len(columns[0])
         lo, hi = np.searchsorted(superseded, [start, stop])
         for i, (name, values) in enumerate(zip(PER_POSITION[1:], columns, strict=True)):
-            values[superseded[lo:hi] - start] = 0
+            values[superseded[lo:hi].astype(np.int64) - start] = 0
             sums[i] += values.sum().item()
             writer.append(name, values)
 
