@@ -207,7 +207,12 @@ def test_a_killed_driver_loses_nothing_recorded_and_the_same_command_resumes(
     driver.wait()
     while any(is_running(pid) for pid in actors):
         time.sleep(0.1)
-    before = len(sim.simulator.requests)
+    # what the actors sent just before they died may still be read by the simulator: its
+    # count settles first (once it was read after this point and counted as the rerun's)
+    before, settled = -1, time.monotonic() + 10
+    while before != len(sim.simulator.requests) and time.monotonic() < settled:
+        before = len(sim.simulator.requests)
+        time.sleep(0.5)
     recorded = merge_output(tmp_path / "out.parquet", destination=tmp_path / "so-far.parquet")
     assert 0 < recorded.pending < len(prompts), "the kill came before or after the run"
     finished = subprocess.run(
