@@ -105,8 +105,8 @@ class Plan:
         self.keys = recorded[0]
 
     def let_go_of_keys(self) -> None:
-        """Free the per-row arrays once nothing more is sent (10 bytes a row and more):
-        what follows reads the unit keys the checkpoint recorded (``keys.npy``)."""
+        """Free the per-row arrays once nothing more is sent (the todo and send masks, 2
+        bytes a row and unit): what follows reads the unit keys from ``keys.npy``."""
         self.keys, self.model_keys, self.unit_keys = np.zeros(0, dtype=np.uint64), (), ()
         self.todo = self.send = np.zeros((0, 0), dtype=bool)
 
