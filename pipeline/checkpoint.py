@@ -62,7 +62,7 @@ from .part_files import checksum_problem, identified, job_from_parts, part_probl
 from .part_files import part_number as part_number
 from .records import RowResult
 from .rescue import RescuePlace
-from .result_index import ResultIndex
+from .result_index import KeyArray, ResultIndex
 from .saved_arrays import NpyRange, stage_key_pass, take_in, write_key_arrays
 from .saved_arrays import load_key_pass as read_key_pass
 from .schema import FORMAT_VERSION, results_to_table, row_result, valid_text
@@ -423,9 +423,9 @@ class Checkpoint:
             )
         return pq.read_table(pa.BufferReader(data), schema=PART_SCHEMA)
 
-    def write_keys(self, arrays: Sequence[np.ndarray]) -> None:
-        """Record the current input's unit keys, for ``pipeline status`` and the run's end."""
-        write_key_arrays(self.dir / "keys.npy", arrays)
+    def write_keys(self, arrays: Sequence[KeyArray], rows: int) -> None:
+        """Record the input's unit keys (``rows`` each), for ``status`` and the run's end."""
+        write_key_arrays(self.dir / "keys.npy", arrays, rows)
 
     def recorded_unit_keys(self, units: int, rows: int) -> tuple[NpyRange, ...]:
         """The unit keys ``write_keys`` recorded (``units`` arrays of ``rows`` keys), each

@@ -489,7 +489,7 @@ def _name_ids(source: InputSource, id_column: str, keys: np.ndarray, dups: set[i
 def model_row_keys(keys: np.ndarray, model: str) -> np.ndarray:
     """The keys of (row, model) pairs: each row's key mixed with the model's name."""
     digest = hashlib.blake2b(model.encode("utf-8"), digest_size=8).digest()
-    return _mix(keys ^ np.uint64(int.from_bytes(digest, "little")))
+    return _mix_in_place(keys ^ np.uint64(int.from_bytes(digest, "little")))  # one new array
 
 
 def sample_row_keys(keys: np.ndarray, sample: int) -> np.ndarray:
@@ -497,4 +497,4 @@ def sample_row_keys(keys: np.ndarray, sample: int) -> np.ndarray:
     if sample == 0:
         return keys
     digest = hashlib.blake2b(f"sample {sample}".encode(), digest_size=8).digest()
-    return _mix(keys ^ np.uint64(int.from_bytes(digest, "little")))
+    return _mix_in_place(keys ^ np.uint64(int.from_bytes(digest, "little")))

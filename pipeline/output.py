@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ def start_manifest(plan: Plan, config: RunConfig) -> dict[str, Any]:
         manifest["running"] = True
     checkpoint.identity = {"fingerprint": fingerprint, "job": manifest["job_id"]}
     checkpoint.write_manifest(manifest)
-    checkpoint.write_keys([keys[:] for keys in plan.unit_keys])  # views of the arrays
+    checkpoint.write_keys(plan.unit_keys, plan.rows)  # made and written a unit at a time
     if plan.shard is None:  # (a shard keeps its keys: it masks them at its end)
         plan.read_keys_from(checkpoint.recorded_unit_keys(len(plan.unit_keys), plan.rows))
     if plan.shard is not None and plan.shard_keys is not None:
@@ -89,7 +90,7 @@ async def finish_output(
         # OUTPUT on object storage: what the other hosts' shards recorded since this one began
         await asyncio.to_thread(remote_output.pull, checkpoint.dir)
         manifest = {**checkpoint.read_manifest(), "job_id": manifest["job_id"]}
-    unit_keys: tuple[KeyArray, ...] = plan.unit_keys
+    unit_keys: Sequence[KeyArray] = plan.unit_keys
     if plan.shard is None:  # from here on the keys are read from the checkpoint in slices
         unit_keys = checkpoint.recorded_unit_keys(len(plan.unit_keys), plan.rows)
         plan.let_go_of_keys()

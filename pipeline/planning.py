@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from .result_index import KeyArray, ResultIndex
 from .samples import SampleRequest, plan_requests
 from .shards import Shard
 from .todo import what_to_send
+from .unit_keys import UnitKeys
 
 
 @dataclass
@@ -53,10 +54,10 @@ class Plan:
     keys: KeyArray  # per input row
     resume_from: Resume | None  # where reading may start: the rows before need nothing
     models: tuple[str, ...]
-    model_keys: tuple[KeyArray, ...]  # per model: the key of (row, model), i.e. of sample 0
+    model_keys: Sequence[KeyArray]  # per model: the key of (row, model), i.e. of sample 0
     # per unit u = model * n + sample: the key of (row, model, sample); one unit per model
     # when n == 1
-    unit_keys: tuple[KeyArray, ...]
+    unit_keys: Sequence[KeyArray]
     todo: np.ndarray  # bool [row, unit]: needs a result
     send: np.ndarray  # bool [row, unit]: needs a request (todo, not a duplicate)
     index: ResultIndex
@@ -94,23 +95,21 @@ class Plan:
         rows = self.rows if self.shard_rows is None else int(self.shard_rows.sum())
         return rows * self.units
 
-    def read_keys_from(self, recorded: tuple[KeyArray, ...]) -> None:
-        """Read the key arrays from the checkpoint (``keys.npy``, a slice at a time) from now
-        on, not from memory (8 bytes a row and unit): sending reads them a batch at a time.
-        The row keys become model 0's, which is what they are with one model (with more,
-        each model's key replaces the row's)."""
+    def read_keys_from(self, recorded: Sequence[KeyArray]) -> None:
+        """From now on read the keys from ``keys.npy`` a slice at a time (sending: a batch
+        at a time). The row keys become model 0's: with one model they are the same, with
+        more each model's key replaces the row's."""
         n = len(recorded) // len(self.models)
         self.unit_keys = recorded
         self.model_keys = tuple(recorded[m * n] for m in range(len(self.models)))
         self.keys = recorded[0]
 
     def let_go_of_keys(self) -> None:
-        """Free the per-row arrays once nothing more is sent (the todo and send masks, 2
-        bytes a row and unit): what follows reads the unit keys from ``keys.npy``."""
+        """Free the per-row arrays (todo and send masks) once nothing more is sent."""
         self.keys, self.model_keys, self.unit_keys = np.zeros(0, dtype=np.uint64), (), ()
         self.todo = self.send = np.zeros((0, 0), dtype=bool)
 
-    def scope_unit_keys(self) -> tuple[KeyArray, ...]:
+    def scope_unit_keys(self) -> Sequence[KeyArray]:
         """The unit keys of the rows this run answers for: its shard's, or every row's."""
         if self.shard_rows is None:
             return self.unit_keys
@@ -144,7 +143,7 @@ def _ids_only_keys(checkpoint: Checkpoint, config: RunConfig) -> bool:
 
 
 def _removed_since_last_run(
-    checkpoint: Checkpoint, present: np.ndarray, unit_keys: list[np.ndarray]
+    checkpoint: Checkpoint, present: np.ndarray, unit_keys: Sequence[np.ndarray]
 ) -> int:
     """Results whose rows left the input since the last run (not those that left before:
     their results stay in the checkpoint, and counting them again said "8 left" for 5)."""
@@ -154,7 +153,10 @@ def _removed_since_last_run(
     last = checkpoint.read_keys()
     if last is None:
         return absent
-    return int((~np.isin(last, np.concatenate(unit_keys))).sum())
+    kept = np.zeros(len(last), dtype=bool)
+    for keys in unit_keys:
+        kept |= np.isin(last, keys)  # a unit at a time
+    return int((~kept).sum())
 
 
 def plan_run(
@@ -193,8 +195,7 @@ def _run_keys(
     checkpoint: Checkpoint,
     ids_only: bool,
 ) -> tuple[RowKeys, list[Path]]:
-    """The keys of every row, and the new key pass written beside OUTPUT (its arrays then
-    become the keys: 8 bytes a row, not 16); ``_open_checkpoint`` takes it in."""
+    """Every row's keys, made in the new key pass staged beside OUTPUT (8 bytes a row)."""
     previous = checkpoint.load_key_pass()
     staged: list[Path] = []
 
@@ -234,8 +235,11 @@ def _plan(
     ids_only = _ids_only_keys(checkpoint, config)
     keys = row_keys.keys
     models = config.all_models
-    model_keys = [keys] if len(models) == 1 else [model_row_keys(keys, m) for m in models]
-    unit_keys = [sample_row_keys(mk, s) for mk in model_keys for s in range(config.n)]
+    shard = Shard.parse(config.shard) if config.shard else None
+    unit_keys: Sequence[np.ndarray] = UnitKeys(keys, models, config.n)  # (a shard holds them)
+    if shard is not None:
+        unit_keys = list(unit_keys)
+    model_keys = [unit_keys[m * config.n] for m in range(len(models))] if shard else []
     prices = PriceTable.load(config.prices)
     for model in models:
         if config.max_cost is not None and prices.price(model) is None:
@@ -245,7 +249,6 @@ def _plan(
                 "--max-total-tokens."
             )
     _check_output_path(output, config, checkpoint)
-    shard = Shard.parse(config.shard) if config.shard else None
     shard_keys = row_keys.prompt_keys() if shard else None
     rows = shard.rows(shard_keys) if shard and shard_keys is not None else None
     index, notes = _open_checkpoint(checkpoint, config, ids_only, staged, shard)
@@ -261,8 +264,8 @@ def _plan(
         keys=keys,
         resume_from=None if first_needed is None else row_keys.resume_point(first_needed),
         models=models,
-        model_keys=tuple(model_keys),
-        unit_keys=tuple(unit_keys),
+        model_keys=model_keys,
+        unit_keys=unit_keys,
         todo=work.todo,
         send=work.send,
         index=index,

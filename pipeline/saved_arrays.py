@@ -60,14 +60,17 @@ def _npy_header(fh: Any) -> tuple[tuple[int, ...], np.dtype[Any]]:
     return shape, dtype
 
 
-def write_key_arrays(path: Path, arrays: Sequence[np.ndarray]) -> None:
-    """``arrays`` one after another as one uint64 .npy file, written piece by piece (never
-    joined in memory) and atomically."""
-    header = {"descr": "<u8", "fortran_order": False, "shape": (sum(map(len, arrays)),)}
+def write_key_arrays(path: Path, arrays: Sequence[Any], rows: int) -> None:
+    """``arrays`` (``rows`` keys each) one after another as one uint64 .npy file, written
+    piece by piece (never joined in memory; each array taken once) and atomically."""
+    header = {"descr": "<u8", "fortran_order": False, "shape": (rows * len(arrays),)}
     with atomic_write(path) as tmp, tmp.open("wb") as fh:
         np.lib.format.write_array_header_1_0(fh, header)
         for keys in arrays:
-            fh.write(np.ascontiguousarray(keys, dtype="<u8").data)
+            values = np.ascontiguousarray(keys[:], dtype="<u8")
+            if len(values) != rows:
+                raise ValueError(f"{path}: a key array of {len(values)} keys, not {rows}")
+            fh.write(values.data)
 
 
 class NpyRange:

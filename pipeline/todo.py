@@ -5,6 +5,7 @@ Reads the index; writes nothing."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +31,7 @@ class Work:
 def what_to_send(
     index: ResultIndex,
     row_keys: RowKeys,
-    unit_keys: list[np.ndarray],
+    unit_keys: Sequence[np.ndarray],
     config: RunConfig,
     rows: np.ndarray | None = None,
 ) -> Work:
@@ -40,7 +41,8 @@ def what_to_send(
     todo = np.zeros((n, len(unit_keys)), dtype=bool)
     # a superseded result's key has a later one: only the latest counts as present or not
     work = Work(todo=todo, send=np.zeros_like(todo), present=index.status == SUPERSEDED)
-    for j, mkeys in enumerate(unit_keys):
+    for j in range(len(unit_keys)):
+        mkeys = unit_keys[j]  # (made now, when the keys are made a unit at a time)
         # a unit at a time: 4 bytes a row (none for a first run: nothing is done)
         places = index.places([mkeys]).at[0] if index.size else None
         # a chunk of rows at a time: the temporaries stay small at any row count
@@ -63,6 +65,7 @@ def what_to_send(
         del places
         if config.dedup:
             _dedup(work, j, mkeys, row_keys, index)
+        del mkeys  # before the next unit's are made
     return work
 
 

@@ -18,7 +18,9 @@ import pytest
 from pipeline import index_build
 from pipeline import keys as keys_module
 from pipeline.checkpoint import Checkpoint
+from pipeline.config import RunConfig
 from pipeline.keys import KeyPass, compute_keys
+from pipeline.planning import plan_run
 from pipeline.reader import open_input
 from pipeline.records import RowResult, Usage
 
@@ -106,3 +108,25 @@ def test_building_the_result_index_holds_about_a_byte_a_result(
     # per result: the status, and a bucket's sort; holding every key and position
     # sorted peaked at 27 bytes, and keeping them and the tokens and cost 29
     assert per_row(measure) < 3
+
+
+def test_planning_three_models_holds_one_models_keys_at_a_time(tmp_path: Path) -> None:
+    config = RunConfig(models=("model-a", "model-b", "model-c"), progress=False)
+
+    def measure(rows: int) -> int:
+        prompts = [f"prompt {i}" for i in range(rows)]
+        path = tmp_path / f"in-{rows}.parquet"
+        pq.write_table(pa.table({"prompt": prompts}), path, row_group_size=20_000)
+        environ = {"AIMLAPI_API_KEY": "sk-test"}
+        output = tmp_path / f"out-{rows}.parquet"
+        peak, plan = peak_bytes(lambda: plan_run(path, output, config, environ))
+        try:
+            assert plan.units == 3 and int(plan.send.sum()) == 3 * rows
+            assert [len(keys) for keys in plan.unit_keys] == [rows] * 3
+        finally:
+            plan.checkpoint.release_lock()
+        return peak
+
+    # the row keys (8), what to send (2 per model) and one model's keys while it is looked
+    # at (8, made in place); every model's keys held at once made it 40
+    assert per_row(measure) < 28
