@@ -172,6 +172,18 @@ class FakeTime:
 S3_SECRET = "s3cr3t-never-shown-0123456789"
 
 
+def point_aws_at(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """The standard AWS variables, pointing at the S3-protocol server at ``endpoint``."""
+    for name, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "AKIDTESTING",
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
 @pytest.fixture
 def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A real S3-protocol server (moto's) on 127.0.0.1 with buckets ``inputs`` and
@@ -185,14 +197,7 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     endpoint = f"http://{host}:{port}"
     # moto keeps its stores per process, not per server: start from empty ones
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"))
-    for name, value in {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "AKIDTESTING",
-        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():
-        monkeypatch.setenv(name, value)
+    point_aws_at(monkeypatch, endpoint)
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     for bucket in ("inputs", "outputs"):
         client.create_bucket(Bucket=bucket)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import pandas as pd
 import pytest
-from conftest import S3_SECRET, cli, kill_job, spawn, wait_for, write_csv
+from conftest import S3_SECRET, cli, kill_job, point_aws_at, spawn, wait_for, write_csv
 
 import pipeline
 from pipeline import remote_output
@@ -283,14 +283,7 @@ def test_a_manifest_replaced_while_it_is_read_is_read_again_not_taken_cut(
     local = tmp_path / "manifest.json"
     with ThreadingHTTPServer(("127.0.0.1", 0), ReplacedWhileRead) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        for name, value in {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}",
-            "AWS_ACCESS_KEY_ID": "AKIDTESTING",
-            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }.items():
-            monkeypatch.setenv(name, value)
+        point_aws_at(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}")
         on_host(monkeypatch, tmp_path / "host")
         store = remote_output.RemoteOutput("s3://outputs/jobs/labels.parquet")
         try:
