@@ -134,7 +134,7 @@ def build_index(
     writer = ArrayWriter(dest)
     try:
         bits = bucket_bits((base.size if base else 0) + sum(sizes)) if dest is not None else 0
-        buckets = _Buckets(dest or Path(), bits)
+        buckets = _Buckets(dest, bits)
         try:
             for (path, _), size, first in zip(new, sizes, firsts, strict=True):
                 at = int(first)
@@ -159,13 +159,14 @@ def build_index(
 
 class _Buckets:
     """(key, position) pairs spread over ``1 << bits`` buckets by their keys' top bits,
-    each bucket's in the order they were added; in memory with one bucket."""
+    each bucket's in the order they were added: in files beside ``dest``, or in memory
+    with one bucket (``bits`` 0; always without ``dest``)."""
 
-    def __init__(self, dest: Path, bits: int) -> None:
-        self.bits = bits
+    def __init__(self, dest: Path | None, bits: int) -> None:
+        self.bits = bits if dest is not None else 0
         self.held: list[tuple[np.ndarray, np.ndarray]] = []
-        names = [f"{dest.name}.{b}.tmp" for b in range(1 << bits)] if bits else []
-        self.paths = [dest.with_name(name) for name in names]
+        names = [f"{dest.name}.{b}.tmp" for b in range(1 << bits)] if dest and bits else []
+        self.paths = [dest.with_name(name) for name in names] if dest else []
         self.files: list[tuple[BinaryIO, BinaryIO]] = []
         self.kind: np.dtype[Any] | None = None
         opened: list[BinaryIO] = []

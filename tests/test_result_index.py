@@ -178,3 +178,20 @@ def test_a_reader_without_the_lock_writes_nothing_beside_the_parts(
     check(index, pool, latest)  # lookups and joins included
 
     assert sorted(ckpt.dir.rglob("*")) == before
+
+
+def test_where_no_index_file_can_be_written_it_is_held_and_answers_the_same(
+    tmp_path: Path, tiny: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a full disk: the index is built in memory, one bucket, and reads the same
+    rng = np.random.default_rng(11)
+    pool = rng.integers(0, 2**64, size=200, dtype=np.uint64)
+    ckpt = Checkpoint(tmp_path / "out.parquet")
+    ckpt.prepare()
+    latest = write_parts(ckpt, rng, pool, parts=6)
+    monkeypatch.setattr(Checkpoint, "_index_temp", lambda self: tmp_path / "gone" / "index.tmp")
+
+    index = Checkpoint(ckpt.output).load_index()
+
+    assert index.file is not None and index.file.path is None  # held, not a file
+    check(index, pool, latest)
