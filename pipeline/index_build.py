@@ -29,6 +29,7 @@ from .result_index import (
     PER_POSITION,
     SUPERSEDED,
     ResultIndex,
+    grouped,
     position_type,
     rows_of,
 )
@@ -186,14 +187,11 @@ class _Buckets:
         if not self.bits:
             self.held.append((keys, positions))
             return
-        bucket = (keys >> np.uint64(64 - self.bits)).astype(np.intp)
-        order = np.argsort(bucket, kind="stable")
-        ends = np.cumsum(np.bincount(bucket, minlength=1 << self.bits))
+        order, groups = grouped((keys >> np.uint64(64 - self.bits)).astype(np.intp), 1 << self.bits)
         keys, positions = keys[order], positions[order]
-        for b in np.flatnonzero(np.diff(ends, prepend=0)):
-            lo, hi = (ends[b - 1] if b else 0), ends[b]
-            self.files[b][0].write(keys[lo:hi].data)
-            self.files[b][1].write(np.ascontiguousarray(positions[lo:hi]).data)
+        for bucket, lo, hi in groups:
+            self.files[bucket][0].write(keys[lo:hi].data)
+            self.files[bucket][1].write(positions[lo:hi].data)
 
     def upper(self, bucket: int) -> int:
         """The first key past bucket ``bucket`` (2**64 past the last)."""

@@ -181,7 +181,7 @@ def plan_run(
     row_keys, staged = _run_keys(source, builder, config, checkpoint, ids_only)
     try:
         return _plan(
-            source, builder, output, config, checkpoint, row_keys, staged, api_key, proxies
+            source, builder, config, checkpoint, row_keys, ids_only, staged, api_key, proxies
         )
     finally:
         for path in staged:  # not taken in: the run stopped before the checkpoint
@@ -224,15 +224,14 @@ def _run_keys(
 def _plan(
     source: InputSource,
     builder: PromptBuilder,
-    output: Path,
     config: RunConfig,
     checkpoint: Checkpoint,
     row_keys: RowKeys,
+    ids_only: bool,
     staged: list[Path],
     api_key: str | None,
     proxies: ProxySettings,
 ) -> Plan:
-    ids_only = _ids_only_keys(checkpoint, config)
     keys = row_keys.keys
     models = config.all_models
     shard = Shard.parse(config.shard) if config.shard else None
@@ -248,7 +247,7 @@ def _plan(
                 "none. Add it in a file given with --prices (see configs/prices.toml), or use "
                 "--max-total-tokens."
             )
-    _check_output_path(output, config, checkpoint)
+    _check_output_path(checkpoint.output, config, checkpoint)
     shard_keys = row_keys.prompt_keys() if shard else None
     rows = shard.rows(shard_keys) if shard and shard_keys is not None else None
     index, notes = _open_checkpoint(checkpoint, config, ids_only, staged, shard)

@@ -55,6 +55,25 @@ def _locate(
     return part, row
 
 
+def grouped(groups: np.ndarray, count: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """(an order that puts ``groups``'s items group by group, each group's items in their
+    own order; (group, start, stop) in that order of every group with an item), for
+    ``groups`` in ``0 .. count-1`` (-1 counts as 0)."""
+    order = np.argsort(groups, kind="stable")
+    ends = np.searchsorted(groups[order], np.arange(count), side="right")
+    return order, [
+        (int(g), int(ends[g - 1]) if g else 0, int(ends[g]))
+        for g in np.flatnonzero(np.diff(ends, prepend=0))
+    ]
+
+
+def _found(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(where each of ``keys`` is or would be in ``sorted_keys``, which of them are there)."""
+    found = np.searchsorted(sorted_keys, keys)
+    np.minimum(found, len(sorted_keys) - 1, out=found)
+    return found, np.flatnonzero(sorted_keys[found] == keys)
+
+
 def _close(file: ArrayFile, temporary: bool) -> None:
     file.close()
     if temporary and file.path is not None:
@@ -176,11 +195,7 @@ class ResultIndex:
             hi = int(np.searchsorted(ordered, np.uint64(last), side="right"))
             if lo >= hi:
                 continue
-            block_keys = self._block("keys", block)
-            wanted = ordered[lo:hi]
-            found = np.searchsorted(block_keys, wanted)
-            np.minimum(found, len(block_keys) - 1, out=found)
-            hit = np.flatnonzero(block_keys[found] == wanted)
+            found, hit = _found(self._block("keys", block), ordered[lo:hi])
             if len(hit):
                 out[order[lo + hit]] = self._block("at", block)[found[hit]]
         return out
@@ -236,13 +251,17 @@ class ResultIndex:
         at = tuple(np.full(len(keys), np.iinfo(kind).max, dtype=kind) for keys in key_arrays)
         if self.size > CACHED_KEYS and len(self.fences) > 1:
             self._join(key_arrays, at)
-            return RowPlaces(at, self.numbers, self.starts, self.status)
+        else:
+            self._look_up(key_arrays, at)
+        return RowPlaces(at, self.numbers, self.starts, self.status)
+
+    def _look_up(self, key_arrays: Sequence[KeyArray], at: tuple[np.ndarray, ...]) -> None:
+        """Fill ``at`` with the positions of ``key_arrays``'s keys, a chunk at a time."""
         for keys, places in zip(key_arrays, at, strict=True):
             for start in range(0, len(keys), LOOKUP_CHUNK):
                 pos = self.lookup(keys[start : start + LOOKUP_CHUNK])
                 have = np.flatnonzero(pos >= 0)
                 places[start + have] = pos[have]
-        return RowPlaces(at, self.numbers, self.starts, self.status)
 
     def _join(self, key_arrays: Sequence[KeyArray], at: tuple[np.ndarray, ...]) -> None:
         """Fill ``at`` with the positions of ``key_arrays``'s keys: the keys are spread
@@ -262,19 +281,12 @@ class ResultIndex:
                             self._match(block, pairs.reshape(-1, 2), at)
                     path.unlink()
         except OSError:  # a full disk, a directory not ours to write
-            for keys, places in zip(key_arrays, at, strict=True):
-                for start in range(0, len(keys), LOOKUP_CHUNK):
-                    pos = self.lookup(keys[start : start + LOOKUP_CHUNK])
-                    have = np.flatnonzero(pos >= 0)
-                    places[start + have] = pos[have]
+            self._look_up(key_arrays, at)
 
     def _match(self, block: int, pairs: np.ndarray, at: tuple[np.ndarray, ...]) -> None:
         """Put the positions of ``pairs``'s keys (key, unit << 40 | row) found in
         ``block`` into ``at``."""
-        block_keys = self._block("keys", block)
-        found = np.searchsorted(block_keys, pairs[:, 0])
-        np.minimum(found, len(block_keys) - 1, out=found)
-        hit = np.flatnonzero(block_keys[found] == pairs[:, 0])
+        found, hit = _found(self._block("keys", block), pairs[:, 0])
         positions = self._block("at", block)[found[hit]]
         units, rows = pairs[hit, 1] >> np.uint64(40), pairs[hit, 1] & ((1 << 40) - 1)
         for unit in np.unique(units).tolist():
@@ -291,13 +303,12 @@ def _spread(key_arrays: Sequence[KeyArray], firsts: np.ndarray, spread: list[Pat
             for start in range(0, len(keys), LOOKUP_CHUNK):
                 chunk = keys[start : start + LOOKUP_CHUNK]
                 which = np.searchsorted(firsts, chunk, side="right") - 1
-                order = np.argsort(which, kind="stable")
+                order, groups = grouped(which, len(firsts))
                 pairs = np.empty((len(chunk), 2), dtype=np.uint64)
                 pairs[:, 0] = chunk[order]
                 pairs[:, 1] = order + start + (unit << 40)  # unit, then row
-                ends = np.searchsorted(which[order], np.arange(len(firsts)), "right")
-                for b in np.flatnonzero(np.diff(ends, prepend=0)):
-                    files[b].write(pairs[(ends[b - 1] if b else 0) : ends[b]].data)
+                for block, lo, hi in groups:
+                    files[block].write(pairs[lo:hi].data)
     finally:
         for fh in files:
             fh.close()
