@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +30,13 @@ class ArrayFileError(ValueError):
 
 class ArrayWriter:
     """Appends pieces of named arrays to ``path`` (created or truncated), or with None to a
-    file in memory; ``close(meta)`` writes the footer and returns the file, open for
-    reading. Each array keeps the type of its first piece."""
+    file in memory, or to the open file ``fh`` (an unnamed temporary file, say);
+    ``close(meta)`` writes the footer and returns the file, open for reading. Each array
+    keeps the type of its first piece."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, fh: Any = None) -> None:
         self.path = path
-        self._fh: Any = path.open("w+b") if path is not None else _memory_file()
+        self._fh: Any = fh if fh is not None else path.open("w+b") if path else _memory_file()
         self._arrays: dict[str, dict[str, Any]] = {}
 
     def declare(self, name: str, dtype: Any) -> None:
@@ -81,6 +84,7 @@ class ArrayFile:
     def __init__(self, path: Path | None, fd: int | None = None) -> None:
         self.path = path  # None: a file in memory, open as ``fd``
         self._fd = fd if fd is not None else os.open(path or "", os.O_RDONLY)
+        self._closer = weakref.finalize(self, os.close, self._fd)  # once, when let go of
         try:
             size = os.fstat(self._fd).st_size
             if size < _TAIL:
@@ -98,15 +102,14 @@ class ArrayFile:
                     if offset < 0 or end > size - _TAIL - length:
                         raise ArrayFileError(f"{path} was cut short")
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            os.close(self._fd)
+            self.close()
             if isinstance(exc, ArrayFileError):
                 raise
             raise ArrayFileError(f"{path}: {type(exc).__name__}") from None
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._closer()
+        self._fd = -1
 
     def names(self) -> set[str]:
         return set(self._arrays)
@@ -145,3 +148,58 @@ class ArrayFile:
             if at >= stop:
                 break
         return out
+
+
+GATHER = 1 << 20  # values read at once by ``Column.take``
+
+
+class Column:
+    """Array ``name`` of ``file``, read a slice at a time: ``len``, ``[a:b]`` and ``take``
+    as an array's, for per-row arrays a run must not hold (8 bytes a row at 10M rows)."""
+
+    def __init__(self, file: ArrayFile, name: str) -> None:
+        self.file, self.name = file, name
+        self.length = file.length(name)
+        self.dtype = file.dtype(name)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        begin, end, _ = rows.indices(self.length)
+        return self.file.read(self.name, begin, max(begin, end))
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The values at ``rows`` (any order)."""
+        return gather(self.__getitem__, self.length, rows, self.dtype)
+
+
+def gather(
+    read: Callable[[slice], np.ndarray], length: int, rows: np.ndarray, dtype: Any
+) -> np.ndarray:
+    """The values at ``rows`` (any order) of an array of ``length`` that ``read`` reads a
+    slice of: a span of at most ``GATHER`` values at a time, each span once."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty(len(rows), dtype=dtype)
+    if not len(rows):
+        return out
+    if rows.min() < 0 or rows.max() >= length:
+        raise IndexError(f"rows outside 0..{length - 1}")
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    lo = 0
+    while lo < len(ordered):
+        hi = int(np.searchsorted(ordered, ordered[lo] + GATHER))
+        first = int(ordered[lo])
+        span = read(slice(first, int(ordered[hi - 1]) + 1))
+        out[order[lo:hi]] = span[ordered[lo:hi] - first]
+        lo = hi
+    return out
+
+
+def take(values: np.ndarray | Column | Any, rows: np.ndarray) -> np.ndarray:
+    """``values[rows]`` of an array, or of a ``Column``-like one read in slices."""
+    if isinstance(values, np.ndarray):
+        return values[rows]
+    picked: np.ndarray = values.take(rows)
+    return picked

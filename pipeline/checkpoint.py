@@ -14,7 +14,7 @@ Layout of ``OUTPUT.checkpoint/``::
     index.arrays         a cache of the result index (row key -> result's part and row) and
                          the parts it covers; rebuilt from the parts when missing, damaged,
                          stale or of an older layout
-    input-keys.npz       a cache of the input's key pass (keys.KeyPass), keyed by the input's
+    input-keys.arrays    a cache of the input's key pass (keys.KeyPass), keyed by the input's
                          stat and digest; recomputed when it does not match
     keys.npy             the current input's unit keys, for ``pipeline status`` and the
                          run's end (OUTPUT is assembled reading them back)
@@ -63,7 +63,7 @@ from .part_files import part_number as part_number
 from .records import RowResult
 from .rescue import RescuePlace
 from .result_index import KeyArray, ResultIndex
-from .saved_arrays import NpyRange, stage_key_pass, take_in, write_key_arrays
+from .saved_arrays import NpyRange, staged_key_pass, take_in, write_key_arrays
 from .saved_arrays import load_key_pass as read_key_pass
 from .schema import FORMAT_VERSION, results_to_table, row_result, valid_text
 from .schema import PART_SCHEMA as PART_SCHEMA
@@ -71,6 +71,7 @@ from .schema import RESULT_SCHEMA as RESULT_SCHEMA
 from .shards import Shard, ShardLocks, first_part, part_step
 
 INDEX_FILE = "index.arrays"  # the result index as of the end of the last run
+KEY_PASS_FILE = "input-keys.arrays"  # the input's key pass as of the last run
 _INDEX_BUILDS = itertools.count()  # numbers the index files this process writes
 
 
@@ -458,17 +459,19 @@ class Checkpoint:
 
     # -- saved key pass and index: a resume starts from them -----------------------------
 
-    def stage_key_pass(self, key_pass: KeyPass) -> Path | None:
-        """See ``saved_arrays.stage_key_pass``; ``save_key_pass`` takes it in."""
-        return stage_key_pass(self.output, key_pass)
+    def stage_key_pass(self) -> Path | None:
+        """Where this run writes the input's key pass (``saved_arrays.staged_key_pass``);
+        ``save_key_pass`` takes it in."""
+        return staged_key_pass(self.output)
 
     def save_key_pass(self, staged: Path) -> None:
-        """Keep the key pass ``stage_key_pass`` wrote for the next run."""
-        take_in(staged, self.dir / "input-keys.npz")
+        """Keep the key pass written at ``staged`` for the next run."""
+        take_in(staged, self.dir / KEY_PASS_FILE)
+        (self.dir / "input-keys.npz").unlink(missing_ok=True)  # an older layout's
 
     def load_key_pass(self) -> KeyPass | None:
         """The saved key pass, or None when there is none or it is unreadable."""
-        return read_key_pass(self.dir / "input-keys.npz")
+        return read_key_pass(self.dir / KEY_PASS_FILE)
 
     def load_index(self) -> ResultIndex:
         """The latest result per key over all parts: the saved index (``save_index``)

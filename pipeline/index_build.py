@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,22 +21,20 @@ import pyarrow.parquet as pq
 
 from .array_file import ArrayFile, ArrayFileError, ArrayWriter
 from .errors import OutputError
-from .keys import stable_argsort
 from .part_files import names_digest
 from .records import COST_CACHE, COST_DEDUP, STATUS_CODES
+from .repeats import stable_argsort
 from .result_index import (
     INDEX_LAYOUT,
     PER_POSITION,
     SUPERSEDED,
     ResultIndex,
-    grouped,
     position_type,
     rows_of,
 )
 from .schema import FORMAT_VERSION
+from .spill import Buckets, bucket_bits
 
-BUCKET_KEYS = 1 << 20  # keys sorted at once, about (a bucket: 26 bytes a key at the sort)
-MAX_BUCKET_BITS = 8  # at most 256 buckets (512 temporary files open)
 READ_ROWS = 1 << 20  # rows of a part read at once
 NOT_SPENT = pa.array([COST_DEDUP, COST_CACHE])  # cost sources of results no request paid for
 
@@ -109,14 +107,6 @@ def index_of(
             base.close()
 
 
-def bucket_bits(keys: int) -> int:
-    """How many top bits of a key choose its bucket, for about ``keys`` keys."""
-    bits = 0
-    while (keys >> bits) > BUCKET_KEYS and bits < MAX_BUCKET_BITS:
-        bits += 1
-    return bits
-
-
 def build_index(
     new: list[tuple[Path, int]],
     base: ResultIndex | None,
@@ -135,8 +125,7 @@ def build_index(
     writer = ArrayWriter(dest)
     try:
         bits = bucket_bits((base.size if base else 0) + sum(sizes)) if dest is not None else 0
-        buckets = _Buckets(dest, bits)
-        try:
+        with Buckets(bits, dest.parent if dest is not None else None) as buckets:
             for (path, _), size, first in zip(new, sizes, firsts, strict=True):
                 at = int(first)
                 for batch in _batches(path, ["key"], size):
@@ -144,8 +133,6 @@ def build_index(
                     buckets.add(column, np.arange(at, at + len(column), dtype=kind))
                     at += len(column)
             superseded, fences, keys = _merge(buckets, base, writer, kind)
-        finally:
-            buckets.remove()
         spent = _per_position(base, new, sizes, superseded, writer, total)
         old = base if base is not None else ResultIndex.empty()
         numbers = np.array([n for _, n in new], dtype=np.int64)
@@ -156,66 +143,6 @@ def build_index(
         writer.abort()
         raise
     return ResultIndex.open(file, temporary=True)
-
-
-class _Buckets:
-    """(key, position) pairs spread over ``1 << bits`` buckets by their keys' top bits,
-    each bucket's in the order they were added: in files beside ``dest``, or in memory
-    with one bucket (``bits`` 0; always without ``dest``)."""
-
-    def __init__(self, dest: Path | None, bits: int) -> None:
-        self.bits = bits if dest is not None else 0
-        self.held: list[tuple[np.ndarray, np.ndarray]] = []
-        names = [f"{dest.name}.{b}.tmp" for b in range(1 << bits)] if dest and bits else []
-        self.paths = [dest.with_name(name) for name in names] if dest else []
-        self.files: list[tuple[BinaryIO, BinaryIO]] = []
-        self.kind: np.dtype[Any] | None = None
-        opened: list[BinaryIO] = []
-        try:
-            for path in self.paths:
-                opened.append(path.open("wb"))
-                opened.append(path.with_suffix(".at.tmp").open("wb"))
-        except BaseException:  # too many open files, say: none is left behind
-            for fh in opened:
-                fh.close()
-            self.remove()
-            raise
-        self.files = list(zip(opened[::2], opened[1::2], strict=True))
-
-    def add(self, keys: np.ndarray, positions: np.ndarray) -> None:
-        self.kind = positions.dtype
-        if not self.bits:
-            self.held.append((keys, positions))
-            return
-        order, groups = grouped((keys >> np.uint64(64 - self.bits)).astype(np.intp), 1 << self.bits)
-        keys, positions = keys[order], positions[order]
-        for bucket, lo, hi in groups:
-            self.files[bucket][0].write(keys[lo:hi].data)
-            self.files[bucket][1].write(positions[lo:hi].data)
-
-    def upper(self, bucket: int) -> int:
-        """The first key past bucket ``bucket`` (2**64 past the last)."""
-        return (bucket + 1) << (64 - self.bits)
-
-    def get(self, bucket: int) -> tuple[np.ndarray, np.ndarray]:
-        kind = self.kind or np.dtype(np.uint32)
-        if not self.bits:
-            keys = [k for k, _ in self.held] or [np.zeros(0, np.uint64)]
-            positions = [p for _, p in self.held] or [np.zeros(0, kind)]
-            self.held = []
-            return np.concatenate(keys), np.concatenate(positions)
-        for fh in self.files[bucket]:
-            fh.close()
-        path = self.paths[bucket]
-        return np.fromfile(path, np.uint64), np.fromfile(path.with_suffix(".at.tmp"), kind)
-
-    def remove(self) -> None:
-        for keys, positions in self.files:
-            keys.close()
-            positions.close()
-        for path in self.paths:
-            path.unlink(missing_ok=True)
-            path.with_suffix(".at.tmp").unlink(missing_ok=True)
 
 
 def _base_read(base: ResultIndex, name: str, start: int, stop: int) -> np.ndarray:
@@ -242,7 +169,7 @@ def _count_below(base: ResultIndex, value: int) -> int:
 
 
 def _merge(
-    buckets: _Buckets, base: ResultIndex | None, writer: ArrayWriter, kind: type[Any]
+    buckets: Buckets, base: ResultIndex | None, writer: ArrayWriter, kind: type[Any]
 ) -> tuple[np.ndarray, list[list[int]], int]:
     """Write each bucket's keys, sorted, with the position of each one's latest result;
     returns the superseded positions (sorted), the blocks' fences (first and last key) and

@@ -4,15 +4,16 @@ A row's key is what ties it to its result across runs. With ``--id-column`` it i
 the id; otherwise a hash of the row's prompt-source content together with its occurrence
 number among rows of equal content (the n-th row reading "hello" is ("hello", n)). So rows
 appended to the input are the only new keys, and editing a row makes only that row new.
-Keys live in one ``uint64`` array (8 bytes a row) so that a million rows cost 8 MB.
+Hashes and keys are written to files as they are made and read back a slice at a time
+(``array_file.Column``): a pass over 100M rows holds no per-row array.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .array_file import ArrayFile, ArrayWriter, Column, take
 from .errors import InputError
 from .reader import InputSource, Resume
+from .repeats import repeats
+from .spill import write_spilled
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
@@ -110,126 +114,38 @@ def _mix_in_place(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def stable_argsort(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(order, values[order], where a run of equal values starts) with equal values kept in
-    their original order, as a stable sort would; ~4x faster than one on 1M random keys.
-
-    numpy's default sort (SIMD quicksort) is not stable, so the members of each run of 2+
-    equal values are put back in order afterwards: equal keys are few, so that sorts a
-    small subset.
-    """
-    order = np.argsort(values)
-    ordered = values[order]
-    starts = np.ones(len(values), dtype=bool)
-    starts[1:] = ordered[1:] != ordered[:-1]
-    in_run = ~starts
-    in_run[:-1] |= ~starts[1:]
-    if in_run.any():
-        members = np.flatnonzero(in_run)
-        order[members] = order[members][np.lexsort((order[members], ordered[members]))]
-    return order, ordered, starts
-
-
-_BUCKET_BITS = 4  # from a million rows, sorted a sixteenth at a time by their hash's top bits
-BUCKETED_FROM = 1 << 20
-
-
-def _repeats(
-    hashes: np.ndarray, bucketed_from: int | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The rows whose hash an earlier row has (ascending), each one's occurrence number
-    among the rows of its hash (1, 2, ...) and the first row of its hash.
-
-    Sparse: a row seen for the first time (most rows) costs nothing past the sort. Equal
-    hashes share their top bits, so the rows are grouped a bucket of top bits at a time:
-    the sort's 26 bytes a row become ~2 (a pass over a million rows held 49 bytes a row).
-    """
-    if len(hashes) < max(BUCKETED_FROM if bucketed_from is None else bucketed_from, 1):
-        return _repeats_among(hashes)
-    top = np.uint64(64 - _BUCKET_BITS)
-    pieces = []
-    for bucket in range(1 << _BUCKET_BITS):
-        rows = np.concatenate(
-            [
-                start + np.flatnonzero((hashes[start : start + (1 << 16)] >> top) == bucket)
-                for start in range(0, len(hashes), 1 << 16)
-            ]
-        )
-        repeats, occurrence, leaders = _repeats_among(hashes[rows])
-        pieces.append((rows[repeats], occurrence, rows[leaders]))
-    rows = np.concatenate([p[0] for p in pieces])
-    by_row = np.argsort(rows)
-    return (
-        rows[by_row],
-        np.concatenate([p[1] for p in pieces])[by_row],
-        np.concatenate([p[2] for p in pieces])[by_row],
-    )
-
-
-def _repeats_among(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``_repeats`` of ``hashes`` all at once (26 bytes a row at the sort)."""
-    order, ordered, starts = stable_argsort(hashes)
-    del ordered
-    repeats = np.flatnonzero(~starts)  # places in sorted order that are not a group's first
-    del starts
-    if not len(repeats):
-        return repeats, np.zeros(0, dtype=np.uint64), repeats
-    # a group's repeats follow its first row in sorted order: each run of consecutive
-    # places starts right after that first row
-    new_run = np.ones(len(repeats), dtype=bool)
-    new_run[1:] = repeats[1:] != repeats[:-1] + 1
-    first_place = np.where(new_run, repeats - 1, 0)
-    np.maximum.accumulate(first_place, out=first_place)
-    occurrence = (repeats - first_place).astype(np.uint64)
-    rows, leaders = order[repeats], order[first_place]  # stable: a group's first is its earliest
-    del order
-    by_row = np.argsort(rows)
-    return rows[by_row], occurrence[by_row], leaders[by_row]
-
-
 @dataclass(frozen=True)
 class RowKeys:
-    """Per input row, in input order, its key; and the rows that repeat an earlier row's
-    prompt (``duplicates``, ascending) with that earlier row, the first with the prompt
-    (``leaders``, aligned): ``--dedup`` sends the leader in their place. Sparse, as
-    duplicates are few: 8 bytes a row in all, plus 16 a duplicate.
+    """Per input row, in input order, its key (``keys``: in a file, read in slices); and
+    the rows that repeat an earlier row's prompt (``duplicates``, ascending) with that
+    earlier row, the first with the prompt (``leaders``, aligned): ``--dedup`` sends the
+    leader in their place. Sparse, as duplicates are few: 16 bytes a duplicate in memory.
     ``key_pass`` is what a later run may reuse (None for in-memory inputs and ``--limit``);
     ``reused`` says how many leading rows came from the earlier pass without being read.
     """
 
-    keys: np.ndarray
+    keys: Any  # array_file.Column (or an array)
     duplicates: np.ndarray
     leaders: np.ndarray
     key_pass: KeyPass | None = None
     reused: int = 0
-    pass_end: Resume | None = None  # where the pass ended, once its arrays are let go
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def prompt_keys(self) -> np.ndarray:
-        """Per row, the key of the first row with its prompt (its own key for most rows)."""
-        keys = self.keys.copy()
-        keys[self.duplicates] = self.keys[self.leaders]
+        """Per row, the key of the first row with its prompt (its own key for most rows):
+        8 bytes a row, held (a shard's)."""
+        keys = np.asarray(self.keys[:])
+        keys[self.duplicates] = take(self.keys, self.leaders)
         return keys
 
     def resume_point(self, row: int) -> Resume | None:
         """Where reading may start to reach ``row`` without the rows before the reused end."""
-        end = self._pass_end()
-        return None if end is None or row < end.row else end
-
-    def _pass_end(self) -> Resume | None:
         kp = self.key_pass
-        if kp is None:
-            return self.pass_end
-        if not kp.ends_with_newline or kp.format != "csv":
+        if kp is None or not kp.ends_with_newline or kp.format != "csv" or row < kp.rows:
             return None
         return Resume(byte=kp.size, row=kp.rows)
-
-    def without_pass(self) -> RowKeys:
-        """These keys without the key pass's hash arrays (8 bytes a row; the run saves them
-        in its checkpoint first), keeping where the pass ended."""
-        return replace(self, key_pass=None, pass_end=self._pass_end())
 
 
 @dataclass(frozen=True)
@@ -240,15 +156,18 @@ class KeyPass:
     they came from: the file's stat, and the SHA-256 of its content. A rerun reuses it whole
     when the stat is unchanged, or, for CSV, reuses the first ``rows`` rows when the file
     grew and its first ``size`` bytes still hash to ``sha256`` (rows were appended), and
-    reads only the appended bytes. Anything else is a full pass.
+    reads only the appended bytes. Anything else is a full pass. The hashes are columns of
+    an array file (``array_file.Column``), read in slices; ``path`` is the file this run
+    wrote them to (staged beside OUTPUT, for the checkpoint to take in), if any.
     """
 
     params: dict[str, Any]  # what the hashes depend on: format, content and id columns
     stat: dict[str, int]  # size, mtime_ns, ctime_ns, ino
     sha256: str
     ends_with_newline: bool
-    content: np.ndarray
-    ids: np.ndarray | None
+    content: Any  # array_file.Column (or an array)
+    ids: Any
+    path: Path | None = None
 
     @property
     def rows(self) -> int:
@@ -262,8 +181,44 @@ class KeyPass:
     def format(self) -> str:
         return str(self.params.get("format"))
 
+    def meta(self) -> dict[str, Any]:
+        """What the pass's file says about it, beside its hashes."""
+        return {
+            "version": KEY_PASS_VERSION,
+            "params": self.params,
+            "stat": self.stat,
+            "sha256": self.sha256,
+            "ends_with_newline": self.ends_with_newline,
+        }
 
+    @classmethod
+    def of(cls, file: ArrayFile) -> KeyPass | None:
+        """The pass in ``file`` (None when it holds hashes that are not a reusable pass)."""
+        meta = file.meta
+        names = file.names()
+        if meta.get("version") != KEY_PASS_VERSION or "content" not in names:
+            return None
+        ids = Column(file, "ids") if "ids" in names else None
+        content = Column(file, "content")
+        if ids is not None and len(ids) != len(content):
+            return None
+        try:
+            return cls(
+                params=meta["params"],
+                stat=meta["stat"],
+                sha256=meta["sha256"],
+                ends_with_newline=bool(meta["ends_with_newline"]),
+                content=content,
+                ids=ids,
+                path=file.path,
+            )
+        except KeyError:
+            return None
+
+
+KEY_PASS_VERSION = 2  # 2: an array file (1: an .npz, read whole)
 _HASH_CHUNK = 1 << 22
+CHUNK = 1 << 18  # rows of keys made at once
 
 
 def _stat(path: Path) -> dict[str, int]:
@@ -299,9 +254,13 @@ def compute_keys(
     content_columns: list[str],
     previous: KeyPass | None = None,
     ids_only: bool = False,
-    keep: Callable[[KeyPass], None] | None = None,
+    stage: Path | None = None,
+    scratch: Path | None = None,
 ) -> RowKeys:
-    """Keys and duplicate groups of every input row.
+    """Keys and duplicate groups of every input row, in memory that does not grow with
+    the rows: the hashes are written to a file as they are made, the duplicates found a
+    bucket at a time (``repeats``), and the keys written to an unnamed file and read back
+    in slices.
 
     A row's key is made from its content (with its occurrence among equal rows), or with
     ``id_column`` from its id and its content: an edited prompt is a new key, so its old
@@ -309,9 +268,9 @@ def compute_keys(
     alone), kept for checkpoints made with it.
 
     ``previous`` is an earlier run's ``KeyPass`` of the same file: what it still describes
-    is reused, not read again (see ``KeyPass``). ``keep`` is given the pass (``previous``
-    when it was reused whole) as soon as it is complete; the keys are then made in its
-    arrays (8 bytes a row, not 16) and the keys returned carry no pass.
+    is reused, not read again (see ``KeyPass``). A new pass is written at ``stage`` (the
+    run takes it into its checkpoint: ``KeyPass.path``), else to an unnamed file; the
+    temporary files go to ``scratch`` ($TMPDIR when None).
     """
     params = {
         "format": source.format,
@@ -320,22 +279,11 @@ def compute_keys(
     }
     path = source.path if source.limit is None else None
     stat = _stat(path) if path is not None else None
-    head_content: np.ndarray | None = None
-    head_ids: np.ndarray | None = None
-    start: Resume | None = None
+    head: KeyPass | None = None
     digest = hashlib.sha256()
     if path is not None and stat is not None and previous is not None:
         if previous.params == params and previous.stat == stat:
-            return _row_keys(
-                ids_only,
-                source,
-                id_column,
-                previous.content,
-                previous.ids,
-                previous,
-                reused=previous.rows,
-                keep=keep,
-            )
+            return _row_keys(ids_only, source, id_column, previous, previous.rows, scratch)
         if (
             previous.params == params
             and source.can_resume_at
@@ -344,60 +292,65 @@ def compute_keys(
         ):
             _hash_bytes(path, 0, previous.size, digest)
             if digest.hexdigest() == previous.sha256:
-                head_content, head_ids = previous.content, previous.ids
-                start = Resume(byte=previous.size, row=previous.rows)
+                head = previous
             else:
                 digest = hashlib.sha256()
-    content, ids = _key_pass(source, id_column, content_columns, start)
-    if head_content is not None:
-        content = np.concatenate([head_content, content])
-        if ids is not None and head_ids is not None:
-            ids = np.concatenate([head_ids, ids])
-    key_pass = None
-    if path is not None and stat is not None:
-        last = _hash_bytes(path, start.byte if start else 0, stat["size"], digest)
-        if _stat(path) == stat:  # not changed while it was read
-            key_pass = KeyPass(
-                params=params,
-                stat=stat,
-                sha256=digest.hexdigest(),
-                ends_with_newline=last == b"\n",
-                content=content,
-                ids=ids,
-            )
+    start = Resume(byte=head.size, row=head.rows) if head is not None else None
+
+    def fill(writer: ArrayWriter) -> dict[str, Any]:
+        writer.declare("content", np.uint64)
+        if id_column is not None:
+            writer.declare("ids", np.uint64)
+        if head is not None:
+            _copy_pass(head, writer)
+        _key_pass(source, id_column, content_columns, start, writer)
+        if path is None or stat is None:
+            return {}
+        h = digest.copy()  # (filled again in memory when the disk is full)
+        last = _hash_bytes(path, start.byte if start else 0, stat["size"], h)
+        if _stat(path) != stat:  # changed while it was read: not a pass to reuse
+            return {}
+        return KeyPass(params, stat, h.hexdigest(), last == b"\n", None, None).meta()
+
+    file = write_spilled(fill, stage if path is not None else None, scratch)
+    key_pass = KeyPass.of(file)
+    content = Column(file, "content")
+    ids = Column(file, "ids") if id_column is not None else None
+    if key_pass is None and file.path is not None:
+        file.path.unlink(missing_ok=True)  # not a pass to keep (the file stays readable)
     reused = start.row if start is not None else 0
-    return _row_keys(ids_only, source, id_column, content, ids, key_pass, reused=reused, keep=keep)
+    if key_pass is None:
+        return _row_keys(ids_only, source, id_column, (content, ids), reused, scratch, None)
+    return _row_keys(ids_only, source, id_column, key_pass, reused, scratch)
+
+
+def _copy_pass(head: KeyPass, writer: ArrayWriter) -> None:
+    """The earlier pass's hashes, copied a chunk at a time: the head of the new pass."""
+    for start in range(0, head.rows, CHUNK):
+        writer.append("content", head.content[start : start + CHUNK])
+        if head.ids is not None:
+            writer.append("ids", head.ids[start : start + CHUNK])
 
 
 def _key_pass(
-    source: InputSource, id_column: str | None, content_columns: list[str], start: Resume | None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Content hashes (and id hashes) of the rows read from ``start`` on."""
-    hashed = _hashed_batches(source, id_column, content_columns, start)
+    source: InputSource,
+    id_column: str | None,
+    content_columns: list[str],
+    start: Resume | None,
+    writer: ArrayWriter,
+) -> None:
+    """Write the content hashes (and id hashes) of the rows read from ``start`` on."""
     known = source.known_rows() if start is None else None
-    if known is None:
-        pieces = list(hashed)
-        empty = np.zeros(0, dtype=np.uint64)
-        content = np.concatenate([c for c, _ in pieces]) if pieces else empty
-        if id_column is None:
-            return content, None
-        return content, np.concatenate([i for _, i in pieces if i is not None] or [empty])
-    # the row count is known (Parquet, a DataFrame): filled in place, as joining the
-    # pieces would hold every hash twice
-    content = np.empty(known, dtype=np.uint64)
-    ids = np.empty(known, dtype=np.uint64) if id_column is not None else None
-    at = 0
-    for batch_content, batch_ids in hashed:
-        end = at + len(batch_content)
-        if end > known:
+    rows = 0
+    for content, ids in _hashed_batches(source, id_column, content_columns, start):
+        rows += len(content)
+        if known is not None and rows > known:
             raise InputError(f"{source.name} holds more rows than its footer says; rewrite it.")
-        content[at:end] = batch_content
-        if ids is not None and batch_ids is not None:
-            ids[at:end] = batch_ids
-        at = end
-    if at != known:
+        writer.append("content", content)
+        if ids is not None:
+            writer.append("ids", ids)
+    if known is not None and rows != known:
         raise InputError(f"{source.name} holds fewer rows than its footer says; rewrite it.")
-    return content, ids
 
 
 def _hashed_batches(
@@ -427,41 +380,49 @@ def _row_keys(
     ids_only: bool,
     source: InputSource,
     id_column: str | None,
-    content: np.ndarray,
-    ids: np.ndarray | None,
-    key_pass: KeyPass | None,
-    *,
+    hashes: KeyPass | tuple[Any, Any],
     reused: int,
-    keep: Callable[[KeyPass], None] | None = None,
+    scratch: Path | None,
+    key_pass: KeyPass | None = None,
 ) -> RowKeys:
+    """The keys of the rows with ``hashes`` (a pass, or (content, ids) columns)."""
+    if isinstance(hashes, KeyPass):
+        key_pass, (content, ids) = hashes, (hashes.content, hashes.ids)
+    else:
+        content, ids = hashes
+    if id_column is None:
+        ids = None
+    none = np.zeros(0, dtype=np.int64)
     if len(content) == 0:
-        empty = np.zeros(0, dtype=np.uint64)
-        none = np.zeros(0, dtype=np.int64)
-        return RowKeys(keys=empty, duplicates=none, leaders=none, key_pass=key_pass)
-    duplicates, occurrence, leaders = _repeats(content)
+        return RowKeys(np.zeros(0, dtype=np.uint64), none, none, key_pass)
+    duplicates, occurrence, leaders = repeats(content, scratch)
     if id_column is not None and ids is not None:
-        _check_unique_ids(source, id_column, ids)
-    done = RowKeys(content, duplicates, leaders, key_pass=key_pass, reused=reused)
-    if keep is not None:
-        if key_pass is not None:
-            keep(key_pass)  # saved: its arrays may become the keys
-        done = done.without_pass()
-    if id_column is not None and ids is not None and ids_only:
-        return replace(done, keys=ids)
-    keys = content if keep is not None else content.copy()
-    if id_column is None or ids is None:
-        keys[duplicates] ^= occurrence * _MIX  # the occurrence of a row seen first is 0
-        return replace(done, keys=_mix_in_place(keys))  # _mix(content ^ (occurrence * _MIX))
-    keys ^= _ID_AND_CONTENT
-    _mix_in_place(keys)
-    keys ^= ids
-    return replace(done, keys=_mix_in_place(keys))  # _mix(ids ^ _mix(content ^ ...))
+        _check_unique_ids(source, id_column, ids, scratch)
+        if ids_only:
+            return RowKeys(ids, duplicates, leaders, key_pass, reused)
+
+    def fill(writer: ArrayWriter) -> dict[str, Any]:
+        writer.declare("keys", np.uint64)
+        for start in range(0, len(content), CHUNK):
+            keys = np.array(content[start : start + CHUNK], dtype=np.uint64)
+            if ids is None:  # _mix(content ^ (occurrence * _MIX)); a first row's is 0
+                lo, hi = np.searchsorted(duplicates, [start, start + len(keys)])
+                keys[duplicates[lo:hi] - start] ^= occurrence[lo:hi] * _MIX
+            else:  # _mix(ids ^ _mix(content ^ _ID_AND_CONTENT))
+                keys ^= _ID_AND_CONTENT
+                _mix_in_place(keys)
+                keys ^= ids[start : start + CHUNK]
+            writer.append("keys", _mix_in_place(keys))
+        return {}
+
+    keys = Column(write_spilled(fill, None, scratch), "keys")
+    return RowKeys(keys, duplicates, leaders, key_pass, reused)
 
 
-def _check_unique_ids(source: InputSource, id_column: str, ids: np.ndarray) -> None:
-    unique, counts = np.unique(ids, return_counts=True)
-    if len(unique) != len(ids):
-        dup_keys = set(unique[counts > 1].tolist())
+def _check_unique_ids(source: InputSource, id_column: str, ids: Any, scratch: Path | None) -> None:
+    repeated, _, _ = repeats(ids, scratch)
+    if len(repeated):
+        dup_keys = set(take(ids, repeated).tolist())
         raise InputError(
             f"{source.name}: --id-column '{id_column}' has duplicate ids: "
             f"{_name_ids(source, id_column, ids, dup_keys)}. Ids must be unique; "
@@ -469,13 +430,14 @@ def _check_unique_ids(source: InputSource, id_column: str, ids: np.ndarray) -> N
         )
 
 
-def _name_ids(source: InputSource, id_column: str, keys: np.ndarray, dups: set[int]) -> str:
+def _name_ids(source: InputSource, id_column: str, keys: Any, dups: set[int]) -> str:
     names: dict[int, str] = {}
     offset = 0
     for batch in source.iter_batches(columns=[id_column]):
         values = batch.column(0).to_pylist()
+        here = keys[offset : offset + batch.num_rows]
         for i, value in enumerate(values):
-            key = int(keys[offset + i])
+            key = int(here[i])
             if key in dups and key not in names:
                 names[key] = repr(value)
         offset += batch.num_rows
@@ -486,15 +448,26 @@ def _name_ids(source: InputSource, id_column: str, keys: np.ndarray, dups: set[i
     return ", ".join(shown) + more
 
 
+def key_salt(text: str) -> np.uint64:
+    """What a model's name or a sample's number mixes into the keys of its units."""
+    return np.uint64(
+        int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    )
+
+
+def salted(keys: np.ndarray, salt: np.uint64) -> np.ndarray:
+    """``keys`` mixed with ``salt``, in place (a uint64 array of the caller's)."""
+    keys ^= salt
+    return _mix_in_place(keys)
+
+
 def model_row_keys(keys: np.ndarray, model: str) -> np.ndarray:
     """The keys of (row, model) pairs: each row's key mixed with the model's name."""
-    digest = hashlib.blake2b(model.encode("utf-8"), digest_size=8).digest()
-    return _mix_in_place(keys ^ np.uint64(int.from_bytes(digest, "little")))  # one new array
+    return salted(np.array(keys, dtype=np.uint64), key_salt(model))  # one new array
 
 
 def sample_row_keys(keys: np.ndarray, sample: int) -> np.ndarray:
     """The keys of sample ``sample`` of the pairs with ``keys``; sample 0 keeps them (K = 1)."""
     if sample == 0:
         return keys
-    digest = hashlib.blake2b(f"sample {sample}".encode(), digest_size=8).digest()
-    return _mix_in_place(keys ^ np.uint64(int.from_bytes(digest, "little")))
+    return salted(np.array(keys, dtype=np.uint64), key_salt(f"sample {sample}"))

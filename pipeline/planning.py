@@ -27,7 +27,7 @@ from .credentials import resolve_api_key
 from .errors import ConfigError, OutputError
 from .estimate import Estimate, Estimator
 from .fingerprint import FINGERPRINT_DEFAULTS, fingerprint, fingerprint_parts
-from .keys import KeyPass, RowKeys, compute_keys, model_row_keys, sample_row_keys
+from .keys import RowKeys, compute_keys, model_row_keys, sample_row_keys
 from .memory import release_memory
 from .opening import open_job
 from .pricing import BATCH_PRICE_FACTOR as BATCH_PRICE_FACTOR
@@ -42,6 +42,8 @@ from .samples import SampleRequest, plan_requests
 from .shards import Shard
 from .todo import what_to_send
 from .unit_keys import UnitKeys
+
+DIGEST_KEYS = 1 << 20  # keys read at once for the plan's digest
 
 
 @dataclass
@@ -83,8 +85,11 @@ class Plan:
 
     def __post_init__(self) -> None:
         if not self.keys_digest:
-            keys = np.ascontiguousarray(self.keys, dtype=np.uint64)
-            self.keys_digest = hashlib.blake2b(keys.data, digest_size=16).hexdigest()
+            digest = hashlib.blake2b(digest_size=16)
+            for start in range(0, len(self.keys), DIGEST_KEYS):
+                keys = self.keys[start : start + DIGEST_KEYS]
+                digest.update(np.ascontiguousarray(keys, dtype=np.uint64).data)
+            self.keys_digest = digest.hexdigest()
         if self.rows < 0:
             self.rows = len(self.keys)
         if self.units < 0:
@@ -143,7 +148,7 @@ def _ids_only_keys(checkpoint: Checkpoint, config: RunConfig) -> bool:
 
 
 def _removed_since_last_run(
-    checkpoint: Checkpoint, present: np.ndarray, unit_keys: Sequence[np.ndarray]
+    checkpoint: Checkpoint, present: np.ndarray, unit_keys: Sequence[KeyArray]
 ) -> int:
     """Results whose rows left the input since the last run (not those that left before:
     their results stay in the checkpoint, and counting them again said "8 left" for 5)."""
@@ -154,8 +159,9 @@ def _removed_since_last_run(
     if last is None:
         return absent
     kept = np.zeros(len(last), dtype=bool)
-    for keys in unit_keys:
-        kept |= np.isin(last, keys)  # a unit at a time
+    for keys in unit_keys:  # a unit and a slice at a time
+        for start in range(0, len(keys), DIGEST_KEYS):
+            kept |= np.isin(last, keys[start : start + DIGEST_KEYS])
     return int((~kept).sum())
 
 
@@ -195,30 +201,28 @@ def _run_keys(
     checkpoint: Checkpoint,
     ids_only: bool,
 ) -> tuple[RowKeys, list[Path]]:
-    """Every row's keys, made in the new key pass staged beside OUTPUT (8 bytes a row)."""
-    previous = checkpoint.load_key_pass()
-    staged: list[Path] = []
-
-    def keep(key_pass: KeyPass) -> None:
-        if key_pass is not previous:
-            staged.extend(filter(None, [checkpoint.stage_key_pass(key_pass)]))
-
+    """Every row's keys, in files: a new key pass is written beside OUTPUT (returned, for
+    the checkpoint to take in), the rest to unnamed temporary files there."""
+    stage = checkpoint.stage_key_pass()
     try:
         row_keys = compute_keys(
             source,
             id_column=config.id_column,
             content_columns=builder.columns,
-            previous=previous,
+            previous=checkpoint.load_key_pass(),
             ids_only=ids_only,
-            keep=keep,
+            stage=stage,
+            scratch=stage.parent if stage is not None else None,
         )
     except BaseException:
-        for path in staged:
-            path.unlink(missing_ok=True)
+        if stage is not None:
+            stage.unlink(missing_ok=True)
         raise
-    previous = None
     release_memory()  # the pass's read buffers and sort temporaries
-    return row_keys, staged
+    new = row_keys.key_pass is not None and stage is not None and row_keys.key_pass.path == stage
+    if stage is not None and not new:
+        stage.unlink(missing_ok=True)  # (a bad input found after the pass was written)
+    return row_keys, [stage] if new and stage is not None else []
 
 
 def _plan(
@@ -235,9 +239,9 @@ def _plan(
     keys = row_keys.keys
     models = config.all_models
     shard = Shard.parse(config.shard) if config.shard else None
-    unit_keys: Sequence[np.ndarray] = UnitKeys(keys, models, config.n)  # (a shard holds them)
-    if shard is not None:
-        unit_keys = list(unit_keys)
+    unit_keys: Sequence[KeyArray] = UnitKeys(keys, models, config.n)  # read a slice at a time
+    if shard is not None:  # a shard holds its keys: 8 bytes a row and unit
+        unit_keys = [np.asarray(unit[:]) for unit in unit_keys]
     model_keys = [unit_keys[m * config.n] for m in range(len(models))] if shard else []
     prices = PriceTable.load(config.prices)
     for model in models:
@@ -297,7 +301,7 @@ def read_plan(data: Any, config: RunConfig, output: Path | None = None) -> Plan:
         previous=checkpoint.load_key_pass() if known else None,
         ids_only=known and _ids_only_keys(checkpoint, config),
     )
-    keys = row_keys.keys
+    keys = np.asarray(row_keys.keys[:])  # (an export holds them)
     models = config.all_models
     model_keys = [keys] if len(models) == 1 else [model_row_keys(keys, m) for m in models]
     unit_keys = [sample_row_keys(mk, s) for mk in model_keys for s in range(config.n)]
@@ -390,9 +394,8 @@ def estimate_job(
         ids_only=checkpoint is not None and _ids_only_keys(checkpoint, config),
     )
     models = config.all_models
-    model_keys = (
-        [row_keys.keys] if len(models) == 1 else [model_row_keys(row_keys.keys, m) for m in models]
-    )
+    keys = np.asarray(row_keys.keys[:])  # (an estimate holds them)
+    model_keys = [keys] if len(models) == 1 else [model_row_keys(keys, m) for m in models]
     done = _done_per_model(checkpoint, model_keys, samples=config.n)
     requests = plan_requests(
         range(config.n),
@@ -416,7 +419,7 @@ def estimate_job(
         n = batch.num_rows
         for estimator, model_done in zip(estimators, done, strict=True):
             where = np.nonzero(~model_done[offset : offset + n])[0]
-            rows = builder.build(batch.take(where), row_keys.keys[offset + where], offset + where)
+            rows = builder.build(batch.take(where), keys[offset + where], offset + where)
             estimator.add(row.messages for row in rows)
         offset += n
     prices = PriceTable.load(config.prices)

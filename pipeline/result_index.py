@@ -21,14 +21,17 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from .array_file import ArrayFile, ArrayFileError
+from .array_file import ArrayFile, ArrayFileError, Column
 from .errors import OutputError
 from .records import STATUS_CODES
 from .saved_arrays import NpyRange
+from .spill import grouped
+from .unit_keys import DerivedKeys
 
 LOOKUP_CHUNK = 1 << 18  # keys looked up at once: ~12 MB of temporaries
 CACHED_KEYS = 1 << 20  # an index of up to this many keys is held once read (12 MB)
-KeyArray = np.ndarray | NpyRange  # keys in memory, or recorded in a file and read in slices
+# keys in memory, or in a file and read in slices (``len``, ``[a:b]`` and ``take``)
+KeyArray = np.ndarray | NpyRange | Column | DerivedKeys
 SUPERSEDED = -1  # the status of a result a later one of the same key replaced
 INDEX_LAYOUT = 3  # 3: an array file, keys in sorted blocks (2: an .npz held whole)
 PER_POSITION = ("status", "prompt_tokens", "completion_tokens", "cost_usd")
@@ -53,18 +56,6 @@ def _locate(
         part[have] = numbers[which]
         row[have] = at - starts[which]
     return part, row
-
-
-def grouped(groups: np.ndarray, count: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-    """(an order that puts ``groups``'s items group by group, each group's items in their
-    own order; (group, start, stop) in that order of every group with an item), for
-    ``groups`` in ``0 .. count-1`` (-1 counts as 0)."""
-    order = np.argsort(groups, kind="stable")
-    ends = np.searchsorted(groups[order], np.arange(count), side="right")
-    return order, [
-        (int(g), int(ends[g - 1]) if g else 0, int(ends[g]))
-        for g in np.flatnonzero(np.diff(ends, prepend=0))
-    ]
 
 
 def _found(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

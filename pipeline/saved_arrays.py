@@ -1,54 +1,21 @@
-"""The .npz and .npy files a checkpoint keeps beside its parts: the input's key pass
-(``input-keys.npz``, see ``keys.KeyPass``) and the run's unit keys (``keys.npy``, read
-back a slice at a time: ``NpyRange``). (The result index is an ``array_file``.)
-An .npz is arrays plus JSON metadata, written atomically; a missing or damaged one reads as
-None (it is a cache: the next run rebuilds it)."""
+"""The arrays a checkpoint keeps beside its parts: the input's key pass (``input-keys.arrays``,
+an ``array_file`` made by ``keys.compute_keys``, see ``keys.KeyPass``) and the run's unit
+keys (``keys.npy``, read back a slice at a time: ``NpyRange``). (The result index is an
+``array_file`` too.) A missing or damaged key pass reads as None: it is a cache, the next
+run makes it again."""
 
 from __future__ import annotations
 
-import json
 import os
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .array_file import ArrayFile, ArrayFileError, gather
 from .atomic import atomic_write, fsync_dir
 from .keys import KeyPass
-
-KEY_PASS_VERSION = 1
-
-
-def save_arrays(
-    path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray], *, atomic: bool = True
-) -> None:
-    """An .npz of ``arrays`` plus ``meta`` as JSON, written atomically (temp, fsync,
-    rename), or (``atomic=False``: a temporary file itself) in place and fsynced."""
-    encoded = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    if not atomic:
-        with path.open("wb") as fh:
-            np.savez(fh, meta=encoded, **arrays)  # type: ignore[arg-type]
-            fh.flush()
-            os.fsync(fh.fileno())
-        return
-    with atomic_write(path) as tmp, tmp.open("wb") as fh:
-        np.savez(fh, meta=encoded, **arrays)  # type: ignore[arg-type]
-
-
-def load_arrays(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
-    """What ``save_arrays`` wrote, or None when it is missing or damaged."""
-    try:
-        # our own handle: np.load leaks the one it opens when the zip is damaged
-        with path.open("rb") as fh, np.load(fh, allow_pickle=False) as data:
-            meta = json.loads(data["meta"].tobytes())
-            arrays = {name: data[name] for name in data.files if name != "meta"}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError):
-        return None
-    if not isinstance(meta, dict):
-        return None
-    return meta, arrays
 
 
 def _npy_header(fh: Any) -> tuple[tuple[int, ...], np.dtype[Any]]:
@@ -60,17 +27,20 @@ def _npy_header(fh: Any) -> tuple[tuple[int, ...], np.dtype[Any]]:
     return shape, dtype
 
 
+WRITE_KEYS = 1 << 20  # keys written at once
+
+
 def write_key_arrays(path: Path, arrays: Sequence[Any], rows: int) -> None:
     """``arrays`` (``rows`` keys each) one after another as one uint64 .npy file, written
-    piece by piece (never joined in memory; each array taken once) and atomically."""
+    a slice at a time (never held whole; each array read once) and atomically."""
     header = {"descr": "<u8", "fortran_order": False, "shape": (rows * len(arrays),)}
     with atomic_write(path) as tmp, tmp.open("wb") as fh:
         np.lib.format.write_array_header_1_0(fh, header)
         for keys in arrays:
-            values = np.ascontiguousarray(keys[:], dtype="<u8")
-            if len(values) != rows:
-                raise ValueError(f"{path}: a key array of {len(values)} keys, not {rows}")
-            fh.write(values.data)
+            if len(keys) != rows:
+                raise ValueError(f"{path}: a key array of {len(keys)} keys, not {rows}")
+            for start in range(0, rows, WRITE_KEYS):
+                fh.write(np.ascontiguousarray(keys[start : start + WRITE_KEYS], dtype="<u8").data)
 
 
 class NpyRange:
@@ -98,32 +68,20 @@ class NpyRange:
             raise ValueError(f"{self.path} was cut short while it was read")
         return values
 
-
-def save_key_pass(path: Path, key_pass: KeyPass, *, atomic: bool = True) -> None:
-    meta = {
-        "version": KEY_PASS_VERSION,
-        "params": key_pass.params,
-        "stat": key_pass.stat,
-        "sha256": key_pass.sha256,
-        "ends_with_newline": key_pass.ends_with_newline,
-    }
-    arrays = {"content": key_pass.content}
-    if key_pass.ids is not None:
-        arrays["ids"] = key_pass.ids
-    save_arrays(path, meta, arrays, atomic=atomic)
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The values at ``rows`` (any order), read a span at a time."""
+        return gather(self.__getitem__, self.length, rows, np.uint64)
 
 
-def stage_key_pass(output: Path, key_pass: KeyPass) -> Path | None:
-    """Write ``key_pass`` beside ``output`` before the run locks its checkpoint (the
-    pass's arrays are then let go of); None when it cannot be written (it is a cache)."""
-    path = output.parent / f".{output.name}.input-keys.{os.getpid()}.tmp"
+def staged_key_pass(output: Path) -> Path | None:
+    """Where a run writes the input's key pass before it locks its checkpoint: a file
+    beside ``output`` that ``take_in`` moves into it (None when that directory cannot be
+    made: the pass then goes to an unnamed file, and is not kept)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)  # as the run would
-        save_key_pass(path, key_pass, atomic=False)
+        output.parent.mkdir(parents=True, exist_ok=True)  # as the run would
     except OSError:
-        path.unlink(missing_ok=True)
         return None
-    return path
+    return output.parent / f".{output.name}.input-keys.{os.getpid()}.tmp"
 
 
 def take_in(staged: Path, path: Path) -> None:
@@ -136,21 +94,13 @@ def take_in(staged: Path, path: Path) -> None:
 
 
 def load_key_pass(path: Path) -> KeyPass | None:
-    loaded = load_arrays(path)
-    if loaded is None or loaded[0].get("version") != KEY_PASS_VERSION:
-        return None
-    meta, arrays = loaded
-    content, ids = arrays.get("content"), arrays.get("ids")
-    if content is None or (ids is not None and len(ids) != len(content)):
-        return None
+    """The key pass saved at ``path``, or None when it is missing or damaged (a cache: the
+    next run makes it again)."""
     try:
-        return KeyPass(
-            params=meta["params"],
-            stat=meta["stat"],
-            sha256=meta["sha256"],
-            ends_with_newline=bool(meta["ends_with_newline"]),
-            content=content.astype(np.uint64, copy=False),
-            ids=None if ids is None else ids.astype(np.uint64, copy=False),
-        )
-    except KeyError:
+        file = ArrayFile(path)
+    except (OSError, ArrayFileError):
         return None
+    key_pass = KeyPass.of(file)
+    if key_pass is None:
+        file.close()
+    return key_pass

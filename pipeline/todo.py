@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .array_file import take
 from .config import RunConfig
 from .keys import RowKeys
 from .records import STATUS_CODES
-from .result_index import LOOKUP_CHUNK, SUPERSEDED, ResultIndex
+from .result_index import LOOKUP_CHUNK, SUPERSEDED, KeyArray, ResultIndex
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Work:
 def what_to_send(
     index: ResultIndex,
     row_keys: RowKeys,
-    unit_keys: Sequence[np.ndarray],
+    unit_keys: Sequence[KeyArray],
     config: RunConfig,
     rows: np.ndarray | None = None,
 ) -> Work:
@@ -69,7 +70,7 @@ def what_to_send(
     return work
 
 
-def _dedup(work: Work, j: int, mkeys: np.ndarray, row_keys: RowKeys, index: ResultIndex) -> None:
+def _dedup(work: Work, j: int, mkeys: KeyArray, row_keys: RowKeys, index: ResultIndex) -> None:
     """A later row with the same prompt as an earlier one is not sent: it follows its first
     row's request, or gets a copy of a stored result of its prompt: its first row's, or,
     when only a later row of the prompt has one (with ``--id-column``, a row added before
@@ -87,11 +88,16 @@ def _dedup(work: Work, j: int, mkeys: np.ndarray, row_keys: RowKeys, index: Resu
     work.send[copy_rows, j] = False
     work.send[duplicates, j] = False
     pending = todo[leaders] & ~np.isin(leaders, copy_rows)
-    for i, leader in zip(duplicates[pending], leaders[pending], strict=True):
-        work.followers.setdefault(int(mkeys[leader]), []).append(int(mkeys[i]))
+    followed = zip(
+        take(mkeys, leaders[pending]).tolist(),
+        take(mkeys, duplicates[pending]).tolist(),
+        strict=True,
+    )
+    for leader_key, key in followed:
+        work.followers.setdefault(leader_key, []).append(key)
     for i, leader in zip(duplicates[~pending].tolist(), leaders[~pending].tolist(), strict=True):
         copy_rows.append(i)
         copy_from.append(source.get(leader, leader))
     if copy_rows:
-        work.copy_from.extend(index.lookup(mkeys[copy_from]).tolist())
-        work.copy_to.extend(mkeys[copy_rows].tolist())
+        work.copy_from.extend(index.lookup(take(mkeys, np.array(copy_from))).tolist())
+        work.copy_to.extend(take(mkeys, np.array(copy_rows)).tolist())

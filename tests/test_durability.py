@@ -7,6 +7,7 @@ answer, a repeated request or an answer on the wrong row all fail.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -22,9 +23,12 @@ import pandas as pd
 import pytest
 from conftest import run_job as run
 
+from pipeline import spill
 from pipeline.checkpoint import Checkpoint, part_number
 from pipeline.errors import EXIT_STORAGE
+from pipeline.keys import compute_keys
 from pipeline.progress import Reporter
+from pipeline.reader import open_input
 from pipeline.records import RowResult
 from pipeline.simulator import SimulatorConfig, SimulatorThread
 
@@ -279,6 +283,40 @@ def test_a_full_disk_stops_the_run_and_a_rerun_pays_for_nothing_twice(
         assert len(sim.simulator.requests) == 20_000  # each row sent exactly once
         assert_every_row_has_its_own_answer(out, frame)
     assert not list((rescue_place / "pipeline-rescue-0").rglob("rescued-*.parquet"))
+
+
+def test_a_key_pass_on_a_full_disk_is_made_in_memory_with_the_same_keys(
+    small_disk: Path, rescue_place: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spill, "BUCKET_KEYS", 1 << 12)  # buckets in files, were there room
+    source = tmp_path / "in.csv"
+    prompts(40_000).to_csv(source, index=False)  # 320 KB of hashes: more than the disk
+    expected = compute_keys(open_input(source), id_column=None, content_columns=["prompt"])
+    fill_up(small_disk)
+    subprocess.run(["chattr", "+i", str(rescue_place)], capture_output=True)  # $TMPDIR too
+
+    try:
+        got = compute_keys(
+            open_input(source),
+            id_column=None,
+            content_columns=["prompt"],
+            stage=small_disk / ".o.parquet.input-keys.1.tmp",
+            scratch=small_disk,
+        )
+    finally:
+        subprocess.run(["chattr", "-i", str(rescue_place)], capture_output=True)
+
+    assert got.keys[:].tolist() == expected.keys[:].tolist()
+    assert got.duplicates.tolist() == expected.duplicates.tolist()
+    assert got.key_pass is not None and got.key_pass.path is None  # not kept: nowhere to
+    assert not list(small_disk.glob("*.tmp"))
+
+
+def fill_up(disk: Path) -> None:
+    with contextlib.suppress(OSError), (disk / "filler").open("wb") as fh:
+        while True:
+            fh.write(b"x" * 4096)
+            fh.flush()
 
 
 class LockDirectoryAt(Reporter):

@@ -23,8 +23,11 @@ from conftest import cli, write_csv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline import keys as keys_module
+from pipeline import spill
 from pipeline.checkpoint import Checkpoint
-from pipeline.keys import KeyPass, RowKeys, compute_keys, stable_argsort
+from pipeline.keys import RowKeys, compute_keys
+from pipeline.repeats import repeats, stable_argsort
 from pipeline.reader import open_input
 from pipeline.records import STATUS_CODES, RowResult, Usage
 from pipeline.simulator import SimulatorThread
@@ -43,7 +46,7 @@ def key_pass(path: Path, previous: RowKeys | None = None, id_column: str | None 
 
 
 def assert_same_keys(got: RowKeys, fresh: RowKeys) -> None:
-    assert got.keys.tolist() == fresh.keys.tolist()
+    assert got.keys[:].tolist() == fresh.keys[:].tolist()
     assert got.duplicates.tolist() == fresh.duplicates.tolist()
     assert got.leaders.tolist() == fresh.leaders.tolist()
 
@@ -104,7 +107,7 @@ def test_an_edit_that_keeps_the_size_and_the_mtime_is_still_seen(tmp_path: Path)
 
     assert after.reused == 0
     assert_same_keys(after, key_pass(source))
-    assert after.keys[1] != before.keys[1]
+    assert after.keys[:][1] != before.keys[:][1]
 
 
 def test_a_grown_file_whose_start_changed_is_read_whole(tmp_path: Path) -> None:
@@ -283,7 +286,7 @@ def test_a_rerun_after_appending_sends_only_the_new_rows_and_writes_every_row_in
     source = write_csv(tmp_path / "in.csv", head)
     output = tmp_path / "out.parquet"
     assert run(simulator, source, output).exit_code == 0
-    assert (output.parent / "out.parquet.checkpoint" / "input-keys.npz").exists()
+    assert (output.parent / "out.parquet.checkpoint" / "input-keys.arrays").exists()
 
     grown = [*head, "new one", "new two"]
     write_csv(source, grown)
@@ -304,7 +307,7 @@ def test_a_run_refused_after_its_key_pass_leaves_nothing_beside_output(
     source = write_csv(tmp_path / "in.csv", [f"row {i}" for i in range(5)])
     output = tmp_path / "out.parquet"
     assert run(simulator, source, output).exit_code == 0
-    saved = output.parent / "out.parquet.checkpoint" / "input-keys.npz"
+    saved = output.parent / "out.parquet.checkpoint" / "input-keys.arrays"
     before = saved.read_bytes()
     write_csv(source, [f"row {i}" for i in range(7)])  # grown: a new pass
 
@@ -327,7 +330,7 @@ def test_a_first_run_into_a_directory_not_made_yet_keeps_its_key_pass(
     source = write_csv(tmp_path / "in.csv", ["a", "b"])
     output = tmp_path / "new" / "dir" / "out.parquet"
     assert run(simulator, source, output).exit_code == 0
-    assert (output.parent / "out.parquet.checkpoint" / "input-keys.npz").exists()
+    assert (output.parent / "out.parquet.checkpoint" / "input-keys.arrays").exists()
     assert sorted(p.name for p in output.parent.iterdir()) == [
         "out.parquet",
         "out.parquet.checkpoint",
@@ -390,7 +393,7 @@ def test_a_checkpoint_copied_elsewhere_with_its_input_still_resumes_from_its_key
         open_input(copied), id_column=None, content_columns=["prompt"], previous=kept
     )
     assert again.reused == 20
-    assert np.array_equal(again.keys, keys.keys)
+    assert np.array_equal(again.keys[:], keys.keys[:])
 
 
 @given(st.lists(st.integers(min_value=0, max_value=6), max_size=60))
@@ -409,8 +412,6 @@ def test_each_repeated_prompt_gets_its_occurrence_number_and_its_first_row(
 ) -> None:
     """Row keys follow (prompt, occurrence among equal prompts); a repeat points at the
     first row with its prompt (the row --dedup sends for it); rows seen first need nothing."""
-    from pipeline import keys as keys_module
-
     hashes = np.array(values, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     seen: dict[int, list[int]] = {}
     expected = []
@@ -418,43 +419,42 @@ def test_each_repeated_prompt_gets_its_occurrence_number_and_its_first_row(
         if value in seen:
             expected.append((row, len(seen[value]), seen[value][0]))
         seen.setdefault(value, []).append(row)
-    for bucketed_from in (keys_module.BUCKETED_FROM, 0):  # all at once; by top bits
-        rows, occurrence, leaders = keys_module._repeats(hashes, bucketed_from)
+    for per_bucket in (None, 4):  # all at once; a bucket of top bits at a time, in files
+        rows, occurrence, leaders = repeats(hashes, per_bucket=per_bucket)
         got = list(zip(rows.tolist(), occurrence.tolist(), leaders.tolist(), strict=True))
         assert got == expected
 
 
-@pytest.mark.parametrize("made", ["beside the pass", "in the pass's arrays once it is kept"])
+@pytest.mark.parametrize(
+    "made", ["in unnamed files", "beside a staged key pass", "3 rows and 1 bucket at a time"]
+)
 def test_row_keys_are_the_same_as_every_earlier_version_made_them(
-    tmp_path: Path, made: str
+    tmp_path: Path, made: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A checkpoint written by an earlier version resumes with this one only if a row's key
     is computed exactly as before: these values were made by the code of 2026-12-05 (before
-    the key pass computed in place to save memory) and must never change; nor may a run,
-    which makes them in the pass's own arrays once the pass is written."""
+    keys were made a chunk at a time into files) and must never change, wherever a run
+    writes its pass and however many rows it makes at once."""
+    if made == "3 rows and 1 bucket at a time":
+        monkeypatch.setattr(keys_module, "CHUNK", 3)
+        monkeypatch.setattr(spill, "BUCKET_KEYS", 1)
     path = tmp_path / "in.csv"
     path.write_text("prompt,id\nhello,a\nworld,b\nhello,c\n,d\n")
-    kept: list[np.ndarray] = []  # the content hashes each kept pass held when it was kept
-
-    def keep(kept_pass: KeyPass) -> None:
-        kept.append(kept_pass.content.copy())
+    stage = tmp_path / "staged.tmp" if made != "in unnamed files" else None
 
     def key_pass(path: Path, id_column: str | None = None) -> RowKeys:
         keys = compute_keys(
             open_input(path),
             id_column=id_column,
             content_columns=["prompt"],
-            keep=keep if made != "beside the pass" else None,
+            stage=stage,
+            scratch=tmp_path,
         )
-        assert (keys.key_pass is None) == (made != "beside the pass")
-        if kept:  # the pass a run writes is the one a run without keeping it holds
-            plain = compute_keys(open_input(path), id_column=id_column, content_columns=["prompt"])
-            assert plain.key_pass is not None
-            assert kept.pop().tolist() == plain.key_pass.content.tolist()
+        assert keys.key_pass is not None and keys.key_pass.path == stage
         return keys
 
     by_content = key_pass(path)
-    assert [hex(k) for k in by_content.keys.tolist()] == [
+    assert [hex(k) for k in by_content.keys[:].tolist()] == [
         "0x17200782f30f4d89",
         "0x6cc72d2fcdeb9404",
         "0x6c16f01ac5c619cf",  # the second "hello": its occurrence number makes it new
@@ -462,7 +462,7 @@ def test_row_keys_are_the_same_as_every_earlier_version_made_them(
     ]
     assert (by_content.duplicates.tolist(), by_content.leaders.tolist()) == ([2], [0])
     by_id = key_pass(path, id_column="id")
-    assert [hex(k) for k in by_id.keys.tolist()] == [
+    assert [hex(k) for k in by_id.keys[:].tolist()] == [
         "0xc6e07c4d362774cc",
         "0x2006a25da6c754bd",
         "0x451ccb7e1f8c47aa",

@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import index_build
 from pipeline import keys as keys_module
+from pipeline import repeats, spill
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import RunConfig
-from pipeline.keys import KeyPass, compute_keys
+from pipeline.keys import compute_keys
 from pipeline.planning import plan_run
 from pipeline.reader import open_input
 from pipeline.records import RowResult, Usage
@@ -48,44 +48,51 @@ def per_row(measure: Callable[[int], int]) -> float:
     return (measure(2 * ROWS) - measure(ROWS)) / ROWS
 
 
-@pytest.mark.parametrize("kept", [False, True], ids=["pass held", "pass written first"])
-def test_the_key_pass_holds_16_bytes_a_row_or_8_once_the_pass_is_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kept: bool
+@pytest.mark.parametrize("staged", [False, True], ids=["unnamed files", "a staged pass"])
+def test_the_key_pass_holds_no_array_a_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staged: bool
 ) -> None:
-    # a million-row input sorts its hashes a sixteenth at a time; here from 0 rows on
-    monkeypatch.setattr(keys_module, "BUCKETED_FROM", 0)
+    # a ten-million-row input sorts its hashes a bucket of about a million at a time; here
+    # of 8,192, and the keys are made a chunk of 8,192 rows at a time
+    monkeypatch.setattr(spill, "BUCKET_KEYS", 1 << 13)
+    monkeypatch.setattr(keys_module, "CHUNK", 1 << 13)
+    monkeypatch.setattr(repeats, "READ", 1 << 13)
     monkeypatch.setattr(keys_module, "_HASH_CHUNK", 1 << 16)  # (4 MB: more than these files)
-    written: list[int] = []
 
     def measure(rows: int) -> int:
         prompts = [f"prompt {i % (rows - 500)}" for i in range(rows)]  # 500 repeats
         path = tmp_path / f"in-{rows}.parquet"
         pq.write_table(pa.table({"prompt": prompts}), path, row_group_size=20_000)
         source = open_input(path)
-
-        def keep(key_pass: KeyPass) -> None:  # as a run does: written, then let go of
-            written.append(key_pass.rows)
+        stage = tmp_path / f"staged-{rows}.tmp" if staged else None
 
         peak, keys = peak_bytes(
             lambda: compute_keys(
-                source, id_column=None, content_columns=["prompt"], keep=keep if kept else None
+                source, id_column=None, content_columns=["prompt"], stage=stage, scratch=tmp_path
             )
         )
         assert len(keys.keys) == rows and len(keys.duplicates) == 500
-        assert (keys.key_pass is not None) != kept
+        assert keys.key_pass is not None and keys.key_pass.path == stage
+        assert keys.keys[:].tolist() == compute_keys(
+            source, id_column=None, content_columns=["prompt"]
+        ).keys[:].tolist()
         return peak
 
-    # the pass's hashes, and the keys beside them (8 + 8) or made in them (8); a sort of
-    # all rows at once held 26 more, and dense occurrence and first-row arrays 16 more
-    assert per_row(measure) < (11 if kept else 20)
-    assert len(written) == 3 * kept
+    # the hashes and keys are in files: what is held is a bucket's sort, the sparse
+    # duplicates and the buckets' file buffers (8 KB each, here twice as many buckets at
+    # twice the rows: ~1.2 bytes a row; at most 256 buckets, 4 MB). Holding the pass's
+    # hashes and making the keys in them took 8 bytes a row; beside them 16
+    assert per_row(measure) < 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp") == (
+        ["staged-10000.tmp", "staged-100000.tmp", "staged-200000.tmp"] if staged else []
+    )
 
 
 def test_building_the_result_index_holds_about_a_byte_a_result(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # a million-key index sorts a bucket of keys at a time; here buckets of 8,192
-    monkeypatch.setattr(index_build, "BUCKET_KEYS", 1 << 13)
+    monkeypatch.setattr(spill, "BUCKET_KEYS", 1 << 13)
     usage = Usage(prompt_tokens=3, completion_tokens=4)
     rng = np.random.default_rng(5)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import index_build, result_index
+from pipeline import index_build, result_index, spill
 from pipeline.checkpoint import Checkpoint
 from pipeline.records import STATUS_CODES, RowResult, Usage
 
@@ -77,7 +77,7 @@ def check(
 @pytest.fixture(params=["one bucket, held", "many buckets, read each time"])
 def tiny(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     if request.param != "one bucket, held":
-        monkeypatch.setattr(index_build, "BUCKET_KEYS", 8)
+        monkeypatch.setattr(spill, "BUCKET_KEYS", 8)
         monkeypatch.setattr(index_build, "READ_ROWS", 7)
         monkeypatch.setattr(result_index, "CACHED_KEYS", 0)
         monkeypatch.setattr(result_index, "LOOKUP_CHUNK", 5)
