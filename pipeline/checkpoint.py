@@ -11,11 +11,10 @@ Layout of ``OUTPUT.checkpoint/``::
                          named part-NNNNNN.parquet and carry neither.
     quarantine/          parts found damaged (checksum, unreadable, empty) or foreign (another
                          job's): set aside, never read; their rows are sent again
-    index.arrays         a cache of the result index (row key -> result's part and row) and
-                         the parts it covers; rebuilt from the parts when missing, damaged,
-                         stale or of an older layout
-    input-keys.arrays    a cache of the input's key pass (keys.KeyPass), keyed by the input's
-                         stat and digest; recomputed when it does not match
+    index.arrays         a cache of the result index (row key -> result's part and row),
+                         rebuilt from the parts when missing, damaged, stale or older
+    input-keys.arrays    a cache of the input's key pass (keys.KeyPass), for its stat and
+                         digest; made again when it does not match
     keys.npy             the current input's unit keys, for ``pipeline status`` and the
                          run's end (OUTPUT is assembled reading them back)
     rescued-not-used-*/  rescued answers that did not fit this checkpoint: kept, never read
@@ -30,8 +29,8 @@ the next run of this OUTPUT moves them into ``parts/`` before it sends anything.
 Every file is written through ``atomic.atomic_write`` (temporary name, fsync, rename, directory
 fsync), so a crash at any instant leaves either the old or the new file, never half of one.
 A row's result is the one in the highest-numbered part holding its key (``--retry-failed``
-appends newer results). Helpers: ``part_files``, ``lock``, ``index_build``/``result_index``
-(the index file), ``saved_arrays``. It does not know how results are produced or assembled.
+appends newer results). Helpers: ``part_files``, ``lock``, ``index_build``, ``saved_arrays``.
+It does not know how results are produced or assembled.
 """
 
 from __future__ import annotations
@@ -71,7 +70,6 @@ from .schema import RESULT_SCHEMA as RESULT_SCHEMA
 from .shards import Shard, ShardLocks, first_part, part_step
 
 INDEX_FILE = "index.arrays"  # the result index as of the end of the last run
-KEY_PASS_FILE = "input-keys.arrays"  # the input's key pass as of the last run
 _INDEX_BUILDS = itertools.count()  # numbers the index files this process writes
 
 
@@ -460,18 +458,17 @@ class Checkpoint:
     # -- saved key pass and index: a resume starts from them -----------------------------
 
     def stage_key_pass(self) -> Path | None:
-        """Where this run writes the input's key pass (``saved_arrays.staged_key_pass``);
-        ``save_key_pass`` takes it in."""
+        """Where this run writes the input's key pass, for ``save_key_pass`` to take in."""
         return staged_key_pass(self.output)
 
     def save_key_pass(self, staged: Path) -> None:
         """Keep the key pass written at ``staged`` for the next run."""
-        take_in(staged, self.dir / KEY_PASS_FILE)
+        take_in(staged, self.dir / "input-keys.arrays")
         (self.dir / "input-keys.npz").unlink(missing_ok=True)  # an older layout's
 
     def load_key_pass(self) -> KeyPass | None:
         """The saved key pass, or None when there is none or it is unreadable."""
-        return read_key_pass(self.dir / KEY_PASS_FILE)
+        return read_key_pass(self.dir / "input-keys.arrays")
 
     def load_index(self) -> ResultIndex:
         """The latest result per key over all parts: the saved index (``save_index``)

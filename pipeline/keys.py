@@ -183,13 +183,7 @@ class KeyPass:
 
     def meta(self) -> dict[str, Any]:
         """What the pass's file says about it, beside its hashes."""
-        return {
-            "version": KEY_PASS_VERSION,
-            "params": self.params,
-            "stat": self.stat,
-            "sha256": self.sha256,
-            "ends_with_newline": self.ends_with_newline,
-        }
+        return {"version": KEY_PASS_VERSION, **{name: getattr(self, name) for name in _META}}
 
     @classmethod
     def of(cls, file: ArrayFile) -> KeyPass | None:
@@ -202,21 +196,13 @@ class KeyPass:
         content = Column(file, "content")
         if ids is not None and len(ids) != len(content):
             return None
-        try:
-            return cls(
-                params=meta["params"],
-                stat=meta["stat"],
-                sha256=meta["sha256"],
-                ends_with_newline=bool(meta["ends_with_newline"]),
-                content=content,
-                ids=ids,
-                path=file.path,
-            )
-        except KeyError:
+        if any(name not in meta for name in _META):
             return None
+        return cls(**{name: meta[name] for name in _META}, content=content, ids=ids, path=file.path)
 
 
 KEY_PASS_VERSION = 2  # 2: an array file (1: an .npz, read whole)
+_META = ("params", "stat", "sha256", "ends_with_newline")  # a pass's, in its file's footer
 _HASH_CHUNK = 1 << 22
 CHUNK = 1 << 18  # rows of keys made at once
 
@@ -270,7 +256,7 @@ def compute_keys(
     ``previous`` is an earlier run's ``KeyPass`` of the same file: what it still describes
     is reused, not read again (see ``KeyPass``). A new pass is written at ``stage`` (the
     run takes it into its checkpoint: ``KeyPass.path``), else to an unnamed file; the
-    temporary files go to ``scratch`` ($TMPDIR when None).
+    temporary files go to ``scratch`` (beside ``stage``, or $TMPDIR, when None).
     """
     params = {
         "format": source.format,
@@ -279,6 +265,7 @@ def compute_keys(
     }
     path = source.path if source.limit is None else None
     stat = _stat(path) if path is not None else None
+    scratch = stage.parent if scratch is None and stage is not None else scratch
     head: KeyPass | None = None
     digest = hashlib.sha256()
     if path is not None and stat is not None and previous is not None:

@@ -25,7 +25,7 @@ from .fingerprint import fingerprint_parts
 from .memory import release_memory
 from .planning import KEY_SCHEME, Plan
 from .recording import Recorder
-from .result_index import KeyArray, ResultIndex, RowPlaces
+from .result_index import KeyArray, Places, PlacesByWindow, ResultIndex
 from .stopping import Stop
 from .writer import output_spec, write_output
 
@@ -66,7 +66,7 @@ def start_manifest(plan: Plan, config: RunConfig) -> dict[str, Any]:
             state="running",
             started_at=time.time(),
             results=len(plan.scope_unit_keys()[0]) * len(plan.unit_keys),
-            todo=int(plan.todo.sum()),
+            todo=plan.pending,
         )
     return manifest
 
@@ -101,10 +101,8 @@ async def finish_output(
     if checkpoint.parts_read and recorder.storage_error is None:
         with contextlib.suppress(OSError):  # a cache: the next run rebuilds it if missing
             checkpoint.save_index(index)  # the next run starts from it
-    # from here on where each input row's result is (4 bytes a row and unit)
-    places = index.places(unit_keys)
-    index.close()
-    del index
+    # from here on where each input row's result is, a window of rows at a time
+    places = PlacesByWindow(index, unit_keys)
     counts = places.counts()
     job_pending = 0
     if plan.shard is not None:
@@ -130,6 +128,7 @@ async def finish_output(
             record_output(manifest, output, state)
         except OSError as exc:
             recorder.storage_failed_at_end(exc, output)
+    index.close()
     if plan.shard is None:
         manifest["running"] = False
     try:
@@ -151,7 +150,7 @@ async def finish_output(
 
 
 def write_recorded(
-    plan: Plan, config: RunConfig, places: RowPlaces, output: Path, manifest: dict[str, Any]
+    plan: Plan, config: RunConfig, places: Places, output: Path, manifest: dict[str, Any]
 ) -> None:
     """Write OUTPUT (``writer.write_output``), recording the new file's signature in the
     manifest just before it replaces OUTPUT (a crash between the two is recognised)."""

@@ -8,24 +8,19 @@ them are sent (``--dedup`` sends one row per distinct prompt). It sends nothing.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .batch_input_file import batch_file_job
-from .cache import ResponseCache
 from .checkpoint import Checkpoint
-from .client import build_body
 from .config import RunConfig
 from .credentials import resolve_api_key
 from .errors import ConfigError, OutputError
-from .estimate import Estimate, Estimator
 from .fingerprint import FINGERPRINT_DEFAULTS, fingerprint, fingerprint_parts
 from .keys import RowKeys, compute_keys, model_row_keys, sample_row_keys
 from .memory import release_memory
@@ -35,10 +30,8 @@ from .pricing import PriceTable
 from .prompts import PromptBuilder
 from .proxy import ProxySettings, settings_from
 from .reader import InputSource, Resume
-from .records import COST_BATCH_TABLE
-from .remote_output import shown_output
-from .result_index import KeyArray, ResultIndex
-from .samples import SampleRequest, plan_requests
+from .result_index import SUPERSEDED, KeyArray, ResultIndex
+from .row_bits import RowBits
 from .shards import Shard
 from .todo import what_to_send
 from .unit_keys import UnitKeys
@@ -60,8 +53,8 @@ class Plan:
     # per unit u = model * n + sample: the key of (row, model, sample); one unit per model
     # when n == 1
     unit_keys: Sequence[KeyArray]
-    todo: np.ndarray  # bool [row, unit]: needs a result
-    send: np.ndarray  # bool [row, unit]: needs a request (todo, not a duplicate)
+    pending: int  # units (of the rows in scope) that need a result
+    send: RowBits  # [row, unit]: needs a request (needs a result, not a duplicate)
     index: ResultIndex
     prices: PriceTable
     followers: dict[int, list[int]]  # leader key -> keys of its duplicates sent with it
@@ -110,9 +103,9 @@ class Plan:
         self.keys = recorded[0]
 
     def let_go_of_keys(self) -> None:
-        """Free the per-row arrays (todo and send masks) once nothing more is sent."""
+        """Free the per-row arrays (the send bits) once nothing more is sent."""
         self.keys, self.model_keys, self.unit_keys = np.zeros(0, dtype=np.uint64), (), ()
-        self.todo = self.send = np.zeros((0, 0), dtype=bool)
+        self.send = RowBits(0, 0)
 
     def scope_unit_keys(self) -> Sequence[KeyArray]:
         """The unit keys of the rows this run answers for: its shard's, or every row's."""
@@ -148,12 +141,18 @@ def _ids_only_keys(checkpoint: Checkpoint, config: RunConfig) -> bool:
 
 
 def _removed_since_last_run(
-    checkpoint: Checkpoint, present: np.ndarray, unit_keys: Sequence[KeyArray]
+    checkpoint: Checkpoint, index: ResultIndex, found: int, unit_keys: Sequence[KeyArray]
 ) -> int:
     """Results whose rows left the input since the last run (not those that left before:
     their results stay in the checkpoint, and counting them again said "8 left" for 5)."""
-    absent = int((~present).sum())
-    if not absent:
+    # each key's latest result is one that a later one did not supersede; ``found`` of
+    # them are this input's
+    status, step = index.status, DIGEST_KEYS
+    live = sum(
+        np.count_nonzero(status[i : i + step] != SUPERSEDED) for i in range(0, len(status), step)
+    )
+    absent = int(live) - found
+    if absent <= 0:
         return 0  # the usual resume: nothing to compare
     last = checkpoint.read_keys()
     if last is None:
@@ -204,6 +203,7 @@ def _run_keys(
     """Every row's keys, in files: a new key pass is written beside OUTPUT (returned, for
     the checkpoint to take in), the rest to unnamed temporary files there."""
     stage = checkpoint.stage_key_pass()
+    new = False
     try:
         row_keys = compute_keys(
             source,
@@ -212,16 +212,12 @@ def _run_keys(
             previous=checkpoint.load_key_pass(),
             ids_only=ids_only,
             stage=stage,
-            scratch=stage.parent if stage is not None else None,
         )
-    except BaseException:
-        if stage is not None:
+        new = row_keys.key_pass is not None and row_keys.key_pass.path == stage
+    finally:
+        if stage is not None and not new:  # (an earlier pass reused, or bad input found)
             stage.unlink(missing_ok=True)
-        raise
     release_memory()  # the pass's read buffers and sort temporaries
-    new = row_keys.key_pass is not None and stage is not None and row_keys.key_pass.path == stage
-    if stage is not None and not new:
-        stage.unlink(missing_ok=True)  # (a bad input found after the pass was written)
     return row_keys, [stage] if new and stage is not None else []
 
 
@@ -256,9 +252,7 @@ def _plan(
     rows = shard.rows(shard_keys) if shard and shard_keys is not None else None
     index, notes = _open_checkpoint(checkpoint, config, ids_only, staged, shard)
     work = what_to_send(index, row_keys, unit_keys, config, rows)
-    needed = work.send.any(axis=1)
-    first_needed = int(np.argmax(needed)) if needed.any() else None
-    del needed
+    first_needed = work.send.first_row()
     release_memory()  # the lookups' temporaries
     return Plan(
         source=source,
@@ -269,15 +263,15 @@ def _plan(
         models=models,
         model_keys=model_keys,
         unit_keys=unit_keys,
-        todo=work.todo,
+        pending=work.todo,
         send=work.send,
         index=index,
         prices=prices,
         followers=work.followers,
         copy_from=np.array(work.copy_from, dtype=np.int64),
         copy_to=np.array(work.copy_to, dtype=np.uint64),
-        resumed=int((~work.todo if rows is None else ~work.todo[rows]).sum()),
-        removed=_removed_since_last_run(checkpoint, work.present, unit_keys),
+        resumed=work.done,
+        removed=_removed_since_last_run(checkpoint, index, work.found, unit_keys),
         ids_only=ids_only,
         api_key=api_key,
         notes=[*notes, *filter(None, [proxies.describe(config.base_url)])],
@@ -294,13 +288,7 @@ def read_plan(data: Any, config: RunConfig, output: Path | None = None) -> Plan:
     source, builder = open_job(data, config)
     checkpoint = Checkpoint(output if output is not None else Path(source.name + ".unused"))
     known = output is not None and checkpoint.exists()
-    row_keys = compute_keys(
-        source,
-        id_column=config.id_column,
-        content_columns=builder.columns,
-        previous=checkpoint.load_key_pass() if known else None,
-        ids_only=known and _ids_only_keys(checkpoint, config),
-    )
+    row_keys = read_keys(source, builder, config, checkpoint if known else None)
     keys = np.asarray(row_keys.keys[:])  # (an export holds them)
     models = config.all_models
     model_keys = [keys] if len(models) == 1 else [model_row_keys(keys, m) for m in models]
@@ -316,17 +304,30 @@ def read_plan(data: Any, config: RunConfig, output: Path | None = None) -> Plan:
         models=models,
         model_keys=tuple(model_keys),
         unit_keys=tuple(unit_keys),
-        todo=work.todo,
+        pending=work.todo,
         send=work.send,
         index=index,
         prices=PriceTable.load(config.prices),
         followers=work.followers,
         copy_from=np.array(work.copy_from, dtype=np.int64),
         copy_to=np.array(work.copy_to, dtype=np.uint64),
-        resumed=int((~work.todo).sum()),
+        resumed=work.done,
         removed=0,
         ids_only=False,
         api_key=None,
+    )
+
+
+def read_keys(
+    source: InputSource, builder: PromptBuilder, config: RunConfig, checkpoint: Checkpoint | None
+) -> RowKeys:
+    """The keys of a plan that only reads OUTPUT's checkpoint (an export, an estimate)."""
+    return compute_keys(
+        source,
+        id_column=config.id_column,
+        content_columns=builder.columns,
+        previous=checkpoint.load_key_pass() if checkpoint is not None else None,
+        ids_only=checkpoint is not None and _ids_only_keys(checkpoint, config),
     )
 
 
@@ -367,136 +368,3 @@ def _open_checkpoint(
         checkpoint.release_lock()
         raise
     return index, notes
-
-
-def estimate_job(
-    data: Any,
-    output: str | Path | None,
-    config: RunConfig,
-    *,
-    typical_completion: int | None = None,
-) -> tuple[Estimate, ...]:
-    """What ``run`` would send and spend, one estimate per model, without sending anything
-    or touching OUTPUT.
-
-    Rows that OUTPUT's checkpoint already has for a model are left out of that model's
-    estimate; duplicates (``dedup``) and responses in ``cache`` are counted apart.
-    """
-    if config.input_format == "openai-batch":  # the file says model, messages and fields
-        data, config = batch_file_job(data, config)
-    source, builder = open_job(data, config)
-    checkpoint = Checkpoint(Path(output)) if output is not None else None
-    row_keys = compute_keys(
-        source,
-        id_column=config.id_column,
-        content_columns=builder.columns,
-        previous=checkpoint.load_key_pass() if checkpoint is not None else None,
-        ids_only=checkpoint is not None and _ids_only_keys(checkpoint, config),
-    )
-    models = config.all_models
-    keys = np.asarray(row_keys.keys[:])  # (an estimate holds them)
-    model_keys = [keys] if len(models) == 1 else [model_row_keys(keys, m) for m in models]
-    done = _done_per_model(checkpoint, model_keys, samples=config.n)
-    requests = plan_requests(
-        range(config.n),
-        n=config.n,
-        native=config.n_mode != "seeds",
-        base_seed=config.base_seed,
-    )
-    cache = ResponseCache(config.cache) if config.cache else None
-    estimators = [
-        Estimator(
-            model=model,
-            dedup=config.dedup,
-            cached=_cached_for(cache, config, model, requests),
-            samples=config.n,
-            native=config.n_mode != "seeds",
-        )
-        for model in models
-    ]
-    offset = 0
-    for batch in source.iter_batches(columns=builder.columns):
-        n = batch.num_rows
-        for estimator, model_done in zip(estimators, done, strict=True):
-            where = np.nonzero(~model_done[offset : offset + n])[0]
-            rows = builder.build(batch.take(where), keys[offset + where], offset + where)
-            estimator.add(row.messages for row in rows)
-        offset += n
-    prices = PriceTable.load(config.prices)
-    results = []
-    for estimator, model_done in zip(estimators, done, strict=True):
-        result = estimator.result(
-            max_tokens=config.max_tokens, prices=prices, typical_completion=typical_completion
-        )
-        notes = list(result.notes)
-        if config.n > 1 and config.n_mode == "auto":
-            notes.append(
-                f"--n {config.n} with --n-mode auto: counted as one request a row (the API's "
-                f"n); a server that ignores n gets {config.n} requests a row, each with the "
-                "prompt"
-            )
-        already = int(model_done.sum())
-        if already:
-            done_in = shown_output(Path(str(output)))
-            notes.append(f"{already} rows already done in {done_in} not counted")
-        if config.batch:
-            result = _at_batch_price(result, notes, prices.batch_share(config.base_url))
-        results.append(dataclasses.replace(result, notes=tuple(notes)))
-    return tuple(results)
-
-
-def _done_per_model(
-    checkpoint: Checkpoint | None, model_keys: list[Any], *, samples: int
-) -> list[np.ndarray]:
-    """For each model, which rows the checkpoint already has (every sample of them)."""
-    if checkpoint is None or not checkpoint.exists():
-        return [np.zeros(len(model_keys[0]), dtype=bool) for _ in model_keys]
-    index = checkpoint.load_index()
-    done = []
-    for mkeys in model_keys:
-        missing = np.zeros(len(mkeys), dtype=bool)
-        for sample in range(samples):
-            missing |= index.places([sample_row_keys(mkeys, sample)]).missing(0)
-        done.append(~missing)
-    return done
-
-
-def _cached_for(
-    cache: ResponseCache | None, config: RunConfig, model: str, requests: list[SampleRequest]
-) -> Callable[[Any], bool] | None:
-    """Whether every request of a row to ``model`` is in the cache (None: no cache)."""
-    if cache is None:
-        return None
-    params = config.body_params()
-
-    def cached(messages: Any) -> bool:
-        for request in requests:
-            body = build_body(model, list(messages), {**params, **request.params})
-            if not cache.contains(cache.key(config.base_url, body)):
-                return False
-        return True
-
-    return cached
-
-
-def _at_batch_price(result: Estimate, notes: list[str], share: float | None) -> Estimate:
-    """``result`` priced as batch mode bills it: the entry's batch prices, else the
-    provider's share, else ``BATCH_PRICE_FACTOR`` of its online price (``Price.batch``)."""
-    if result.price is None:
-        return result
-    batch, source = result.price.batch(share)
-    notes.append(
-        "--batch: costs at the price table's batch prices"
-        + ("" if share is None else f" (the provider's: {share:.0%} of the online price)")
-        if source == COST_BATCH_TABLE
-        else f"--batch: costs at {BATCH_PRICE_FACTOR:.0%} of the price table (the Batch "
-        "APIs' usual discount; add batch_input/batch_output to the model's price entry "
-        "for its own)"
-    )
-    high = result.completion_tokens_high
-    return dataclasses.replace(
-        result,
-        cost_low=batch.cost(result.prompt_tokens, 0),
-        cost_high=None if high is None else batch.cost(result.prompt_tokens, high),
-        cost_typical=batch.cost(result.prompt_tokens, result.completion_tokens_typical),
-    )

@@ -40,10 +40,11 @@ def repeats(
     among the rows of its hash (1, 2, ...) and the first row of its hash.
 
     ``hashes`` is an array or a column read in slices (``array_file.Column``). Past
-    ``spill.BUCKET_KEYS`` rows, (hash, row) pairs are spread over unnamed files in
-    ``directory`` ($TMPDIR when None) by the hash's top bits (about ``per_bucket`` a bucket), and each bucket is sorted on
-    its own: equal hashes share their top bits. So the sort's 26 bytes a row are taken by
-    one bucket's rows, not every row's; where no file can be written, by every row's.
+    ``per_bucket`` rows (``spill.BUCKET_KEYS``), (hash, row) pairs are spread over unnamed
+    files in ``directory`` ($TMPDIR when None) by the hash's top bits, and each bucket is
+    sorted on its own: equal hashes share their top bits. So the sort's 26 bytes a row
+    are taken by one bucket's rows, not every row's; where no file can be written, by
+    every row's.
     Sparse: a row seen for the first time (most rows) costs nothing past the sort.
     """
     rows = len(hashes)

@@ -347,6 +347,54 @@ class RowPlaces:
         return counts, missing
 
 
+PLACES_WINDOW = 1 << 20  # rows whose places are held at once (4 bytes a row and unit)
+
+
+class PlacesByWindow:
+    """What ``RowPlaces`` answers (``locate``, ``counts``) for ``key_arrays`` (aligned, one
+    per unit), found a window of rows at a time as they are asked for in order: assembling
+    OUTPUT holds one window's places, not every row's. The index stays open meanwhile."""
+
+    def __init__(self, index: ResultIndex, key_arrays: Sequence[KeyArray]) -> None:
+        self.index, self.key_arrays = index, key_arrays
+        self.rows = len(key_arrays[0]) if key_arrays else 0
+        self._window: tuple[int, int, RowPlaces] | None = None  # start, stop, places
+
+    def _places(self, start: int, stop: int) -> tuple[RowPlaces, int]:
+        """Places of a window holding rows ``start:stop`` and where the window starts."""
+        held = self._window
+        if held is None or not held[0] <= start <= stop <= held[1]:
+            end = min(self.rows, start + max(PLACES_WINDOW, stop - start))
+            self._window = None  # (let go of before the next is found)
+            held = (start, end, self.index.places([k[start:end] for k in self.key_arrays]))
+            self._window = held
+        return held[2], held[0]
+
+    def locate(self, unit: int, rows: slice) -> tuple[np.ndarray, np.ndarray]:
+        """(part, row) of the results of unit ``unit``'s keys ``rows``; part -1: none."""
+        start, stop, _ = rows.indices(self.rows)
+        places, first = self._places(start, max(start, stop))
+        return places.locate(unit, slice(start - first, max(start, stop) - first))
+
+    def counts(self, rows: np.ndarray | None = None) -> tuple[dict[str, int], int]:
+        """``RowPlaces.counts`` over every row, a window at a time."""
+        counts, missing = dict.fromkeys(STATUS_CODES, 0), 0
+        for start in range(0, self.rows, PLACES_WINDOW):
+            stop = min(self.rows, start + PLACES_WINDOW)
+            places, first = self._places(start, stop)
+            chosen = np.zeros(len(places.at[0]), dtype=bool) if places.at else None
+            if chosen is not None:
+                chosen[start - first : stop - first] = True if rows is None else rows[start:stop]
+            window, none = places.counts(chosen)
+            missing += none
+            for name, count in window.items():
+                counts[name] += count
+        return counts, missing
+
+
+Places = RowPlaces | PlacesByWindow  # where each row's result is: all at once, or by window
+
+
 def rows_of(path: Path) -> int:
     """A part's row count; a part that cannot say is named (a run sets it aside first, but
     ``pipeline status`` reads the checkpoint as it is)."""

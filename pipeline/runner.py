@@ -33,11 +33,12 @@ from .asks import RequestShape
 from .batch_input_file import batch_file_job
 from .config import RunConfig
 from .engine import Executor
+from .estimating import estimate_job  # noqa: F401  (the CLI's)
 from .limits import BucketFactory
 from .memory import fewer_collections, map_large_blocks, release_memory
 from .online import OnlineExecutor
 from .output import finish_output, start_manifest
-from .planning import Plan, estimate_job, plan_run  # noqa: F401  (estimate_job: the CLI's)
+from .planning import Plan, plan_run
 from .progress import Reporter
 from .recording import Recorder
 from .records import RunSummary
@@ -100,7 +101,7 @@ async def _run(data: Any, output: Path, config: RunConfig, seams: Seams) -> RunS
             reporter.note(note)
         manifest = start_manifest(plan, config)
         checkpoint.end_setup()  # a shard has started: the others may start or finish
-        todo = int(plan.todo.sum())
+        todo = plan.pending
         if plan.shard is not None and plan.shard_rows is not None:
             reporter.note(
                 f"shard {plan.shard}: {int(plan.shard_rows.sum())} of {plan.rows} input "

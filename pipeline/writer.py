@@ -1,9 +1,9 @@
 """Final assembly: every input row, in input order, joined with its result, into one Parquet.
 
 Streams the input again batch by batch and takes each row's result from where
-``RowPlaces`` says it is (a checkpoint part and row), so memory holds one input batch and a
-few checkpoint parts at a time, never the whole output. Rows without a result yet get
-``status = "pending"``. The file is written under a temporary name, fsynced and renamed
+``Places`` says it is (a checkpoint part and row, found a window of rows at a time), so
+memory holds one input batch and a few checkpoint parts at a time, never the whole output.
+Rows without a result yet get ``status = "pending"``. The file is written under a temporary name, fsynced and renamed
 over OUTPUT: a failure here leaves the previous OUTPUT untouched.
 """
 
@@ -27,7 +27,7 @@ from .labels import load_labels, match_label
 from .memory import release_memory
 from .reader import InputSource
 from .records import MODELS_METADATA_KEY, WIDE_SEPARATOR
-from .result_index import RowPlaces
+from .result_index import Places
 from .samples import (
     PER_SAMPLE_RESULTS,
     SAMPLE_COLUMN,
@@ -172,7 +172,7 @@ class OutputSpec:
 
     def results(
         self,
-        places: RowPlaces,
+        places: Places,
         model: int,
         rows: slice,
         parts: _PartCache,
@@ -232,7 +232,7 @@ class OutputSpec:
 def write_output(
     source: InputSource,
     spec: OutputSpec,
-    places: RowPlaces,
+    places: Places,
     checkpoint: Checkpoint,
     output: Path,
     before_replace: Callable[[dict[str, int] | None], None] | None = None,

@@ -27,9 +27,9 @@ from pipeline import keys as keys_module
 from pipeline import spill
 from pipeline.checkpoint import Checkpoint
 from pipeline.keys import RowKeys, compute_keys
-from pipeline.repeats import repeats, stable_argsort
 from pipeline.reader import open_input
 from pipeline.records import STATUS_CODES, RowResult, Usage
+from pipeline.repeats import repeats, stable_argsort
 from pipeline.simulator import SimulatorThread
 
 ANSWER = "Simulated answer to: "

@@ -16,10 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import keys as keys_module
-from pipeline import repeats, spill
+from pipeline import planning, repeats, result_index, saved_arrays, spill, todo
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import RunConfig
 from pipeline.keys import compute_keys
+from pipeline.output import start_manifest
 from pipeline.planning import plan_run
 from pipeline.reader import open_input
 from pipeline.records import RowResult, Usage
@@ -73,9 +74,10 @@ def test_the_key_pass_holds_no_array_a_row(
         )
         assert len(keys.keys) == rows and len(keys.duplicates) == 500
         assert keys.key_pass is not None and keys.key_pass.path == stage
-        assert keys.keys[:].tolist() == compute_keys(
-            source, id_column=None, content_columns=["prompt"]
-        ).keys[:].tolist()
+        assert (
+            keys.keys[:].tolist()
+            == compute_keys(source, id_column=None, content_columns=["prompt"]).keys[:].tolist()
+        )
         return peak
 
     # the hashes and keys are in files: what is held is a bucket's sort, the sparse
@@ -117,23 +119,58 @@ def test_building_the_result_index_holds_about_a_byte_a_result(
     assert per_row(measure) < 3
 
 
-def test_planning_three_models_holds_one_models_keys_at_a_time(tmp_path: Path) -> None:
+def in_small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a run does a piece of ~a million rows at a time, done 8,192 rows at a time, so
+    that what grows with the rows shows at 100,000 rows."""
+    for module, name in [
+        (keys_module, "CHUNK"),
+        (repeats, "READ"),
+        (spill, "BUCKET_KEYS"),
+        (todo, "PLAN_ROWS"),
+        (planning, "DIGEST_KEYS"),
+        (saved_arrays, "WRITE_KEYS"),
+        (result_index, "CACHED_KEYS"),  # (an index of more keys is read a block at a time)
+        (result_index, "LOOKUP_CHUNK"),
+    ]:
+        monkeypatch.setattr(module, name, 1 << 13)
+    monkeypatch.setattr(keys_module, "_HASH_CHUNK", 1 << 16)
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["first run", "half done"])
+def test_planning_three_models_holds_an_eighth_of_a_byte_a_row_and_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resumed: bool
+) -> None:
+    in_small_pieces(monkeypatch)
     config = RunConfig(models=("model-a", "model-b", "model-c"), progress=False)
+    environ = {"AIMLAPI_API_KEY": "sk-test"}
 
     def measure(rows: int) -> int:
         prompts = [f"prompt {i}" for i in range(rows)]
         path = tmp_path / f"in-{rows}.parquet"
         pq.write_table(pa.table({"prompt": prompts}), path, row_group_size=20_000)
-        environ = {"AIMLAPI_API_KEY": "sk-test"}
         output = tmp_path / f"out-{rows}.parquet"
+        if resumed:  # every model's answer to the even rows is in the checkpoint
+            first = plan_run(path, output, config, environ)
+            keys = [int(k) for unit in first.unit_keys for k in unit[:][::2]]
+            start_manifest(first, config)  # as a run starts: its parts carry its identity
+            for start in range(0, len(keys), 50_000):
+                first.checkpoint.write_part(
+                    [RowResult(key=k, status="ok") for k in keys[start : start + 50_000]]
+                )
+            first.checkpoint.release_lock()
+            del first
         peak, plan = peak_bytes(lambda: plan_run(path, output, config, environ))
         try:
-            assert plan.units == 3 and int(plan.send.sum()) == 3 * rows
+            sent = 3 * (rows // 2) if resumed else 3 * rows
+            assert plan.units == 3 and plan.send.count() == plan.pending == sent
+            assert plan.resumed == 3 * rows - sent
             assert [len(keys) for keys in plan.unit_keys] == [rows] * 3
         finally:
             plan.checkpoint.release_lock()
         return peak
 
-    # the row keys (8), what to send (2 per model) and one model's keys while it is looked
-    # at (8, made in place); every model's keys held at once made it 40
-    assert per_row(measure) < 28
+    # what to send (3 bits a row), the buckets' file buffers (see the key pass test) and,
+    # half done, the index's status (1 byte a result: 1.5 results a row). The row keys
+    # held (8), what to send as bools (2 a model) and a model's keys while it was looked up
+    # (8) took 25.5 on a first run; every model's keys held at once 40
+    assert per_row(measure) < (3.5 if resumed else 2)

@@ -118,6 +118,39 @@ def test_the_saved_index_plus_newer_parts_finds_the_same(
     assert again.parts_read == 0
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_places_found_a_window_at_a_time_are_the_places_found_at_once(
+    tmp_path: Path, tiny: None, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OUTPUT is assembled a batch of rows at a time, its places found a window at a time:
+    every batch, wherever it falls against the windows, and every count, are what the
+    places of every row at once say."""
+    monkeypatch.setattr(result_index, "PLACES_WINDOW", 7)
+    rng = np.random.default_rng(seed)
+    pool = rng.integers(0, 2**64, size=200, dtype=np.uint64)
+    ckpt = Checkpoint(tmp_path / "out.parquet")
+    ckpt.prepare()
+    write_parts(ckpt, rng, pool, parts=5)
+    index = ckpt.load_index()
+    units = [rng.permutation(pool)[:90], rng.integers(0, 2**64, size=90, dtype=np.uint64)]
+    units[1][::3] = units[0][::3]  # the second unit: a third of its keys have a result
+    at_once = index.places(units)
+    by_window = result_index.PlacesByWindow(index, units)
+
+    mask = rng.random(90) < 0.5
+    assert by_window.counts() == at_once.counts()
+    assert by_window.counts(mask) == at_once.counts(mask)
+    start = 0
+    while start < 90:  # batches of 1 to 12 rows, in order, as OUTPUT reads them
+        rows = slice(start, min(90, start + int(rng.integers(1, 13))))
+        for unit in range(2):
+            got, expected = by_window.locate(unit, rows), at_once.locate(unit, rows)
+            assert [a.tolist() for a in got] == [a.tolist() for a in expected], (unit, rows)
+        start = rows.stop
+    by_window.locate(0, slice(0, 40))  # a window that holds the next count's first windows
+    assert by_window.counts(mask) == at_once.counts(mask)
+
+
 def test_an_index_nobody_keeps_leaves_no_file(tmp_path: Path, tiny: None) -> None:
     rng = np.random.default_rng(7)
     pool = rng.integers(0, 2**64, size=100, dtype=np.uint64)
