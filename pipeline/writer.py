@@ -3,8 +3,8 @@
 Streams the input again batch by batch and takes each row's result from where
 ``Places`` says it is (a checkpoint part and row, found a window of rows at a time), so
 memory holds one input batch and a few checkpoint parts at a time, never the whole output.
-Rows without a result yet get ``status = "pending"``. The file is written under a temporary name, fsynced and renamed
-over OUTPUT: a failure here leaves the previous OUTPUT untouched.
+Rows without a result yet get ``status = "pending"``. The file is written under a temporary
+name, fsynced and renamed over OUTPUT: a failure here leaves the previous OUTPUT untouched.
 """
 
 from __future__ import annotations
