@@ -444,6 +444,13 @@ class Checkpoint:
         except (OSError, ValueError):
             return None
 
+    def recorded_keys(self) -> NpyRange | None:
+        """Every unit key ``write_keys`` recorded, read a slice at a time (None: none)."""
+        try:
+            return NpyRange.whole(self.dir / "keys.npy")
+        except (OSError, ValueError):
+            return None
+
     def results_at(self, index: ResultIndex, positions: np.ndarray) -> list[RowResult]:
         """The stored results at ``positions`` of ``index``, in the order of ``positions``
         (a rare path: reads whole parts, each once)."""

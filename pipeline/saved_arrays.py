@@ -57,6 +57,13 @@ class NpyRange:
         self.path, self.length = path, length
         self.offset = data + 8 * start
 
+    @classmethod
+    def whole(cls, path: Path) -> NpyRange:
+        """Every value of the .npy file at ``path`` (raises OSError or ValueError)."""
+        with path.open("rb") as fh:
+            shape, _ = _npy_header(fh)
+        return cls(path, 0, shape[0] if len(shape) == 1 else -1)
+
     def __len__(self) -> int:
         return self.length
 

@@ -30,6 +30,7 @@ from .atomic import atomic_write, write_bytes
 from .config import RunConfig
 from .errors import ConfigError, LockHeld
 from .lock import RunLock, WaitLock, lock_holder
+from .saved_arrays import NpyRange
 
 # Shards of one job number their parts in interleaved slots: part = round * SLOTS + slot.
 MAX_SHARDS = 1024
@@ -236,42 +237,58 @@ def share_limits(config: RunConfig) -> RunConfig:
     )
 
 
-def shards_progress(
-    checkpoint_dir: Path, unit_keys: np.ndarray, answered: np.ndarray
-) -> list[dict[str, Any]]:
-    """Progress of each shard of the last shard run's N, for ``pipeline status``: results,
-    done, pending, state (running, done, stopped, interrupted: a run that is gone without
-    saying so, or not started), host and last update. ``unit_keys`` are the current input's
-    (``keys.npy``), ``answered`` which of them have a result."""
-    count = latest_count(checkpoint_dir)
-    shard_keys = read_shard_keys(checkpoint_dir)
-    if count is None or shard_keys is None or not len(shard_keys):
-        return []
-    if len(unit_keys) % len(shard_keys):
-        return []  # the input changed since the shards ran
-    shard = np.tile(shard_of(shard_keys, count), len(unit_keys) // len(shard_keys))
-    total = np.bincount(shard, minlength=count)
-    done = np.bincount(shard[answered], minlength=count)
-    recorded = {record["shard"]: record for record in records(checkpoint_dir)}
-    found = []
-    for index in range(count):
-        name = f"{index}/{count}"
-        record = recorded.get(name, {})
-        holder = lock_holder(lock_path(checkpoint_dir, Shard(index, count)))
-        state = str(record.get("state", "not started"))
-        if holder is not None:
-            state = "running"
-        elif state == "running":
-            state = "interrupted"
-        found.append(
-            {
-                "shard": name,
-                "results": int(total[index]),
-                "done": int(done[index]),
-                "pending": int(total[index] - done[index]),
-                "state": state,
-                "host": record.get("host"),
-                "updated_at": record.get("updated_at"),
-            }
-        )
-    return found
+class ShardTally:
+    """Results and results done per shard of the last shard run's N, for ``pipeline
+    status``, added a window of the current input's unit keys (``keys.npy``: unit after
+    unit, each of every row) at a time: the shard keys are read a slice at a time."""
+
+    def __init__(self, count: int, shard_keys: Any) -> None:
+        self.count, self.shard_keys = count, shard_keys
+        self.total = np.zeros(count, dtype=np.int64)
+        self.done = np.zeros(count, dtype=np.int64)
+
+    @classmethod
+    def of(cls, checkpoint_dir: Path, results: int) -> ShardTally | None:
+        """The tally of ``results`` unit keys (None: no shard ran, or another input)."""
+        count = latest_count(checkpoint_dir)
+        try:
+            shard_keys = NpyRange.whole(shards_dir(checkpoint_dir) / "row-keys.npy")
+        except (OSError, ValueError):
+            return None
+        if count is None or not len(shard_keys) or results % len(shard_keys):
+            return None  # the input changed since the shards ran
+        return cls(count, shard_keys)
+
+    def add(self, start: int, answered: np.ndarray) -> None:
+        """Unit keys ``start..`` (``answered``: which have a result)."""
+        rows = np.arange(start, start + len(answered), dtype=np.int64) % len(self.shard_keys)
+        shard = shard_of(self.shard_keys.take(rows), self.count)
+        self.total += np.bincount(shard, minlength=self.count)
+        self.done += np.bincount(shard[answered], minlength=self.count)
+
+    def progress(self, checkpoint_dir: Path) -> list[dict[str, Any]]:
+        """Per shard: results, done, pending, state (running, done, stopped, interrupted: a
+        run that is gone without saying so, or not started), host and last update."""
+        recorded = {record["shard"]: record for record in records(checkpoint_dir)}
+        found = []
+        for index in range(self.count):
+            name = f"{index}/{self.count}"
+            record = recorded.get(name, {})
+            holder = lock_holder(lock_path(checkpoint_dir, Shard(index, self.count)))
+            state = str(record.get("state", "not started"))
+            if holder is not None:
+                state = "running"
+            elif state == "running":
+                state = "interrupted"
+            found.append(
+                {
+                    "shard": name,
+                    "results": int(self.total[index]),
+                    "done": int(self.done[index]),
+                    "pending": int(self.total[index] - self.done[index]),
+                    "state": state,
+                    "host": record.get("host"),
+                    "updated_at": record.get("updated_at"),
+                }
+            )
+        return found

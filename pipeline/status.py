@@ -24,7 +24,10 @@ from .errors import (
     exit_reason,
 )
 from .pricing import PriceTable
-from .shards import shard_holders, shards_progress
+from .records import STATUS_CODES
+from .result_index import ResultIndex
+from .saved_arrays import NpyRange
+from .shards import ShardTally, shard_holders
 
 
 @dataclass(frozen=True)
@@ -91,22 +94,19 @@ def run_status(output: Path | str) -> RunStatus:
         raise NoCheckpoint(f"no checkpoint for {output} (looked for {checkpoint_dir(output)}).")
     manifest = checkpoint.read_manifest()
     index = checkpoint.load_index()
-    keys = checkpoint.read_keys()
+    keys = checkpoint.recorded_keys()
     # count the rows of the current input only (results of rows that left it are kept
-    # in the checkpoint but are not in OUTPUT)
-    among, shards = None, []
+    # in the checkpoint but are not in OUTPUT), a window of keys at a time
+    counts, used, shards = index.counts(), index.spent, []
     if keys is not None:
-        places = index.places([keys])
-        found = ~places.missing(0)
-        among = places.at[0][found]
-        shards = shards_progress(checkpoint.dir, keys, found)
-    counts = index.counts(among)
+        counts, used, tally = _count_among(index, keys, ShardTally.of(checkpoint.dir, len(keys)))
+        shards = tally.progress(checkpoint.dir) if tally is not None else []
     total = len(keys) if keys is not None else int(manifest.get("rows_total", index.size))
     pending = max(total - sum(counts.values()), 0)
     holder = Checkpoint.lock_holder(output) or "; ".join(shard_holders(checkpoint.dir)) or None
     model = manifest.get("fingerprint_parts", {}).get("model")
     unpriced = _unpriced_models(model, manifest)
-    prompt_tokens, completion_tokens, spent = index.spent_among(among)
+    prompt_tokens, completion_tokens, spent = used
     index.close()
     if pending:
         code = EXIT_LOCKED if holder else EXIT_INTERRUPTED
@@ -131,6 +131,29 @@ def run_status(output: Path | str) -> RunStatus:
         shards=shards,
         batches=batches_of(checkpoint.dir),
     )
+
+
+STATUS_KEYS = 1 << 20  # unit keys looked up at once
+
+
+def _count_among(
+    index: ResultIndex, keys: NpyRange, tally: ShardTally | None
+) -> tuple[dict[str, int], tuple[int, int, float], ShardTally | None]:
+    """(status counts, tokens and cost) of the results of ``keys``, a window at a time,
+    each window's results added to ``tally`` too."""
+    counts = dict.fromkeys(STATUS_CODES, 0)
+    used = [0, 0, 0.0]
+    for start in range(0, len(keys), STATUS_KEYS):
+        places = index.places([keys[start : start + STATUS_KEYS]])
+        found = ~places.missing(0)
+        among = places.at[0][found]
+        for name, count in index.counts(among).items():
+            counts[name] += count
+        for i, value in enumerate(index.spent_among(among)):
+            used[i] += value
+        if tally is not None:
+            tally.add(start, found)
+    return counts, (int(used[0]), int(used[1]), float(used[2])), tally
 
 
 def _unpriced_models(model: Any, manifest: dict[str, Any]) -> list[str]:

@@ -300,6 +300,25 @@ def test_a_rerun_after_appending_sends_only_the_new_rows_and_writes_every_row_in
     assert frame["completion"].tolist() == [ANSWER + p for p in grown]
 
 
+def test_a_key_pass_an_earlier_version_saved_is_replaced_by_one_full_pass(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    source = write_csv(tmp_path / "in.csv", [f"row {i}" for i in range(6)])
+    output = tmp_path / "out.parquet"
+    assert run(simulator, source, output).exit_code == 0
+    checkpoint = output.parent / "out.parquet.checkpoint"
+    (checkpoint / "input-keys.arrays").rename(checkpoint / "input-keys.npz")  # as it was
+    write_csv(source, [f"row {i}" for i in range(8)])
+
+    mark = len(simulator.simulator.requests)
+    assert run(simulator, source, output).exit_code == 0
+
+    assert sorted(received(simulator, mark)) == ["row 6", "row 7"]
+    assert (checkpoint / "input-keys.arrays").exists()
+    assert not (checkpoint / "input-keys.npz").exists()
+    assert pd.read_parquet(output)["completion"].tolist() == [ANSWER + f"row {i}" for i in range(8)]
+
+
 def test_a_run_refused_after_its_key_pass_leaves_nothing_beside_output(
     simulator: SimulatorThread, tmp_path: Path
 ) -> None:

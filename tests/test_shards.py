@@ -22,6 +22,8 @@ import pytest
 from conftest import kill_job, run_job, run_pipeline, spawn, wait_for, write_csv
 
 import pipeline
+from pipeline import array_file
+from pipeline import status as status_module
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
@@ -168,6 +170,28 @@ def test_status_shows_each_shard(simulator: SimulatorThread, tmp_path: Path) -> 
     assert state["pending"] == shards["0/2"]["pending"]
     text = run_pipeline(tmp_path, "status", "out.parquet").stdout
     assert "shard 0/2: 0/" in text and "not started" in text
+
+
+def test_status_counts_a_window_of_keys_at_a_time_as_it_would_all_at_once(
+    simulator: SimulatorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # two models: the recorded keys are model after model, so windows cross from one
+    # model's rows to the next; one shard of two has run
+    source = write_csv(tmp_path / "in.csv", [f"p{i}" for i in range(23)])
+    output = tmp_path / "out.parquet"
+    models = ["gpt-3.5-turbo", "gpt-4o-mini"]
+    run_job(source, output, base_url=simulator.base_url, shard=(1, 2), models=tuple(models))
+    at_once = pipeline.run_status(output)
+
+    monkeypatch.setattr(status_module, "STATUS_KEYS", 7)
+    monkeypatch.setattr(array_file, "GATHER", 3)
+    by_window = pipeline.run_status(output)
+
+    assert by_window == at_once
+    assert at_once.rows_total == 46 and 0 < at_once.pending < 46
+    shards = {s["shard"]: s for s in at_once.shards}
+    assert shards["1/2"]["pending"] == 0 and shards["0/2"]["done"] == 0
+    assert shards["0/2"]["results"] + shards["1/2"]["results"] == 46
 
 
 def test_the_python_api_runs_a_shard_and_returns_the_job_so_far(
