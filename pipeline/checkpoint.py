@@ -62,7 +62,7 @@ from .part_files import part_number as part_number
 from .records import RowResult
 from .rescue import RescuePlace
 from .result_index import KeyArray, ResultIndex
-from .saved_arrays import NpyRange, staged_key_pass, take_in, write_key_arrays
+from .saved_arrays import NpyRange, take_in, write_key_arrays
 from .saved_arrays import load_key_pass as read_key_pass
 from .schema import FORMAT_VERSION, results_to_table, row_result, valid_text
 from .schema import PART_SCHEMA as PART_SCHEMA
@@ -438,12 +438,6 @@ class Checkpoint:
                 "every result is in the checkpoint"
             ) from None
 
-    def read_keys(self) -> np.ndarray | None:
-        try:
-            return np.load(self.dir / "keys.npy", allow_pickle=False)
-        except (OSError, ValueError):
-            return None
-
     def recorded_keys(self) -> NpyRange | None:
         """Every unit key ``write_keys`` recorded, read a slice at a time (None: none)."""
         try:
@@ -464,12 +458,8 @@ class Checkpoint:
 
     # -- saved key pass and index: a resume starts from them -----------------------------
 
-    def stage_key_pass(self) -> Path | None:
-        """Where this run writes the input's key pass, for ``save_key_pass`` to take in."""
-        return staged_key_pass(self.output)
-
     def save_key_pass(self, staged: Path) -> None:
-        """Keep the key pass written at ``staged`` for the next run."""
+        """Keep the key pass written at ``staged`` (``saved_arrays.staged_key_pass``)."""
         take_in(staged, self.dir / "input-keys.arrays")
         (self.dir / "input-keys.npz").unlink(missing_ok=True)  # an older layout's
 

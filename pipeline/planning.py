@@ -32,6 +32,7 @@ from .proxy import ProxySettings, settings_from
 from .reader import InputSource, Resume
 from .result_index import SUPERSEDED, KeyArray, ResultIndex
 from .row_bits import RowBits
+from .saved_arrays import staged_key_pass
 from .shards import Shard
 from .todo import what_to_send
 from .unit_keys import UnitKeys
@@ -154,9 +155,10 @@ def _removed_since_last_run(
     absent = int(live) - found
     if absent <= 0:
         return 0  # the usual resume: nothing to compare
-    last = checkpoint.read_keys()
-    if last is None:
+    recorded = checkpoint.recorded_keys()
+    if recorded is None:
         return absent
+    last = recorded[:]  # (held: this is rare, rows removed from the input)
     kept = np.zeros(len(last), dtype=bool)
     for keys in unit_keys:  # a unit and a slice at a time
         for start in range(0, len(keys), DIGEST_KEYS):
@@ -202,7 +204,7 @@ def _run_keys(
 ) -> tuple[RowKeys, list[Path]]:
     """Every row's keys, in files: a new key pass is written beside OUTPUT (returned, for
     the checkpoint to take in), the rest to unnamed temporary files there."""
-    stage = checkpoint.stage_key_pass()
+    stage = staged_key_pass(checkpoint.output)
     new = False
     try:
         row_keys = compute_keys(
