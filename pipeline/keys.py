@@ -133,12 +133,20 @@ class RowKeys:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def prompt_keys(self) -> np.ndarray:
-        """Per row, the key of the first row with its prompt (its own key for most rows):
-        8 bytes a row, held (a shard's)."""
-        keys = np.asarray(self.keys[:])
-        keys[self.duplicates] = take(self.keys, self.leaders)
-        return keys
+    def prompt_keys(self, scratch: Path | None = None) -> Column:
+        """Per row, the key of the first row with its prompt (its own key for most rows),
+        written to an unnamed file in ``scratch`` a chunk at a time (a shard's)."""
+
+        def fill(writer: ArrayWriter) -> dict[str, Any]:
+            writer.declare("keys", np.uint64)
+            for start in range(0, len(self.keys), CHUNK):
+                keys = np.array(self.keys[start : start + CHUNK], dtype=np.uint64)
+                lo, hi = np.searchsorted(self.duplicates, [start, start + len(keys)])
+                keys[self.duplicates[lo:hi] - start] = take(self.keys, self.leaders[lo:hi])
+                writer.append("keys", keys)
+            return {}
+
+        return Column(write_spilled(fill, None, scratch), "keys")
 
     def resume_point(self, row: int) -> Resume | None:
         """Where reading may start to reach ``row`` without the rows before the reused end."""

@@ -56,7 +56,7 @@ def start_manifest(plan: Plan, config: RunConfig) -> dict[str, Any]:
     checkpoint.identity = {"fingerprint": fingerprint, "job": manifest["job_id"]}
     checkpoint.write_manifest(manifest)
     checkpoint.write_keys(plan.unit_keys, plan.rows)  # made and written a unit at a time
-    if plan.shard is None:  # (a shard keeps its keys: it masks them at its end)
+    if plan.shard is None:  # (a shard reads its own: keys.npy is every shard's to replace)
         plan.read_keys_from(checkpoint.recorded_unit_keys(len(plan.unit_keys), plan.rows))
     if plan.shard is not None and plan.shard_keys is not None:
         shards.write_shard_keys(checkpoint.dir, plan.shard_keys)
@@ -65,7 +65,7 @@ def start_manifest(plan: Plan, config: RunConfig) -> dict[str, Any]:
             plan.shard,
             state="running",
             started_at=time.time(),
-            results=len(plan.scope_unit_keys()[0]) * len(plan.unit_keys),
+            results=plan.results_in_scope(),
             todo=plan.pending,
         )
     return manifest

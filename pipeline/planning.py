@@ -31,7 +31,7 @@ from .prompts import PromptBuilder
 from .proxy import ProxySettings, settings_from
 from .reader import InputSource, Resume
 from .result_index import SUPERSEDED, KeyArray, ResultIndex
-from .row_bits import RowBits
+from .row_bits import RowBits, RowMask
 from .saved_arrays import staged_key_pass
 from .shards import Shard
 from .todo import what_to_send
@@ -70,8 +70,8 @@ class Plan:
     shard: Shard | None = None  # --shard: the rows of this shard only are sent
     # per row: the key its shard follows (the key of its prompt's first row, so that rows
     # with the same prompt go together), and whether it is this shard's (None: all rows)
-    shard_keys: np.ndarray | None = None
-    shard_rows: np.ndarray | None = None
+    shard_keys: KeyArray | None = None
+    shard_rows: RowMask | None = None
     rows: int = -1  # input rows (len(keys) until the keys are let go of)
     units: int = -1  # (model, sample) pairs per row (len(unit_keys) likewise)
 
@@ -89,10 +89,13 @@ class Plan:
         if self.units < 0:
             self.units = len(self.unit_keys)
 
+    def rows_in_scope(self) -> int:
+        """How many input rows this run answers for: its shard's, or every row."""
+        return self.rows if self.shard_rows is None else self.shard_rows.count()
+
     def results_in_scope(self) -> int:
         """How many results this run answers for: its shard's rows', or every row's."""
-        rows = self.rows if self.shard_rows is None else int(self.shard_rows.sum())
-        return rows * self.units
+        return self.rows_in_scope() * self.units
 
     def read_keys_from(self, recorded: Sequence[KeyArray]) -> None:
         """From now on read the keys from ``keys.npy`` a slice at a time (sending: a batch
@@ -107,12 +110,6 @@ class Plan:
         """Free the per-row arrays (the send bits) once nothing more is sent."""
         self.keys, self.model_keys, self.unit_keys = np.zeros(0, dtype=np.uint64), (), ()
         self.send = RowBits(0, 0)
-
-    def scope_unit_keys(self) -> Sequence[KeyArray]:
-        """The unit keys of the rows this run answers for: its shard's, or every row's."""
-        if self.shard_rows is None:
-            return self.unit_keys
-        return tuple(keys[:][self.shard_rows] for keys in self.unit_keys)
 
 
 def _check_output_path(output: Path, config: RunConfig, checkpoint: Checkpoint) -> None:
@@ -238,8 +235,6 @@ def _plan(
     models = config.all_models
     shard = Shard.parse(config.shard) if config.shard else None
     unit_keys: Sequence[KeyArray] = UnitKeys(keys, models, config.n)  # read a slice at a time
-    if shard is not None:  # a shard holds its keys: 8 bytes a row and unit
-        unit_keys = [np.asarray(unit[:]) for unit in unit_keys]
     model_keys = [unit_keys[m * config.n] for m in range(len(models))] if shard else []
     prices = PriceTable.load(config.prices)
     for model in models:
@@ -250,7 +245,8 @@ def _plan(
                 "--max-total-tokens."
             )
     _check_output_path(checkpoint.output, config, checkpoint)
-    shard_keys = row_keys.prompt_keys() if shard else None
+    scratch = checkpoint.output.parent if checkpoint.output.parent.is_dir() else None
+    shard_keys = row_keys.prompt_keys(scratch) if shard else None
     rows = shard.rows(shard_keys) if shard and shard_keys is not None else None
     index, notes = _open_checkpoint(checkpoint, config, ids_only, staged, shard)
     work = what_to_send(index, row_keys, unit_keys, config, rows)

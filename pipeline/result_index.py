@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from .array_file import ArrayFile, ArrayFileError, Column
 from .errors import OutputError
 from .records import STATUS_CODES
+from .row_bits import RowMask
 from .saved_arrays import NpyRange
 from .spill import grouped
 from .unit_keys import DerivedKeys
@@ -376,8 +377,8 @@ class PlacesByWindow:
         places, first = self._places(start, max(start, stop))
         return places.locate(unit, slice(start - first, max(start, stop) - first))
 
-    def counts(self, rows: np.ndarray | None = None) -> tuple[dict[str, int], int]:
-        """``RowPlaces.counts`` over every row, a window at a time."""
+    def counts(self, rows: RowMask | None = None) -> tuple[dict[str, int], int]:
+        """``RowPlaces.counts`` over every row (or ``rows``), a window at a time."""
         counts, missing = dict.fromkeys(STATUS_CODES, 0), 0
         for start in range(0, self.rows, PLACES_WINDOW):
             stop = min(self.rows, start + PLACES_WINDOW)

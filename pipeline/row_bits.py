@@ -55,3 +55,24 @@ class RowBits:
             return None
         byte = int(nonzero[0])
         return 8 * byte + int(np.flatnonzero(np.unpackbits(anywhere[byte : byte + 1]))[0])
+
+
+class RowMask:
+    """A yes or no per row, packed 8 to a byte: ``[a:b]`` reads a bool array, ``count()``
+    how many are yes (a shard's rows, of a job of any size)."""
+
+    def __init__(self, rows: int) -> None:
+        self.bits = RowBits(rows, 1)
+
+    def __len__(self) -> int:
+        return self.bits.rows
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.bits[rows][:, 0]
+
+    def put(self, start: int, values: np.ndarray) -> None:
+        """Rows ``start..`` (``start % 8 == 0``)."""
+        self.bits.put(0, start, values)
+
+    def count(self) -> int:
+        return self.bits.count()

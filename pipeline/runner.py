@@ -104,7 +104,7 @@ async def _run(data: Any, output: Path, config: RunConfig, seams: Seams) -> RunS
         todo = plan.pending
         if plan.shard is not None and plan.shard_rows is not None:
             reporter.note(
-                f"shard {plan.shard}: {int(plan.shard_rows.sum())} of {plan.rows} input "
+                f"shard {plan.shard}: {plan.rows_in_scope()} of {plan.rows} input "
                 "rows (rows with the same prompt go together); every shard's results count"
             )
         _announce(reporter, plan, config, output, manifest["fingerprint"], todo)
@@ -207,10 +207,10 @@ def _announce(
         output=remote_output.shown_output(output),
         fingerprint=fingerprint,
         config=config.public_dict(),
-        total=sum(len(keys) for keys in plan.scope_unit_keys()),
+        total=plan.results_in_scope(),
         todo=todo,
         resumed=plan.resumed,
-        input_rows=len(plan.scope_unit_keys()[0]),
+        input_rows=plan.rows_in_scope(),
         per_row=" x ".join(
             f"{count} {word}"
             for count, word in ((len(plan.models), "models"), (config.n, "samples"))

@@ -26,16 +26,20 @@ from typing import Any, TypeVar
 import numpy as np
 
 from . import remote_output
-from .atomic import atomic_write, write_bytes
+from .atomic import write_bytes
 from .config import RunConfig
 from .errors import ConfigError, LockHeld
 from .lock import RunLock, WaitLock, lock_holder
-from .saved_arrays import NpyRange
+from .row_bits import RowMask
+from .saved_arrays import NpyRange, write_key_arrays
 
 # Shards of one job number their parts in interleaved slots: part = round * SLOTS + slot.
 MAX_SHARDS = 1024
 _Amount = TypeVar("_Amount", int, float)
 SHARD_TEXT = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+
+
+MASK_ROWS = 1 << 20  # rows a shard's mask is made of at once (a multiple of 8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +79,12 @@ class Shard:
         """The shard's name in file names: ``I-of-N``."""
         return f"{self.index}-of-{self.count}"
 
-    def rows(self, row_keys: np.ndarray) -> np.ndarray:
-        """A mask of the rows (by row key) that belong to this shard."""
-        return shard_of(row_keys, self.count) == self.index
+    def rows(self, row_keys: Any) -> RowMask:
+        """Which rows (by row key: an array, or a column read in slices) are this shard's."""
+        mask = RowMask(len(row_keys))
+        for start in range(0, len(row_keys), MASK_ROWS):
+            mask.put(start, shard_of(row_keys[start : start + MASK_ROWS], self.count) == self.index)
+        return mask
 
 
 def shard_of(row_keys: np.ndarray, count: int) -> np.ndarray:
@@ -200,12 +207,12 @@ def shard_holders(checkpoint_dir: Path) -> list[str]:
     return found
 
 
-def write_shard_keys(checkpoint_dir: Path, shard_keys: np.ndarray) -> None:
-    """Keep the key each input row's shard follows, for ``pipeline status`` per shard."""
+def write_shard_keys(checkpoint_dir: Path, shard_keys: Any) -> None:
+    """Keep the key each input row's shard follows, for ``pipeline status`` per shard
+    (written a slice at a time)."""
     path = shards_dir(checkpoint_dir) / "row-keys.npy"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp, tmp.open("wb") as fh:
-        np.save(fh, shard_keys.astype(np.uint64), allow_pickle=False)
+    write_key_arrays(path, [shard_keys], len(shard_keys))
 
 
 def read_shard_keys(checkpoint_dir: Path) -> np.ndarray | None:

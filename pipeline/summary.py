@@ -36,7 +36,7 @@ def summarize(
     summary = RunSummary(
         output=remote_output.shown_output(output),
         rows_total=plan.results_in_scope(),
-        input_rows=plan.rows if plan.shard_rows is None else int(plan.shard_rows.sum()),
+        input_rows=plan.rows_in_scope(),
         ok=counts["ok"],
         error=counts["error"],
         invalid=counts["invalid"],

@@ -16,7 +16,7 @@ from .config import RunConfig
 from .keys import RowKeys
 from .records import STATUS_CODES
 from .result_index import KeyArray, ResultIndex
-from .row_bits import RowBits
+from .row_bits import RowBits, RowMask
 
 PLAN_ROWS = 1 << 20  # rows looked up at once (a multiple of 8): ~20 MB of temporaries
 
@@ -62,7 +62,7 @@ def what_to_send(
     row_keys: RowKeys,
     unit_keys: Sequence[KeyArray],
     config: RunConfig,
-    rows: np.ndarray | None = None,
+    rows: RowMask | None = None,
 ) -> Work:
     """Which units need a result and which are sent; only among ``rows`` (a shard's) when
     given, and a shard holds every row of a prompt, so --dedup stays within it."""

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import keys as keys_module
-from pipeline import planning, repeats, result_index, saved_arrays, spill, todo
+from pipeline import planning, repeats, result_index, saved_arrays, shards, spill, todo
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import RunConfig
 from pipeline.keys import compute_keys
@@ -136,12 +136,17 @@ def in_small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(keys_module, "_HASH_CHUNK", 1 << 16)
 
 
-@pytest.mark.parametrize("resumed", [False, True], ids=["first run", "half done"])
+@pytest.mark.parametrize(
+    ("resumed", "shard"),
+    [(False, None), (True, None), (False, "1/2")],
+    ids=["first run", "half done", "a shard of 2"],
+)
 def test_planning_three_models_holds_an_eighth_of_a_byte_a_row_and_model(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resumed: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resumed: bool, shard: str | None
 ) -> None:
     in_small_pieces(monkeypatch)
-    config = RunConfig(models=("model-a", "model-b", "model-c"), progress=False)
+    monkeypatch.setattr(shards, "MASK_ROWS", 1 << 13)
+    config = RunConfig(models=("model-a", "model-b", "model-c"), progress=False, shard=shard)
     environ = {"AIMLAPI_API_KEY": "sk-test"}
 
     def measure(rows: int) -> int:
@@ -161,16 +166,18 @@ def test_planning_three_models_holds_an_eighth_of_a_byte_a_row_and_model(
             del first
         peak, plan = peak_bytes(lambda: plan_run(path, output, config, environ))
         try:
-            sent = 3 * (rows // 2) if resumed else 3 * rows
+            sent = 3 * (rows // 2) if resumed else 3 * plan.rows_in_scope()
             assert plan.units == 3 and plan.send.count() == plan.pending == sent
-            assert plan.resumed == 3 * rows - sent
+            assert shard is None or 0.4 * rows < plan.rows_in_scope() < 0.6 * rows
+            assert plan.resumed == (3 * rows - sent if resumed else 0)
             assert [len(keys) for keys in plan.unit_keys] == [rows] * 3
         finally:
             plan.checkpoint.release_lock()
         return peak
 
     # what to send (3 bits a row), the buckets' file buffers (see the key pass test) and,
-    # half done, the index's status (1 byte a result: 1.5 results a row). The row keys
-    # held (8), what to send as bools (2 a model) and a model's keys while it was looked up
-    # (8) took 25.5 on a first run; every model's keys held at once 40
+    # half done, the index's status (1 byte a result: 1.5 results a row); a shard's rows
+    # are bits too. The row keys held (8), what to send as bools (2 a model) and a model's
+    # keys while it was looked up (8) took 25.5 on a first run; every model's keys held at
+    # once 40; a shard held its keys (8 a row and unit) and its rows' prompt keys (8)
     assert per_row(measure) < (3.5 if resumed else 2)

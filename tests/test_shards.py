@@ -23,6 +23,7 @@ from conftest import kill_job, run_job, run_pipeline, spawn, wait_for, write_csv
 
 import pipeline
 from pipeline import array_file
+from pipeline import shards as shards_module
 from pipeline import status as status_module
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import RunConfig
@@ -50,14 +51,21 @@ def assert_complete(output: Path, prompts: list[str]) -> None:
 # -- which rows a shard takes ---------------------------------------------------------------
 
 
-def test_the_shards_of_any_n_split_the_rows_exactly_once_and_evenly() -> None:
+@pytest.mark.parametrize("at_once", [1 << 20, 8], ids=["all at once", "8 rows at a time"])
+def test_the_shards_of_any_n_split_the_rows_exactly_once_and_evenly(
+    at_once: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shards_module, "MASK_ROWS", at_once)
     keys = np.random.default_rng(7).integers(0, 2**63, 30_000, dtype=np.uint64)
-    ids = np.arange(30_000, dtype=np.uint64)  # keys made from small ids spread evenly too
+    ids = np.arange(30_001, dtype=np.uint64)  # keys made from small ids spread evenly too
     for count in (1, 2, 3, 7):
         for some in (keys, ids):
-            masks = [Shard(i, count).rows(some) for i in range(count)]
+            packed = [Shard(i, count).rows(some) for i in range(count)]
+            masks = [mask[:] for mask in packed]
             assert (np.sum(masks, axis=0) == 1).all()
+            assert masks[0].tolist() == (shard_of(some, count) == 0).tolist()
             sizes = [int(m.sum()) for m in masks]
+            assert sizes == [mask.count() for mask in packed]
             assert max(sizes) - min(sizes) < 0.05 * len(some) / count + 50, sizes
     # stable: the same key goes to the same shard in every version (a checkpoint outlives it)
     pinned = shard_of(np.array([1, 2, 3, 12345, 2**63], dtype=np.uint64), 5)
