@@ -14,15 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .checkpoint import Checkpoint
 from .config import RunConfig
 from .errors import EXIT_FAILED_ROWS, EXIT_OK, LockHeld, NoCheckpoint, OutputError
 from .lock import WaitLock
 from .output import output_state, record_output, write_recorded
 from .planning import read_plan
-from .shards import latest_count, read_shard_keys, shard_of
+from .result_index import PlacesByWindow
+from .shards import ShardTally
 from .writer import output_spec, write_output
 
 
@@ -91,9 +90,9 @@ def merge_output(
             raise LockHeld(f"a run of the whole job is writing {output} ({holder}): it writes it")
         plan = read_plan(data, config, output)
         index = checkpoint.load_index()
-        places = index.places(plan.unit_keys)
-        index.close()
+        places = PlacesByWindow(index, plan.unit_keys)  # a window of rows at a time
         counts, pending = places.counts()
+        missing = _missing_by_shard(checkpoint, places, plan.rows)
         if destination is not None:
             write_output(plan.source, output_spec(config), places, checkpoint, destination)
         else:
@@ -101,7 +100,7 @@ def merge_output(
             write_recorded(plan, config, places, output, manifest)
             record_output(manifest, output, output_state(plan, config))
             checkpoint.write_manifest(manifest)
-        missing = _missing_by_shard(checkpoint, [places.missing(u) for u in range(len(places.at))])
+        index.close()
     finally:
         setup.release()
     failed = pending or counts.get("error", 0) or counts.get("invalid", 0)
@@ -115,14 +114,12 @@ def merge_output(
     )
 
 
-def _missing_by_shard(checkpoint: Checkpoint, missing: list[np.ndarray]) -> dict[str, int]:
+def _missing_by_shard(checkpoint: Checkpoint, places: PlacesByWindow, rows: int) -> dict[str, int]:
     """Results owed per shard of the last shard run's N (empty when no shard ran)."""
-    count = latest_count(checkpoint.dir)
-    shard_keys = read_shard_keys(checkpoint.dir)
-    if count is None or shard_keys is None or not missing or len(shard_keys) != len(missing[0]):
+    tally = ShardTally.of(checkpoint.dir, rows)
+    if tally is None or len(tally.shard_keys) != rows:
         return {}
-    shard = shard_of(shard_keys, count)
-    owed = np.zeros(count, dtype=np.int64)
-    for unit_missing in missing:
-        owed += np.bincount(shard[unit_missing], minlength=count)
-    return {f"{i}/{count}": int(owed[i]) for i in range(count)}
+    for _, start, answered in places.answered():
+        tally.add(start, answered)  # (the shard keys are per row: unit u's row r is row r)
+    owed = tally.total - tally.done
+    return {f"{i}/{tally.count}": int(owed[i]) for i in range(tally.count)}

@@ -22,7 +22,7 @@ from .config import RunConfig
 from .credentials import resolve_api_key
 from .errors import ConfigError, OutputError
 from .fingerprint import FINGERPRINT_DEFAULTS, fingerprint, fingerprint_parts
-from .keys import RowKeys, compute_keys, model_row_keys, sample_row_keys
+from .keys import RowKeys, compute_keys
 from .memory import release_memory
 from .opening import open_job
 from .pricing import BATCH_PRICE_FACTOR as BATCH_PRICE_FACTOR
@@ -287,10 +287,10 @@ def read_plan(data: Any, config: RunConfig, output: Path | None = None) -> Plan:
     checkpoint = Checkpoint(output if output is not None else Path(source.name + ".unused"))
     known = output is not None and checkpoint.exists()
     row_keys = read_keys(source, builder, config, checkpoint if known else None)
-    keys = np.asarray(row_keys.keys[:])  # (an export holds them)
+    keys = row_keys.keys  # in a file of this plan's own, read a slice at a time
     models = config.all_models
-    model_keys = [keys] if len(models) == 1 else [model_row_keys(keys, m) for m in models]
-    unit_keys = [sample_row_keys(mk, s) for mk in model_keys for s in range(config.n)]
+    unit_keys = UnitKeys(keys, models, config.n)
+    model_keys = [unit_keys[m * config.n] for m in range(len(models))]
     index = checkpoint.load_index() if known else ResultIndex.empty()
     work = what_to_send(index, row_keys, unit_keys, config)
     return Plan(
@@ -301,7 +301,7 @@ def read_plan(data: Any, config: RunConfig, output: Path | None = None) -> Plan:
         resume_from=None,
         models=models,
         model_keys=tuple(model_keys),
-        unit_keys=tuple(unit_keys),
+        unit_keys=unit_keys,
         pending=work.todo,
         send=work.send,
         index=index,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -376,6 +376,14 @@ class PlacesByWindow:
         start, stop, _ = rows.indices(self.rows)
         places, first = self._places(start, max(start, stop))
         return places.locate(unit, slice(start - first, max(start, stop) - first))
+
+    def answered(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(unit, first row, which rows have a result), a window of rows at a time."""
+        for start in range(0, self.rows, PLACES_WINDOW):
+            stop = min(self.rows, start + PLACES_WINDOW)
+            places, first = self._places(start, stop)
+            for unit in range(len(self.key_arrays)):
+                yield unit, start, ~places.missing(unit)[start - first : stop - first]
 
     def counts(self, rows: RowMask | None = None) -> tuple[dict[str, int], int]:
         """``RowPlaces.counts`` over every row (or ``rows``), a window at a time."""

@@ -9,6 +9,7 @@ against the simulator over real HTTP.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import time
@@ -22,12 +23,13 @@ import pytest
 from conftest import kill_job, run_job, run_pipeline, spawn, wait_for, write_csv
 
 import pipeline
-from pipeline import array_file
+from pipeline import array_file, result_index
 from pipeline import shards as shards_module
 from pipeline import status as status_module
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
+from pipeline.merging import merge_output
 from pipeline.records import RowResult
 from pipeline.shards import MAX_SHARDS, Shard, shard_of, share_limits
 from pipeline.simulator import SimulatorThread
@@ -180,26 +182,35 @@ def test_status_shows_each_shard(simulator: SimulatorThread, tmp_path: Path) -> 
     assert "shard 0/2: 0/" in text and "not started" in text
 
 
-def test_status_counts_a_window_of_keys_at_a_time_as_it_would_all_at_once(
+def test_status_and_merge_count_a_window_of_keys_at_a_time_as_they_would_all_at_once(
     simulator: SimulatorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # two models: the recorded keys are model after model, so windows cross from one
-    # model's rows to the next; one shard of two has run
-    source = write_csv(tmp_path / "in.csv", [f"p{i}" for i in range(23)])
+    # model's rows to the next; one shard of three has run
+    source = write_csv(tmp_path / "in.csv", [f"p{i}" for i in range(41)])
     output = tmp_path / "out.parquet"
     models = ["gpt-3.5-turbo", "gpt-4o-mini"]
-    run_job(source, output, base_url=simulator.base_url, shard=(1, 2), models=tuple(models))
+    run_job(source, output, base_url=simulator.base_url, shard=(1, 3), models=tuple(models))
     at_once = pipeline.run_status(output)
 
+    merged = merge_output(output, destination=tmp_path / "preview.parquet")
+    preview = pd.read_parquet(tmp_path / "preview.parquet")
+
     monkeypatch.setattr(status_module, "STATUS_KEYS", 7)
+    monkeypatch.setattr(result_index, "PLACES_WINDOW", 5)
     monkeypatch.setattr(array_file, "GATHER", 3)
     by_window = pipeline.run_status(output)
+    merged_by_window = merge_output(output, destination=tmp_path / "preview-5.parquet")
 
     assert by_window == at_once
-    assert at_once.rows_total == 46 and 0 < at_once.pending < 46
+    assert merged_by_window == dataclasses.replace(merged, output=merged_by_window.output)
+    assert pd.read_parquet(tmp_path / "preview-5.parquet").equals(preview)
+    assert sum(merged.missing_by_shard.values()) == at_once.pending > 0
+    assert at_once.rows_total == 82 and 0 < at_once.pending < 82
     shards = {s["shard"]: s for s in at_once.shards}
-    assert shards["1/2"]["pending"] == 0 and shards["0/2"]["done"] == 0
-    assert shards["0/2"]["results"] + shards["1/2"]["results"] == 46
+    assert shards["1/3"]["pending"] == 0 and shards["0/3"]["done"] == shards["2/3"]["done"] == 0
+    assert sum(s["results"] for s in shards.values()) == 82
+    assert merged.missing_by_shard == {name: s["pending"] for name, s in shards.items()}
 
 
 def test_the_python_api_runs_a_shard_and_returns_the_job_so_far(
