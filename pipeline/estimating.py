@@ -17,13 +17,15 @@ from .checkpoint import Checkpoint
 from .client import build_body
 from .config import RunConfig
 from .estimate import Estimate, Estimator
-from .keys import model_row_keys, sample_row_keys
 from .opening import open_job
 from .planning import read_keys
 from .pricing import BATCH_PRICE_FACTOR, PriceTable
 from .records import COST_BATCH_TABLE
 from .remote_output import shown_output
+from .row_bits import RowMask
 from .samples import SampleRequest, plan_requests
+from .todo import PLAN_ROWS
+from .unit_keys import UnitKeys
 
 
 def estimate_job(
@@ -45,9 +47,7 @@ def estimate_job(
     checkpoint = Checkpoint(Path(output)) if output is not None else None
     row_keys = read_keys(source, builder, config, checkpoint)
     models = config.all_models
-    keys = np.asarray(row_keys.keys[:])  # (an estimate holds them)
-    model_keys = [keys] if len(models) == 1 else [model_row_keys(keys, m) for m in models]
-    done = _done_per_model(checkpoint, model_keys, samples=config.n)
+    done = _done_per_model(checkpoint, UnitKeys(row_keys.keys, models, config.n), config.n)
     requests = plan_requests(
         range(config.n),
         n=config.n,
@@ -70,7 +70,8 @@ def estimate_job(
         n = batch.num_rows
         for estimator, model_done in zip(estimators, done, strict=True):
             where = np.nonzero(~model_done[offset : offset + n])[0]
-            rows = builder.build(batch.take(where), keys[offset + where], offset + where)
+            keys = row_keys.keys[offset : offset + n][where]
+            rows = builder.build(batch.take(where), keys, offset + where)
             estimator.add(row.messages for row in rows)
         offset += n
     prices = PriceTable.load(config.prices)
@@ -86,7 +87,7 @@ def estimate_job(
                 f"n); a server that ignores n gets {config.n} requests a row, each with the "
                 "prompt"
             )
-        already = int(model_done.sum())
+        already = model_done.count()
         if already:
             done_in = shown_output(Path(str(output)))
             notes.append(f"{already} rows already done in {done_in} not counted")
@@ -96,19 +97,22 @@ def estimate_job(
     return tuple(results)
 
 
-def _done_per_model(
-    checkpoint: Checkpoint | None, model_keys: list[Any], *, samples: int
-) -> list[np.ndarray]:
-    """For each model, which rows the checkpoint already has (every sample of them)."""
+def _done_per_model(checkpoint: Checkpoint | None, units: UnitKeys, samples: int) -> list[RowMask]:
+    """For each model, which rows the checkpoint already has (every sample of them), as
+    bits, looked up a chunk of rows at a time."""
+    rows, models = len(units.keys), len(units) // samples
+    done = [RowMask(rows) for _ in range(models)]
     if checkpoint is None or not checkpoint.exists():
-        return [np.zeros(len(model_keys[0]), dtype=bool) for _ in model_keys]
+        return done
     index = checkpoint.load_index()
-    done = []
-    for mkeys in model_keys:
-        missing = np.zeros(len(mkeys), dtype=bool)
-        for sample in range(samples):
-            missing |= index.places([sample_row_keys(mkeys, sample)]).missing(0)
-        done.append(~missing)
+    for model in range(models):
+        for start in range(0, rows, PLAN_ROWS):
+            missing = np.zeros(min(PLAN_ROWS, rows - start), dtype=bool)
+            for unit in range(model * samples, (model + 1) * samples):
+                keys = units[unit][start : start + PLAN_ROWS]
+                missing |= index.places([keys]).missing(0)
+            done[model].put(start, ~missing)
+    index.close()
     return done
 
 

@@ -20,6 +20,9 @@ import pytest
 from conftest import run_pipeline as run_cli
 
 import pipeline
+from pipeline import todo
+from pipeline.config import RunConfig
+from pipeline.estimating import estimate_job
 from pipeline.fingerprint import fingerprint
 from pipeline.pricing import PriceTable
 from pipeline.records import RESULT_COLUMNS
@@ -584,3 +587,24 @@ def test_an_input_column_named_sample_clashes_only_with_the_long_layout(
         run(simulator, tmp_path / "o.parquet", data, n=2, samples="long")
     frame = run(simulator, tmp_path / "p.parquet", data, n=2)
     assert frame.loc[0, "sample"] == 5
+
+
+@pytest.mark.parametrize("at_once", [1 << 20, 8], ids=["all rows at once", "8 rows at a time"])
+def test_an_estimate_leaves_out_each_models_rows_that_have_every_sample(
+    simulator: SimulatorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at_once: int
+) -> None:
+    monkeypatch.setattr(todo, "PLAN_ROWS", at_once)
+    frame = pd.DataFrame({"prompt": [f"question {i}" for i in range(21)]})
+    out = tmp_path / "o.parquet"
+    options: dict[str, Any] = {"model": ["m-a", "m-b"], "n": 2, "progress": False}
+    pipeline.run(frame.iloc[:13], out, base_url=simulator.base_url, **options)
+    config = RunConfig(models=("m-a", "m-b"), n=2, progress=False)
+    data = tmp_path / "in.csv"
+    frame.to_csv(data, index=False)
+
+    estimates = estimate_job(data, out, config)
+
+    assert [e.model for e in estimates] == ["m-a", "m-b"]
+    for estimate in estimates:
+        assert estimate.rows == 8  # the 8 rows no earlier run answered
+        assert any("13 rows already done" in note for note in estimate.notes)
