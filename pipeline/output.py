@@ -103,10 +103,9 @@ async def finish_output(
             checkpoint.save_index(index)  # the next run starts from it
     # from here on where each input row's result is, a window of rows at a time
     places = PlacesByWindow(index, unit_keys)
-    counts = places.counts()
-    job_pending = 0
+    counts, job_pending = None, 0
     if plan.shard is not None:
-        job_pending = counts[1]
+        job_pending = places.counts()[1]
         counts = places.counts(plan.shard_rows)
         job_pending -= counts[1]
     release_memory()
@@ -128,6 +127,8 @@ async def finish_output(
             record_output(manifest, output, state)
         except OSError as exc:
             recorder.storage_failed_at_end(exc, output)
+    if counts is None:  # (counted as OUTPUT was written: no lookup again)
+        counts = places.counts()
     index.close()
     if plan.shard is None:
         manifest["running"] = False

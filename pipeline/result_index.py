@@ -360,6 +360,9 @@ class PlacesByWindow:
         self.index, self.key_arrays = index, key_arrays
         self.rows = len(key_arrays[0]) if key_arrays else 0
         self._window: tuple[int, int, RowPlaces] | None = None  # start, stop, places
+        # the counts of rows 0..counted, taken as windows were found in order (OUTPUT
+        # written): counting every row afterwards finds no window again
+        self._counted, self._counts = 0, (dict.fromkeys(STATUS_CODES, 0), 0)
 
     def _places(self, start: int, stop: int) -> tuple[RowPlaces, int]:
         """Places of a window holding rows ``start:stop`` and where the window starts."""
@@ -369,6 +372,9 @@ class PlacesByWindow:
             self._window = None  # (let go of before the next is found)
             held = (start, end, self.index.places([k[start:end] for k in self.key_arrays]))
             self._window = held
+            if start <= self._counted < end:
+                self._counts = _added(self._counts, _window_counts(held, self._counted, None))
+                self._counted = end
         return held[2], held[0]
 
     def locate(self, unit: int, rows: slice) -> tuple[np.ndarray, np.ndarray]:
@@ -387,18 +393,32 @@ class PlacesByWindow:
 
     def counts(self, rows: RowMask | None = None) -> tuple[dict[str, int], int]:
         """``RowPlaces.counts`` over every row (or ``rows``), a window at a time."""
-        counts, missing = dict.fromkeys(STATUS_CODES, 0), 0
+        if rows is None and self._counted == self.rows:
+            return dict(self._counts[0]), self._counts[1]
+        total: tuple[dict[str, int], int] = (dict.fromkeys(STATUS_CODES, 0), 0)
         for start in range(0, self.rows, PLACES_WINDOW):
             stop = min(self.rows, start + PLACES_WINDOW)
-            places, first = self._places(start, stop)
-            chosen = np.zeros(len(places.at[0]), dtype=bool) if places.at else None
-            if chosen is not None:
-                chosen[start - first : stop - first] = True if rows is None else rows[start:stop]
-            window, none = places.counts(chosen)
-            missing += none
-            for name, count in window.items():
-                counts[name] += count
-        return counts, missing
+            self._places(start, stop)
+            assert self._window is not None
+            total = _added(total, _window_counts(self._window, start, rows, stop))
+        return total
+
+
+def _window_counts(
+    window: tuple[int, int, RowPlaces], start: int, rows: RowMask | None, stop: int = -1
+) -> tuple[dict[str, int], int]:
+    """The counts of ``window``'s rows ``start..stop`` (its end when -1), of ``rows`` only."""
+    first, end, places = window
+    stop = end if stop < 0 else stop
+    chosen = np.zeros(end - first, dtype=bool)
+    chosen[start - first : stop - first] = True if rows is None else rows[start:stop]
+    return places.counts(chosen)
+
+
+def _added(
+    a: tuple[dict[str, int], int], b: tuple[dict[str, int], int]
+) -> tuple[dict[str, int], int]:
+    return {name: a[0][name] + b[0].get(name, 0) for name in a[0]}, a[1] + b[1]
 
 
 Places = RowPlaces | PlacesByWindow  # where each row's result is: all at once, or by window

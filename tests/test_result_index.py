@@ -149,6 +149,16 @@ def test_places_found_a_window_at_a_time_are_the_places_found_at_once(
         start = rows.stop
     by_window.locate(0, slice(0, 40))  # a window that holds the next count's first windows
     assert by_window.counts(mask) == at_once.counts(mask)
+    # OUTPUT written first: its windows are counted as they are found, none is found again
+    written = result_index.PlacesByWindow(index, units)
+    start = 0
+    while start < 90:
+        written.locate(0, slice(start, start := min(90, start + int(rng.integers(1, 13)))))
+    looked_up: list[int] = []
+    find = index.places
+    monkeypatch.setattr(index, "places", lambda keys: looked_up.append(1) or find(keys))
+    assert written.counts() == at_once.counts()
+    assert looked_up == []
 
 
 def test_an_index_nobody_keeps_leaves_no_file(tmp_path: Path, tiny: None) -> None:
