@@ -11,6 +11,7 @@ open descriptor, so that a reader keeps its file after a newer one replaced the 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -32,10 +33,13 @@ class ArrayWriter:
     """Appends pieces of named arrays to ``path`` (created or truncated), or with None to a
     file in memory, or to the open file ``fh`` (an unnamed temporary file, say);
     ``close(meta)`` writes the footer and returns the file, open for reading. Each array
-    keeps the type of its first piece."""
+    keeps the type of its first piece. ``locked``: an exclusive ``flock`` on the file, held
+    until the file returned is let go of (another process may then tell it is in use)."""
 
-    def __init__(self, path: Path | None, fh: Any = None) -> None:
+    def __init__(self, path: Path | None, fh: Any = None, *, locked: bool = False) -> None:
         self.path = path
+        if locked and path is not None:
+            fh = _locked_file(path)
         self._fh: Any = fh if fh is not None else path.open("w+b") if path else _memory_file()
         self._arrays: dict[str, dict[str, Any]] = {}
 
@@ -68,6 +72,20 @@ class ArrayWriter:
         self._fh.close()
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+
+
+def _locked_file(path: Path) -> Any:
+    """``path`` created or emptied under an exclusive ``flock``, held by the file's
+    descriptors (the reader's too) until all are closed; raises OSError, without touching
+    the file, when another holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+    except OSError:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "w+b")
 
 
 def _memory_file() -> Any:

@@ -62,7 +62,7 @@ from .part_files import part_number as part_number
 from .records import RowResult
 from .rescue import RescuePlace
 from .result_index import KeyArray, ResultIndex
-from .saved_arrays import NpyRange, take_in, write_key_arrays
+from .saved_arrays import NpyRange, in_use, take_in, write_key_arrays
 from .saved_arrays import load_key_pass as read_key_pass
 from .schema import FORMAT_VERSION, results_to_table, row_result, valid_text
 from .schema import PART_SCHEMA as PART_SCHEMA
@@ -254,7 +254,7 @@ class Checkpoint:
         ):
             if tmp.is_dir():  # a lookup's spread keys (result_index)
                 shutil.rmtree(tmp, ignore_errors=True)
-            elif tmp not in spare:
+            elif tmp not in spare and not in_use(tmp):  # (a key pass being written)
                 tmp.unlink(missing_ok=True)
         notes = self._verify_parts(fingerprint)
         # never a number used before, not even by a part set aside: a saved index or a

@@ -34,7 +34,7 @@ from .result_index import SUPERSEDED, KeyArray, ResultIndex
 from .row_bits import RowBits, RowMask
 from .saved_arrays import staged_key_pass
 from .shards import Shard
-from .todo import what_to_send
+from .todo import Work, marked, what_to_send
 from .unit_keys import UnitKeys
 
 DIGEST_KEYS = 1 << 20  # keys read at once for the plan's digest
@@ -139,28 +139,44 @@ def _ids_only_keys(checkpoint: Checkpoint, config: RunConfig) -> bool:
 
 
 def _removed_since_last_run(
-    checkpoint: Checkpoint, index: ResultIndex, found: int, unit_keys: Sequence[KeyArray]
+    checkpoint: Checkpoint, index: ResultIndex, work: Work, unit_keys: Sequence[KeyArray]
 ) -> int:
     """Results whose rows left the input since the last run (not those that left before:
-    their results stay in the checkpoint, and counting them again said "8 left" for 5)."""
+    their results stay in the checkpoint, and counting them again said "8 left" for 5):
+    the results of the keys the last run recorded that are not this input's, looked up a
+    window at a time (none when the keys are the same as the last run's)."""
     # each key's latest result is one that a later one did not supersede; ``found`` of
     # them are this input's
     status, step = index.status, DIGEST_KEYS
     live = sum(
         np.count_nonzero(status[i : i + step] != SUPERSEDED) for i in range(0, len(status), step)
     )
-    absent = int(live) - found
-    if absent <= 0:
+    if int(live) - work.found <= 0:
         return 0  # the usual resume: nothing to compare
     recorded = checkpoint.recorded_keys()
     if recorded is None:
-        return absent
-    last = recorded[:]  # (held: this is rare, rows removed from the input)
-    kept = np.zeros(len(last), dtype=bool)
-    for keys in unit_keys:  # a unit and a slice at a time
-        for start in range(0, len(keys), DIGEST_KEYS):
-            kept |= np.isin(last, keys[start : start + DIGEST_KEYS])
-    return int((~kept).sum())
+        return int(live) - work.found
+    if _same_keys(recorded, unit_keys):
+        return 0  # (the results that left did so before the last run)
+    removed = 0
+    for start in range(0, len(recorded), step):
+        at = index.places([recorded[start : start + step]]).at[0]
+        removed += int((~marked(work.present, at[at != np.iinfo(at.dtype).max])).sum())
+    return removed
+
+
+def _same_keys(recorded: KeyArray, unit_keys: Sequence[KeyArray]) -> bool:
+    """Whether ``recorded`` holds ``unit_keys``, one after another (read in slices)."""
+    rows = len(unit_keys[0]) if unit_keys else 0
+    if len(recorded) != rows * len(unit_keys):
+        return False
+    for unit, keys in enumerate(unit_keys):
+        for start in range(0, rows, DIGEST_KEYS):
+            at = unit * rows + start
+            here = keys[start : start + DIGEST_KEYS]
+            if not np.array_equal(recorded[at : at + len(here)], here):
+                return False
+    return True
 
 
 def plan_run(
@@ -269,7 +285,7 @@ def _plan(
         copy_from=np.array(work.copy_from, dtype=np.int64),
         copy_to=np.array(work.copy_to, dtype=np.uint64),
         resumed=work.done,
-        removed=_removed_since_last_run(checkpoint, index, work.found, unit_keys),
+        removed=_removed_since_last_run(checkpoint, index, work, unit_keys),
         ids_only=ids_only,
         api_key=api_key,
         notes=[*notes, *filter(None, [proxies.describe(config.base_url)])],

@@ -6,7 +6,9 @@ run makes it again."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -83,12 +85,27 @@ class NpyRange:
 def staged_key_pass(output: Path) -> Path | None:
     """Where a run writes the input's key pass before it locks its checkpoint: a file
     beside ``output`` that ``take_in`` moves into it (None when that directory cannot be
-    made: the pass then goes to an unnamed file, and is not kept)."""
+    made: the pass then goes to an unnamed file, and is not kept). Its writer holds an
+    ``flock`` on it (``array_file.ArrayWriter(locked=True)``): another run's cleanup spares
+    it (``checkpoint.prepare``)."""
     try:
         output.parent.mkdir(parents=True, exist_ok=True)  # as the run would
     except OSError:
         return None
-    return output.parent / f".{output.name}.input-keys.{os.getpid()}.tmp"
+    # unique: two runs may have the same pid (containers), and "w+b" empties a file
+    return output.parent / f".{output.name}.input-keys.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+
+
+def in_use(path: Path) -> bool:
+    """Whether another open file holds an ``flock`` on ``path`` (a run writing it)."""
+    try:
+        with path.open("rb") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def take_in(staged: Path, path: Path) -> None:

@@ -110,11 +110,12 @@ class Buckets:
 def write_spilled(
     fill: Callable[[ArrayWriter], dict[str, Any]], path: Path | None, directory: Path | None
 ) -> ArrayFile:
-    """The array file ``fill`` writes (it returns the footer's metadata): at ``path``, or
-    (None) in an unnamed file in ``directory`` ($TMPDIR when None); written again in memory
-    when the disk cannot take it (full, or not ours to write)."""
+    """The array file ``fill`` writes (it returns the footer's metadata): at ``path`` (under
+    an ``flock`` while the file is open), or (None) in an unnamed file in ``directory``
+    ($TMPDIR when None); written again in memory when the disk cannot take it (full, or not
+    ours to write)."""
     makers: list[Callable[[], ArrayWriter]] = [
-        (lambda: ArrayWriter(path))
+        (lambda: ArrayWriter(path, locked=True))
         if path is not None
         else (lambda: ArrayWriter(None, unnamed_file(directory))),
         lambda: ArrayWriter(None),

@@ -27,6 +27,7 @@ class Work:
     have one (``done``), among the rows in scope."""
 
     send: RowBits
+    present: np.ndarray  # a bit per index position: its key is one of this input's units
     todo: int = 0
     done: int = 0
     found: int = 0  # index keys that are one of this input's units (each is found once)
@@ -67,7 +68,7 @@ def what_to_send(
     """Which units need a result and which are sent; only among ``rows`` (a shard's) when
     given, and a shard holds every row of a prompt, so --dedup stays within it."""
     n = len(row_keys.keys)
-    work = Work(send=RowBits(n, len(unit_keys)))
+    work = Work(send=RowBits(n, len(unit_keys)), present=position_bits(index.positions))
     for j in range(len(unit_keys)):
         keys = unit_keys[j]
         sparse = _Sparse(row_keys.duplicates, row_keys.leaders) if config.dedup else None
@@ -90,12 +91,13 @@ def what_to_send(
 
 def _done(index: ResultIndex, keys: np.ndarray, config: RunConfig, work: Work) -> np.ndarray:
     """Which of ``keys`` have a result (not a failed one, with --retry-failed); counts
-    them found."""
+    them found and marks their positions present."""
     if not index.size:  # a first run: nothing is done
         return np.zeros(len(keys), dtype=bool)
     places = index.places([keys]).at[0]
     done = places != np.iinfo(places.dtype).max
     work.found += int(done.sum())
+    mark(work.present, places[done])
     if config.retry_failed:
         status = index.status[places[done]]
         failed = (status == STATUS_CODES["error"]) | (status == STATUS_CODES["invalid"])
@@ -133,3 +135,20 @@ def _dedup(work: Work, j: int, mkeys: KeyArray, sparse: _Sparse, index: ResultIn
     if copy_rows:
         work.copy_from.extend(index.lookup(take(mkeys, np.array(copy_from))).tolist())
         work.copy_to.extend(take(mkeys, np.array(copy_rows)).tolist())
+
+
+def position_bits(positions: int) -> np.ndarray:
+    """A bit per position of an index, all clear (1/8 byte a result)."""
+    return np.zeros((positions + 7) // 8, dtype=np.uint8)
+
+
+def mark(bits: np.ndarray, positions: np.ndarray) -> None:
+    """Set the bits of ``positions``."""
+    at = positions.astype(np.int64)
+    np.bitwise_or.at(bits, at >> 3, (np.uint8(0x80) >> (at & 7).astype(np.uint8)))
+
+
+def marked(bits: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Which of ``positions`` have their bit set."""
+    at = positions.astype(np.int64)
+    return (bits[at >> 3] & (np.uint8(0x80) >> (at & 7).astype(np.uint8))) != 0

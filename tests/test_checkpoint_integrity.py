@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_job as run
 
+from pipeline import planning
 from pipeline.checkpoint import Checkpoint, part_number
 from pipeline.errors import FingerprintMismatch, OutputError
 from pipeline.progress import Reporter
@@ -168,14 +169,20 @@ def test_temp_files_of_killed_runs_are_cleaned_at_the_next_start(
     assert not any(path.exists() for path in leftovers)
 
 
+@pytest.mark.parametrize("at_once", [1 << 20, 4], ids=["all keys at once", "4 at a time"])
 def test_rows_that_left_the_input_are_counted_once(
-    simulator: SimulatorThread, tmp_path: Path
+    simulator: SimulatorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at_once: int
 ) -> None:
+    monkeypatch.setattr(planning, "DIGEST_KEYS", at_once)
     out = tmp_path / "o.parquet"
     run(prompts(20), out, base_url=simulator.base_url)
     assert run(prompts(17), out, base_url=simulator.base_url).removed == 3
     assert run(prompts(12), out, base_url=simulator.base_url).removed == 5
     assert run(prompts(12), out, base_url=simulator.base_url).removed == 0
+    edited = prompts(12)
+    edited.loc[5, "prompt"] = "an edited prompt"
+    assert run(edited, out, base_url=simulator.base_url).removed == 1  # its old prompt
+    assert run(edited, out, base_url=simulator.base_url).removed == 0
 
 
 def test_with_an_id_column_an_edited_prompt_is_sent_again(

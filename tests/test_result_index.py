@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from pipeline import index_build, result_index, spill
+from pipeline.array_file import ArrayFile, ArrayWriter
 from pipeline.checkpoint import Checkpoint
 from pipeline.records import STATUS_CODES, RowResult, Usage
+from pipeline.saved_arrays import staged_key_pass
 
 STATUSES = ["ok", "error", "skipped"]
 
@@ -197,6 +199,32 @@ def test_what_a_killed_run_left_of_its_index_is_removed_by_the_next_run(tmp_path
     assert sorted(p.name for p in again.dir.iterdir()) == ["parts"]
     assert not staged.exists()
     assert again.load_index().size == 3
+
+
+def test_a_key_pass_another_run_is_writing_is_spared_and_each_run_stages_its_own(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "out.parquet"
+    # two runs with the same pid (two containers) never share a staged file
+    first, second = staged_key_pass(output), staged_key_pass(output)
+    assert first is not None and second is not None and first != second
+    # a run in its key pass (no lock yet) while another run prepares the checkpoint
+    writer = ArrayWriter(first, locked=True)
+    writer.append("content", np.arange(5, dtype=np.uint64))
+    second.write_bytes(b"a killed run's")
+
+    Checkpoint(output).prepare()
+
+    assert first.exists() and not second.exists()
+    with pytest.raises(OSError):  # nor is it emptied by another writer
+        ArrayWriter(first, locked=True)
+    written = writer.close({})
+    assert ArrayFile(first).read("content").tolist() == [0, 1, 2, 3, 4]
+    Checkpoint(output).prepare()  # still open, still spared
+    assert first.exists()
+    written.close()
+    Checkpoint(output).prepare()
+    assert not first.exists()
 
 
 def test_a_reader_without_the_lock_writes_nothing_beside_the_parts(
