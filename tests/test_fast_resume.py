@@ -459,6 +459,7 @@ def test_row_keys_are_the_same_as_every_earlier_version_made_them(
         monkeypatch.setattr(spill, "BUCKET_KEYS", 1)
     path = tmp_path / "in.csv"
     path.write_text("prompt,id\nhello,a\nworld,b\nhello,c\n,d\n")
+
     def key_pass(path: Path, id_column: str | None = None) -> RowKeys:
         stage = tmp_path / f"staged-{id_column}.tmp" if made != "in unnamed files" else None
         keys = compute_keys(
