@@ -183,7 +183,11 @@ def run_and_exit(
     except PipelineError as exc:  # pragma: no cover - every subclass is handled above
         fail(str(exc), EXIT_USAGE, config.summary_json)
     if summary.rows_total == 0:
-        reporter.note(f"{input_path} has 0 rows (a header only?): nothing to send.")
+        reporter.note(
+            f"shard {config.shard} takes none of {input_path}'s rows: nothing to send."
+            if config.shard
+            else f"{input_path} has 0 rows (a header only?): nothing to send."
+        )
     write_summary(config.summary_json, summary)
     sys.exit(summary.exit_code)
 

@@ -347,3 +347,29 @@ def test_an_index_saved_by_one_shard_never_hides_a_part_another_wrote_meanwhile(
     for checkpoint in (first, second):
         checkpoint.release_lock()
     assert sorted(Checkpoint(output).load_index().read_keys().tolist()) == [1, 2]
+
+
+def test_a_shard_that_takes_no_row_says_so_not_that_the_input_is_empty(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    write_csv(tmp_path / "in.csv", ["hello", "hello", "world"])
+    taken = [
+        int(Shard(i, 2).rows(np.array(keys_of(tmp_path / "in.csv"), dtype=np.uint64)).count())
+        for i in range(2)
+    ]
+    assert 0 in taken  # (row keys are stable: these 3 rows all go to one shard of 2)
+    empty = taken.index(0)
+    base = ["run", "in.csv", "-o", "out.parquet", "--base-url", simulator.base_url]
+    result = run_pipeline(tmp_path, *base, "--shard", f"{empty}/2", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert f"shard {empty}/2 takes none of in.csv's rows: nothing to send" in result.stderr
+    assert "a header only" not in result.stderr
+
+
+def keys_of(path: Path) -> list[int]:
+    """The shard key of each row of ``path`` (its prompt's first row's key)."""
+    from pipeline.keys import compute_keys
+    from pipeline.reader import open_input
+
+    row_keys = compute_keys(open_input(path), id_column=None, content_columns=["prompt"])
+    return [int(k) for k in row_keys.prompt_keys()[:]]
