@@ -93,13 +93,9 @@ def _hash_batch(batch: pa.RecordBatch) -> np.ndarray:
 _ID_AND_CONTENT = np.uint64(0x6A09E667F3BCC908)  # sets id+content keys apart from the rest
 
 
-def _mix(values: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: spreads (content ^ occurrence) over all 64 bits."""
-    return _mix_in_place(values.astype(np.uint64))
-
-
 def _mix_in_place(values: np.ndarray) -> np.ndarray:
-    """``_mix`` of a uint64 array, computed in it a chunk at a time: no temporary as large
+    """The splitmix64 finaliser (it spreads content ^ occurrence over all 64 bits) of a
+    uint64 array, computed in it a chunk at a time: no temporary as large
     as the array (six of them held ~400 MB in a planning pass over 10M rows)."""
     shifted = np.empty(min(len(values), 1 << 16), dtype=np.uint64)
     for start in range(0, len(values), 1 << 16):
@@ -400,10 +396,10 @@ def _row_keys(
         writer.declare("keys", np.uint64)
         for start in range(0, len(content), CHUNK):
             keys = np.array(content[start : start + CHUNK], dtype=np.uint64)
-            if ids is None:  # _mix(content ^ (occurrence * _MIX)); a first row's is 0
+            if ids is None:  # mix(content ^ (occurrence * _MIX)); a first row's is 0
                 lo, hi = np.searchsorted(duplicates, [start, start + len(keys)])
                 keys[duplicates[lo:hi] - start] ^= occurrence[lo:hi] * _MIX
-            else:  # _mix(ids ^ _mix(content ^ _ID_AND_CONTENT))
+            else:  # mix(ids ^ mix(content ^ _ID_AND_CONTENT))
                 keys ^= _ID_AND_CONTENT
                 _mix_in_place(keys)
                 keys ^= ids[start : start + CHUNK]
@@ -454,15 +450,3 @@ def salted(keys: np.ndarray, salt: np.uint64) -> np.ndarray:
     """``keys`` mixed with ``salt``, in place (a uint64 array of the caller's)."""
     keys ^= salt
     return _mix_in_place(keys)
-
-
-def model_row_keys(keys: np.ndarray, model: str) -> np.ndarray:
-    """The keys of (row, model) pairs: each row's key mixed with the model's name."""
-    return salted(np.array(keys, dtype=np.uint64), key_salt(model))  # one new array
-
-
-def sample_row_keys(keys: np.ndarray, sample: int) -> np.ndarray:
-    """The keys of sample ``sample`` of the pairs with ``keys``; sample 0 keeps them (K = 1)."""
-    if sample == 0:
-        return keys
-    return salted(np.array(keys, dtype=np.uint64), key_salt(f"sample {sample}"))

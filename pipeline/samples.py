@@ -2,7 +2,7 @@
 
 This module owns the rules of a sampling run, as pure functions:
 
-- **keys** (``keys.sample_row_keys``): sample 0 of a (row, model) is stored under the
+- **keys** (``unit_keys.UnitKeys``): sample 0 of a (row, model) is stored under the
   pair's own key, sample s > 0 under that key mixed with ``s``, so K = 1 keeps every key
   (and checkpoint) as it was, and each sample is resumed, deduplicated and retried by itself;
 - **requests** (:func:`plan_requests`): *native* asks one request for the missing samples

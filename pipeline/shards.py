@@ -215,13 +215,6 @@ def write_shard_keys(checkpoint_dir: Path, shard_keys: Any) -> None:
     write_key_arrays(path, [shard_keys], len(shard_keys))
 
 
-def read_shard_keys(checkpoint_dir: Path) -> np.ndarray | None:
-    try:
-        return np.load(shards_dir(checkpoint_dir) / "row-keys.npy", allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-
-
 def budget_share(limit: _Amount | None, spent: _Amount, count: int) -> _Amount | None:
     """A shard's budget: what is spent, plus its 1/N of what is left when it starts (shards
     running at once never pass the job's --max-cost / --max-total-tokens together; a shard

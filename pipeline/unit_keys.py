@@ -14,7 +14,7 @@ from .keys import key_salt, salted
 
 class DerivedKeys:
     """The keys ``keys`` become when each is mixed with ``salts`` in turn (a model's name,
-    then a sample's number: ``keys.model_row_keys``, ``keys.sample_row_keys``), made when a
+    then a sample's number: ``keys.key_salt``, ``keys.salted``), made when a
     slice is read (``len``, ``[a:b]``, ``take``), never held whole."""
 
     def __init__(self, keys: Any, salts: Sequence[np.uint64]) -> None:
