@@ -17,6 +17,7 @@ from .checkpoint import Checkpoint
 from .client import build_body
 from .config import RunConfig
 from .estimate import Estimate, Estimator
+from .index_join import WindowedPlaces
 from .opening import open_job
 from .planning import read_keys
 from .pricing import BATCH_PRICE_FACTOR, PriceTable
@@ -99,19 +100,22 @@ def estimate_job(
 
 def _done_per_model(checkpoint: Checkpoint | None, units: UnitKeys, samples: int) -> list[RowMask]:
     """For each model, which rows the checkpoint already has (every sample of them), as
-    bits, looked up a chunk of rows at a time."""
+    bits, looked up a window of rows at a time (the index read once a model)."""
     rows, models = len(units.keys), len(units) // samples
     done = [RowMask(rows) for _ in range(models)]
     if checkpoint is None or not checkpoint.exists():
         return done
     index = checkpoint.load_index()
     for model in range(models):
-        for start in range(0, rows, PLAN_ROWS):
-            missing = np.zeros(min(PLAN_ROWS, rows - start), dtype=bool)
-            for unit in range(model * samples, (model + 1) * samples):
-                keys = units[unit][start : start + PLAN_ROWS]
-                missing |= index.places([keys]).missing(0)
+        mine = [units[unit] for unit in range(model * samples, (model + 1) * samples)]
+        found = WindowedPlaces(index, mine, PLAN_ROWS)
+        for start in found.starts():
+            places = found.at(start)
+            missing = np.zeros(len(places.at[0]), dtype=bool)
+            for sample in range(samples):
+                missing |= places.missing(sample)
             done[model].put(start, ~missing)
+        found.close()
     index.close()
     return done
 

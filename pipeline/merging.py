@@ -17,10 +17,10 @@ from typing import Any
 from .checkpoint import Checkpoint
 from .config import RunConfig
 from .errors import EXIT_FAILED_ROWS, EXIT_OK, LockHeld, NoCheckpoint, OutputError
+from .index_join import PlacesByWindow
 from .lock import WaitLock
 from .output import output_state, record_output, write_recorded
 from .planning import read_plan
-from .result_index import PlacesByWindow
 from .shards import ShardTally
 from .writer import output_spec, write_output
 
@@ -100,6 +100,7 @@ def merge_output(
             write_recorded(plan, config, places, output, manifest)
             record_output(manifest, output, output_state(plan, config))
             checkpoint.write_manifest(manifest)
+        places.close()
         index.close()
     finally:
         setup.release()

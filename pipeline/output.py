@@ -22,10 +22,11 @@ from .checkpoint import file_signature
 from .config import RunConfig
 from .fingerprint import fingerprint as fingerprint_of_config
 from .fingerprint import fingerprint_parts
+from .index_join import PlacesByWindow
 from .memory import release_memory
 from .planning import KEY_SCHEME, Plan
 from .recording import Recorder
-from .result_index import KeyArray, Places, PlacesByWindow, ResultIndex
+from .result_index import KeyArray, ResultIndex
 from .stopping import Stop
 from .writer import output_spec, write_output
 
@@ -129,6 +130,7 @@ async def finish_output(
             recorder.storage_failed_at_end(exc, output)
     if counts is None:  # (counted as OUTPUT was written: no lookup again)
         counts = places.counts()
+    places.close()
     index.close()
     if plan.shard is None:
         manifest["running"] = False
@@ -151,7 +153,7 @@ async def finish_output(
 
 
 def write_recorded(
-    plan: Plan, config: RunConfig, places: Places, output: Path, manifest: dict[str, Any]
+    plan: Plan, config: RunConfig, places: PlacesByWindow, output: Path, manifest: dict[str, Any]
 ) -> None:
     """Write OUTPUT (``writer.write_output``), recording the new file's signature in the
     manifest just before it replaces OUTPUT (a crash between the two is recognised)."""

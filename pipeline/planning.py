@@ -22,6 +22,8 @@ from .config import RunConfig
 from .credentials import resolve_api_key
 from .errors import ConfigError, OutputError
 from .fingerprint import FINGERPRINT_DEFAULTS, fingerprint, fingerprint_parts
+from .followers import Followers
+from .index_join import WindowedPlaces
 from .keys import RowKeys, compute_keys
 from .memory import release_memory
 from .opening import open_job
@@ -58,7 +60,7 @@ class Plan:
     send: RowBits  # [row, unit]: needs a request (needs a result, not a duplicate)
     index: ResultIndex
     prices: PriceTable
-    followers: dict[int, list[int]]  # leader key -> keys of its duplicates sent with it
+    followers: Followers  # under --dedup, the keys of the duplicates that follow a request
     copy_from: np.ndarray  # index positions of done leaders whose duplicates need a copy
     copy_to: np.ndarray  # the duplicates' keys, aligned with copy_from
     resumed: int
@@ -159,9 +161,11 @@ def _removed_since_last_run(
     if _same_keys(recorded, unit_keys):
         return 0  # (the results that left did so before the last run)
     removed = 0
-    for start in range(0, len(recorded), step):
-        at = index.places([recorded[start : start + step]]).at[0]
+    found = WindowedPlaces(index, [recorded], step)  # the index read once
+    for start in found.starts():
+        at = found.at(start).at[0]
         removed += int((~marked(work.present, at[at != np.iinfo(at.dtype).max])).sum())
+    found.close()
     return removed
 
 
@@ -266,6 +270,7 @@ def _plan(
     rows = shard.rows(shard_keys) if shard and shard_keys is not None else None
     index, notes = _open_checkpoint(checkpoint, config, ids_only, staged, shard)
     work = what_to_send(index, row_keys, unit_keys, config, rows)
+    copy_from, copy_to = work.copies()
     first_needed = work.send.first_row()
     release_memory()  # the lookups' temporaries
     return Plan(
@@ -281,9 +286,9 @@ def _plan(
         send=work.send,
         index=index,
         prices=prices,
-        followers=work.followers,
-        copy_from=np.array(work.copy_from, dtype=np.int64),
-        copy_to=np.array(work.copy_to, dtype=np.uint64),
+        followers=work.followers(),
+        copy_from=copy_from,
+        copy_to=copy_to,
         resumed=work.done,
         removed=_removed_since_last_run(checkpoint, index, work, unit_keys),
         ids_only=ids_only,
@@ -309,6 +314,7 @@ def read_plan(data: Any, config: RunConfig, output: Path | None = None) -> Plan:
     model_keys = [unit_keys[m * config.n] for m in range(len(models))]
     index = checkpoint.load_index() if known else ResultIndex.empty()
     work = what_to_send(index, row_keys, unit_keys, config)
+    copy_from, copy_to = work.copies()
     return Plan(
         source=source,
         builder=builder,
@@ -322,9 +328,9 @@ def read_plan(data: Any, config: RunConfig, output: Path | None = None) -> Plan:
         send=work.send,
         index=index,
         prices=PriceTable.load(config.prices),
-        followers=work.followers,
-        copy_from=np.array(work.copy_from, dtype=np.int64),
-        copy_to=np.array(work.copy_to, dtype=np.uint64),
+        followers=work.followers(),
+        copy_from=copy_from,
+        copy_to=copy_to,
         resumed=work.done,
         removed=0,
         ids_only=False,

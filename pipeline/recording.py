@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import Checkpoint
+from .followers import Followers
 from .progress import Reporter
 from .records import COST_DEDUP, RowResult
 from .stopping import Stop, StopKind
@@ -35,7 +36,7 @@ class Recorder:
         reporter: Reporter,
         stop: Stop,
         *,
-        followers: dict[int, list[int]],
+        followers: Followers,
         checkpoint_rows: int,
         checkpoint_seconds: float,
         grace: float,
@@ -61,7 +62,7 @@ class Recorder:
         """Take one final result (and give it to the row's duplicates)."""
         self.buffer.append(result)
         self.reporter.row_done(result)
-        for key in self.followers.pop(result.key, ()):
+        for key in self.followers.pop(result.key):
             self.record_copy(result, key)
         if (
             len(self.buffer) >= self.checkpoint_rows

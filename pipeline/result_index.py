@@ -5,15 +5,15 @@ position is a part and a row: ``locate``), what each position's status is and wh
 spent. It lives in a file (``array_file``): every key once, sorted, with the position of its
 latest result, read a block at a time; and per position, in part order, its status (held
 in memory: 1 byte a result), tokens and cost (read when summed). ``index_build`` writes the
-file; ``checkpoint`` owns where it is and keeps the last one (``index.arrays``).
+file; ``checkpoint`` owns where it is and keeps the last one (``index.arrays``);
+``index_join`` finds the results of many rows with one read of it.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,7 @@ import pyarrow.parquet as pq
 from .array_file import ArrayFile, ArrayFileError, Column
 from .errors import OutputError
 from .records import STATUS_CODES
-from .row_bits import RowMask
 from .saved_arrays import NpyRange
-from .spill import grouped
 from .unit_keys import DerivedKeys
 
 LOOKUP_CHUNK = 1 << 18  # keys looked up at once: ~12 MB of temporaries
@@ -234,76 +232,22 @@ class ResultIndex:
                 sums[i] += self.file.read(name, start, stop)[picked].sum()
         return int(sums[0]), int(sums[1]), float(sums[2])
 
+    def block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block ``block``'s keys (sorted) and the position of each one's latest result."""
+        return self._block("keys", block), self._block("at", block)
+
     def places(self, key_arrays: Sequence[KeyArray]) -> RowPlaces:
-        """Where the result of each of ``key_arrays``'s keys is, aligned with them: all
-        that assembling OUTPUT needs, 4 bytes a key. An index held in memory is looked up a
-        chunk of keys at a time; a bigger one is joined a block at a time (``_join``), so
-        that it is read once, not once a chunk."""
+        """Where the result of each of ``key_arrays``'s keys is, aligned with them (4 bytes
+        a key), looked up a chunk of keys at a time: a big index is read once a chunk. Many
+        rows of a big one: ``index_join.WindowedPlaces`` reads it once."""
         kind = position_type(self.positions)
         at = tuple(np.full(len(keys), np.iinfo(kind).max, dtype=kind) for keys in key_arrays)
-        if self.size > CACHED_KEYS and len(self.fences) > 1:
-            self._join(key_arrays, at)
-        else:
-            self._look_up(key_arrays, at)
-        return RowPlaces(at, self.numbers, self.starts, self.status)
-
-    def _look_up(self, key_arrays: Sequence[KeyArray], at: tuple[np.ndarray, ...]) -> None:
-        """Fill ``at`` with the positions of ``key_arrays``'s keys, a chunk at a time."""
         for keys, places in zip(key_arrays, at, strict=True):
             for start in range(0, len(keys), LOOKUP_CHUNK):
                 pos = self.lookup(keys[start : start + LOOKUP_CHUNK])
                 have = np.flatnonzero(pos >= 0)
                 places[start + have] = pos[have]
-
-    def _join(self, key_arrays: Sequence[KeyArray], at: tuple[np.ndarray, ...]) -> None:
-        """Fill ``at`` with the positions of ``key_arrays``'s keys: the keys are spread
-        over temporary files (in ``scratch``) by the index block that may hold them, with
-        where each came from, then each block is read once and matched with its keys, a
-        chunk at a time. Where no file can be written, a chunk of keys at a time."""
-        firsts = np.array([first for first, _ in self.fences], dtype=np.uint64)
-        try:
-            with tempfile.TemporaryDirectory(
-                dir=self.scratch, prefix=".join-", suffix=".tmp"
-            ) as tmp:
-                spread = [Path(tmp) / f"{block}" for block in range(len(firsts))]
-                _spread(key_arrays, firsts, spread)
-                for block, path in enumerate(spread):
-                    with path.open("rb") as fh:
-                        while len(pairs := np.fromfile(fh, np.uint64, 2 * LOOKUP_CHUNK)):
-                            self._match(block, pairs.reshape(-1, 2), at)
-                    path.unlink()
-        except OSError:  # a full disk, a directory not ours to write
-            self._look_up(key_arrays, at)
-
-    def _match(self, block: int, pairs: np.ndarray, at: tuple[np.ndarray, ...]) -> None:
-        """Put the positions of ``pairs``'s keys (key, unit << 40 | row) found in
-        ``block`` into ``at``."""
-        found, hit = _found(self._block("keys", block), pairs[:, 0])
-        positions = self._block("at", block)[found[hit]]
-        units, rows = pairs[hit, 1] >> np.uint64(40), pairs[hit, 1] & ((1 << 40) - 1)
-        for unit in np.unique(units).tolist():
-            mine = units == unit
-            at[unit][rows[mine].astype(np.int64)] = positions[mine]
-
-
-def _spread(key_arrays: Sequence[KeyArray], firsts: np.ndarray, spread: list[Path]) -> None:
-    """Append each key (with its unit and row) to the file of the block that may hold it
-    (the last block whose first key is not above it)."""
-    files = [path.open("wb") for path in spread]
-    try:
-        for unit, keys in enumerate(key_arrays):
-            for start in range(0, len(keys), LOOKUP_CHUNK):
-                chunk = keys[start : start + LOOKUP_CHUNK]
-                which = np.searchsorted(firsts, chunk, side="right") - 1
-                order, groups = grouped(which, len(firsts))
-                pairs = np.empty((len(chunk), 2), dtype=np.uint64)
-                pairs[:, 0] = chunk[order]
-                pairs[:, 1] = order + start + (unit << 40)  # unit, then row
-                for block, lo, hi in groups:
-                    files[block].write(pairs[lo:hi].data)
-    finally:
-        for fh in files:
-            fh.close()
+        return RowPlaces(at, self.numbers, self.starts, self.status)
 
 
 @dataclass(frozen=True)
@@ -346,82 +290,6 @@ class RowPlaces:
                 for name, code in STATUS_CODES.items():
                     counts[name] += int((status == code).sum())
         return counts, missing
-
-
-PLACES_WINDOW = 1 << 20  # rows whose places are held at once (4 bytes a row and unit)
-
-
-class PlacesByWindow:
-    """What ``RowPlaces`` answers (``locate``, ``counts``) for ``key_arrays`` (aligned, one
-    per unit), found a window of rows at a time as they are asked for in order: assembling
-    OUTPUT holds one window's places, not every row's. The index stays open meanwhile."""
-
-    def __init__(self, index: ResultIndex, key_arrays: Sequence[KeyArray]) -> None:
-        self.index, self.key_arrays = index, key_arrays
-        self.rows = len(key_arrays[0]) if key_arrays else 0
-        self._window: tuple[int, int, RowPlaces] | None = None  # start, stop, places
-        # the counts of rows 0..counted, taken as windows were found in order (OUTPUT
-        # written): counting every row afterwards finds no window again
-        self._counted, self._counts = 0, (dict.fromkeys(STATUS_CODES, 0), 0)
-
-    def _places(self, start: int, stop: int) -> tuple[RowPlaces, int]:
-        """Places of a window holding rows ``start:stop`` and where the window starts."""
-        held = self._window
-        if held is None or not held[0] <= start <= stop <= held[1]:
-            end = min(self.rows, start + max(PLACES_WINDOW, stop - start))
-            self._window = None  # (let go of before the next is found)
-            held = (start, end, self.index.places([k[start:end] for k in self.key_arrays]))
-            self._window = held
-            if start <= self._counted < end:
-                self._counts = _added(self._counts, _window_counts(held, self._counted, None))
-                self._counted = end
-        return held[2], held[0]
-
-    def locate(self, unit: int, rows: slice) -> tuple[np.ndarray, np.ndarray]:
-        """(part, row) of the results of unit ``unit``'s keys ``rows``; part -1: none."""
-        start, stop, _ = rows.indices(self.rows)
-        places, first = self._places(start, max(start, stop))
-        return places.locate(unit, slice(start - first, max(start, stop) - first))
-
-    def answered(self) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(unit, first row, which rows have a result), a window of rows at a time."""
-        for start in range(0, self.rows, PLACES_WINDOW):
-            stop = min(self.rows, start + PLACES_WINDOW)
-            places, first = self._places(start, stop)
-            for unit in range(len(self.key_arrays)):
-                yield unit, start, ~places.missing(unit)[start - first : stop - first]
-
-    def counts(self, rows: RowMask | None = None) -> tuple[dict[str, int], int]:
-        """``RowPlaces.counts`` over every row (or ``rows``), a window at a time."""
-        if rows is None and self._counted == self.rows:
-            return dict(self._counts[0]), self._counts[1]
-        total: tuple[dict[str, int], int] = (dict.fromkeys(STATUS_CODES, 0), 0)
-        for start in range(0, self.rows, PLACES_WINDOW):
-            stop = min(self.rows, start + PLACES_WINDOW)
-            self._places(start, stop)
-            assert self._window is not None
-            total = _added(total, _window_counts(self._window, start, rows, stop))
-        return total
-
-
-def _window_counts(
-    window: tuple[int, int, RowPlaces], start: int, rows: RowMask | None, stop: int = -1
-) -> tuple[dict[str, int], int]:
-    """The counts of ``window``'s rows ``start..stop`` (its end when -1), of ``rows`` only."""
-    first, end, places = window
-    stop = end if stop < 0 else stop
-    chosen = np.zeros(end - first, dtype=bool)
-    chosen[start - first : stop - first] = True if rows is None else rows[start:stop]
-    return places.counts(chosen)
-
-
-def _added(
-    a: tuple[dict[str, int], int], b: tuple[dict[str, int], int]
-) -> tuple[dict[str, int], int]:
-    return {name: a[0][name] + b[0].get(name, 0) for name in a[0]}, a[1] + b[1]
-
-
-Places = RowPlaces | PlacesByWindow  # where each row's result is: all at once, or by window
 
 
 def rows_of(path: Path) -> int:

@@ -30,6 +30,12 @@ class RowBits:
         masks = (np.uint8(0x80) >> (rows & 7).astype(np.uint8)).astype(np.uint8)
         np.bitwise_and.at(self.packed[unit], rows >> 3, ~masks)
 
+    def get(self, unit: int, rows: np.ndarray) -> np.ndarray:
+        """Unit ``unit``'s bits of ``rows`` (a bool array)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        masks = (np.uint8(0x80) >> (rows & 7).astype(np.uint8)).astype(np.uint8)
+        return (self.packed[unit, rows >> 3] & masks) != 0
+
     def __getitem__(self, rows: slice) -> np.ndarray:
         start, stop, _ = rows.indices(self.rows)
         stop = max(start, stop)

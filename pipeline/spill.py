@@ -8,7 +8,7 @@ behind. With no bits at all the pairs are held in memory, in one bucket.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from tempfile import TemporaryFile
 from typing import Any, BinaryIO
@@ -105,6 +105,54 @@ class Buckets:
             keys.close()
             values.close()
         self.held = []
+
+
+class Spread:
+    """Records (rows of two values of type ``kind``) spread over ``count`` unnamed files in
+    ``directory`` ($TMPDIR when None) by a group number each, then read back a group at a
+    time, in the order they were added, as often as asked. Raises OSError when the files
+    cannot be made or written; close it (``with``) to let them go."""
+
+    def __init__(self, count: int, directory: Path | None, kind: type[Any]) -> None:
+        self.kind = np.dtype(kind)
+        self.files: list[BinaryIO] = []
+        try:
+            for _ in range(count):
+                self.files.append(unnamed_file(directory))
+        except BaseException:  # too many open files, say
+            self.close()
+            raise
+
+    def __enter__(self) -> Spread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(self, groups: np.ndarray, records: np.ndarray) -> None:
+        """Append each of ``records`` (n x 2) to the file of its group (``groups``)."""
+        order, spans = grouped(groups, len(self.files))
+        ordered = np.ascontiguousarray(records[order], dtype=self.kind)
+        for group, lo, hi in spans:
+            self.files[group].write(ordered[lo:hi].data)
+
+    def read(self, group: int, chunk: int) -> Iterator[np.ndarray]:
+        """Group ``group``'s records, ``chunk`` of them at a time (n x 2 arrays)."""
+        fh = self.files[group]
+        fh.flush()
+        fh.seek(0)
+        while len(values := np.fromfile(fh, self.kind, 2 * chunk)):
+            yield values.reshape(-1, 2)
+
+    def let_go(self, group: int) -> None:
+        """Give back the disk group ``group``'s records took (it reads empty from now on)."""
+        self.files[group].seek(0)
+        self.files[group].truncate()
+
+    def close(self) -> None:
+        for fh in self.files:
+            fh.close()
+        self.files = []
 
 
 def write_spilled(

@@ -23,6 +23,7 @@ from .errors import (
     PipelineError,
     exit_reason,
 )
+from .index_join import WindowedPlaces
 from .pricing import PriceTable
 from .records import STATUS_CODES
 from .result_index import ResultIndex
@@ -139,12 +140,13 @@ STATUS_KEYS = 1 << 20  # unit keys looked up at once
 def _count_among(
     index: ResultIndex, keys: NpyRange, tally: ShardTally | None
 ) -> tuple[dict[str, int], tuple[int, int, float], ShardTally | None]:
-    """(status counts, tokens and cost) of the results of ``keys``, a window at a time,
-    each window's results added to ``tally`` too."""
+    """(status counts, tokens and cost) of the results of ``keys``, a window at a time
+    (the index read once), each window's results added to ``tally`` too."""
     counts = dict.fromkeys(STATUS_CODES, 0)
     used = [0, 0, 0.0]
-    for start in range(0, len(keys), STATUS_KEYS):
-        places = index.places([keys[start : start + STATUS_KEYS]])
+    found_by_window = WindowedPlaces(index, [keys], STATUS_KEYS)
+    for start in found_by_window.starts():
+        places = found_by_window.at(start)
         found = ~places.missing(0)
         among = places.at[0][found]
         for name, count in index.counts(among).items():
@@ -153,6 +155,7 @@ def _count_among(
             used[i] += value
         if tally is not None:
             tally.add(start, found)
+    found_by_window.close()
     return counts, (int(used[0]), int(used[1]), float(used[2])), tally
 
 

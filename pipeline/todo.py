@@ -13,49 +13,42 @@ import numpy as np
 
 from .array_file import take
 from .config import RunConfig
+from .followers import Followers
+from .index_join import WindowedPlaces
 from .keys import RowKeys
 from .records import STATUS_CODES
 from .result_index import KeyArray, ResultIndex
 from .row_bits import RowBits, RowMask
 
 PLAN_ROWS = 1 << 20  # rows looked up at once (a multiple of 8): ~20 MB of temporaries
+DEDUP_ROWS = 1 << 20  # repeated rows planned at once (--dedup): ~50 MB of temporaries
 
 
 @dataclass
 class Work:
     """Which units are sent (``send``); how many need a result (``todo``) and how many
-    have one (``done``), among the rows in scope."""
+    have one (``done``), among the rows in scope; under --dedup, which keys follow which
+    request and which copy a stored result (arrays, a unit's after another's)."""
 
     send: RowBits
     present: np.ndarray  # a bit per index position: its key is one of this input's units
     todo: int = 0
     done: int = 0
     found: int = 0  # index keys that are one of this input's units (each is found once)
-    followers: dict[int, list[int]] = field(default_factory=dict)
-    copy_from: list[int] = field(default_factory=list)
-    copy_to: list[int] = field(default_factory=list)
+    leader_keys: list[np.ndarray] = field(default_factory=list)  # sent, followed by:
+    follower_keys: list[np.ndarray] = field(default_factory=list)
+    copy_from: list[np.ndarray] = field(default_factory=list)  # index positions, copied to:
+    copy_to: list[np.ndarray] = field(default_factory=list)  # keys
 
+    def followers(self) -> Followers:
+        return Followers.of(self.leader_keys, self.follower_keys)
 
-@dataclass
-class _Sparse:
-    """Whether the duplicate rows and their first rows need a result, for ``--dedup``."""
-
-    dups: np.ndarray
-    leads: np.ndarray
-    todo_dups: np.ndarray = field(init=False)
-    todo_leads: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.todo_dups = np.zeros(len(self.dups), dtype=bool)
-        self.todo_leads = np.zeros(len(self.leads), dtype=bool)
-
-    def note(self, start: int, todo: np.ndarray) -> None:
-        """Take ``todo`` of rows ``start..`` for the duplicates and first rows among them."""
-        stop = start + len(todo)
-        lo, hi = np.searchsorted(self.dups, [start, stop])
-        self.todo_dups[lo:hi] = todo[self.dups[lo:hi] - start]
-        here = np.flatnonzero((self.leads >= start) & (self.leads < stop))
-        self.todo_leads[here] = todo[self.leads[here] - start]
+    def copies(self) -> tuple[np.ndarray, np.ndarray]:
+        """(index positions, the keys that take a copy of their results)."""
+        return (
+            np.concatenate([np.zeros(0, np.int64), *self.copy_from]),
+            np.concatenate([np.zeros(0, np.uint64), *self.copy_to]),
+        )
 
 
 def what_to_send(
@@ -71,30 +64,31 @@ def what_to_send(
     work = Work(send=RowBits(n, len(unit_keys)), present=position_bits(index.positions))
     for j in range(len(unit_keys)):
         keys = unit_keys[j]
-        sparse = _Sparse(row_keys.duplicates, row_keys.leaders) if config.dedup else None
-        for at in range(0, n, PLAN_ROWS):
-            done = _done(index, keys[at : at + PLAN_ROWS], config, work)
+        found = WindowedPlaces(index, [keys], PLAN_ROWS)  # the index read once a unit
+        for at in found.starts():
+            done = _done(index, found, at, config, work)
             if rows is not None:
-                work.done += int((done & rows[at : at + PLAN_ROWS]).sum())
-                done |= ~rows[at : at + PLAN_ROWS]
+                work.done += int((done & rows[at : at + len(done)]).sum())
+                done |= ~rows[at : at + len(done)]
             else:
                 work.done += int(done.sum())
             todo = ~done
             work.todo += int(todo.sum())
             work.send.put(j, at, todo)
-            if sparse is not None:
-                sparse.note(at, todo)
-        if sparse is not None:
-            _dedup(work, j, keys, sparse, index)
+        found.close()
+        if config.dedup and len(row_keys.duplicates):
+            _dedup(work, j, keys, (row_keys.duplicates, row_keys.leaders), index)
     return work
 
 
-def _done(index: ResultIndex, keys: np.ndarray, config: RunConfig, work: Work) -> np.ndarray:
-    """Which of ``keys`` have a result (not a failed one, with --retry-failed); counts
-    them found and marks their positions present."""
+def _done(
+    index: ResultIndex, found: WindowedPlaces, at: int, config: RunConfig, work: Work
+) -> np.ndarray:
+    """Which rows of ``found``'s window at row ``at`` have a result (not a failed one,
+    with --retry-failed); counts them found and marks their positions present."""
     if not index.size:  # a first run: nothing is done
-        return np.zeros(len(keys), dtype=bool)
-    places = index.places([keys]).at[0]
+        return np.zeros(min(found.window, found.rows - at), dtype=bool)
+    places = found.at(at).at[0]
     done = places != np.iinfo(places.dtype).max
     work.found += int(done.sum())
     mark(work.present, places[done])
@@ -105,36 +99,60 @@ def _done(index: ResultIndex, keys: np.ndarray, config: RunConfig, work: Work) -
     return done
 
 
-def _dedup(work: Work, j: int, mkeys: KeyArray, sparse: _Sparse, index: ResultIndex) -> None:
+def _dedup(
+    work: Work,
+    j: int,
+    mkeys: KeyArray,
+    repeats: tuple[np.ndarray, np.ndarray],
+    index: ResultIndex,
+) -> None:
     """A later row with the same prompt as an earlier one is not sent: it follows its first
     row's request, or gets a copy of a stored result of its prompt: its first row's, or,
     when only a later row of the prompt has one (with ``--id-column``, a row added before
-    it), that row's, which then serves the first row too. Nothing answered is paid twice."""
-    dups, leads = sparse.dups, sparse.leads
-    served = ~sparse.todo_dups & sparse.todo_leads  # a later row is answered, the first not
-    source: dict[int, int] = {}  # first row -> the earliest answered later row
-    for leader, row in zip(leads[served].tolist(), dups[served].tolist(), strict=True):
-        source.setdefault(leader, row)
-    wanted = sparse.todo_dups
-    duplicates, leaders = dups[wanted], leads[wanted]
-    copy_rows = list(source)  # the first rows served by a later row's answer
-    copy_from = [source[leader] for leader in copy_rows]
-    work.send.clear(j, np.array(copy_rows, dtype=np.int64))
-    work.send.clear(j, duplicates)
-    pending = sparse.todo_leads[wanted] & ~np.isin(leaders, copy_rows)
-    followed = zip(
-        take(mkeys, leaders[pending]).tolist(),
-        take(mkeys, duplicates[pending]).tolist(),
-        strict=True,
-    )
-    for leader_key, key in followed:
-        work.followers.setdefault(leader_key, []).append(key)
-    for i, leader in zip(duplicates[~pending].tolist(), leaders[~pending].tolist(), strict=True):
-        copy_rows.append(i)
-        copy_from.append(source.get(leader, leader))
-    if copy_rows:
-        work.copy_from.extend(index.lookup(take(mkeys, np.array(copy_from))).tolist())
-        work.copy_to.extend(take(mkeys, np.array(copy_rows)).tolist())
+    it), that row's, which then serves the first row too. Nothing answered is paid twice.
+    ``repeats``: the later rows (ascending) and their first rows, aligned; taken
+    ``DEDUP_ROWS`` at a time."""
+    dups, leads = repeats
+    sources, source_rows = _served(work.send, j, dups, leads)
+    work.send.clear(j, sources)
+    if len(sources):
+        work.copy_from.append(index.lookup(take(mkeys, source_rows)))
+        work.copy_to.append(np.asarray(take(mkeys, sources), dtype=np.uint64))
+    for lo in range(0, len(dups), DEDUP_ROWS):
+        wanted = work.send.get(j, dups[lo : lo + DEDUP_ROWS])
+        duplicates, leaders = (
+            dups[lo : lo + DEDUP_ROWS][wanted],
+            leads[lo : lo + DEDUP_ROWS][wanted],
+        )
+        work.send.clear(j, duplicates)
+        at = np.minimum(np.searchsorted(sources, leaders), max(len(sources) - 1, 0))
+        by_source = sources[at] == leaders if len(sources) else np.zeros(len(leaders), bool)
+        pending = work.send.get(j, leaders) & ~by_source  # their first row is sent: follow
+        if pending.any():
+            work.leader_keys.append(take(mkeys, leaders[pending]))
+            work.follower_keys.append(take(mkeys, duplicates[pending]))
+        # the rest copy a stored result: their first row's, or the row that serves it
+        copied = ~pending
+        if copied.any():
+            copy_from = leaders[copied]
+            copy_from[by_source[copied]] = source_rows[at[copied][by_source[copied]]]
+            work.copy_from.append(index.lookup(take(mkeys, copy_from)))
+            work.copy_to.append(np.asarray(take(mkeys, duplicates[copied]), dtype=np.uint64))
+
+
+def _served(
+    send: RowBits, j: int, dups: np.ndarray, leads: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(first rows that need a result where a later row of their prompt has one, sorted;
+    the earliest such later row of each), looked at ``DEDUP_ROWS`` repeats at a time."""
+    firsts, laters = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for lo in range(0, len(dups), DEDUP_ROWS):
+        d, f = dups[lo : lo + DEDUP_ROWS], leads[lo : lo + DEDUP_ROWS]
+        served = ~send.get(j, d) & send.get(j, f)
+        firsts.append(f[served])
+        laters.append(d[served])
+    sources, first = np.unique(np.concatenate(firsts), return_index=True)
+    return sources, np.concatenate(laters)[first]  # (dups ascending: the earliest is first)
 
 
 def position_bits(positions: int) -> np.ndarray:

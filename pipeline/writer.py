@@ -1,7 +1,7 @@
 """Final assembly: every input row, in input order, joined with its result, into one Parquet.
 
 Streams the input again batch by batch and takes each row's result from where
-``Places`` says it is (a checkpoint part and row, found a window of rows at a time), so
+``PlacesByWindow`` says it is (a checkpoint part and row, found a window of rows at a time), so
 memory holds one input batch and a few checkpoint parts at a time, never the whole output.
 Rows without a result yet get ``status = "pending"``. The file is written under a temporary
 name, fsynced and renamed over OUTPUT: a failure here leaves the previous OUTPUT untouched.
@@ -23,11 +23,11 @@ import pyarrow.parquet as pq
 from .atomic import atomic_write
 from .checkpoint import Checkpoint, file_signature
 from .config import RunConfig
+from .index_join import PlacesByWindow
 from .labels import load_labels, match_label
 from .memory import release_memory
 from .reader import InputSource
 from .records import MODELS_METADATA_KEY, WIDE_SEPARATOR
-from .result_index import Places
 from .samples import (
     PER_SAMPLE_RESULTS,
     SAMPLE_COLUMN,
@@ -113,7 +113,7 @@ class OutputSpec:
     computed here, from the stored completion, so a new ``--score`` needs no new request.
 
     ``n`` samples per (row, model), whose results ``write_output`` finds in its
-    ``RowPlaces`` at unit ``model * n + sample``: with ``samples``
+    ``PlacesByWindow`` at unit ``model * n + sample``: with ``samples``
     "long" each becomes its own OUTPUT row with a ``sample`` column (after ``model``), in
     order row, model, sample; with "list" they fold into one row whose per-sample columns
     (completion, finish_reason and the derived ones) are lists (see
@@ -172,7 +172,7 @@ class OutputSpec:
 
     def results(
         self,
-        places: Places,
+        places: PlacesByWindow,
         model: int,
         rows: slice,
         parts: _PartCache,
@@ -232,7 +232,7 @@ class OutputSpec:
 def write_output(
     source: InputSource,
     spec: OutputSpec,
-    places: Places,
+    places: PlacesByWindow,
     checkpoint: Checkpoint,
     output: Path,
     before_replace: Callable[[dict[str, int] | None], None] | None = None,

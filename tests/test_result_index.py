@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import index_build, result_index, spill
+from pipeline import index_build, index_join, result_index, spill
 from pipeline.array_file import ArrayFile, ArrayWriter
 from pipeline.checkpoint import Checkpoint
 from pipeline.records import STATUS_CODES, RowResult, Usage
@@ -127,7 +127,7 @@ def test_places_found_a_window_at_a_time_are_the_places_found_at_once(
     """OUTPUT is assembled a batch of rows at a time, its places found a window at a time:
     every batch, wherever it falls against the windows, and every count, are what the
     places of every row at once say."""
-    monkeypatch.setattr(result_index, "PLACES_WINDOW", 7)
+    monkeypatch.setattr(index_join, "PLACES_WINDOW", 7)
     rng = np.random.default_rng(seed)
     pool = rng.integers(0, 2**64, size=200, dtype=np.uint64)
     ckpt = Checkpoint(tmp_path / "out.parquet")
@@ -137,7 +137,7 @@ def test_places_found_a_window_at_a_time_are_the_places_found_at_once(
     units = [rng.permutation(pool)[:90], rng.integers(0, 2**64, size=90, dtype=np.uint64)]
     units[1][::3] = units[0][::3]  # the second unit: a third of its keys have a result
     at_once = index.places(units)
-    by_window = result_index.PlacesByWindow(index, units)
+    by_window = index_join.PlacesByWindow(index, units)
 
     mask = rng.random(90) < 0.5
     assert by_window.counts() == at_once.counts()
@@ -152,15 +152,83 @@ def test_places_found_a_window_at_a_time_are_the_places_found_at_once(
     by_window.locate(0, slice(0, 40))  # a window that holds the next count's first windows
     assert by_window.counts(mask) == at_once.counts(mask)
     # OUTPUT written first: its windows are counted as they are found, none is found again
-    written = result_index.PlacesByWindow(index, units)
+    written = index_join.PlacesByWindow(index, units)
     start = 0
     while start < 90:
         written.locate(0, slice(start, start := min(90, start + int(rng.integers(1, 13)))))
     looked_up: list[int] = []
-    find = index.places
-    monkeypatch.setattr(index, "places", lambda keys: looked_up.append(1) or find(keys))
+    find = written.windows.at
+    monkeypatch.setattr(written.windows, "at", lambda start: looked_up.append(start) or find(start))
     assert written.counts() == at_once.counts()
     assert looked_up == []
+
+
+def big_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> result_index.ResultIndex:
+    """An index of ~100 keys in 16 blocks, too big to hold (as one of 10M keys)."""
+    monkeypatch.setattr(spill, "BUCKET_KEYS", 8)
+    monkeypatch.setattr(index_build, "READ_ROWS", 7)
+    monkeypatch.setattr(result_index, "CACHED_KEYS", 0)
+    monkeypatch.setattr(result_index, "LOOKUP_CHUNK", 5)
+    rng = np.random.default_rng(3)
+    ckpt = Checkpoint(tmp_path / "out.parquet")
+    ckpt.prepare()
+    write_parts(ckpt, rng, rng.integers(0, 2**64, size=300, dtype=np.uint64), parts=8)
+    index = ckpt.load_index()
+    assert len(index.fences) >= 16
+    return index
+
+
+def key_blocks_read(index: result_index.ResultIndex, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The start of every block of keys read from ``index``'s file from now on."""
+    assert index.file is not None
+    reads: list[int] = []
+    read = index.file.read
+
+    def counted(name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        if name == "keys":
+            reads.append(start)
+        return read(name, start, stop)
+
+    monkeypatch.setattr(index.file, "read", counted)
+    return reads
+
+
+@pytest.mark.parametrize("window", [1, 4, 7, 1000])
+def test_rows_found_window_by_window_read_each_index_block_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    """A job of R rows found a window at a time read the whole index once a window (R/1M
+    times at 1M rows a window: 100 at 100M rows); joined, it is read once whatever R."""
+    index = big_index(tmp_path, monkeypatch)
+    rng = np.random.default_rng(window)
+    keys = np.concatenate([index.read_keys(), rng.integers(0, 2**64, size=200, dtype=np.uint64)])
+    units = [rng.permutation(keys)[:150], rng.permutation(keys)[:150]]
+    at_once = index.places(units)
+    reads = key_blocks_read(index, monkeypatch)
+
+    found = index_join.WindowedPlaces(index, units, window)
+    for start in found.starts():  # twice, out of order: the same, and no block read again
+        for again in (found.at(start), found.at(start)):
+            for unit in range(2):
+                expected = at_once.at[unit][start : start + window]
+                assert again.at[unit].tolist() == expected.tolist(), (start, unit)
+    assert sorted(reads) == sorted(set(reads)) and len(reads) == len(index.fences)
+    found.close()
+
+
+def test_where_no_temporary_file_can_be_made_windows_are_looked_up_one_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index = big_index(tmp_path, monkeypatch)
+    units = [np.random.default_rng(1).permutation(index.read_keys())[:100]]
+    at_once = index.places(units)
+    index.scratch = tmp_path / "gone"  # (as a full disk: the files cannot be made)
+    reads = key_blocks_read(index, monkeypatch)
+
+    found = index_join.WindowedPlaces(index, units, 30)
+    got = np.concatenate([found.at(start).at[0] for start in found.starts()])
+    assert got.tolist() == at_once.at[0].tolist()
+    assert len(reads) > len(index.fences)  # (read once a window, and once a chunk in it)
 
 
 def test_an_index_nobody_keeps_leaves_no_file(tmp_path: Path, tiny: None) -> None:

@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 
 import pipeline
-from pipeline import array_file, repeats, result_index, spill, todo
+from pipeline import array_file, index_join, repeats, result_index, spill, todo
 from pipeline import keys as keys_module
 from pipeline.simulator import SimulatorThread
 
@@ -331,15 +331,16 @@ def random_layout(setup: Setup, rng: random.Random) -> Layout:
 def in_tiny_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """What a run of millions of rows does a piece at a time, done a few rows at a time:
     keys made 3 rows at a time, duplicates and the index sorted in buckets of 2 keys, the
-    plan looked up 8 rows at a time, the index joined block by block, columns gathered 4
-    values at a time, OUTPUT's rows found 5 at a time."""
+    plan looked up 8 rows at a time and its repeats 2 at a time, the index joined block by
+    block, columns gathered 4 values at a time, OUTPUT's rows found 5 at a time."""
     monkeypatch.setattr(keys_module, "CHUNK", 3)
     monkeypatch.setattr(repeats, "READ", 5)
     monkeypatch.setattr(spill, "BUCKET_KEYS", 2)
     monkeypatch.setattr(todo, "PLAN_ROWS", 8)
+    monkeypatch.setattr(todo, "DEDUP_ROWS", 2)
     monkeypatch.setattr(result_index, "CACHED_KEYS", 4)
     monkeypatch.setattr(result_index, "LOOKUP_CHUNK", 3)
-    monkeypatch.setattr(result_index, "PLACES_WINDOW", 5)
+    monkeypatch.setattr(index_join, "PLACES_WINDOW", 5)
     monkeypatch.setattr(array_file, "GATHER", 4)
 
 

@@ -23,7 +23,7 @@ import pytest
 from conftest import kill_job, run_job, run_pipeline, spawn, wait_for, write_csv
 
 import pipeline
-from pipeline import array_file, result_index
+from pipeline import array_file, index_join, result_index, spill
 from pipeline import shards as shards_module
 from pipeline import status as status_module
 from pipeline.checkpoint import Checkpoint
@@ -186,7 +186,8 @@ def test_status_and_merge_count_a_window_of_keys_at_a_time_as_they_would_all_at_
     simulator: SimulatorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # two models: the recorded keys are model after model, so windows cross from one
-    # model's rows to the next; one shard of three has run
+    # model's rows to the next; one shard of three has run; the index in blocks of 8 keys
+    monkeypatch.setattr(spill, "BUCKET_KEYS", 8)
     source = write_csv(tmp_path / "in.csv", [f"p{i}" for i in range(41)])
     output = tmp_path / "out.parquet"
     models = ["gpt-3.5-turbo", "gpt-4o-mini"]
@@ -197,8 +198,9 @@ def test_status_and_merge_count_a_window_of_keys_at_a_time_as_they_would_all_at_
     preview = pd.read_parquet(tmp_path / "preview.parquet")
 
     monkeypatch.setattr(status_module, "STATUS_KEYS", 7)
-    monkeypatch.setattr(result_index, "PLACES_WINDOW", 5)
+    monkeypatch.setattr(index_join, "PLACES_WINDOW", 5)
     monkeypatch.setattr(array_file, "GATHER", 3)
+    monkeypatch.setattr(result_index, "CACHED_KEYS", 0)  # joined with the keys, block by block
     by_window = pipeline.run_status(output)
     merged_by_window = merge_output(output, destination=tmp_path / "preview-5.parquet")
 
