@@ -41,6 +41,7 @@ import functools
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, Protocol
 
 from .pricing import Price, PriceTable
@@ -389,18 +390,34 @@ class Estimator:
         self.requests = self.prompt_tokens = self.completions = 0
         self._seen: set[int] = set()
 
-    def add(self, requests: Iterable[Sequence[Message] | None]) -> None:
-        """Count rows: each item is a row's messages, or None for a row that is not sent."""
+    def add(
+        self,
+        requests: Iterable[Sequence[Message] | None],
+        repeated: Iterable[bool] | None = None,
+    ) -> None:
+        """Count rows: each item is a row's messages, or None for a row that is not sent.
+        ``repeated`` says which rows repeat an earlier row's prompt (a run's key pass knows:
+        nothing is held a row); without it the distinct requests are remembered (a set:
+        tens of bytes each)."""
         count, cached, dedup = self.counter.count, self.cached, self.dedup
         identity, remember, seen = request_identity, self._seen.add, self._seen
         distinct = len(seen)
         rows = skipped = duplicates = hits = sent = tokens = 0
-        for messages in requests:
+        pairs: Iterable[tuple[Sequence[Message] | None, bool | None]] = (
+            zip(requests, repeat(None))
+            if repeated is None
+            else zip(requests, repeated, strict=True)
+        )
+        for messages, again in pairs:
             rows += 1
             if not messages:
                 skipped += 1
                 continue
-            if dedup:
+            if dedup and again is not None:
+                if again:
+                    duplicates += 1
+                    continue
+            elif dedup:
                 remember(identity(messages))  # one hash lookup instead of "in" then add
                 if len(seen) == distinct:
                     duplicates += 1

@@ -73,7 +73,10 @@ def estimate_job(
             where = np.nonzero(~model_done[offset : offset + n])[0]
             keys = row_keys.keys[offset : offset + n][where]
             rows = builder.build(batch.take(where), keys, offset + where)
-            estimator.add(row.messages for row in rows)
+            # a row that repeats an earlier row's prompt follows it or copies its stored
+            # answer, as a run does (the key pass found them: no set of prompts is held)
+            repeated = _among(row_keys.duplicates, offset + where).tolist()
+            estimator.add((row.messages for row in rows), repeated if config.dedup else None)
         offset += n
     prices = PriceTable.load(config.prices)
     results = []
@@ -96,6 +99,12 @@ def estimate_job(
             result = _at_batch_price(result, notes, prices.batch_share(config.base_url))
         results.append(dataclasses.replace(result, notes=tuple(notes)))
     return tuple(results)
+
+
+def _among(sorted_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Which of ``rows`` are in ``sorted_rows``."""
+    at = np.searchsorted(sorted_rows, rows)
+    return sorted_rows[np.minimum(at, len(sorted_rows) - 1)] == rows if len(sorted_rows) else at < 0
 
 
 def _done_per_model(checkpoint: Checkpoint | None, units: UnitKeys, samples: int) -> list[RowMask]:

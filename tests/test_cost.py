@@ -333,6 +333,26 @@ def test_estimate_leaves_out_rows_the_output_already_has(
     assert est["requests"] == 1
 
 
+def test_estimate_counts_what_the_run_sends_when_added_rows_repeat_answered_prompts(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    # rows added later that repeat an answered prompt copy its stored answer: the
+    # estimate counts them as duplicates, not requests (it counted each as a request)
+    src = write_csv(tmp_path / "in.csv", ["a", "b", "c"])
+    out = tmp_path / "o.parquet"
+    assert _cli("run", str(src), "-o", str(out), "--base-url", simulator.base_url).returncode == 0
+    write_csv(src, ["a", "b", "c", "a", "b", "d", "d"])
+    est = json.loads(_cli("estimate", str(src), "-o", str(out), "--json").stdout)
+    assert (est["rows"], est["duplicates"], est["requests"]) == (4, 3, 1)
+
+    sent = len(simulator.simulator.requests)
+    ran = _cli("run", str(src), "-o", str(out), "--base-url", simulator.base_url)
+    assert ran.returncode == 0, ran.stderr
+    assert len(simulator.simulator.requests) - sent == est["requests"] == 1
+    answers = pd.read_parquet(out)["completion"].tolist()
+    assert answers[3:5] == answers[0:2] and answers[5] == answers[6] != answers[0]
+
+
 def test_estimate_with_several_models_counts_each_models_own_rows_and_sums_them(
     simulator: SimulatorThread, tmp_path: Path
 ) -> None:
