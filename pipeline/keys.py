@@ -398,7 +398,7 @@ def _row_keys(
             keys = np.array(content[start : start + CHUNK], dtype=np.uint64)
             if ids is None:  # mix(content ^ (occurrence * _MIX)); a first row's is 0
                 lo, hi = np.searchsorted(duplicates, [start, start + len(keys)])
-                keys[duplicates[lo:hi] - start] ^= occurrence[lo:hi] * _MIX
+                keys[duplicates[lo:hi] - start] ^= occurrence[lo:hi].astype(np.uint64) * _MIX
             else:  # mix(ids ^ mix(content ^ _ID_AND_CONTENT))
                 keys ^= _ID_AND_CONTENT
                 _mix_in_place(keys)

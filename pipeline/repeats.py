@@ -52,7 +52,7 @@ def repeats(
     if not bits:
         return _repeats_among(hashes[:])
     kind = np.uint32 if rows < np.iinfo(np.uint32).max else np.uint64
-    pieces = []
+    parts: tuple[list[np.ndarray], ...] = ([], [], [])  # per bucket: rows, occurrence, leaders
     try:
         with Buckets(bits, directory) as buckets:
             for start in range(0, rows, READ):
@@ -62,16 +62,34 @@ def repeats(
                 values, where = buckets.get(bucket)
                 found, occurrence, leaders = _repeats_among(values)
                 del values
-                pieces.append((where[found].astype(np.int64), occurrence, where[leaders]))
+                parts[0].append(where[found])
+                parts[1].append(occurrence.astype(kind))
+                parts[2].append(where[leaders])
     except OSError:  # a full disk: every row at once
         return _repeats_among(hashes[:])
-    found = np.concatenate([p[0] for p in pieces])
+    return _in_row_order(*parts)
+
+
+def _in_row_order(
+    rows: list[np.ndarray], occurrence: list[np.ndarray], leaders: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The buckets' repeats (their rows, occurrences and leaders, 4 bytes each a repeat)
+    merged in row order, a column at a time, each column's parts let go of once merged:
+    ~32 bytes a repeat at the peak (merged whole, 64)."""
+    found = _joined(rows)
     by_row = np.argsort(found)
-    return (
-        found[by_row],
-        np.concatenate([p[1] for p in pieces])[by_row],
-        np.concatenate([p[2] for p in pieces])[by_row].astype(np.int64),
-    )
+    in_order = found[by_row].astype(np.int64)
+    del found
+    occurrences = _joined(occurrence)[by_row]
+    firsts = _joined(leaders)[by_row].astype(np.int64)
+    return in_order, occurrences, firsts
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """``parts`` one after another, the list emptied (its arrays let go of)."""
+    joined = np.concatenate(parts)
+    parts.clear()
+    return joined
 
 
 def _repeats_among(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

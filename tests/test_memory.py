@@ -90,6 +90,31 @@ def test_the_key_pass_holds_no_array_a_row(
     )
 
 
+def test_the_key_pass_over_prompts_that_all_come_twice_holds_tens_of_bytes_a_repeat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_small_pieces(monkeypatch)
+
+    def measure(rows: int) -> int:
+        prompts = [f"prompt {i % (rows // 2)}" for i in range(rows)]
+        path = tmp_path / f"in-{rows}.parquet"
+        pq.write_table(pa.table({"prompt": prompts}), path, row_group_size=20_000)
+        source = open_input(path)
+        peak, keys = peak_bytes(
+            lambda: compute_keys(
+                source, id_column=None, content_columns=["prompt"], scratch=tmp_path
+            )
+        )
+        assert len(keys.duplicates) == rows // 2
+        assert keys.leaders.tolist() == list(range(rows // 2))  # row i + rows/2 repeats i
+        return peak
+
+    # per row (2 a repeat): the repeats kept (16 bytes each), and at the peak the
+    # buckets' repeats merged in row order a column at a time (~34 a repeat: 17 a row;
+    # merged whole, 33 a row)
+    assert per_row(measure) < 20
+
+
 def test_building_the_result_index_holds_about_a_byte_a_result(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -206,8 +231,8 @@ def test_planning_with_half_the_rows_repeated_holds_tens_of_bytes_a_repeat(
             plan.checkpoint.release_lock()
         return peak
 
-    # the peak, per row: the key pass's sort of the repeats (~33, see the key pass test
-    # with repeats) and, as high, who follows whom sorted by leader while the key pass's
-    # repeats are held (16 a repeat); held after: 8 a follower and 17 a row followed. A
-    # dict of lists of Python ints peaked at 140 a row here (~210 bytes a repeat held)
+    # the peak, per row: who follows whom sorted by leader while the key pass's repeats
+    # are held (16 a repeat), ~33; the key pass's own merge of the repeats peaks at ~17
+    # (33 merged whole). Held after: 8 a follower and 17 a row followed. A dict of lists
+    # of Python ints peaked at 140 a row here (~210 bytes a repeat held)
     assert per_row(measure) < 36
