@@ -57,12 +57,12 @@ class WindowedPlaces:
         if matches is None:
             return self.index.places([keys[start:stop] for keys in self.key_arrays])
         kind = position_type(self.index.positions)
-        at = tuple(np.full(stop - start, np.iinfo(kind).max, dtype=kind) for _ in self.key_arrays)
+        n = stop - start
+        flat = np.full(len(self.key_arrays) * n, np.iinfo(kind).max, dtype=kind)
         for pairs in matches.read(start // self.window, result_index.LOOKUP_CHUNK):
             units, rows = np.divmod(pairs[:, 0].astype(np.int64), self.window)
-            for unit in np.unique(units).tolist():
-                mine = units == unit
-                at[unit][rows[mine]] = pairs[mine, 1]
+            flat[units * n + rows] = pairs[:, 1]
+        at = tuple(flat[unit * n : (unit + 1) * n] for unit in range(len(self.key_arrays)))
         index = self.index
         return RowPlaces(at, index.numbers, index.starts, index.status)
 
@@ -106,6 +106,8 @@ class WindowedPlaces:
                         records[:, 1] = positions[found[hit]]
                         matches.add(rows // window, records)
                     by_block.let_go(block)
+            for fh in matches.files:  # (a full disk says so here, not at the first read)
+                fh.flush()
         except BaseException:
             matches.close()
             raise
@@ -139,19 +141,22 @@ class PlacesByWindow:
         self.windows = WindowedPlaces(index, key_arrays, PLACES_WINDOW)
         self.rows, self.units = self.windows.rows, len(key_arrays)
         self._held: tuple[int, RowPlaces] | None = None  # a window's first row, its places
+        self._before: tuple[int, RowPlaces] | None = None  # the one held before it
         # the counts of rows 0..counted, taken as windows were found in order (OUTPUT
         # written): counting every row afterwards finds no window again
         self._counted, self._counts = 0, _no_counts()
 
     def close(self) -> None:
-        self._held = None
+        self._held = self._before = None
         self.windows.close()
 
     def _window(self, row: int) -> tuple[int, RowPlaces]:
         """The window that holds row ``row``: its first row and its places."""
         start = row - row % self.windows.window
+        if self._before is not None and self._before[0] == start:
+            self._held, self._before = self._before, self._held  # (a batch across two)
         if self._held is None or self._held[0] != start:
-            self._held = None  # (let go of before the next is read)
+            self._before, self._held = self._held, None
             self._held = (start, self.windows.at(start))
             if start == self._counted:
                 self._counts = _added(self._counts, self._held[1].counts())

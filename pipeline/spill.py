@@ -8,6 +8,7 @@ behind. With no bits at all the pairs are held in memory, in one bucket.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from tempfile import TemporaryFile
@@ -150,9 +151,10 @@ class Spread:
         self.files[group].truncate()
 
     def close(self) -> None:
-        for fh in self.files:
-            fh.close()
-        self.files = []
+        files, self.files = self.files, []
+        for fh in files:
+            with contextlib.suppress(OSError):  # (its data is let go of: a full disk
+                fh.close()  # fails the flush)
 
 
 def write_spilled(

@@ -5,9 +5,12 @@ has about ten), and read from the file each time as for an index too big to hold
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -229,6 +232,72 @@ def test_where_no_temporary_file_can_be_made_windows_are_looked_up_one_by_one(
     got = np.concatenate([found.at(start).at[0] for start in found.starts()])
     assert got.tolist() == at_once.at[0].tolist()
     assert len(reads) > len(index.fences)  # (read once a window, and once a chunk in it)
+
+
+class Quota(io.FileIO):
+    """A file on a disk with ``left[0]`` bytes free: a write past them fails (ENOSPC)."""
+
+    left: ClassVar[list[int]] = [0]
+
+    def write(self, data: Any) -> int:
+        size = len(memoryview(data).cast("B"))
+        if Quota.left[0] < size:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        Quota.left[0] -= size
+        return super().write(data)
+
+
+def test_a_disk_that_fills_at_any_point_of_the_join_gives_the_same_places(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The join writes its temporary files first: a disk that fills meanwhile (even in
+    its last bytes, still in a file's buffer) makes it look windows up one by one."""
+    index = big_index(tmp_path, monkeypatch)
+    units = [np.random.default_rng(1).permutation(np.tile(index.read_keys(), 8))]
+    at_once = index.places(units).at[0].tolist()
+    opened: list[io.BufferedRandom] = []
+
+    def on_quota(directory: Path | None) -> io.BufferedRandom:
+        fd, path = tempfile.mkstemp(dir=tmp_path)
+        os.unlink(path)
+        opened.append(io.BufferedRandom(Quota(fd, "r+")))
+        return opened[-1]
+
+    monkeypatch.setattr(spill, "unnamed_file", on_quota)
+    Quota.left[0] = 1 << 40
+    index_join.WindowedPlaces(index, units, 100).at(0)
+    needed = (1 << 40) - Quota.left[0]  # what the join writes with room enough
+    for left in [0, 1000, needed // 2, needed - 5000, needed - 100, needed - 1, needed]:
+        Quota.left[0] = left
+        found = index_join.WindowedPlaces(index, units, 100)
+        got = np.concatenate([found.at(start).at[0] for start in found.starts()])
+        assert got.tolist() == at_once, left
+        found.close()
+        assert all(fh.closed for fh in opened), left
+
+
+def test_output_batches_across_windows_read_each_window_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OUTPUT asks for a batch's places a unit after another: a batch across two windows
+    read them in turn for every unit (20 units: 40 reads a boundary, each of every unit)."""
+    index = big_index(tmp_path, monkeypatch)
+    monkeypatch.setattr(index_join, "PLACES_WINDOW", 50)
+    rng = np.random.default_rng(2)
+    units = [rng.permutation(index.read_keys()) for _ in range(20)]
+    at_once = index.places(units)
+    places = index_join.PlacesByWindow(index, units)
+    reads: list[int] = []
+    read = places.windows.at
+    monkeypatch.setattr(places.windows, "at", lambda start: reads.append(start) or read(start))
+
+    start = 0
+    while start < len(units[0]):
+        rows = slice(start, start + int(rng.integers(7, 31)))  # any size: CSV batches
+        for unit in range(20):
+            assert places.locate(unit, rows)[1].tolist() == at_once.locate(unit, rows)[1].tolist()
+        start = rows.stop
+    assert reads == list(places.windows.starts())
 
 
 def test_an_index_nobody_keeps_leaves_no_file(tmp_path: Path, tiny: None) -> None:
