@@ -17,9 +17,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_cli
+from conftest import run_cli, run_job
 
 import pipeline
+from pipeline import reader, writer
 from pipeline.simulator import SimulatorThread
 
 RESULT_COLUMNS = [
@@ -161,6 +162,33 @@ def test_a_csv_cell_of_several_megabytes_is_read_whole_and_no_row_is_lost_or_rep
     assert len(simulator.simulator.requests) == len(prompts)
     # OUTPUT keeps row groups of thousands of rows, not one per small read block
     assert pq.ParquetFile(tmp_path / "out.parquet").metadata.num_row_groups <= 4
+
+
+def test_output_gathers_small_input_batches_into_row_groups_of_bounded_size(
+    simulator: SimulatorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the Parquet writer holds ~15 KB a row group until OUTPUT is closed: a row group per
+    # input batch of 8,192 rows held 190 MB at 100M rows. Here batches of 100 rows are
+    # gathered into row groups of 1,200 rows, or of 300 KB with long rows
+    monkeypatch.setattr(reader, "BATCH_ROWS", 100)
+    monkeypatch.setattr(writer, "ROW_GROUP_ROWS", 1200)
+    prompts = [f"p{i}" for i in range(5000)]
+    pq.write_table(pa.table({"prompt": prompts}), tmp_path / "in.parquet")
+    summary = run_job(
+        tmp_path / "in.parquet", tmp_path / "out.parquet", base_url=simulator.base_url
+    )
+    assert summary.ok == 5000
+    meta = pq.ParquetFile(tmp_path / "out.parquet").metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [1200] * 4 + [200]
+    assert pq.read_table(tmp_path / "out.parquet").column("prompt").to_pylist() == prompts
+
+    monkeypatch.setattr(writer, "ROW_GROUP_BYTES", 300_000)
+    long = [f"p{i} " + "x" * 1000 for i in range(1000)]
+    pq.write_table(pa.table({"prompt": long}), tmp_path / "long.parquet")
+    run_job(tmp_path / "long.parquet", tmp_path / "long-out.parquet", base_url=simulator.base_url)
+    meta = pq.ParquetFile(tmp_path / "long-out.parquet").metadata
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    assert sum(sizes) == 1000 and 3 <= len(sizes) <= 10 and max(sizes) < 1000
 
 
 def test_parquet_input_keeps_its_column_types_and_values(
