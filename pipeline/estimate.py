@@ -29,10 +29,9 @@ Samples (``--n K``). Each row asks for K completions: with the API's ``n`` (``na
 send the prompt again. Completion tokens and the request count scale accordingly; in
 ``auto`` mode the estimate assumes the server honours ``n`` and says so.
 
-Duplicates. Two rows are the same request when their messages are equal as JSON (object key
-order ignored), which for one run's fixed model and parameters means equal request bodies.
-For speed the estimate remembers a 64-bit hash of each request, so among a million distinct
-requests the chance of one being miscounted as a duplicate is about 3 in 100 million.
+Duplicates. A run's estimate takes them from the key pass, as the run does (a row whose
+prompt an earlier row has); given messages alone, from a 64-bit hash of each request
+(equal as JSON, key order ignored: ~3 in 100 million miscounted among 1M requests).
 """
 
 from __future__ import annotations
@@ -395,34 +394,21 @@ class Estimator:
         requests: Iterable[Sequence[Message] | None],
         repeated: Iterable[bool] | None = None,
     ) -> None:
-        """Count rows: each item is a row's messages, or None for a row that is not sent.
-        ``repeated`` says which rows repeat an earlier row's prompt (a run's key pass knows:
-        nothing is held a row); without it the distinct requests are remembered (a set:
-        tens of bytes each)."""
+        """Count rows: each item is a row's messages, or None for a row that is not sent;
+        ``repeated``: which rows repeat an earlier row's prompt (else ``_repeats`` finds
+        them, remembering each distinct request: tens of bytes each)."""
         count, cached, dedup = self.counter.count, self.cached, self.dedup
-        identity, remember, seen = request_identity, self._seen.add, self._seen
-        distinct = len(seen)
         rows = skipped = duplicates = hits = sent = tokens = 0
-        pairs: Iterable[tuple[Sequence[Message] | None, bool | None]] = (
-            zip(requests, repeat(None))
-            if repeated is None
-            else zip(requests, repeated, strict=True)
-        )
+        flags = repeat(None) if repeated is None else repeated
+        pairs = zip(requests, flags, strict=repeated is not None)
         for messages, again in pairs:
             rows += 1
             if not messages:
                 skipped += 1
                 continue
-            if dedup and again is not None:
-                if again:
-                    duplicates += 1
-                    continue
-            elif dedup:
-                remember(identity(messages))  # one hash lookup instead of "in" then add
-                if len(seen) == distinct:
-                    duplicates += 1
-                    continue
-                distinct += 1
+            if dedup and self._repeats(messages, again):
+                duplicates += 1
+                continue
             if cached is not None and cached(messages):
                 hits += 1
                 continue
@@ -435,6 +421,14 @@ class Estimator:
         self.requests += sent * self.requests_per_row
         self.prompt_tokens += tokens * self.requests_per_row
         self.completions += sent * self.samples
+
+    def _repeats(self, messages: Sequence[Message], again: bool | None) -> bool:
+        """Whether a row repeats an earlier row: as ``again`` says, else as seen so far."""
+        if again is not None:
+            return again
+        before = len(self._seen)
+        self._seen.add(request_identity(messages))
+        return len(self._seen) == before
 
     def result(
         self, *, max_tokens: int | None, prices: PriceTable, typical_completion: int | None = None
