@@ -128,17 +128,22 @@ def _spread(key_arrays: Sequence[KeyArray], firsts: np.ndarray, by_block: Spread
             by_block.add(np.searchsorted(firsts, chunk, side="right") - 1, pairs)
 
 
-PLACES_WINDOW = 1 << 20  # rows whose places are held at once (4 bytes a row and unit)
+PLACES_WINDOW = 1 << 20  # places held at once (4 bytes each: rows x units)
+MIN_WINDOW_ROWS = 1 << 14  # two of OUTPUT's batches: a batch is in at most two windows
 
 
 class PlacesByWindow:
     """What ``RowPlaces`` answers (``locate``, ``counts``) for ``key_arrays`` (aligned, one
     per unit), a window of rows at a time as they are asked for: assembling OUTPUT holds
-    one window's places, not every row's, and the index is read once however many windows
-    there are. The index stays open meanwhile; ``close`` lets the windows go."""
+    one window's places, not every row's (``PLACES_WINDOW`` places: fewer rows with
+    several units), and the index is read once however many windows there are. With
+    several units the window before is kept too: OUTPUT asks for a batch's rows a unit
+    after another, and a batch across two windows read both again for every unit. The
+    index stays open meanwhile; ``close`` lets the windows go."""
 
     def __init__(self, index: ResultIndex, key_arrays: Sequence[KeyArray]) -> None:
-        self.windows = WindowedPlaces(index, key_arrays, PLACES_WINDOW)
+        rows = max(MIN_WINDOW_ROWS, PLACES_WINDOW // max(1, len(key_arrays)))
+        self.windows = WindowedPlaces(index, key_arrays, rows)
         self.rows, self.units = self.windows.rows, len(key_arrays)
         self._held: tuple[int, RowPlaces] | None = None  # a window's first row, its places
         self._before: tuple[int, RowPlaces] | None = None  # the one held before it
@@ -156,7 +161,7 @@ class PlacesByWindow:
         if self._before is not None and self._before[0] == start:
             self._held, self._before = self._before, self._held  # (a batch across two)
         if self._held is None or self._held[0] != start:
-            self._before, self._held = self._held, None
+            self._before, self._held = (self._held if self.units > 1 else None), None
             self._held = (start, self.windows.at(start))
             if start == self._counted:
                 self._counts = _added(self._counts, self._held[1].counts())

@@ -131,6 +131,7 @@ def test_places_found_a_window_at_a_time_are_the_places_found_at_once(
     every batch, wherever it falls against the windows, and every count, are what the
     places of every row at once say."""
     monkeypatch.setattr(index_join, "PLACES_WINDOW", 7)
+    monkeypatch.setattr(index_join, "MIN_WINDOW_ROWS", 3)
     rng = np.random.default_rng(seed)
     pool = rng.integers(0, 2**64, size=200, dtype=np.uint64)
     ckpt = Checkpoint(tmp_path / "out.parquet")
@@ -282,7 +283,8 @@ def test_output_batches_across_windows_read_each_window_once(
     """OUTPUT asks for a batch's places a unit after another: a batch across two windows
     read them in turn for every unit (20 units: 40 reads a boundary, each of every unit)."""
     index = big_index(tmp_path, monkeypatch)
-    monkeypatch.setattr(index_join, "PLACES_WINDOW", 50)
+    monkeypatch.setattr(index_join, "PLACES_WINDOW", 50)  # 20 units: windows of 40 rows
+    monkeypatch.setattr(index_join, "MIN_WINDOW_ROWS", 40)  # (2 batches of up to 30)
     rng = np.random.default_rng(2)
     units = [rng.permutation(index.read_keys()) for _ in range(20)]
     at_once = index.places(units)
@@ -293,7 +295,7 @@ def test_output_batches_across_windows_read_each_window_once(
 
     start = 0
     while start < len(units[0]):
-        rows = slice(start, start + int(rng.integers(7, 31)))  # any size: CSV batches
+        rows = slice(start, start + int(rng.integers(7, 31)))  # any size (CSV batches)
         for unit in range(20):
             assert places.locate(unit, rows)[1].tolist() == at_once.locate(unit, rows)[1].tolist()
         start = rows.stop

@@ -341,6 +341,7 @@ def in_tiny_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(result_index, "CACHED_KEYS", 4)
     monkeypatch.setattr(result_index, "LOOKUP_CHUNK", 3)
     monkeypatch.setattr(index_join, "PLACES_WINDOW", 5)
+    monkeypatch.setattr(index_join, "MIN_WINDOW_ROWS", 2)
     monkeypatch.setattr(array_file, "GATHER", 4)
 
 

@@ -199,6 +199,7 @@ def test_status_and_merge_count_a_window_of_keys_at_a_time_as_they_would_all_at_
 
     monkeypatch.setattr(status_module, "STATUS_KEYS", 7)
     monkeypatch.setattr(index_join, "PLACES_WINDOW", 5)
+    monkeypatch.setattr(index_join, "MIN_WINDOW_ROWS", 2)
     monkeypatch.setattr(array_file, "GATHER", 3)
     monkeypatch.setattr(result_index, "CACHED_KEYS", 0)  # joined with the keys, block by block
     by_window = pipeline.run_status(output)
