@@ -23,6 +23,7 @@ from .planning import read_keys
 from .pricing import BATCH_PRICE_FACTOR, PriceTable
 from .records import COST_BATCH_TABLE
 from .remote_output import shown_output
+from .result_index import found_in
 from .row_bits import RowMask
 from .samples import SampleRequest, plan_requests
 from .todo import PLAN_ROWS
@@ -103,8 +104,9 @@ def estimate_job(
 
 def _among(sorted_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Which of ``rows`` are in ``sorted_rows``."""
-    at = np.searchsorted(sorted_rows, rows)
-    return sorted_rows[np.minimum(at, len(sorted_rows) - 1)] == rows if len(sorted_rows) else at < 0
+    among = np.zeros(len(rows), dtype=bool)
+    among[found_in(sorted_rows, rows)[1]] = True
+    return among
 
 
 def _done_per_model(checkpoint: Checkpoint | None, units: UnitKeys, samples: int) -> list[RowMask]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import result_index
 from .records import STATUS_CODES
-from .result_index import KeyArray, ResultIndex, RowPlaces, position_type
+from .result_index import KeyArray, ResultIndex, RowPlaces, found_in, position_type
 from .row_bits import RowMask
 from .spill import Spread
 
@@ -95,9 +95,7 @@ class WindowedPlaces:
                 for block in range(len(firsts)):
                     keys, positions = index.block(block)
                     for pairs in by_block.read(block, result_index.LOOKUP_CHUNK):
-                        found = np.searchsorted(keys, pairs[:, 0])
-                        np.minimum(found, len(keys) - 1, out=found)
-                        hit = np.flatnonzero(keys[found] == pairs[:, 0])
+                        found, hit = found_in(keys, pairs[:, 0])
                         origin = pairs[hit, 1]
                         units = (origin >> np.uint64(ROW_BITS)).astype(np.int64)
                         rows = (origin & np.uint64((1 << ROW_BITS) - 1)).astype(np.int64)

@@ -57,8 +57,10 @@ def _locate(
     return part, row
 
 
-def _found(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def found_in(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(where each of ``keys`` is or would be in ``sorted_keys``, which of them are there)."""
+    if not len(sorted_keys):
+        return np.zeros(len(keys), dtype=np.intp), np.zeros(0, dtype=np.intp)
     found = np.searchsorted(sorted_keys, keys)
     np.minimum(found, len(sorted_keys) - 1, out=found)
     return found, np.flatnonzero(sorted_keys[found] == keys)
@@ -185,7 +187,7 @@ class ResultIndex:
             hi = int(np.searchsorted(ordered, np.uint64(last), side="right"))
             if lo >= hi:
                 continue
-            found, hit = _found(self._block("keys", block), ordered[lo:hi])
+            found, hit = found_in(self._block("keys", block), ordered[lo:hi])
             if len(hit):
                 out[order[lo + hit]] = self._block("at", block)[found[hit]]
         return out

@@ -17,7 +17,7 @@ from .followers import Followers
 from .index_join import WindowedPlaces
 from .keys import RowKeys
 from .records import STATUS_CODES
-from .result_index import KeyArray, ResultIndex
+from .result_index import KeyArray, ResultIndex, found_in
 from .row_bits import RowBits, RowMask
 
 PLAN_ROWS = 1 << 20  # rows looked up at once (a multiple of 8): ~20 MB of temporaries
@@ -125,8 +125,9 @@ def _dedup(
             leads[lo : lo + DEDUP_ROWS][wanted],
         )
         work.send.clear(j, duplicates)
-        at = np.minimum(np.searchsorted(sources, leaders), max(len(sources) - 1, 0))
-        by_source = sources[at] == leaders if len(sources) else np.zeros(len(leaders), bool)
+        at, served = found_in(sources, leaders)
+        by_source = np.zeros(len(leaders), dtype=bool)
+        by_source[served] = True
         pending = work.send.get(j, leaders) & ~by_source  # their first row is sent: follow
         if pending.any():
             work.leader_keys.append(take(mkeys, leaders[pending]))
